@@ -1,0 +1,64 @@
+//! Time: `ddi_get_lbolt64(9F)`, `drv_usectohz(9F)`, `drv_usecwait(9F)`,
+//! `gethrtime(9F)` and periodic callbacks (`ddi_periodic_add(9F)`).
+
+use crate::ffi;
+use core::ffi::c_void;
+
+/// Clock ticks since boot (`ddi_get_lbolt64(9F)`).
+pub fn lbolt() -> i64 {
+    // SAFETY: no preconditions.
+    unsafe { ffi::ddi_get_lbolt64() }
+}
+
+/// Microseconds to clock ticks (`drv_usectohz(9F)`).
+pub fn usec_to_ticks(usec: i64) -> i64 {
+    // SAFETY: no preconditions.
+    unsafe { ffi::drv_usectohz(usec) }
+}
+
+/// Busy-waits at least `usec` microseconds (`drv_usecwait(9F)`).
+pub fn usec_wait(usec: i64) {
+    // SAFETY: no preconditions.
+    unsafe { ffi::drv_usecwait(usec) }
+}
+
+/// High-resolution time in nanoseconds (`gethrtime(9F)`).
+pub fn hrtime() -> i64 {
+    // SAFETY: no preconditions.
+    unsafe { ffi::gethrtime() }
+}
+
+/// A callback run every interval until dropped (`ddi_periodic_add(9F)`,
+/// level 0: kernel context, may block briefly).
+pub struct Periodic {
+    id: ffi::ddi_periodic_t,
+}
+
+// SAFETY: the periodic id is a kernel handle usable from any thread.
+unsafe impl Send for Periodic {}
+// SAFETY: no &self methods touch it.
+unsafe impl Sync for Periodic {}
+
+impl Periodic {
+    /// Starts calling `func(arg)` every `interval_ns` nanoseconds.
+    ///
+    /// # Safety
+    /// `arg` must remain valid for `func` until the returned value is
+    /// dropped; `ddi_periodic_delete` waits for a running call to finish.
+    pub unsafe fn start(
+        func: unsafe extern "C" fn(*mut c_void),
+        arg: *mut c_void,
+        interval_ns: i64,
+    ) -> Self {
+        // SAFETY: the caller guarantees arg's validity.
+        let id = unsafe { ffi::ddi_periodic_add(func, arg, interval_ns, 0) };
+        Self { id }
+    }
+}
+
+impl Drop for Periodic {
+    fn drop(&mut self) {
+        // SAFETY: id came from ddi_periodic_add and is deleted once.
+        unsafe { ffi::ddi_periodic_delete(self.id) };
+    }
+}

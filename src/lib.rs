@@ -1,0 +1,29 @@
+//! rvscsi: an illumos SCSI HBA driver for virtio-scsi (and, later, VMware
+//! pvscsi), written in `no_std` Rust.
+//!
+//! Architecture, bottom to top:
+//! - [`ffi`]: the raw kernel boundary — `#[repr(C)]` mirrors of the illumos
+//!   structures, constants and `extern "C"` DDI declarations.
+//! - [`ddi`]: safe owners of DDI resources (DMA memory, register maps,
+//!   interrupts, locks, task queues, timers).
+//! - [`shmem`] and [`virtio`]: memory shared with a device, the split
+//!   virtqueue, the virtio-pci transports.
+//! - [`scsa`]: the SCSA packet layer (flags, states, reasons, capabilities,
+//!   auto request sense, unit addresses), independent of the device behind it.
+//! - `vioscsi`: the virtio-scsi HBA: queues, commands, task management,
+//!   events, discovery, timeouts.
+//! - `entry`: the `extern "C"` entry points the C shim installs in
+//!   `scsi_hba_tran(9S)` and `dev_ops(9S)`.
+#![no_std]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
+
+pub mod ddi;
+pub mod ffi;
+pub mod scsa;
+pub mod shmem;
+pub mod virtio;

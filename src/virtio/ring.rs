@@ -1,0 +1,880 @@
+//! The split virtqueue (virtio 1.2 §2.7), driver side.
+//!
+//! The queue lives in memory shared with the device ([`SharedMem`]); the
+//! driver keeps its own *shadow* of every descriptor it wrote and of every
+//! chain it made available, so that nothing the device writes is ever used
+//! to find driver memory: a used element's `id` only selects one of our own
+//! outstanding chains (and is rejected if it names none), its `len` is
+//! clamped to what the chain offered the device, and descriptors are freed
+//! by walking the shadow, not the ring.
+//!
+//! Layout (§2.7, with the legacy alignment of §2.7.2 so that one layout
+//! serves both transports): descriptor table (16 bytes per entry), then the
+//! available ring (`flags`, `idx`, `ring[size]`, `used_event`), then, at the
+//! next 4096-byte boundary, the used ring (`flags`, `idx`,
+//! `ring[size]` of `{id, len}`, `avail_event`).
+//!
+//! Nothing here allocates or blocks; every loop is bounded by the queue
+//! size. The caller serializes all calls (one lock per queue).
+
+use crate::shmem::SharedMem;
+use alloc::vec::Vec;
+use core::sync::atomic::{Ordering, fence};
+
+/// `VIRTQ_DESC_F_NEXT`: the chain continues at `next`.
+pub const DESC_F_NEXT: u16 = 1;
+/// `VIRTQ_DESC_F_WRITE`: the device writes this buffer.
+pub const DESC_F_WRITE: u16 = 2;
+/// `VIRTQ_DESC_F_INDIRECT`: the buffer is a table of descriptors (§2.7.5.3).
+pub const DESC_F_INDIRECT: u16 = 4;
+/// `VIRTQ_AVAIL_F_NO_INTERRUPT` (without EVENT_IDX).
+pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// `VIRTQ_USED_F_NO_NOTIFY` (without EVENT_IDX).
+pub const USED_F_NO_NOTIFY: u16 = 1;
+/// Size of one descriptor (`struct virtq_desc`).
+pub const DESC_SIZE: usize = 16;
+/// Legacy used-ring alignment (§2.7.2; `VIRTIO_PCI_VRING_ALIGN`).
+pub const LEGACY_ALIGN: usize = 4096;
+/// Largest queue size the spec allows (§2.7: at most 32768).
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// `vring_need_event` (§2.7.10): whether moving an index from `old` to
+/// `new` crosses `event`, i.e. the other side asked to be told. Correct
+/// across the 16-bit wrap of all three values.
+#[inline]
+pub fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+/// Where each part of a queue of `size` entries lives, in bytes from the
+/// start of its memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// Number of entries (a power of two).
+    pub size: u16,
+    /// Offset of the available ring.
+    pub avail: usize,
+    /// Offset of the used ring.
+    pub used: usize,
+    /// Bytes needed in all.
+    pub total: usize,
+}
+
+impl Layout {
+    /// The layout for `size` entries; `None` unless `size` is a power of two
+    /// between 1 and 32768 (§2.7: "Queue Size ... is a power of 2" for
+    /// legacy; we require it for both so that indices wrap cleanly).
+    pub fn new(size: u16) -> Option<Layout> {
+        if size == 0 || !size.is_power_of_two() || size > MAX_QUEUE_SIZE {
+            return None;
+        }
+        let n = usize::from(size);
+        let avail = DESC_SIZE * n;
+        let avail_len = 6 + 2 * n;
+        let used = (avail + avail_len).next_multiple_of(LEGACY_ALIGN);
+        let used_len = 6 + 8 * n;
+        Some(Layout {
+            size,
+            avail,
+            used,
+            total: used + used_len,
+        })
+    }
+
+    fn desc(&self, i: u16) -> usize {
+        DESC_SIZE * usize::from(i)
+    }
+    fn avail_flags(&self) -> usize {
+        self.avail
+    }
+    fn avail_idx(&self) -> usize {
+        self.avail + 2
+    }
+    fn avail_slot(&self, slot: u16) -> usize {
+        self.avail + 4 + 2 * usize::from(slot)
+    }
+    fn used_event(&self) -> usize {
+        self.avail + 4 + 2 * usize::from(self.size)
+    }
+    fn used_flags(&self) -> usize {
+        self.used
+    }
+    fn used_idx(&self) -> usize {
+        self.used + 2
+    }
+    fn used_slot(&self, slot: u16) -> usize {
+        self.used + 4 + 8 * usize::from(slot)
+    }
+    fn avail_event(&self) -> usize {
+        self.used + 4 + 8 * usize::from(self.size)
+    }
+}
+
+/// One buffer of a chain: bus address, length, and direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// Bus address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// Whether the device writes it (otherwise it reads it).
+    pub device_writes: bool,
+}
+
+/// Why a chain could not be made available.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddError {
+    /// Not enough free descriptors now; retry after completions.
+    Full,
+    /// The chain can never be sent: empty, longer than the queue, or a
+    /// device-readable buffer after a device-writable one (§2.7.4.2).
+    Invalid,
+}
+
+/// What was wrong with a used element the device returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UsedError {
+    /// The `id` names no chain we made available (out of range, never
+    /// used, or completed already): the element is dropped.
+    UnknownId {
+        /// The id the device wrote.
+        id: u32,
+    },
+    /// The device's used index moved more than a whole ring ahead of the
+    /// driver: the device is broken and must be reset; nothing is consumed.
+    IndexRunaway {
+        /// The used index the device wrote.
+        device_idx: u16,
+        /// The next index the driver expected to consume.
+        expected: u16,
+    },
+}
+
+/// A chain the device returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Used<T> {
+    /// The token given when the chain was added.
+    pub token: T,
+    /// Bytes the device wrote, clamped to what the chain offered.
+    pub len: u32,
+    /// The device claimed to write more than the chain offered.
+    pub len_clamped: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Desc {
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Head<T> {
+    token: T,
+    ndesc: u16,
+    writable: u64,
+}
+
+/// A split virtqueue over memory `M`, whose chains carry tokens `T`.
+pub struct SplitQueue<M, T> {
+    mem: M,
+    layout: Layout,
+    shadow: Vec<Desc>,
+    heads: Vec<Option<Head<T>>>,
+    free_head: u16,
+    num_free: u16,
+    /// Next free slot of the available ring (free-running).
+    avail_idx: u16,
+    /// `avail_idx` when the device was last told about new chains.
+    published_idx: u16,
+    /// `avail_idx` at the last notification decision (for need_event).
+    notified_idx: u16,
+    /// Next used element to consume (free-running).
+    last_used: u16,
+    event_idx: bool,
+}
+
+impl<M: SharedMem, T: Copy> SplitQueue<M, T> {
+    /// A queue of `size` entries in `mem` (zeroed, at least
+    /// `Layout::new(size).total` bytes). `event_idx` says whether
+    /// `VIRTIO_F_EVENT_IDX` was negotiated.
+    pub fn new(mem: M, size: u16, event_idx: bool) -> Option<Self> {
+        let layout = Layout::new(size)?;
+        if mem.len() < layout.total {
+            return None;
+        }
+        let n = usize::from(size);
+        let mut shadow = Vec::with_capacity(n);
+        for i in 0..n {
+            shadow.push(Desc {
+                next: ((i + 1) % n) as u16,
+                ..Desc::default()
+            });
+        }
+        let mut heads = Vec::with_capacity(n);
+        heads.resize_with(n, || None);
+        Some(Self {
+            mem,
+            layout,
+            shadow,
+            heads,
+            free_head: 0,
+            num_free: size,
+            avail_idx: 0,
+            published_idx: 0,
+            notified_idx: 0,
+            last_used: 0,
+            event_idx,
+        })
+    }
+
+    /// Number of entries.
+    pub fn size(&self) -> u16 {
+        self.layout.size
+    }
+
+    /// The memory layout.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Free descriptors.
+    pub fn num_free(&self) -> u16 {
+        self.num_free
+    }
+
+    /// Chains made available and not yet returned.
+    pub fn outstanding(&self) -> usize {
+        self.heads.iter().filter(|h| h.is_some()).count()
+    }
+
+    /// The memory the queue lives in.
+    pub fn mem(&self) -> &M {
+        &self.mem
+    }
+
+    /// Bus addresses of the descriptor table, available ring and used ring
+    /// (for the transport's queue setup).
+    pub fn addresses(&self) -> (u64, u64, u64) {
+        let base = self.mem.device_addr();
+        (
+            base,
+            base + self.layout.avail as u64,
+            base + self.layout.used as u64,
+        )
+    }
+
+    fn write_desc(&mut self, i: u16, d: Desc) {
+        self.shadow[usize::from(i)] = d;
+        let off = self.layout.desc(i);
+        self.mem.write_u64(off, d.addr);
+        self.mem.write_u32(off + 8, d.len);
+        self.mem.write_u16(off + 12, d.flags);
+        self.mem.write_u16(off + 14, d.next);
+        self.mem.sync_for_device(off, DESC_SIZE);
+    }
+
+    fn take_free(&mut self) -> u16 {
+        let i = self.free_head;
+        self.free_head = self.shadow[usize::from(i)].next;
+        self.num_free -= 1;
+        i
+    }
+
+    fn put_avail(&mut self, head: u16, token: T, ndesc: u16, writable: u64) {
+        self.heads[usize::from(head)] = Some(Head {
+            token,
+            ndesc,
+            writable,
+        });
+        let slot = self.avail_idx & (self.layout.size - 1);
+        self.mem.write_u16(self.layout.avail_slot(slot), head);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+    }
+
+    /// Adds a chain of direct descriptors carrying `token`; returns its head.
+    /// Device-readable segments must come first.
+    pub fn add_chain(&mut self, segs: &[Segment], token: T) -> Result<u16, AddError> {
+        if segs.is_empty() || segs.len() > usize::from(self.layout.size) {
+            return Err(AddError::Invalid);
+        }
+        if segs
+            .windows(2)
+            .any(|w| w[0].device_writes && !w[1].device_writes)
+        {
+            return Err(AddError::Invalid);
+        }
+        if segs.len() > usize::from(self.num_free) {
+            return Err(AddError::Full);
+        }
+        let mut writable = 0u64;
+        // Descriptors are taken from the free list in order, so the chain
+        // links are known before each one is written.
+        let head = self.free_head;
+        for (n, seg) in segs.iter().enumerate() {
+            let i = self.take_free();
+            let last = n + 1 == segs.len();
+            let mut flags = if seg.device_writes { DESC_F_WRITE } else { 0 };
+            if !last {
+                flags |= DESC_F_NEXT;
+            }
+            let next = if last { 0 } else { self.free_head };
+            self.write_desc(
+                i,
+                Desc {
+                    addr: seg.addr,
+                    len: seg.len,
+                    flags,
+                    next,
+                },
+            );
+            if seg.device_writes {
+                writable += u64::from(seg.len);
+            }
+        }
+        self.put_avail(head, token, segs.len() as u16, writable);
+        Ok(head)
+    }
+
+    /// Adds one descriptor pointing at an indirect table of `entries`
+    /// descriptors at bus address `table` (§2.7.5.3), the table already
+    /// written and synced by the caller, which also tells how many bytes the
+    /// table's buffers let the device write.
+    pub fn add_indirect(
+        &mut self,
+        table: u64,
+        entries: u16,
+        writable: u64,
+        token: T,
+    ) -> Result<u16, AddError> {
+        if entries == 0 || entries > self.layout.size {
+            return Err(AddError::Invalid);
+        }
+        if self.num_free == 0 {
+            return Err(AddError::Full);
+        }
+        let i = self.take_free();
+        let len = u32::from(entries) * DESC_SIZE as u32;
+        self.write_desc(
+            i,
+            Desc {
+                addr: table,
+                len,
+                flags: DESC_F_INDIRECT,
+                next: 0,
+            },
+        );
+        self.put_avail(i, token, 1, writable);
+        Ok(i)
+    }
+
+    /// Makes every chain added since the last call visible to the device,
+    /// and returns whether the device wants to be notified (§2.7.13.3:
+    /// `avail_event` with EVENT_IDX, else `VIRTQ_USED_F_NO_NOTIFY`).
+    pub fn publish(&mut self) -> bool {
+        let new = self.avail_idx;
+        let old = self.published_idx;
+        if new == old {
+            return false;
+        }
+        // The ring entries first, then the index that exposes them.
+        let size = self.layout.size;
+        let first = old & (size - 1);
+        let count = new.wrapping_sub(old);
+        let upto = u32::from(first) + u32::from(count);
+        if upto <= u32::from(size) {
+            self.mem
+                .sync_for_device(self.layout.avail_slot(first), 2 * usize::from(count));
+        } else {
+            let head_part = size - first;
+            self.mem
+                .sync_for_device(self.layout.avail_slot(first), 2 * usize::from(head_part));
+            self.mem.sync_for_device(
+                self.layout.avail_slot(0),
+                2 * usize::from(count - head_part),
+            );
+        }
+        fence(Ordering::Release);
+        self.mem.write_u16(self.layout.avail_idx(), new);
+        self.mem.sync_for_device(self.layout.avail_idx(), 2);
+        self.published_idx = new;
+        // The index store must be visible before we read the device's
+        // suppression state (a store-load ordering).
+        fence(Ordering::SeqCst);
+        self.notify_needed()
+    }
+
+    /// Whether chains published since the last notification need one now.
+    fn notify_needed(&mut self) -> bool {
+        let new = self.published_idx;
+        let old = self.notified_idx;
+        self.notified_idx = new;
+        if self.event_idx {
+            let off = self.layout.avail_event();
+            self.mem.sync_for_cpu(off, 2);
+            need_event(self.mem.read_u16(off), new, old)
+        } else {
+            let off = self.layout.used_flags();
+            self.mem.sync_for_cpu(off, 2);
+            self.mem.read_u16(off) & USED_F_NO_NOTIFY == 0
+        }
+    }
+
+    /// The device's used index (synced from the device).
+    fn device_used_idx(&self) -> u16 {
+        let off = self.layout.used_idx();
+        self.mem.sync_for_cpu(off, 2);
+        self.mem.read_u16(off)
+    }
+
+    /// Whether the device has returned chains not yet consumed.
+    pub fn has_used(&self) -> bool {
+        self.device_used_idx() != self.last_used
+    }
+
+    /// Consumes the next used element, if any.
+    pub fn pop_used(&mut self) -> Option<Result<Used<T>, UsedError>> {
+        let device_idx = self.device_used_idx();
+        if device_idx == self.last_used {
+            return None;
+        }
+        // The used ring has `size` slots: a device more than that ahead of
+        // us has overwritten entries we never read and cannot be trusted.
+        // (Fewer, but more than we have outstanding, yields UnknownId
+        // entries below, which are dropped one by one.)
+        let ahead = device_idx.wrapping_sub(self.last_used);
+        if ahead > self.layout.size {
+            return Some(Err(UsedError::IndexRunaway {
+                device_idx,
+                expected: self.last_used,
+            }));
+        }
+        fence(Ordering::Acquire);
+        let slot = self.last_used & (self.layout.size - 1);
+        let off = self.layout.used_slot(slot);
+        self.mem.sync_for_cpu(off, 8);
+        let id = self.mem.read_u32(off);
+        let len = self.mem.read_u32(off + 4);
+        self.last_used = self.last_used.wrapping_add(1);
+        let head = match usize::try_from(id).ok().filter(|&i| i < self.heads.len()) {
+            Some(i) => self.heads[i].take(),
+            None => None,
+        };
+        let Some(head) = head else {
+            return Some(Err(UsedError::UnknownId { id }));
+        };
+        self.free_chain(id as u16, head.ndesc);
+        let clamped = u64::from(len) > head.writable;
+        let len = if clamped { head.writable as u32 } else { len };
+        Some(Ok(Used {
+            token: head.token,
+            len,
+            len_clamped: clamped,
+        }))
+    }
+
+    fn free_chain(&mut self, head: u16, ndesc: u16) {
+        // Walk our shadow, never the device-visible table.
+        let mut last = head;
+        for _ in 1..ndesc {
+            last = self.shadow[usize::from(last)].next;
+        }
+        self.shadow[usize::from(last)].next = self.free_head;
+        self.free_head = head;
+        self.num_free += ndesc;
+    }
+
+    /// Asks the device to interrupt when it returns the next chain, and
+    /// returns whether chains are already waiting (then the caller must
+    /// poll again, or it could miss them: §2.7.10).
+    pub fn enable_interrupts(&mut self) -> bool {
+        if self.event_idx {
+            let off = self.layout.used_event();
+            self.mem.write_u16(off, self.last_used);
+            self.mem.sync_for_device(off, 2);
+        } else {
+            let off = self.layout.avail_flags();
+            self.mem.write_u16(off, 0);
+            self.mem.sync_for_device(off, 2);
+        }
+        fence(Ordering::SeqCst);
+        self.has_used()
+    }
+
+    /// Asks the device not to interrupt for this queue (a hint, §2.7.10).
+    pub fn disable_interrupts(&mut self) {
+        if self.event_idx {
+            // Point used_event as far back as possible: the device only
+            // interrupts when its index crosses it.
+            let off = self.layout.used_event();
+            self.mem
+                .write_u16(off, self.last_used.wrapping_sub(1).wrapping_add(0x8000));
+            self.mem.sync_for_device(off, 2);
+        } else {
+            let off = self.layout.avail_flags();
+            self.mem.write_u16(off, AVAIL_F_NO_INTERRUPT);
+            self.mem.sync_for_device(off, 2);
+        }
+    }
+
+    /// Visits every outstanding chain's token (for timeout scans).
+    pub fn for_each_outstanding(&self, mut f: impl FnMut(u16, &T)) {
+        for (i, h) in self.heads.iter().enumerate() {
+            if let Some(h) = h {
+                f(i as u16, &h.token);
+            }
+        }
+    }
+
+    /// Takes back every outstanding chain after the device was reset (it
+    /// will never return them) and returns the ring to its initial state.
+    /// `f` receives each token.
+    pub fn reclaim_all(&mut self, mut f: impl FnMut(T)) {
+        for h in self.heads.iter_mut() {
+            if let Some(h) = h.take() {
+                f(h.token);
+            }
+        }
+        let n = usize::from(self.layout.size);
+        for (i, d) in self.shadow.iter_mut().enumerate() {
+            *d = Desc {
+                next: ((i + 1) % n) as u16,
+                ..Desc::default()
+            };
+        }
+        self.free_head = 0;
+        self.num_free = self.layout.size;
+        self.avail_idx = 0;
+        self.published_idx = 0;
+        self.notified_idx = 0;
+        self.last_used = 0;
+        let zeros = [0u8; 64];
+        let mut off = 0;
+        while off < self.layout.total {
+            let n = zeros.len().min(self.layout.total - off);
+            self.mem.write_bytes(off, &zeros[..n]);
+            off += n;
+        }
+        self.mem.sync_for_device(0, self.layout.total);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shmem::host::HostMem;
+    use proptest::prelude::*;
+    use std::collections::{HashMap, VecDeque};
+    use std::vec;
+    use std::vec::Vec;
+
+    /// A chain as the device sees it: head index and (address, length,
+    /// device-writes) of each buffer.
+    type DeviceChain = (u16, Vec<(u64, u32, bool)>);
+
+    /// The device side of a split queue, reading the same host memory.
+    struct FakeDevice {
+        layout: Layout,
+        last_avail: u16,
+        used_idx: u16,
+        event_idx: bool,
+    }
+
+    impl FakeDevice {
+        fn new(size: u16, event_idx: bool) -> Self {
+            Self {
+                layout: Layout::new(size).unwrap(),
+                last_avail: 0,
+                used_idx: 0,
+                event_idx,
+            }
+        }
+
+        /// Takes every newly available chain: (head, [(addr, len, writes)]).
+        fn take_avail(&mut self, mem: &HostMem) -> Vec<DeviceChain> {
+            let idx = mem.read_u16(self.layout.avail_idx());
+            let mut out = Vec::new();
+            while self.last_avail != idx {
+                let slot = self.last_avail & (self.layout.size - 1);
+                let head = mem.read_u16(self.layout.avail_slot(slot));
+                let mut segs = Vec::new();
+                let mut i = head;
+                for _ in 0..self.layout.size {
+                    let off = self.layout.desc(i);
+                    let flags = mem.read_u16(off + 12);
+                    segs.push((
+                        mem.read_u64(off),
+                        mem.read_u32(off + 8),
+                        flags & DESC_F_WRITE != 0,
+                    ));
+                    if flags & DESC_F_NEXT == 0 {
+                        break;
+                    }
+                    i = mem.read_u16(off + 14);
+                }
+                out.push((head, segs));
+                self.last_avail = self.last_avail.wrapping_add(1);
+            }
+            if self.event_idx {
+                mem.write_u16(self.layout.avail_event(), self.last_avail);
+            }
+            out
+        }
+
+        fn complete(&mut self, mem: &HostMem, id: u32, len: u32) {
+            let slot = self.used_idx & (self.layout.size - 1);
+            let off = self.layout.used_slot(slot);
+            mem.write_u32(off, id);
+            mem.write_u32(off + 4, len);
+            self.used_idx = self.used_idx.wrapping_add(1);
+            mem.write_u16(self.layout.used_idx(), self.used_idx);
+        }
+    }
+
+    fn queue(size: u16, event_idx: bool) -> SplitQueue<HostMem, u32> {
+        let layout = Layout::new(size).unwrap();
+        SplitQueue::new(HostMem::new(layout.total, 0x10_0000), size, event_idx).unwrap()
+    }
+
+    fn seg(addr: u64, len: u32, device_writes: bool) -> Segment {
+        Segment {
+            addr,
+            len,
+            device_writes,
+        }
+    }
+
+    #[test]
+    fn layout_matches_the_legacy_formula() {
+        // virtio 1.2 section 2.7.2: for 256 entries, 4096 bytes of
+        // descriptors, 518 of avail, used at the next 4096 boundary.
+        let l = Layout::new(256).unwrap();
+        assert_eq!((l.avail, l.used, l.total), (4096, 8192, 8192 + 6 + 8 * 256));
+        assert!(Layout::new(0).is_none());
+        assert!(Layout::new(100).is_none());
+        assert!(Layout::new(65535).is_none());
+        assert!(Layout::new(32768).is_some());
+    }
+
+    #[test]
+    fn chain_round_trip_and_free_list() {
+        let mut q = queue(8, false);
+        let mut dev = FakeDevice::new(8, false);
+        let h = q
+            .add_chain(
+                &[
+                    seg(0x1000, 51, false),
+                    seg(0x2000, 108, true),
+                    seg(0x3000, 4096, true),
+                ],
+                7,
+            )
+            .unwrap();
+        assert_eq!(q.num_free(), 5);
+        assert!(q.publish(), "without NO_NOTIFY the device wants a kick");
+        let avail = dev.take_avail(q.mem());
+        assert_eq!(
+            avail,
+            vec![(
+                h,
+                vec![
+                    (0x1000, 51, false),
+                    (0x2000, 108, true),
+                    (0x3000, 4096, true)
+                ]
+            )]
+        );
+        dev.complete(q.mem(), u32::from(h), 108 + 512);
+        let u = q.pop_used().unwrap().unwrap();
+        assert_eq!(
+            u,
+            Used {
+                token: 7,
+                len: 620,
+                len_clamped: false
+            }
+        );
+        assert_eq!(q.num_free(), 8);
+        assert!(q.pop_used().is_none());
+    }
+
+    #[test]
+    fn rejects_impossible_chains() {
+        let mut q = queue(4, false);
+        assert_eq!(q.add_chain(&[], 1), Err(AddError::Invalid));
+        assert_eq!(
+            q.add_chain(&[seg(1, 1, true), seg(2, 1, false)], 1),
+            Err(AddError::Invalid)
+        );
+        let five = [seg(1, 1, false); 5];
+        assert_eq!(q.add_chain(&five, 1), Err(AddError::Invalid));
+        q.add_chain(&[seg(1, 1, false); 3], 1).unwrap();
+        assert_eq!(q.add_chain(&[seg(1, 1, false); 2], 2), Err(AddError::Full));
+        assert_eq!(q.add_indirect(0x5000, 0, 0, 3), Err(AddError::Invalid));
+        assert_eq!(q.add_indirect(0x5000, 5, 0, 3), Err(AddError::Invalid));
+        q.add_indirect(0x5000, 4, 100, 3).unwrap();
+        assert_eq!(q.add_indirect(0x6000, 2, 0, 4), Err(AddError::Full));
+    }
+
+    #[test]
+    fn hostile_used_entries_never_reach_driver_memory() {
+        let mut q = queue(8, false);
+        let mut dev = FakeDevice::new(8, false);
+        let h = q.add_indirect(0x9000, 3, 100, 42).unwrap();
+        q.publish();
+        dev.take_avail(q.mem());
+        // An id out of range, then one that was never made available.
+        dev.complete(q.mem(), 1000, 0);
+        assert_eq!(q.pop_used(), Some(Err(UsedError::UnknownId { id: 1000 })));
+        // Claiming more than the chain offered: clamped.
+        dev.complete(q.mem(), u32::from(h), 1 << 30);
+        assert_eq!(
+            q.pop_used(),
+            Some(Ok(Used {
+                token: 42,
+                len: 100,
+                len_clamped: true
+            }))
+        );
+        // The same id again: a duplicate completion is dropped.
+        dev.complete(q.mem(), u32::from(h), 1);
+        assert_eq!(
+            q.pop_used(),
+            Some(Err(UsedError::UnknownId { id: u32::from(h) }))
+        );
+        assert_eq!(q.num_free(), 8);
+        // The used index jumping past what is outstanding.
+        q.add_indirect(0x9000, 3, 100, 43).unwrap();
+        q.publish();
+        q.mem().write_u16(
+            Layout::new(8).unwrap().used_idx(),
+            dev.used_idx.wrapping_add(9),
+        );
+        assert!(matches!(
+            q.pop_used(),
+            Some(Err(UsedError::IndexRunaway { .. }))
+        ));
+        assert_eq!(q.outstanding(), 1, "a runaway index consumes nothing");
+    }
+
+    #[test]
+    fn event_idx_suppresses_notifications_until_asked() {
+        let mut q = queue(16, true);
+        let mut dev = FakeDevice::new(16, true);
+        let l = Layout::new(16).unwrap();
+        // The device asks to be told at index 0: the first publish kicks.
+        q.add_indirect(0x1000, 2, 0, 1).unwrap();
+        assert!(q.publish());
+        dev.take_avail(q.mem()); // avail_event := 1
+        // The device has not yet asked about index 2: no kick for it...
+        q.mem().write_u16(l.avail_event(), 2);
+        q.add_indirect(0x1000, 2, 0, 2).unwrap();
+        assert!(!q.publish());
+        // ...but the next one crosses avail_event == 2.
+        q.add_indirect(0x1000, 2, 0, 3).unwrap();
+        assert!(q.publish());
+        // Without EVENT_IDX, NO_NOTIFY suppresses.
+        let mut q = queue(16, false);
+        q.mem().write_u16(l.used_flags(), USED_F_NO_NOTIFY);
+        q.add_indirect(0x1000, 2, 0, 1).unwrap();
+        assert!(!q.publish());
+    }
+
+    #[test]
+    fn enable_interrupts_reports_a_race() {
+        let mut q = queue(8, true);
+        let mut dev = FakeDevice::new(8, true);
+        let h = q.add_indirect(0x1000, 2, 0, 1).unwrap();
+        q.publish();
+        dev.take_avail(q.mem());
+        assert!(!q.enable_interrupts());
+        assert_eq!(q.mem().read_u16(Layout::new(8).unwrap().used_event()), 0);
+        dev.complete(q.mem(), u32::from(h), 0);
+        assert!(
+            q.enable_interrupts(),
+            "a completion arrived before interrupts were re-armed"
+        );
+    }
+
+    #[test]
+    fn reclaim_all_returns_every_outstanding_token() {
+        let mut q = queue(8, false);
+        for t in 0..5 {
+            q.add_chain(&[seg(1, 1, false)], t).unwrap();
+        }
+        q.publish();
+        let mut got = Vec::new();
+        q.reclaim_all(|t| got.push(t));
+        got.sort();
+        assert_eq!(got, vec![0, 1, 2, 3, 4]);
+        assert_eq!((q.num_free(), q.outstanding()), (8, 0));
+    }
+
+    proptest! {
+        /// need_event is "event lies in [old, new)" modulo 2^16, for every
+        /// position of the three indices around the wrap.
+        #[test]
+        fn need_event_is_wrap_safe(old: u16, step in 0u16..=u16::MAX, event: u16) {
+            let new = old.wrapping_add(step);
+            let expected = event.wrapping_sub(old) < new.wrapping_sub(old);
+            prop_assert_eq!(need_event(event, new, old), expected);
+        }
+
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(6))]
+        /// Many chains of random shapes, completed in random order across
+        /// several 16-bit index wraps: every token comes back exactly once
+        /// with its length, and the free count always balances.
+        #[test]
+        fn ring_survives_index_wraparound(
+            size_log in 1u32..6,
+            seed in any::<u64>(),
+            event_idx: bool,
+        ) {
+            let size = 1u16 << size_log;
+            let mut q = queue(size, event_idx);
+            let mut dev = FakeDevice::new(size, event_idx);
+            let mut rng = seed;
+            let mut next = || { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; rng };
+            let mut in_flight: HashMap<u16, (u32, u32)> = HashMap::new();
+            let mut device_q: VecDeque<(u16, u32)> = VecDeque::new();
+            let mut returned = 0u32;
+            let mut token = 0u32;
+            // Enough operations to wrap the 16-bit indices more than once.
+            while returned < 70_000 {
+                let r = next();
+                if r % 3 != 0 && q.num_free() > 0 {
+                    let n = 1 + (next() % u64::from(q.num_free().min(4))) as usize;
+                    let writable = (next() % 5000) as u32;
+                    let mut segs = vec![seg(0x1000, 64, false); n];
+                    segs[n - 1] = seg(0x2000, writable, true);
+                    let head = if n == 1 && r % 2 == 0 {
+                        q.add_indirect(0x3000, 2, u64::from(writable), token).unwrap()
+                    } else {
+                        q.add_chain(&segs, token).unwrap()
+                    };
+                    in_flight.insert(head, (token, writable));
+                    token = token.wrapping_add(1);
+                    q.publish();
+                    for (h, _) in dev.take_avail(q.mem()) {
+                        device_q.push_back((h, in_flight[&h].1));
+                    }
+                } else if !device_q.is_empty() {
+                    let pick = (next() % device_q.len() as u64) as usize;
+                    let (h, w) = device_q.remove(pick).unwrap();
+                    dev.complete(q.mem(), u32::from(h), w);
+                    let u = q.pop_used().unwrap().unwrap();
+                    let (t, wl) = in_flight.remove(&h).unwrap();
+                    prop_assert_eq!(u, Used { token: t, len: wl, len_clamped: false });
+                    returned += 1;
+                }
+                let held: usize = in_flight.len();
+                prop_assert!(usize::from(q.num_free()) + held <= usize::from(size));
+                prop_assert_eq!(q.outstanding(), held);
+            }
+        }
+    }
+}

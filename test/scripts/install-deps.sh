@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Installs what the rvscsi build and test bed need on a Debian 12 (bookworm)
+# machine, idempotently: QEMU's x86 system emulator (10.x from
+# bookworm-backports, because the machine's qemu-utils comes from there and
+# blocks bookworm's own 7.2), an unpacked QEMU 7.2 for the abort scenarios that
+# 10.0.2 deadlocks on, and the host tools the checks use.
+#
+# Usage: test/scripts/install-deps.sh [--qemu72]
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+top=$(cd "$here/../.." && pwd)
+want_qemu72=0
+for arg in "$@"; do
+    case "$arg" in
+        --qemu72) want_qemu72=1 ;;
+        *) echo "install-deps: unknown argument '$arg'" >&2; exit 2 ;;
+    esac
+done
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"
+    elif command -v sudo >/dev/null 2>&1; then sudo "$@"
+    else echo "install-deps: need root to run: $*" >&2; return 1
+    fi
+}
+
+need_pkgs=()
+command -v qemu-system-x86_64 >/dev/null 2>&1 || need_pkgs+=(qemu-system-x86)
+command -v mandoc >/dev/null 2>&1 || need_pkgs+=(mandoc)
+command -v objcopy >/dev/null 2>&1 || need_pkgs+=(binutils)
+command -v cc >/dev/null 2>&1 || need_pkgs+=(gcc)
+
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "install-deps: missing ${need_pkgs[*]} and no apt-get to install them" >&2
+        exit 1
+    fi
+    # Debian 12 machines here carry qemu-utils from bookworm-backports, which
+    # conflicts with bookworm's qemu-system-x86 7.2. Enable backports using the
+    # same mirror the machine already uses (never a hard-coded host).
+    . /etc/os-release
+    if [ "${VERSION_CODENAME:-}" = bookworm ] && \
+       ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        mirror=$(grep -rhs '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null \
+                 | awk '{print $2}' | grep -v security | head -n1)
+        [ -n "$mirror" ] || mirror=$(grep -hs '^deb ' /etc/apt/sources.list \
+                 | awk '{print $2}' | grep -v security | head -n1)
+        if [ -z "$mirror" ]; then
+            echo "install-deps: cannot find the machine's Debian mirror" >&2
+            exit 1
+        fi
+        echo "install-deps: enabling bookworm-backports from $mirror"
+        printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+            "$mirror" | as_root tee /etc/apt/sources.list.d/rvscsi-backports.sources >/dev/null
+    fi
+    as_root apt-get update -qq
+    extra=()
+    if [ "${VERSION_CODENAME:-}" = bookworm ]; then extra=(-t bookworm-backports); fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends "${extra[@]}" "${need_pkgs[@]}"
+fi
+
+if [ "$want_qemu72" = 1 ]; then
+    dest="$top/target/qemu72"
+    if [ ! -x "$dest/root/usr/bin/qemu-system-x86_64" ]; then
+        echo "install-deps: unpacking QEMU 7.2 into $dest"
+        mkdir -p "$dest/debs" "$dest/root"
+        (cd "$dest/debs" && apt-get download \
+            qemu-system-x86=1:7.2+dfsg-7+deb12u18+b2 qemu-system-common=1:7.2+dfsg-7+deb12u18 \
+            qemu-system-data=1:7.2+dfsg-7+deb12u18 2>/dev/null || \
+            (cd "$dest/debs" && apt-get download -t bookworm qemu-system-x86 qemu-system-common qemu-system-data))
+        for d in "$dest"/debs/*.deb; do dpkg-deb -x "$d" "$dest/root"; done
+    fi
+fi
+echo "install-deps: ok ($(qemu-system-x86_64 --version | head -n1))"
