@@ -23,7 +23,9 @@ extern crate alloc;
 extern crate std;
 
 pub mod ddi;
+pub mod entry;
 pub mod ffi;
 pub mod scsa;
 pub mod shmem;
+pub mod vioscsi;
 pub mod virtio;

@@ -13,6 +13,7 @@ pub mod pci;
 pub mod regs;
 pub mod sync;
 pub mod taskq;
+pub mod tgtmap;
 pub mod time;
 
 pub use dev::Dip;

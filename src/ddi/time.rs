@@ -22,6 +22,12 @@ pub fn usec_wait(usec: i64) {
     unsafe { ffi::drv_usecwait(usec) }
 }
 
+/// Sleeps at least `ticks` clock ticks (`delay(9F)`); thread context only.
+pub fn delay_ticks(ticks: i64) {
+    // SAFETY: no preconditions beyond thread context, which callers ensure.
+    unsafe { ffi::delay(ticks) }
+}
+
 /// High-resolution time in nanoseconds (`gethrtime(9F)`).
 pub fn hrtime() -> i64 {
     // SAFETY: no preconditions.

@@ -166,6 +166,7 @@ unsafe extern "C" {
     pub fn gethrtime() -> hrtime_t;
     pub fn drv_usectohz(microsecs: clock_t) -> clock_t;
     pub fn drv_usecwait(microsecs: clock_t);
+    pub fn delay(ticks: clock_t);
     pub fn timeout(
         func: unsafe extern "C" fn(*mut c_void),
         arg: *mut c_void,

@@ -8,6 +8,7 @@ pub mod arq;
 pub mod cap;
 pub mod flags;
 pub mod outcome;
+pub mod pkt;
 
 pub use flags::{PktFlags, PktState, PktStatistics};
 pub use outcome::Outcome;

@@ -11,7 +11,7 @@ use crate::ddi::regs::{self, RegMap};
 use crate::ddi::{DdiError, Dip, time};
 use crate::ffi;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// "No MSI-X vector" (`VIRTIO_MSI_NO_VECTOR`, §4.1.5.1.2).
 pub const NO_VECTOR: u16 = 0xffff;
@@ -119,8 +119,11 @@ pub struct Modern {
     notify_multiplier: u32,
     isr: RegMap,
     device: RegMap,
-    /// Notification offset of each queue set up, in bytes into `notify`.
-    queue_notify: Vec<Option<usize>>,
+    /// Notification offset of each queue set up, in bytes into `notify`
+    /// (`usize::MAX`: not set up). Sized once by `prepare_queues`, then
+    /// written by `setup_queue` (also after a device reset) and read by
+    /// `notify` without a lock.
+    queue_notify: Vec<AtomicUsize>,
 }
 
 /// A virtio-pci transport.
@@ -354,11 +357,18 @@ impl Transport {
         }
     }
 
+    /// Makes room to set up queues `0..n`.
+    pub fn prepare_queues(&mut self, n: u16) {
+        if let Transport::Modern(m) = self {
+            m.queue_notify = (0..n).map(|_| AtomicUsize::new(usize::MAX)).collect();
+        }
+    }
+
     /// Tells the device where queue `q` of `size` entries lives and enables
     /// it. Legacy queues must use the device's size and the contiguous
     /// 4096-aligned layout, located by page number.
     pub fn setup_queue(
-        &mut self,
+        &self,
         q: u16,
         size: u16,
         desc: u64,
@@ -394,12 +404,12 @@ impl Transport {
                         "queue notification offset outside the area",
                     ));
                 }
+                let slot = m
+                    .queue_notify
+                    .get(usize::from(q))
+                    .ok_or(TransportError::Layout("queue not prepared"))?;
+                slot.store(off, Ordering::Relaxed);
                 c.write16(common::QUEUE_ENABLE, 1);
-                let slot = usize::from(q);
-                if m.queue_notify.len() <= slot {
-                    m.queue_notify.resize(slot + 1, None);
-                }
-                m.queue_notify[slot] = Some(off);
                 Ok(())
             }
         }
@@ -410,8 +420,11 @@ impl Transport {
         match self {
             Transport::Legacy(l) => l.regs.write16(legacy::QUEUE_NOTIFY, q),
             Transport::Modern(m) => {
-                if let Some(Some(off)) = m.queue_notify.get(usize::from(q)) {
-                    m.notify.write16(*off, q);
+                if let Some(off) = m.queue_notify.get(usize::from(q)) {
+                    let off = off.load(Ordering::Relaxed);
+                    if off != usize::MAX {
+                        m.notify.write16(off, q);
+                    }
                 }
             }
         }

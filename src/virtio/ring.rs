@@ -151,7 +151,7 @@ pub enum UsedError {
 }
 
 /// A chain the device returned.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Used<T> {
     /// The token given when the chain was added.
     pub token: T,
@@ -169,7 +169,7 @@ struct Desc {
     next: u16,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 struct Head<T> {
     token: T,
     ndesc: u16,
@@ -195,7 +195,7 @@ pub struct SplitQueue<M, T> {
     event_idx: bool,
 }
 
-impl<M: SharedMem, T: Copy> SplitQueue<M, T> {
+impl<M: SharedMem, T> SplitQueue<M, T> {
     /// A queue of `size` entries in `mem` (zeroed, at least
     /// `Layout::new(size).total` bytes). `event_idx` says whether
     /// `VIRTIO_F_EVENT_IDX` was negotiated.
@@ -295,64 +295,64 @@ impl<M: SharedMem, T: Copy> SplitQueue<M, T> {
 
     /// Adds a chain of direct descriptors carrying `token`; returns its head.
     /// Device-readable segments must come first.
-    pub fn add_chain(&mut self, segs: &[Segment], token: T) -> Result<u16, AddError> {
-        if segs.is_empty() || segs.len() > usize::from(self.layout.size) {
+    /// On error the token comes back.
+    pub fn add_chain<I>(&mut self, segs: I, token: T) -> Result<u16, (T, AddError)>
+    where
+        I: IntoIterator<Item = Segment>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        let segs = segs.into_iter();
+        let mut w = match self.begin_chain(segs.len()) {
+            Ok(w) => w,
+            Err(e) => return Err((token, e)),
+        };
+        for s in segs {
+            if let Err(e) = w.push(s) {
+                return Err((token, e));
+            }
+        }
+        w.commit(token)
+    }
+
+    /// Starts a chain of `n` direct descriptors: push each segment, then
+    /// commit with the chain's token. A writer dropped before its commit
+    /// gives the descriptors back. (Segments can thus be read from data
+    /// that the token itself owns.)
+    pub fn begin_chain(&mut self, n: usize) -> Result<ChainWriter<'_, M, T>, AddError> {
+        if n == 0 || n > usize::from(self.layout.size) {
             return Err(AddError::Invalid);
         }
-        if segs
-            .windows(2)
-            .any(|w| w[0].device_writes && !w[1].device_writes)
-        {
-            return Err(AddError::Invalid);
-        }
-        if segs.len() > usize::from(self.num_free) {
+        if n > usize::from(self.num_free) {
             return Err(AddError::Full);
         }
-        let mut writable = 0u64;
-        // Descriptors are taken from the free list in order, so the chain
-        // links are known before each one is written.
         let head = self.free_head;
-        for (n, seg) in segs.iter().enumerate() {
-            let i = self.take_free();
-            let last = n + 1 == segs.len();
-            let mut flags = if seg.device_writes { DESC_F_WRITE } else { 0 };
-            if !last {
-                flags |= DESC_F_NEXT;
-            }
-            let next = if last { 0 } else { self.free_head };
-            self.write_desc(
-                i,
-                Desc {
-                    addr: seg.addr,
-                    len: seg.len,
-                    flags,
-                    next,
-                },
-            );
-            if seg.device_writes {
-                writable += u64::from(seg.len);
-            }
-        }
-        self.put_avail(head, token, segs.len() as u16, writable);
-        Ok(head)
+        Ok(ChainWriter {
+            q: self,
+            head,
+            want: n,
+            pushed: 0,
+            writable: 0,
+            seen_writable: false,
+            committed: false,
+        })
     }
 
     /// Adds one descriptor pointing at an indirect table of `entries`
     /// descriptors at bus address `table` (§2.7.5.3), the table already
     /// written and synced by the caller, which also tells how many bytes the
-    /// table's buffers let the device write.
+    /// table's buffers let the device write. On error the token comes back.
     pub fn add_indirect(
         &mut self,
         table: u64,
         entries: u16,
         writable: u64,
         token: T,
-    ) -> Result<u16, AddError> {
+    ) -> Result<u16, (T, AddError)> {
         if entries == 0 || entries > self.layout.size {
-            return Err(AddError::Invalid);
+            return Err((token, AddError::Invalid));
         }
         if self.num_free == 0 {
-            return Err(AddError::Full);
+            return Err((token, AddError::Full));
         }
         let i = self.take_free();
         let len = u32::from(entries) * DESC_SIZE as u32;
@@ -518,11 +518,19 @@ impl<M: SharedMem, T: Copy> SplitQueue<M, T> {
         }
     }
 
+    /// The token of outstanding chain `head`.
+    pub fn token_mut(&mut self, head: u16) -> Option<&mut T> {
+        self.heads
+            .get_mut(usize::from(head))?
+            .as_mut()
+            .map(|h| &mut h.token)
+    }
+
     /// Visits every outstanding chain's token (for timeout scans).
-    pub fn for_each_outstanding(&self, mut f: impl FnMut(u16, &T)) {
-        for (i, h) in self.heads.iter().enumerate() {
+    pub fn for_each_outstanding(&mut self, mut f: impl FnMut(u16, &mut T)) {
+        for (i, h) in self.heads.iter_mut().enumerate() {
             if let Some(h) = h {
-                f(i as u16, &h.token);
+                f(i as u16, &mut h.token);
             }
         }
     }
@@ -557,6 +565,70 @@ impl<M: SharedMem, T: Copy> SplitQueue<M, T> {
             off += n;
         }
         self.mem.sync_for_device(0, self.layout.total);
+    }
+}
+
+/// A chain being written (see [`SplitQueue::begin_chain`]).
+pub struct ChainWriter<'a, M: SharedMem, T> {
+    q: &'a mut SplitQueue<M, T>,
+    head: u16,
+    want: usize,
+    pushed: usize,
+    writable: u64,
+    seen_writable: bool,
+    committed: bool,
+}
+
+impl<M: SharedMem, T> ChainWriter<'_, M, T> {
+    /// Writes the next segment.
+    pub fn push(&mut self, seg: Segment) -> Result<(), AddError> {
+        if self.pushed == self.want || (self.seen_writable && !seg.device_writes) {
+            return Err(AddError::Invalid);
+        }
+        self.seen_writable |= seg.device_writes;
+        let i = self.q.take_free();
+        self.pushed += 1;
+        let last = self.pushed == self.want;
+        let mut flags = if seg.device_writes { DESC_F_WRITE } else { 0 };
+        if !last {
+            flags |= DESC_F_NEXT;
+        }
+        // Descriptors come off the free list in order, so the next one is
+        // known before it is taken.
+        let next = if last { 0 } else { self.q.free_head };
+        self.q.write_desc(
+            i,
+            Desc {
+                addr: seg.addr,
+                len: seg.len,
+                flags,
+                next,
+            },
+        );
+        if seg.device_writes {
+            self.writable += u64::from(seg.len);
+        }
+        Ok(())
+    }
+
+    /// Makes the chain available with `token`; returns its head. On error
+    /// (fewer segments pushed than reserved) the token comes back.
+    pub fn commit(mut self, token: T) -> Result<u16, (T, AddError)> {
+        if self.pushed != self.want {
+            return Err((token, AddError::Invalid));
+        }
+        self.committed = true;
+        self.q
+            .put_avail(self.head, token, self.want as u16, self.writable);
+        Ok(self.head)
+    }
+}
+
+impl<M: SharedMem, T> Drop for ChainWriter<'_, M, T> {
+    fn drop(&mut self) {
+        if !self.committed && self.pushed > 0 {
+            self.q.free_chain(self.head, self.pushed as u16);
+        }
     }
 }
 
@@ -663,7 +735,7 @@ mod tests {
         let mut dev = FakeDevice::new(8, false);
         let h = q
             .add_chain(
-                &[
+                [
                     seg(0x1000, 51, false),
                     seg(0x2000, 108, true),
                     seg(0x3000, 4096, true),
@@ -702,19 +774,51 @@ mod tests {
     #[test]
     fn rejects_impossible_chains() {
         let mut q = queue(4, false);
-        assert_eq!(q.add_chain(&[], 1), Err(AddError::Invalid));
+        assert_eq!(q.add_chain([], 1), Err((1, AddError::Invalid)));
         assert_eq!(
-            q.add_chain(&[seg(1, 1, true), seg(2, 1, false)], 1),
-            Err(AddError::Invalid)
+            q.add_chain([seg(1, 1, true), seg(2, 1, false)], 1),
+            Err((1, AddError::Invalid))
         );
         let five = [seg(1, 1, false); 5];
-        assert_eq!(q.add_chain(&five, 1), Err(AddError::Invalid));
-        q.add_chain(&[seg(1, 1, false); 3], 1).unwrap();
-        assert_eq!(q.add_chain(&[seg(1, 1, false); 2], 2), Err(AddError::Full));
-        assert_eq!(q.add_indirect(0x5000, 0, 0, 3), Err(AddError::Invalid));
-        assert_eq!(q.add_indirect(0x5000, 5, 0, 3), Err(AddError::Invalid));
+        assert_eq!(q.add_chain(five, 1), Err((1, AddError::Invalid)));
+        q.add_chain([seg(1, 1, false); 3], 1).unwrap();
+        assert_eq!(
+            q.add_chain([seg(1, 1, false); 2], 2),
+            Err((2, AddError::Full))
+        );
+        assert_eq!(q.add_indirect(0x5000, 0, 0, 3), Err((3, AddError::Invalid)));
+        assert_eq!(q.add_indirect(0x5000, 5, 0, 3), Err((3, AddError::Invalid)));
         q.add_indirect(0x5000, 4, 100, 3).unwrap();
-        assert_eq!(q.add_indirect(0x6000, 2, 0, 4), Err(AddError::Full));
+        assert_eq!(q.add_indirect(0x6000, 2, 0, 4), Err((4, AddError::Full)));
+    }
+
+    #[test]
+    fn abandoned_chains_give_their_descriptors_back() {
+        let mut q = queue(8, false);
+        {
+            let mut w = q.begin_chain(3).unwrap();
+            w.push(seg(1, 1, false)).unwrap();
+            w.push(seg(2, 1, true)).unwrap();
+            assert_eq!(
+                w.push(seg(3, 1, false)),
+                Err(AddError::Invalid),
+                "readable after writable"
+            );
+        }
+        assert_eq!(q.num_free(), 8);
+        let mut w = q.begin_chain(2).unwrap();
+        w.push(seg(1, 1, false)).unwrap();
+        assert_eq!(
+            w.commit(9),
+            Err((9, AddError::Invalid)),
+            "fewer segments than reserved"
+        );
+        assert_eq!(q.num_free(), 8);
+        // The free list is intact: the whole ring can still be used.
+        for t in 0..8 {
+            q.add_chain([seg(1, 1, false)], t).unwrap();
+        }
+        assert_eq!(q.num_free(), 0);
     }
 
     #[test]
@@ -801,7 +905,7 @@ mod tests {
     fn reclaim_all_returns_every_outstanding_token() {
         let mut q = queue(8, false);
         for t in 0..5 {
-            q.add_chain(&[seg(1, 1, false)], t).unwrap();
+            q.add_chain([seg(1, 1, false)], t).unwrap();
         }
         q.publish();
         let mut got = Vec::new();
@@ -854,7 +958,7 @@ mod tests {
                     let head = if n == 1 && r % 2 == 0 {
                         q.add_indirect(0x3000, 2, u64::from(writable), token).unwrap()
                     } else {
-                        q.add_chain(&segs, token).unwrap()
+                        q.add_chain(segs.iter().copied(), token).unwrap()
                     };
                     in_flight.insert(head, (token, writable));
                     token = token.wrapping_add(1);

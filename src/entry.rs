@@ -1,0 +1,564 @@
+//! The `extern "C"` entry points: what the C shim installs in
+//! `scsi_hba_tran(9S)` and calls from `dev_ops(9S)`, plus the callbacks the
+//! driver registers with the kernel (interrupts, task queue, watchdog).
+//!
+//! Each is a thin trampoline: it turns the raw pointers the framework
+//! passes into safe references (the framework's guarantees, stated in each
+//! SAFETY comment, are what makes that sound), then calls the safe core.
+//! Nothing here panics; bad pointers get the entry point's error value.
+//!
+//! Contexts: `tran_start`, `tran_setup_pkt`, `tran_teardown_pkt` and the
+//! interrupt handler may run in interrupt context; the others run in
+//! kernel thread context.
+
+use crate::ddi::{Dip, Sleep};
+use crate::dev_warn;
+use crate::ffi::{
+    self, caddr_t, dev_info_t, scsi_address, scsi_device, scsi_hba_tran, scsi_pkt, uint_t,
+};
+use crate::scsa::addr::parse_unit_address;
+use crate::scsa::cap::{self, Cap};
+use crate::scsa::pkt::Pkt;
+use crate::vioscsi::cmd::Cmd;
+use crate::vioscsi::hba::{Callbacks, VectorRole};
+use crate::vioscsi::{Lun, VioScsi};
+use alloc::boxed::Box;
+use core::ffi::{CStr, c_char, c_int, c_void};
+
+fn callbacks() -> Callbacks {
+    Callbacks {
+        intr: rvscsi_intr,
+        work: rvscsi_work,
+        watchdog: rvscsi_watchdog,
+    }
+}
+
+/// The HBA behind a `scsi_hba_tran`.
+///
+/// # Safety
+/// `tran` must be null or a valid `scsi_hba_tran` whose `tran_hba_private`
+/// is null or an HBA made by [`rvscsi_hba_attach`] and not yet detached.
+unsafe fn hba_of_tran<'a>(tran: *const scsi_hba_tran) -> Option<&'a VioScsi> {
+    if tran.is_null() {
+        return None;
+    }
+    // SAFETY: guaranteed by the caller.
+    let p = unsafe { (*tran).tran_hba_private } as *const VioScsi;
+    // SAFETY: as above: null or a live HBA.
+    unsafe { p.as_ref() }
+}
+
+/// The HBA behind a `scsi_address`.
+///
+/// # Safety
+/// `ap` must be null or a valid address whose `a_hba_tran` satisfies
+/// [`hba_of_tran`].
+unsafe fn hba_of_addr<'a>(ap: *const scsi_address) -> Option<&'a VioScsi> {
+    if ap.is_null() {
+        return None;
+    }
+    // SAFETY: guaranteed by the caller.
+    unsafe { hba_of_tran((*ap).a_hba_tran) }
+}
+
+/// The LUN state `tran_tgt_init` attached to the device at `ap`.
+///
+/// # Safety
+/// `ap` must be a valid address of a device initialized by
+/// [`rvscsi_tran_tgt_init`] (or null).
+unsafe fn lun_of_addr(ap: *mut scsi_address) -> Option<Lun> {
+    if ap.is_null() {
+        return None;
+    }
+    // SAFETY: valid address (caller); the DDI returns its scsi_device.
+    let sd = unsafe { ffi::scsi_address_device(ap) };
+    if sd.is_null() {
+        return None;
+    }
+    // SAFETY: valid scsi_device; its HBA private is our Box<Lun> or null.
+    let p = unsafe { ffi::scsi_device_hba_private_get(sd) } as *const Lun;
+    // SAFETY: null or a Lun we allocated in tran_tgt_init.
+    unsafe { p.as_ref().copied() }
+}
+
+/// The command state in a packet's HBA private area.
+///
+/// # Safety
+/// `pkt` must be null or a valid packet of our packet cache, whose
+/// `pkt_ha_private` (set by the framework) points at `tran_hba_len` bytes.
+unsafe fn cmd_of_pkt<'a>(pkt: *const scsi_pkt) -> Option<&'a Cmd> {
+    if pkt.is_null() {
+        return None;
+    }
+    // SAFETY: valid packet (caller).
+    let p = unsafe { (*pkt).pkt_ha_private } as *const Cmd;
+    if p.is_null() || !p.is_aligned() {
+        return None;
+    }
+    // SAFETY: the area holds a Cmd written by our constructor, alive until
+    // our destructor; is_valid() rejects anything else we might be shown.
+    let c = unsafe { &*p };
+    c.is_valid().then_some(c)
+}
+
+// ---- attach / detach (called by the shim's dev_ops) ----------------------
+
+/// attach(9E) of the HBA node: brings the device up; returns the HBA (to
+/// be stored in `tran_hba_private`) or null.
+///
+/// # Safety
+/// `dip` must be the node being attached, in attach(9E) context.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rvscsi_hba_attach(dip: *mut dev_info_t) -> *mut c_void {
+    let Some(dip) = Dip::new(dip) else {
+        return core::ptr::null_mut();
+    };
+    match VioScsi::attach(dip, callbacks()) {
+        Ok(hba) => Box::into_raw(hba).cast(),
+        Err(e) => {
+            dev_warn!(dip, "attach failed: {e}");
+            core::ptr::null_mut()
+        }
+    }
+}
+
+/// Fills `attr` with the DMA attributes of data buffers (for
+/// `scsi_hba_attach_setup(9F)`).
+///
+/// # Safety
+/// `hba` from [`rvscsi_hba_attach`]; `attr` valid for writing.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rvscsi_hba_dma_attr(
+    hba: *const c_void,
+    attr: *mut ffi::ddi_dma_attr_t,
+) -> c_int {
+    // SAFETY: guaranteed by the caller.
+    let (Some(hba), Some(attr)) = (unsafe { hba.cast::<VioScsi>().as_ref() }, unsafe {
+        attr.as_mut()
+    }) else {
+        return ffi::DDI_FAILURE;
+    };
+    *attr = hba.data_dma_attr();
+    ffi::DDI_SUCCESS
+}
+
+/// `tran_hba_len`: the HBA private bytes each packet needs.
+#[unsafe(no_mangle)]
+pub extern "C" fn rvscsi_pkt_private_len() -> usize {
+    VioScsi::pkt_private_len()
+}
+
+/// `tran_interconnect_type`.
+#[unsafe(no_mangle)]
+pub extern "C" fn rvscsi_interconnect_type() -> c_int {
+    ffi::INTERCONNECT_PARALLEL
+}
+
+/// detach(9E) of the HBA node (after `scsi_hba_detach(9F)`): stops and
+/// frees the HBA. `DDI_FAILURE` (nothing changed) while commands are in
+/// flight.
+///
+/// # Safety
+/// `hba` from [`rvscsi_hba_attach`], not used by anyone else any more (the
+/// framework detached every child and the iport).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rvscsi_hba_detach(hba: *mut c_void) -> c_int {
+    if hba.is_null() {
+        return ffi::DDI_FAILURE;
+    }
+    // SAFETY: made by Box::into_raw in rvscsi_hba_attach (caller).
+    let hba = unsafe { Box::from_raw(hba.cast::<VioScsi>()) };
+    match hba.detach() {
+        Ok(()) => ffi::DDI_SUCCESS,
+        Err(hba) => {
+            // Still attached: give the pointer back to the shim's tran.
+            let _ = Box::into_raw(hba);
+            ffi::DDI_FAILURE
+        }
+    }
+}
+
+/// The HBA of the HBA node `dip` (through its `scsi_hba_tran`).
+///
+/// # Safety
+/// `dip` must be an attached HBA node of this driver.
+unsafe fn hba_of_node<'a>(dip: *mut dev_info_t) -> Option<&'a VioScsi> {
+    if dip.is_null() {
+        return None;
+    }
+    // SAFETY: the driver private of an HBA node set up by
+    // scsi_hba_attach_setup(9F) is its scsi_hba_tran.
+    let tran = unsafe { ffi::ddi_get_driver_private(dip) } as *const scsi_hba_tran;
+    // SAFETY: our tran, whose private is our HBA.
+    unsafe { hba_of_tran(tran) }
+}
+
+/// attach(9E) of the iport node "iport0": target map and discovery.
+///
+/// # Safety
+/// `dip` must be the iport node being attached.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rvscsi_iport_attach(dip: *mut dev_info_t) -> c_int {
+    let Some(idip) = Dip::new(dip) else {
+        return ffi::DDI_FAILURE;
+    };
+    // SAFETY: valid iport node; the framework returns its unit address.
+    let ua = unsafe { ffi::scsi_hba_iport_unit_address(dip) };
+    // SAFETY: a NUL-terminated string owned by the framework, or null.
+    if ua.is_null() || unsafe { CStr::from_ptr(ua) } != c"iport0" {
+        return ffi::DDI_FAILURE;
+    }
+    let Some(parent) = idip.parent() else {
+        return ffi::DDI_FAILURE;
+    };
+    // SAFETY: the parent of our iport is our HBA node.
+    let Some(hba) = (unsafe { hba_of_node(parent.as_ptr()) }) else {
+        return ffi::DDI_FAILURE;
+    };
+    // The framework gives the iport a copy of the HBA's tran with
+    // tran_hba_private cleared: point it at the HBA again.
+    // SAFETY: the driver private of an iport node is its scsi_hba_tran.
+    let tran = unsafe { ffi::ddi_get_driver_private(dip) } as *mut scsi_hba_tran;
+    if tran.is_null() {
+        return ffi::DDI_FAILURE;
+    }
+    // SAFETY: valid tran of the iport being attached; nothing else uses it yet.
+    unsafe { (*tran).tran_hba_private = (hba as *const VioScsi).cast_mut().cast() };
+    if hba.iport_attach(idip) {
+        ffi::DDI_SUCCESS
+    } else {
+        ffi::DDI_FAILURE
+    }
+}
+
+/// detach(9E) of the iport node.
+///
+/// # Safety
+/// `dip` must be our iport node being detached.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rvscsi_iport_detach(dip: *mut dev_info_t) -> c_int {
+    if dip.is_null() {
+        return ffi::DDI_FAILURE;
+    }
+    // SAFETY: the driver private of an iport node is its scsi_hba_tran.
+    let tran = unsafe { ffi::ddi_get_driver_private(dip) } as *const scsi_hba_tran;
+    // SAFETY: our iport's tran, private set in rvscsi_iport_attach.
+    let Some(hba) = (unsafe { hba_of_tran(tran) }) else {
+        return ffi::DDI_FAILURE;
+    };
+    hba.iport_detach();
+    ffi::DDI_SUCCESS
+}
+
+/// quiesce(9E) of the HBA node: stop the device, without blocking.
+///
+/// # Safety
+/// `dip` must be our attached HBA node.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rvscsi_quiesce(dip: *mut dev_info_t) -> c_int {
+    // SAFETY: guaranteed by the caller.
+    match unsafe { hba_of_node(dip) } {
+        Some(hba) => {
+            hba.quiesce();
+            ffi::DDI_SUCCESS
+        }
+        None => ffi::DDI_FAILURE,
+    }
+}
+
+// ---- scsi_hba_tran(9S) vectors -------------------------------------------
+
+/// tran_tgt_init(9E): accepts a child of the iport whose unit address
+/// "target,lun" is within the device's limits.
+///
+/// # Safety
+/// Called by the framework with valid nodes, tran and device.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rvscsi_tran_tgt_init(
+    hba_dip: *mut dev_info_t,
+    _tgt_dip: *mut dev_info_t,
+    tran: *mut scsi_hba_tran,
+    sd: *mut scsi_device,
+) -> c_int {
+    // Only the iport has targets.
+    // SAFETY: valid node from the framework.
+    if hba_dip.is_null()
+        || unsafe { ffi::scsi_hba_iport_unit_address(hba_dip) }.is_null()
+        || sd.is_null()
+    {
+        return ffi::DDI_FAILURE;
+    }
+    // SAFETY: the iport's tran.
+    let Some(hba) = (unsafe { hba_of_tran(tran) }) else {
+        return ffi::DDI_FAILURE;
+    };
+    // SAFETY: valid device; the framework returns its unit address.
+    let ua = unsafe { ffi::scsi_device_unit_address(sd) };
+    if ua.is_null() {
+        return ffi::DDI_FAILURE;
+    }
+    // SAFETY: NUL-terminated string owned by the framework.
+    let ua = unsafe { CStr::from_ptr(ua) }.to_bytes();
+    let Some((target, lun)) = parse_unit_address(ua) else {
+        return ffi::DDI_FAILURE;
+    };
+    let limits = hba.limits();
+    if target > u32::from(limits.max_target) || lun > u64::from(limits.max_lun) {
+        return ffi::DDI_FAILURE;
+    }
+    let state = Box::new(Lun {
+        target: target as u8,
+        lun: lun as u16,
+    });
+    // SAFETY: valid device; the pointer is ours until tran_tgt_free.
+    unsafe { ffi::scsi_device_hba_private_set(sd, Box::into_raw(state).cast()) };
+    ffi::DDI_SUCCESS
+}
+
+/// tran_tgt_free(9E)
+///
+/// # Safety
+/// Called by the framework for a device `rvscsi_tran_tgt_init` accepted.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rvscsi_tran_tgt_free(
+    _hba_dip: *mut dev_info_t,
+    _tgt_dip: *mut dev_info_t,
+    _tran: *mut scsi_hba_tran,
+    sd: *mut scsi_device,
+) {
+    if sd.is_null() {
+        return;
+    }
+    // SAFETY: valid device.
+    let p = unsafe { ffi::scsi_device_hba_private_get(sd) } as *mut Lun;
+    if !p.is_null() {
+        // SAFETY: valid device; clear before freeing.
+        unsafe { ffi::scsi_device_hba_private_set(sd, core::ptr::null_mut()) };
+        // SAFETY: allocated by Box in tran_tgt_init, freed once.
+        drop(unsafe { Box::from_raw(p) });
+    }
+}
+
+/// tran_pkt_constructor(9E): preallocates the command state and its DMA
+/// memory in the packet's HBA private area.
+///
+/// # Safety
+/// Called by the packet cache constructor with a zeroed packet whose
+/// `pkt_ha_private` points at `tran_hba_len` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rvscsi_tran_pkt_constructor(
+    pkt: *mut scsi_pkt,
+    tran: *mut scsi_hba_tran,
+    kmflag: c_int,
+) -> c_int {
+    // SAFETY: the HBA's tran (the cache's argument).
+    let (Some(hba), false) = (unsafe { hba_of_tran(tran) }, pkt.is_null()) else {
+        return -1;
+    };
+    // SAFETY: valid packet (caller).
+    let area = unsafe { (*pkt).pkt_ha_private } as *mut Cmd;
+    if area.is_null() || !area.is_aligned() {
+        return -1;
+    }
+    match hba.construct_cmd(Sleep::from_kmflag(kmflag)) {
+        Ok(cmd) => {
+            // SAFETY: the area is tran_hba_len = size_of::<Cmd>() bytes,
+            // aligned (checked), and holds no live value (a fresh object).
+            unsafe { area.write(cmd) };
+            0
+        }
+        Err(_) => -1,
+    }
+}
+
+/// tran_pkt_destructor(9E): frees what the constructor took.
+///
+/// # Safety
+/// Called by the packet cache destructor for a packet whose constructor
+/// succeeded.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rvscsi_tran_pkt_destructor(pkt: *mut scsi_pkt, _tran: *mut scsi_hba_tran) {
+    // SAFETY: a packet of our cache (caller).
+    if unsafe { cmd_of_pkt(pkt) }.is_some() {
+        // SAFETY: the area holds the Cmd our constructor wrote; the cache
+        // destroys each object once.
+        unsafe { core::ptr::drop_in_place((*pkt).pkt_ha_private.cast::<Cmd>()) };
+    }
+}
+
+/// tran_setup_pkt(9E): 0 if the device can carry this packet, else -1.
+///
+/// # Safety
+/// Called by the framework for a packet of our cache.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rvscsi_tran_setup_pkt(
+    pkt: *mut scsi_pkt,
+    _callback: ffi::ddi_callback_t,
+    _arg: caddr_t,
+) -> c_int {
+    // SAFETY: a packet of our cache (caller).
+    let Some(cmd) = (unsafe { cmd_of_pkt(pkt) }) else {
+        return -1;
+    };
+    // SAFETY: valid packet; its address names our (iport's) tran.
+    let Some(hba) = (unsafe { hba_of_addr(&(*pkt).pkt_address) }) else {
+        return -1;
+    };
+    // SAFETY: the framework hands us the packet for this call.
+    let Some(p) = (unsafe { Pkt::from_raw(pkt) }) else {
+        return -1;
+    };
+    if hba.setup_pkt(&p, cmd) { 0 } else { -1 }
+}
+
+/// tran_teardown_pkt(9E)
+///
+/// # Safety
+/// Called by the framework for a packet of our cache.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rvscsi_tran_teardown_pkt(pkt: *mut scsi_pkt) {
+    // SAFETY: as in setup.
+    if let (Some(cmd), Some(hba)) = (unsafe { cmd_of_pkt(pkt) }, unsafe {
+        hba_of_addr(&(*pkt).pkt_address)
+    }) {
+        hba.teardown_pkt(cmd);
+    }
+}
+
+/// tran_start(9E)
+///
+/// # Safety
+/// Called by the framework with a valid address and a packet of our cache
+/// that the target driver hands to the HBA.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rvscsi_tran_start(ap: *mut scsi_address, pkt: *mut scsi_pkt) -> c_int {
+    // SAFETY: valid address (caller).
+    let (Some(hba), Some(lun)) = (unsafe { hba_of_addr(ap) }, unsafe { lun_of_addr(ap) }) else {
+        return ffi::TRAN_FATAL_ERROR;
+    };
+    // SAFETY: a packet of our cache (caller).
+    let Some(cmd) = (unsafe { cmd_of_pkt(pkt) }) else {
+        return ffi::TRAN_BADPKT;
+    };
+    // SAFETY: the target driver hands us the packet until we complete it
+    // or return an error.
+    let Some(p) = (unsafe { Pkt::from_raw(pkt) }) else {
+        return ffi::TRAN_BADPKT;
+    };
+    hba.tran_start(lun, cmd, p)
+}
+
+/// tran_abort(9E): 1 if the command (or, without one, every command of the
+/// LUN) was aborted.
+///
+/// # Safety
+/// Called by the framework with a valid address and, optionally, a packet.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rvscsi_tran_abort(ap: *mut scsi_address, pkt: *mut scsi_pkt) -> c_int {
+    // SAFETY: valid address (caller).
+    let (Some(hba), Some(lun)) = (unsafe { hba_of_addr(ap) }, unsafe { lun_of_addr(ap) }) else {
+        return 0;
+    };
+    let ok = if pkt.is_null() {
+        hba.abort_lun(lun)
+    } else {
+        // SAFETY: a packet of our cache (caller).
+        match unsafe { cmd_of_pkt(pkt) } {
+            Some(cmd) => hba.abort_cmd(cmd),
+            None => false,
+        }
+    };
+    c_int::from(ok)
+}
+
+/// tran_reset(9E): 1 on success.
+///
+/// # Safety
+/// Called by the framework with a valid address.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rvscsi_tran_reset(ap: *mut scsi_address, level: c_int) -> c_int {
+    // SAFETY: valid address (caller).
+    let (Some(hba), Some(lun)) = (unsafe { hba_of_addr(ap) }, unsafe { lun_of_addr(ap) }) else {
+        return 0;
+    };
+    c_int::from(hba.reset(lun, level))
+}
+
+/// Looks a capability name up (`scsi_hba_lookup_capstr(9F)`).
+///
+/// # Safety
+/// `cap` must be null or a NUL-terminated string.
+unsafe fn lookup_cap(cap: *mut c_char) -> Option<Cap> {
+    if cap.is_null() {
+        return None;
+    }
+    // SAFETY: NUL-terminated (caller).
+    Cap::from_index(unsafe { ffi::scsi_hba_lookup_capstr(cap) })
+}
+
+/// tran_getcap(9E): the value, or -1 for unknown capabilities.
+///
+/// # Safety
+/// Called by the framework with a valid address and capability string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rvscsi_tran_getcap(
+    ap: *mut scsi_address,
+    cap: *mut c_char,
+    _whom: c_int,
+) -> c_int {
+    // SAFETY: valid address (caller).
+    let Some(hba) = (unsafe { hba_of_addr(ap) }) else {
+        return -1;
+    };
+    // SAFETY: as above.
+    cap::getcap(&hba.caps(), unsafe { lookup_cap(cap) })
+}
+
+/// tran_setcap(9E): 1 set, 0 not settable (to that value), -1 unknown.
+///
+/// # Safety
+/// Called by the framework with a valid address and capability string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rvscsi_tran_setcap(
+    ap: *mut scsi_address,
+    cap: *mut c_char,
+    value: c_int,
+    _whom: c_int,
+) -> c_int {
+    // SAFETY: valid address (caller).
+    if unsafe { hba_of_addr(ap) }.is_none() {
+        return -1;
+    }
+    // SAFETY: as above.
+    cap::setcap(unsafe { lookup_cap(cap) }, value)
+}
+
+// ---- callbacks the driver registers --------------------------------------
+
+/// The interrupt handler (`ddi_intr_handler_t`): arg1 the HBA, arg2 the
+/// vector's role.
+unsafe extern "C" fn rvscsi_intr(arg1: caddr_t, arg2: caddr_t) -> uint_t {
+    // SAFETY: arg1 is the boxed HBA registered in VioScsi::attach; detach
+    // removes the handlers before freeing it.
+    match unsafe { arg1.cast::<VioScsi>().as_ref() } {
+        Some(hba) => hba.interrupt(VectorRole::decode(arg2 as usize)),
+        None => ffi::DDI_INTR_UNCLAIMED,
+    }
+}
+
+/// The work task (ddi_taskq_dispatch(9F)): arg the HBA.
+unsafe extern "C" fn rvscsi_work(arg: *mut c_void) {
+    // SAFETY: the HBA dispatched it; detach waits for the task queue.
+    if let Some(hba) = unsafe { arg.cast::<VioScsi>().as_ref() } {
+        hba.run_work();
+    }
+}
+
+/// The watchdog (ddi_periodic_add(9F)): arg the HBA.
+unsafe extern "C" fn rvscsi_watchdog(arg: *mut c_void) {
+    // SAFETY: the HBA started it; detach deletes it (waiting for a running
+    // tick) before freeing the HBA.
+    if let Some(hba) = unsafe { arg.cast::<VioScsi>().as_ref() } {
+        hba.watchdog();
+    }
+}

@@ -1,0 +1,323 @@
+//! Per-command state: what the packet constructor preallocates in the HBA
+//! private area of every `scsi_pkt` (`tran_hba_len` bytes at
+//! `pkt_ha_private`), and the command's DMA memory (request header,
+//! response, indirect descriptor table).
+//!
+//! # Ownership
+//!
+//! A [`Cmd`] has exactly one owner at a time, represented by an
+//! [`OwnedCmd`] token (neither `Copy` nor `Clone`); only the token gives
+//! access to the command's fields. The state word, readable by anyone,
+//! says where the token is:
+//! - `IDLE`: nobody in the HBA holds it; [`OwnedCmd::claim`] takes it
+//!   (tran_start, setup, teardown);
+//! - `QUEUED`: in the ring of request queue `queue`, under that queue's
+//!   lock (the watchdog and the abort path look at it there);
+//! - `DONE`: a polled command completed; its poller takes the token back
+//!   with [`OwnedCmd::reclaim_done`].
+//!
+//! A completer ends its ownership by storing `IDLE` (then completes the
+//! packet) or `DONE`.
+
+use super::proto;
+use crate::ddi::dma::{DmaBuffer, DmaMode};
+use crate::ddi::{DdiError, Dip, Sleep};
+use crate::scsa::PktStatistics;
+use crate::scsa::flags::DataDir;
+use crate::scsa::pkt::Pkt;
+use crate::virtio::ring::DESC_SIZE;
+use core::cell::UnsafeCell;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU8, Ordering};
+
+/// Not in flight.
+pub const IDLE: u8 = 0;
+/// Owned by a thread of the HBA (being prepared, or just completed).
+pub const OWNED: u8 = 1;
+/// In a ring.
+pub const QUEUED: u8 = 2;
+/// A polled command completed; its poller takes it back.
+pub const DONE: u8 = 3;
+
+/// Marks constructed commands.
+const MAGIC: u64 = 0x7276_7363_7369_0001;
+
+/// Where the request header, the response and the indirect table live in a
+/// command's DMA memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CmdLayout {
+    /// Bytes of the request header (`19 + cdb_size`).
+    pub req_len: usize,
+    /// Offset of the response.
+    pub resp_off: usize,
+    /// Bytes of the response (12 + sense).
+    pub resp_len: usize,
+    /// Offset of the indirect descriptor table.
+    pub table_off: usize,
+    /// Entries the table has room for (0: no table).
+    pub table_entries: usize,
+    /// Total bytes.
+    pub total: usize,
+}
+
+impl CmdLayout {
+    /// For CDBs of `cdb_size`, `sense_size` bytes of sense and up to
+    /// `segments` data buffers, with or without an indirect table.
+    pub fn new(cdb_size: u32, sense_size: u32, segments: u32, indirect: bool) -> Self {
+        let req_len = proto::REQ_CDB + cdb_size as usize;
+        let resp_off = req_len.next_multiple_of(8);
+        let resp_len = proto::RESP_HEADER_LEN + sense_size as usize;
+        let table_off = (resp_off + resp_len).next_multiple_of(DESC_SIZE);
+        let table_entries = if indirect { segments as usize + 2 } else { 0 };
+        CmdLayout {
+            req_len,
+            resp_off,
+            resp_len,
+            table_off,
+            table_entries,
+            total: table_off + DESC_SIZE * table_entries,
+        }
+    }
+}
+
+/// The fields of a command, reached only through its [`OwnedCmd`].
+pub struct CmdFields {
+    /// The packet while the HBA owns it; `None` for internal commands and
+    /// between uses.
+    pub pkt: Option<Pkt>,
+    /// Request header, response, indirect table.
+    pub dma: DmaBuffer,
+    /// Completion is polled (FLAG_NOINTR or internal).
+    pub polled: bool,
+    /// Index of the request queue it went to.
+    pub queue: u16,
+    /// Its head descriptor in that ring.
+    pub head: u16,
+    /// The `id` sent to the device (names it for ABORT TASK).
+    pub tag: u64,
+    /// Target.
+    pub target: u8,
+    /// LUN.
+    pub lun: u16,
+    /// Tick after which it has timed out; 0: never.
+    pub deadline: i64,
+    /// The watchdog found it past its deadline.
+    pub timed_out: bool,
+    /// Statistics bits of the recovery steps taken for it.
+    pub recovery: PktStatistics,
+    /// Data bytes of this transfer.
+    pub xfer: usize,
+    /// Data direction.
+    pub dir: DataDir,
+    /// The device claimed to write more than offered.
+    pub len_clamped: bool,
+    /// The response (kept for internal commands).
+    pub response: proto::Response,
+    /// Link of a [`CmdList`].
+    next: Option<OwnedCmd>,
+}
+
+impl CmdFields {
+    /// Clears what a previous use left behind.
+    pub fn reset_for_start(&mut self) {
+        self.timed_out = false;
+        self.recovery = PktStatistics::empty();
+        self.len_clamped = false;
+        self.response = proto::Response::default();
+        self.next = None;
+    }
+}
+
+/// The per-command state in the HBA private area of a packet (or, for
+/// internal commands, in a heap box).
+#[repr(C)]
+pub struct Cmd {
+    magic: u64,
+    state: AtomicU8,
+    fields: UnsafeCell<CmdFields>,
+}
+
+// SAFETY: `fields` is only reached through the unique OwnedCmd token;
+// `state` is atomic; `magic` is written only by the constructor and
+// destructor, which have exclusive access.
+unsafe impl Sync for Cmd {}
+// SAFETY: as above; a command may be created and destroyed on different
+// threads (kmem cache constructor and destructor).
+unsafe impl Send for Cmd {}
+
+// The framework aligns the HBA private area to 8 bytes (the packet cache is
+// created with alignment 8), so the command must not need more.
+const _: () = assert!(core::mem::align_of::<Cmd>() <= 8);
+
+impl Cmd {
+    /// A command with its DMA memory allocated.
+    pub fn new(dip: Dip, layout: &CmdLayout, sleep: Sleep) -> Result<Cmd, DdiError> {
+        let dma = DmaBuffer::alloc(dip, layout.total, 64, u64::MAX, DmaMode::Streaming, sleep)?;
+        Ok(Cmd {
+            magic: MAGIC,
+            state: AtomicU8::new(IDLE),
+            fields: UnsafeCell::new(CmdFields {
+                pkt: None,
+                dma,
+                polled: false,
+                queue: 0,
+                head: 0,
+                tag: 0,
+                target: 0,
+                lun: 0,
+                deadline: 0,
+                timed_out: false,
+                recovery: PktStatistics::empty(),
+                xfer: 0,
+                dir: DataDir::None,
+                len_clamped: false,
+                response: proto::Response::default(),
+                next: None,
+            }),
+        })
+    }
+
+    /// Whether this was made by [`Cmd::new`] and not yet destroyed.
+    pub fn is_valid(&self) -> bool {
+        self.magic == MAGIC
+    }
+
+    /// The state word.
+    pub fn state(&self) -> u8 {
+        self.state.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Cmd {
+    fn drop(&mut self) {
+        // A destroyed command can never be mistaken for a live one.
+        self.magic = 0;
+    }
+}
+
+/// The unique right to use a [`Cmd`]'s fields.
+#[derive(Debug, PartialEq, Eq)]
+pub struct OwnedCmd(NonNull<Cmd>);
+
+// SAFETY: the token moves between threads (submitter, ring, completer);
+// exclusivity is what it encodes.
+unsafe impl Send for OwnedCmd {}
+
+impl OwnedCmd {
+    /// Takes an `IDLE` command; `None` if someone owns it (a packet started
+    /// twice, or torn down while in flight).
+    pub fn claim(cmd: &Cmd) -> Option<OwnedCmd> {
+        Self::take(cmd, IDLE)
+    }
+
+    /// Takes back a polled command its completer marked `DONE`.
+    pub fn reclaim_done(cmd: &Cmd) -> Option<OwnedCmd> {
+        Self::take(cmd, DONE)
+    }
+
+    fn take(cmd: &Cmd, from: u8) -> Option<OwnedCmd> {
+        cmd.state
+            .compare_exchange(from, OWNED, Ordering::AcqRel, Ordering::Acquire)
+            .ok()?;
+        Some(OwnedCmd(NonNull::from(cmd)))
+    }
+
+    /// The command (state word, identity).
+    pub fn cmd(&self) -> &Cmd {
+        // SAFETY: a token exists only for a live command (the packet or
+        // internal box outlives every use of the command by the HBA).
+        unsafe { self.0.as_ref() }
+    }
+
+    /// Whether this token is for `cmd`.
+    pub fn is(&self, cmd: &Cmd) -> bool {
+        core::ptr::eq(self.0.as_ptr(), cmd)
+    }
+
+    /// The fields.
+    pub fn fields(&mut self) -> &mut CmdFields {
+        // SAFETY: the token is unique (created only by a successful state
+        // transition, never copied), so this is the only access path.
+        unsafe { &mut *self.cmd().fields.get() }
+    }
+
+    /// The fields, read-only.
+    pub fn fields_ref(&self) -> &CmdFields {
+        // SAFETY: as in fields().
+        unsafe { &*self.cmd().fields.get() }
+    }
+
+    /// Records that the command is in a ring (under the queue's lock).
+    pub fn mark_queued(&self) {
+        self.cmd().state.store(QUEUED, Ordering::Release);
+    }
+
+    /// Marks the command owned again after it left a ring.
+    pub fn mark_owned(&self) {
+        self.cmd().state.store(OWNED, Ordering::Release);
+    }
+
+    /// Gives the command up: `IDLE` for the target driver, or `DONE` for a
+    /// polled command's poller.
+    pub fn release(self, state: u8) {
+        self.cmd().state.store(state, Ordering::Release);
+    }
+}
+
+/// A list of commands linked through their fields, built under a queue
+/// lock and completed after it is dropped. No allocation.
+#[derive(Default)]
+pub struct CmdList {
+    head: Option<OwnedCmd>,
+    len: usize,
+}
+
+impl CmdList {
+    /// An empty list.
+    pub const fn new() -> Self {
+        Self { head: None, len: 0 }
+    }
+
+    /// Number of commands.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Adds `c` (in front: completion order within one pass is not
+    /// meaningful to SCSA).
+    pub fn push(&mut self, mut c: OwnedCmd) {
+        c.fields().next = self.head.take();
+        self.head = Some(c);
+        self.len += 1;
+    }
+
+    /// Removes a command.
+    pub fn pop(&mut self) -> Option<OwnedCmd> {
+        let mut c = self.head.take()?;
+        self.head = c.fields().next.take();
+        self.len -= 1;
+        Some(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_for_qemu() {
+        let l = CmdLayout::new(32, 96, 254, true);
+        assert_eq!(l.req_len, 51);
+        assert_eq!(l.resp_off, 56);
+        assert_eq!(l.resp_len, 108);
+        assert_eq!(l.table_off, 176);
+        assert_eq!(l.table_entries, 256);
+        assert_eq!(l.total, 176 + 16 * 256);
+        assert_eq!(CmdLayout::new(32, 96, 254, false).total, 176);
+    }
+}

@@ -1,0 +1,363 @@
+//! The event queue (virtio 1.2 §5.6.6.3), target discovery through the
+//! SCSA target map, and the work task that runs what may block.
+//!
+//! Discovery follows the in-tree drivers: one iport ("iport0") with a
+//! full-set target map; each target that answers on LUN 0 is reported by
+//! its hexadecimal address, and the framework finds the LUNs behind it
+//! (REPORT LUNS) and names the children "target,lun". The probe is an
+//! INQUIRY with an allocation length of 0: it moves no data and, unlike
+//! TEST UNIT READY, does not consume a pending unit attention (SPC), so
+//! the target driver still sees the power-on or reset unit attention.
+
+use super::hba::{AttachError, Stats, VioScsi, state};
+use super::proto::{self, EVENT_QUEUE, Event};
+use super::recovery::Expired;
+use crate::ddi::dma::{DmaBuffer, DmaMode};
+use crate::ddi::tgtmap::TargetMap;
+use crate::ddi::{Dip, Sleep};
+use crate::shmem::SharedMem;
+use crate::virtio::ring::{Segment, SplitQueue};
+use crate::{dev_note, dev_warn, ffi};
+
+/// Event buffers kept posted.
+pub const EVENT_BUFFERS: u16 = 16;
+/// Timed-out commands the work task can hold.
+pub const MAX_EXPIRED: usize = 16;
+
+/// The event queue and its buffers.
+pub struct EventQueue {
+    /// The ring; a chain's token is its buffer's index.
+    pub ring: SplitQueue<DmaBuffer, u16>,
+    bufs: DmaBuffer,
+    count: u16,
+    size: usize,
+}
+
+impl EventQueue {
+    /// The event queue in `mem`, with `min(queue size, 16)` buffers of
+    /// `event_size` bytes.
+    pub fn new(
+        dip: Dip,
+        mem: DmaBuffer,
+        size: u16,
+        event_idx: bool,
+        event_size: u32,
+    ) -> Result<Self, AttachError> {
+        let ring = SplitQueue::new(mem, size, event_idx)
+            .ok_or(AttachError::Device("event queue memory"))?;
+        let count = EVENT_BUFFERS.min(size);
+        let esize = event_size as usize;
+        let bufs = DmaBuffer::alloc(
+            dip,
+            esize * usize::from(count),
+            64,
+            u64::MAX,
+            DmaMode::Consistent,
+            Sleep::Yes,
+        )?;
+        Ok(Self {
+            ring,
+            bufs,
+            count,
+            size: esize,
+        })
+    }
+
+    fn post(&mut self, i: u16) {
+        let seg = Segment {
+            addr: self.bufs.device_addr() + (usize::from(i) * self.size) as u64,
+            len: self.size as u32,
+            device_writes: true,
+        };
+        // Cannot fail: at most `count` <= queue size buffers are ever posted.
+        let _ = self.ring.add_chain([seg], i);
+    }
+
+    /// Posts every buffer (after a (re)initialization); the caller
+    /// notifies the device.
+    pub fn post_all(&mut self) {
+        for i in 0..self.count {
+            self.post(i);
+        }
+        self.ring.publish();
+    }
+}
+
+/// Work for the task queue: what was found in interrupt or watchdog
+/// context and needs a thread.
+#[derive(Default)]
+pub struct Work {
+    /// A task is queued or running.
+    pub scheduled: bool,
+    /// Run a full target discovery.
+    pub discover: bool,
+    /// Targets whose LUNs must be rescanned (bit per target).
+    pub scan: [u64; 4],
+    /// Reset the device.
+    pub reset: bool,
+    expired: [Option<Expired>; MAX_EXPIRED],
+}
+
+impl Work {
+    /// Free slots for timed-out commands.
+    pub fn expired_room(&self) -> usize {
+        self.expired.iter().filter(|e| e.is_none()).count()
+    }
+
+    /// Records a timed-out command (dropped if full: the caller checked).
+    pub fn push_expired(&mut self, e: Expired) {
+        if let Some(slot) = self.expired.iter_mut().find(|s| s.is_none()) {
+            *slot = Some(e);
+        }
+    }
+
+    fn pending(&self) -> bool {
+        self.discover
+            || self.reset
+            || self.scan.iter().any(|&b| b != 0)
+            || self.expired.iter().any(Option::is_some)
+    }
+}
+
+fn set_bit(map: &mut [u64; 4], t: u8) {
+    map[usize::from(t / 64)] |= 1 << (t % 64);
+}
+
+fn bit(map: &[u64; 4], t: u8) -> bool {
+    map[usize::from(t / 64)] & (1 << (t % 64)) != 0
+}
+
+impl VioScsi {
+    /// Queues work for the task (safe from interrupt context).
+    pub(crate) fn schedule(&self, f: impl FnOnce(&mut Work)) {
+        let dispatch = {
+            let mut w = self.work.lock();
+            f(&mut w);
+            let d = !w.scheduled && w.pending();
+            if d {
+                w.scheduled = true;
+            }
+            d
+        };
+        if dispatch {
+            let queued = self.taskq.as_ref().is_some_and(|tq| {
+                let me = self as *const VioScsi as *mut core::ffi::c_void;
+                // SAFETY: detach waits for the task queue before freeing.
+                unsafe { tq.dispatch(self.callbacks.work, me) }
+            });
+            if !queued {
+                // Try again from the next watchdog tick.
+                self.work.lock().scheduled = false;
+            }
+        }
+    }
+
+    /// The work task (runs on the task queue): resets, recoveries,
+    /// discovery. Bounded: at most a few rounds, then it requeues itself.
+    pub fn run_work(&self) {
+        for _ in 0..8 {
+            let (reset, discover, scan, expired) = {
+                let mut w = self.work.lock();
+                if !w.pending() || self.state() == state::STOPPED {
+                    w.scheduled = false;
+                    return;
+                }
+                let taken = (w.reset, w.discover, w.scan, w.expired);
+                w.reset = false;
+                w.discover = false;
+                w.scan = [0; 4];
+                w.expired = [None; MAX_EXPIRED];
+                taken
+            };
+            if reset {
+                self.reset_device("the device asked for it");
+            }
+            for e in expired.iter().flatten() {
+                self.recover(*e, true);
+            }
+            let present = if discover { self.discover() } else { None };
+            for t in 0..=self.limits.max_target {
+                // Targets a discovery just found absent have no LUNs left.
+                if bit(&scan, t) && present.is_none_or(|p| bit(&p, t)) {
+                    self.scan_luns(t);
+                }
+            }
+        }
+        self.work.lock().scheduled = false;
+        self.schedule(|_| {});
+    }
+
+    /// Reads and re-posts every event the device returned, then hands
+    /// what needs a thread to the work task.
+    pub(crate) fn service_events(&self) {
+        let mut events = [(Event::None, false); EVENT_BUFFERS as usize];
+        let mut n = 0;
+        let kick = {
+            let mut e = self.evt.lock();
+            for _ in 0..e.count {
+                match e.ring.pop_used() {
+                    None => break,
+                    Some(Ok(u)) => {
+                        let i = u.token;
+                        let off = usize::from(i) * e.size;
+                        e.bufs.sync_for_cpu(off, proto::EVENT_LEN);
+                        let mut b = [0u8; proto::EVENT_LEN];
+                        e.bufs.read_bytes(off, &mut b);
+                        if n < events.len() {
+                            events[n] = proto::parse_event(&b);
+                            n += 1;
+                        }
+                        e.post(i);
+                    }
+                    Some(Err(err)) => dev_warn!(self.dip, "event queue: bad used element {err:?}"),
+                }
+            }
+            let kick = e.ring.publish();
+            if self.mode.interrupts() {
+                e.ring.enable_interrupts();
+            }
+            kick
+        };
+        if kick {
+            self.transport.notify(EVENT_QUEUE);
+        }
+        for &(ev, missed) in &events[..n] {
+            Stats::bump(&self.stats.events);
+            self.handle_event(ev, missed);
+        }
+    }
+
+    fn handle_event(&self, ev: Event, missed: bool) {
+        match ev {
+            Event::TransportReset { addr, reason } => {
+                let what = match reason {
+                    proto::event::RESET_RESCAN => "appeared",
+                    proto::event::RESET_REMOVED => "removed",
+                    _ => "reset",
+                };
+                match addr {
+                    Some((t, l)) => dev_note!(self.dip, "target {t} lun {l} {what}"),
+                    None => dev_note!(self.dip, "a target {what}"),
+                }
+                if reason == proto::event::RESET_RESCAN || reason == proto::event::RESET_REMOVED {
+                    // A full-set discovery adds and drops targets; a LUN
+                    // rescan finds LUN changes behind a known target.
+                    self.schedule(|w| {
+                        w.discover = true;
+                        if let Some((t, _)) = addr {
+                            set_bit(&mut w.scan, t);
+                        }
+                    });
+                }
+            }
+            Event::ParamChange { addr, asc, ascq } => {
+                // The LUN reports the change as a unit attention on its next
+                // command; the target driver handles it (e.g. sd re-reads the
+                // capacity after 2A/09).
+                let (t, l) = addr.unwrap_or((0, 0));
+                dev_note!(
+                    self.dip,
+                    "target {t} lun {l}: parameters changed (asc {asc:#x} ascq {ascq:#x})"
+                );
+            }
+            Event::None => {}
+            Event::Other(code) => dev_note!(self.dip, "ignoring event {code:#x}"),
+        }
+        if missed {
+            dev_warn!(self.dip, "events were lost: rediscovering every target");
+            self.schedule(|w| {
+                w.discover = true;
+                w.scan = [u64::MAX; 4];
+            });
+        }
+    }
+
+    /// Whether `target` answers on LUN 0: `Some(true)` present,
+    /// `Some(false)` absent, `None` the device failed to say.
+    fn probe_target(&self, target: u8) -> Option<bool> {
+        // INQUIRY, allocation length 0 (see the module docs).
+        let cdb = [0x12, 0, 0, 0, 0, 0];
+        let r = self.internal_command(target, 0, &cdb, 10)?;
+        match r.response {
+            proto::response::OK => Some(true),
+            proto::response::BAD_TARGET | proto::response::INCORRECT_LUN => Some(false),
+            _ => None,
+        }
+    }
+
+    /// A full-set discovery of every target; returns which answered, or
+    /// `None` when it could not complete (the previous set stands).
+    fn discover(&self) -> Option<[u64; 4]> {
+        let guard = self.tgtmap.lock();
+        let map = guard.as_ref()?;
+        let mut obs = match map.begin() {
+            Ok(o) => o,
+            Err(e) => {
+                dev_warn!(self.dip, "discovery: {e}");
+                return None;
+            }
+        };
+        let mut present = [0u64; 4];
+        for t in 0..=self.limits.max_target {
+            if !matches!(self.state(), state::RUNNING | state::RESETTING) {
+                return None; // the observation is flushed on drop
+            }
+            match self.probe_target(t) {
+                Some(true) => {
+                    set_bit(&mut present, t);
+                    if let Err(e) = obs.add(u32::from(t)) {
+                        dev_warn!(self.dip, "discovery: target {t}: {e}");
+                    }
+                }
+                Some(false) => {}
+                None => {
+                    dev_warn!(
+                        self.dip,
+                        "discovery: target {t} did not answer; keeping the previous set"
+                    );
+                    return None;
+                }
+            }
+        }
+        if let Err(e) = obs.end() {
+            dev_warn!(self.dip, "discovery: {e}");
+        }
+        Some(present)
+    }
+
+    fn scan_luns(&self, target: u8) {
+        if let Some(map) = self.tgtmap.lock().as_ref() {
+            map.scan_luns(u32::from(target));
+        }
+    }
+
+    /// attach(9E) of the iport node: the target map (settle times as the
+    /// in-tree drivers: 1 s sync, 2 s settle), then a discovery.
+    pub fn iport_attach(&self, iport: Dip) -> bool {
+        match TargetMap::create_fullset(iport, ffi::MICROSEC as i32, 2 * ffi::MICROSEC as i32) {
+            Ok(map) => {
+                *self.tgtmap.lock() = Some(map);
+                self.schedule(|w| w.discover = true);
+                true
+            }
+            Err(e) => {
+                dev_warn!(self.dip, "iport attach: {e}");
+                false
+            }
+        }
+    }
+
+    /// detach(9E) of the iport node: waits for the work task, destroys the
+    /// map.
+    pub fn iport_detach(&self) {
+        if let Some(tq) = &self.taskq {
+            tq.wait();
+        }
+        drop(self.tgtmap.lock().take());
+    }
+
+    /// Whether the iport's target map exists.
+    pub fn has_tgtmap(&self) -> bool {
+        self.tgtmap.lock().is_some()
+    }
+}

@@ -1,0 +1,628 @@
+//! The I/O path: `tran_start(9E)` and friends, submission to a request
+//! queue, completion (interrupt, poll, watchdog), polled commands.
+//!
+//! Nothing here allocates, sleeps (except an internal command's poll from
+//! thread context) or loops without a bound.
+
+use super::cmd::{Cmd, CmdList, DONE, IDLE, OwnedCmd};
+use super::hba::{Lun, Stats, VioScsi, state};
+use super::proto::{self, CmdFacts, Response};
+use crate::ddi::{DdiError, Sleep, time};
+use crate::dev_warn;
+use crate::ffi;
+use crate::scsa::flags::DataDir;
+use crate::scsa::pkt::Pkt;
+use crate::scsa::{Outcome, PktFlags, PktState, PktStatistics};
+use crate::shmem::SharedMem;
+use crate::virtio::ring::{AddError, DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE, Segment, UsedError};
+use core::sync::atomic::Ordering;
+
+/// `SCSI_POLL_TIMEOUT`: seconds a polled command without `pkt_time` may take.
+const POLL_TIMEOUT_S: i64 = 60;
+
+/// Why a command could not be started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartError {
+    /// The ring is full (or the device is being reset): try again.
+    Busy,
+    /// The HBA cannot send anything (failed or stopped).
+    Fatal,
+    /// This command can never be sent.
+    Invalid,
+}
+
+/// What a command asks of the device.
+pub struct Request<'a> {
+    /// Target.
+    pub target: u8,
+    /// LUN.
+    pub lun: u16,
+    /// The CDB.
+    pub cdb: &'a [u8],
+    /// Data buffers.
+    pub cookies: &'a [ffi::ddi_dma_cookie_t],
+    /// Their direction.
+    pub dir: DataDir,
+    /// virtio-scsi task attribute.
+    pub task_attr: u8,
+    /// Poll for completion (no `scsi_hba_pkt_comp`).
+    pub polled: bool,
+    /// Timeout in seconds (0: none).
+    pub time_s: i32,
+}
+
+/// How a command ended without a response from the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forced {
+    /// The device was reset with the command outstanding.
+    DeviceReset,
+}
+
+fn task_attr(flags: PktFlags) -> u8 {
+    if flags.intersects(PktFlags::HTAG | PktFlags::HEAD) {
+        proto::TASK_ATTR_HEAD
+    } else if flags.contains(PktFlags::OTAG) {
+        proto::TASK_ATTR_ORDERED
+    } else if flags.contains(PktFlags::ACA) {
+        proto::TASK_ATTR_ACA
+    } else {
+        proto::TASK_ATTR_SIMPLE
+    }
+}
+
+impl VioScsi {
+    /// `tran_pkt_constructor(9E)`: the command state of a new packet, with
+    /// its DMA memory.
+    pub fn construct_cmd(&self, sleep: Sleep) -> Result<Cmd, DdiError> {
+        Cmd::new(self.dip, &self.layout, sleep)
+    }
+
+    /// `tran_setup_pkt(9E)`: checks what the packet asks for against what
+    /// the device takes. False (the framework frees the packet): a CDB
+    /// longer than the device's `cdb_size` or empty, no status byte, or a
+    /// packet that is not ours.
+    pub fn setup_pkt(&self, pkt: &Pkt, cmd: &Cmd) -> bool {
+        if !cmd.is_valid() || cmd.state() != IDLE {
+            return false;
+        }
+        let cdblen = pkt.cdblen();
+        cdblen >= 1 && cdblen <= self.limits.cdb_size && pkt.scblen() >= 1
+    }
+
+    /// `tran_teardown_pkt(9E)`: nothing to release (the command state is
+    /// reused), but a packet torn down while in flight is a target driver
+    /// bug worth a warning.
+    pub fn teardown_pkt(&self, cmd: &Cmd) {
+        if cmd.is_valid() && cmd.state() != IDLE {
+            dev_warn!(
+                self.dip,
+                "packet torn down while in flight (state {})",
+                cmd.state()
+            );
+        }
+    }
+
+    /// `tran_start(9E)`.
+    pub fn tran_start(&self, lun: Lun, cmd: &Cmd, mut pkt: Pkt) -> i32 {
+        if !cmd.is_valid() {
+            return ffi::TRAN_BADPKT;
+        }
+        let Some(mut c) = OwnedCmd::claim(cmd) else {
+            // Already in flight: started twice.
+            return ffi::TRAN_BADPKT;
+        };
+        let flags = pkt.flags();
+        let cookies = pkt.cookies();
+        let Some(dir) = pkt.data_dir() else {
+            c.release(IDLE);
+            return ffi::TRAN_BADPKT;
+        };
+        let cdb = pkt.cdb();
+        if cdb.is_empty()
+            || cdb.len() > self.limits.cdb_size as usize
+            || cookies.len() > self.limits.segments as usize
+        {
+            c.release(IDLE);
+            return ffi::TRAN_BADPKT;
+        }
+        let req = Request {
+            target: lun.target,
+            lun: lun.lun,
+            cdb,
+            cookies,
+            dir,
+            task_attr: task_attr(flags),
+            polled: flags.contains(PktFlags::NOINTR),
+            time_s: pkt.time(),
+        };
+        self.prepare(&mut c, &req);
+        let (polled, time_s) = (req.polled, req.time_s);
+        let queue = c.fields_ref().queue;
+        pkt.reset_results();
+        c.fields().pkt = Some(pkt);
+        match self.submit(c) {
+            Ok(()) => {}
+            Err((mut c, e)) => {
+                // The packet goes back to the target driver untouched.
+                let _ = c.fields().pkt.take();
+                c.release(IDLE);
+                return match e {
+                    StartError::Busy => {
+                        Stats::bump(&self.stats.busy);
+                        ffi::TRAN_BUSY
+                    }
+                    StartError::Fatal => ffi::TRAN_FATAL_ERROR,
+                    StartError::Invalid => ffi::TRAN_BADPKT,
+                };
+            }
+        }
+        if polled {
+            // FLAG_NOINTR (tran_start(9E)): run to completion here, in
+            // whatever context we were called from; never sleep.
+            let limit = if time_s > 0 {
+                i64::from(time_s)
+            } else {
+                POLL_TIMEOUT_S
+            };
+            let mut c = self.poll_to_completion(cmd, queue, limit, false);
+            // The outcome is in the packet; hand it back by returning.
+            let _ = c.fields().pkt.take();
+            c.release(IDLE);
+        }
+        ffi::TRAN_ACCEPT
+    }
+
+    /// Writes the request header (and the indirect table) of `req` into
+    /// the command's DMA memory and records what completion needs.
+    pub(crate) fn prepare(&self, c: &mut OwnedCmd, req: &Request<'_>) {
+        let layout = self.layout;
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+        let xfer: usize = req.cookies.iter().map(|k| k.dmac_size).sum();
+        let deadline = if req.time_s > 0 && !req.polled {
+            time::lbolt() + time::usec_to_ticks(i64::from(req.time_s) * ffi::MICROSEC)
+        } else {
+            0
+        };
+        let f = c.fields();
+        f.reset_for_start();
+        f.polled = req.polled;
+        f.target = req.target;
+        f.lun = req.lun;
+        f.tag = tag;
+        f.xfer = xfer;
+        f.dir = req.dir;
+        f.deadline = deadline;
+        f.queue = 0;
+
+        let dma = &f.dma;
+        // struct virtio_scsi_req_cmd (§5.6.6.1).
+        dma.write_bytes(proto::REQ_LUN, &proto::lun_bytes(req.target, req.lun));
+        dma.write_u64(proto::REQ_ID, tag);
+        dma.write_bytes(proto::REQ_TASK_ATTR, &[req.task_attr, 0, 0]); // task_attr, prio, crn
+        let cdb_room = layout.req_len - proto::REQ_CDB;
+        let n = req.cdb.len().min(cdb_room);
+        dma.write_bytes(proto::REQ_CDB, &req.cdb[..n]);
+        let zeros = [0u8; 32];
+        let mut at = proto::REQ_CDB + n;
+        while at < layout.req_len {
+            let k = (layout.req_len - at).min(zeros.len());
+            dma.write_bytes(at, &zeros[..k]);
+            at += k;
+        }
+        // Response header: a response code no device sends, so a command
+        // the device "completes" without writing its response is not
+        // mistaken for a success.
+        dma.write_bytes(layout.resp_off, &[0u8; proto::RESP_HEADER_LEN]);
+        dma.write_bytes(layout.resp_off + proto::RESP_RESPONSE, &[0xff]);
+        dma.sync_for_device(0, layout.resp_off + proto::RESP_HEADER_LEN);
+
+        if self.indirect {
+            // [request][data-out...][response][data-in...] (§5.6.6.1: the
+            // device-readable parts first).
+            let base = dma.device_addr();
+            let mut i = 0usize;
+            let total = 2 + req.cookies.len();
+            let mut put = |addr: u64, len: u32, writes: bool| {
+                let off = layout.table_off + i * DESC_SIZE;
+                let last = i + 1 == total;
+                let mut flags = if writes { DESC_F_WRITE } else { 0 };
+                if !last {
+                    flags |= DESC_F_NEXT;
+                }
+                dma.write_u64(off, addr);
+                dma.write_u32(off + 8, len);
+                dma.write_u16(off + 12, flags);
+                dma.write_u16(off + 14, if last { 0 } else { (i + 1) as u16 });
+                i += 1;
+            };
+            put(base, layout.req_len as u32, false);
+            if req.dir == DataDir::Out {
+                for k in req.cookies {
+                    put(k.dmac_laddress, k.dmac_size as u32, false);
+                }
+            }
+            put(base + layout.resp_off as u64, layout.resp_len as u32, true);
+            if req.dir == DataDir::In {
+                for k in req.cookies {
+                    put(k.dmac_laddress, k.dmac_size as u32, true);
+                }
+            }
+            dma.sync_for_device(layout.table_off, total * DESC_SIZE);
+        }
+    }
+
+    /// Puts a prepared command in its ring and notifies the device if it
+    /// wants to be. On error the command comes back with the reason.
+    pub(crate) fn submit(&self, c: OwnedCmd) -> Result<(), (OwnedCmd, StartError)> {
+        match self.state() {
+            state::RUNNING => {}
+            state::RESETTING => return Err((c, StartError::Busy)),
+            _ => return Err((c, StartError::Fatal)),
+        }
+        let qi = usize::from(c.fields_ref().queue);
+        let Some(q) = self.queues.get(qi) else {
+            return Err((c, StartError::Fatal));
+        };
+        let layout = self.layout;
+        let kick = {
+            let mut g = q.ring.lock();
+            let f = c.fields_ref();
+            let writable = layout.resp_len as u64
+                + if f.dir == DataDir::In {
+                    f.xfer as u64
+                } else {
+                    0
+                };
+            let nseg = f.pkt.as_ref().map_or(0, |p| p.cookies().len());
+            let added = if self.indirect {
+                let table = f.dma.device_addr() + layout.table_off as u64;
+                let entries = (2 + nseg) as u16;
+                g.ring.add_indirect(table, entries, writable, c)
+            } else {
+                Self::add_direct(&mut g.ring, c, &layout)
+            };
+            let head = match added {
+                Ok(h) => h,
+                Err((c, AddError::Full)) => return Err((c, StartError::Busy)),
+                Err((c, AddError::Invalid)) => return Err((c, StartError::Invalid)),
+            };
+            if let Some(t) = g.ring.token_mut(head) {
+                t.fields().head = head;
+                t.mark_queued();
+            }
+            let mut kick = g.ring.publish();
+            if kick && g.completing > 0 {
+                // A completion pass is running: it notifies once at its end.
+                g.kick_pending = true;
+                kick = false;
+            }
+            kick
+        };
+        Stats::bump(&self.stats.started);
+        if kick {
+            Stats::bump(&self.stats.notifies);
+            self.transport.notify(q.index);
+        }
+        Ok(())
+    }
+
+    fn add_direct(
+        ring: &mut crate::virtio::ring::SplitQueue<crate::ddi::dma::DmaBuffer, OwnedCmd>,
+        c: OwnedCmd,
+        layout: &super::cmd::CmdLayout,
+    ) -> Result<u16, (OwnedCmd, AddError)> {
+        // The segments are read from the command (its packet's cookies)
+        // while the chain is written, and the command becomes the chain's
+        // token at commit.
+        let written = {
+            let f = c.fields_ref();
+            let cookies = f.pkt.as_ref().map_or(&[][..], |p| p.cookies());
+            let base = f.dma.device_addr();
+            let data = |k: &ffi::ddi_dma_cookie_t, writes| Segment {
+                addr: k.dmac_laddress,
+                len: k.dmac_size as u32,
+                device_writes: writes,
+            };
+            ring.begin_chain(2 + cookies.len()).and_then(|mut w| {
+                w.push(Segment {
+                    addr: base,
+                    len: layout.req_len as u32,
+                    device_writes: false,
+                })?;
+                if f.dir == DataDir::Out {
+                    for k in cookies {
+                        w.push(data(k, false))?;
+                    }
+                }
+                w.push(Segment {
+                    addr: base + layout.resp_off as u64,
+                    len: layout.resp_len as u32,
+                    device_writes: true,
+                })?;
+                if f.dir == DataDir::In {
+                    for k in cookies {
+                        w.push(data(k, true))?;
+                    }
+                }
+                Ok(w)
+            })
+        };
+        match written {
+            Ok(w) => w.commit(c),
+            Err(e) => Err((c, e)),
+        }
+    }
+
+    /// Completes everything the device returned on request queue `qi`:
+    /// pops under the queue lock, completes with the lock dropped, re-arms
+    /// the interrupt and looks again (a bounded number of passes: what
+    /// arrives later raises a new interrupt).
+    pub(crate) fn reap(&self, qi: usize) {
+        let Some(q) = self.queues.get(qi) else {
+            return;
+        };
+        for _pass in 0..4 {
+            let mut done = CmdList::new();
+            let mut runaway = false;
+            let more = {
+                let mut g = q.ring.lock();
+                g.completing += 1;
+                for _ in 0..g.ring.size() {
+                    match g.ring.pop_used() {
+                        None => break,
+                        Some(Ok(u)) => {
+                            let mut c = u.token;
+                            c.mark_owned();
+                            c.fields().len_clamped = u.len_clamped;
+                            done.push(c);
+                        }
+                        Some(Err(UsedError::UnknownId { id })) => {
+                            Stats::bump(&self.stats.bad_used);
+                            dev_warn!(self.dip, "device returned unknown command id {id}: dropped");
+                        }
+                        Some(Err(UsedError::IndexRunaway {
+                            device_idx,
+                            expected,
+                        })) => {
+                            dev_warn!(
+                                self.dip,
+                                "device used index {device_idx} is more than a ring ahead of {expected}"
+                            );
+                            runaway = true;
+                            break;
+                        }
+                    }
+                }
+                !runaway && self.mode.interrupts() && g.ring.enable_interrupts()
+            };
+            while let Some(c) = done.pop() {
+                self.finish(c, None);
+            }
+            let kick = {
+                let mut g = q.ring.lock();
+                g.completing -= 1;
+                let k = g.completing == 0 && g.kick_pending;
+                if k {
+                    g.kick_pending = false;
+                }
+                k
+            };
+            if kick {
+                Stats::bump(&self.stats.notifies);
+                self.transport.notify(q.index);
+            }
+            if runaway {
+                self.schedule_reset();
+                return;
+            }
+            if !more {
+                return;
+            }
+        }
+    }
+
+    /// Ends a command the device returned (or that a reset took back):
+    /// decodes the response, writes the outcome into the packet, and gives
+    /// the command to its poller or the packet to the framework.
+    pub(crate) fn finish(&self, mut c: OwnedCmd, forced: Option<Forced>) {
+        Stats::bump(&self.stats.completed);
+        let layout = self.layout;
+        let f = c.fields();
+        let resp = match forced {
+            None => {
+                f.dma.sync_for_cpu(layout.resp_off, proto::RESP_HEADER_LEN);
+                let mut hdr = [0u8; proto::RESP_HEADER_LEN];
+                f.dma.read_bytes(layout.resp_off, &mut hdr);
+                Some(Response::parse(&hdr))
+            }
+            Some(Forced::DeviceReset) => None,
+        };
+        let facts = CmdFacts {
+            xfer: f.xfer,
+            dir: f.dir,
+            timed_out: f.timed_out,
+            recovery: f.recovery,
+            len_clamped: f.len_clamped,
+        };
+        let outcome = match resp {
+            Some(r) => {
+                f.response = r;
+                proto::outcome(&r, &facts)
+            }
+            None => {
+                f.response = Response {
+                    response: proto::response::RESET,
+                    ..Response::default()
+                };
+                let mut o = Outcome {
+                    reason: if facts.timed_out {
+                        ffi::CMD_TIMEOUT
+                    } else {
+                        ffi::CMD_RESET
+                    },
+                    state: PktState::GOT_BUS | PktState::GOT_TARGET | PktState::SENT_CMD,
+                    statistics: facts.recovery | PktStatistics::BUS_RESET,
+                    resid: facts.xfer,
+                    status: 0,
+                };
+                if facts.timed_out {
+                    o.statistics |= PktStatistics::TIMEOUT;
+                }
+                o
+            }
+        };
+        let polled = f.polled;
+        let Some(mut pkt) = f.pkt.take() else {
+            // An internal command: its poller reads `response`.
+            c.release(DONE);
+            return;
+        };
+        let mut sense = [0u8; ffi::MAX_SENSE_LENGTH];
+        let mut n = 0;
+        if outcome.is_check_condition() {
+            let r = f.response;
+            n = (r.sense_len as usize).min(self.limits.sense_size as usize);
+            if n > 0 {
+                let at = layout.resp_off + proto::RESP_SENSE;
+                f.dma.sync_for_cpu(at, n);
+                f.dma.read_bytes(at, &mut sense[..n]);
+            }
+        }
+        pkt.set_outcome(&outcome, &sense[..n]);
+        if polled {
+            // The poller owns the packet again (and hands it back by
+            // returning from tran_start).
+            f.pkt = Some(pkt);
+            c.release(DONE);
+        } else {
+            c.release(IDLE);
+            pkt.complete();
+        }
+    }
+
+    /// Waits (bounded by `limit_s` seconds, then recovery) until polled
+    /// command `cmd` on queue `qi` is done, reaping the queue meanwhile;
+    /// returns the command, owned again. `can_sleep` allows `delay(9F)`
+    /// between polls instead of spinning.
+    pub(crate) fn poll_to_completion(
+        &self,
+        cmd: &Cmd,
+        qi: u16,
+        limit_s: i64,
+        can_sleep: bool,
+    ) -> OwnedCmd {
+        if let Some(c) = self.poll_for(cmd, qi, limit_s * ffi::MICROSEC, can_sleep) {
+            return c;
+        }
+        // Past its time: recovery escalates until the command is out of
+        // the device; at worst the device is reset, which ends every
+        // command, so this loop ends.
+        self.recover_polled(cmd, qi, can_sleep);
+        loop {
+            if let Some(c) = self.poll_for(cmd, qi, ffi::MICROSEC, can_sleep) {
+                return c;
+            }
+            match self.state() {
+                state::RUNNING => {
+                    self.reset_device("a polled command did not complete");
+                }
+                // Another thread is resetting the device: it will end the
+                // command.
+                state::RESETTING => {}
+                // The device is stopped (quiesced, failed): nothing will
+                // ever come back from it.
+                _ => self.abandon_queue(qi),
+            }
+        }
+    }
+
+    /// Polls for up to `limit_us`; the command if it is done.
+    pub(crate) fn poll_for(
+        &self,
+        cmd: &Cmd,
+        qi: u16,
+        limit_us: i64,
+        can_sleep: bool,
+    ) -> Option<OwnedCmd> {
+        let start = time::hrtime();
+        let mut spins = 0u32;
+        loop {
+            if let Some(c) = OwnedCmd::reclaim_done(cmd) {
+                return Some(c);
+            }
+            self.reap(usize::from(qi));
+            if let Some(c) = OwnedCmd::reclaim_done(cmd) {
+                return Some(c);
+            }
+            if (time::hrtime() - start) / 1000 >= limit_us {
+                return None;
+            }
+            spins += 1;
+            if can_sleep && spins > 100 {
+                time::delay_ticks(1);
+            } else {
+                time::usec_wait(10);
+            }
+        }
+    }
+
+    /// Ends every command of queue `qi` as reset, without the device,
+    /// which must be stopped (reset, quiesced or failed) so that it can
+    /// no longer touch the ring.
+    pub(crate) fn abandon_queue(&self, qi: u16) {
+        let Some(q) = self.queues.get(usize::from(qi)) else {
+            return;
+        };
+        let mut taken = CmdList::new();
+        q.ring.lock().ring.reclaim_all(|c| taken.push(c));
+        while let Some(c) = taken.pop() {
+            c.mark_owned();
+            self.finish(c, Some(Forced::DeviceReset));
+        }
+    }
+
+    /// Runs a command of the driver's own (discovery) on `target`/`lun`,
+    /// polled from thread context; returns the device's response.
+    pub(crate) fn internal_command(
+        &self,
+        target: u8,
+        lun: u16,
+        cdb: &[u8],
+        time_s: i32,
+    ) -> Option<Response> {
+        let guard = self.probe.lock();
+        let cmd: &Cmd = &guard;
+        let req = Request {
+            target,
+            lun,
+            cdb,
+            cookies: &[],
+            dir: DataDir::None,
+            task_attr: proto::TASK_ATTR_SIMPLE,
+            polled: true,
+            time_s,
+        };
+        // A full ring or a reset in progress: retry for a while.
+        for _ in 0..100 {
+            let mut c = OwnedCmd::claim(cmd)?;
+            self.prepare(&mut c, &req);
+            match self.submit(c) {
+                Ok(()) => {
+                    let c = self.poll_to_completion(cmd, 0, i64::from(time_s), true);
+                    let r = c.fields_ref().response;
+                    c.release(IDLE);
+                    return Some(r);
+                }
+                Err((c, StartError::Busy)) => {
+                    c.release(IDLE);
+                    time::delay_ticks(1);
+                }
+                Err((c, _)) => {
+                    c.release(IDLE);
+                    return None;
+                }
+            }
+        }
+        None
+    }
+}

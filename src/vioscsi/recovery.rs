@@ -1,0 +1,392 @@
+//! Task management (virtio 1.2 §5.6.6.2), command timeouts and the
+//! recovery ladder, device reset.
+//!
+//! A command past its `pkt_time` is aborted (ABORT TASK); if it does not
+//! come back, its LUN is reset, then its target (I_T NEXUS RESET), then the
+//! whole device, which ends every outstanding command. Each step that
+//! touched the command adds its statistics bit (`STAT_DEV_RESET`,
+//! `STAT_BUS_RESET`); the command completes `CMD_TIMEOUT` +
+//! `STAT_TIMEOUT` however it finally ends.
+
+use super::cmd::{Cmd, CmdList};
+use super::hba::{AttachError, Lun, Stats, VioScsi, state};
+use super::io::Forced;
+use super::proto::{self, CONTROL_QUEUE, Tmf};
+use crate::ddi::dma::{DmaBuffer, DmaMode};
+use crate::ddi::{Dip, Sleep, time};
+use crate::dev_warn;
+use crate::ffi;
+use crate::scsa::PktStatistics;
+use crate::shmem::SharedMem;
+use crate::virtio::ring::{Segment, SplitQueue};
+use core::sync::atomic::Ordering;
+
+/// How long a TMF may take before the device is considered unresponsive.
+const TMF_TIMEOUT_US: i64 = 5 * ffi::MICROSEC;
+/// How long a recovery step waits for the command to come back.
+const STEP_WAIT_US: i64 = ffi::MICROSEC;
+/// Offset of the TMF response in the control buffer.
+const TMF_RESP_OFF: usize = 32;
+
+/// The control queue and the buffer of the one TMF in flight.
+pub struct ControlQueue {
+    /// The ring (chains carry no token: one TMF at a time).
+    pub ring: SplitQueue<DmaBuffer, ()>,
+    buf: DmaBuffer,
+    /// False after a TMF never came back (its buffer still belongs to the
+    /// device); a device reset makes it usable again.
+    pub usable: bool,
+}
+
+impl ControlQueue {
+    /// The control queue in `mem`, with its request buffer.
+    pub fn new(dip: Dip, mem: DmaBuffer, size: u16, event_idx: bool) -> Result<Self, AttachError> {
+        let ring = SplitQueue::new(mem, size, event_idx)
+            .ok_or(AttachError::Device("control queue memory"))?;
+        let buf = DmaBuffer::alloc(dip, 64, 64, u64::MAX, DmaMode::Streaming, Sleep::Yes)?;
+        Ok(Self {
+            ring,
+            buf,
+            usable: true,
+        })
+    }
+}
+
+/// A command the watchdog found past its deadline, by its coordinates
+/// (the command itself stays owned by its ring).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Expired {
+    /// Request queue.
+    pub queue: u16,
+    /// Head descriptor in that ring.
+    pub head: u16,
+    /// Its tag: the head may be reused by another command.
+    pub tag: u64,
+    /// Target.
+    pub target: u8,
+    /// LUN.
+    pub lun: u16,
+}
+
+impl VioScsi {
+    /// Sends a TMF and polls the control queue for its response; `None` if
+    /// the device did not answer in time or cannot take a TMF now.
+    pub(crate) fn tmf(
+        &self,
+        tmf: Tmf,
+        target: u8,
+        lun: u16,
+        tag: u64,
+        can_sleep: bool,
+    ) -> Option<u8> {
+        if self.state() != state::RUNNING {
+            return None;
+        }
+        let mut c = self.ctl.lock();
+        if !c.usable {
+            return None;
+        }
+        Stats::bump(&self.stats.tmfs);
+        c.buf
+            .write_bytes(0, &proto::tmf_request(tmf, target, lun, tag));
+        c.buf.write_bytes(TMF_RESP_OFF, &[0xff]);
+        c.buf.sync_for_device(0, TMF_RESP_OFF + 1);
+        let base = c.buf.device_addr();
+        let chain = [
+            Segment {
+                addr: base,
+                len: proto::TMF_REQ_LEN as u32,
+                device_writes: false,
+            },
+            Segment {
+                addr: base + TMF_RESP_OFF as u64,
+                len: 1,
+                device_writes: true,
+            },
+        ];
+        if c.ring.add_chain(chain, ()).is_err() {
+            return None;
+        }
+        if c.ring.publish() {
+            self.transport.notify(CONTROL_QUEUE);
+        }
+        let start = time::hrtime();
+        let mut spins = 0u32;
+        loop {
+            match c.ring.pop_used() {
+                Some(Ok(_)) => {
+                    c.buf.sync_for_cpu(TMF_RESP_OFF, 1);
+                    let mut r = [0u8];
+                    c.buf.read_bytes(TMF_RESP_OFF, &mut r);
+                    return Some(r[0]);
+                }
+                Some(Err(e)) => {
+                    dev_warn!(self.dip, "control queue: bad used element {e:?}");
+                }
+                None => {}
+            }
+            if (time::hrtime() - start) / 1000 >= TMF_TIMEOUT_US {
+                dev_warn!(
+                    self.dip,
+                    "{} (target {target} lun {lun}): no answer from the device",
+                    tmf.name()
+                );
+                c.usable = false;
+                return None;
+            }
+            spins += 1;
+            if can_sleep && spins > 100 {
+                time::delay_ticks(1);
+            } else {
+                time::usec_wait(10);
+            }
+        }
+    }
+
+    fn tmf_ok(&self, tmf: Tmf, target: u8, lun: u16, tag: u64, can_sleep: bool) -> bool {
+        match self.tmf(tmf, target, lun, tag, can_sleep) {
+            Some(r) if proto::tmf_succeeded(r) => true,
+            Some(r) => {
+                dev_warn!(
+                    self.dip,
+                    "{} (target {target} lun {lun}) failed: response {r}",
+                    tmf.name()
+                );
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Finds command `cmd` in the request rings.
+    fn locate(&self, cmd: &Cmd) -> Option<Expired> {
+        for (qi, q) in self.queues.iter().enumerate() {
+            let mut g = q.ring.lock();
+            let mut found = None;
+            g.ring.for_each_outstanding(|head, c| {
+                if c.is(cmd) {
+                    let f = c.fields_ref();
+                    found = Some(Expired {
+                        queue: qi as u16,
+                        head,
+                        tag: f.tag,
+                        target: f.target,
+                        lun: f.lun,
+                    });
+                }
+            });
+            if found.is_some() {
+                return found;
+            }
+        }
+        None
+    }
+
+    /// Adds `stat` to the recovery statistics of `e` if it is still in its
+    /// ring; false if it is gone.
+    fn mark(&self, e: &Expired, stat: PktStatistics, timed_out: bool) -> bool {
+        let Some(q) = self.queues.get(usize::from(e.queue)) else {
+            return false;
+        };
+        let mut g = q.ring.lock();
+        match g.ring.token_mut(e.head) {
+            Some(c) if c.fields_ref().tag == e.tag => {
+                let f = c.fields();
+                f.recovery |= stat;
+                f.timed_out |= timed_out;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn outstanding(&self, e: &Expired) -> bool {
+        self.mark(e, PktStatistics::empty(), false)
+    }
+
+    /// Reaps `e`'s queue until `e` is gone or `limit_us` passed.
+    fn wait_gone(&self, e: &Expired, limit_us: i64, can_sleep: bool) -> bool {
+        let start = time::hrtime();
+        loop {
+            self.reap(usize::from(e.queue));
+            if !self.outstanding(e) {
+                return true;
+            }
+            if (time::hrtime() - start) / 1000 >= limit_us {
+                return false;
+            }
+            if can_sleep {
+                time::delay_ticks(1);
+            } else {
+                time::usec_wait(50);
+            }
+        }
+    }
+
+    /// The recovery ladder for one timed-out command.
+    pub(crate) fn recover(&self, e: Expired, can_sleep: bool) {
+        let steps = [
+            (Tmf::AbortTask, PktStatistics::empty()),
+            (Tmf::LogicalUnitReset, PktStatistics::DEV_RESET),
+            (Tmf::ItNexusReset, PktStatistics::DEV_RESET),
+        ];
+        for (tmf, stat) in steps {
+            if !self.mark(&e, stat, true) {
+                return;
+            }
+            if self.tmf_ok(tmf, e.target, e.lun, e.tag, can_sleep)
+                && self.wait_gone(&e, STEP_WAIT_US, can_sleep)
+            {
+                return;
+            }
+        }
+        if self.mark(&e, PktStatistics::BUS_RESET, true) {
+            self.reset_device("command timeout recovery");
+        }
+    }
+
+    /// Recovery of a polled command past its time (called by its poller).
+    pub(crate) fn recover_polled(&self, cmd: &Cmd, _qi: u16, can_sleep: bool) {
+        if let Some(e) = self.locate(cmd) {
+            dev_warn!(
+                self.dip,
+                "polled command to target {} lun {} timed out",
+                e.target,
+                e.lun
+            );
+            self.recover(e, can_sleep);
+        }
+    }
+
+    /// The watchdog's look for commands past their deadline: marks them
+    /// and hands them to the work task (a bounded number per tick).
+    pub(crate) fn scan_timeouts(&self) {
+        let room = self.work.lock().expired_room();
+        if room == 0 {
+            return;
+        }
+        let now = time::lbolt();
+        let mut found = [None::<Expired>; super::events::MAX_EXPIRED];
+        let mut n = 0;
+        for (qi, q) in self.queues.iter().enumerate() {
+            let mut g = q.ring.lock();
+            g.ring.for_each_outstanding(|head, c| {
+                let f = c.fields();
+                if n < room && !f.polled && f.deadline != 0 && now - f.deadline >= 0 && !f.timed_out
+                {
+                    f.timed_out = true;
+                    found[n] = Some(Expired {
+                        queue: qi as u16,
+                        head,
+                        tag: f.tag,
+                        target: f.target,
+                        lun: f.lun,
+                    });
+                    n += 1;
+                }
+            });
+        }
+        if n > 0 {
+            for e in found.iter().flatten() {
+                dev_warn!(
+                    self.dip,
+                    "command to target {} lun {} timed out",
+                    e.target,
+                    e.lun
+                );
+            }
+            self.schedule(|w| {
+                for e in found.iter().flatten() {
+                    w.push_expired(*e);
+                }
+            });
+        }
+    }
+
+    /// `tran_abort(9E)` of one packet: ABORT TASK. True if the device
+    /// performed it (the command then completes `CMD_ABORTED`).
+    pub fn abort_cmd(&self, cmd: &Cmd) -> bool {
+        let Some(e) = self.locate(cmd) else {
+            return false;
+        };
+        self.tmf_ok(Tmf::AbortTask, e.target, e.lun, e.tag, true)
+    }
+
+    /// `tran_abort(9E)` without a packet: ABORT TASK SET of the LUN.
+    pub fn abort_lun(&self, lun: Lun) -> bool {
+        self.tmf_ok(Tmf::AbortTaskSet, lun.target, lun.lun, 0, true)
+    }
+
+    /// `tran_reset(9E)`: LUN, target, or (`RESET_ALL`, `RESET_BUS`) the
+    /// whole device.
+    pub fn reset(&self, lun: Lun, level: i32) -> bool {
+        match level {
+            ffi::RESET_LUN => self.tmf_ok(Tmf::LogicalUnitReset, lun.target, lun.lun, 0, true),
+            ffi::RESET_TARGET => self.tmf_ok(Tmf::ItNexusReset, lun.target, lun.lun, 0, true),
+            ffi::RESET_ALL | ffi::RESET_BUS => self.reset_device("reset requested"),
+            _ => false,
+        }
+    }
+
+    /// Resets and re-initializes the device, ending every outstanding
+    /// command `CMD_RESET` + `STAT_BUS_RESET` (`CMD_TIMEOUT` for timed-out
+    /// ones). False if another reset is in progress or the device could not
+    /// be brought back (it is then marked failed, and no command is left
+    /// behind either way).
+    pub(crate) fn reset_device(&self, why: &str) -> bool {
+        if self
+            .state
+            .compare_exchange(
+                state::RUNNING,
+                state::RESETTING,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_err()
+        {
+            return false;
+        }
+        Stats::bump(&self.stats.resets);
+        dev_warn!(self.dip, "resetting the device: {why}");
+        let stopped = self.transport.reset();
+        // The device no longer touches the rings: take everything back.
+        let mut taken = CmdList::new();
+        for q in &self.queues {
+            let mut g = q.ring.lock();
+            g.ring.reclaim_all(|c| taken.push(c));
+            g.kick_pending = false;
+        }
+        {
+            let mut c = self.ctl.lock();
+            c.ring.reclaim_all(|()| {});
+            c.usable = true;
+        }
+        self.evt.lock().ring.reclaim_all(|_| {});
+        let up = stopped
+            .map_err(AttachError::from)
+            .and_then(|()| self.renegotiate())
+            .and_then(|()| self.activate());
+        let ok = match up {
+            Ok(()) => {
+                self.state.store(state::RUNNING, Ordering::Release);
+                true
+            }
+            Err(e) => {
+                dev_warn!(self.dip, "device did not come back after reset: {e}");
+                self.transport.fail();
+                self.state.store(state::FAILED, Ordering::Release);
+                false
+            }
+        };
+        while let Some(c) = taken.pop() {
+            c.mark_owned();
+            self.finish(c, Some(Forced::DeviceReset));
+        }
+        ok
+    }
+
+    /// Asks the work task to reset the device (from interrupt context).
+    pub(crate) fn schedule_reset(&self) {
+        self.schedule(|w| w.reset = true);
+    }
+}
