@@ -280,12 +280,12 @@ pub unsafe extern "C" fn rvscsi_tran_tgt_init(
     tran: *mut scsi_hba_tran,
     sd: *mut scsi_device,
 ) -> c_int {
+    if hba_dip.is_null() || sd.is_null() {
+        return ffi::DDI_FAILURE;
+    }
     // Only the iport has targets.
-    // SAFETY: valid node from the framework.
-    if hba_dip.is_null()
-        || unsafe { ffi::scsi_hba_iport_unit_address(hba_dip) }.is_null()
-        || sd.is_null()
-    {
+    // SAFETY: a valid node from the framework.
+    if unsafe { ffi::scsi_hba_iport_unit_address(hba_dip) }.is_null() {
         return ffi::DDI_FAILURE;
     }
     // SAFETY: the iport's tran.

@@ -155,13 +155,17 @@ impl DmaBuffer {
             };
             return Err(DdiError::new("ddi_dma_addr_bind_handle", code));
         }
-        Ok(Self {
+        let buf = Self {
             handle,
             acc,
             kaddr: kptr,
             len,
             bus_addr: cookie.dmac_laddress,
-        })
+        };
+        // The device must see the zeroes too (rings start out zeroed; on a
+        // non-coherent platform nothing else would push them out).
+        buf.sync_for_device(0, len);
+        Ok(buf)
     }
 
     fn sync(&self, off: usize, len: usize, what: u32) {

@@ -24,6 +24,7 @@ abi_constants! {
     DDI_ENOMEM: c_int = 1;
     DDI_EINVAL: c_int = -4;
     DDI_ENOTSUP: c_int = -5;
+    DDI_EAGAIN: c_int = -3;
     DDI_SLEEP: c_int = 0;
     DDI_NOSLEEP: c_int = 1;
 
@@ -70,6 +71,7 @@ abi_constants! {
     DDI_DMA_NORESOURCES: c_int = -1;
     DDI_DMA_NOMAPPING: c_int = -2;
     DDI_DMA_TOOBIG: c_int = -3;
+    DDI_DMA_INUSE: c_int = -9;
     DDI_DMA_SYNC_FORDEV: u32 = 0;
     DDI_DMA_SYNC_FORCPU: u32 = 1;
     DDI_DMA_SYNC_FORKERNEL: u32 = 2;
@@ -87,6 +89,8 @@ abi_constants! {
 
     // ddi_prop_*(9F)
     DDI_PROP_SUCCESS: c_int = 0;
+    DDI_PROP_NOT_FOUND: c_int = 1;
+    DDI_PROP_INVAL_ARG: c_int = 4;
     DDI_PROP_DONTPASS: u32 = 0x1;
     DDI_DEV_T_ANY: u64 = 0xffff_ffff_ffff_fffe;
 

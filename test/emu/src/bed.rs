@@ -1,0 +1,402 @@
+//! The test bed: a machine, the driver attached to it the way the
+//! illumos framework would attach it, and the checks after detach.
+//!
+//! [`DriverBinding`] is how the bed reaches the driver's `dev_ops`:
+//! [`LibraryBinding`] calls the library's entry points, doing in Rust what
+//! the C shim does around them (allocate the `scsi_hba_tran`, point its
+//! vectors at the entry points, `scsi_hba_attach_setup`, register the
+//! iport).
+
+use crate::ddi::acc;
+use crate::ddi::devinfo::{DevInfo, NodeKind, Prop};
+use crate::machine::{Machine, MachineConfig, MachineError, lock, set_current};
+use crate::scsa::hba::{self, hba_state};
+use crate::scsa::packet::Device;
+use crate::scsa::tgtmap::{self, TargetDriver};
+use rvscsi::entry;
+use rvscsi::ffi::{self, dev_info_t, scsi_hba_tran};
+use std::ffi::{CString, c_int};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// How the bed calls the driver's attach/detach/quiesce (dev_ops(9S)).
+///
+/// # Safety
+/// Implementations call into the driver; every method requires `dip` to
+/// be a live node of the bed in the matching context (attach, detach,
+/// quiesce), as the framework guarantees in the kernel.
+pub unsafe trait DriverBinding: Send + Sync {
+    /// attach(9E) with `DDI_ATTACH`, for the HBA node or an iport.
+    ///
+    /// # Safety
+    /// `dip` is a live node being attached.
+    unsafe fn attach(&self, dip: *mut dev_info_t) -> c_int;
+    /// detach(9E) with `DDI_DETACH`.
+    ///
+    /// # Safety
+    /// `dip` is an attached node with no attached children.
+    unsafe fn detach(&self, dip: *mut dev_info_t) -> c_int;
+    /// quiesce(9E).
+    ///
+    /// # Safety
+    /// `dip` is the attached HBA node.
+    unsafe fn quiesce(&self, dip: *mut dev_info_t) -> c_int;
+}
+
+/// The driver library, with the C shim's part done here.
+pub struct LibraryBinding;
+
+// SAFETY: the methods only call the library's entry points with the node
+// they are given, under the contexts the trait requires.
+unsafe impl DriverBinding for LibraryBinding {
+    unsafe fn attach(&self, dip: *mut dev_info_t) -> c_int {
+        // SAFETY: dip is a live node of the bed in attach context (caller).
+        unsafe {
+            if !hba::scsi_hba_iport_unit_address(dip).is_null() {
+                return entry::rvscsi_iport_attach(dip);
+            }
+            let h = entry::rvscsi_hba_attach(dip);
+            if h.is_null() {
+                return ffi::DDI_FAILURE;
+            }
+            let tran = hba::scsi_hba_tran_alloc(dip, ffi::SCSI_HBA_CANSLEEP);
+            let t = &mut *tran;
+            t.tran_hba_private = h;
+            t.tran_tgt_init = Some(entry::rvscsi_tran_tgt_init);
+            t.tran_tgt_free = Some(entry::rvscsi_tran_tgt_free);
+            t.tran_start = Some(entry::rvscsi_tran_start);
+            t.tran_abort = Some(entry::rvscsi_tran_abort);
+            t.tran_reset = Some(entry::rvscsi_tran_reset);
+            t.tran_getcap = Some(entry::rvscsi_tran_getcap);
+            t.tran_setcap = Some(entry::rvscsi_tran_setcap);
+            t.tran_setup_pkt = Some(entry::rvscsi_tran_setup_pkt);
+            t.tran_teardown_pkt = Some(entry::rvscsi_tran_teardown_pkt);
+            t.tran_pkt_constructor = Some(entry::rvscsi_tran_pkt_constructor);
+            t.tran_pkt_destructor = Some(entry::rvscsi_tran_pkt_destructor);
+            t.tran_hba_len = entry::rvscsi_pkt_private_len() as u32;
+            t.tran_interconnect_type = entry::rvscsi_interconnect_type();
+            let mut attr = ffi::ddi_dma_attr_t::default();
+            entry::rvscsi_hba_dma_attr(h, &mut attr);
+            let flags = ffi::SCSI_HBA_HBA
+                | ffi::SCSI_HBA_TRAN_CDB
+                | ffi::SCSI_HBA_TRAN_SCB
+                | ffi::SCSI_HBA_ADDR_COMPLEX;
+            if hba::scsi_hba_attach_setup(dip, &mut attr, tran, flags) != ffi::DDI_SUCCESS {
+                hba::scsi_hba_tran_free(tran);
+                entry::rvscsi_hba_detach(h);
+                return ffi::DDI_FAILURE;
+            }
+            if hba::scsi_hba_iport_register(dip, c"iport0".as_ptr().cast_mut()) != ffi::DDI_SUCCESS
+            {
+                hba::scsi_hba_detach(dip);
+                hba::scsi_hba_tran_free(tran);
+                entry::rvscsi_hba_detach(h);
+                return ffi::DDI_FAILURE;
+            }
+            crate::ddi::devinfo::ddi_report_dev(dip);
+            ffi::DDI_SUCCESS
+        }
+    }
+
+    unsafe fn detach(&self, dip: *mut dev_info_t) -> c_int {
+        // SAFETY: dip is a live node of the bed in detach context (caller).
+        unsafe {
+            if !hba::scsi_hba_iport_unit_address(dip).is_null() {
+                return entry::rvscsi_iport_detach(dip);
+            }
+            let tran = crate::ddi::devinfo::ddi_get_driver_private(dip).cast::<scsi_hba_tran>();
+            if tran.is_null() {
+                return ffi::DDI_FAILURE;
+            }
+            let h = (*tran).tran_hba_private;
+            if hba::scsi_hba_detach(dip) != ffi::DDI_SUCCESS {
+                return ffi::DDI_FAILURE;
+            }
+            if entry::rvscsi_hba_detach(h) != ffi::DDI_SUCCESS {
+                return ffi::DDI_FAILURE;
+            }
+            hba::scsi_hba_tran_free(tran);
+            ffi::DDI_SUCCESS
+        }
+    }
+
+    unsafe fn quiesce(&self, dip: *mut dev_info_t) -> c_int {
+        // SAFETY: attached HBA node (caller).
+        unsafe { entry::rvscsi_quiesce(dip) }
+    }
+}
+
+/// Why the bed could not do something.
+#[derive(Debug)]
+pub struct BedError(pub String);
+
+impl std::fmt::Display for BedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BedError {}
+
+impl From<MachineError> for BedError {
+    fn from(e: MachineError) -> Self {
+        BedError(e.0)
+    }
+}
+
+/// What to run.
+pub struct BedConfig {
+    /// The machine.
+    pub machine: MachineConfig,
+    /// driver.conf properties of the HBA node (tunables).
+    pub props: Vec<(String, Prop)>,
+    /// The target driver LUNs are given to.
+    pub target_driver: Arc<dyn TargetDriver>,
+    /// How the driver is reached.
+    pub binding: Arc<dyn DriverBinding>,
+    /// How long configuration may take.
+    pub settle_timeout: Duration,
+}
+
+impl BedConfig {
+    /// The library driver on `machine`, LUNs to `target_driver`.
+    pub fn new(machine: MachineConfig, target_driver: Arc<dyn TargetDriver>) -> Self {
+        BedConfig {
+            machine,
+            props: Vec::new(),
+            target_driver,
+            binding: Arc::new(LibraryBinding),
+            settle_timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// Adds a string property.
+    pub fn prop_str(mut self, name: &str, v: &str) -> Self {
+        self.props.push((name.into(), Prop::Str(v.into())));
+        self
+    }
+
+    /// Adds an integer property.
+    pub fn prop_int(mut self, name: &str, v: i32) -> Self {
+        self.props.push((name.into(), Prop::Int(v)));
+        self
+    }
+}
+
+/// An attached HBA on a machine.
+pub struct Bed {
+    /// The machine.
+    pub machine: Arc<Machine>,
+    /// The HBA node.
+    pub hba: *mut dev_info_t,
+    iport: Option<(*mut dev_info_t, *mut scsi_hba_tran)>,
+    binding: Arc<dyn DriverBinding>,
+    settle_timeout: Duration,
+    pages_before: usize,
+    detached: bool,
+}
+
+// SAFETY: raw pointers name nodes the bed owns.
+unsafe impl Send for Bed {}
+// SAFETY: as above.
+unsafe impl Sync for Bed {}
+
+/// What detach found.
+#[derive(Debug, Default)]
+pub struct DetachReport {
+    /// Resources still held (name, count).
+    pub leaks: Vec<(&'static str, i64)>,
+    /// Guest pages not returned.
+    pub pages_leaked: isize,
+    /// Violations recorded during the whole run.
+    pub violations: Vec<String>,
+}
+
+impl DetachReport {
+    /// Whether everything was given back and no rule was broken.
+    pub fn is_clean(&self) -> bool {
+        self.leaks.is_empty() && self.pages_leaked == 0 && self.violations.is_empty()
+    }
+}
+
+impl Bed {
+    /// Launches the machine and attaches the driver: HBA node, iport,
+    /// target map configuration (waited for).
+    pub fn attach(config: BedConfig) -> Result<Bed, BedError> {
+        let machine = Machine::launch(config.machine)?;
+        let _g = set_current(&machine);
+        let pages_before = machine.pages_in_use();
+        let hba = DevInfo::create(
+            machine.clone(),
+            NodeKind::Hba,
+            std::ptr::null_mut(),
+            0,
+            "scsi",
+        );
+        // SAFETY: just created.
+        let node = unsafe { &*hba.cast::<DevInfo>() };
+        node.set_prop("reg", Prop::Ints(acc::reg_property(&machine)));
+        for (k, v) in config.props {
+            node.set_prop(&k, v);
+        }
+        tgtmap::set_target_driver(hba, config.target_driver);
+        let mut bed = Bed {
+            machine: machine.clone(),
+            hba,
+            iport: None,
+            binding: config.binding,
+            settle_timeout: config.settle_timeout,
+            pages_before,
+            detached: false,
+        };
+        // SAFETY: the HBA node just created, in attach context.
+        if unsafe { bed.binding.attach(hba) } != ffi::DDI_SUCCESS {
+            bed.detached = true;
+            let log: Vec<String> = machine.log().into_iter().map(|l| l.text).collect();
+            // SAFETY: the node is unused after a failed attach.
+            unsafe { DevInfo::destroy(hba) };
+            machine.shutdown();
+            return Err(BedError(format!(
+                "attach of the HBA failed; driver log: {log:?}"
+            )));
+        }
+        let Some(st) = hba_state(hba) else {
+            return Err(BedError(
+                "the driver attached without scsi_hba_attach_setup".into(),
+            ));
+        };
+        if !lock(&st.iports).iter().any(|p| p == "iport0") {
+            return Err(BedError("the driver registered no iport0".into()));
+        }
+        // The framework configures the iport: a node, a copy of the tran.
+        let ua = CString::new("iport0").unwrap_or_default();
+        let iport = DevInfo::create(machine.clone(), NodeKind::Iport(ua), hba, 0, "iport");
+        // SAFETY: the HBA's live tran.
+        let tran = unsafe { hba::clone_tran_for_iport(st.tran, iport) };
+        // SAFETY: just created.
+        unsafe { &*iport.cast::<DevInfo>() }
+            .driver_private
+            .store(tran.cast(), Ordering::Release);
+        // SAFETY: the iport node just created, in attach context.
+        if unsafe { bed.binding.attach(iport) } != ffi::DDI_SUCCESS {
+            hba::free_iport_tran(tran);
+            // SAFETY: unused after the failed attach.
+            unsafe { DevInfo::destroy(iport) };
+            return Err(BedError("attach of iport0 failed".into()));
+        }
+        bed.iport = Some((iport, tran));
+        bed.settle()?;
+        Ok(bed)
+    }
+
+    /// Waits until the target map has configured everything it was told
+    /// (discovery runs on the driver's task queue, then the map's thread).
+    pub fn settle(&self) -> Result<(), BedError> {
+        let Some((iport, _)) = self.iport else {
+            return Ok(());
+        };
+        let deadline = std::time::Instant::now() + self.settle_timeout;
+        // The driver creates the map and dispatches discovery; wait until a
+        // discovery has reported and the map is idle, twice in a row.
+        let mut quiet = 0;
+        while quiet < 2 {
+            if std::time::Instant::now() > deadline {
+                return Err(BedError("target configuration did not settle".into()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            let Some(map) = tgtmap::map_of_iport(iport) else {
+                quiet = 0;
+                continue;
+            };
+            let idle = map.wait_idle(Duration::from_millis(200)) && self.driver_idle();
+            quiet = if idle { quiet + 1 } else { 0 };
+        }
+        Ok(())
+    }
+
+    fn driver_idle(&self) -> bool {
+        // The driver's work task: a discovery may still be probing.
+        crate::ddi::taskq::all_idle(&self.machine)
+    }
+
+    /// Every configured LUN.
+    pub fn devices(&self) -> Vec<Arc<Device>> {
+        self.iport
+            .and_then(|(i, _)| tgtmap::map_of_iport(i))
+            .map(|m| m.devices())
+            .unwrap_or_default()
+    }
+
+    /// The LUN `target`/`lun`.
+    pub fn device(&self, target: u32, lun: u64) -> Option<Arc<Device>> {
+        self.devices()
+            .into_iter()
+            .find(|d| d.target == target && d.lun == lun)
+    }
+
+    /// The HBA's packet cache counters: (constructed, destructed, in use).
+    pub fn cache_counts(&self) -> Option<(u64, u64, i64)> {
+        let st = hba_state(self.hba)?;
+        let c = lock(&st.cache).clone()?;
+        Some((
+            c.constructed.load(Ordering::Acquire),
+            c.destructed.load(Ordering::Acquire),
+            c.in_use.load(Ordering::Acquire),
+        ))
+    }
+
+    /// quiesce(9E) of the HBA node.
+    pub fn quiesce(&self) -> c_int {
+        let _g = set_current(&self.machine);
+        // SAFETY: the attached HBA node.
+        unsafe { self.binding.quiesce(self.hba) }
+    }
+
+    /// Detaches everything as the framework would (children, iport, HBA)
+    /// and reports leaks and violations. QEMU is stopped afterwards.
+    pub fn detach(mut self) -> Result<DetachReport, BedError> {
+        self.detach_inner()
+    }
+
+    fn detach_inner(&mut self) -> Result<DetachReport, BedError> {
+        let m = self.machine.clone();
+        let _g = set_current(&m);
+        if let Some((iport, tran)) = self.iport {
+            // SAFETY: the attached iport; its children went with its map.
+            if unsafe { self.binding.detach(iport) } != ffi::DDI_SUCCESS {
+                return Err(BedError("detach of iport0 failed".into()));
+            }
+            if tgtmap::map_of_iport(iport).is_some() {
+                m.violation("the iport detached without destroying its target map");
+            }
+            hba::free_iport_tran(tran);
+            // SAFETY: detached.
+            unsafe { DevInfo::destroy(iport) };
+            self.iport = None;
+        }
+        // SAFETY: the attached HBA node, its iport detached above.
+        if unsafe { self.binding.detach(self.hba) } != ffi::DDI_SUCCESS {
+            return Err(BedError("detach of the HBA failed".into()));
+        }
+        self.detached = true;
+        // SAFETY: detached.
+        unsafe { DevInfo::destroy(self.hba) };
+        let report = DetachReport {
+            leaks: m.live.leaks(),
+            pages_leaked: m.pages_in_use() as isize - self.pages_before as isize,
+            violations: m.violations(),
+        };
+        m.shutdown();
+        Ok(report)
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        if !self.detached {
+            let _ = self.detach_inner();
+        }
+        self.machine.shutdown();
+    }
+}

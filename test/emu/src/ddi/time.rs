@@ -1,0 +1,291 @@
+//! Time and timers: `ddi_get_lbolt(9F)`, `gethrtime(9F)`, `drv_usectohz(9F)`,
+//! `drv_usecwait(9F)`, `delay(9F)`, `timeout(9F)`, `ddi_periodic_add(9F)`.
+//! The clock ticks at `HZ` = 100, as illumos does by default.
+
+use super::sync::{check_may_sleep, enter_interrupt_context, leave_interrupt_context};
+use super::violation;
+use crate::machine::{self, Machine, bump, lock, set_current};
+use rvscsi::ffi::{clock_t, ddi_periodic_t, hrtime_t, timeout_id_t};
+use std::collections::HashMap;
+use std::ffi::{c_int, c_void};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, LazyLock, Mutex};
+use std::time::{Duration, Instant};
+
+/// Clock ticks per second.
+pub const HZ: i64 = 100;
+const USEC_PER_TICK: i64 = 1_000_000 / HZ;
+
+static BOOT: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// Ticks to a duration.
+pub fn ticks_to_duration(t: i64) -> Duration {
+    Duration::from_micros((t.max(0) as u64).saturating_mul(USEC_PER_TICK as u64))
+}
+
+/// A duration to whole ticks (rounded up).
+pub fn duration_to_ticks(d: Duration) -> i64 {
+    let us = d.as_micros() as i64;
+    (us + USEC_PER_TICK - 1) / USEC_PER_TICK
+}
+
+/// `ddi_get_lbolt(9F)`
+#[unsafe(no_mangle)]
+pub extern "C" fn ddi_get_lbolt() -> clock_t {
+    (BOOT.elapsed().as_micros() as i64) / USEC_PER_TICK
+}
+
+/// `ddi_get_lbolt64(9F)`
+#[unsafe(no_mangle)]
+pub extern "C" fn ddi_get_lbolt64() -> i64 {
+    ddi_get_lbolt()
+}
+
+/// `gethrtime(9F)`
+#[unsafe(no_mangle)]
+pub extern "C" fn gethrtime() -> hrtime_t {
+    BOOT.elapsed().as_nanos() as i64
+}
+
+/// `drv_usectohz(9F)` (rounds up, as illumos does).
+#[unsafe(no_mangle)]
+pub extern "C" fn drv_usectohz(us: clock_t) -> clock_t {
+    if us <= 0 {
+        0
+    } else {
+        (us + USEC_PER_TICK - 1) / USEC_PER_TICK
+    }
+}
+
+/// `drv_hztousec(9F)`
+#[unsafe(no_mangle)]
+pub extern "C" fn drv_hztousec(ticks: clock_t) -> clock_t {
+    ticks.saturating_mul(USEC_PER_TICK)
+}
+
+/// `drv_usecwait(9F)`: busy-waits in the kernel; here short waits spin
+/// and longer ones yield the CPU (the other core runs QEMU).
+#[unsafe(no_mangle)]
+pub extern "C" fn drv_usecwait(us: clock_t) {
+    if us <= 0 {
+        return;
+    }
+    if us >= 1000 && super::sync::in_interrupt() {
+        violation(format!(
+            "drv_usecwait({us}) in interrupt context: a millisecond or more of busy waiting"
+        ));
+    }
+    let d = Duration::from_micros(us as u64);
+    if us < 20 {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            std::hint::spin_loop();
+        }
+    } else {
+        std::thread::sleep(d);
+    }
+}
+
+/// `delay(9F)`
+#[unsafe(no_mangle)]
+pub extern "C" fn delay(ticks: clock_t) {
+    check_may_sleep("delay");
+    std::thread::sleep(ticks_to_duration(ticks));
+}
+
+// ---- timeout(9F) ----------------------------------------------------------
+
+type Callback = unsafe extern "C" fn(*mut c_void);
+
+struct Timer {
+    due: Instant,
+    func: Callback,
+    arg: usize,
+    machine: Option<Arc<Machine>>,
+}
+
+#[derive(Default)]
+struct Timers {
+    pending: HashMap<u64, Timer>,
+    /// The id of the callback running now, if any.
+    running: Option<u64>,
+}
+
+static TIMERS: LazyLock<(Mutex<Timers>, Condvar)> = LazyLock::new(|| {
+    std::thread::Builder::new()
+        .name("emu-timeout".into())
+        .spawn(timer_thread)
+        .expect("the emulation's timer thread");
+    (Mutex::new(Timers::default()), Condvar::new())
+});
+static NEXT_TIMER: AtomicU64 = AtomicU64::new(1);
+
+fn timer_thread() {
+    let (m, c) = &*TIMERS;
+    let mut t = lock(m);
+    loop {
+        let now = Instant::now();
+        let due = t
+            .pending
+            .iter()
+            .filter(|(_, x)| x.due <= now)
+            .map(|(&id, _)| id)
+            .next();
+        if let Some(id) = due {
+            let Some(timer) = t.pending.remove(&id) else {
+                continue;
+            };
+            t.running = Some(id);
+            drop(t);
+            if let Some(mm) = &timer.machine {
+                bump(&mm.live.timeouts, -1);
+            }
+            let _g = timer.machine.as_ref().map(set_current);
+            // Timeout callbacks run at soft-interrupt level: no sleeping.
+            enter_interrupt_context();
+            // SAFETY: the driver registered func/arg with timeout(9F) and
+            // has not cancelled it (untimeout waits for a running one).
+            unsafe { (timer.func)(timer.arg as *mut c_void) };
+            if let Some(mm) = &timer.machine {
+                leave_interrupt_context(mm);
+            } else {
+                super::sync::leave_interrupt_context_unchecked();
+            }
+            t = lock(m);
+            t.running = None;
+            c.notify_all();
+            continue;
+        }
+        let next = t.pending.values().map(|x| x.due).min();
+        t = match next {
+            Some(d) => {
+                c.wait_timeout(t, d.saturating_duration_since(now))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+            }
+            None => c.wait(t).unwrap_or_else(|p| p.into_inner()),
+        };
+    }
+}
+
+/// `timeout(9F)`
+#[unsafe(no_mangle)]
+pub extern "C" fn timeout(func: Callback, arg: *mut c_void, ticks: clock_t) -> timeout_id_t {
+    let id = NEXT_TIMER.fetch_add(1, Ordering::Relaxed);
+    let m = machine::current();
+    if let Some(m) = &m {
+        bump(&m.live.timeouts, 1);
+    }
+    let (tm, c) = &*TIMERS;
+    lock(tm).pending.insert(
+        id,
+        Timer {
+            due: Instant::now() + ticks_to_duration(ticks),
+            func,
+            arg: arg as usize,
+            machine: m,
+        },
+    );
+    c.notify_all();
+    id as timeout_id_t
+}
+
+/// `untimeout(9F)`: cancels, or waits for a callback already running.
+#[unsafe(no_mangle)]
+pub extern "C" fn untimeout(id: timeout_id_t) -> clock_t {
+    let id = id as u64;
+    let (tm, c) = &*TIMERS;
+    let mut t = lock(tm);
+    if let Some(x) = t.pending.remove(&id) {
+        if let Some(m) = &x.machine {
+            bump(&m.live.timeouts, -1);
+        }
+        return duration_to_ticks(x.due.saturating_duration_since(Instant::now()));
+    }
+    while t.running == Some(id) {
+        t = c.wait(t).unwrap_or_else(|p| p.into_inner());
+    }
+    -1
+}
+
+// ---- ddi_periodic_add(9F) ---------------------------------------------------
+
+struct Periodic {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+    machine: Option<Arc<Machine>>,
+}
+
+static PERIODICS: Mutex<Option<HashMap<u64, Periodic>>> = Mutex::new(None);
+static NEXT_PERIODIC: AtomicU64 = AtomicU64::new(1);
+
+/// `ddi_periodic_add(9F)`: calls `func(arg)` every `interval` ns in kernel
+/// context (level 0) on its own thread.
+#[unsafe(no_mangle)]
+pub extern "C" fn ddi_periodic_add(
+    func: Callback,
+    arg: *mut c_void,
+    interval: hrtime_t,
+    level: c_int,
+) -> ddi_periodic_t {
+    if level != 0 {
+        violation("ddi_periodic_add at an interrupt level (the driver asks for level 0)");
+    }
+    let id = NEXT_PERIODIC.fetch_add(1, Ordering::Relaxed);
+    let m = machine::current();
+    if let Some(m) = &m {
+        bump(&m.live.periodics, 1);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (s2, m2, a) = (stop.clone(), m.clone(), arg as usize);
+    let interval = Duration::from_nanos(interval.max(1_000_000) as u64);
+    let thread = std::thread::Builder::new()
+        .name("emu-periodic".into())
+        .spawn(move || {
+            let _g = m2.as_ref().map(set_current);
+            let mut next = Instant::now() + interval;
+            while !s2.load(Ordering::Acquire) {
+                let now = Instant::now();
+                if now < next {
+                    std::thread::park_timeout((next - now).min(Duration::from_millis(5)));
+                    continue;
+                }
+                next += interval;
+                // SAFETY: registered by the driver; ddi_periodic_delete
+                // joins this thread before returning.
+                unsafe { func(a as *mut c_void) };
+            }
+        })
+        .expect("a periodic thread");
+    lock(&PERIODICS).get_or_insert_with(HashMap::new).insert(
+        id,
+        Periodic {
+            stop,
+            thread,
+            machine: m,
+        },
+    );
+    id as ddi_periodic_t
+}
+
+/// `ddi_periodic_delete(9F)`: returns after a running call finished.
+#[unsafe(no_mangle)]
+pub extern "C" fn ddi_periodic_delete(req: ddi_periodic_t) {
+    let Some(p) = lock(&PERIODICS)
+        .get_or_insert_with(HashMap::new)
+        .remove(&(req as u64))
+    else {
+        violation("ddi_periodic_delete of an unknown request");
+        return;
+    };
+    if p.thread.thread().id() == std::thread::current().id() {
+        violation("ddi_periodic_delete from its own handler (the kernel would deadlock)");
+        return;
+    }
+    p.stop.store(true, Ordering::Release);
+    p.thread.thread().unpark();
+    let _ = p.thread.join();
+    if let Some(m) = &p.machine {
+        bump(&m.live.periodics, -1);
+    }
+}

@@ -1,0 +1,774 @@
+//! The machine the driver runs on: a QEMU process driven over qtest (its
+//! devices are real QEMU device models), the guest RAM the emulated DDI
+//! hands out as DMA memory, the PCI function of the HBA, and the thread
+//! that delivers interrupts.
+//!
+//! Everything the driver does to the device goes through here, so here it
+//! is counted (register accesses are what would be VM exits) and checked.
+
+use rvscsi_qtest::{BarKind, Bdf, Pci, QTest, Qemu, QemuConfig};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// First guest-physical page handed out (below is BIOS/legacy space).
+const RAM_START: u64 = 0x10_0000;
+/// Page size of the guest RAM allocator.
+pub const PAGE: u64 = 4096;
+/// Where the test bed places memory BARs and I/O BARs.
+const MEM_BAR_BASE: u64 = 0xE000_0000;
+const IO_BAR_BASE: u16 = 0xC000;
+/// The device's PCI slot on q35 (fixed so the INTx routing is known).
+pub const HBA_SLOT: u8 = 1;
+/// q35 routes PCI INTx through PIRQ A-H to GSI 16-23.
+pub const INTX_GSIS: std::ops::RangeInclusive<u32> = 16..=23;
+/// What the emulated MSI/MSI-X messages write: `MSG_MAGIC | vector`.
+pub const MSG_MAGIC: u32 = 0x5e00_0000;
+
+/// Which virtio-pci interface the device offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VirtioPci {
+    /// A transitional device (legacy I/O BAR and modern capabilities).
+    Transitional,
+    /// A modern-only device (`disable-legacy=on`).
+    ModernOnly,
+}
+
+/// One disk behind the HBA.
+#[derive(Clone, Debug)]
+pub struct Disk {
+    /// What QEMU opens: a path, or any block filename such as
+    /// `blkdebug:rules.conf:disk.img`.
+    pub file: String,
+    /// SCSI target.
+    pub target: u8,
+    /// LUN.
+    pub lun: u16,
+}
+
+/// How to build a machine.
+#[derive(Clone, Debug)]
+pub struct MachineConfig {
+    /// QEMU itself (binary, environment, memory).
+    pub qemu: QemuConfig,
+    /// The HBA's virtio-pci interface.
+    pub virtio: VirtioPci,
+    /// Disks.
+    pub disks: Vec<Disk>,
+    /// virtio-scsi `num_queues` (request queues); QEMU's default if None.
+    pub num_queues: Option<u32>,
+    /// MSI-X vectors of the device (`vectors=`, 0: no MSI-X); default if None.
+    pub msix_vectors: Option<u32>,
+    /// Extra `-device virtio-scsi-pci` properties (`key=value,...`).
+    pub device_props: Vec<String>,
+}
+
+impl MachineConfig {
+    /// A transitional virtio-scsi HBA with `disks`.
+    pub fn virtio_scsi(disks: Vec<Disk>) -> Self {
+        MachineConfig {
+            qemu: QemuConfig::default(),
+            virtio: VirtioPci::Transitional,
+            disks,
+            num_queues: None,
+            msix_vectors: None,
+            device_props: Vec::new(),
+        }
+    }
+
+    fn qemu_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        let mut dev = format!("virtio-scsi-pci,id=hba0,addr={HBA_SLOT:02x}.0");
+        if self.virtio == VirtioPci::ModernOnly {
+            dev.push_str(",disable-legacy=on,disable-modern=off");
+        }
+        if let Some(n) = self.num_queues {
+            dev.push_str(&format!(",num_queues={n}"));
+        }
+        if let Some(v) = self.msix_vectors {
+            dev.push_str(&format!(",vectors={v}"));
+        }
+        for p in &self.device_props {
+            dev.push(',');
+            dev.push_str(p);
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            args.push("-drive".into());
+            args.push(format!(
+                "if=none,id=d{i},format=raw,file={},rerror=report,werror=report",
+                d.file
+            ));
+        }
+        args.push("-device".into());
+        args.push(dev);
+        for (i, d) in self.disks.iter().enumerate() {
+            args.push("-device".into());
+            args.push(format!(
+                "scsi-hd,id=hd{i},bus=hba0.0,drive=d{i},scsi-id={},lun={}",
+                d.target, d.lun
+            ));
+        }
+        args
+    }
+}
+
+/// A BAR as assigned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BarInfo {
+    /// BAR number (0-5).
+    pub index: u8,
+    /// I/O space.
+    pub io: bool,
+    /// 64-bit memory BAR.
+    pub mem64: bool,
+    /// Assigned address (port or physical).
+    pub addr: u64,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Counters of what the driver did to the machine.
+#[derive(Debug)]
+pub struct MachineStats {
+    /// Device register reads (would-be VM exits).
+    pub reg_reads: AtomicU64,
+    /// Device register writes (would-be VM exits).
+    pub reg_writes: AtomicU64,
+    /// PCI configuration reads.
+    pub cfg_reads: AtomicU64,
+    /// `ddi_dma_sync(FORDEV)` calls.
+    pub syncs_for_dev: AtomicU64,
+    /// `ddi_dma_sync(FORCPU/FORKERNEL)` calls.
+    pub syncs_for_cpu: AtomicU64,
+    /// Interrupts delivered to handlers.
+    pub interrupts: AtomicU64,
+    /// Interrupts delivered per vector (first 64).
+    pub per_vector: [AtomicU64; 64],
+}
+
+impl Default for MachineStats {
+    fn default() -> Self {
+        MachineStats {
+            reg_reads: AtomicU64::new(0),
+            reg_writes: AtomicU64::new(0),
+            cfg_reads: AtomicU64::new(0),
+            syncs_for_dev: AtomicU64::new(0),
+            syncs_for_cpu: AtomicU64::new(0),
+            interrupts: AtomicU64::new(0),
+            per_vector: [const { AtomicU64::new(0) }; 64],
+        }
+    }
+}
+
+/// Kernel resources the driver holds on this machine: each must be back at
+/// zero after detach (the leak check).
+#[derive(Default, Debug)]
+pub struct Live {
+    /// DMA handles (`ddi_dma_alloc_handle`).
+    pub dma_handles: AtomicI64,
+    /// DMA memory (`ddi_dma_mem_alloc`).
+    pub dma_mem: AtomicI64,
+    /// Bound DMA handles.
+    pub dma_binds: AtomicI64,
+    /// Register and configuration access handles.
+    pub acc_handles: AtomicI64,
+    /// Interrupt handles.
+    pub intr_handles: AtomicI64,
+    /// Interrupt handlers added.
+    pub intr_handlers: AtomicI64,
+    /// Task queues.
+    pub taskqs: AtomicI64,
+    /// Periodic callbacks.
+    pub periodics: AtomicI64,
+    /// Pending timeouts.
+    pub timeouts: AtomicI64,
+    /// Property values handed out and not freed.
+    pub prop_values: AtomicI64,
+    /// Mutexes initialized and not destroyed.
+    pub mutexes: AtomicI64,
+    /// Condition variables initialized and not destroyed.
+    pub condvars: AtomicI64,
+}
+
+impl Live {
+    /// Every counter by name.
+    pub fn counts(&self) -> Vec<(&'static str, i64)> {
+        let l = |a: &AtomicI64| a.load(Ordering::Acquire);
+        vec![
+            ("DMA handles", l(&self.dma_handles)),
+            ("DMA memory allocations", l(&self.dma_mem)),
+            ("DMA bindings", l(&self.dma_binds)),
+            ("access handles", l(&self.acc_handles)),
+            ("interrupt handles", l(&self.intr_handles)),
+            ("interrupt handlers", l(&self.intr_handlers)),
+            ("task queues", l(&self.taskqs)),
+            ("periodic callbacks", l(&self.periodics)),
+            ("pending timeouts", l(&self.timeouts)),
+            ("property values", l(&self.prop_values)),
+            ("mutexes", l(&self.mutexes)),
+            ("condition variables", l(&self.condvars)),
+        ]
+    }
+
+    /// The counters that are not zero.
+    pub fn leaks(&self) -> Vec<(&'static str, i64)> {
+        self.counts().into_iter().filter(|(_, n)| *n != 0).collect()
+    }
+}
+
+/// Adds `d` to a live counter.
+pub fn bump(c: &AtomicI64, d: i64) {
+    c.fetch_add(d, Ordering::AcqRel);
+}
+
+/// A snapshot of [`MachineStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Register reads.
+    pub reg_reads: u64,
+    /// Register writes.
+    pub reg_writes: u64,
+    /// Interrupts delivered.
+    pub interrupts: u64,
+}
+
+/// Guest-physical page allocator over the machine's RAM.
+struct PageAllocator {
+    free: Vec<bool>,
+}
+
+impl PageAllocator {
+    fn new(mem_bytes: u64) -> Self {
+        let pages = ((mem_bytes - RAM_START) / PAGE) as usize;
+        PageAllocator {
+            free: vec![true; pages],
+        }
+    }
+
+    fn gpa(i: usize) -> u64 {
+        RAM_START + i as u64 * PAGE
+    }
+
+    fn index(gpa: u64) -> usize {
+        ((gpa - RAM_START) / PAGE) as usize
+    }
+
+    /// `n` physically contiguous pages, aligned to `align` pages.
+    fn alloc_contig(&mut self, n: usize, align: usize) -> Option<u64> {
+        let align = align.max(1);
+        let mut i = 0;
+        while i + n <= self.free.len() {
+            let start_gpa = Self::gpa(i);
+            if !((start_gpa / PAGE) as usize).is_multiple_of(align) {
+                i += 1;
+                continue;
+            }
+            match self.free[i..i + n].iter().position(|f| !f) {
+                None => {
+                    self.free[i..i + n].iter_mut().for_each(|f| *f = false);
+                    return Some(start_gpa);
+                }
+                Some(busy) => i += busy + 1,
+            }
+        }
+        None
+    }
+
+    /// `n` pages, deliberately not contiguous: taken from the top of RAM
+    /// downwards, every other page, so that consecutive buffer pages land
+    /// on descending, non-adjacent guest pages.
+    fn alloc_scattered(&mut self, n: usize) -> Option<Vec<u64>> {
+        let len = self.free.len();
+        let mut out = Vec::with_capacity(n);
+        'passes: for parity in 0..2 {
+            let mut i = len - 1 - parity;
+            loop {
+                if out.len() == n {
+                    break 'passes;
+                }
+                if self.free[i] {
+                    self.free[i] = false;
+                    out.push(Self::gpa(i));
+                }
+                if i < 2 {
+                    break;
+                }
+                i -= 2;
+            }
+        }
+        if out.len() == n {
+            Some(out)
+        } else {
+            for g in out {
+                self.free_pages(g, 1);
+            }
+            None
+        }
+    }
+
+    fn free_pages(&mut self, gpa: u64, n: usize) {
+        let i = Self::index(gpa);
+        for f in &mut self.free[i..i + n] {
+            *f = true;
+        }
+    }
+
+    fn free_count(&self) -> usize {
+        self.free.iter().filter(|f| **f).count()
+    }
+}
+
+/// A registered interrupt vector.
+#[derive(Clone, Copy)]
+pub struct VectorSlot {
+    /// The handler and its two arguments.
+    pub handler: Option<(unsafe extern "C" fn(*mut i8, *mut i8) -> u32, usize, usize)>,
+    /// Enabled with `ddi_intr_enable`.
+    pub enabled: bool,
+}
+
+/// Interrupt type in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IntrType {
+    /// None allocated.
+    None,
+    /// MSI-X vectors.
+    MsiX,
+    /// MSI.
+    Msi,
+    /// INTx.
+    Fixed,
+}
+
+/// Interrupt routing state, shared with the delivery thread.
+pub struct IntrState {
+    /// Type allocated.
+    pub kind: IntrType,
+    /// Vectors (index = inum).
+    pub vectors: Vec<VectorSlot>,
+    /// Guest address of the message mailbox (one u32 per vector).
+    pub mailbox: u64,
+}
+
+/// A line the driver logged.
+#[derive(Clone, Debug)]
+pub struct LogLine {
+    /// `CE_*` level.
+    pub level: i32,
+    /// The text.
+    pub text: String,
+}
+
+/// The machine.
+pub struct Machine {
+    qemu: Mutex<Option<Qemu>>,
+    /// The qtest connection.
+    pub qt: Arc<QTest>,
+    /// The HBA's PCI function.
+    pub bdf: Bdf,
+    /// Vendor and device ID.
+    pub ids: (u16, u16),
+    /// The HBA's BARs.
+    pub bars: Vec<BarInfo>,
+    ram: Mutex<PageAllocator>,
+    ram_pages: usize,
+    /// Counters.
+    pub stats: MachineStats,
+    /// Resources held.
+    pub live: Live,
+    violations: Mutex<Vec<String>>,
+    log: Mutex<Vec<LogLine>>,
+    /// Interrupt routing.
+    pub intr: Mutex<IntrState>,
+    /// Held by the delivery thread while a handler runs (ddi_intr_disable
+    /// takes it to wait for a running handler).
+    pub dispatch: Mutex<()>,
+    wake: (Mutex<bool>, Condvar),
+    stop: AtomicBool,
+    pump: Mutex<Option<JoinHandle<()>>>,
+    pump_thread: Mutex<Option<std::thread::ThreadId>>,
+    /// Set when a device access failed (QEMU died or hung).
+    pub dead: AtomicBool,
+    config: MachineConfig,
+}
+
+impl fmt::Debug for Machine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Machine({} {:04x}:{:04x})",
+            self.bdf, self.ids.0, self.ids.1
+        )
+    }
+}
+
+/// Why a machine could not be built.
+#[derive(Debug)]
+pub struct MachineError(pub String);
+
+impl fmt::Display for MachineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for MachineError {}
+
+impl From<rvscsi_qtest::Error> for MachineError {
+    fn from(e: rvscsi_qtest::Error) -> Self {
+        MachineError(e.to_string())
+    }
+}
+
+impl Machine {
+    /// Starts QEMU with the HBA and its disks, finds the HBA, assigns its
+    /// BARs, and starts the interrupt delivery thread.
+    pub fn launch(config: MachineConfig) -> Result<Arc<Machine>, MachineError> {
+        let mut qc = config.qemu.clone();
+        qc.args.extend(config.qemu_args());
+        let qemu = Qemu::launch(qc)?;
+        let qt = qemu.qtest_handle();
+        // INTx: have QEMU report the I/O APIC's input lines.
+        qt.irq_intercept_in("ioapic")?;
+        let pci = Pci::new(&qt);
+        let bdf = Bdf::new(0, HBA_SLOT, 0);
+        let f = pci
+            .probe(bdf)?
+            .ok_or_else(|| MachineError(format!("no PCI function at {bdf}")))?;
+        let assigned = pci.assign_bars(bdf, MEM_BAR_BASE, IO_BAR_BASE)?;
+        let bars = assigned
+            .iter()
+            .map(|(i, b, addr)| BarInfo {
+                index: *i as u8,
+                io: b.kind == BarKind::Io,
+                mem64: b.kind == BarKind::Mem64,
+                addr: *addr,
+                size: b.size,
+            })
+            .collect();
+        let mem_bytes = u64::from(config.qemu.memory_mib) << 20;
+        let ram = PageAllocator::new(mem_bytes);
+        let ram_pages = ram.free.len();
+        let m = Arc::new(Machine {
+            qemu: Mutex::new(Some(qemu)),
+            qt,
+            bdf,
+            ids: (f.vendor, f.device),
+            bars,
+            ram: Mutex::new(ram),
+            ram_pages,
+            stats: MachineStats::default(),
+            live: Live::default(),
+            violations: Mutex::new(Vec::new()),
+            log: Mutex::new(Vec::new()),
+            intr: Mutex::new(IntrState {
+                kind: IntrType::None,
+                vectors: Vec::new(),
+                mailbox: 0,
+            }),
+            dispatch: Mutex::new(()),
+            wake: (Mutex::new(false), Condvar::new()),
+            stop: AtomicBool::new(false),
+            pump: Mutex::new(None),
+            pump_thread: Mutex::new(None),
+            dead: AtomicBool::new(false),
+            config,
+        });
+        // The mailbox page for MSI/MSI-X messages.
+        let mailbox = m
+            .alloc_contig(1, 1)
+            .ok_or_else(|| MachineError("no guest RAM for the MSI mailbox".into()))?;
+        m.qt.memset(mailbox, PAGE, 0)?;
+        lock(&m.intr).mailbox = mailbox;
+        let weak = Arc::downgrade(&m);
+        let handle = std::thread::Builder::new()
+            .name("emu-intr".into())
+            .spawn(move || interrupt_pump(weak))
+            .map_err(|e| MachineError(format!("cannot start the interrupt thread: {e}")))?;
+        *lock(&m.pump_thread) = Some(handle.thread().id());
+        *lock(&m.pump) = Some(handle);
+        Ok(m)
+    }
+
+    /// The configuration it was built from.
+    pub fn config(&self) -> &MachineConfig {
+        &self.config
+    }
+
+    /// QMP / HMP access (hot-plug, fault injection).
+    pub fn with_qemu<R>(&self, f: impl FnOnce(&Qemu) -> R) -> Option<R> {
+        lock(&self.qemu).as_ref().map(f)
+    }
+
+    /// Stops the interrupt thread and QEMU.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.kick();
+        if let Some(h) = lock(&self.pump).take() {
+            let _ = h.join();
+        }
+        drop(lock(&self.qemu).take());
+    }
+
+    /// Records a broken rule of the DDI (the test fails on it).
+    pub fn violation(&self, what: impl Into<String>) {
+        let what = what.into();
+        eprintln!("rvscsi-emu: VIOLATION: {what}");
+        lock(&self.violations).push(what);
+    }
+
+    /// Every violation so far.
+    pub fn violations(&self) -> Vec<String> {
+        lock(&self.violations).clone()
+    }
+
+    /// Records a message the driver logged.
+    pub fn log_line(&self, level: i32, text: &str) {
+        if std::env::var_os("RVSCSI_EMU_LOG").is_some() {
+            eprintln!("rvscsi[{level}]: {text}");
+        }
+        lock(&self.log).push(LogLine {
+            level,
+            text: text.to_string(),
+        });
+    }
+
+    /// What the driver logged.
+    pub fn log(&self) -> Vec<LogLine> {
+        lock(&self.log).clone()
+    }
+
+    /// Records a failed device access: the machine is dead from now on.
+    pub fn device_failed(&self, what: &str, e: &rvscsi_qtest::Error) {
+        if !self.dead.swap(true, Ordering::AcqRel) {
+            self.violation(format!("device access failed ({what}): {e}"));
+        }
+    }
+
+    /// Wakes the interrupt thread (after the driver wrote a register).
+    pub fn kick(&self) {
+        let (m, c) = &self.wake;
+        *lock(m) = true;
+        c.notify_all();
+    }
+
+    /// Whether the caller is the interrupt delivery thread.
+    pub fn on_interrupt_thread(&self) -> bool {
+        *lock(&self.pump_thread) == Some(std::thread::current().id())
+    }
+
+    /// `n` contiguous guest pages aligned to `align` pages.
+    pub fn alloc_contig(&self, n: usize, align: usize) -> Option<u64> {
+        lock(&self.ram).alloc_contig(n, align)
+    }
+
+    /// `n` scattered guest pages.
+    pub fn alloc_scattered(&self, n: usize) -> Option<Vec<u64>> {
+        lock(&self.ram).alloc_scattered(n)
+    }
+
+    /// Returns pages.
+    pub fn free_pages(&self, gpa: u64, n: usize) {
+        lock(&self.ram).free_pages(gpa, n)
+    }
+
+    /// Guest pages currently handed out (for leak checks).
+    pub fn pages_in_use(&self) -> usize {
+        self.ram_pages - lock(&self.ram).free_count()
+    }
+
+    /// The BAR number `i`.
+    pub fn bar(&self, i: u8) -> Option<BarInfo> {
+        self.bars.iter().copied().find(|b| b.index == i)
+    }
+
+    /// A snapshot of the counters.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            reg_reads: self.stats.reg_reads.load(Ordering::Relaxed),
+            reg_writes: self.stats.reg_writes.load(Ordering::Relaxed),
+            interrupts: self.stats.interrupts.load(Ordering::Relaxed),
+        }
+    }
+
+    // ---- guest memory through qtest, failures recorded ------------------
+
+    /// Reads guest memory.
+    pub fn read_mem(&self, gpa: u64, buf: &mut [u8]) {
+        if let Err(e) = self.qt.read_mem(gpa, buf) {
+            self.device_failed("memory read", &e);
+            buf.fill(0xff);
+        }
+    }
+
+    /// Writes guest memory.
+    pub fn write_mem(&self, gpa: u64, data: &[u8]) {
+        if let Err(e) = self.qt.write_mem(gpa, data) {
+            self.device_failed("memory write", &e);
+        }
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        drop(lock(&self.qemu).take());
+    }
+}
+
+/// Locks, recovering from poisoning (a panicking test thread must not hide
+/// the state from the checks that follow).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The interrupt delivery thread: watches the MSI mailbox or the INTx
+/// lines and calls the driver's handlers, as a CPU taking interrupts
+/// would. Polls fast while the device is busy, slowly when idle.
+fn interrupt_pump(weak: std::sync::Weak<Machine>) {
+    let mut last_activity = Instant::now();
+    loop {
+        let Some(m) = weak.upgrade() else { return };
+        if m.stop.load(Ordering::Acquire) || m.dead.load(Ordering::Acquire) {
+            return;
+        }
+        let delivered = deliver_once(&m);
+        if delivered {
+            last_activity = Instant::now();
+        }
+        let idle = last_activity.elapsed();
+        let (wm, wc) = &m.wake;
+        let mut woken = lock(wm);
+        if *woken {
+            *woken = false;
+            last_activity = Instant::now();
+            continue;
+        }
+        let wait = if idle < Duration::from_millis(20) {
+            Duration::from_micros(30)
+        } else if idle < Duration::from_millis(500) {
+            Duration::from_micros(500)
+        } else {
+            Duration::from_millis(3)
+        };
+        let (mut g, _) = wc
+            .wait_timeout(woken, wait)
+            .unwrap_or_else(|p| p.into_inner());
+        if *g {
+            *g = false;
+            last_activity = Instant::now();
+        }
+    }
+}
+
+/// One look for pending interrupts; true if a handler ran.
+fn deliver_once(m: &Machine) -> bool {
+    let (kind, vectors, mailbox) = {
+        let s = lock(&m.intr);
+        (s.kind, s.vectors.clone(), s.mailbox)
+    };
+    let any_enabled = vectors.iter().any(|v| v.enabled && v.handler.is_some());
+    if !any_enabled {
+        return false;
+    }
+    let mut ran = false;
+    match kind {
+        IntrType::MsiX | IntrType::Msi => {
+            let n = vectors.len().min(64);
+            let mut words = vec![0u8; 4 * n];
+            if let Err(e) = m.qt.read_mem(mailbox, &mut words) {
+                m.device_failed("MSI mailbox read", &e);
+                return false;
+            }
+            for i in 0..n {
+                let w = u32::from_le_bytes(words[4 * i..4 * i + 4].try_into().unwrap_or([0; 4]));
+                if w == 0 {
+                    continue;
+                }
+                if w != MSG_MAGIC | i as u32 {
+                    m.violation(format!("MSI message {w:#x} in the slot of vector {i}"));
+                }
+                // Consume the message, then run the handler (a message
+                // that arrives meanwhile is seen on the next look).
+                if let Err(e) = m.qt.writel(mailbox + 4 * i as u64, 0) {
+                    m.device_failed("MSI mailbox clear", &e);
+                    return ran;
+                }
+                ran |= call_handler(m, &vectors, i);
+            }
+        }
+        IntrType::Fixed => {
+            if let Err(e) = m.qt.sync_irqs() {
+                m.device_failed("INTx poll", &e);
+                return false;
+            }
+            let asserted = INTX_GSIS.clone().any(|g| m.qt.irq_level(g));
+            if asserted {
+                // A level-triggered, possibly shared line: every handler
+                // gets a look until one claims it.
+                for i in 0..vectors.len() {
+                    if call_handler(m, &vectors, i) {
+                        ran = true;
+                        break;
+                    }
+                }
+            }
+        }
+        IntrType::None => {}
+    }
+    ran
+}
+
+/// Calls vector `i`'s handler; true if it claimed the interrupt.
+fn call_handler(m: &Machine, _vectors: &[VectorSlot], i: usize) -> bool {
+    let _dispatch = lock(&m.dispatch);
+    // Re-check under the dispatch lock: disable may have just happened.
+    let slot = { lock(&m.intr).vectors.get(i).copied() };
+    let Some(VectorSlot {
+        handler: Some((f, a1, a2)),
+        enabled: true,
+    }) = slot
+    else {
+        return false;
+    };
+    m.stats.interrupts.fetch_add(1, Ordering::Relaxed);
+    if let Some(c) = m.stats.per_vector.get(i) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    crate::ddi::sync::enter_interrupt_context();
+    // SAFETY: the driver registered this handler with these arguments
+    // through ddi_intr_add_handler and has not removed it (checked above,
+    // under the dispatch lock that ddi_intr_disable/remove take).
+    let r = unsafe { f(a1 as *mut i8, a2 as *mut i8) };
+    crate::ddi::sync::leave_interrupt_context(m);
+    r == rvscsi::ffi::DDI_INTR_CLAIMED
+}
+
+thread_local! {
+    static CURRENT: std::cell::RefCell<Option<Arc<Machine>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The machine the calling thread works for: set by the test bed around
+/// every call into the driver, and by every thread the emulation starts
+/// (interrupts, task queues, timers). DDI functions that take no device
+/// handle (mutexes, timers) account to it.
+pub fn current() -> Option<Arc<Machine>> {
+    CURRENT.with(|c| c.borrow().clone())
+}
+
+/// Restores the previous current machine when dropped.
+pub struct CurrentGuard(Option<Arc<Machine>>);
+
+/// Makes `m` the calling thread's current machine.
+pub fn set_current(m: &Arc<Machine>) -> CurrentGuard {
+    CurrentGuard(CURRENT.with(|c| c.replace(Some(m.clone()))))
+}
+
+impl Drop for CurrentGuard {
+    fn drop(&mut self) {
+        let prev = self.0.take();
+        CURRENT.with(|c| *c.borrow_mut() = prev);
+    }
+}

@@ -1,0 +1,488 @@
+//! HBA registration: `scsi_hba_tran_alloc(9F)`, `scsi_hba_attach_setup(9F)`,
+//! `scsi_hba_detach(9F)`, `scsi_hba_iport_register(9F)`, and the packet
+//! cache the framework builds for an HBA that uses `tran_setup_pkt(9E)`.
+
+use super::packet::PktWrap;
+use crate::ddi::devinfo::{NodeKind, node};
+use crate::ddi::violation;
+use crate::machine::{Machine, lock};
+use rvscsi::ffi::{self, ddi_dma_attr_t, dev_info_t, scsi_hba_tran};
+use std::collections::{HashMap, HashSet};
+use std::ffi::{CStr, c_char, c_int};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Framework state of an attached HBA instance.
+pub struct HbaState {
+    /// The machine.
+    pub machine: Arc<Machine>,
+    /// The HBA node.
+    pub dip: *mut dev_info_t,
+    /// The HBA's tran.
+    pub tran: *mut scsi_hba_tran,
+    /// The packet cache (with `tran_setup_pkt`).
+    pub cache: Mutex<Option<Arc<PktCache>>>,
+    /// Registered iport names.
+    pub iports: Mutex<Vec<String>>,
+}
+
+// SAFETY: the raw pointers name framework objects whose lifetime the
+// framework manages; access is serialized by the framework's flows.
+unsafe impl Send for HbaState {}
+// SAFETY: as above.
+unsafe impl Sync for HbaState {}
+
+static HBAS: Mutex<Option<HashMap<usize, Arc<HbaState>>>> = Mutex::new(None);
+static TRANS: Mutex<Option<HashSet<usize>>> = Mutex::new(None);
+
+/// The framework state of HBA node `dip`.
+pub fn hba_state(dip: *mut dev_info_t) -> Option<Arc<HbaState>> {
+    lock(&HBAS)
+        .get_or_insert_with(HashMap::new)
+        .get(&(dip as usize))
+        .cloned()
+}
+
+/// Whether `tran` came from `scsi_hba_tran_alloc` (or is an iport's copy).
+pub fn tran_known(tran: *const scsi_hba_tran) -> bool {
+    lock(&TRANS)
+        .get_or_insert_with(HashSet::new)
+        .contains(&(tran as usize))
+}
+
+fn new_tran() -> *mut scsi_hba_tran {
+    // SAFETY: scsi_hba_tran is plain old data (pointers, integers, Option
+    // of function pointers): all-zero is a valid value, as kmem_zalloc
+    // gives it in the kernel.
+    let t: Box<scsi_hba_tran> = Box::new(unsafe { std::mem::zeroed() });
+    let p = Box::into_raw(t);
+    lock(&TRANS)
+        .get_or_insert_with(HashSet::new)
+        .insert(p as usize);
+    p
+}
+
+/// A copy of `htran` for an iport (what the framework does before the
+/// iport attaches): `tran_hba_private` cleared, `tran_iport_dip` set.
+///
+/// # Safety
+/// `htran` must be a live `scsi_hba_tran`.
+pub unsafe fn clone_tran_for_iport(
+    htran: *const scsi_hba_tran,
+    iport: *mut dev_info_t,
+) -> *mut scsi_hba_tran {
+    let p = new_tran();
+    // SAFETY: htran is a live tran; p is fresh; scsi_hba_tran is POD (the
+    // kernel copies it with a struct assignment).
+    unsafe {
+        std::ptr::copy_nonoverlapping(htran, p, 1);
+        (*p).tran_open_flag = 0;
+        (*p).tran_hba_private = std::ptr::null_mut();
+        (*p).tran_iport_dip = iport;
+        (*p).tran_hba_flags &= !ffi::SCSI_HBA_HBA;
+    }
+    p
+}
+
+/// Frees a tran made by [`new_tran`].
+fn free_tran(tran: *mut scsi_hba_tran) -> bool {
+    if lock(&TRANS)
+        .get_or_insert_with(HashSet::new)
+        .remove(&(tran as usize))
+    {
+        // SAFETY: registered, made by Box::into_raw.
+        drop(unsafe { Box::from_raw(tran) });
+        true
+    } else {
+        false
+    }
+}
+
+/// Frees an iport's tran copy.
+pub fn free_iport_tran(tran: *mut scsi_hba_tran) {
+    free_tran(tran);
+}
+
+/// `scsi_hba_init(9F)` (from `_init`): nothing to set up here.
+#[unsafe(no_mangle)]
+pub extern "C" fn scsi_hba_init(_modlp: *mut ffi::modlinkage) -> c_int {
+    0
+}
+
+/// `scsi_hba_fini(9F)`
+#[unsafe(no_mangle)]
+pub extern "C" fn scsi_hba_fini(_modlp: *mut ffi::modlinkage) {}
+
+/// `scsi_hba_tran_alloc(9F)`: a zeroed `scsi_hba_tran` of the real size.
+#[unsafe(no_mangle)]
+pub extern "C" fn scsi_hba_tran_alloc(dip: *mut dev_info_t, _flags: c_int) -> *mut scsi_hba_tran {
+    if node(dip, "scsi_hba_tran_alloc").is_none() {
+        return std::ptr::null_mut();
+    }
+    new_tran()
+}
+
+/// `scsi_hba_tran_free(9F)`
+#[unsafe(no_mangle)]
+pub extern "C" fn scsi_hba_tran_free(tran: *mut scsi_hba_tran) {
+    if !free_tran(tran) {
+        violation(format!(
+            "scsi_hba_tran_free of {tran:p}, which scsi_hba_tran_alloc did not return"
+        ));
+    }
+}
+
+/// `scsi_hba_attach_setup(9F)`
+///
+/// # Safety
+/// Pointers as the DDI requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn scsi_hba_attach_setup(
+    dip: *mut dev_info_t,
+    attr: *mut ddi_dma_attr_t,
+    tran: *mut scsi_hba_tran,
+    flags: c_int,
+) -> c_int {
+    let Some(n) = node(dip, "scsi_hba_attach_setup") else {
+        return ffi::DDI_FAILURE;
+    };
+    if n.kind != NodeKind::Hba {
+        violation("scsi_hba_attach_setup on an iport or child node");
+        return ffi::DDI_FAILURE;
+    }
+    if tran.is_null() || !tran_known(tran) || attr.is_null() {
+        violation("scsi_hba_attach_setup: tran not from scsi_hba_tran_alloc, or no DMA attributes");
+        return ffi::DDI_FAILURE;
+    }
+    // SAFETY: a live tran (checked) that the driver filled in.
+    let t = unsafe { &mut *tran };
+    if t.tran_get_name.is_some() != t.tran_get_bus_addr.is_some() {
+        violation(
+            "scsi_hba_attach_setup: tran_get_name and tran_get_bus_addr must be set together",
+        );
+        return ffi::DDI_FAILURE;
+    }
+    t.tran_hba_dip = dip;
+    t.tran_hba_flags = flags;
+    // SAFETY: checked non-null; the driver's attributes.
+    t.tran_dma_attr = unsafe { *attr };
+    let cache = if t.tran_setup_pkt.is_some() {
+        if t.tran_init_pkt.is_some() || t.tran_destroy_pkt.is_some() {
+            violation(
+                "scsi_hba_attach_setup: tran_setup_pkt with tran_init_pkt/tran_destroy_pkt also set",
+            );
+            return ffi::DDI_FAILURE;
+        }
+        if t.tran_teardown_pkt.is_none() {
+            violation("scsi_hba_attach_setup: tran_setup_pkt without tran_teardown_pkt");
+            return ffi::DDI_FAILURE;
+        }
+        Some(Arc::new(PktCache::new(n.machine.clone(), dip, tran)))
+    } else {
+        None
+    };
+    if t.tran_start.is_none() {
+        violation("scsi_hba_attach_setup: no tran_start");
+        return ffi::DDI_FAILURE;
+    }
+    n.driver_private.store(tran.cast(), Ordering::Release);
+    let st = Arc::new(HbaState {
+        machine: n.machine.clone(),
+        dip,
+        tran,
+        cache: Mutex::new(cache),
+        iports: Mutex::new(Vec::new()),
+    });
+    lock(&HBAS)
+        .get_or_insert_with(HashMap::new)
+        .insert(dip as usize, st);
+    ffi::DDI_SUCCESS
+}
+
+/// `scsi_hba_detach(9F)`: destroys the packet cache (running the
+/// destructor of every cached packet).
+#[unsafe(no_mangle)]
+pub extern "C" fn scsi_hba_detach(dip: *mut dev_info_t) -> c_int {
+    let Some(n) = node(dip, "scsi_hba_detach") else {
+        return ffi::DDI_FAILURE;
+    };
+    let Some(st) = lock(&HBAS)
+        .get_or_insert_with(HashMap::new)
+        .remove(&(dip as usize))
+    else {
+        violation("scsi_hba_detach of a node without scsi_hba_attach_setup");
+        return ffi::DDI_FAILURE;
+    };
+    if let Some(c) = lock(&st.cache).take() {
+        c.destroy();
+    }
+    // SAFETY: the HBA's live tran.
+    unsafe { (*st.tran).tran_hba_dip = std::ptr::null_mut() };
+    n.driver_private
+        .store(std::ptr::null_mut(), Ordering::Release);
+    ffi::DDI_SUCCESS
+}
+
+/// `scsi_hba_iport_register(9F)`
+///
+/// # Safety
+/// `port` must be a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn scsi_hba_iport_register(dip: *mut dev_info_t, port: *mut c_char) -> c_int {
+    let Some(st) = hba_state(dip) else {
+        violation("scsi_hba_iport_register before scsi_hba_attach_setup");
+        return ffi::DDI_FAILURE;
+    };
+    if port.is_null() {
+        return ffi::DDI_FAILURE;
+    }
+    // SAFETY: NUL-terminated (caller).
+    let name = unsafe { CStr::from_ptr(port) }
+        .to_string_lossy()
+        .into_owned();
+    let mut ports = lock(&st.iports);
+    if ports.len() >= 32 {
+        return ffi::DDI_FAILURE;
+    }
+    if !ports.contains(&name) {
+        ports.push(name);
+    }
+    ffi::DDI_SUCCESS
+}
+
+/// `scsi_hba_iport_unit_address(9F)`: NULL unless `dip` is an iport.
+#[unsafe(no_mangle)]
+pub extern "C" fn scsi_hba_iport_unit_address(dip: *mut dev_info_t) -> *mut c_char {
+    match node(dip, "scsi_hba_iport_unit_address").map(|n| &n.kind) {
+        Some(NodeKind::Iport(ua)) => ua.as_ptr().cast_mut(),
+        _ => std::ptr::null_mut(),
+    }
+}
+
+/// The capability names `scsi_hba_lookup_capstr(9F)` knows, by index
+/// (`SCSI_CAP_*`), and its legacy aliases.
+pub const CAP_NAMES: [&str; 23] = [
+    "dma-max",
+    "msg-out",
+    "disconnect",
+    "synchronous",
+    "wide-xfer",
+    "parity",
+    "initiator-id",
+    "untagged-qing",
+    "tagged-qing",
+    "auto-rqsense",
+    "linked-cmds",
+    "sector-size",
+    "total-sectors",
+    "geometry",
+    "reset-notification",
+    "qfull-retries",
+    "qfull-retry-interval",
+    "scsi-version",
+    "interconnect-type",
+    "lun-reset",
+    "max-cdb-length",
+    "dma-max-arch",
+    "tran-layer-retries",
+];
+
+/// `scsi_hba_lookup_capstr(9F)`
+///
+/// # Safety
+/// `capstr` must be a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn scsi_hba_lookup_capstr(capstr: *mut c_char) -> c_int {
+    if capstr.is_null() {
+        return -1;
+    }
+    // SAFETY: NUL-terminated (caller).
+    let s = unsafe { CStr::from_ptr(capstr) }.to_string_lossy();
+    match s.as_ref() {
+        "dma_max" => 0,
+        "msg_out" => 1,
+        "wide_xfer" => 4,
+        other => CAP_NAMES
+            .iter()
+            .position(|&n| n == other)
+            .map_or(-1, |i| i as c_int),
+    }
+}
+
+/// The per-instance packet cache (`pkt_cache_<drv>_<inst>`): objects are
+/// the framework wrapper, `tran_hba_len` bytes for the HBA, a 16-byte CDB
+/// area and a `scsi_arq_status`, constructed once (DMA handle, then
+/// `tran_pkt_constructor`) and reused across allocations.
+pub struct PktCache {
+    machine: Arc<Machine>,
+    dip: *mut dev_info_t,
+    tran: *mut scsi_hba_tran,
+    layout: std::alloc::Layout,
+    free: Mutex<Vec<usize>>,
+    all: Mutex<HashSet<usize>>,
+    /// Constructor calls that succeeded.
+    pub constructed: AtomicU64,
+    /// Destructor calls.
+    pub destructed: AtomicU64,
+    /// Objects allocated to target drivers now.
+    pub in_use: AtomicI64,
+}
+
+// SAFETY: raw pointers name framework objects (node, tran) that outlive
+// the cache; object lists are under locks.
+unsafe impl Send for PktCache {}
+// SAFETY: as above.
+unsafe impl Sync for PktCache {}
+
+/// Bytes of the framework's part of each object.
+pub const WRAP_SIZE: usize = std::mem::size_of::<PktWrap>().next_multiple_of(8);
+
+impl PktCache {
+    fn new(machine: Arc<Machine>, dip: *mut dev_info_t, tran: *mut scsi_hba_tran) -> Self {
+        // SAFETY: live tran.
+        let hba_len = unsafe { (*tran).tran_hba_len } as usize;
+        let size =
+            WRAP_SIZE + hba_len.next_multiple_of(8) + ffi::DEFAULT_CDBLEN + ffi::DEFAULT_SCBLEN;
+        let layout = std::alloc::Layout::from_size_align(size, 8)
+            .unwrap_or(std::alloc::Layout::new::<u64>());
+        PktCache {
+            machine,
+            dip,
+            tran,
+            layout,
+            free: Mutex::new(Vec::new()),
+            all: Mutex::new(HashSet::new()),
+            constructed: AtomicU64::new(0),
+            destructed: AtomicU64::new(0),
+            in_use: AtomicI64::new(0),
+        }
+    }
+
+    /// The HBA's tran.
+    pub fn tran(&self) -> *mut scsi_hba_tran {
+        self.tran
+    }
+
+    /// Takes an object, constructing one if none is free; `None` if the
+    /// constructor failed.
+    pub fn alloc(self: &Arc<Self>, kmflag: c_int) -> Option<*mut PktWrap> {
+        let obj = lock(&self.free).pop();
+        let obj = match obj {
+            Some(o) => o as *mut PktWrap,
+            None => self.construct(kmflag)?,
+        };
+        self.in_use.fetch_add(1, Ordering::AcqRel);
+        Some(obj)
+    }
+
+    /// Returns an object to the cache.
+    pub fn release(&self, obj: *mut PktWrap) {
+        if !lock(&self.all).contains(&(obj as usize)) {
+            violation("packet returned to a cache it does not belong to");
+            return;
+        }
+        self.in_use.fetch_sub(1, Ordering::AcqRel);
+        lock(&self.free).push(obj as usize);
+    }
+
+    /// The kmem cache constructor (`scsi_hba_pkt_constructor` in
+    /// scsi_hba.c): zero, HBA private pointer, DMA handle, CDB and status
+    /// areas, then the HBA's `tran_pkt_constructor`.
+    fn construct(self: &Arc<Self>, kmflag: c_int) -> Option<*mut PktWrap> {
+        // SAFETY: non-zero size.
+        let base = unsafe { std::alloc::alloc_zeroed(self.layout) };
+        if base.is_null() {
+            return None;
+        }
+        // SAFETY: live tran.
+        let t = unsafe { &*self.tran };
+        let hba_len = t.tran_hba_len as usize;
+        let obj = base.cast::<PktWrap>();
+        // SAFETY: obj is a fresh, zeroed, 8-aligned allocation of at least
+        // WRAP_SIZE bytes; the areas follow inside the same allocation.
+        unsafe {
+            PktWrap::init(obj, Arc::as_ptr(self));
+            let ha = base.add(WRAP_SIZE);
+            (*obj).pkt.pkt_ha_private = ha.cast();
+            let cdb = ha.add(hba_len);
+            let scb = cdb.add(ffi::DEFAULT_CDBLEN);
+            if t.tran_hba_flags & ffi::SCSI_HBA_TRAN_CDB != 0 {
+                (*obj).pkt.pkt_cdbp = cdb;
+            }
+            if t.tran_hba_flags & ffi::SCSI_HBA_TRAN_SCB != 0 {
+                (*obj).pkt.pkt_scbp = scb;
+            }
+            (*obj).set_builtin_areas();
+        }
+        let sleep = if kmflag == ffi::KM_NOSLEEP {
+            ffi::DDI_DMA_DONTWAIT
+        } else {
+            ffi::DDI_DMA_SLEEP
+        };
+        let mut h: ffi::ddi_dma_handle_t = std::ptr::null_mut();
+        // SAFETY: the HBA node and its DMA attributes; out-pointer valid.
+        let rc = unsafe {
+            crate::ddi::dma::ddi_dma_alloc_handle(
+                self.dip,
+                &t.tran_dma_attr,
+                ffi::ddi_callback_t(sleep),
+                std::ptr::null_mut(),
+                &mut h,
+            )
+        };
+        if rc != ffi::DDI_SUCCESS {
+            // SAFETY: allocated above with this layout.
+            unsafe { std::alloc::dealloc(base, self.layout) };
+            return None;
+        }
+        // SAFETY: obj is initialized.
+        unsafe { (*obj).pkt.pkt_handle = h };
+        if let Some(ctor) = t.tran_pkt_constructor {
+            // SAFETY: the HBA's constructor with a zeroed, set-up packet.
+            let rc = unsafe { ctor(obj.cast(), self.tran, kmflag) };
+            if rc != 0 {
+                // SAFETY: allocated above, not used by anyone else.
+                unsafe { crate::ddi::dma::ddi_dma_free_handle(&mut h) };
+                // SAFETY: allocated above with this layout.
+                unsafe { std::alloc::dealloc(base, self.layout) };
+                return None;
+            }
+        }
+        lock(&self.all).insert(obj as usize);
+        self.constructed.fetch_add(1, Ordering::AcqRel);
+        Some(obj)
+    }
+
+    /// `kmem_cache_destroy`: the destructor of every cached object. Objects
+    /// still allocated are a target driver leak.
+    pub fn destroy(&self) {
+        let n = self.in_use.load(Ordering::Acquire);
+        if n != 0 {
+            self.machine.violation(format!(
+                "{n} packet(s) still allocated when the HBA detached"
+            ));
+        }
+        let objs: Vec<usize> = lock(&self.free).drain(..).collect();
+        // SAFETY: live tran.
+        let t = unsafe { &*self.tran };
+        for o in objs {
+            let obj = o as *mut PktWrap;
+            if let Some(dtor) = t.tran_pkt_destructor {
+                // SAFETY: a constructed, free object of this cache.
+                unsafe { dtor(obj.cast(), self.tran) };
+            }
+            // SAFETY: constructed object.
+            let mut h = unsafe { (*obj).pkt.pkt_handle };
+            // SAFETY: the object's handle, freed once.
+            unsafe { crate::ddi::dma::ddi_dma_free_handle(&mut h) };
+            lock(&self.all).remove(&o);
+            // SAFETY: the framework fields were initialized in place by
+            // PktWrap::init; the memory was allocated with this layout.
+            unsafe {
+                std::ptr::drop_in_place(obj);
+                std::alloc::dealloc(obj.cast(), self.layout);
+            }
+            self.destructed.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
