@@ -109,8 +109,6 @@ pub struct CmdFields {
     pub xfer: usize,
     /// Data direction.
     pub dir: DataDir,
-    /// The device claimed to write more than offered.
-    pub len_clamped: bool,
     /// The response (kept for internal commands).
     pub response: proto::Response,
     /// Link of a [`CmdList`].
@@ -122,7 +120,6 @@ impl CmdFields {
     pub fn reset_for_start(&mut self) {
         self.timed_out = false;
         self.recovery = PktStatistics::empty();
-        self.len_clamped = false;
         self.response = proto::Response::default();
         self.next = None;
     }
@@ -170,7 +167,6 @@ impl Cmd {
                 recovery: PktStatistics::empty(),
                 xfer: 0,
                 dir: DataDir::None,
-                len_clamped: false,
                 response: proto::Response::default(),
                 next: None,
             }),

@@ -371,9 +371,8 @@ impl VioScsi {
                     match g.ring.pop_used() {
                         None => break,
                         Some(Ok(u)) => {
-                            let mut c = u.token;
+                            let c = u.token;
                             c.mark_owned();
-                            c.fields().len_clamped = u.len_clamped;
                             done.push(c);
                         }
                         Some(Err(UsedError::UnknownId { id })) => {
@@ -442,7 +441,6 @@ impl VioScsi {
             dir: f.dir,
             timed_out: f.timed_out,
             recovery: f.recovery,
-            len_clamped: f.len_clamped,
         };
         let outcome = match resp {
             Some(r) => {

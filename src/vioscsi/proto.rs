@@ -181,17 +181,17 @@ pub struct CmdFacts {
     pub timed_out: bool,
     /// Statistics bits of the recovery it went through.
     pub recovery: PktStatistics,
-    /// The device claimed to have written more than the command offered
-    /// (the used length was clamped): nothing it returned is trusted.
-    pub len_clamped: bool,
 }
 
 /// Maps a virtio-scsi response to the SCSA outcome (tran_start(9E)).
 ///
 /// Anything the device says that cannot be true (a residual larger than
-/// the transfer, more bytes written than offered, an unknown response
-/// code) becomes `CMD_TRAN_ERR`: a transport error the target driver
-/// retries, rather than data it would trust.
+/// the transfer, an unknown response code) becomes `CMD_TRAN_ERR`: a
+/// transport error the target driver retries, rather than data it would
+/// trust. The used-ring length plays no part: devices commonly get it
+/// wrong (QEMU counts the data-out bytes in it; virtio 1.2 §2.7.8 advises
+/// drivers of legacy devices to ignore it), and the driver never uses it
+/// to copy anything, so it cannot harm memory either way.
 pub fn outcome(r: &Response, f: &CmdFacts) -> Outcome {
     use response::*;
     let mut o = Outcome {
@@ -201,10 +201,6 @@ pub fn outcome(r: &Response, f: &CmdFacts) -> Outcome {
         resid: f.xfer,
         status: 0,
     };
-    if f.len_clamped {
-        o.reason = ffi::CMD_TRAN_ERR;
-        return o;
-    }
     match r.response {
         OK => {
             if r.residual as usize > f.xfer {
@@ -339,7 +335,6 @@ mod tests {
             dir: if xfer > 0 { DataDir::In } else { DataDir::None },
             timed_out: false,
             recovery: PktStatistics::empty(),
-            len_clamped: false,
         }
     }
 
@@ -425,12 +420,13 @@ mod tests {
     fn untrustworthy_answers_become_transport_errors() {
         let o = outcome(&resp(response::OK, 0, 8192), &facts(4096));
         assert_eq!(o.reason, ffi::CMD_TRAN_ERR, "residual beyond the transfer");
-        let mut f = facts(4096);
-        f.len_clamped = true;
+        let o = outcome(&resp(0xff, 0, 0), &facts(4096));
         assert_eq!(
-            outcome(&resp(response::OK, 0, 0), &f).reason,
-            ffi::CMD_TRAN_ERR
+            o.reason,
+            ffi::CMD_TRAN_ERR,
+            "a response the device never wrote (pre-filled 0xff)"
         );
+        assert_eq!(o.resid, 4096, "nothing is claimed transferred");
     }
 
     #[test]

@@ -1,1 +1,7 @@
-//! placeholder
+//! `rvscsi-sim`: the rvscsi driver attached to QEMU's virtio-scsi device
+//! model through the DDI emulation, with an sd-like target driver on top,
+//! and the `format` and `dd` commands an illumos administrator would use.
+
+pub mod cli;
+pub mod scsi;
+pub mod sd;

@@ -1,0 +1,501 @@
+//! The `rvscsi-sim` command line: options naming the machine (disk images,
+//! transport, interrupts, queues), and the `format` and `dd` commands.
+
+use crate::sd::{Disk, Sd, SdDriver};
+use rvscsi_emu::{Bed, BedConfig, Disk as MachineDisk, MachineConfig, VirtioPci};
+use std::fmt::Write as _;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What to run the driver on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimOptions {
+    /// `--transport legacy|modern`
+    pub transport: String,
+    /// `--interrupts msix|msi|intx|poll`
+    pub interrupts: String,
+    /// `--num-queues N`
+    pub num_queues: Option<u32>,
+    /// Disks: (QEMU filename, target, lun).
+    pub disks: Vec<(String, u8, u16)>,
+    /// `--qemu PATH`
+    pub qemu: Option<String>,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        SimOptions {
+            transport: "modern".into(),
+            interrupts: "msix".into(),
+            num_queues: None,
+            disks: Vec::new(),
+            qemu: None,
+        }
+    }
+}
+
+/// Usage text.
+pub const USAGE: &str = "\
+usage: rvscsi-sim [options] format DISK...
+       rvscsi-sim [options] dd DISK... -- if=FILE of=FILE [bs=N] [count=N] [skip=N] [seek=N]
+
+Attaches the rvscsi driver (virtio-scsi) to QEMU's device model over the
+given disk images and runs an illumos-style command on the disks it finds.
+
+DISK is a QEMU block filename (a raw image, or e.g. blkdebug:rules.conf:disk.img),
+optionally followed by ,target=T and ,lun=L (default: the Nth disk is target N, LUN 0).
+A dd operand naming a disk is /dev/rdsk/cTdL (or cTdL, with T and L in hex).
+
+options:
+  --transport legacy|modern     virtio-pci interface (default modern)
+  --interrupts msix|msi|intx|poll
+                                interrupt type the driver is told to use (default msix)
+  --num-queues N                virtio-scsi request queues of the device
+  --qemu PATH                   the qemu-system-x86_64 to run
+";
+
+/// Parses options and disk arguments; returns the options and the rest.
+pub fn parse_options(args: &[String]) -> Result<(SimOptions, Vec<String>), String> {
+    let mut o = SimOptions::default();
+    let mut rest = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        let mut value = |name: &str| -> Result<String, String> {
+            i += 1;
+            args.get(i)
+                .cloned()
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        match a.as_str() {
+            "--transport" => {
+                let v = value("--transport")?;
+                if v != "legacy" && v != "modern" {
+                    return Err(format!("--transport: '{v}' is neither legacy nor modern"));
+                }
+                o.transport = v;
+            }
+            "--interrupts" => {
+                let v = value("--interrupts")?;
+                if !["msix", "msi", "intx", "poll"].contains(&v.as_str()) {
+                    return Err(format!(
+                        "--interrupts: '{v}' is not one of msix, msi, intx, poll"
+                    ));
+                }
+                o.interrupts = v;
+            }
+            "--num-queues" => {
+                let v = value("--num-queues")?;
+                o.num_queues = Some(
+                    v.parse()
+                        .map_err(|_| format!("--num-queues: '{v}' is not a number"))?,
+                );
+            }
+            "--qemu" => o.qemu = Some(value("--qemu")?),
+            _ => rest.extend(args[i..].iter().cloned()),
+        }
+        if !rest.is_empty() {
+            break;
+        }
+        i += 1;
+    }
+    Ok((o, rest))
+}
+
+/// Parses a DISK argument: `FILE[,target=T][,lun=L]`.
+pub fn parse_disk(arg: &str, index: usize) -> Result<(String, u8, u16), String> {
+    let mut target = u8::try_from(index).map_err(|_| "too many disks".to_string())?;
+    let mut lun = 0u16;
+    let mut file = arg.to_string();
+    // Options are only recognized at the end, so QEMU filenames with
+    // colons and commas of their own still work.
+    loop {
+        let Some(comma) = file.rfind(',') else { break };
+        let opt = file[comma + 1..].to_string();
+        if let Some(t) = opt.strip_prefix("target=") {
+            target = t.parse().map_err(|_| format!("bad target in '{arg}'"))?;
+        } else if let Some(l) = opt.strip_prefix("lun=") {
+            lun = l.parse().map_err(|_| format!("bad lun in '{arg}'"))?;
+            if lun > 16383 {
+                return Err(format!("lun {lun} in '{arg}' is beyond 16383"));
+            }
+        } else {
+            break;
+        }
+        file.truncate(comma);
+    }
+    Ok((file, target, lun))
+}
+
+/// Starts QEMU with the disks and attaches the driver.
+pub fn attach(o: &SimOptions) -> Result<(Bed, Arc<Sd>), String> {
+    if o.disks.is_empty() {
+        return Err("no disk given".into());
+    }
+    let disks = o
+        .disks
+        .iter()
+        .map(|(f, t, l)| MachineDisk {
+            file: f.clone(),
+            target: *t,
+            lun: *l,
+        })
+        .collect();
+    let mut mc = MachineConfig::virtio_scsi(disks);
+    mc.virtio = if o.transport == "legacy" {
+        VirtioPci::Transitional
+    } else {
+        VirtioPci::ModernOnly
+    };
+    mc.num_queues = o.num_queues;
+    if let Some(q) = &o.qemu {
+        mc.qemu.binary = q.into();
+    }
+    let sd = Sd::new();
+    let intr = match o.interrupts.as_str() {
+        "intx" => "fixed",
+        other => other,
+    };
+    let cfg = BedConfig::new(mc, Arc::new(SdDriver(sd.clone())))
+        .prop_str("virtio-transport", &o.transport)
+        .prop_str("interrupt-type", intr);
+    let bed = Bed::attach(cfg).map_err(|e| e.to_string())?;
+    Ok((bed, sd))
+}
+
+/// The `format` listing: one line per disk.
+pub fn format_listing(disks: &[Arc<Disk>]) -> String {
+    let mut s = String::new();
+    for d in disks {
+        let _ = writeln!(
+            s,
+            "{} {} {} {} x {}",
+            d.name(),
+            d.vendor,
+            d.product,
+            d.blocks,
+            d.block_size
+        );
+    }
+    s
+}
+
+/// dd operands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DdArgs {
+    /// if=
+    pub input: String,
+    /// of=
+    pub output: String,
+    /// bs= (bytes)
+    pub bs: usize,
+    /// count= (blocks of bs; None: to the end of the input)
+    pub count: Option<u64>,
+    /// skip= (input blocks)
+    pub skip: u64,
+    /// seek= (output blocks)
+    pub seek: u64,
+}
+
+/// Parses a size as dd does: a number with an optional k, m, g, b (512) suffix.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let (num, mult) = match s.chars().last()? {
+        'k' | 'K' => (&s[..s.len() - 1], 1024),
+        'm' | 'M' => (&s[..s.len() - 1], 1 << 20),
+        'g' | 'G' => (&s[..s.len() - 1], 1 << 30),
+        'b' => (&s[..s.len() - 1], 512),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+/// Parses dd's operands.
+pub fn parse_dd(ops: &[String]) -> Result<DdArgs, String> {
+    let mut a = DdArgs {
+        input: String::new(),
+        output: String::new(),
+        bs: 512,
+        count: None,
+        skip: 0,
+        seek: 0,
+    };
+    for op in ops {
+        let (k, v) = op
+            .split_once('=')
+            .ok_or_else(|| format!("dd: bad operand '{op}'"))?;
+        let num = || parse_size(v).ok_or_else(|| format!("dd: bad number '{v}' for {k}"));
+        match k {
+            "if" => a.input = v.into(),
+            "of" => a.output = v.into(),
+            "bs" => a.bs = usize::try_from(num()?).map_err(|_| "dd: bs too large".to_string())?,
+            "count" => a.count = Some(num()?),
+            "skip" => a.skip = num()?,
+            "seek" => a.seek = num()?,
+            _ => return Err(format!("dd: unknown operand '{k}'")),
+        }
+    }
+    if a.input.is_empty() || a.output.is_empty() {
+        return Err("dd: both if= and of= are needed".into());
+    }
+    if a.bs == 0 {
+        return Err("dd: bs must be positive".into());
+    }
+    Ok(a)
+}
+
+/// If `path` names a disk (`/dev/rdsk/c0tTdL`, `c0tTdL`, with an
+/// optional `p0`), its target and LUN.
+pub fn disk_name(path: &str) -> Option<(u32, u64)> {
+    let name = path
+        .strip_prefix("/dev/rdsk/")
+        .or_else(|| path.strip_prefix("/dev/dsk/"))
+        .unwrap_or(path);
+    let name = name.strip_suffix("p0").unwrap_or(name);
+    let rest = name.strip_prefix('c')?;
+    let t_at = rest.find('t')?;
+    let d_at = rest.find('d')?;
+    if rest[..t_at].parse::<u32>().ok()? != 0 || d_at < t_at {
+        return None;
+    }
+    let t = u32::from_str_radix(&rest[t_at + 1..d_at], 16).ok()?;
+    let l = u64::from_str_radix(&rest[d_at + 1..], 16).ok()?;
+    Some((t, l))
+}
+
+enum End {
+    Disk(Arc<Disk>),
+    File(std::fs::File),
+}
+
+/// dd's summary.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DdSummary {
+    /// Whole blocks read.
+    pub full_in: u64,
+    /// Partial blocks read.
+    pub part_in: u64,
+    /// Whole blocks written.
+    pub full_out: u64,
+    /// Partial blocks written.
+    pub part_out: u64,
+    /// Bytes copied.
+    pub bytes: u64,
+}
+
+impl DdSummary {
+    /// As dd prints it.
+    pub fn render(&self, secs: f64) -> String {
+        let rate = if secs > 0.0 {
+            self.bytes as f64 / secs
+        } else {
+            0.0
+        };
+        format!(
+            "{}+{} records in\n{}+{} records out\n{} bytes transferred in {:.6} secs ({:.0} bytes/sec)\n",
+            self.full_in, self.part_in, self.full_out, self.part_out, self.bytes, secs, rate
+        )
+    }
+}
+
+/// Runs dd between a disk and a host file (either way) or two disks.
+pub fn dd(sd: &Sd, a: &DdArgs) -> Result<DdSummary, String> {
+    let open = |p: &str, write: bool| -> Result<End, String> {
+        if let Some((t, l)) = disk_name(p) {
+            return sd
+                .disk(t, l)
+                .map(End::Disk)
+                .ok_or_else(|| format!("dd: {p}: No such device"));
+        }
+        let f = if write {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(p)
+        } else {
+            std::fs::File::open(p)
+        };
+        f.map(End::File).map_err(|e| format!("dd: {p}: {e}"))
+    };
+    let mut input = open(&a.input, false)?;
+    let mut output = open(&a.output, true)?;
+    for (e, name) in [(&input, &a.input), (&output, &a.output)] {
+        if let End::Disk(d) = e
+            && a.bs % d.block_size as usize != 0
+        {
+            return Err(format!(
+                "dd: {name}: bs={} is not a multiple of the {}-byte block size: Invalid argument",
+                a.bs, d.block_size
+            ));
+        }
+    }
+    if let End::File(f) = &mut output {
+        f.seek(SeekFrom::Start(a.seek * a.bs as u64))
+            .map_err(|e| format!("dd: {}: {e}", a.output))?;
+    }
+    if let End::File(f) = &mut input {
+        f.seek(SeekFrom::Start(a.skip * a.bs as u64))
+            .map_err(|e| format!("dd: {}: {e}", a.input))?;
+    }
+    let mut s = DdSummary::default();
+    let mut block = 0u64;
+    while a.count.is_none_or(|c| block < c) {
+        let data = match &mut input {
+            End::Disk(d) => {
+                let at = (a.skip + block) * a.bs as u64;
+                if at >= d.capacity() {
+                    break;
+                }
+                let n = (a.bs as u64).min(d.capacity() - at) as usize;
+                d.read(at / u64::from(d.block_size), n)
+                    .map_err(|e| format!("dd: read {}: {e} (offset {at})", a.input))?
+            }
+            End::File(f) => {
+                let mut buf = vec![0u8; a.bs];
+                let mut got = 0;
+                while got < a.bs {
+                    let n = f
+                        .read(&mut buf[got..])
+                        .map_err(|e| format!("dd: read {}: {e}", a.input))?;
+                    if n == 0 {
+                        break;
+                    }
+                    got += n;
+                }
+                buf.truncate(got);
+                buf
+            }
+        };
+        if data.is_empty() {
+            break;
+        }
+        if data.len() == a.bs {
+            s.full_in += 1;
+        } else {
+            s.part_in += 1;
+        }
+        match &mut output {
+            End::Disk(d) => {
+                let at = (a.seek + block) * a.bs as u64;
+                if data.len() % d.block_size as usize != 0 {
+                    return Err(format!(
+                        "dd: write {}: a partial block of {} bytes: Invalid argument",
+                        a.output,
+                        data.len()
+                    ));
+                }
+                if at + data.len() as u64 > d.capacity() {
+                    return Err(format!(
+                        "dd: write {}: No space left on device (offset {at})",
+                        a.output
+                    ));
+                }
+                d.write(at / u64::from(d.block_size), &data)
+                    .map_err(|e| format!("dd: write {}: {e} (offset {at})", a.output))?;
+            }
+            End::File(f) => f
+                .write_all(&data)
+                .map_err(|e| format!("dd: write {}: {e}", a.output))?,
+        }
+        if data.len() == a.bs {
+            s.full_out += 1;
+        } else {
+            s.part_out += 1;
+        }
+        s.bytes += data.len() as u64;
+        block += 1;
+        if data.len() < a.bs {
+            break;
+        }
+    }
+    if let End::File(f) = &mut output {
+        f.flush().map_err(|e| format!("dd: {}: {e}", a.output))?;
+    }
+    Ok(s)
+}
+
+/// Runs `rvscsi-sim` with `args`; returns the exit code, printing to
+/// `out` and `err`.
+pub fn run(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> i32 {
+    let (mut o, rest) = match parse_options(args) {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = writeln!(err, "rvscsi-sim: {e}\n{USAGE}");
+            return 2;
+        }
+    };
+    let Some(cmd) = rest.first() else {
+        let _ = write!(err, "{USAGE}");
+        return 2;
+    };
+    let (disk_args, ops): (Vec<String>, Vec<String>) = match rest.iter().position(|a| a == "--") {
+        Some(i) => (rest[1..i].to_vec(), rest[i + 1..].to_vec()),
+        None => (rest[1..].to_vec(), Vec::new()),
+    };
+    for (i, d) in disk_args.iter().enumerate() {
+        match parse_disk(d, i) {
+            Ok(x) => o.disks.push(x),
+            Err(e) => {
+                let _ = writeln!(err, "rvscsi-sim: {e}");
+                return 2;
+            }
+        }
+    }
+    let dd_args = match cmd.as_str() {
+        "format" => None,
+        "dd" => match parse_dd(&ops) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                let _ = writeln!(err, "{e}");
+                return 2;
+            }
+        },
+        other => {
+            let _ = writeln!(err, "rvscsi-sim: unknown command '{other}'\n{USAGE}");
+            return 2;
+        }
+    };
+    let (bed, sd) = match attach(&o) {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = writeln!(err, "rvscsi-sim: {e}");
+            return 1;
+        }
+    };
+    let mut code = 0;
+    match dd_args {
+        None => {
+            let _ = write!(out, "{}", format_listing(&sd.disks()));
+        }
+        Some(a) => {
+            let t0 = Instant::now();
+            match dd(&sd, &a) {
+                Ok(s) => {
+                    let _ = write!(err, "{}", s.render(t0.elapsed().as_secs_f64()));
+                }
+                Err(e) => {
+                    let _ = writeln!(err, "{e}");
+                    code = 1;
+                }
+            }
+        }
+    }
+    drop(sd);
+    match bed.detach() {
+        Ok(r) if r.is_clean() => {}
+        Ok(r) => {
+            let _ = writeln!(
+                err,
+                "rvscsi-sim: the driver left something behind: leaks {:?}, pages {}, violations {:?}",
+                r.leaks, r.pages_leaked, r.violations
+            );
+            code = 3;
+        }
+        Err(e) => {
+            let _ = writeln!(err, "rvscsi-sim: detach failed: {e}");
+            code = 3;
+        }
+    }
+    code
+}
