@@ -110,8 +110,7 @@ pub fn parse_disk(arg: &str, index: usize) -> Result<(String, u8, u16), String> 
     let mut file = arg.to_string();
     // Options are only recognized at the end, so QEMU filenames with
     // colons and commas of their own still work.
-    loop {
-        let Some(comma) = file.rfind(',') else { break };
+    while let Some(comma) = file.rfind(',') {
         let opt = file[comma + 1..].to_string();
         if let Some(t) = opt.strip_prefix("target=") {
             target = t.parse().map_err(|_| format!("bad target in '{arg}'"))?;
@@ -322,7 +321,7 @@ pub fn dd(sd: &Sd, a: &DdArgs) -> Result<DdSummary, String> {
     let mut output = open(&a.output, true)?;
     for (e, name) in [(&input, &a.input), (&output, &a.output)] {
         if let End::Disk(d) = e
-            && a.bs % d.block_size as usize != 0
+            && !a.bs.is_multiple_of(d.block_size as usize)
         {
             return Err(format!(
                 "dd: {name}: bs={} is not a multiple of the {}-byte block size: Invalid argument",

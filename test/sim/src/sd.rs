@@ -241,7 +241,7 @@ impl Disk {
 
     fn check_range(&self, lba: u64, bytes: usize) -> Result<u64, IoError> {
         let bs = u64::from(self.block_size);
-        if bytes as u64 % bs != 0 {
+        if !(bytes as u64).is_multiple_of(bs) {
             return Err(IoError::Invalid(format!(
                 "{bytes} bytes is not a whole number of {bs}-byte blocks"
             )));
