@@ -137,6 +137,24 @@ impl Interrupts {
         Ok(me)
     }
 
+    /// Frees every vector past the first `n` (before any is enabled): a
+    /// driver that will not use them must not leave them allocated
+    /// without handlers.
+    pub fn keep(&mut self, n: usize) {
+        let n = n.max(1);
+        while self.handles.len() > n {
+            let (Some(h), Some(added)) = (self.handles.pop(), self.with_handler.pop()) else { break };
+            // SAFETY: an allocated handle, not enabled (enable() was not
+            // called yet by contract of this method), freed once.
+            unsafe {
+                if added {
+                    ffi::ddi_intr_remove_handler(h);
+                }
+                ffi::ddi_intr_free(h);
+            }
+        }
+    }
+
     /// The type granted.
     pub fn kind(&self) -> IntrKind {
         self.kind

@@ -376,7 +376,7 @@ impl VioScsi {
             (None, IntrMode::Poll)
         } else {
             let want = usize::from(FIRST_REQUEST_QUEUE) + usize::from(nreq);
-            let i = Interrupts::alloc(dip, tun.intr, want)?;
+            let mut i = Interrupts::alloc(dip, tun.intr, want)?;
             let mode = match i.kind() {
                 IntrKind::MsiX => IntrMode::MsiX {
                     dedicated: i.count() >= want,
@@ -384,6 +384,10 @@ impl VioScsi {
                 IntrKind::Msi => IntrMode::Msi,
                 IntrKind::Fixed => IntrMode::Fixed,
             };
+            // Fewer vectors than sources: everything shares the first one;
+            // the others are given back rather than left without handlers.
+            let dedicated = mode == IntrMode::MsiX { dedicated: true };
+            i.keep(if dedicated { want } else { 1 });
             (Some(i), mode)
         };
         let pri = interrupts.as_ref().map_or(0, |i| i.priority());

@@ -66,11 +66,12 @@ if [ "$want_qemu72" = 1 ]; then
     if [ ! -x "$dest/root/usr/bin/qemu-system-x86_64" ]; then
         echo "install-deps: unpacking QEMU 7.2 into $dest"
         mkdir -p "$dest/debs" "$dest/root"
-        (cd "$dest/debs" && apt-get download \
-            qemu-system-x86=1:7.2+dfsg-7+deb12u18+b2 qemu-system-common=1:7.2+dfsg-7+deb12u18 \
-            qemu-system-data=1:7.2+dfsg-7+deb12u18 2>/dev/null || \
-            (cd "$dest/debs" && apt-get download -t bookworm qemu-system-x86 qemu-system-common qemu-system-data))
+        # bookworm's own 7.2 (the release pin picks it over backports);
+        # unpacked, never installed, so it cannot conflict with 10.x.
+        (cd "$dest/debs" && apt-get download -q \
+            qemu-system-x86/bookworm qemu-system-common/bookworm qemu-system-data/bookworm)
         for d in "$dest"/debs/*.deb; do dpkg-deb -x "$d" "$dest/root"; done
+        "$dest/root/usr/bin/qemu-system-x86_64" --version | head -n1
     fi
 fi
 echo "install-deps: ok ($(qemu-system-x86_64 --version | head -n1))"

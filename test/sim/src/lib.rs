@@ -5,3 +5,4 @@
 pub mod cli;
 pub mod scsi;
 pub mod sd;
+pub mod testkit;

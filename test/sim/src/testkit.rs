@@ -1,0 +1,300 @@
+//! Helpers for the integration tests and the benchmark: temporary disk
+//! images with a known pattern (a model of what the disk holds), a rig
+//! that attaches the driver to them, QEMU 7.2 for the scenarios QEMU
+//! 10.0.2 cannot run.
+
+use crate::sd::{Sd, SdDriver};
+use rvscsi_emu::{Bed, BedConfig, DetachReport, Disk as MachineDisk, MachineConfig, VirtioPci};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
+
+impl TempDir {
+    /// A fresh directory under the system temp dir.
+    pub fn new(tag: &str) -> TempDir {
+        let n = NEXT_DIR.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("rvscsi-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create a temporary directory");
+        TempDir(p)
+    }
+
+    /// A path inside it.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What block `lba` of a patterned image holds (512 bytes, unique per
+/// block and per image seed).
+pub fn pattern_block(seed: u64, lba: u64) -> [u8; 512] {
+    let mut b = [0u8; 512];
+    let head = format!("rvscsi seed {seed:08x} LBA {lba:016x} ");
+    b[..head.len()].copy_from_slice(head.as_bytes());
+    let mut x = seed ^ lba.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x2545_f491_4f6c_dd1d;
+    for byte in &mut b[head.len()..] {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *byte = x as u8;
+    }
+    b
+}
+
+/// Pseudo-random bytes.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A raw image file filled with [`pattern_block`]s.
+pub struct Image {
+    /// Its path.
+    pub path: PathBuf,
+    /// Pattern seed.
+    pub seed: u64,
+    /// Size in 512-byte blocks.
+    pub blocks: u64,
+}
+
+impl Image {
+    /// Creates `path` with `blocks` patterned blocks.
+    pub fn patterned(path: &Path, seed: u64, blocks: u64) -> Image {
+        let mut data = Vec::with_capacity(blocks as usize * 512);
+        for lba in 0..blocks {
+            data.extend_from_slice(&pattern_block(seed, lba));
+        }
+        std::fs::write(path, &data).expect("write a disk image");
+        Image { path: path.to_path_buf(), seed, blocks }
+    }
+
+    /// The image file's bytes `[off, off+len)` (what QEMU wrote through).
+    pub fn read(&self, off: u64, len: usize) -> Vec<u8> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(&self.path).expect("open the image");
+        f.seek(SeekFrom::Start(off)).expect("seek the image");
+        let mut b = vec![0u8; len];
+        f.read_exact(&mut b).expect("read the image");
+        b
+    }
+
+    /// What the pattern says blocks `[lba, lba+n)` hold.
+    pub fn expected(&self, lba: u64, n: u64) -> Vec<u8> {
+        (lba..lba + n).flat_map(|l| pattern_block(self.seed, l)).collect()
+    }
+}
+
+/// Where an unpacked QEMU 7.2 lives (`test/scripts/install-deps.sh
+/// --qemu72` puts it under `target/qemu72/root`), or why there is none.
+pub fn qemu72_root() -> Result<PathBuf, String> {
+    let root = std::env::var_os("RVSCSI_QEMU72_ROOT").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/qemu72/root")
+    });
+    if root.join("usr/bin/qemu-system-x86_64").is_file() {
+        Ok(root)
+    } else {
+        Err(format!(
+            "QEMU 7.2 is not unpacked at {} (QEMU 10.0.2 deadlocks on ABORT TASK of a held request, \
+             so this scenario needs 7.2): run test/scripts/install-deps.sh --qemu72",
+            root.display()
+        ))
+    }
+}
+
+/// A target driver that attaches to every LUN without sending anything
+/// (so a raw-packet test finds the LUN as the device left it, power-on
+/// unit attention included).
+#[derive(Default)]
+pub struct Recorder {
+    devices: std::sync::Mutex<Vec<Arc<rvscsi_emu::Device>>>,
+}
+
+struct Recorded;
+
+impl rvscsi_emu::TargetInstance for Recorded {
+    fn detach(&self) {}
+}
+
+impl rvscsi_emu::TargetDriver for Recorder {
+    fn attach(&self, dev: Arc<rvscsi_emu::Device>, _inq: &[u8]) -> Result<Box<dyn rvscsi_emu::TargetInstance>, String> {
+        self.devices.lock().unwrap_or_else(|p| p.into_inner()).push(dev);
+        Ok(Box::new(Recorded))
+    }
+}
+
+impl Recorder {
+    /// The LUNs attached, in order.
+    pub fn devices(&self) -> Vec<Arc<rvscsi_emu::Device>> {
+        self.devices.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Which target driver the rig binds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Driver {
+    /// The sd-like driver (attach sequence, disks).
+    Sd,
+    /// The recorder (no I/O at attach).
+    Recorder,
+}
+
+/// Which QEMU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Qemu {
+    /// The installed one (10.x).
+    System,
+    /// The unpacked 7.2.
+    V72,
+}
+
+/// What to attach.
+#[derive(Clone, Debug)]
+pub struct RigConfig {
+    /// Images: (blocks, target, lun); file `d<i>.img`.
+    pub images: Vec<(u64, u8, u16)>,
+    /// Per image, a QEMU filename prefix such as `blkdebug:RULES:` (the
+    /// rules file is written into the rig's directory).
+    pub blkdebug: Vec<Option<String>>,
+    /// `legacy` or `modern`.
+    pub transport: String,
+    /// `msix`, `msi`, `fixed`, `poll`.
+    pub interrupts: String,
+    /// Extra driver properties.
+    pub props: Vec<(String, i32)>,
+    /// virtio-scsi `num_queues`.
+    pub num_queues: Option<u32>,
+    /// MSI-X vectors of the device.
+    pub msix_vectors: Option<u32>,
+    /// QEMU.
+    pub qemu: Qemu,
+    /// Extra `-drive` options for every disk (e.g. throttling).
+    pub drive_opts: Vec<String>,
+    /// The target driver.
+    pub driver: Driver,
+}
+
+impl Default for RigConfig {
+    fn default() -> Self {
+        RigConfig {
+            images: vec![(8192, 0, 0)],
+            blkdebug: Vec::new(),
+            transport: "modern".into(),
+            interrupts: "msix".into(),
+            props: Vec::new(),
+            num_queues: None,
+            msix_vectors: None,
+            qemu: Qemu::System,
+            drive_opts: Vec::new(),
+            driver: Driver::Sd,
+        }
+    }
+}
+
+/// The driver attached to QEMU over patterned images, with sd on top.
+pub struct Rig {
+    /// The bed.
+    pub bed: Option<Bed>,
+    /// The target driver.
+    pub sd: Arc<Sd>,
+    /// The recorder, with `Driver::Recorder`.
+    pub recorder: Arc<Recorder>,
+    /// The images, in order.
+    pub images: Vec<Image>,
+    /// The directory holding them.
+    pub dir: TempDir,
+}
+
+impl Rig {
+    /// Attaches per `cfg`; panics with the reason if it cannot.
+    pub fn start(cfg: RigConfig) -> Rig {
+        Self::try_start(cfg).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Attaches per `cfg`.
+    pub fn try_start(cfg: RigConfig) -> Result<Rig, String> {
+        let dir = TempDir::new("rig");
+        let mut images = Vec::new();
+        let mut disks = Vec::new();
+        for (i, &(blocks, target, lun)) in cfg.images.iter().enumerate() {
+            let img = Image::patterned(&dir.path(&format!("d{i}.img")), 0x1000 + i as u64, blocks);
+            let prefix = cfg.blkdebug.get(i).cloned().flatten().unwrap_or_default();
+            let mut file = format!("{prefix}{}", img.path.display());
+            for o in &cfg.drive_opts {
+                file.push(',');
+                file.push_str(o);
+            }
+            disks.push(MachineDisk { file, target, lun });
+            images.push(img);
+        }
+        let mut mc = MachineConfig::virtio_scsi(disks);
+        mc.virtio = if cfg.transport == "legacy" { VirtioPci::Transitional } else { VirtioPci::ModernOnly };
+        mc.num_queues = cfg.num_queues;
+        mc.msix_vectors = cfg.msix_vectors;
+        if cfg.qemu == Qemu::V72 {
+            let root = qemu72_root()?;
+            mc.qemu.binary = root.join("usr/bin/qemu-system-x86_64");
+            mc.qemu.env.push(("QEMU_MODULE_DIR".into(), root.join("usr/lib/x86_64-linux-gnu/qemu").display().to_string()));
+            mc.qemu.args.extend(["-L".into(), root.join("usr/share/qemu").display().to_string(), "-L".into(), "/usr/share/seabios".into()]);
+        }
+        let sd = Sd::new();
+        let recorder = Arc::new(Recorder::default());
+        let td: Arc<dyn rvscsi_emu::TargetDriver> = match cfg.driver {
+            Driver::Sd => Arc::new(SdDriver(sd.clone())),
+            Driver::Recorder => recorder.clone(),
+        };
+        let mut bc = BedConfig::new(mc, td)
+            .prop_str("virtio-transport", &cfg.transport)
+            .prop_str("interrupt-type", &cfg.interrupts);
+        for (k, v) in &cfg.props {
+            bc = bc.prop_int(k, *v);
+        }
+        let bed = Bed::attach(bc).map_err(|e| e.to_string())?;
+        Ok(Rig { bed: Some(bed), sd, recorder, images, dir })
+    }
+
+    /// The bed.
+    pub fn bed(&self) -> &Bed {
+        self.bed.as_ref().expect("attached")
+    }
+
+    /// The first disk (target/LUN of the first image).
+    pub fn disk0(&self) -> Arc<crate::sd::Disk> {
+        self.sd.disks().into_iter().next().expect("a disk attached")
+    }
+
+    /// What the driver logged.
+    pub fn log(&self) -> Vec<String> {
+        self.bed().machine.log().into_iter().map(|l| l.text).collect()
+    }
+
+    /// Detaches and returns the report.
+    pub fn finish(mut self) -> DetachReport {
+        let bed = self.bed.take().expect("attached");
+        bed.detach().expect("detach")
+    }
+
+    /// Detaches and fails the test unless nothing leaked and no DDI rule
+    /// was broken.
+    pub fn finish_clean(self) {
+        let r = self.finish();
+        assert!(r.is_clean(), "after detach: leaks {:?}, pages leaked {}, violations {:?}", r.leaks, r.pages_leaked, r.violations);
+    }
+}
