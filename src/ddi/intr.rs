@@ -143,7 +143,9 @@ impl Interrupts {
     pub fn keep(&mut self, n: usize) {
         let n = n.max(1);
         while self.handles.len() > n {
-            let (Some(h), Some(added)) = (self.handles.pop(), self.with_handler.pop()) else { break };
+            let (Some(h), Some(added)) = (self.handles.pop(), self.with_handler.pop()) else {
+                break;
+            };
             // SAFETY: an allocated handle, not enabled (enable() was not
             // called yet by contract of this method), freed once.
             unsafe {

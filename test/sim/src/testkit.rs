@@ -83,7 +83,11 @@ impl Image {
             data.extend_from_slice(&pattern_block(seed, lba));
         }
         std::fs::write(path, &data).expect("write a disk image");
-        Image { path: path.to_path_buf(), seed, blocks }
+        Image {
+            path: path.to_path_buf(),
+            seed,
+            blocks,
+        }
     }
 
     /// The image file's bytes `[off, off+len)` (what QEMU wrote through).
@@ -98,16 +102,18 @@ impl Image {
 
     /// What the pattern says blocks `[lba, lba+n)` hold.
     pub fn expected(&self, lba: u64, n: u64) -> Vec<u8> {
-        (lba..lba + n).flat_map(|l| pattern_block(self.seed, l)).collect()
+        (lba..lba + n)
+            .flat_map(|l| pattern_block(self.seed, l))
+            .collect()
     }
 }
 
 /// Where an unpacked QEMU 7.2 lives (`test/scripts/install-deps.sh
 /// --qemu72` puts it under `target/qemu72/root`), or why there is none.
 pub fn qemu72_root() -> Result<PathBuf, String> {
-    let root = std::env::var_os("RVSCSI_QEMU72_ROOT").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/qemu72/root")
-    });
+    let root = std::env::var_os("RVSCSI_QEMU72_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/qemu72/root"));
     if root.join("usr/bin/qemu-system-x86_64").is_file() {
         Ok(root)
     } else {
@@ -134,8 +140,15 @@ impl rvscsi_emu::TargetInstance for Recorded {
 }
 
 impl rvscsi_emu::TargetDriver for Recorder {
-    fn attach(&self, dev: Arc<rvscsi_emu::Device>, _inq: &[u8]) -> Result<Box<dyn rvscsi_emu::TargetInstance>, String> {
-        self.devices.lock().unwrap_or_else(|p| p.into_inner()).push(dev);
+    fn attach(
+        &self,
+        dev: Arc<rvscsi_emu::Device>,
+        _inq: &[u8],
+    ) -> Result<Box<dyn rvscsi_emu::TargetInstance>, String> {
+        self.devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(dev);
         Ok(Box::new(Recorded))
     }
 }
@@ -143,7 +156,10 @@ impl rvscsi_emu::TargetDriver for Recorder {
 impl Recorder {
     /// The LUNs attached, in order.
     pub fn devices(&self) -> Vec<Arc<rvscsi_emu::Device>> {
-        self.devices.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -245,14 +261,28 @@ impl Rig {
             images.push(img);
         }
         let mut mc = MachineConfig::virtio_scsi(disks);
-        mc.virtio = if cfg.transport == "legacy" { VirtioPci::Transitional } else { VirtioPci::ModernOnly };
+        mc.virtio = if cfg.transport == "legacy" {
+            VirtioPci::Transitional
+        } else {
+            VirtioPci::ModernOnly
+        };
         mc.num_queues = cfg.num_queues;
         mc.msix_vectors = cfg.msix_vectors;
         if cfg.qemu == Qemu::V72 {
             let root = qemu72_root()?;
             mc.qemu.binary = root.join("usr/bin/qemu-system-x86_64");
-            mc.qemu.env.push(("QEMU_MODULE_DIR".into(), root.join("usr/lib/x86_64-linux-gnu/qemu").display().to_string()));
-            mc.qemu.args.extend(["-L".into(), root.join("usr/share/qemu").display().to_string(), "-L".into(), "/usr/share/seabios".into()]);
+            mc.qemu.env.push((
+                "QEMU_MODULE_DIR".into(),
+                root.join("usr/lib/x86_64-linux-gnu/qemu")
+                    .display()
+                    .to_string(),
+            ));
+            mc.qemu.args.extend([
+                "-L".into(),
+                root.join("usr/share/qemu").display().to_string(),
+                "-L".into(),
+                "/usr/share/seabios".into(),
+            ]);
         }
         let sd = Sd::new();
         let recorder = Arc::new(Recorder::default());
@@ -267,7 +297,13 @@ impl Rig {
             bc = bc.prop_int(k, *v);
         }
         let bed = Bed::attach(bc).map_err(|e| e.to_string())?;
-        Ok(Rig { bed: Some(bed), sd, recorder, images, dir })
+        Ok(Rig {
+            bed: Some(bed),
+            sd,
+            recorder,
+            images,
+            dir,
+        })
     }
 
     /// The bed.
@@ -282,7 +318,12 @@ impl Rig {
 
     /// What the driver logged.
     pub fn log(&self) -> Vec<String> {
-        self.bed().machine.log().into_iter().map(|l| l.text).collect()
+        self.bed()
+            .machine
+            .log()
+            .into_iter()
+            .map(|l| l.text)
+            .collect()
     }
 
     /// Detaches and returns the report.
@@ -295,6 +336,12 @@ impl Rig {
     /// was broken.
     pub fn finish_clean(self) {
         let r = self.finish();
-        assert!(r.is_clean(), "after detach: leaks {:?}, pages leaked {}, violations {:?}", r.leaks, r.pages_leaked, r.violations);
+        assert!(
+            r.is_clean(),
+            "after detach: leaks {:?}, pages leaked {}, violations {:?}",
+            r.leaks,
+            r.pages_leaked,
+            r.violations
+        );
     }
 }

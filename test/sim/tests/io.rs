@@ -8,23 +8,41 @@ use rvscsi_sim::testkit::{Rig, RigConfig, random_bytes};
 fn reads_return_the_image_and_writes_reach_it_from_512_bytes_to_the_largest_transfer() {
     // 64 MiB: room for the largest transfer QEMU allows (max_sectors
     // 65535 x 512 bytes).
-    let rig = Rig::start(RigConfig { images: vec![(131_072, 0, 0)], ..RigConfig::default() });
+    let rig = Rig::start(RigConfig {
+        images: vec![(131_072, 0, 0)],
+        ..RigConfig::default()
+    });
     let disk = rig.disk0();
     let img = &rig.images[0];
     assert_eq!(disk.max_xfer, 65535 * 512, "dma-max follows max_sectors");
     // Reads of the pristine image.
     for (lba, len) in [(0u64, 512usize), (7, 4096), (100, 65536), (1000, 1 << 20)] {
-        let got = disk.read(lba, len).unwrap_or_else(|e| panic!("read {len} at {lba}: {e}"));
-        assert_eq!(got, img.expected(lba, len as u64 / 512), "read of {len} bytes at block {lba}");
+        let got = disk
+            .read(lba, len)
+            .unwrap_or_else(|e| panic!("read {len} at {lba}: {e}"));
+        assert_eq!(
+            got,
+            img.expected(lba, len as u64 / 512),
+            "read of {len} bytes at block {lba}"
+        );
     }
     // Writes, then read back, and the image file itself.
     let sizes = [512usize, 4096, 65536, 1 << 20, disk.max_xfer];
     let mut lba = 4096u64;
     for (i, &len) in sizes.iter().enumerate() {
         let data = random_bytes(i as u64 + 7, len);
-        disk.write(lba, &data).unwrap_or_else(|e| panic!("write {len} at {lba}: {e}"));
-        assert_eq!(disk.read(lba, len).expect("read back"), data, "read back {len} bytes");
-        assert_eq!(img.read(lba * 512, len), data, "image file after writing {len} bytes");
+        disk.write(lba, &data)
+            .unwrap_or_else(|e| panic!("write {len} at {lba}: {e}"));
+        assert_eq!(
+            disk.read(lba, len).expect("read back"),
+            data,
+            "read back {len} bytes"
+        );
+        assert_eq!(
+            img.read(lba * 512, len),
+            data,
+            "image file after writing {len} bytes"
+        );
         lba += (len as u64).div_ceil(512) + 8;
     }
     // Neighbours untouched.
@@ -34,14 +52,20 @@ fn reads_return_the_image_and_writes_reach_it_from_512_bytes_to_the_largest_tran
 
 #[test]
 fn buffers_larger_than_the_scatter_gather_list_go_in_several_windows() {
-    let rig = Rig::start(RigConfig { images: vec![(16_384, 0, 0)], ..RigConfig::default() });
+    let rig = Rig::start(RigConfig {
+        images: vec![(16_384, 0, 0)],
+        ..RigConfig::default()
+    });
     let disk = rig.disk0();
     let before = disk.commands.load(std::sync::atomic::Ordering::Relaxed);
     // 4 MiB on scattered 4 KiB pages: 1024 cookies against 254 segments.
     let data = random_bytes(99, 4 << 20);
     disk.write(64, &data).expect("write 4 MiB");
     let windows = disk.commands.load(std::sync::atomic::Ordering::Relaxed) - before;
-    assert!(windows >= 4, "4 MiB in 254-cookie windows takes at least 4 commands, took {windows}");
+    assert!(
+        windows >= 4,
+        "4 MiB in 254-cookie windows takes at least 4 commands, took {windows}"
+    );
     assert_eq!(disk.read(64, 4 << 20).expect("read back"), data);
     assert_eq!(rig.images[0].read(64 * 512, 4 << 20), data);
     rig.finish_clean();
@@ -49,8 +73,16 @@ fn buffers_larger_than_the_scatter_gather_list_go_in_several_windows() {
 
 #[test]
 fn several_targets_and_luns_each_reach_their_own_image() {
-    let layout = [(2048u64, 0u8, 0u16), (2048, 0, 1), (4096, 2, 0), (2048, 5, 3)];
-    let rig = Rig::start(RigConfig { images: layout.to_vec(), ..RigConfig::default() });
+    let layout = [
+        (2048u64, 0u8, 0u16),
+        (2048, 0, 1),
+        (4096, 2, 0),
+        (2048, 5, 3),
+    ];
+    let rig = Rig::start(RigConfig {
+        images: layout.to_vec(),
+        ..RigConfig::default()
+    });
     let names: Vec<String> = rig.sd.disks().iter().map(|d| d.name()).collect();
     assert_eq!(names, ["c0t0d0", "c0t0d1", "c0t2d0", "c0t5d3"]);
     for (i, &(blocks, t, l)) in layout.iter().enumerate() {
@@ -61,8 +93,16 @@ fn several_targets_and_luns_each_reach_their_own_image() {
         assert_eq!(d.read(0, 512).expect("read"), rig.images[i].expected(0, 1));
     }
     for (i, img) in rig.images.iter().enumerate() {
-        assert_eq!(img.read(16 * 512, 8192), random_bytes(1000 + i as u64, 8192), "image {i} got its own data");
-        assert_eq!(img.read(15 * 512, 512), img.expected(15, 1), "image {i}: the block before is untouched");
+        assert_eq!(
+            img.read(16 * 512, 8192),
+            random_bytes(1000 + i as u64, 8192),
+            "image {i} got its own data"
+        );
+        assert_eq!(
+            img.read(15 * 512, 512),
+            img.expected(15, 1),
+            "image {i}: the block before is untouched"
+        );
     }
     rig.finish_clean();
 }
@@ -76,9 +116,16 @@ fn run_mode(transport: &str, interrupts: &str, vectors: Option<u32>, expect: &st
         msix_vectors: vectors,
         ..RigConfig::default()
     });
-    let line = rig.log().into_iter().find(|l| l.starts_with("virtio-scsi")).expect("the attach line");
+    let line = rig
+        .log()
+        .into_iter()
+        .find(|l| l.starts_with("virtio-scsi"))
+        .expect("the attach line");
     assert!(line.contains(&format!("{transport} transport")), "{line}");
-    assert!(line.contains(&format!("{expect} interrupts")), "asked {interrupts} with {vectors:?} vectors, got: {line}");
+    assert!(
+        line.contains(&format!("{expect} interrupts")),
+        "asked {interrupts} with {vectors:?} vectors, got: {line}"
+    );
     let disk = rig.disk0();
     let data = random_bytes(5, 256 << 10);
     disk.write(100, &data).expect("write");

@@ -126,9 +126,9 @@ unsafe extern "C" fn emu_pkt_comp(pkt: *mut scsi_pkt) {
     };
     let cb = lock(&w.callback).clone();
     let dev = w.device.clone();
-    w.mark_done();
     if let (Some(cb), Some(dev)) = (cb, dev) {
-        // The callback sees the packet as its owner would.
+        // The callback sees the packet as its owner would, before anyone
+        // waiting for the completion does.
         let p = Packet {
             wrap: NonNull::from(&*w),
             dev,
@@ -136,6 +136,7 @@ unsafe extern "C" fn emu_pkt_comp(pkt: *mut scsi_pkt) {
         };
         cb(&p);
     }
+    w.mark_done();
 }
 
 /// `scsi_hba_pkt_comp(9F)`: checks what the HBA must get right, syncs a
@@ -651,11 +652,13 @@ impl Packet {
             violation("no tran_start");
             return ffi::TRAN_FATAL_ERROR;
         };
-        w.in_flight.store(true, Ordering::Release);
+        // A target driver may (wrongly) start a packet still in flight:
+        // then a refusal must not make it look finished.
+        let was = w.in_flight.swap(true, Ordering::AcqRel);
         // SAFETY: the HBA's entry point with the packet's own address.
         let rc = unsafe { start(&mut w.pkt.pkt_address, self.pkt()) };
         if rc != ffi::TRAN_ACCEPT {
-            self.wrap().in_flight.store(false, Ordering::Release);
+            self.wrap().in_flight.store(was, Ordering::Release);
         }
         rc
     }
