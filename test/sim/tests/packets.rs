@@ -483,6 +483,7 @@ fn bad_packets_get_tran_badpkt_and_leave_nothing_broken() {
     // SAFETY: the test owns the packet; it lies about the cookie count
     // only for the call and restores it before teardown.
     let saved = unsafe { (*p.pkt()).pkt_numcookies };
+    // SAFETY: as above.
     unsafe { (*p.pkt()).pkt_numcookies = 255 };
     assert_eq!(
         p.start_async(),
@@ -494,6 +495,7 @@ fn bad_packets_get_tran_badpkt_and_leave_nothing_broken() {
     // Both data directions at once: refused.
     // SAFETY: as above, for pkt_dma_flags.
     let saved = unsafe { (*p.pkt()).pkt_dma_flags };
+    // SAFETY: as above.
     unsafe { (*p.pkt()).pkt_dma_flags = saved | ffi::DDI_DMA_RDWR };
     assert_eq!(p.start_async(), ffi::TRAN_BADPKT, "read and write at once");
     // SAFETY: as above.
