@@ -1,0 +1,226 @@
+//! `rvscsi-sim format` and `dd` as an administrator would run them.
+
+use rvscsi_sim::testkit::{Image, TempDir, random_bytes};
+use std::process::Command;
+
+fn sim(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_rvscsi-sim"))
+        .args(args)
+        .output()
+        .expect("run rvscsi-sim");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn format_lists_every_disk_with_its_geometry() {
+    let dir = TempDir::new("cli-format");
+    let a = Image::patterned(&dir.path("a.img"), 1, 4096);
+    let b = Image::patterned(&dir.path("b.img"), 2, 20480);
+    let (code, out, err) = sim(&[
+        "format",
+        a.path.to_str().unwrap(),
+        &format!("{},target=2,lun=1", b.path.display()),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        "c0t0d0 QEMU QEMU HARDDISK 4096 x 512\nc0t2d1 QEMU QEMU HARDDISK 20480 x 512\n"
+    );
+    // The legacy transport with fixed interrupts finds the same.
+    let (code, out2, err) = sim(&[
+        "--transport",
+        "legacy",
+        "--interrupts",
+        "intx",
+        "format",
+        a.path.to_str().unwrap(),
+        &format!("{},target=2,lun=1", b.path.display()),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out2, out);
+}
+
+#[test]
+fn dd_writes_a_file_to_the_raw_disk_and_reads_it_back() {
+    let dir = TempDir::new("cli-dd");
+    let img = Image::patterned(&dir.path("d.img"), 3, 8192);
+    let pattern = random_bytes(42, 3 << 20);
+    let pfile = dir.path("pattern.bin");
+    std::fs::write(&pfile, &pattern).unwrap();
+    let back = dir.path("back.bin");
+    let disk = img.path.to_str().unwrap();
+    let (code, _, err) = sim(&[
+        "dd",
+        disk,
+        "--",
+        &format!("if={}", pfile.display()),
+        "of=/dev/rdsk/c0t0d0",
+        "bs=1m",
+        "seek=1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.starts_with("3+0 records in\n3+0 records out\n3145728 bytes transferred in "),
+        "{err}"
+    );
+    assert!(
+        img.read(1 << 20, 3 << 20) == pattern,
+        "the image holds the pattern at 1 MiB"
+    );
+    assert!(
+        img.read(0, 512) == img.expected(0, 1),
+        "and nothing before it changed"
+    );
+    let (code, _, err) = sim(&[
+        "dd",
+        disk,
+        "--",
+        "if=c0t0d0",
+        &format!("of={}", back.display()),
+        "bs=64k",
+        "skip=16",
+        "count=48",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.starts_with("48+0 records in\n48+0 records out\n"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read(&back).unwrap() == pattern,
+        "read back through the driver"
+    );
+    // A partial last record from a short file.
+    std::fs::write(&pfile, &pattern[..1536]).unwrap();
+    let (code, _, err) = sim(&[
+        "dd",
+        disk,
+        "--",
+        &format!("if={}", pfile.display()),
+        "of=c0t0d0",
+        "bs=1024",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.starts_with("1+1 records in\n1+1 records out\n1536 bytes"),
+        "{err}"
+    );
+}
+
+#[test]
+fn dd_reports_bad_requests_and_io_errors_with_sense_and_offset() {
+    let dir = TempDir::new("cli-err");
+    let img = Image::patterned(&dir.path("d.img"), 4, 4096);
+    let disk = img.path.to_str().unwrap().to_string();
+    // The raw device takes whole blocks only.
+    let (code, _, err) = sim(&[
+        "dd",
+        &disk,
+        "--",
+        "if=c0t0d0",
+        "of=/dev/null",
+        "bs=1000",
+        "count=1",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("Invalid argument"), "{err}");
+    // A disk that is not there.
+    let (code, _, err) = sim(&["dd", &disk, "--", "if=c0t5d0", "of=/dev/null"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("No such device"), "{err}");
+    // Past the end.
+    let (code, _, err) = sim(&[
+        "dd",
+        &disk,
+        "--",
+        "if=/dev/zero",
+        "of=c0t0d0",
+        "bs=512",
+        "seek=4096",
+        "count=1",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("No space left on device"), "{err}");
+    // Reads of sector 800 fail with EIO (QEMU reports ABORTED COMMAND
+    // 00/06), writes of sector 900 with ENOSPC (DATA PROTECT 27/07).
+    let rules = dir.path("rules.conf");
+    std::fs::write(&rules, "[inject-error]\nevent = \"read_aio\"\nerrno = \"5\"\nsector = \"800\"\n\n[inject-error]\nevent = \"write_aio\"\nerrno = \"28\"\nsector = \"900\"\n").unwrap();
+    let faulty = format!("blkdebug:{}:{}", rules.display(), disk);
+    let (code, _, err) = sim(&[
+        "dd",
+        &faulty,
+        "--",
+        "if=c0t0d0",
+        "of=/dev/null",
+        "bs=4k",
+        "skip=99",
+        "count=3",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("ABORTED COMMAND (ASC 0x00 ASCQ 0x06)") && err.contains("offset 409600"),
+        "{err}"
+    );
+    let (code, _, err) = sim(&[
+        "dd",
+        &faulty,
+        "--",
+        "if=/dev/zero",
+        "of=c0t0d0",
+        "bs=512",
+        "seek=900",
+        "count=1",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("DATA PROTECT (ASC 0x27 ASCQ 0x07)") && err.contains("offset 460800"),
+        "{err}"
+    );
+    // The neighbouring blocks read fine.
+    let out = dir.path("ok.bin");
+    let (code, _, err) = sim(&[
+        "dd",
+        &faulty,
+        "--",
+        "if=c0t0d0",
+        &format!("of={}", out.display()),
+        "bs=512",
+        "skip=801",
+        "count=8",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(std::fs::read(&out).unwrap() == img.expected(801, 8));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let (code, _, err) = sim(&[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("usage: rvscsi-sim"));
+    let (code, _, err) = sim(&["frobnicate", "x.img"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown command"), "{err}");
+    let (code, _, err) = sim(&["--interrupts", "carrier-pigeon", "format", "x.img"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("not one of msix"), "{err}");
+    let (code, _, err) = sim(&["dd", "x.img", "--", "if=a"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("both if= and of="), "{err}");
+    let (code, _, err) = sim(&["format", "/nonexistent/disk.img"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("rvscsi-sim:"), "{err}");
+}
+
+#[test]
+fn disk_names_parse_like_devfsadm_builds_them() {
+    use rvscsi_sim::cli::disk_name;
+    assert_eq!(disk_name("/dev/rdsk/c0t0d0"), Some((0, 0)));
+    assert_eq!(disk_name("c0tAd1F"), Some((10, 0x1f)));
+    assert_eq!(disk_name("/dev/rdsk/c0t2d1p0"), Some((2, 1)));
+    assert_eq!(disk_name("c1t0d0"), None, "one controller");
+    assert_eq!(disk_name("/tmp/file"), None);
+}

@@ -1,0 +1,153 @@
+//! Discovery: targets found through the iport's target map, kept current
+//! by the event queue (hot-plug, hot-unplug, LUN changes, parameter
+//! changes).
+
+use rvscsi_qtest::json;
+use rvscsi_sim::sd::IoError;
+use rvscsi_sim::testkit::{Image, Rig, RigConfig};
+use std::time::{Duration, Instant};
+
+fn qmp(rig: &Rig, cmd: &str, args: rvscsi_qtest::Value) {
+    rig.bed()
+        .machine
+        .with_qemu(|q| q.qmp(cmd, args))
+        .expect("QEMU")
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn names(rig: &Rig) -> Vec<String> {
+    rig.sd.disks().iter().map(|d| d.name()).collect()
+}
+
+#[test]
+fn the_last_target_id_is_discovered_too() {
+    let rig = Rig::start(RigConfig {
+        images: vec![(2048, 0, 0), (2048, 255, 0)],
+        ..RigConfig::default()
+    });
+    assert_eq!(names(&rig), ["c0t0d0", "c0tFFd0"]);
+    rig.finish_clean();
+}
+
+#[test]
+fn a_hot_plugged_target_and_lun_appear_without_reattach() {
+    let rig = Rig::start(RigConfig::default());
+    assert_eq!(names(&rig), ["c0t0d0"]);
+    let img = Image::patterned(&rig.dir.path("new.img"), 77, 4096);
+    qmp(
+        &rig,
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "n3", "file": {"driver": "file", "filename": img.path.to_str().unwrap()}}),
+    );
+    qmp(
+        &rig,
+        "device_add",
+        json!({"driver": "scsi-hd", "id": "hd3", "bus": "hba0.0", "drive": "n3", "scsi-id": 3, "lun": 0}),
+    );
+    wait_until("target 3", || names(&rig).contains(&"c0t3d0".to_string()));
+    let d = rig.sd.disk(3, 0).unwrap();
+    assert!(
+        d.read(10, 1024).unwrap() == img.expected(10, 2),
+        "the new disk reads its image"
+    );
+    // A second LUN behind an existing target: the LUN rescan finds it.
+    let img2 = Image::patterned(&rig.dir.path("lun1.img"), 78, 2048);
+    qmp(
+        &rig,
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "n4", "file": {"driver": "file", "filename": img2.path.to_str().unwrap()}}),
+    );
+    qmp(
+        &rig,
+        "device_add",
+        json!({"driver": "scsi-hd", "id": "hd4", "bus": "hba0.0", "drive": "n4", "scsi-id": 0, "lun": 1}),
+    );
+    wait_until("LUN 0,1", || names(&rig).contains(&"c0t0d1".to_string()));
+    assert!(rig.sd.disk(0, 1).unwrap().read(0, 512).unwrap() == img2.expected(0, 1));
+    assert!(
+        rig.bed()
+            .machine
+            .log()
+            .iter()
+            .any(|l| l.text.contains("appeared")),
+        "the event is logged"
+    );
+    rig.finish_clean();
+}
+
+#[test]
+fn a_removed_target_goes_away_and_its_io_fails_cleanly() {
+    let rig = Rig::start(RigConfig {
+        images: vec![(2048, 0, 0), (2048, 1, 0)],
+        ..RigConfig::default()
+    });
+    let gone = rig.sd.disk(1, 0).unwrap();
+    qmp(&rig, "device_del", json!({"id": "hd1"}));
+    rig.bed()
+        .machine
+        .with_qemu(|q| q.wait_qmp_event("DEVICE_DELETED", Duration::from_secs(10)))
+        .unwrap()
+        .unwrap();
+    wait_until("target 1 removed", || names(&rig) == ["c0t0d0"]);
+    assert!(gone.is_gone());
+    // The framework has offlined the LUN (tran_tgt_free): the HBA no longer
+    // knows the device and refuses anything still aimed at it.
+    assert_eq!(
+        gone.read(0, 512),
+        Err(IoError::Refused(rvscsi::ffi::TRAN_FATAL_ERROR)),
+        "I/O to an offlined LUN"
+    );
+    // The other target is unaffected.
+    let d0 = rig.sd.disk(0, 0).unwrap();
+    assert!(d0.read(5, 512).unwrap() == rig.images[0].expected(5, 1));
+    rig.finish_clean();
+}
+
+#[test]
+fn a_capacity_change_reaches_the_target_driver_as_a_unit_attention() {
+    let rig = Rig::start(RigConfig::default());
+    let d = rig.disk0();
+    qmp(
+        &rig,
+        "block_resize",
+        json!({"node-name": rig.bed().machine.with_qemu(|q| {
+        let blk = q.qmp("query-block", json!({})).unwrap();
+        blk[0]["inserted"]["node-name"].as_str().unwrap().to_string()
+    }).unwrap(), "size": 16 << 20}),
+    );
+    wait_until("the parameter-change event", || {
+        rig.log()
+            .iter()
+            .any(|l| l.contains("parameters changed (asc 0x2a ascq 0x9)"))
+    });
+    // The next command gets CAPACITY DATA HAS CHANGED (the driver does not
+    // swallow it), then READ CAPACITY sees the new size.
+    let o =
+        rvscsi_sim::sd::Disk::command_once(&d.dev, &rvscsi_sim::scsi::test_unit_ready(), None, 10)
+            .unwrap();
+    let sense = o.result.sense_key();
+    assert_eq!(sense, Some((6, 0x2a, 0x09)), "unit attention 2A/09");
+    let data = std::sync::Arc::new(rvscsi_emu::DataBuf::new(8, 0, true));
+    let o = rvscsi_sim::sd::Disk::command_once(
+        &d.dev,
+        &rvscsi_sim::scsi::read_capacity_10(),
+        Some(data.clone()),
+        10,
+    )
+    .unwrap();
+    assert_eq!(o.result.status(), 0);
+    let last = u32::from_be_bytes(data.bytes()[0..4].try_into().unwrap());
+    assert_eq!(u64::from(last) + 1, (16u64 << 20) / 512);
+    rig.finish_clean();
+}
