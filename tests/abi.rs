@@ -7,7 +7,10 @@ use std::collections::HashMap;
 fn table(name: &str) -> Vec<Vec<String>> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/test/abi/");
     let text = std::fs::read_to_string(format!("{path}{name}")).expect("measured ABI table");
-    text.lines().skip(1).map(|l| l.split('\t').map(str::to_string).collect()).collect()
+    text.lines()
+        .skip(1)
+        .map(|l| l.split('\t').map(str::to_string).collect())
+        .collect()
 }
 
 #[test]
@@ -15,16 +18,23 @@ fn every_mirror_offset_and_size_matches_the_measured_headers() {
     let mut measured: HashMap<(String, String), i64> = HashMap::new();
     for r in table("illumos-amd64-abi.tsv") {
         if r.len() >= 3 {
-            measured.insert((r[0].clone(), r[1].clone()), r[2].parse().unwrap_or(i64::MIN));
+            measured.insert(
+                (r[0].clone(), r[1].clone()),
+                r[2].parse().unwrap_or(i64::MIN),
+            );
         }
     }
     assert!(ABI_LAYOUT.len() > 100, "the layout list covers the mirrors");
     for f in ABI_LAYOUT {
         let (kind, name, value) = match *f {
-            AbiFact::Offset { key, member, value, .. } => ("offset", format!("{key}.{member}"), value),
+            AbiFact::Offset {
+                key, member, value, ..
+            } => ("offset", format!("{key}.{member}"), value),
             AbiFact::Size { key, value, .. } => ("size", key.to_string(), value),
         };
-        let m = measured.get(&(kind.to_string(), name.clone())).unwrap_or_else(|| panic!("{kind} {name} is not in the measured table"));
+        let m = measured
+            .get(&(kind.to_string(), name.clone()))
+            .unwrap_or_else(|| panic!("{kind} {name} is not in the measured table"));
         assert_eq!(*m, value as i64, "{kind} of {name}");
     }
 }
@@ -38,9 +48,15 @@ fn every_constant_matches_the_measured_headers() {
         }
     }
     for &(name, value) in ABI_CONSTANTS {
-        let m = measured.get(name).unwrap_or_else(|| panic!("constant {name} is not in the measured table"));
+        let m = measured
+            .get(name)
+            .unwrap_or_else(|| panic!("constant {name} is not in the measured table"));
         // Unsigned values (DDI_DEV_T_ANY) come out of the table unsigned.
-        let ours = if *m > i128::from(i64::MAX) { i128::from(value as u64) } else { i128::from(value) };
+        let ours = if *m > i128::from(i64::MAX) {
+            i128::from(value as u64)
+        } else {
+            i128::from(value)
+        };
         assert_eq!(*m, ours, "{name}");
     }
 }
@@ -51,7 +67,11 @@ fn every_ddi_declaration_names_a_real_function_with_its_arity() {
     for r in table("illumos-ddi-functions.tsv") {
         if r.len() >= 3 {
             let params = r[2].trim();
-            let n = if params.is_empty() || params == "void" { 0 } else { params.split(" ; ").count() };
+            let n = if params.is_empty() || params == "void" {
+                0
+            } else {
+                params.split(" ; ").count()
+            };
             arity.insert(r[0].clone(), n);
         }
     }
@@ -60,8 +80,11 @@ fn every_ddi_declaration_names_a_real_function_with_its_arity() {
     let mut rest = src;
     while let Some(at) = rest.find("pub fn ") {
         rest = &rest[at + 7..];
-        let name: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
-                // Count top-level commas: parameters may be function pointers.
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        // Count top-level commas: parameters may be function pointers.
         let open = rest.find('(').expect("a parameter list");
         let (mut depth, mut n, mut nonempty) = (0usize, 0usize, false);
         for c in rest[open..].chars() {
@@ -93,7 +116,10 @@ fn every_ddi_declaration_names_a_real_function_with_its_arity() {
                 checked += 1;
             }
             // Kernel exports outside the DDI set the table measured.
-            None => assert!(["panic"].contains(&name.as_str()), "{name} is not a measured DDI function"),
+            None => assert!(
+                ["panic"].contains(&name.as_str()),
+                "{name} is not a measured DDI function"
+            ),
         }
     }
     assert!(checked > 60, "checked {checked} declarations");
