@@ -184,3 +184,37 @@ fn tran_abort_of_a_held_command_completes_it_aborted() {
     assert_eq!(dev.reset(ffi::RESET_TARGET), 1);
     rig.finish_clean();
 }
+
+#[test]
+fn pkt_time_zero_means_no_deadline() {
+    // No abort happens here, so the installed QEMU serves.
+    let rig = Rig::start(RigConfig {
+        images: vec![(4096, 0, 0)],
+        blkdebug: vec![Some("blkdebug::".into())],
+        driver: Driver::Recorder,
+        ..RigConfig::default()
+    });
+    let dev = rig.recorder.devices().remove(0);
+    ready(&dev);
+    hmp(&rig, "qemu-io d0 \"break read_aio T1\"");
+    let mut p = read_pkt(&dev, 40);
+    p.set_time(0);
+    assert_eq!(p.transport(), ffi::TRAN_ACCEPT);
+    // Held for three watchdog seconds: no timeout may fire.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!p.is_done(), "still held");
+    hmp(&rig, "qemu-io d0 \"resume T1\"");
+    assert!(p.wait(Duration::from_secs(20)));
+    let r = p.result();
+    assert_eq!(
+        (r.reason, r.statistics, r.status()),
+        (ffi::CMD_CMPLT, PktStatistics::empty(), 0),
+        "{r:?}"
+    );
+    p.destroy();
+    assert!(
+        !rig.log().iter().any(|l| l.contains("timed out")),
+        "no timeout was declared"
+    );
+    rig.finish_clean();
+}
