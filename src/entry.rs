@@ -23,7 +23,7 @@ use crate::vioscsi::cmd::Cmd;
 use crate::vioscsi::hba::{Callbacks, VectorRole};
 use crate::vioscsi::{Lun, VioScsi};
 use alloc::boxed::Box;
-use core::ffi::{CStr, c_char, c_int, c_void};
+use core::ffi::{CStr, c_char, c_int, c_uint, c_void};
 
 fn callbacks() -> Callbacks {
     Callbacks {
@@ -142,16 +142,33 @@ pub unsafe extern "C" fn rvscsi_hba_dma_attr(
     ffi::DDI_SUCCESS
 }
 
-/// `tran_hba_len`: the HBA private bytes each packet needs.
+/// `tran_hba_len` (a `uint_t`): the HBA private bytes each packet needs.
 #[unsafe(no_mangle)]
-pub extern "C" fn rvscsi_pkt_private_len() -> usize {
-    VioScsi::pkt_private_len()
+pub extern "C" fn rvscsi_pkt_private_len() -> c_uint {
+    const LEN: usize = VioScsi::pkt_private_len();
+    const _: () = assert!(LEN <= u32::MAX as usize);
+    LEN as c_uint
 }
 
 /// `tran_interconnect_type`.
 #[unsafe(no_mangle)]
 pub extern "C" fn rvscsi_interconnect_type() -> c_int {
     ffi::INTERCONNECT_PARALLEL
+}
+
+/// Whether the HBA can be detached now: `DDI_SUCCESS` when no command is
+/// in flight. The shim asks before `scsi_hba_detach(9F)`, which cannot be
+/// undone.
+///
+/// # Safety
+/// `hba` from [`rvscsi_hba_attach`] (or null).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rvscsi_hba_detach_ready(hba: *const c_void) -> c_int {
+    // SAFETY: from rvscsi_hba_attach (caller), or null.
+    match unsafe { hba.cast::<VioScsi>().as_ref() } {
+        Some(hba) if hba.detach_ready() => ffi::DDI_SUCCESS,
+        _ => ffi::DDI_FAILURE,
+    }
 }
 
 /// detach(9E) of the HBA node (after `scsi_hba_detach(9F)`): stops and
@@ -393,7 +410,7 @@ pub unsafe extern "C" fn rvscsi_tran_pkt_destructor(pkt: *mut scsi_pkt, _tran: *
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn rvscsi_tran_setup_pkt(
     pkt: *mut scsi_pkt,
-    _callback: ffi::ddi_callback_t,
+    _callback: ffi::ddi_waitfp_t,
     _arg: caddr_t,
 ) -> c_int {
     // SAFETY: a packet of our cache (caller).

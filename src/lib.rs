@@ -13,7 +13,10 @@
 //! - `vioscsi`: the virtio-scsi HBA: queues, commands, task management,
 //!   events, discovery, timeouts.
 //! - `entry`: the `extern "C"` entry points the C shim installs in
-//!   `scsi_hba_tran(9S)` and `dev_ops(9S)`.
+//!   `scsi_hba_tran(9S)` and `dev_ops(9S)`; [`contract`] proves at compile
+//!   time that they match the shim's header (`c-shim/rvscsi.h`).
+//! - [`probes`]: DTrace SDT probes; [`runtime`]: the kernel allocator and
+//!   panic handler.
 #![no_std]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -22,9 +25,12 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+pub mod contract;
 pub mod ddi;
 pub mod entry;
 pub mod ffi;
+pub mod probes;
+pub mod runtime;
 pub mod scsa;
 pub mod shmem;
 pub mod vioscsi;

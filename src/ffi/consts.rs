@@ -183,6 +183,10 @@ abi_constants! {
     MICROSEC: i64 = 1_000_000;
     NANOSEC: i64 = 1_000_000_000;
 
+    // module linkage (modlinkage(9S), dev_ops(9S)), for the C shim
+    MODREV_1: c_int = 1;
+    DEVO_REV: c_int = 4;
+
     // default pkt sizes (sys/scsi/scsi_pkt.h)
     DEFAULT_CDBLEN: usize = 16;
     DEFAULT_SCBLEN: usize = 32;

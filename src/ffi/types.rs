@@ -74,8 +74,14 @@ opaque_types! {
     ddi_periodic_impl;
     /// `kmem_cache_t`
     kmem_cache_t;
-    /// `struct modlinkage` (owned by the C shim).
-    modlinkage;
+    /// `struct mod_ops` (the kernel's `mod_driverops`).
+    mod_ops;
+    /// `struct modinfo` (filled by `mod_info(9F)`).
+    modinfo;
+    /// `struct cb_ops` (the framework supplies an HBA's).
+    cb_ops;
+    /// `struct bus_ops` (the framework supplies an HBA's).
+    bus_ops;
 }
 
 /// `ddi_acc_handle_t`
@@ -101,6 +107,11 @@ pub type ddi_intr_handler_t = unsafe extern "C" fn(caddr_t, caddr_t) -> uint_t;
 #[repr(transparent)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ddi_callback_t(pub usize);
+
+/// The same `int (*)(caddr_t)` argument with its exact C type, where the
+/// driver receives it (`tran_setup_pkt(9E)`). `SLEEP_FUNC` arrives as
+/// `Some` of the non-callable address 1: never call it, only compare.
+pub type ddi_waitfp_t = Option<unsafe extern "C" fn(caddr_t) -> c_int>;
 
 /// `kmutex_t`: opaque, one pointer wide (mutex(9F)).
 #[repr(C)]
@@ -239,7 +250,7 @@ pub type tran_pkt_constructor_fn =
 /// `tran_pkt_destructor`
 pub type tran_pkt_destructor_fn = unsafe extern "C" fn(*mut scsi_pkt, *mut scsi_hba_tran);
 /// `tran_setup_pkt`
-pub type tran_setup_pkt_fn = unsafe extern "C" fn(*mut scsi_pkt, ddi_callback_t, caddr_t) -> c_int;
+pub type tran_setup_pkt_fn = unsafe extern "C" fn(*mut scsi_pkt, ddi_waitfp_t, caddr_t) -> c_int;
 /// `tran_teardown_pkt`
 pub type tran_teardown_pkt_fn = unsafe extern "C" fn(*mut scsi_pkt);
 /// `tran_quiesce` / `tran_unquiesce`
@@ -303,6 +314,56 @@ pub struct scsi_hba_tran {
     pub tran_iport_dip: *mut dev_info_t,
     pub tran_iportmap: *mut c_void,
     pub tran_tgtmap: *mut scsi_hba_tgtmap_t,
+}
+
+// ---- Module linkage: the C shim owns these (modldrv(9S), modlinkage(9S),
+// ---- dev_ops(9S)); they are mirrored so that their layout is asserted in
+// ---- one place, for the shim's minimal headers and the test bed's loader.
+
+/// `struct modldrv` (modldrv(9S)).
+#[repr(C)]
+pub struct modldrv {
+    pub drv_modops: *mut mod_ops,
+    pub drv_linkinfo: *mut c_char,
+    pub drv_dev_ops: *mut dev_ops,
+}
+
+/// Linkage slots of `struct modlinkage` in a 64-bit kernel.
+pub const MODLINKAGE_SLOTS: usize = 7;
+
+/// `struct modlinkage` (modlinkage(9S)): a NULL-terminated list.
+#[repr(C)]
+pub struct modlinkage {
+    pub ml_rev: c_int,
+    pub ml_linkage: [*mut c_void; MODLINKAGE_SLOTS],
+}
+
+/// `devo_getinfo` (getinfo(9E)); `ddi_info_cmd_t` is an int-sized enum.
+pub type devo_getinfo_fn =
+    unsafe extern "C" fn(*mut dev_info_t, c_int, *mut c_void, *mut *mut c_void) -> c_int;
+/// `devo_identify`, `devo_probe` (probe(9E)), `devo_quiesce` (quiesce(9E)).
+pub type devo_dip_fn = unsafe extern "C" fn(*mut dev_info_t) -> c_int;
+/// `devo_attach` (attach(9E)), `devo_detach` (detach(9E)), `devo_reset`:
+/// the command enums are int-sized.
+pub type devo_cmd_fn = unsafe extern "C" fn(*mut dev_info_t, c_int) -> c_int;
+/// `devo_power` (power(9E)).
+pub type devo_power_fn = unsafe extern "C" fn(*mut dev_info_t, c_int, c_int) -> c_int;
+
+/// `struct dev_ops` (dev_ops(9S)).
+#[repr(C)]
+pub struct dev_ops {
+    pub devo_rev: c_int,
+    pub devo_refcnt: c_int,
+    pub devo_getinfo: Option<devo_getinfo_fn>,
+    pub devo_identify: Option<devo_dip_fn>,
+    pub devo_probe: Option<devo_dip_fn>,
+    pub devo_attach: Option<devo_cmd_fn>,
+    pub devo_detach: Option<devo_cmd_fn>,
+    pub devo_reset: Option<devo_cmd_fn>,
+    pub devo_cb_ops: *mut cb_ops,
+    pub devo_bus_ops: *mut bus_ops,
+    pub devo_power: Option<devo_power_fn>,
+    pub devo_quiesce: Option<devo_dip_fn>,
 }
 
 use super::consts::SENSE_LENGTH;
@@ -380,7 +441,10 @@ abi_layout! {
     } size 160;
     scsi_address as "struct scsi_address" {
         a_hba_tran @ 0, a @ 8,
-        a.spi.a_target @ 8, a.spi.a_lun @ 10, a.spi._a_sublun @ 11, a.a_sd @ 8,
+        // The C members are reached through the header's macros
+        // (`a_target` is `a.spi.a_target`), as C code spells them.
+        a.spi.a_target as "a_target" @ 8, a.spi.a_lun as "a_lun" @ 10,
+        a.spi._a_sublun as "a_sublun" @ 11, a.a_sd @ 8,
     } size 16;
     ddi_dma_cookie_t as "ddi_dma_cookie_t" {
         dmac_laddress @ 0, dmac_size @ 8, dmac_type @ 16,
@@ -418,4 +482,14 @@ abi_layout! {
         tran_dma_attr @ 344, tran_extension @ 424, tran_fm_capable @ 432,
         tran_iport_dip @ 440, tran_iportmap @ 448, tran_tgtmap @ 456,
     } size 464;
+    // Measured into test/abi/rvscsi-shim-abi.tsv by measure-shim-abi.sh.
+    modldrv as "struct modldrv" {
+        drv_modops @ 0, drv_linkinfo @ 8, drv_dev_ops @ 16,
+    } size 24;
+    modlinkage as "struct modlinkage" { ml_rev @ 0, ml_linkage @ 8 } size 64;
+    dev_ops as "struct dev_ops" {
+        devo_rev @ 0, devo_refcnt @ 4, devo_getinfo @ 8, devo_identify @ 16,
+        devo_probe @ 24, devo_attach @ 32, devo_detach @ 40, devo_reset @ 48,
+        devo_cb_ops @ 56, devo_bus_ops @ 64, devo_power @ 72, devo_quiesce @ 80,
+    } size 88;
 }

@@ -784,11 +784,7 @@ impl VioScsi {
     /// node. Refuses (returns false, changing nothing) while commands are
     /// in flight.
     pub fn detach(self: Box<Self>) -> Result<(), Box<Self>> {
-        let busy = self
-            .queues
-            .iter()
-            .any(|q| q.ring.lock().ring.outstanding() > 0);
-        if busy {
+        if !self.detach_ready() {
             dev_warn!(self.dip, "detach refused: commands in flight");
             return Err(self);
         }
@@ -803,6 +799,13 @@ impl VioScsi {
         let _ = self.transport.reset();
         drop(self);
         Ok(())
+    }
+
+    /// Whether no command is in flight (detach may go ahead).
+    pub fn detach_ready(&self) -> bool {
+        self.queues
+            .iter()
+            .all(|q| q.ring.lock().ring.outstanding() == 0)
     }
 
     /// quiesce(9E): stop the device for fast reboot. Must not block, take

@@ -10,6 +10,7 @@ use super::proto::{self, CmdFacts, Response};
 use crate::ddi::{DdiError, Sleep, time};
 use crate::dev_warn;
 use crate::ffi;
+use crate::probes;
 use crate::scsa::flags::DataDir;
 use crate::scsa::pkt::Pkt;
 use crate::scsa::{Outcome, PktFlags, PktState, PktStatistics};
@@ -287,7 +288,12 @@ impl VioScsi {
                 Err((c, AddError::Invalid)) => return Err((c, StartError::Invalid)),
             };
             if let Some(t) = g.ring.token_mut(head) {
-                t.fields().head = head;
+                let f = t.fields();
+                f.head = head;
+                if let Some(p) = &f.pkt {
+                    // Under the queue lock: before any completion of it.
+                    probes::cmd_start(p.as_ptr() as usize, f.target, f.lun, f.queue);
+                }
                 t.mark_queued();
             }
             let mut kick = g.ring.publish();
@@ -487,6 +493,13 @@ impl VioScsi {
             }
         }
         pkt.set_outcome(&outcome, &sense[..n]);
+        probes::cmd_done(
+            pkt.as_ptr() as usize,
+            outcome.reason,
+            outcome.status,
+            outcome.state.bits(),
+            outcome.statistics.bits(),
+        );
         if polled {
             // The poller owns the packet again (and hands it back by
             // returning from tran_start).
@@ -515,7 +528,7 @@ impl VioScsi {
         // Past its time: recovery escalates until the command is out of
         // the device; at worst the device is reset, which ends every
         // command, so this loop ends.
-        self.recover_polled(cmd, qi, can_sleep);
+        self.recover_polled(cmd, limit_s, can_sleep);
         loop {
             if let Some(c) = self.poll_for(cmd, qi, ffi::MICROSEC, can_sleep) {
                 return c;

@@ -16,6 +16,7 @@ use crate::ddi::dma::{DmaBuffer, DmaMode};
 use crate::ddi::{Dip, Sleep, time};
 use crate::dev_warn;
 use crate::ffi;
+use crate::probes;
 use crate::scsa::PktStatistics;
 use crate::shmem::SharedMem;
 use crate::virtio::ring::{Segment, SplitQueue};
@@ -62,6 +63,8 @@ pub struct Expired {
     pub head: u16,
     /// Its tag: the head may be reused by another command.
     pub tag: u64,
+    /// The packet's address, for tracing only (0 for none).
+    pub pkt: crate::probes::PktAddr,
     /// Target.
     pub target: u8,
     /// LUN.
@@ -143,8 +146,18 @@ impl VioScsi {
         }
     }
 
-    fn tmf_ok(&self, tmf: Tmf, target: u8, lun: u16, tag: u64, can_sleep: bool) -> bool {
-        match self.tmf(tmf, target, lun, tag, can_sleep) {
+    /// Sends `tmf` (about packet `pkt`, if any, for tracing) and tells
+    /// whether the device performed it.
+    fn tmf_ok(
+        &self,
+        tmf: Tmf,
+        pkt: probes::PktAddr,
+        target: u8,
+        lun: u16,
+        tag: u64,
+        can_sleep: bool,
+    ) -> bool {
+        let done = match self.tmf(tmf, target, lun, tag, can_sleep) {
             Some(r) if proto::tmf_succeeded(r) => true,
             Some(r) => {
                 dev_warn!(
@@ -155,7 +168,13 @@ impl VioScsi {
                 false
             }
             None => false,
+        };
+        match tmf {
+            Tmf::AbortTask | Tmf::AbortTaskSet => probes::cmd_abort(pkt, target, lun, done),
+            Tmf::LogicalUnitReset => probes::reset(ffi::RESET_LUN, target, lun, done),
+            Tmf::ItNexusReset => probes::reset(ffi::RESET_TARGET, target, lun, done),
         }
+        done
     }
 
     /// Finds command `cmd` in the request rings.
@@ -170,6 +189,7 @@ impl VioScsi {
                         queue: qi as u16,
                         head,
                         tag: f.tag,
+                        pkt: f.pkt.as_ref().map_or(0, |p| p.as_ptr() as usize),
                         target: f.target,
                         lun: f.lun,
                     });
@@ -234,7 +254,7 @@ impl VioScsi {
             if !self.mark(&e, stat, true) {
                 return;
             }
-            if self.tmf_ok(tmf, e.target, e.lun, e.tag, can_sleep)
+            if self.tmf_ok(tmf, e.pkt, e.target, e.lun, e.tag, can_sleep)
                 && self.wait_gone(&e, STEP_WAIT_US, can_sleep)
             {
                 return;
@@ -246,8 +266,15 @@ impl VioScsi {
     }
 
     /// Recovery of a polled command past its time (called by its poller).
-    pub(crate) fn recover_polled(&self, cmd: &Cmd, _qi: u16, can_sleep: bool) {
+    /// `limit_s` is the time it was given.
+    pub(crate) fn recover_polled(&self, cmd: &Cmd, limit_s: i64, can_sleep: bool) {
         if let Some(e) = self.locate(cmd) {
+            probes::cmd_timeout(
+                e.pkt,
+                e.target,
+                e.lun,
+                limit_s.try_into().unwrap_or(i32::MAX),
+            );
             dev_warn!(
                 self.dip,
                 "polled command to target {} lun {} timed out",
@@ -275,10 +302,18 @@ impl VioScsi {
                 if n < room && !f.polled && f.deadline != 0 && now - f.deadline >= 0 && !f.timed_out
                 {
                     f.timed_out = true;
+                    let pkt = f.pkt.as_ref();
+                    probes::cmd_timeout(
+                        pkt.map_or(0, |p| p.as_ptr() as usize),
+                        f.target,
+                        f.lun,
+                        pkt.map_or(0, |p| p.time()),
+                    );
                     found[n] = Some(Expired {
                         queue: qi as u16,
                         head,
                         tag: f.tag,
+                        pkt: pkt.map_or(0, |p| p.as_ptr() as usize),
                         target: f.target,
                         lun: f.lun,
                     });
@@ -309,20 +344,20 @@ impl VioScsi {
         let Some(e) = self.locate(cmd) else {
             return false;
         };
-        self.tmf_ok(Tmf::AbortTask, e.target, e.lun, e.tag, true)
+        self.tmf_ok(Tmf::AbortTask, e.pkt, e.target, e.lun, e.tag, true)
     }
 
     /// `tran_abort(9E)` without a packet: ABORT TASK SET of the LUN.
     pub fn abort_lun(&self, lun: Lun) -> bool {
-        self.tmf_ok(Tmf::AbortTaskSet, lun.target, lun.lun, 0, true)
+        self.tmf_ok(Tmf::AbortTaskSet, 0, lun.target, lun.lun, 0, true)
     }
 
     /// `tran_reset(9E)`: LUN, target, or (`RESET_ALL`, `RESET_BUS`) the
     /// whole device.
     pub fn reset(&self, lun: Lun, level: i32) -> bool {
         match level {
-            ffi::RESET_LUN => self.tmf_ok(Tmf::LogicalUnitReset, lun.target, lun.lun, 0, true),
-            ffi::RESET_TARGET => self.tmf_ok(Tmf::ItNexusReset, lun.target, lun.lun, 0, true),
+            ffi::RESET_LUN => self.tmf_ok(Tmf::LogicalUnitReset, 0, lun.target, lun.lun, 0, true),
+            ffi::RESET_TARGET => self.tmf_ok(Tmf::ItNexusReset, 0, lun.target, lun.lun, 0, true),
             ffi::RESET_ALL | ffi::RESET_BUS => self.reset_device("reset requested"),
             _ => false,
         }
@@ -378,6 +413,7 @@ impl VioScsi {
                 false
             }
         };
+        probes::reset(ffi::RESET_ALL, 0, 0, ok);
         while let Some(c) = taken.pop() {
             c.mark_owned();
             self.finish(c, Some(Forced::DeviceReset));

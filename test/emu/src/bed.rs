@@ -74,7 +74,7 @@ unsafe impl DriverBinding for LibraryBinding {
             t.tran_teardown_pkt = Some(entry::rvscsi_tran_teardown_pkt);
             t.tran_pkt_constructor = Some(entry::rvscsi_tran_pkt_constructor);
             t.tran_pkt_destructor = Some(entry::rvscsi_tran_pkt_destructor);
-            t.tran_hba_len = entry::rvscsi_pkt_private_len() as u32;
+            t.tran_hba_len = entry::rvscsi_pkt_private_len();
             t.tran_interconnect_type = entry::rvscsi_interconnect_type();
             let mut attr = ffi::ddi_dma_attr_t::default();
             entry::rvscsi_hba_dma_attr(h, &mut attr);
@@ -110,6 +110,9 @@ unsafe impl DriverBinding for LibraryBinding {
                 return ffi::DDI_FAILURE;
             }
             let h = (*tran).tran_hba_private;
+            if entry::rvscsi_hba_detach_ready(h) != ffi::DDI_SUCCESS {
+                return ffi::DDI_FAILURE;
+            }
             if hba::scsi_hba_detach(dip) != ffi::DDI_SUCCESS {
                 return ffi::DDI_FAILURE;
             }
@@ -124,6 +127,120 @@ unsafe impl DriverBinding for LibraryBinding {
     unsafe fn quiesce(&self, dip: *mut dev_info_t) -> c_int {
         // SAFETY: attached HBA node (caller).
         unsafe { entry::rvscsi_quiesce(dip) }
+    }
+}
+
+/// The driver's C shim, compiled for the host (see `build.rs`), reached
+/// the way the kernel reaches a loaded module: `_init(9E)` installs its
+/// linkage with the emulated `mod_install(9F)`, and the bed then calls the
+/// `dev_ops(9S)` the shim registered. Unlike [`LibraryBinding`], this runs
+/// the shim's own attach/detach logic and tran setup.
+pub mod hosted {
+    use super::*;
+    use crate::ddi::modctl;
+    use std::sync::OnceLock;
+
+    unsafe extern "C" {
+        fn rvscsi_hosted__init() -> c_int;
+        fn rvscsi_hosted__fini() -> c_int;
+        fn rvscsi_hosted__info(modinfo: *mut std::ffi::c_void) -> c_int;
+    }
+
+    /// The shim's `_init(9E)`: 0 or an errno.
+    pub fn init() -> c_int {
+        // SAFETY: the shim's _init, called once per load as modload does.
+        unsafe { rvscsi_hosted__init() }
+    }
+
+    /// The shim's `_fini(9E)`: 0, or EBUSY while an instance is attached.
+    pub fn fini() -> c_int {
+        // SAFETY: the shim's _fini.
+        unsafe { rvscsi_hosted__fini() }
+    }
+
+    /// The shim's `_info(9E)` (non-zero on success).
+    pub fn info() -> c_int {
+        // modinfo is opaque to the emulation; give it room.
+        let mut buf = [0u64; 128];
+        // SAFETY: the shim's _info with a writable modinfo-sized buffer.
+        unsafe { rvscsi_hosted__info(buf.as_mut_ptr().cast()) }
+    }
+
+    /// The `dev_ops` the shim installed, if it is installed.
+    pub fn installed_dev_ops() -> Option<*mut ffi::dev_ops> {
+        modctl::installed_dev_ops(|ops| !ops.is_null())
+    }
+
+    /// The shim, loaded once for the whole process (a module is loaded
+    /// once per boot); tests that unload it run in their own process.
+    pub fn binding() -> Result<Arc<dyn DriverBinding>, BedError> {
+        static LOADED: OnceLock<Result<usize, String>> = OnceLock::new();
+        let ops = LOADED.get_or_init(|| match init() {
+            0 => installed_dev_ops()
+                .map(|o| o as usize)
+                .ok_or_else(|| "_init returned 0 but installed no driver".to_string()),
+            e => Err(format!("the shim's _init failed with errno {e}")),
+        });
+        match ops {
+            Ok(o) => Ok(Arc::new(ShimBinding {
+                dev_ops: *o as *mut ffi::dev_ops,
+            })),
+            Err(e) => Err(BedError(e.clone())),
+        }
+    }
+
+    /// Calls the entry points of an installed `dev_ops`.
+    pub struct ShimBinding {
+        /// The shim's `dev_ops`.
+        pub dev_ops: *mut ffi::dev_ops,
+    }
+
+    // SAFETY: dev_ops is the shim's static table, valid while installed.
+    unsafe impl Send for ShimBinding {}
+    // SAFETY: as above.
+    unsafe impl Sync for ShimBinding {}
+
+    impl ShimBinding {
+        fn ops(&self) -> &ffi::dev_ops {
+            // SAFETY: the installed module's dev_ops (see binding()).
+            unsafe { &*self.dev_ops }
+        }
+    }
+
+    // SAFETY: the methods call the shim's dev_ops entry points with the
+    // node and command the trait's contexts require.
+    unsafe impl DriverBinding for ShimBinding {
+        unsafe fn attach(&self, dip: *mut dev_info_t) -> c_int {
+            let Some(attach) = self.ops().devo_attach else {
+                return ffi::DDI_FAILURE;
+            };
+            // SAFETY: attach(9E) of a live node (caller).
+            let r = unsafe { attach(dip, ffi::DDI_ATTACH) };
+            if r == ffi::DDI_SUCCESS {
+                modctl::count_instance(self.dev_ops, 1);
+            }
+            r
+        }
+
+        unsafe fn detach(&self, dip: *mut dev_info_t) -> c_int {
+            let Some(detach) = self.ops().devo_detach else {
+                return ffi::DDI_FAILURE;
+            };
+            // SAFETY: detach(9E) of an attached node (caller).
+            let r = unsafe { detach(dip, ffi::DDI_DETACH) };
+            if r == ffi::DDI_SUCCESS {
+                modctl::count_instance(self.dev_ops, -1);
+            }
+            r
+        }
+
+        unsafe fn quiesce(&self, dip: *mut dev_info_t) -> c_int {
+            match self.ops().devo_quiesce {
+                // SAFETY: quiesce(9E) of the attached HBA node (caller).
+                Some(q) => unsafe { q(dip) },
+                None => ffi::DDI_FAILURE,
+            }
+        }
     }
 }
 

@@ -380,6 +380,8 @@ pub struct Machine {
     pub live: Live,
     violations: Mutex<Vec<String>>,
     log: Mutex<Vec<LogLine>>,
+    /// DTrace SDT probe firings.
+    pub probes: crate::ddi::sdt::ProbeLog,
     /// Interrupt routing.
     pub intr: Mutex<IntrState>,
     /// Held by the delivery thread while a handler runs (ddi_intr_disable
@@ -463,6 +465,7 @@ impl Machine {
             live: Live::default(),
             violations: Mutex::new(Vec::new()),
             log: Mutex::new(Vec::new()),
+            probes: Default::default(),
             intr: Mutex::new(IntrState {
                 kind: IntrType::None,
                 vectors: Vec::new(),

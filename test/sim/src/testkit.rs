@@ -172,6 +172,15 @@ pub enum Driver {
     Recorder,
 }
 
+/// How the bed reaches the driver's `dev_ops`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binding {
+    /// The library's entry points, the shim's part done in Rust.
+    Library,
+    /// The C shim built for the host, loaded through `_init`.
+    Shim,
+}
+
 /// Which QEMU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Qemu {
@@ -205,6 +214,8 @@ pub struct RigConfig {
     pub drive_opts: Vec<String>,
     /// The target driver.
     pub driver: Driver,
+    /// How the driver is reached.
+    pub binding: Binding,
 }
 
 impl Default for RigConfig {
@@ -220,6 +231,7 @@ impl Default for RigConfig {
             qemu: Qemu::System,
             drive_opts: Vec::new(),
             driver: Driver::Sd,
+            binding: Binding::Library,
         }
     }
 }
@@ -295,6 +307,9 @@ impl Rig {
             .prop_str("interrupt-type", &cfg.interrupts);
         for (k, v) in &cfg.props {
             bc = bc.prop_int(k, *v);
+        }
+        if cfg.binding == Binding::Shim {
+            bc.binding = rvscsi_emu::bed::hosted::binding().map_err(|e| e.to_string())?;
         }
         let bed = Bed::attach(bc).map_err(|e| e.to_string())?;
         Ok(Rig {

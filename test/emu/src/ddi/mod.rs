@@ -15,6 +15,8 @@ pub mod dma;
 pub mod intr;
 pub mod kmem;
 pub mod log;
+pub mod modctl;
+pub mod sdt;
 pub mod sync;
 pub mod taskq;
 pub mod time;

@@ -103,15 +103,76 @@ pub fn free_iport_tran(tran: *mut scsi_hba_tran) {
     free_tran(tran);
 }
 
-/// `scsi_hba_init(9F)` (from `_init`): nothing to set up here.
+/// The framework's `bus_ops` and `cb_ops` for HBA drivers: their
+/// addresses only (scsi_hba.c `scsi_hba_busops`, `scsi_hba_cbops`).
+#[repr(C)]
+pub struct FrameworkOps(usize);
+/// `scsi_hba_busops`
+pub static SCSI_HBA_BUSOPS: FrameworkOps = FrameworkOps(0);
+/// `scsi_hba_cbops`
+pub static SCSI_HBA_CBOPS: FrameworkOps = FrameworkOps(0);
+
+/// The `dev_ops` of a linkage (null if malformed).
+///
+/// # Safety
+/// `modlp` is null or a `struct modlinkage` whose first linkage is a
+/// `modldrv`.
+unsafe fn dev_ops_of(modlp: *mut ffi::modlinkage) -> *mut ffi::dev_ops {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        let Some(ml) = modlp.as_ref() else {
+            return std::ptr::null_mut();
+        };
+        match ml.ml_linkage[0].cast::<ffi::modldrv>().as_ref() {
+            Some(md) => md.drv_dev_ops,
+            None => std::ptr::null_mut(),
+        }
+    }
+}
+
+/// `scsi_hba_init(9F)` (from `_init`, before `mod_install`): the framework
+/// puts its own `bus_ops` (and `cb_ops`, if the driver has none) into the
+/// driver's `dev_ops`, as scsi_hba.c does.
+///
+/// # Safety
+/// `modlp` is the driver's `struct modlinkage`.
 #[unsafe(no_mangle)]
-pub extern "C" fn scsi_hba_init(_modlp: *mut ffi::modlinkage) -> c_int {
+pub unsafe extern "C" fn scsi_hba_init(modlp: *mut ffi::modlinkage) -> c_int {
+    // SAFETY: guaranteed by the caller.
+    let Some(ops) = (unsafe { dev_ops_of(modlp).as_mut() }) else {
+        violation("scsi_hba_init: a linkage without a modldrv and dev_ops");
+        return crate::ddi::modctl::EINVAL;
+    };
+    if !ops.devo_bus_ops.is_null() {
+        violation("scsi_hba_init: the HBA's dev_ops already has bus_ops");
+    }
+    ops.devo_bus_ops = std::ptr::from_ref(&SCSI_HBA_BUSOPS).cast_mut().cast();
+    if ops.devo_cb_ops.is_null() {
+        ops.devo_cb_ops = std::ptr::from_ref(&SCSI_HBA_CBOPS).cast_mut().cast();
+    }
     0
 }
 
-/// `scsi_hba_fini(9F)`
+/// `scsi_hba_fini(9F)` (from `_fini`, after `mod_remove`, or from `_init`
+/// when `mod_install` failed): undoes `scsi_hba_init`.
+///
+/// # Safety
+/// `modlp` is the driver's `struct modlinkage`.
 #[unsafe(no_mangle)]
-pub extern "C" fn scsi_hba_fini(_modlp: *mut ffi::modlinkage) {}
+pub unsafe extern "C" fn scsi_hba_fini(modlp: *mut ffi::modlinkage) {
+    // SAFETY: guaranteed by the caller.
+    let Some(ops) = (unsafe { dev_ops_of(modlp).as_mut() }) else {
+        violation("scsi_hba_fini: a linkage without a modldrv and dev_ops");
+        return;
+    };
+    if !std::ptr::eq(ops.devo_bus_ops.cast_const().cast(), &SCSI_HBA_BUSOPS) {
+        violation("scsi_hba_fini without scsi_hba_init");
+    }
+    ops.devo_bus_ops = std::ptr::null_mut();
+    if std::ptr::eq(ops.devo_cb_ops.cast_const().cast(), &SCSI_HBA_CBOPS) {
+        ops.devo_cb_ops = std::ptr::null_mut();
+    }
+}
 
 /// `scsi_hba_tran_alloc(9F)`: a zeroed `scsi_hba_tran` of the real size.
 #[unsafe(no_mangle)]

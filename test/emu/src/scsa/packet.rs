@@ -350,11 +350,20 @@ impl Device {
         };
         // tran_setup_pkt comes before any DMA binding (scsi_hba.c).
         if let Some(setup) = t.tran_setup_pkt {
-            let cb = ffi::ddi_callback_t(if a.sleep {
-                ffi::SLEEP_FUNC
+            // SLEEP_FUNC is the function-pointer-typed constant 1, as in
+            // the C headers; NULL_FUNC is a null pointer (None).
+            let cb: ffi::ddi_waitfp_t = if a.sleep {
+                // SAFETY: a non-null value of a function-pointer type, never
+                // called (the driver only compares it), as C does.
+                Some(unsafe {
+                    std::mem::transmute::<
+                        usize,
+                        unsafe extern "C" fn(ffi::caddr_t) -> std::ffi::c_int,
+                    >(ffi::SLEEP_FUNC)
+                })
             } else {
-                ffi::NULL_FUNC
-            });
+                None
+            };
             // SAFETY: the HBA's entry point with a packet set up as the
             // framework does.
             if unsafe { setup(p.pkt(), cb, std::ptr::null_mut()) } != 0 {

@@ -1,0 +1,138 @@
+/*
+ * rvscsi.h: the contract between the C shim (rvscsi_shim.c) and the Rust
+ * driver library. This header is the single source of truth for it:
+ *
+ * - the shim includes it, so that the C compiler checks every call and
+ *   every assignment of an entry point to a scsi_hba_tran(9S) member
+ *   against the illumos headers (-Werror);
+ * - build.rs runs bindgen on it, and the Rust library (src/contract.rs)
+ *   proves at compile time that each of its #[no_mangle] functions has
+ *   exactly the type declared here.
+ *
+ * It names illumos types by their struct tags only (dev_info_t is
+ * struct dev_info, scsi_hba_tran_t is struct scsi_hba_tran, ddi_dma_attr_t
+ * is struct ddi_dma_attr, caddr_t is char *), so that it needs no illumos
+ * header and bindgen can read it anywhere.
+ *
+ * Each function is declared through a function type (NAME_fn_t) so that
+ * the Rust side can compare its own function with the type by name.
+ */
+
+#ifndef	RVSCSI_H
+#define	RVSCSI_H
+
+struct dev_info;
+struct ddi_dma_attr;
+struct scsi_address;
+struct scsi_device;
+struct scsi_hba_tran;
+struct scsi_pkt;
+
+/*
+ * ---- Implemented in Rust, called by the shim: attach(9E), detach(9E),
+ * ---- quiesce(9E) work.
+ */
+
+/*
+ * Brings up the HBA of node dip (DDI_ATTACH of the HBA node): registers,
+ * features, rings, interrupts. Returns the HBA, which the shim stores in
+ * tran_hba_private, or NULL (the failure was logged).
+ */
+typedef void *rvscsi_hba_attach_fn_t(struct dev_info *dip);
+rvscsi_hba_attach_fn_t rvscsi_hba_attach;
+
+/* Fills *attr with the DMA attributes of data buffers; DDI_SUCCESS. */
+typedef int rvscsi_hba_dma_attr_fn_t(const void *hba,
+    struct ddi_dma_attr *attr);
+rvscsi_hba_dma_attr_fn_t rvscsi_hba_dma_attr;
+
+/* tran_hba_len: the bytes of HBA private data each packet needs. */
+typedef unsigned int rvscsi_pkt_private_len_fn_t(void);
+rvscsi_pkt_private_len_fn_t rvscsi_pkt_private_len;
+
+/* tran_interconnect_type (INTERCONNECT_*). */
+typedef int rvscsi_interconnect_type_fn_t(void);
+rvscsi_interconnect_type_fn_t rvscsi_interconnect_type;
+
+/*
+ * DDI_SUCCESS if the HBA can be detached now (nothing in flight); asked
+ * before scsi_hba_detach(9F), which cannot be undone.
+ */
+typedef int rvscsi_hba_detach_ready_fn_t(const void *hba);
+rvscsi_hba_detach_ready_fn_t rvscsi_hba_detach_ready;
+
+/*
+ * Stops and frees the HBA (after scsi_hba_detach(9F)). DDI_FAILURE leaves
+ * it untouched.
+ */
+typedef int rvscsi_hba_detach_fn_t(void *hba);
+rvscsi_hba_detach_fn_t rvscsi_hba_detach;
+
+/* attach(9E) / detach(9E) of the iport node "iport0". */
+typedef int rvscsi_iport_attach_fn_t(struct dev_info *dip);
+rvscsi_iport_attach_fn_t rvscsi_iport_attach;
+typedef int rvscsi_iport_detach_fn_t(struct dev_info *dip);
+rvscsi_iport_detach_fn_t rvscsi_iport_detach;
+
+/* quiesce(9E) of the HBA node: stops the device without blocking. */
+typedef int rvscsi_quiesce_fn_t(struct dev_info *dip);
+rvscsi_quiesce_fn_t rvscsi_quiesce;
+
+/*
+ * ---- Implemented in Rust, installed by the shim in scsi_hba_tran(9S):
+ * ---- the tran_*(9E) entry points, with their exact illumos types.
+ */
+
+typedef int rvscsi_tran_tgt_init_fn_t(struct dev_info *hba_dip,
+    struct dev_info *tgt_dip, struct scsi_hba_tran *tran,
+    struct scsi_device *sd);
+rvscsi_tran_tgt_init_fn_t rvscsi_tran_tgt_init;
+
+typedef void rvscsi_tran_tgt_free_fn_t(struct dev_info *hba_dip,
+    struct dev_info *tgt_dip, struct scsi_hba_tran *tran,
+    struct scsi_device *sd);
+rvscsi_tran_tgt_free_fn_t rvscsi_tran_tgt_free;
+
+typedef int rvscsi_tran_pkt_constructor_fn_t(struct scsi_pkt *pkt,
+    struct scsi_hba_tran *tran, int kmflag);
+rvscsi_tran_pkt_constructor_fn_t rvscsi_tran_pkt_constructor;
+
+typedef void rvscsi_tran_pkt_destructor_fn_t(struct scsi_pkt *pkt,
+    struct scsi_hba_tran *tran);
+rvscsi_tran_pkt_destructor_fn_t rvscsi_tran_pkt_destructor;
+
+typedef int rvscsi_tran_setup_pkt_fn_t(struct scsi_pkt *pkt,
+    int (*callback)(char *), char *arg);
+rvscsi_tran_setup_pkt_fn_t rvscsi_tran_setup_pkt;
+
+typedef void rvscsi_tran_teardown_pkt_fn_t(struct scsi_pkt *pkt);
+rvscsi_tran_teardown_pkt_fn_t rvscsi_tran_teardown_pkt;
+
+typedef int rvscsi_tran_start_fn_t(struct scsi_address *ap,
+    struct scsi_pkt *pkt);
+rvscsi_tran_start_fn_t rvscsi_tran_start;
+
+typedef int rvscsi_tran_abort_fn_t(struct scsi_address *ap,
+    struct scsi_pkt *pkt);
+rvscsi_tran_abort_fn_t rvscsi_tran_abort;
+
+typedef int rvscsi_tran_reset_fn_t(struct scsi_address *ap, int level);
+rvscsi_tran_reset_fn_t rvscsi_tran_reset;
+
+typedef int rvscsi_tran_getcap_fn_t(struct scsi_address *ap, char *cap,
+    int whom);
+rvscsi_tran_getcap_fn_t rvscsi_tran_getcap;
+
+typedef int rvscsi_tran_setcap_fn_t(struct scsi_address *ap, char *cap,
+    int value, int whom);
+rvscsi_tran_setcap_fn_t rvscsi_tran_setcap;
+
+/*
+ * ---- Implemented in C, called by Rust.
+ *
+ * Nothing yet: everything the library needs from the kernel is a public
+ * DDI function it declares itself (src/ffi/funcs.rs). What only C can
+ * reach (a macro over kernel internals) would be wrapped here.
+ */
+
+#endif	/* RVSCSI_H */
