@@ -16,6 +16,7 @@ pub mod intr;
 pub mod kmem;
 pub mod log;
 pub mod modctl;
+pub mod retpoline;
 pub mod sdt;
 pub mod sync;
 pub mod taskq;
