@@ -1,33 +1,56 @@
 #!/usr/bin/env bash
-# Builds rvscsi and shows it working: the driver library and the test bed
-# in release mode, then rvscsi-sim attaches the driver to QEMU's
-# virtio-scsi over a generated disk image and runs format and dd.
+# Builds rvscsi: the kernel module (checked against the illumos loader's
+# rules), its IPS package (or, where the IPS tools are absent, the proto
+# area and manifest), and shows the driver working on QEMU.
 #
-# Installs what it needs first (QEMU, toolchain parts).
+#   pkg/build.sh [--no-demo]
+#
+# Installs what it needs first (compilers, the pinned Rust for the kernel
+# target, QEMU). Results:
+#   target/kernel/rvscsi            the module (kernel/drv/amd64/rvscsi)
+#   target/pkg/                     proto area, manifest, .p5p on illumos
+# The demo attaches the driver to QEMU's virtio-scsi over a generated disk
+# image and runs format and dd through it (rvscsi-sim).
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 
+demo=1
+for arg in "$@"; do
+    case "$arg" in
+        --no-demo) demo=0 ;;
+        *) echo "build: unknown argument '$arg' (usage: pkg/build.sh [--no-demo])" >&2; exit 2 ;;
+    esac
+done
+
 bash test/scripts/install-deps.sh
 bash test/scripts/ensure-rust.sh
 
-echo "== building (release)"
-cargo build --workspace --release --locked
+echo "== kernel module"
+pkg/kernel/build-module.sh
+echo "== module check"
+cargo run --quiet --release --locked -p rvscsi-modcheck -- target/kernel/rvscsi
+echo "== package"
+pkg/package.sh
 
+[ "$demo" = 1 ] || exit 0
+
+echo "== demo: building the test bed (release)"
+cargo build --workspace --release --locked
 sim="$top/target/release/rvscsi-sim"
-demo="$top/target/demo"
-mkdir -p "$demo"
+demo_dir="$top/target/demo"
+mkdir -p "$demo_dir"
 echo "== demo: a 64 MiB disk image and a 1 MiB pattern"
-truncate -s 0 "$demo/disk0.img" && truncate -s 64M "$demo/disk0.img"
-truncate -s 0 "$demo/disk1.img" && truncate -s 16M "$demo/disk1.img"
-head -c 1048576 /dev/urandom > "$demo/pattern.bin"
+truncate -s 0 "$demo_dir/disk0.img" && truncate -s 64M "$demo_dir/disk0.img"
+truncate -s 0 "$demo_dir/disk1.img" && truncate -s 16M "$demo_dir/disk1.img"
+head -c 1048576 /dev/urandom > "$demo_dir/pattern.bin"
 echo "\$ rvscsi-sim format disk0.img disk1.img,target=1"
-"$sim" format "$demo/disk0.img" "$demo/disk1.img,target=1"
+"$sim" format "$demo_dir/disk0.img" "$demo_dir/disk1.img,target=1"
 echo "\$ rvscsi-sim dd disk0.img -- if=pattern.bin of=/dev/rdsk/c0t0d0 bs=64k seek=16"
-"$sim" dd "$demo/disk0.img" -- if="$demo/pattern.bin" of=/dev/rdsk/c0t0d0 bs=64k seek=16
+"$sim" dd "$demo_dir/disk0.img" -- if="$demo_dir/pattern.bin" of=/dev/rdsk/c0t0d0 bs=64k seek=16
 echo "\$ rvscsi-sim dd disk0.img -- if=/dev/rdsk/c0t0d0 of=readback.bin bs=64k skip=16 count=16"
-"$sim" dd "$demo/disk0.img" -- if=/dev/rdsk/c0t0d0 of="$demo/readback.bin" bs=64k skip=16 count=16
-if cmp -s "$demo/pattern.bin" "$demo/readback.bin"; then
+"$sim" dd "$demo_dir/disk0.img" -- if=/dev/rdsk/c0t0d0 of="$demo_dir/readback.bin" bs=64k skip=16 count=16
+if cmp -s "$demo_dir/pattern.bin" "$demo_dir/readback.bin"; then
     echo "demo: the pattern read back through the driver is byte-identical"
 else
     echo "demo: MISMATCH between the pattern and what was read back" >&2

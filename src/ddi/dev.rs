@@ -53,9 +53,8 @@ impl Dip {
         }
     }
 
-    /// `ddi_prop_lookup_string(9F)`, copied into `buf`; `None` when absent
-    /// or longer than `buf`.
-    pub fn prop_string<'b>(self, name: &CStr, buf: &'b mut [u8]) -> Option<&'b str> {
+    /// `ddi_prop_lookup_string(9F)`, copied into `buf`.
+    pub fn prop_string<'b>(self, name: &CStr, buf: &'b mut [u8]) -> StrProp<'b> {
         let mut data: *mut c_char = core::ptr::null_mut();
         // SAFETY: valid node and name; on success the DDI hands us a
         // NUL-terminated string that we free with ddi_prop_free below.
@@ -69,7 +68,7 @@ impl Dip {
             )
         };
         if rc != ffi::DDI_PROP_SUCCESS || data.is_null() {
-            return None;
+            return StrProp::Absent;
         }
         // SAFETY: the DDI returned a valid NUL-terminated string.
         let bytes = unsafe { CStr::from_ptr(data) }.to_bytes();
@@ -80,10 +79,9 @@ impl Dip {
         let len = bytes.len();
         // SAFETY: data came from ddi_prop_lookup_string and is freed once.
         unsafe { ffi::ddi_prop_free(data.cast()) };
-        if fits {
-            core::str::from_utf8(&buf[..len]).ok()
-        } else {
-            None
+        match (fits, fits.then(|| core::str::from_utf8(&buf[..len]))) {
+            (true, Some(Ok(s))) => StrProp::Value(s),
+            _ => StrProp::Unusable,
         }
     }
 
@@ -120,4 +118,15 @@ impl Dip {
         // SAFETY: valid node.
         unsafe { ffi::ddi_report_dev(self.as_ptr()) }
     }
+}
+
+/// A string property as [`Dip::prop_string`] found it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StrProp<'b> {
+    /// Not set.
+    Absent,
+    /// Its value.
+    Value(&'b str),
+    /// Set, but longer than the buffer or not UTF-8.
+    Unusable,
 }

@@ -6,6 +6,7 @@ use super::config::{CONFIG_LEN, DeviceConfig, Limits};
 use super::events::{EventQueue, Work};
 use super::proto::{self, CONTROL_QUEUE, EVENT_QUEUE, FIRST_REQUEST_QUEUE};
 use super::recovery::ControlQueue;
+use crate::ddi::dev::StrProp;
 use crate::ddi::dma::{DmaBuffer, DmaMode};
 use crate::ddi::intr::{Interrupts, IntrKind};
 use crate::ddi::pci::PciConfig;
@@ -132,22 +133,41 @@ pub struct Tunables {
 }
 
 impl Tunables {
-    /// Reads the tunables from the node's properties.
+    /// Reads the tunables from the node's properties (rvscsi.conf);
+    /// a value it does not know is reported and the default used.
     pub fn read(dip: Dip) -> Tunables {
-        let mut buf = [0u8; 16];
+        let mut buf = [0u8; 32];
         let transport = match dip.prop_string(c"virtio-transport", &mut buf) {
-            Some("legacy") => TransportChoice::Legacy,
-            Some("modern") => TransportChoice::Modern,
-            _ => TransportChoice::Auto,
+            StrProp::Value("legacy") => TransportChoice::Legacy,
+            StrProp::Value("modern") => TransportChoice::Modern,
+            StrProp::Absent | StrProp::Value("auto") => TransportChoice::Auto,
+            other => {
+                dev_warn!(
+                    dip,
+                    "virtio-transport {} is not auto, legacy or modern: using auto",
+                    Shown(other)
+                );
+                TransportChoice::Auto
+            }
         };
-        let mut buf = [0u8; 16];
+        let mut buf = [0u8; 32];
         let (intr, poll): (&'static [IntrKind], bool) =
             match dip.prop_string(c"interrupt-type", &mut buf) {
-                Some("msix") => (&[IntrKind::MsiX], false),
-                Some("msi") => (&[IntrKind::Msi, IntrKind::Fixed], false),
-                Some("fixed") => (&[IntrKind::Fixed], false),
-                Some("poll") => (&[], true),
-                _ => (&[IntrKind::MsiX, IntrKind::Msi, IntrKind::Fixed], false),
+                StrProp::Value("msix") => (&[IntrKind::MsiX], false),
+                StrProp::Value("msi") => (&[IntrKind::Msi, IntrKind::Fixed], false),
+                StrProp::Value("fixed") => (&[IntrKind::Fixed], false),
+                StrProp::Value("poll") => (&[], true),
+                StrProp::Absent | StrProp::Value("auto") => {
+                    (&[IntrKind::MsiX, IntrKind::Msi, IntrKind::Fixed], false)
+                }
+                other => {
+                    dev_warn!(
+                        dip,
+                        "interrupt-type {} is not auto, msix, msi, fixed or poll: using auto",
+                        Shown(other)
+                    );
+                    (&[IntrKind::MsiX, IntrKind::Msi, IntrKind::Fixed], false)
+                }
             };
         Tunables {
             transport,
@@ -155,6 +175,19 @@ impl Tunables {
             event_idx: dip.prop_int(c"virtio-event-idx", 1) != 0,
             intr,
             poll,
+        }
+    }
+}
+
+/// A string property value for a message.
+struct Shown<'a>(StrProp<'a>);
+
+impl core::fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            StrProp::Value(v) => write!(f, "\"{v}\""),
+            StrProp::Unusable => f.write_str("(too long or not text)"),
+            StrProp::Absent => f.write_str("(unset)"),
         }
     }
 }

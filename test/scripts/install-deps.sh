@@ -3,7 +3,10 @@
 # machine, idempotently: QEMU's x86 system emulator (10.x from
 # bookworm-backports, because the machine's qemu-utils comes from there and
 # blocks bookworm's own 7.2), an unpacked QEMU 7.2 for the abort scenarios that
-# 10.0.2 deadlocks on, and the host tools the checks use.
+# 10.0.2 deadlocks on, and the host tools the build and checks use (gcc and
+# binutils for the C shim and the module link, libclang for bindgen, mandoc
+# for the man page). The pinned Rust for the kernel target is installed by
+# pkg/kernel/toolchain.sh when the module is built.
 #
 # Usage: test/scripts/install-deps.sh [--qemu72]
 set -euo pipefail
@@ -27,9 +30,25 @@ as_root() {
 
 need_pkgs=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need_pkgs+=(qemu-system-x86)
-command -v mandoc >/dev/null 2>&1 || need_pkgs+=(mandoc)
-command -v objcopy >/dev/null 2>&1 || need_pkgs+=(binutils)
-command -v cc >/dev/null 2>&1 || need_pkgs+=(gcc)
+# From bookworm itself (not backports): the build tools.
+need_base=()
+command -v mandoc >/dev/null 2>&1 || need_base+=(mandoc)
+command -v objcopy >/dev/null 2>&1 || need_base+=(binutils)
+command -v cc >/dev/null 2>&1 || need_base+=(gcc)
+# bindgen loads libclang at build time.
+if ! ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
+    need_base+=(libclang-dev)
+fi
+
+if [ ${#need_base[@]} -gt 0 ]; then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "install-deps: missing ${need_base[*]} and no apt-get to install them" >&2
+        exit 1
+    fi
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends "${need_base[@]}"
+fi
 
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     if ! command -v apt-get >/dev/null 2>&1; then

@@ -637,7 +637,11 @@ fn interrupt_pump(weak: std::sync::Weak<Machine>) {
         if m.stop.load(Ordering::Acquire) || m.dead.load(Ordering::Acquire) {
             return;
         }
-        let delivered = deliver_once(&m);
+        let delivered = {
+            // Handlers run "on" this machine (probes, logging find it).
+            let _g = set_current(&m);
+            deliver_once(&m)
+        };
         if delivered {
             last_activity = Instant::now();
         }

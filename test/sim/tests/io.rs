@@ -163,3 +163,77 @@ fn interrupt_fallbacks() {
     // Fewer MSI-X vectors than sources: one shared vector.
     run_mode("modern", "msix", Some(2), "MSI-X");
 }
+
+#[test]
+fn a_tunable_value_the_driver_does_not_know_is_reported_and_the_default_used() {
+    let rig = Rig::start(RigConfig {
+        transport: "modren".into(),
+        interrupts: "msx".into(),
+        ..RigConfig::default()
+    });
+    let log = rig.log();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("virtio-transport \"modren\" is not auto, legacy or modern")),
+        "{log:#?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("interrupt-type \"msx\" is not auto, msix, msi, fixed or poll")),
+        "{log:#?}"
+    );
+    let line = log
+        .iter()
+        .find(|l| l.starts_with("virtio-scsi"))
+        .expect("attached");
+    assert!(
+        line.contains("modern transport") && line.contains("MSI-X interrupts"),
+        "{line}"
+    );
+    let disk = rig.disk0();
+    let data = random_bytes(11, 8192);
+    disk.write(3, &data).expect("write");
+    assert_eq!(disk.read(3, 8192).expect("read"), data);
+    rig.finish_clean();
+}
+
+#[test]
+fn every_command_fires_the_start_and_done_probes_once_with_its_packet() {
+    let rig = Rig::start(RigConfig::default());
+    let probes = &rig.bed().machine.probes;
+    probes.clear();
+    let disk = rig.disk0();
+    let data = random_bytes(21, 64 << 10);
+    for i in 0..8u64 {
+        disk.write(i * 128, &data).expect("write");
+        assert_eq!(disk.read(i * 128, data.len()).expect("read"), data);
+    }
+    let starts = probes.firings("rvscsi-cmd-start");
+    let dones = probes.firings("rvscsi-cmd-done");
+    assert!(starts.len() >= 16, "{} starts", starts.len());
+    assert_eq!(starts.len(), dones.len(), "one done per start");
+    // Packets are reused from the cache, so compare in order: each start is
+    // followed by the done of the same packet before the packet starts again.
+    let mut open: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+    let mut all: Vec<(usize, bool, u64)> = Vec::new();
+    for (i, f) in starts.iter().enumerate() {
+        all.push((i, true, f.args[0]));
+        assert_eq!((f.args[1], f.args[2]), (0, 0), "target 0 LUN 0");
+    }
+    for (i, f) in dones.iter().enumerate() {
+        all.push((i, false, f.args[0]));
+        assert_eq!(f.args[1], u64::from(rvscsi::ffi::CMD_CMPLT), "{f:?}");
+        assert_eq!(f.args[2], 0, "GOOD status");
+    }
+    for f in &starts {
+        *open.entry(f.args[0]).or_default() += 1;
+    }
+    for f in &dones {
+        let n = open
+            .get_mut(&f.args[0])
+            .expect("a done for a started packet");
+        *n -= 1;
+    }
+    assert!(open.values().all(|&n| n == 0), "every start has its done");
+    rig.finish_clean();
+}

@@ -83,6 +83,18 @@ fn ready(dev: &Arc<rvscsi_emu::Device>) {
     panic!("not ready");
 }
 
+/// Polls `cond` until it holds or `limit` passed.
+fn wait_for(limit: Duration, cond: impl Fn() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
 #[test]
 fn a_held_command_past_pkt_time_is_aborted_and_completes_cmd_timeout() {
     let rig = held_rig();
@@ -91,6 +103,7 @@ fn a_held_command_past_pkt_time_is_aborted_and_completes_cmd_timeout() {
     hmp(&rig, "qemu-io d0 \"break read_aio T1\"");
     let mut p = read_pkt(&dev, 10);
     p.set_time(1);
+    let pkt = p.pkt() as u64;
     let t0 = Instant::now();
     assert_eq!(p.transport(), ffi::TRAN_ACCEPT);
     // The watchdog sees the deadline pass within 2 s and sends ABORT TASK,
@@ -118,6 +131,29 @@ fn a_held_command_past_pkt_time_is_aborted_and_completes_cmd_timeout() {
     assert!(
         rig.log().iter().any(|l| l.contains("timed out")),
         "the timeout is logged"
+    );
+    // DTrace sees it: the timeout with the packet and its pkt_time, the
+    // ABORT TASK that worked, and the completion with CMD_TIMEOUT.
+    let probes = &rig.bed().machine.probes;
+    let timeouts = probes.firings("rvscsi-cmd-timeout");
+    assert_eq!(timeouts.len(), 1, "{timeouts:?}");
+    assert_eq!(timeouts[0].args, [pkt, 0, 0, 1]);
+    // The ABORT TASK's answer may be handled just after the command
+    // completed: give the work task a moment.
+    assert!(
+        wait_for(Duration::from_secs(10), || probes
+            .firings("rvscsi-cmd-abort")
+            .iter()
+            .any(|f| f.args == [pkt, 0, 0, 1])),
+        "{:?}",
+        probes.firings("rvscsi-cmd-abort")
+    );
+    let done = probes.firings("rvscsi-cmd-done");
+    let mine: Vec<_> = done.iter().filter(|f| f.args[0] == pkt).collect();
+    assert!(
+        mine.iter()
+            .any(|f| f.args[1] == u64::from(ffi::CMD_TIMEOUT)),
+        "{mine:?}"
     );
     // The LUN still works.
     let p = read_pkt(&dev, 11);
@@ -165,6 +201,7 @@ fn tran_abort_of_a_held_command_completes_it_aborted() {
     ready(&dev);
     hmp(&rig, "qemu-io d0 \"break read_aio T1\"");
     let p = read_pkt(&dev, 30);
+    let pkt = p.pkt() as u64;
     assert_eq!(p.start_async(), ffi::TRAN_ACCEPT);
     std::thread::sleep(Duration::from_millis(200));
     assert!(!p.is_done(), "held by blkdebug");
@@ -182,6 +219,31 @@ fn tran_abort_of_a_held_command_completes_it_aborted() {
     // LUN and target resets answer too.
     assert_eq!(dev.reset(ffi::RESET_LUN), 1);
     assert_eq!(dev.reset(ffi::RESET_TARGET), 1);
+    // Each is visible to DTrace with its outcome.
+    let probes = &rig.bed().machine.probes;
+    assert!(wait_for(Duration::from_secs(10), || probes
+        .count("rvscsi-cmd-abort")
+        > 0));
+    assert_eq!(
+        probes
+            .firings("rvscsi-cmd-abort")
+            .iter()
+            .map(|f| f.args.clone())
+            .collect::<Vec<_>>(),
+        [vec![pkt, 0, 0, 1]]
+    );
+    let resets: Vec<Vec<u64>> = probes
+        .firings("rvscsi-reset")
+        .iter()
+        .map(|f| f.args.clone())
+        .collect();
+    assert_eq!(
+        resets,
+        [
+            vec![ffi::RESET_LUN as u64, 0, 0, 1],
+            vec![ffi::RESET_TARGET as u64, 0, 0, 1]
+        ]
+    );
     rig.finish_clean();
 }
 
