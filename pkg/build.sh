@@ -25,6 +25,15 @@ done
 
 bash test/scripts/install-deps.sh
 bash test/scripts/ensure-rust.sh
+if [ "$(uname -s)" = SunOS ]; then
+    # bindgen's libclang (OmniOS extra), and no demo: the test bed's QEMU
+    # device models run on Linux.
+    if [ -z "${LIBCLANG_PATH:-}" ]; then
+        LIBCLANG_PATH=$(ls -d /opt/ooce/clang-*/lib 2>/dev/null | tail -n 1)
+        export LIBCLANG_PATH
+    fi
+    demo=0
+fi
 
 echo "== kernel module"
 pkg/kernel/build-module.sh

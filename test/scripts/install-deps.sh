@@ -28,6 +28,26 @@ as_root() {
     fi
 }
 
+if [ "$(uname -s)" = SunOS ]; then
+    # Building on illumos (OmniOS): the compiler, the kernel headers, the IPS
+    # tools (present), mandoc (present) and libclang for bindgen. QEMU and
+    # the test bed are Linux-only; the module is built, checked and packaged.
+    need=()
+    command -v gcc >/dev/null 2>&1 || need+=(developer/gcc14)
+    [ -f /usr/include/sys/scsi/scsi.h ] || need+=(system/header)
+    if ! ls /opt/ooce/clang-*/lib/libclang.so* >/dev/null 2>&1; then
+        need+=(ooce/developer/clang-19)
+    fi
+    if [ ${#need[@]} -gt 0 ]; then
+        as_root pkg install -v "${need[@]}" || {
+            echo "install-deps: pkg install ${need[*]} failed (is the extra.omnios publisher set?)" >&2
+            exit 1
+        }
+    fi
+    echo "install-deps: ok (illumos build host)"
+    exit 0
+fi
+
 need_pkgs=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need_pkgs+=(qemu-system-x86)
 # From bookworm itself (not backports): the build tools.
