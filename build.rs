@@ -71,12 +71,7 @@ fn main() {
     let root =
         PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    for p in [
-        "c-shim",
-        "src/ffi/types.rs",
-        "src/ffi/consts.rs",
-        "src/entry.rs",
-    ] {
+    for p in ["c-shim", "src/ffi/types.rs", "src/ffi/consts.rs"] {
         println!("cargo:rerun-if-changed={p}");
     }
     println!("cargo:rerun-if-env-changed=ILLUMOS_GATE");

@@ -13,9 +13,9 @@
 //! I/O path (`tran_start`, completion, interrupts), where everything a packet
 //! needs was preallocated by `tran_pkt_constructor(9E)`. So `KM_SLEEP`: it
 //! cannot fail, which matters because Rust treats a failed allocation as
-//! fatal. The test bed enforces the rule: an allocation from interrupt
-//! context, or with a driver lock held at interrupt priority, is a
-//! violation there.
+//! fatal. The test bed's `kmem_alloc` records a `KM_SLEEP` allocation from
+//! interrupt context as a violation, so the rule is checked wherever this
+//! allocator runs on it.
 //!
 //! # Alignment
 //! `kmem_alloc(9F)` promises 8-byte alignment (`KMEM_ALIGN`). Larger
