@@ -760,30 +760,21 @@ fn check_instructions(obj: &Object<'_>, r: &mut Report) {
                     .used_registers()
                     .iter()
                     .any(|u| is_fpu_or_simd(u.register()));
-                if uses_fpu {
-                    r.fail(
-                        "instruction",
-                        format!(
-                            "`{}` at {name} {} uses FPU/SIMD state",
-                            show(&instr),
-                            obj.function_at(i, at)
-                        ),
-                    );
-                    reported += 1;
-                }
                 let has_memory = (0..instr.op_count()).any(|k| instr.op_kind(k) == OpKind::Memory);
-                if has_memory
+                let below_sp = has_memory
                     && matches!(instr.memory_base(), Register::RSP | Register::ESP)
-                    && (instr.memory_displacement64() as i64) < 0
-                {
-                    r.fail(
-                        "red-zone",
-                        format!(
-                            "`{}` at {name} {} reaches below the stack pointer",
-                            show(&instr),
-                            obj.function_at(i, at)
-                        ),
+                    && (instr.memory_displacement64() as i64) < 0;
+                let found = [
+                    (uses_fpu, "instruction", "uses FPU/SIMD state"),
+                    (below_sp, "red-zone", "reaches below the stack pointer"),
+                ];
+                for (_, rule, what) in found.into_iter().filter(|f| f.0) {
+                    let text = format!(
+                        "`{}` at {name} {} {what}",
+                        show(&instr),
+                        obj.function_at(i, at)
                     );
+                    r.fail(rule, text);
                     reported += 1;
                 }
             }
