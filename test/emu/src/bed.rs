@@ -139,6 +139,7 @@ pub mod hosted {
     use super::*;
     use crate::ddi::modctl;
     use std::sync::OnceLock;
+    use std::sync::atomic::Ordering;
 
     unsafe extern "C" {
         fn rvscsi_hosted__init() -> c_int;
@@ -146,10 +147,22 @@ pub mod hosted {
         fn rvscsi_hosted__info(modinfo: *mut std::ffi::c_void) -> c_int;
     }
 
+    /// The shim's `dev_ops` (a static of the shim: its address never
+    /// changes), learned at its first `_init`.
+    static DEV_OPS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
     /// The shim's `_init(9E)`: 0 or an errno.
     pub fn init() -> c_int {
+        let before = modctl::installed_list();
         // SAFETY: the shim's _init, called once per load as modload does.
-        unsafe { rvscsi_hosted__init() }
+        let rc = unsafe { rvscsi_hosted__init() };
+        let new = modctl::installed_list()
+            .into_iter()
+            .find(|m| !before.contains(m));
+        if let (0, Some(m)) = (rc, new) {
+            DEV_OPS.store(m.dev_ops, Ordering::Release);
+        }
+        rc
     }
 
     /// The shim's `_fini(9E)`: 0, or EBUSY while an instance is attached.
@@ -166,9 +179,13 @@ pub mod hosted {
         unsafe { rvscsi_hosted__info(buf.as_mut_ptr().cast()) }
     }
 
-    /// The `dev_ops` the shim installed, if it is installed.
+    /// The `dev_ops` the shim installed, while it is installed.
     pub fn installed_dev_ops() -> Option<*mut ffi::dev_ops> {
-        modctl::installed_dev_ops(|ops| !ops.is_null())
+        let ops = DEV_OPS.load(Ordering::Acquire);
+        modctl::installed_list()
+            .iter()
+            .any(|m| ops != 0 && m.dev_ops == ops)
+            .then_some(ops as *mut ffi::dev_ops)
     }
 
     /// The shim, loaded once for the whole process (a module is loaded
@@ -182,64 +199,67 @@ pub mod hosted {
             e => Err(format!("the shim's _init failed with errno {e}")),
         });
         match ops {
-            Ok(o) => Ok(Arc::new(ShimBinding {
+            Ok(o) => Ok(Arc::new(DevOpsBinding {
                 dev_ops: *o as *mut ffi::dev_ops,
             })),
             Err(e) => Err(BedError(e.clone())),
         }
     }
+}
 
-    /// Calls the entry points of an installed `dev_ops`.
-    pub struct ShimBinding {
-        /// The shim's `dev_ops`.
-        pub dev_ops: *mut ffi::dev_ops,
+/// The bed's way to a driver through its `dev_ops(9S)`: the hosted C shim,
+/// or a module object loaded by the test bed's module loader. Attach and
+/// detach are counted against the module, so that its `_fini` answers
+/// EBUSY while an instance is attached (modctl's `mod_remove`).
+pub struct DevOpsBinding {
+    /// The module's `dev_ops`.
+    pub dev_ops: *mut ffi::dev_ops,
+}
+
+// SAFETY: dev_ops is a module's static table, valid while it is installed.
+unsafe impl Send for DevOpsBinding {}
+// SAFETY: as above.
+unsafe impl Sync for DevOpsBinding {}
+
+impl DevOpsBinding {
+    fn ops(&self) -> &ffi::dev_ops {
+        // SAFETY: an installed module's dev_ops (see the field).
+        unsafe { &*self.dev_ops }
+    }
+}
+
+// SAFETY: the methods call the module's dev_ops entry points with the node
+// and command the trait's contexts require.
+unsafe impl DriverBinding for DevOpsBinding {
+    unsafe fn attach(&self, dip: *mut dev_info_t) -> c_int {
+        let Some(attach) = self.ops().devo_attach else {
+            return ffi::DDI_FAILURE;
+        };
+        // SAFETY: attach(9E) of a live node (caller).
+        let r = unsafe { attach(dip, ffi::DDI_ATTACH) };
+        if r == ffi::DDI_SUCCESS {
+            crate::ddi::modctl::count_instance(self.dev_ops, 1);
+        }
+        r
     }
 
-    // SAFETY: dev_ops is the shim's static table, valid while installed.
-    unsafe impl Send for ShimBinding {}
-    // SAFETY: as above.
-    unsafe impl Sync for ShimBinding {}
-
-    impl ShimBinding {
-        fn ops(&self) -> &ffi::dev_ops {
-            // SAFETY: the installed module's dev_ops (see binding()).
-            unsafe { &*self.dev_ops }
+    unsafe fn detach(&self, dip: *mut dev_info_t) -> c_int {
+        let Some(detach) = self.ops().devo_detach else {
+            return ffi::DDI_FAILURE;
+        };
+        // SAFETY: detach(9E) of an attached node (caller).
+        let r = unsafe { detach(dip, ffi::DDI_DETACH) };
+        if r == ffi::DDI_SUCCESS {
+            crate::ddi::modctl::count_instance(self.dev_ops, -1);
         }
+        r
     }
 
-    // SAFETY: the methods call the shim's dev_ops entry points with the
-    // node and command the trait's contexts require.
-    unsafe impl DriverBinding for ShimBinding {
-        unsafe fn attach(&self, dip: *mut dev_info_t) -> c_int {
-            let Some(attach) = self.ops().devo_attach else {
-                return ffi::DDI_FAILURE;
-            };
-            // SAFETY: attach(9E) of a live node (caller).
-            let r = unsafe { attach(dip, ffi::DDI_ATTACH) };
-            if r == ffi::DDI_SUCCESS {
-                modctl::count_instance(self.dev_ops, 1);
-            }
-            r
-        }
-
-        unsafe fn detach(&self, dip: *mut dev_info_t) -> c_int {
-            let Some(detach) = self.ops().devo_detach else {
-                return ffi::DDI_FAILURE;
-            };
-            // SAFETY: detach(9E) of an attached node (caller).
-            let r = unsafe { detach(dip, ffi::DDI_DETACH) };
-            if r == ffi::DDI_SUCCESS {
-                modctl::count_instance(self.dev_ops, -1);
-            }
-            r
-        }
-
-        unsafe fn quiesce(&self, dip: *mut dev_info_t) -> c_int {
-            match self.ops().devo_quiesce {
-                // SAFETY: quiesce(9E) of the attached HBA node (caller).
-                Some(q) => unsafe { q(dip) },
-                None => ffi::DDI_FAILURE,
-            }
+    unsafe fn quiesce(&self, dip: *mut dev_info_t) -> c_int {
+        match self.ops().devo_quiesce {
+            // SAFETY: quiesce(9E) of the attached HBA node (caller).
+            Some(q) => unsafe { q(dip) },
+            None => ffi::DDI_FAILURE,
         }
     }
 }

@@ -34,6 +34,8 @@ use iced_x86::{
 use object::LittleEndian as LE;
 use object::elf;
 use object::read::elf::{FileHeader, Rela, SectionHeader, Sym};
+pub mod testobj;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 

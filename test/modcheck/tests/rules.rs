@@ -2,6 +2,7 @@
 //! here to break one rule each are refused with a message that names what
 //! is wrong. Malformed input is a reported problem, never a crash.
 
+use rvscsi_modcheck::testobj::{self, GOOD, compile};
 use rvscsi_modcheck::{Policy, check};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,66 +17,8 @@ fn policy() -> Policy {
     Policy::parse(&imports, &mapfile, &["misc/scsi"]).expect("the project's policy parses")
 }
 
-/// A module that follows every rule: local `_depends_on`, the three entry
-/// points, one listed import.
-const GOOD: &str = r#"
-extern int mod_info(void *, void *);
-static char _depends_on[] __attribute__((used)) = "misc/scsi";
-int _init(void) { return 0; }
-int _fini(void) { return 0; }
-int _info(void *mi) { return mod_info(0, mi); }
-"#;
-
-/// The flags of kernel code (see build.rs): what a good module is built with.
-const KERNEL_FLAGS: &[&str] = &[
-    "-O2",
-    "-ffreestanding",
-    "-fno-pic",
-    "-fno-pie",
-    "-fno-common",
-    "-fno-stack-protector",
-    "-fno-asynchronous-unwind-tables",
-    "-mcmodel=kernel",
-    "-mno-red-zone",
-    "-mno-mmx",
-    "-mno-sse",
-    "-mno-sse2",
-];
-
-fn tmpdir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("rvscsi-modcheck-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// Compiles C `src` into an object with `flags` (replacing the kernel
-/// flags when `replace` is set).
-fn compile(name: &str, src: &str, extra: &[&str], replace: bool) -> Vec<u8> {
-    let dir = tmpdir();
-    let c = dir.join(format!("{name}.c"));
-    let o = dir.join(format!("{name}.o"));
-    std::fs::write(&c, src).unwrap();
-    let mut cmd = Command::new("cc");
-    if !replace {
-        cmd.args(KERNEL_FLAGS);
-    }
-    cmd.args(extra).arg("-c").arg("-o").arg(&o).arg(&c);
-    let out = cmd
-        .output()
-        .expect("a C compiler (cc) to build test objects");
-    assert!(
-        out.status.success(),
-        "cc failed for {name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::read(&o).unwrap()
-}
-
 fn variant(name: &str, extra_src: &str, flags: &[&str]) -> rvscsi_modcheck::Report {
-    let r = check(
-        &compile(name, &format!("{GOOD}\n{extra_src}"), flags, false),
-        &policy(),
-    );
+    let r = check(&testobj::variant(name, extra_src, flags), &policy());
     assert!(!r.passed(), "{name} should fail:\n{r}");
     r
 }
@@ -303,7 +246,8 @@ fn rel_sections_wrong_machines_and_broken_files_are_reported_not_crashed_on() {
 
 #[test]
 fn the_command_line_tool_exits_non_zero_on_a_bad_module() {
-    let dir = tmpdir();
+    let dir = std::env::temp_dir().join(format!("rvscsi-modcheck-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("bad.o");
     std::fs::write(
         &bad,

@@ -2,7 +2,8 @@
 //! transport, interrupts, queues), and the `format` and `dd` commands.
 
 use crate::sd::{Disk, Sd, SdDriver};
-use rvscsi_emu::{Bed, BedConfig, Disk as MachineDisk, MachineConfig, VirtioPci};
+use rvscsi_emu::{Bed, BedConfig, Disk as MachineDisk, DriverBinding, MachineConfig, VirtioPci};
+use rvscsi_loader::{Kernel, Module};
 use std::fmt::Write as _;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::sync::Arc;
@@ -21,6 +22,9 @@ pub struct SimOptions {
     pub disks: Vec<(String, u8, u16)>,
     /// `--qemu PATH`
     pub qemu: Option<String>,
+    /// `--module PATH`: run the kernel module object instead of the
+    /// library linked into this program.
+    pub module: Option<String>,
 }
 
 impl Default for SimOptions {
@@ -31,6 +35,7 @@ impl Default for SimOptions {
             num_queues: None,
             disks: Vec::new(),
             qemu: None,
+            module: None,
         }
     }
 }
@@ -53,6 +58,10 @@ options:
                                 interrupt type the driver is told to use (default msix)
   --num-queues N                virtio-scsi request queues of the device
   --qemu PATH                   the qemu-system-x86_64 to run
+  --module PATH                 load this kernel module object (kernel/drv/amd64/rvscsi,
+                                built by pkg/build.sh) under the illumos loader's rules
+                                and drive the disks through it, instead of the library
+                                linked into rvscsi-sim
 ";
 
 /// Parses options and disk arguments; returns the options and the rest.
@@ -93,6 +102,7 @@ pub fn parse_options(args: &[String]) -> Result<(SimOptions, Vec<String>), Strin
                 );
             }
             "--qemu" => o.qemu = Some(value("--qemu")?),
+            "--module" => o.module = Some(value("--module")?),
             _ => rest.extend(args[i..].iter().cloned()),
         }
         if !rest.is_empty() {
@@ -127,8 +137,12 @@ pub fn parse_disk(arg: &str, index: usize) -> Result<(String, u8, u16), String> 
     Ok((file, target, lun))
 }
 
-/// Starts QEMU with the disks and attaches the driver.
-pub fn attach(o: &SimOptions) -> Result<(Bed, Arc<Sd>), String> {
+/// Starts QEMU with the disks and attaches the driver: the library's, or,
+/// with `binding`, a loaded module's.
+pub fn attach(
+    o: &SimOptions,
+    binding: Option<Arc<dyn DriverBinding>>,
+) -> Result<(Bed, Arc<Sd>), String> {
     if o.disks.is_empty() {
         return Err("no disk given".into());
     }
@@ -156,9 +170,12 @@ pub fn attach(o: &SimOptions) -> Result<(Bed, Arc<Sd>), String> {
         "intx" => "fixed",
         other => other,
     };
-    let cfg = BedConfig::new(mc, Arc::new(SdDriver(sd.clone())))
+    let mut cfg = BedConfig::new(mc, Arc::new(SdDriver(sd.clone())))
         .prop_str("virtio-transport", &o.transport)
         .prop_str("interrupt-type", intr);
+    if let Some(b) = binding {
+        cfg.binding = b;
+    }
     let bed = Bed::attach(cfg).map_err(|e| e.to_string())?;
     Ok((bed, sd))
 }
@@ -455,10 +472,28 @@ pub fn run(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             return 2;
         }
     };
-    let (bed, sd) = match attach(&o) {
+    let mut module = match &o.module {
+        Some(path) => match load_module(path) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                let _ = writeln!(err, "rvscsi-sim: {e}");
+                return 1;
+            }
+        },
+        None => None,
+    };
+    let binding = match module.as_ref().map(Module::binding).transpose() {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = writeln!(err, "rvscsi-sim: {e}");
+            return 1;
+        }
+    };
+    let (bed, sd) = match attach(&o, binding) {
         Ok(x) => x,
         Err(e) => {
             let _ = writeln!(err, "rvscsi-sim: {e}");
+            unload_module(&mut module, err);
             return 1;
         }
     };
@@ -496,5 +531,36 @@ pub fn run(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             code = 3;
         }
     }
+    if !unload_module(&mut module, err) {
+        code = 3;
+    }
     code
+}
+
+/// modload: loads the module object at `path` into the emulated kernel,
+/// enables its probes, and runs its `_init`.
+pub fn load_module(path: &str) -> Result<Module, String> {
+    let mut m = Module::load_file(std::path::Path::new(path), &Kernel::test_bed())
+        .map_err(|e| e.to_string())?;
+    m.enable_probes().map_err(|e| e.to_string())?;
+    m.init().map_err(|e| e.to_string())?;
+    Ok(m)
+}
+
+/// modunload: the module's `_fini`; false (with a message) if it refuses.
+fn unload_module(module: &mut Option<Module>, err: &mut dyn Write) -> bool {
+    let Some(mut m) = module.take() else {
+        return true;
+    };
+    match m.fini() {
+        Ok(0) => true,
+        Ok(rc) => {
+            let _ = writeln!(err, "rvscsi-sim: {}: _fini returned {rc}", m.name());
+            false
+        }
+        Err(e) => {
+            let _ = writeln!(err, "rvscsi-sim: {e}");
+            false
+        }
+    }
 }

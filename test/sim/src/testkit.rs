@@ -179,6 +179,9 @@ pub enum Binding {
     Library,
     /// The C shim built for the host, loaded through `_init`.
     Shim,
+    /// The `dev_ops(9S)` at this address: a module object loaded by
+    /// `rvscsi-loader` ([`rvscsi_loader::Module::dev_ops`]).
+    DevOps(usize),
 }
 
 /// Which QEMU.
@@ -308,8 +311,16 @@ impl Rig {
         for (k, v) in &cfg.props {
             bc = bc.prop_int(k, *v);
         }
-        if cfg.binding == Binding::Shim {
-            bc.binding = rvscsi_emu::bed::hosted::binding().map_err(|e| e.to_string())?;
+        match cfg.binding {
+            Binding::Library => {}
+            Binding::Shim => {
+                bc.binding = rvscsi_emu::bed::hosted::binding().map_err(|e| e.to_string())?;
+            }
+            Binding::DevOps(ops) => {
+                bc.binding = Arc::new(rvscsi_emu::bed::DevOpsBinding {
+                    dev_ops: ops as *mut rvscsi::ffi::dev_ops,
+                });
+            }
         }
         let bed = Bed::attach(bc).map_err(|e| e.to_string())?;
         Ok(Rig {

@@ -224,3 +224,98 @@ fn disk_names_parse_like_devfsadm_builds_them() {
     assert_eq!(disk_name("c1t0d0"), None, "one controller");
     assert_eq!(disk_name("/tmp/file"), None);
 }
+
+/// The module object `pkg/build.sh` builds.
+fn built_module() -> String {
+    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/kernel/rvscsi");
+    assert!(
+        p.exists(),
+        "{} is missing: pkg/build.sh (test/run.sh runs it first) builds the module",
+        p.display()
+    );
+    p.display().to_string()
+}
+
+#[test]
+fn with_module_format_and_dd_run_through_the_kernel_object() {
+    let module = built_module();
+    let dir = TempDir::new("cli-module");
+    let a = Image::patterned(&dir.path("a.img"), 5, 8192);
+    let b = Image::patterned(&dir.path("b.img"), 6, 4096);
+    let (code, out, err) = sim(&[
+        "--module",
+        &module,
+        "format",
+        a.path.to_str().unwrap(),
+        &format!("{},target=3", b.path.display()),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        "c0t0d0 QEMU QEMU HARDDISK 8192 x 512\nc0t3d0 QEMU QEMU HARDDISK 4096 x 512\n"
+    );
+    // dd both ways through the module, legacy transport.
+    let pattern = random_bytes(77, 1 << 20);
+    let pfile = dir.path("p.bin");
+    std::fs::write(&pfile, &pattern).unwrap();
+    let disk = a.path.to_str().unwrap();
+    let (code, _, err) = sim(&[
+        "--module",
+        &module,
+        "--transport",
+        "legacy",
+        "dd",
+        disk,
+        "--",
+        &format!("if={}", pfile.display()),
+        "of=/dev/rdsk/c0t0d0",
+        "bs=64k",
+        "seek=8",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("16+0 records out"), "{err}");
+    assert_eq!(
+        a.read(8 * 65536, pattern.len()),
+        pattern,
+        "the image after the write"
+    );
+    let back = dir.path("back.bin");
+    let (code, _, err) = sim(&[
+        "--module",
+        &module,
+        "dd",
+        disk,
+        "--",
+        "if=/dev/rdsk/c0t0d0",
+        &format!("of={}", back.display()),
+        "bs=64k",
+        "skip=8",
+        "count=16",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read(&back).unwrap(), pattern);
+}
+
+#[test]
+fn with_a_module_that_cannot_load_the_error_names_why() {
+    let dir = TempDir::new("cli-badmodule");
+    let a = Image::patterned(&dir.path("a.img"), 1, 2048);
+    let (code, _, err) = sim(&[
+        "--module",
+        dir.path("absent.o").to_str().unwrap(),
+        "format",
+        a.path.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("absent.o"), "{err}");
+    let junk = dir.path("junk.o");
+    std::fs::write(&junk, b"not an object").unwrap();
+    let (code, _, err) = sim(&[
+        "--module",
+        junk.to_str().unwrap(),
+        "format",
+        a.path.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not an ELF64 object"), "{err}");
+}

@@ -18,6 +18,7 @@ pub mod log;
 pub mod modctl;
 pub mod retpoline;
 pub mod sdt;
+pub mod symbols;
 pub mod sync;
 pub mod taskq;
 pub mod time;

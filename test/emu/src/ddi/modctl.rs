@@ -181,13 +181,9 @@ pub fn installed(modlp: *const modlinkage) -> Option<Installed> {
         .copied()
 }
 
-/// The `dev_ops` of the most recently installed module matching `pred`.
-pub fn installed_dev_ops(pred: impl Fn(*mut dev_ops) -> bool) -> Option<*mut dev_ops> {
-    lock(&INSTALLED)
-        .iter()
-        .rev()
-        .map(|m| m.dev_ops as *mut dev_ops)
-        .find(|&o| pred(o))
+/// Every installed module.
+pub fn installed_list() -> Vec<Installed> {
+    lock(&INSTALLED).clone()
 }
 
 /// Counts an instance attached (`+1`) or detached (`-1`) through the

@@ -129,3 +129,26 @@ pub extern "C" fn __dtrace_probe_rvscsi__reset(
 ) {
     fire("rvscsi-reset", &[level, target, lun, done]);
 }
+
+/// The recording function of the probe whose call sites reference symbol
+/// `name` (`__dtrace_probe_rvscsi__cmd__start`), for enabling the probe
+/// sites of a loaded module.
+pub fn probe_function(name: &str) -> Option<usize> {
+    let f: usize = match name {
+        "__dtrace_probe_rvscsi__cmd__start" => {
+            __dtrace_probe_rvscsi__cmd__start as *const () as usize
+        }
+        "__dtrace_probe_rvscsi__cmd__done" => {
+            __dtrace_probe_rvscsi__cmd__done as *const () as usize
+        }
+        "__dtrace_probe_rvscsi__cmd__timeout" => {
+            __dtrace_probe_rvscsi__cmd__timeout as *const () as usize
+        }
+        "__dtrace_probe_rvscsi__cmd__abort" => {
+            __dtrace_probe_rvscsi__cmd__abort as *const () as usize
+        }
+        "__dtrace_probe_rvscsi__reset" => __dtrace_probe_rvscsi__reset as *const () as usize,
+        _ => return None,
+    };
+    Some(f)
+}
