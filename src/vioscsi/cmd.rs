@@ -111,6 +111,12 @@ pub struct CmdFields {
     pub dir: DataDir,
     /// The response (kept for internal commands).
     pub response: proto::Response,
+    /// Taken back by a device reset, its completion parked for a reaper
+    /// that holds no driver lock.
+    pub reset_forced: bool,
+    /// Its packet was torn down while it was in flight: when it comes
+    /// back it is simply idle again.
+    pub abandoned: bool,
     /// Link of a [`CmdList`].
     next: Option<OwnedCmd>,
 }
@@ -121,6 +127,8 @@ impl CmdFields {
         self.timed_out = false;
         self.recovery = PktStatistics::empty();
         self.response = proto::Response::default();
+        self.reset_forced = false;
+        self.abandoned = false;
         self.next = None;
     }
 }
@@ -168,6 +176,8 @@ impl Cmd {
                 xfer: 0,
                 dir: DataDir::None,
                 response: proto::Response::default(),
+                reset_forced: false,
+                abandoned: false,
                 next: None,
             }),
         })
@@ -298,6 +308,16 @@ impl CmdList {
         self.head = c.fields().next.take();
         self.len -= 1;
         Some(c)
+    }
+
+    /// Calls `f` on every command (bounded by the length).
+    pub fn for_each(&mut self, mut f: impl FnMut(&mut OwnedCmd)) {
+        let mut rest = CmdList::new();
+        while let Some(mut c) = self.pop() {
+            f(&mut c);
+            rest.push(c);
+        }
+        *self = rest;
     }
 }
 

@@ -10,6 +10,7 @@
 //! the target driver still sees the power-on or reset unit attention.
 
 use super::hba::{AttachError, Stats, VioScsi, state};
+use super::io::Reaper;
 use super::proto::{self, EVENT_QUEUE, Event};
 use super::recovery::Expired;
 use crate::ddi::dma::{DmaBuffer, DmaMode};
@@ -173,7 +174,7 @@ impl VioScsi {
                 self.reset_device("the device asked for it");
             }
             for e in expired.iter().flatten() {
-                self.recover(*e, true);
+                self.recover(*e, true, Reaper::Free);
             }
             let present = if discover { self.discover() } else { None };
             for t in 0..=self.limits.max_target {
@@ -188,42 +189,50 @@ impl VioScsi {
     }
 
     /// Reads and re-posts every event the device returned, then hands
-    /// what needs a thread to the work task.
+    /// what needs a thread to the work task. Like [`Self::reap`], it looks
+    /// again when events arrived while interrupts were being re-armed
+    /// (virtio 1.2 §2.7.10: otherwise they would wait for an interrupt
+    /// that never comes), a bounded number of times.
     pub(crate) fn service_events(&self) {
-        let mut events = [(Event::None, false); EVENT_BUFFERS as usize];
-        let mut n = 0;
-        let kick = {
-            let mut e = self.evt.lock();
-            for _ in 0..e.count {
-                match e.ring.pop_used() {
-                    None => break,
-                    Some(Ok(u)) => {
-                        let i = u.token;
-                        let off = usize::from(i) * e.size;
-                        e.bufs.sync_for_cpu(off, proto::EVENT_LEN);
-                        let mut b = [0u8; proto::EVENT_LEN];
-                        e.bufs.read_bytes(off, &mut b);
-                        if n < events.len() {
-                            events[n] = proto::parse_event(&b);
-                            n += 1;
+        for _pass in 0..4 {
+            let mut events = [(Event::None, false); EVENT_BUFFERS as usize];
+            let mut n = 0;
+            let (kick, more) = {
+                let mut e = self.evt.lock();
+                for _ in 0..e.count {
+                    match e.ring.pop_used() {
+                        None => break,
+                        Some(Ok(u)) => {
+                            let i = u.token;
+                            let off = usize::from(i) * e.size;
+                            e.bufs.sync_for_cpu(off, proto::EVENT_LEN);
+                            let mut b = [0u8; proto::EVENT_LEN];
+                            e.bufs.read_bytes(off, &mut b);
+                            if n < events.len() {
+                                events[n] = proto::parse_event(&b);
+                                n += 1;
+                            }
+                            e.post(i);
                         }
-                        e.post(i);
+                        Some(Err(err)) => {
+                            dev_warn!(self.dip, "event queue: bad used element {err:?}")
+                        }
                     }
-                    Some(Err(err)) => dev_warn!(self.dip, "event queue: bad used element {err:?}"),
                 }
+                let kick = e.ring.publish();
+                let more = self.mode.interrupts() && e.ring.enable_interrupts();
+                (kick, more)
+            };
+            if kick {
+                self.transport.notify(EVENT_QUEUE);
             }
-            let kick = e.ring.publish();
-            if self.mode.interrupts() {
-                e.ring.enable_interrupts();
+            for &(ev, missed) in &events[..n] {
+                Stats::bump(&self.stats.events);
+                self.handle_event(ev, missed);
             }
-            kick
-        };
-        if kick {
-            self.transport.notify(EVENT_QUEUE);
-        }
-        for &(ev, missed) in &events[..n] {
-            Stats::bump(&self.stats.events);
-            self.handle_event(ev, missed);
+            if !more {
+                return;
+            }
         }
     }
 

@@ -17,6 +17,7 @@ use crate::ddi::time::Periodic;
 use crate::ddi::{DdiError, Dip, Sleep};
 use crate::ffi;
 use crate::scsa::cap::HbaCaps;
+use crate::vioscsi::cmd::CmdList;
 use crate::virtio::pci::{NO_VECTOR, Transport, TransportChoice, TransportError};
 use crate::virtio::ring::{Layout, SplitQueue};
 use crate::virtio::{Features, Status, VIRTIO_PCI_VENDOR};
@@ -243,6 +244,11 @@ pub struct ReqRing {
     pub completing: u32,
     /// A submission during a completion pass needs a notification.
     pub kick_pending: bool,
+    /// Commands the device returned while a poller reaped the ring (a
+    /// thread that may hold driver locks): they go back to their target
+    /// drivers from the next interrupt or watchdog tick, never from under
+    /// a driver lock.
+    pub deferred: CmdList,
 }
 
 /// Counters for tests and benchmarks (relaxed atomics; cheap).
@@ -440,6 +446,7 @@ impl VioScsi {
                         ring,
                         completing: 0,
                         kick_pending: false,
+                        deferred: CmdList::new(),
                     },
                     pri,
                 ),
@@ -807,7 +814,16 @@ impl VioScsi {
         if self.state() != state::RUNNING {
             return;
         }
-        if !self.mode.interrupts() {
+        if self.mode.interrupts() {
+            // Completions a poller parked since the last interrupt.
+            for n in 0..self.queues.len() {
+                if !self.queues[n].ring.lock().deferred.is_empty() {
+                    self.reap(n);
+                }
+            }
+            // Events are rare and losing one costs a discovery: look.
+            self.service_events();
+        } else {
             self.service_all();
         }
         self.scan_timeouts();
@@ -836,9 +852,10 @@ impl VioScsi {
 
     /// Whether no command is in flight (detach may go ahead).
     pub fn detach_ready(&self) -> bool {
-        self.queues
-            .iter()
-            .all(|q| q.ring.lock().ring.outstanding() == 0)
+        self.queues.iter().all(|q| {
+            let g = q.ring.lock();
+            g.ring.outstanding() == 0 && g.deferred.is_empty()
+        })
     }
 
     /// quiesce(9E): stop the device for fast reboot. Must not block, take

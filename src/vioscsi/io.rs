@@ -21,6 +21,15 @@ use core::sync::atomic::Ordering;
 /// `SCSI_POLL_TIMEOUT`: seconds a polled command without `pkt_time` may take.
 const POLL_TIMEOUT_S: i64 = 60;
 
+/// Who reaps a ring, and so what it may do with what it finds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reaper {
+    /// No driver lock held: completes to the target drivers.
+    Free,
+    /// Waits for a command of its own, possibly under driver locks.
+    Poller,
+}
+
 /// Why a command could not be started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StartError {
@@ -91,15 +100,18 @@ impl VioScsi {
     }
 
     /// `tran_teardown_pkt(9E)`: nothing to release (the command state is
-    /// reused), but a packet torn down while in flight is a target driver
-    /// bug worth a warning.
+    /// reused). A packet torn down while in flight is a target driver bug:
+    /// the command is cut loose from the packet (it will never be
+    /// completed to anyone) and taken out of the device before the
+    /// framework unbinds its buffers.
     pub fn teardown_pkt(&self, cmd: &Cmd) {
         if cmd.is_valid() && cmd.state() != IDLE {
             dev_warn!(
                 self.dip,
-                "packet torn down while in flight (state {})",
+                "packet torn down while in flight (state {}): aborting its command",
                 cmd.state()
             );
+            self.abandon_cmd(cmd);
         }
     }
 
@@ -359,11 +371,20 @@ impl VioScsi {
         }
     }
 
-    /// Completes everything the device returned on request queue `qi`:
-    /// pops under the queue lock, completes with the lock dropped, re-arms
-    /// the interrupt and looks again (a bounded number of passes: what
-    /// arrives later raises a new interrupt).
+    /// Completes everything the device returned on request queue `qi`,
+    /// from a context that holds no driver lock (the interrupt handler,
+    /// the watchdog): pops under the queue lock, completes with the lock
+    /// dropped, re-arms the interrupt and looks again (a bounded number of
+    /// passes: what arrives later raises a new interrupt).
     pub(crate) fn reap(&self, qi: usize) {
+        self.reap_as(qi, Reaper::Free);
+    }
+
+    /// [`Self::reap`] for `who`: a [`Reaper::Poller`] waits for commands
+    /// of its own and may hold driver locks, so it parks the target
+    /// drivers' commands instead of completing them (`scsi_hba_pkt_comp`
+    /// is never called under a driver lock).
+    pub(crate) fn reap_as(&self, qi: usize, who: Reaper) {
         let Some(q) = self.queues.get(qi) else {
             return;
         };
@@ -373,13 +394,23 @@ impl VioScsi {
             let more = {
                 let mut g = q.ring.lock();
                 g.completing += 1;
+                if who == Reaper::Free {
+                    while let Some(c) = g.deferred.pop() {
+                        done.push(c);
+                    }
+                }
                 for _ in 0..g.ring.size() {
                     match g.ring.pop_used() {
                         None => break,
                         Some(Ok(u)) => {
                             let c = u.token;
                             c.mark_owned();
-                            done.push(c);
+                            let f = c.fields_ref();
+                            if who == Reaper::Poller && f.pkt.is_some() && !f.polled {
+                                g.deferred.push(c);
+                            } else {
+                                done.push(c);
+                            }
                         }
                         Some(Err(UsedError::UnknownId { id })) => {
                             Stats::bump(&self.stats.bad_used);
@@ -433,6 +464,7 @@ impl VioScsi {
         Stats::bump(&self.stats.completed);
         let layout = self.layout;
         let f = c.fields();
+        let forced = forced.or(f.reset_forced.then_some(Forced::DeviceReset));
         let resp = match forced {
             None => {
                 f.dma.sync_for_cpu(layout.resp_off, proto::RESP_HEADER_LEN);
@@ -477,8 +509,13 @@ impl VioScsi {
         };
         let polled = f.polled;
         let Some(mut pkt) = f.pkt.take() else {
-            // An internal command: its poller reads `response`.
-            c.release(DONE);
+            if f.abandoned {
+                // Its packet was torn down: nobody waits for it.
+                c.release(IDLE);
+            } else {
+                // An internal command: its poller reads `response`.
+                c.release(DONE);
+            }
             return;
         };
         let mut sense = [0u8; ffi::MAX_SENSE_LENGTH];
@@ -535,7 +572,7 @@ impl VioScsi {
             }
             match self.state() {
                 state::RUNNING => {
-                    self.reset_device("a polled command did not complete");
+                    self.reset_device_as("a polled command did not complete", Reaper::Poller);
                 }
                 // Another thread is resetting the device: it will end the
                 // command.
@@ -561,7 +598,7 @@ impl VioScsi {
             if let Some(c) = OwnedCmd::reclaim_done(cmd) {
                 return Some(c);
             }
-            self.reap(usize::from(qi));
+            self.reap_as(usize::from(qi), Reaper::Poller);
             if let Some(c) = OwnedCmd::reclaim_done(cmd) {
                 return Some(c);
             }
@@ -585,7 +622,17 @@ impl VioScsi {
             return;
         };
         let mut taken = CmdList::new();
-        q.ring.lock().ring.reclaim_all(|c| taken.push(c));
+        let mut returned = CmdList::new();
+        {
+            let mut g = q.ring.lock();
+            g.ring.reclaim_all(|c| taken.push(c));
+            while let Some(c) = g.deferred.pop() {
+                returned.push(c);
+            }
+        }
+        while let Some(c) = returned.pop() {
+            self.finish(c, None);
+        }
         while let Some(c) = taken.pop() {
             c.mark_owned();
             self.finish(c, Some(Forced::DeviceReset));

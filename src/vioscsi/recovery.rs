@@ -10,7 +10,7 @@
 
 use super::cmd::{Cmd, CmdList};
 use super::hba::{AttachError, Lun, Stats, VioScsi, state};
-use super::io::Forced;
+use super::io::{Forced, Reaper};
 use super::proto::{self, CONTROL_QUEUE, Tmf};
 use crate::ddi::dma::{DmaBuffer, DmaMode};
 use crate::ddi::{Dip, Sleep, time};
@@ -228,7 +228,8 @@ impl VioScsi {
     fn wait_gone(&self, e: &Expired, limit_us: i64, can_sleep: bool) -> bool {
         let start = time::hrtime();
         loop {
-            self.reap(usize::from(e.queue));
+            // Possibly under a poller's locks: others' completions wait.
+            self.reap_as(usize::from(e.queue), Reaper::Poller);
             if !self.outstanding(e) {
                 return true;
             }
@@ -243,8 +244,9 @@ impl VioScsi {
         }
     }
 
-    /// The recovery ladder for one timed-out command.
-    pub(crate) fn recover(&self, e: Expired, can_sleep: bool) {
+    /// The recovery ladder for one timed-out command (`who`: whether the
+    /// caller may hold driver locks).
+    pub(crate) fn recover(&self, e: Expired, can_sleep: bool, who: Reaper) {
         let steps = [
             (Tmf::AbortTask, PktStatistics::empty()),
             (Tmf::LogicalUnitReset, PktStatistics::DEV_RESET),
@@ -261,7 +263,7 @@ impl VioScsi {
             }
         }
         if self.mark(&e, PktStatistics::BUS_RESET, true) {
-            self.reset_device("command timeout recovery");
+            self.reset_device_as("command timeout recovery", who);
         }
     }
 
@@ -281,7 +283,7 @@ impl VioScsi {
                 e.target,
                 e.lun
             );
-            self.recover(e, can_sleep);
+            self.recover(e, can_sleep, Reaper::Poller);
         }
     }
 
@@ -338,6 +340,46 @@ impl VioScsi {
         }
     }
 
+    /// Cuts command `cmd` loose from its packet (torn down while in
+    /// flight) and makes sure the device no longer uses its buffers: the
+    /// recovery ladder, ending in a device reset if need be. Bounded; does
+    /// not sleep (the context is the target driver's).
+    pub(crate) fn abandon_cmd(&self, cmd: &Cmd) {
+        let mut found = None;
+        for (qi, q) in self.queues.iter().enumerate() {
+            let mut g = q.ring.lock();
+            g.ring.for_each_outstanding(|head, c| {
+                if c.is(cmd) {
+                    let f = c.fields();
+                    f.pkt = None;
+                    f.abandoned = true;
+                    found = Some(Expired {
+                        queue: qi as u16,
+                        head,
+                        tag: f.tag,
+                        pkt: 0,
+                        target: f.target,
+                        lun: f.lun,
+                    });
+                }
+            });
+            // Done by the device, parked for completion: just cut loose.
+            g.deferred.for_each(|c| {
+                if c.is(cmd) {
+                    let f = c.fields();
+                    f.pkt = None;
+                    f.abandoned = true;
+                }
+            });
+            if found.is_some() {
+                break;
+            }
+        }
+        if let Some(e) = found {
+            self.recover(e, false, Reaper::Poller);
+        }
+    }
+
     /// `tran_abort(9E)` of one packet: ABORT TASK. True if the device
     /// performed it (the command then completes `CMD_ABORTED`).
     pub fn abort_cmd(&self, cmd: &Cmd) -> bool {
@@ -369,6 +411,13 @@ impl VioScsi {
     /// be brought back (it is then marked failed, and no command is left
     /// behind either way).
     pub(crate) fn reset_device(&self, why: &str) -> bool {
+        self.reset_device_as(why, Reaper::Free)
+    }
+
+    /// [`Self::reset_device`] for `who`: a poller (which may hold driver
+    /// locks) parks the target drivers' commands it takes back; the next
+    /// interrupt or watchdog tick completes them.
+    pub(crate) fn reset_device_as(&self, why: &str, who: Reaper) -> bool {
         if self
             .state
             .compare_exchange(
@@ -414,8 +463,17 @@ impl VioScsi {
             }
         };
         probes::reset(ffi::RESET_ALL, 0, 0, ok);
-        while let Some(c) = taken.pop() {
+        while let Some(mut c) = taken.pop() {
             c.mark_owned();
+            let f = c.fields();
+            if who == Reaper::Poller && f.pkt.is_some() && !f.polled {
+                f.reset_forced = true;
+                let qi = usize::from(f.queue);
+                if let Some(q) = self.queues.get(qi) {
+                    q.ring.lock().deferred.push(c);
+                    continue;
+                }
+            }
             self.finish(c, Some(Forced::DeviceReset));
         }
         ok

@@ -14,6 +14,7 @@
 
 pub mod bed;
 pub mod ddi;
+pub mod faults;
 pub mod machine;
 pub mod scsa;
 

@@ -382,6 +382,8 @@ pub struct Machine {
     log: Mutex<Vec<LogLine>>,
     /// DTrace SDT probe firings.
     pub probes: crate::ddi::sdt::ProbeLog,
+    /// The hostile-device layer between the driver and QEMU.
+    pub faults: crate::faults::Faults,
     /// Interrupt routing.
     pub intr: Mutex<IntrState>,
     /// Held by the delivery thread while a handler runs (ddi_intr_disable
@@ -440,7 +442,7 @@ impl Machine {
             .probe(bdf)?
             .ok_or_else(|| MachineError(format!("no PCI function at {bdf}")))?;
         let assigned = pci.assign_bars(bdf, MEM_BAR_BASE, IO_BAR_BASE)?;
-        let bars = assigned
+        let bars: Vec<BarInfo> = assigned
             .iter()
             .map(|(i, b, addr)| BarInfo {
                 index: *i as u8,
@@ -450,6 +452,8 @@ impl Machine {
                 size: b.size,
             })
             .collect();
+        let faults = crate::faults::Faults::default();
+        faults.set_layout(virtio_layout(&pci, bdf, &bars)?);
         let mem_bytes = u64::from(config.qemu.memory_mib) << 20;
         let ram = PageAllocator::new(mem_bytes);
         let ram_pages = ram.free.len();
@@ -466,6 +470,7 @@ impl Machine {
             violations: Mutex::new(Vec::new()),
             log: Mutex::new(Vec::new()),
             probes: Default::default(),
+            faults,
             intr: Mutex::new(IntrState {
                 kind: IntrType::None,
                 vectors: Vec::new(),
@@ -603,11 +608,15 @@ impl Machine {
         if let Err(e) = self.qt.read_mem(gpa, buf) {
             self.device_failed("memory read", &e);
             buf.fill(0xff);
+            return;
         }
+        self.faults.filter_read(&self.qt, gpa, buf);
     }
 
     /// Writes guest memory.
     pub fn write_mem(&self, gpa: u64, data: &[u8]) {
+        let replaced = self.faults.filter_write(gpa, data);
+        let data = replaced.as_deref().unwrap_or(data);
         if let Err(e) = self.qt.write_mem(gpa, data) {
             self.device_failed("memory write", &e);
         }
@@ -778,4 +787,41 @@ impl Drop for CurrentGuard {
         let prev = self.0.take();
         CURRENT.with(|c| *c.borrow_mut() = prev);
     }
+}
+
+/// Where the HBA's virtio-pci structures are: its vendor-specific
+/// capabilities (virtio 1.2 §4.1.4: cfg_type at +3, bar at +4, offset at
+/// +8, notify_off_multiplier at +16) and, on a transitional device, the
+/// legacy I/O BAR 0.
+fn virtio_layout(
+    pci: &Pci<'_>,
+    bdf: Bdf,
+    bars: &[BarInfo],
+) -> Result<crate::faults::VirtioLayout, MachineError> {
+    let mut l = crate::faults::VirtioLayout::default();
+    let base = |bar: u8| {
+        bars.iter()
+            .find(|b| b.index == bar && !b.io)
+            .map(|b| b.addr)
+    };
+    for (at, id) in pci.capabilities(bdf)? {
+        if id != 0x09 {
+            continue;
+        }
+        let cfg_type = pci.cfg_read8(bdf, at + 3)?;
+        let bar = pci.cfg_read8(bdf, at + 4)?;
+        let off = u64::from(pci.cfg_read32(bdf, at + 8)?);
+        let Some(b) = base(bar) else { continue };
+        match cfg_type {
+            1 => l.common = Some(b + off),
+            2 => l.notify = Some((b + off, pci.cfg_read32(bdf, at + 16)?)),
+            4 => l.device = Some(b + off),
+            _ => {}
+        }
+    }
+    l.legacy = bars
+        .iter()
+        .find(|b| b.index == 0 && b.io)
+        .map(|b| b.addr as u16);
+    Ok(l)
 }

@@ -3,6 +3,7 @@
 //! and the `format` and `dd` commands an illumos administrator would use.
 
 pub mod cli;
+pub mod load;
 pub mod scsi;
 pub mod sd;
 pub mod testkit;

@@ -249,6 +249,8 @@ pub struct Rig {
     pub recorder: Arc<Recorder>,
     /// The images, in order.
     pub images: Vec<Image>,
+    /// Their (target, LUN), in the same order.
+    pub addrs: Vec<(u8, u16)>,
     /// The directory holding them.
     pub dir: TempDir,
 }
@@ -328,6 +330,7 @@ impl Rig {
             sd,
             recorder,
             images,
+            addrs: cfg.images.iter().map(|&(_, t, l)| (t, l)).collect(),
             dir,
         })
     }
@@ -370,4 +373,43 @@ impl Rig {
             r.violations
         );
     }
+}
+
+impl Rig {
+    /// The LUNs of the images, in image order, as load targets: each with
+    /// its power-on unit attention cleared and a model of what it holds
+    /// (`Driver::Recorder` rigs: no target driver uses them).
+    pub fn load_luns(&self) -> Vec<Arc<crate::load::Lun>> {
+        let devs = self.recorder.devices();
+        self.addrs
+            .iter()
+            .zip(&self.images)
+            .map(|(&(t, l), img)| {
+                let dev = devs
+                    .iter()
+                    .find(|d| d.target == u32::from(t) && d.lun == u64::from(l))
+                    .unwrap_or_else(|| panic!("LUN {t},{l} was not configured"))
+                    .clone();
+                clear_unit_attention(&dev);
+                Arc::new(crate::load::Lun::new(dev, img.expected(0, img.blocks)))
+            })
+            .collect()
+    }
+}
+
+/// Sends TEST UNIT READY until the LUN answers GOOD (consuming the unit
+/// attentions a reset or power-on leaves); panics after 10 tries.
+pub fn clear_unit_attention(dev: &Arc<rvscsi_emu::Device>) {
+    for _ in 0..10 {
+        let p = dev
+            .init_pkt(None, rvscsi_emu::InitArgs::default())
+            .expect("a TEST UNIT READY packet");
+        assert_eq!(p.transport(), rvscsi::ffi::TRAN_ACCEPT);
+        let good = p.result().reason == rvscsi::ffi::CMD_CMPLT && p.result().status() == 0;
+        p.destroy();
+        if good {
+            return;
+        }
+    }
+    panic!("LUN {}/{} never became ready", dev.target, dev.lun);
 }

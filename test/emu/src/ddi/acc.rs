@@ -395,10 +395,11 @@ macro_rules! reg_rw {
                 AccKind::Mem(base) => m.qt.$rd(base + off as u64).map(|v| v as $t),
                 AccKind::Config => unreachable_config(),
             };
-            r.unwrap_or_else(|e| {
+            let v = r.unwrap_or_else(|e| {
                 m.device_failed(stringify!($get), &e);
                 <$t>::MAX
-            })
+            });
+            m.faults.on_reg_read(reg_of(kind, off), size, v as u64) as $t
         }
 
         #[doc = concat!("`", stringify!($put), "(9F)`")]
@@ -409,6 +410,7 @@ macro_rules! reg_rw {
                 return;
             };
             m.stats.reg_writes.fetch_add(1, Ordering::Relaxed);
+            m.faults.on_reg_write(reg_of(kind, off), size, v as u64);
             let r = match kind {
                 AccKind::Io(port) => reg_rw!(@io_out m, $outp, port, off, v),
                 AccKind::Mem(base) => m.qt.$wr(base + off as u64, v as _),
@@ -437,6 +439,15 @@ macro_rules! reg_rw {
     (@io_out $m:ident, $outp:ident, $port:ident, $off:ident, $v:ident) => {
         $m.qt.$outp($port + $off as u16, $v as _)
     };
+}
+
+/// The device register an access names, for the hostile-device layer.
+fn reg_of(kind: AccKind, off: usize) -> crate::faults::Reg {
+    match kind {
+        AccKind::Io(port) => crate::faults::Reg::Io(port.wrapping_add(off as u16)),
+        AccKind::Mem(base) => crate::faults::Reg::Mem(base + off as u64),
+        AccKind::Config => crate::faults::Reg::Mem(u64::MAX),
+    }
 }
 
 fn unreachable_config<T>() -> Result<T, rvscsi_qtest::Error> {

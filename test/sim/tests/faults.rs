@@ -1,0 +1,516 @@
+//! The fault matrix: every scenario runs under load (many commands
+//! outstanding across targets and LUNs) and checks that every packet
+//! completes exactly once, with the outcome the situation calls for, that
+//! no read is returned as good unless it matches the model of the disk,
+//! that nothing leaks, and that nothing hangs.
+
+use rvscsi::ffi;
+use rvscsi::scsa::{PktState, PktStatistics};
+use rvscsi_emu::faults::{Fault, Match};
+use rvscsi_sim::load::{self, Completion, LoadConfig, LoadReport};
+use rvscsi_sim::testkit::{Driver, Rig, RigConfig};
+use std::time::Duration;
+
+fn rig(images: Vec<(u64, u8, u16)>, extra: impl FnOnce(&mut RigConfig)) -> Rig {
+    let mut c = RigConfig {
+        images,
+        driver: Driver::Recorder,
+        ..RigConfig::default()
+    };
+    extra(&mut c);
+    Rig::start(c)
+}
+
+fn assert_clean(what: &str, r: &LoadReport) {
+    assert!(
+        r.is_clean(),
+        "{what}: problems {:#?}, hung {}, refused {:?}",
+        r.problems,
+        r.hung,
+        r.refused
+    );
+}
+
+/// Only good completions are acceptable.
+fn only_good(c: &Completion) -> Result<(), String> {
+    if c.good() {
+        Ok(())
+    } else {
+        Err("not good".into())
+    }
+}
+
+#[test]
+fn a_clean_load_completes_every_command_once_with_the_right_data() {
+    let rig = rig(vec![(16_384, 0, 0), (16_384, 1, 0), (8192, 1, 2)], |_| {});
+    let luns = rig.load_luns();
+    let r = load::run(
+        &luns,
+        &LoadConfig {
+            commands: 600,
+            depth: 48,
+            ..LoadConfig::default()
+        },
+        &only_good,
+        &mut |_| {},
+    );
+    assert_clean("clean load", &r);
+    assert_eq!(r.completed, 600);
+    assert_eq!(r.good, 600);
+    // The model agrees with the image files too.
+    for (i, l) in luns.iter().enumerate() {
+        let m = l.model.lock().unwrap();
+        let blocks = m.blocks();
+        let on_disk = rig.images[i].read(0, blocks as usize * 512);
+        m.check(0, blocks as u32, &on_disk)
+            .expect("the image holds what the model says");
+    }
+    rig.finish_clean();
+}
+
+/// blkdebug rules (QEMU's error injection) failing reads at sectors
+/// 1000..1007 with EIO, writes at 2000..2007 with ENOSPC, and reads at
+/// 3000..3007 with ENOMEDIUM.
+fn media_rules(dir: &std::path::Path) -> String {
+    let mut rules = String::new();
+    for (event, errno, first) in [
+        ("read_aio", 5, 1000),
+        ("write_aio", 28, 2000),
+        ("read_aio", 123, 3000),
+    ] {
+        for s in first..first + 8 {
+            rules.push_str(&format!(
+                "[inject-error]\nevent = \"{event}\"\nerrno = \"{errno}\"\nsector = \"{s}\"\nonce = \"off\"\n\n"
+            ));
+        }
+    }
+    let path = dir.join("media.rules");
+    std::fs::write(&path, rules).unwrap();
+    format!("blkdebug:{}:", path.display())
+}
+
+#[test]
+fn media_errors_under_load_come_back_as_check_conditions_and_spare_the_neighbours() {
+    let dir = rvscsi_sim::testkit::TempDir::new("faults-media");
+    let prefix = media_rules(&dir.path(""));
+    let rig = rig(vec![(8192, 0, 0), (8192, 0, 1)], |c| {
+        c.blkdebug = vec![Some(prefix.clone()), None];
+    });
+    let luns = rig.load_luns();
+    let bad = |c: &Completion, first: u64| (first..first + 8).any(|b| c.covers(b));
+    let accept = |c: &Completion| -> Result<(), String> {
+        let (eio, enospc, enomedium) = if c.lun == 0 {
+            (
+                !c.write && bad(c, 1000),
+                c.write && bad(c, 2000),
+                !c.write && bad(c, 3000),
+            )
+        } else {
+            (false, false, false)
+        };
+        let want_sense = if eio {
+            Some((0xb, 0x00, 0x06)) // ABORTED COMMAND, I/O process terminated
+        } else if enospc {
+            Some((0x7, 0x27, 0x07)) // DATA PROTECT, space allocation failed
+        } else if enomedium {
+            Some((0x2, 0x3a, 0x00)) // NOT READY, medium not present
+        } else {
+            None
+        };
+        let r = &c.result;
+        match want_sense {
+            None if c.good() => Ok(()),
+            None => Err("a neighbouring command failed".into()),
+            Some(want) => {
+                if r.reason != ffi::CMD_CMPLT || r.status() != ffi::STATUS_CHECK {
+                    return Err(format!("expected CHECK CONDITION {want:x?}"));
+                }
+                let arq = PktState::ARQ_DONE;
+                let xarq = arq | PktState::XARQ_DONE;
+                let state_ok = if c.xarq {
+                    r.state.contains(xarq)
+                } else {
+                    r.state.contains(arq) && !r.state.contains(PktState::XARQ_DONE)
+                };
+                if !state_ok {
+                    return Err(format!("ARQ state {:?} for xarq={}", r.state, c.xarq));
+                }
+                match r.sense_key() {
+                    Some(k) if k == want => Ok(()),
+                    k => Err(format!("sense {k:x?}, expected {want:x?}")),
+                }
+            }
+        }
+    };
+    let r = load::run(
+        &luns,
+        &LoadConfig {
+            commands: 800,
+            depth: 32,
+            lba_limit: Some(3200),
+            max_blocks: 48,
+            seed: 7,
+            hot: vec![1003, 2004, 3005],
+            hot_percent: 15,
+            ..LoadConfig::default()
+        },
+        &accept,
+        &mut |_| {},
+    );
+    assert_clean("media errors", &r);
+    for key in [(0xb, 0x00, 0x06), (0x7, 0x27, 0x07), (0x2, 0x3a, 0x00)] {
+        assert!(
+            r.sense.get(&key).copied().unwrap_or(0) > 0,
+            "no command hit the fault giving {key:x?}: {:?}",
+            r.sense
+        );
+    }
+    assert!(r.good > 600, "most commands are unaffected: {}", r.good);
+    rig.finish_clean();
+}
+
+#[test]
+fn a_completion_that_never_comes_goes_through_the_whole_recovery_ladder() {
+    // The device completes the read at LBA 4321, but the driver never sees
+    // it: ABORT TASK, LU reset and I_T nexus reset all "work" and the
+    // command is still there, so the device is reset, which ends it.
+    let rig = rig(vec![(8192, 0, 0), (8192, 1, 0)], |_| {});
+    let luns = rig.load_luns();
+    let m = rig.bed().machine.clone();
+    m.faults.arm(Fault::Withhold(Match::Lba(4321)));
+    let accept = |c: &Completion| -> Result<(), String> {
+        let r = &c.result;
+        if c.lun == 0 && c.lba == 4321 {
+            let want = PktStatistics::TIMEOUT | PktStatistics::DEV_RESET | PktStatistics::BUS_RESET;
+            return if r.reason == ffi::CMD_TIMEOUT && r.statistics.contains(want) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "the lost command: {:?} {:?}",
+                    r.reason, r.statistics
+                ))
+            };
+        }
+        // Others: done, or ended by the device reset (CMD_RESET with
+        // STAT_BUS_RESET), or the unit attention that follows it.
+        if c.good()
+            || (r.reason == ffi::CMD_RESET && r.statistics.contains(PktStatistics::BUS_RESET))
+            || (r.status() == ffi::STATUS_CHECK && r.sense_key().is_some_and(|k| k.0 == 6))
+        {
+            Ok(())
+        } else {
+            Err("unexpected outcome".into())
+        }
+    };
+    let mut victim: Option<rvscsi_emu::Packet> = None;
+    let r = load::run(
+        &luns,
+        &LoadConfig {
+            commands: 400,
+            depth: 16,
+            pkt_time: 2,
+            seed: 11,
+            write_percent: 0,
+            ..LoadConfig::default()
+        },
+        &accept,
+        &mut |p| {
+            // Make sure the victim is issued: a read of LBA 4321 on LUN 0.
+            if victim.is_none() && p.completed > 20 {
+                let dev = luns[0].dev.clone();
+                let mut pkt = dev
+                    .init_pkt(
+                        Some(std::sync::Arc::new(rvscsi_emu::DataBuf::new(512, 0, true))),
+                        rvscsi_emu::InitArgs::default(),
+                    )
+                    .unwrap();
+                pkt.cdb_mut()
+                    .copy_from_slice(&[0x28, 0, 0, 0, 0x10, 0xe1, 0, 0, 1, 0]);
+                pkt.set_time(2);
+                assert_eq!(pkt.start_async(), ffi::TRAN_ACCEPT);
+                victim = Some(pkt);
+            }
+        },
+    );
+    let pkt = victim.expect("the victim was started");
+    assert!(pkt.wait(Duration::from_secs(60)), "the lost command ends");
+    let v = pkt.result();
+    assert_eq!(v.reason, ffi::CMD_TIMEOUT, "{v:?}");
+    assert!(
+        v.statistics
+            .contains(PktStatistics::TIMEOUT | PktStatistics::DEV_RESET | PktStatistics::BUS_RESET),
+        "{v:?}"
+    );
+    assert_eq!(pkt.comp_calls(), 1, "completed exactly once");
+    pkt.destroy();
+    assert_clean("lost completion", &r);
+    assert_eq!(m.faults.stats().withheld, 1);
+    let probes = &m.probes;
+    assert!(probes.count("rvscsi-cmd-timeout") >= 1);
+    let resets: Vec<u64> = probes
+        .firings("rvscsi-reset")
+        .iter()
+        .map(|f| f.args[0])
+        .collect();
+    assert!(
+        resets.contains(&(ffi::RESET_LUN as u64))
+            && resets.contains(&(ffi::RESET_TARGET as u64))
+            && resets.contains(&(ffi::RESET_ALL as u64)),
+        "the ladder: {resets:?}"
+    );
+    // I/O works afterwards.
+    let after = load::run(
+        &luns,
+        &LoadConfig {
+            commands: 100,
+            seed: 12,
+            ..LoadConfig::default()
+        },
+        &|c| {
+            if c.good()
+                || (c.result.status() == ffi::STATUS_CHECK
+                    && c.result.sense_key().is_some_and(|k| k.0 == 6))
+            {
+                Ok(())
+            } else {
+                Err("after the reset".into())
+            }
+        },
+        &mut |_| {},
+    );
+    assert_clean("after recovery", &after);
+    std::thread::sleep(Duration::from_millis(100));
+    rig.finish_clean();
+}
+
+/// A unit attention: CHECK CONDITION, sense key 6.
+fn unit_attention(c: &Completion) -> bool {
+    c.result.status() == ffi::STATUS_CHECK && c.result.sense_key().is_some_and(|k| k.0 == 6)
+}
+
+fn qmp(rig: &Rig, cmd: &str, args: rvscsi_qtest::Value) {
+    rig.bed()
+        .machine
+        .with_qemu(|q| q.qmp(cmd, args))
+        .expect("QEMU")
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+}
+
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn tran_abort_and_tran_reset_under_load_end_commands_once_and_deliver_unit_attentions() {
+    let rig = rig(vec![(8192, 0, 0), (8192, 0, 1), (8192, 1, 0)], |_| {});
+    let luns = rig.load_luns();
+    let accept = |c: &Completion| -> Result<(), String> {
+        let r = &c.result;
+        let ok = c.good()
+            || unit_attention(c)
+            || (r.reason == ffi::CMD_RESET
+                && r.statistics
+                    .intersects(PktStatistics::DEV_RESET | PktStatistics::BUS_RESET))
+            || (r.reason == ffi::CMD_ABORTED && r.statistics.contains(PktStatistics::ABORTED));
+        if ok {
+            Ok(())
+        } else {
+            Err("unexpected outcome".into())
+        }
+    };
+    // Each step: when so many commands have completed, do this.
+    let mut steps: Vec<(usize, &str, i32)> = vec![
+        (60, "LUN reset of 0,0", 0),
+        (140, "target reset of target 1", 1),
+        (220, "abort task set of 0,1", 2),
+        (300, "reset of the whole device", 3),
+    ];
+    steps.reverse();
+    let mut done: Vec<(&str, i32)> = Vec::new();
+    let r = load::run(
+        &luns,
+        &LoadConfig {
+            commands: 500,
+            depth: 32,
+            seed: 21,
+            ..LoadConfig::default()
+        },
+        &accept,
+        &mut |p| {
+            if let Some(&(_, what, kind)) = steps.last().filter(|s| p.completed >= s.0) {
+                steps.pop();
+                let rc = match kind {
+                    0 => luns[0].dev.reset(ffi::RESET_LUN),
+                    1 => luns[2].dev.reset(ffi::RESET_TARGET),
+                    2 => luns[1].dev.abort(None),
+                    _ => luns[0].dev.reset(ffi::RESET_ALL),
+                };
+                done.push((what, rc));
+            }
+        },
+    );
+    assert_clean("resets under load", &r);
+    assert_eq!(done.len(), 4, "every step ran: {done:?}");
+    for (what, rc) in &done {
+        assert_eq!(*rc, 1, "{what} succeeded");
+    }
+    // The resets' unit attentions reached the "target driver" (the load).
+    let uas: usize = r
+        .sense
+        .iter()
+        .filter(|(k, _)| k.0 == 6 && k.1 == 0x29)
+        .map(|(_, n)| n)
+        .sum();
+    assert!(uas >= 3, "unit attentions after the resets: {:?}", r.sense);
+    let reset_ended = r.by_reason.get(&ffi::CMD_RESET).copied().unwrap_or(0);
+    eprintln!(
+        "resets under load: {} good, {} ended by resets, {uas} unit attentions, by reason {:?}",
+        r.good, reset_ended, r.by_reason
+    );
+    let resets: Vec<u64> = rig
+        .bed()
+        .machine
+        .probes
+        .firings("rvscsi-reset")
+        .iter()
+        .map(|f| f.args[0])
+        .collect();
+    assert!(resets.contains(&(ffi::RESET_ALL as u64)), "{resets:?}");
+    rig.finish_clean();
+}
+
+#[test]
+fn a_lun_pulled_with_io_in_flight_ends_its_commands_and_the_others_go_on() {
+    let rig = rig(vec![(8192, 0, 0), (8192, 1, 0)], |_| {});
+    let luns = rig.load_luns();
+    let accept = |c: &Completion| -> Result<(), String> {
+        if c.good() {
+            return Ok(());
+        }
+        let r = &c.result;
+        if unit_attention(c) {
+            // 3F/0E: the LUN inventory changed.
+            return Ok(());
+        }
+        if c.lun == 1
+            && matches!(
+                r.reason,
+                ffi::CMD_DEV_GONE | ffi::CMD_ABORTED | ffi::CMD_RESET | ffi::CMD_INCOMPLETE
+            )
+        {
+            return Ok(());
+        }
+        Err("unexpected outcome".into())
+    };
+    let mut pulled = false;
+    let r = load::run(
+        &luns,
+        &LoadConfig {
+            commands: 500,
+            depth: 32,
+            seed: 31,
+            ..LoadConfig::default()
+        },
+        &accept,
+        &mut |p| {
+            if !pulled && p.completed >= 100 {
+                pulled = true;
+                // Pull LUN 1,0 (QEMU device hd1) while its I/O is in flight;
+                // a real target driver stops issuing once it is told.
+                qmp(&rig, "device_del", rvscsi_qtest::json!({"id": "hd1"}));
+                luns[1]
+                    .active
+                    .store(false, std::sync::atomic::Ordering::Release);
+            }
+        },
+    );
+    assert_clean("hot-unplug under load", &r);
+    assert!(pulled);
+    rig.bed()
+        .machine
+        .with_qemu(|q| q.wait_qmp_event("DEVICE_DELETED", Duration::from_secs(20)))
+        .expect("QEMU")
+        .expect("DEVICE_DELETED");
+    wait_until("the target map drops 1,0", Duration::from_secs(30), || {
+        rig.bed().device(1, 0).is_none()
+    });
+    assert!(rig.bed().device(0, 0).is_some(), "the other LUN stays");
+    let lun0_after = r
+        .completions
+        .iter()
+        .filter(|c| c.lun == 0 && c.good())
+        .count();
+    assert!(lun0_after > 200, "LUN 0 kept working: {lun0_after}");
+    rig.finish_clean();
+}
+
+#[test]
+fn events_lost_while_the_queue_had_no_buffers_lead_to_a_full_rediscovery() {
+    let rig = rig(vec![(2048, 0, 0)], |_| {});
+    let m = rig.bed().machine.clone();
+    let plug = |i: u32| {
+        let img = rvscsi_sim::testkit::Image::patterned(
+            &rig.dir.path(&format!("p{i}.img")),
+            500 + u64::from(i),
+            128,
+        );
+        qmp(
+            &rig,
+            "blockdev-add",
+            rvscsi_qtest::json!({"driver": "raw", "node-name": format!("p{i}"),
+                "file": {"driver": "file", "filename": img.path.to_str().unwrap()}}),
+        );
+        qmp(
+            &rig,
+            "device_add",
+            rvscsi_qtest::json!({"driver": "scsi-hd", "id": format!("ph{i}"), "bus": "hba0.0",
+                "drive": format!("p{i}"), "scsi-id": i, "lun": 0}),
+        );
+    };
+    let has = |t: u32| rig.bed().device(t, 0).is_some();
+    // From now on the device never sees the event buffers the driver
+    // gives back; the ones it already has carry the first events.
+    m.faults.starve_events(&m.qt, true);
+    for i in 1..=16 {
+        plug(i);
+    }
+    wait_until("the first 16 targets", Duration::from_secs(60), || {
+        (1..=16).all(has)
+    });
+    // No buffer left: these events are dropped by the device.
+    for i in 17..=20 {
+        plug(i);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    rig.bed().settle().expect("settle");
+    assert!(
+        !(17..=20).any(has),
+        "no event, no discovery: the device kept them"
+    );
+    // Buffers again: the device reports that events were missed, and the
+    // driver rediscovers every target.
+    m.faults.starve_events(&m.qt, false);
+    let t0 = std::time::Instant::now();
+    while !(17..=20).all(has) && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if !(17..=20).all(has) {
+        for l in m.log() {
+            eprintln!("log: {}", l.text);
+        }
+        panic!(
+            "targets 17..20 were not rediscovered; faults {:?}",
+            m.faults.stats()
+        );
+    }
+    assert!(
+        m.log().iter().any(|l| l.text.contains("events were lost")),
+        "the loss is reported"
+    );
+    assert!(m.faults.stats().starved > 0);
+    rig.finish_clean();
+}
