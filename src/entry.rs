@@ -167,7 +167,11 @@ pub unsafe extern "C" fn rvscsi_hba_detach_ready(hba: *const c_void) -> c_int {
     // SAFETY: from rvscsi_hba_attach (caller), or null.
     match unsafe { hba.cast::<VioScsi>().as_ref() } {
         Some(hba) if hba.detach_ready() => ffi::DDI_SUCCESS,
-        _ => ffi::DDI_FAILURE,
+        Some(hba) => {
+            dev_warn!(hba.dip, "detach refused: commands in flight");
+            ffi::DDI_FAILURE
+        }
+        None => ffi::DDI_FAILURE,
     }
 }
 
@@ -263,6 +267,11 @@ pub unsafe extern "C" fn rvscsi_iport_detach(dip: *mut dev_info_t) -> c_int {
     let Some(hba) = (unsafe { hba_of_tran(tran) }) else {
         return ffi::DDI_FAILURE;
     };
+    // Its targets' commands would complete to devices that are gone.
+    if !hba.detach_ready() {
+        dev_warn!(hba.dip, "detach refused: commands in flight");
+        return ffi::DDI_FAILURE;
+    }
     hba.iport_detach();
     ffi::DDI_SUCCESS
 }

@@ -5,7 +5,7 @@
 use crate::virtio::pci::Transport;
 
 /// Offsets in `struct virtio_scsi_config` (§5.6.4).
-mod off {
+pub(crate) mod off {
     pub const NUM_QUEUES: usize = 0;
     pub const SEG_MAX: usize = 4;
     pub const MAX_SECTORS: usize = 8;
@@ -70,6 +70,11 @@ pub const MAX_CDB_SIZE: u32 = 256;
 pub const MIN_CDB_SIZE: u32 = 6;
 /// Most sense bytes the driver keeps (`MAX_SENSE_LENGTH`).
 pub const MAX_SENSE: u32 = 252;
+/// Sense room always provided: fixed-format sense with its additional
+/// bytes (SPC-5 §4.4.3). A device that claims less still reports sense
+/// (QEMU writes up to the buffer it is given), and without it a target
+/// driver cannot tell a unit attention from a failure.
+pub const MIN_SENSE: u32 = 32;
 /// Most data segments per command: QEMU's virtqueues map at most 1024
 /// buffers per chain (VIRTQUEUE_MAX_SIZE), two of which are headers.
 pub const MAX_SEGMENTS: u32 = 1022;
@@ -129,7 +134,7 @@ impl Limits {
             segments,
             max_xfer: max_xfer.min(u64::from(u32::MAX)) as u32,
             cdb_size: cfg.cdb_size,
-            sense_size: cfg.sense_size.min(MAX_SENSE),
+            sense_size: cfg.sense_size.clamp(MIN_SENSE, MAX_SENSE),
             event_size: cfg
                 .event_info_size
                 .clamp(super::proto::EVENT_LEN as u32, MAX_EVENT_SIZE),
@@ -196,5 +201,7 @@ mod tests {
         assert_eq!(l.max_xfer, 0xffff * 512);
         c.seg_max = 0;
         assert_eq!(Limits::new(&c, 8).unwrap().segments, 1);
+        c.sense_size = 0;
+        assert_eq!(Limits::new(&c, 8).unwrap().sense_size, MIN_SENSE);
     }
 }

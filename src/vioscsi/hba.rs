@@ -392,6 +392,7 @@ impl VioScsi {
         let cfg = DeviceConfig::read(&transport);
         let req_size = ring_size(&transport, FIRST_REQUEST_QUEUE)?;
         let limits = Limits::new(&cfg, req_size).map_err(AttachError::Device)?;
+        tell_sense_size(&transport, &limits);
         // One request queue for now; the structures take any number.
         let nreq: u16 = 1;
         if let Some(n) = transport.num_queues()
@@ -678,6 +679,7 @@ impl VioScsi {
                 "device refused the feature set after reset",
             ));
         }
+        tell_sense_size(t, &self.limits);
         Ok(())
     }
 
@@ -863,5 +865,16 @@ impl VioScsi {
     pub fn quiesce(&self) {
         self.state.store(state::STOPPED, Ordering::Release);
         self.transport.reset_nowait();
+    }
+}
+
+/// Tells the device how much sense the response buffers hold (virtio 1.2
+/// §5.6.4: sense_size is driver-writable; the device writes at most that
+/// much and expects buffers that large), when the driver's choice differs
+/// from what the device offered. A device reset restores its default, so
+/// this follows every (re)negotiation.
+fn tell_sense_size(t: &Transport, limits: &Limits) {
+    if t.config32(crate::vioscsi::config::off::SENSE_SIZE) != limits.sense_size {
+        t.set_config32(crate::vioscsi::config::off::SENSE_SIZE, limits.sense_size);
     }
 }

@@ -506,6 +506,13 @@ impl Transport {
         r.read32(base + off)
     }
 
+    /// Writes a 32-bit device configuration field (for the fields a
+    /// driver may set, such as virtio-scsi's sense_size, §5.6.4).
+    pub fn set_config32(&self, off: usize, v: u32) {
+        let (r, base) = self.config_base();
+        r.write32(base + off, v);
+    }
+
     /// Runs `read` until it sees a consistent snapshot of the device
     /// configuration (§4.1.4.3.1 config_generation; legacy devices have no
     /// generation and are read once). At most 10 attempts.

@@ -294,6 +294,8 @@ pub struct BedConfig {
     pub binding: Arc<dyn DriverBinding>,
     /// How long configuration may take.
     pub settle_timeout: Duration,
+    /// Device misbehaviour armed before the driver attaches.
+    pub faults: Vec<crate::faults::Fault>,
 }
 
 impl BedConfig {
@@ -305,6 +307,7 @@ impl BedConfig {
             target_driver,
             binding: Arc::new(LibraryBinding),
             settle_timeout: Duration::from_secs(60),
+            faults: Vec::new(),
         }
     }
 
@@ -332,6 +335,18 @@ pub struct Bed {
     settle_timeout: Duration,
     pages_before: usize,
     detached: bool,
+    /// The HBA node's properties and target driver, for re-attaching.
+    props: Vec<(String, Prop)>,
+    target_driver: Arc<dyn TargetDriver>,
+}
+
+/// Why attach failed, and what the driver left behind when it did.
+#[derive(Debug)]
+pub struct AttachFailure {
+    /// What failed.
+    pub message: String,
+    /// Resources held and rules broken after the failed attach.
+    pub report: DetachReport,
 }
 
 // SAFETY: raw pointers name nodes the bed owns.
@@ -361,9 +376,56 @@ impl Bed {
     /// Launches the machine and attaches the driver: HBA node, iport,
     /// target map configuration (waited for).
     pub fn attach(config: BedConfig) -> Result<Bed, BedError> {
-        let machine = Machine::launch(config.machine)?;
+        Self::try_attach(config).map_err(|f| BedError(f.message))
+    }
+
+    /// [`Bed::attach`], reporting on failure what the driver left behind
+    /// (a failed attach must give everything back).
+    pub fn try_attach(config: BedConfig) -> Result<Bed, AttachFailure> {
+        let machine = Machine::launch(config.machine).map_err(|e| AttachFailure {
+            message: e.0,
+            report: DetachReport::default(),
+        })?;
+        for f in config.faults {
+            machine.faults.arm(f);
+        }
+        let mut bed = Bed {
+            machine: machine.clone(),
+            hba: std::ptr::null_mut(),
+            iport: None,
+            binding: config.binding,
+            settle_timeout: config.settle_timeout,
+            pages_before: machine.pages_in_use(),
+            detached: true,
+            props: config.props,
+            target_driver: config.target_driver,
+        };
+        bed.attach_nodes()?;
+        bed.settle().map_err(|e| AttachFailure {
+            message: e.0,
+            report: DetachReport::default(),
+        })?;
+        Ok(bed)
+    }
+
+    /// Attaches the driver again on the same machine after a detach
+    /// ([`Bed::detach_nodes`]), as a new instance of the same device.
+    pub fn reattach(&mut self) -> Result<(), BedError> {
+        if !self.detached {
+            return Err(BedError("reattach of an attached bed".into()));
+        }
+        self.attach_nodes().map_err(|f| BedError(f.message))?;
+        self.settle()
+    }
+
+    /// Creates the HBA node, attaches it, configures and attaches iport0.
+    fn attach_nodes(&mut self) -> Result<(), AttachFailure> {
+        let machine = self.machine.clone();
         let _g = set_current(&machine);
-        let pages_before = machine.pages_in_use();
+        let fail = |bed: &Bed, message: String| AttachFailure {
+            message,
+            report: bed.report(),
+        };
         let hba = DevInfo::create(
             machine.clone(),
             NodeKind::Hba,
@@ -374,37 +436,30 @@ impl Bed {
         // SAFETY: just created.
         let node = unsafe { &*hba.cast::<DevInfo>() };
         node.set_prop("reg", Prop::Ints(acc::reg_property(&machine)));
-        for (k, v) in config.props {
-            node.set_prop(&k, v);
+        for (k, v) in &self.props {
+            node.set_prop(k, v.clone());
         }
-        tgtmap::set_target_driver(hba, config.target_driver);
-        let mut bed = Bed {
-            machine: machine.clone(),
-            hba,
-            iport: None,
-            binding: config.binding,
-            settle_timeout: config.settle_timeout,
-            pages_before,
-            detached: false,
-        };
+        tgtmap::set_target_driver(hba, self.target_driver.clone());
         // SAFETY: the HBA node just created, in attach context.
-        if unsafe { bed.binding.attach(hba) } != ffi::DDI_SUCCESS {
-            bed.detached = true;
+        if unsafe { self.binding.attach(hba) } != ffi::DDI_SUCCESS {
             let log: Vec<String> = machine.log().into_iter().map(|l| l.text).collect();
             // SAFETY: the node is unused after a failed attach.
             unsafe { DevInfo::destroy(hba) };
-            machine.shutdown();
-            return Err(BedError(format!(
-                "attach of the HBA failed; driver log: {log:?}"
-            )));
+            return Err(fail(
+                self,
+                format!("attach of the HBA failed; driver log: {log:?}"),
+            ));
         }
+        self.hba = hba;
+        self.detached = false;
         let Some(st) = hba_state(hba) else {
-            return Err(BedError(
+            return Err(fail(
+                self,
                 "the driver attached without scsi_hba_attach_setup".into(),
             ));
         };
         if !lock(&st.iports).iter().any(|p| p == "iport0") {
-            return Err(BedError("the driver registered no iport0".into()));
+            return Err(fail(self, "the driver registered no iport0".into()));
         }
         // The framework configures the iport: a node, a copy of the tran.
         let ua = CString::new("iport0").unwrap_or_default();
@@ -416,15 +471,24 @@ impl Bed {
             .driver_private
             .store(tran.cast(), Ordering::Release);
         // SAFETY: the iport node just created, in attach context.
-        if unsafe { bed.binding.attach(iport) } != ffi::DDI_SUCCESS {
+        if unsafe { self.binding.attach(iport) } != ffi::DDI_SUCCESS {
             hba::free_iport_tran(tran);
             // SAFETY: unused after the failed attach.
             unsafe { DevInfo::destroy(iport) };
-            return Err(BedError("attach of iport0 failed".into()));
+            return Err(fail(self, "attach of iport0 failed".into()));
         }
-        bed.iport = Some((iport, tran));
-        bed.settle()?;
-        Ok(bed)
+        self.iport = Some((iport, tran));
+        Ok(())
+    }
+
+    /// What is held now beyond what was held before the first attach.
+    fn report(&self) -> DetachReport {
+        let m = &self.machine;
+        DetachReport {
+            leaks: m.live.leaks(),
+            pages_leaked: m.pages_in_use() as isize - self.pages_before as isize,
+            violations: m.violations(),
+        }
     }
 
     /// Waits until the target map has configured everything it was told
@@ -497,6 +561,19 @@ impl Bed {
     }
 
     fn detach_inner(&mut self) -> Result<DetachReport, BedError> {
+        let report = self.detach_nodes()?;
+        self.machine.shutdown();
+        Ok(report)
+    }
+
+    /// Detaches the iport and the HBA as the framework would, keeping the
+    /// machine (for [`Bed::reattach`]); reports what is still held. A
+    /// refused detach leaves the bed attached as far as it got, and may be
+    /// tried again.
+    pub fn detach_nodes(&mut self) -> Result<DetachReport, BedError> {
+        if self.detached {
+            return Ok(self.report());
+        }
         let m = self.machine.clone();
         let _g = set_current(&m);
         if let Some((iport, tran)) = self.iport {
@@ -519,13 +596,8 @@ impl Bed {
         self.detached = true;
         // SAFETY: detached.
         unsafe { DevInfo::destroy(self.hba) };
-        let report = DetachReport {
-            leaks: m.live.leaks(),
-            pages_leaked: m.pages_in_use() as isize - self.pages_before as isize,
-            violations: m.violations(),
-        };
-        m.shutdown();
-        Ok(report)
+        self.hba = std::ptr::null_mut();
+        Ok(self.report())
     }
 }
 

@@ -183,6 +183,8 @@ pub struct Faults {
     state: Mutex<State>,
     /// Whether any fault was ever armed (until then nothing is filtered).
     armed: AtomicBool,
+    /// The machine's qtest connection (raw device memory access).
+    qt: std::sync::OnceLock<std::sync::Arc<QTest>>,
 }
 
 const VIRTQ_DESC_F_NEXT: u16 = 1;
@@ -201,9 +203,11 @@ struct Chain {
 }
 
 impl Faults {
-    /// Sets the virtio-pci layout found at launch.
-    pub fn set_layout(&self, layout: VirtioLayout) {
+    /// Sets the virtio-pci layout found at launch, and the connection to
+    /// the device's memory.
+    pub fn set_layout(&self, layout: VirtioLayout, qt: std::sync::Arc<QTest>) {
         lock(&self.state).layout = layout;
+        let _ = self.qt.set(qt);
     }
 
     /// The layout in use.
@@ -211,10 +215,24 @@ impl Faults {
         lock(&self.state).layout
     }
 
-    /// Arms `fault`.
+    /// Arms `fault`. From the first arming on, the driver's view of every
+    /// running queue is followed from where the device is now, so that the
+    /// very next completion can be touched.
     pub fn arm(&self, fault: Fault) {
         self.armed.store(true, Ordering::Release);
-        lock(&self.state).faults.push_back(fault);
+        let mut s = lock(&self.state);
+        s.faults.push_back(fault);
+        if let Some(qt) = self.qt.get() {
+            let rings: Vec<(u16, Rings)> = s
+                .rings
+                .iter()
+                .filter(|(_, r)| r.enabled && r.size > 0 && r.used != 0)
+                .map(|(q, r)| (*q, *r))
+                .collect();
+            for (q, r) in rings {
+                start_view(&mut s, qt, q, &r);
+            }
+        }
     }
 
     /// Disarms every fault not used yet (withheld completions stay
@@ -303,11 +321,27 @@ impl Faults {
             Reg::Mem(a) => {
                 if let Some(c) = layout.common.filter(|&c| a >= c && a < c + 0x40) {
                     common_write(&mut s, a - c, size, value);
+                    // A queue enabled while faults are armed: follow it
+                    // from its start.
+                    if a - c == 0x1c && value != 0 && self.armed.load(Ordering::Acquire) {
+                        let sel = s.select;
+                        if let (Some(qt), Some(r)) = (self.qt.get(), s.rings.get(&sel).copied()) {
+                            s.views.remove(&sel);
+                            start_view(&mut s, qt, sel, &r);
+                        }
+                    }
                 }
             }
             Reg::Io(p) => {
                 if let Some(l) = layout.legacy.filter(|&l| p >= l && p < l + 0x18) {
                     legacy_write(&mut s, u64::from(p - l), value);
+                    if p - l == 0x08 && value != 0 && self.armed.load(Ordering::Acquire) {
+                        let sel = s.select;
+                        if let (Some(qt), Some(r)) = (self.qt.get(), s.rings.get(&sel).copied()) {
+                            s.views.remove(&sel);
+                            start_view(&mut s, qt, sel, &r);
+                        }
+                    }
                 }
             }
         }
@@ -585,6 +619,34 @@ fn read_chain(qt: &QTest, r: &Rings, id: u32) -> Option<Chain> {
     Some(Chain { request, response })
 }
 
+/// Starts following the driver's view of queue `q`'s used ring where the
+/// device is: identical so far.
+fn start_view(s: &mut State, qt: &QTest, q: u16, r: &Rings) {
+    if s.views.contains_key(&q) {
+        return;
+    }
+    let size = usize::from(r.size);
+    let mut idx = [0u8; 2];
+    let mut ring = vec![0u8; 8 * size];
+    if qt.read_mem(r.used + 2, &mut idx).is_err() || qt.read_mem(r.used + 4, &mut ring).is_err() {
+        return;
+    }
+    let device = u16::from_le_bytes(idx);
+    let entries = ring
+        .chunks(8)
+        .map(|c| c.try_into().unwrap_or([0; 8]))
+        .collect();
+    s.views.insert(
+        q,
+        UsedView {
+            device,
+            visible: device,
+            entries,
+            withheld: Vec::new(),
+        },
+    );
+}
+
 /// Takes the device's new used entries of queue `q` into the driver's
 /// view, applying the armed faults.
 fn advance_view(s: &mut State, qt: &QTest, q: u16, r: &Rings) {
@@ -594,22 +656,8 @@ fn advance_view(s: &mut State, qt: &QTest, q: u16, r: &Rings) {
         return;
     }
     let device_idx = u16::from_le_bytes(idx);
-    if let std::collections::btree_map::Entry::Vacant(slot) = s.views.entry(q) {
-        // Start the view where the device is: identical so far.
-        let mut ring = vec![0u8; 8 * size];
-        if qt.read_mem(r.used + 4, &mut ring).is_err() {
-            return;
-        }
-        let entries = ring
-            .chunks(8)
-            .map(|c| c.try_into().unwrap_or([0; 8]))
-            .collect();
-        slot.insert(UsedView {
-            device: device_idx,
-            visible: device_idx,
-            entries,
-            withheld: Vec::new(),
-        });
+    if !s.views.contains_key(&q) {
+        start_view(s, qt, q, r);
         return;
     }
     let pending = device_idx.wrapping_sub(s.views[&q].device);
@@ -636,8 +684,16 @@ fn advance_view(s: &mut State, qt: &QTest, q: u16, r: &Rings) {
         let mut bogus = None;
         let mut new_len = None;
         let mut patches: Vec<(usize, Vec<u8>)> = Vec::new();
+        // One fault of each kind per completion: the next of the same kind
+        // waits for the next matching completion.
+        let mut applied: Vec<std::mem::Discriminant<Fault>> = Vec::new();
         let mut i = 0;
         while i < s.faults.len() {
+            let kind = std::mem::discriminant(&s.faults[i]);
+            if applied.contains(&kind) {
+                i += 1;
+                continue;
+            }
             let used = match &s.faults[i] {
                 Fault::Withhold(m) if q >= 2 && m.matches(&cdb) => {
                     withhold = true;
@@ -665,6 +721,7 @@ fn advance_view(s: &mut State, qt: &QTest, q: u16, r: &Rings) {
                     if *count > 1 {
                         let (response, count) = (*response, *count - 1);
                         s.faults[i] = Fault::TmfResponse { response, count };
+                        applied.push(kind);
                         i += 1;
                         continue;
                     }
@@ -680,6 +737,7 @@ fn advance_view(s: &mut State, qt: &QTest, q: u16, r: &Rings) {
                 _ => false,
             };
             if used {
+                applied.push(kind);
                 s.faults.remove(i);
             } else {
                 i += 1;

@@ -453,7 +453,7 @@ impl Machine {
             })
             .collect();
         let faults = crate::faults::Faults::default();
-        faults.set_layout(virtio_layout(&pci, bdf, &bars)?);
+        faults.set_layout(virtio_layout(&pci, bdf, &bars)?, qt.clone());
         let mem_bytes = u64::from(config.qemu.memory_mib) << 20;
         let ram = PageAllocator::new(mem_bytes);
         let ram_pages = ram.free.len();

@@ -117,6 +117,9 @@ pub struct LoadConfig {
     pub hot: Vec<u64>,
     /// See `hot`.
     pub hot_percent: u32,
+    /// Stop issuing after this long (then wait for what is out, within
+    /// `limit`); none: issue `commands` in all.
+    pub issue_for: Option<Duration>,
 }
 
 impl Default for LoadConfig {
@@ -133,6 +136,7 @@ impl Default for LoadConfig {
             lba_limit: None,
             hot: Vec::new(),
             hot_percent: 0,
+            issue_for: None,
         }
     }
 }
@@ -157,9 +161,11 @@ pub struct Completion {
 }
 
 impl Completion {
-    /// CMD_CMPLT with status GOOD.
+    /// CMD_CMPLT with status GOOD and everything transferred.
     pub fn good(&self) -> bool {
-        self.result.reason == ffi::CMD_CMPLT && self.result.status() == ffi::STATUS_GOOD
+        self.result.reason == ffi::CMD_CMPLT
+            && self.result.status() == ffi::STATUS_GOOD
+            && self.result.resid == 0
     }
 
     /// Whether it covers block `b`.
@@ -286,7 +292,11 @@ pub fn run(
             break;
         }
         // Fill up to the depth.
-        while slots.len() < cfg.depth && issued_total < cfg.commands {
+        let issuing = cfg.issue_for.is_none_or(|d| t0.elapsed() < d);
+        if !issuing && slots.is_empty() {
+            break;
+        }
+        while issuing && slots.len() < cfg.depth && issued_total < cfg.commands {
             let li = rng.below(luns.len() as u64) as usize;
             let lun = &luns[li];
             if !lun.active.load(std::sync::atomic::Ordering::Acquire) {

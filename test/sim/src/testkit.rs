@@ -219,6 +219,8 @@ pub struct RigConfig {
     pub driver: Driver,
     /// How the driver is reached.
     pub binding: Binding,
+    /// Device misbehaviour armed before the driver attaches.
+    pub faults: Vec<rvscsi_emu::faults::Fault>,
 }
 
 impl Default for RigConfig {
@@ -235,6 +237,7 @@ impl Default for RigConfig {
             drive_opts: Vec::new(),
             driver: Driver::Sd,
             binding: Binding::Library,
+            faults: Vec::new(),
         }
     }
 }
@@ -263,6 +266,15 @@ impl Rig {
 
     /// Attaches per `cfg`.
     pub fn try_start(cfg: RigConfig) -> Result<Rig, String> {
+        Self::try_attach(cfg).map_err(|f| f.message)
+    }
+
+    /// Attaches per `cfg`; on failure, what the driver left behind.
+    pub fn try_attach(cfg: RigConfig) -> Result<Rig, rvscsi_emu::bed::AttachFailure> {
+        let failed = |message: String| rvscsi_emu::bed::AttachFailure {
+            message,
+            report: rvscsi_emu::DetachReport::default(),
+        };
         let dir = TempDir::new("rig");
         let mut images = Vec::new();
         let mut disks = Vec::new();
@@ -286,7 +298,7 @@ impl Rig {
         mc.num_queues = cfg.num_queues;
         mc.msix_vectors = cfg.msix_vectors;
         if cfg.qemu == Qemu::V72 {
-            let root = qemu72_root()?;
+            let root = qemu72_root().map_err(failed)?;
             mc.qemu.binary = root.join("usr/bin/qemu-system-x86_64");
             mc.qemu.env.push((
                 "QEMU_MODULE_DIR".into(),
@@ -316,7 +328,7 @@ impl Rig {
         match cfg.binding {
             Binding::Library => {}
             Binding::Shim => {
-                bc.binding = rvscsi_emu::bed::hosted::binding().map_err(|e| e.to_string())?;
+                bc.binding = rvscsi_emu::bed::hosted::binding().map_err(|e| failed(e.0))?;
             }
             Binding::DevOps(ops) => {
                 bc.binding = Arc::new(rvscsi_emu::bed::DevOpsBinding {
@@ -324,7 +336,8 @@ impl Rig {
                 });
             }
         }
-        let bed = Bed::attach(bc).map_err(|e| e.to_string())?;
+        bc.faults = cfg.faults.clone();
+        let bed = Bed::try_attach(bc)?;
         Ok(Rig {
             bed: Some(bed),
             sd,
@@ -385,8 +398,10 @@ impl Rig {
             .iter()
             .zip(&self.images)
             .map(|(&(t, l), img)| {
+                // The latest instance (a re-attach adds new ones).
                 let dev = devs
                     .iter()
+                    .rev()
                     .find(|d| d.target == u32::from(t) && d.lun == u64::from(l))
                     .unwrap_or_else(|| panic!("LUN {t},{l} was not configured"))
                     .clone();
@@ -404,7 +419,11 @@ pub fn clear_unit_attention(dev: &Arc<rvscsi_emu::Device>) {
         let p = dev
             .init_pkt(None, rvscsi_emu::InitArgs::default())
             .expect("a TEST UNIT READY packet");
-        assert_eq!(p.transport(), rvscsi::ffi::TRAN_ACCEPT);
+        assert_eq!(p.start_async(), rvscsi::ffi::TRAN_ACCEPT);
+        assert!(
+            p.wait(std::time::Duration::from_secs(30)),
+            "TEST UNIT READY never completed"
+        );
         let good = p.result().reason == rvscsi::ffi::CMD_CMPLT && p.result().status() == 0;
         p.destroy();
         if good {

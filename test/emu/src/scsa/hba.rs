@@ -402,8 +402,13 @@ impl PktCache {
     fn new(machine: Arc<Machine>, dip: *mut dev_info_t, tran: *mut scsi_hba_tran) -> Self {
         // SAFETY: live tran.
         let hba_len = unsafe { (*tran).tran_hba_len } as usize;
-        let size =
-            WRAP_SIZE + hba_len.next_multiple_of(8) + ffi::DEFAULT_CDBLEN + ffi::DEFAULT_SCBLEN;
+        // The status area comes last, followed by guard bytes that catch an
+        // HBA writing beyond it.
+        let size = WRAP_SIZE
+            + hba_len.next_multiple_of(8)
+            + ffi::DEFAULT_CDBLEN
+            + ffi::DEFAULT_SCBLEN
+            + super::packet::SCB_GUARD;
         let layout = std::alloc::Layout::from_size_align(size, 8)
             .unwrap_or(std::alloc::Layout::new::<u64>());
         PktCache {

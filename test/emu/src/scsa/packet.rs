@@ -34,6 +34,9 @@ struct CompState {
 
 /// The framework's part of a packet object; the `scsi_pkt` comes first so
 /// that a `*mut scsi_pkt` is a `*mut PktWrap`.
+///
+/// Guard bytes follow the status area, to catch an HBA that writes more
+/// status or sense than `pkt_scblen` allows.
 #[repr(C)]
 pub struct PktWrap {
     /// The packet the HBA sees.
@@ -159,6 +162,12 @@ pub unsafe extern "C" fn scsi_hba_pkt_comp(pkt: *mut scsi_pkt) {
         report(format!(
             "scsi_hba_pkt_comp called with {held} driver lock(s) held"
         ));
+    }
+    if !w.in_flight.load(Ordering::Acquire) {
+        report(
+            "scsi_hba_pkt_comp of a packet the HBA does not have (never started, or torn down)"
+                .into(),
+        );
     }
     let flags = PktFlags::from_bits_retain(w.pkt.pkt_flags);
     if flags.contains(PktFlags::PKT_COMP_CALLED) {
@@ -339,9 +348,17 @@ impl Device {
         }
         w.pkt.pkt_scblen = a.statuslen as u32;
         if t.tran_hba_flags & ffi::SCSI_HBA_TRAN_SCB != 0 && a.statuslen > ffi::DEFAULT_SCBLEN {
-            let mut b = vec![0u8; a.statuslen].into_boxed_slice();
+            let mut b = vec![0u8; a.statuslen + SCB_GUARD].into_boxed_slice();
+            b[a.statuslen..].fill(GUARD_BYTE);
             w.pkt.pkt_scbp = b.as_mut_ptr();
             w.ext_scb = Some(b);
+        } else if !w.builtin_scb.is_null() {
+            // SAFETY: the builtin area has DEFAULT_SCBLEN bytes and the
+            // cache object SCB_GUARD more after it.
+            let room = unsafe {
+                std::slice::from_raw_parts_mut(w.builtin_scb, ffi::DEFAULT_SCBLEN + SCB_GUARD)
+            };
+            room[a.statuslen.min(ffi::DEFAULT_SCBLEN)..].fill(GUARD_BYTE);
         }
         let mut p = Packet {
             wrap: NonNull::from(&*w),
@@ -672,6 +689,29 @@ impl Packet {
         rc
     }
 
+    /// Records a violation if the HBA wrote beyond `pkt_scblen` (the
+    /// guard bytes after the status area changed).
+    fn check_scb_guard(&self) {
+        let w = self.wrap();
+        let len = w.pkt.pkt_scblen as usize;
+        let tail: &[u8] = match &w.ext_scb {
+            Some(b) => &b[len.min(b.len())..],
+            None if !w.builtin_scb.is_null() => {
+                // SAFETY: as when the guard was written in init_pkt.
+                let room = unsafe {
+                    std::slice::from_raw_parts(w.builtin_scb, ffi::DEFAULT_SCBLEN + SCB_GUARD)
+                };
+                &room[len.min(ffi::DEFAULT_SCBLEN)..]
+            }
+            None => &[],
+        };
+        if tail.iter().any(|&b| b != GUARD_BYTE) {
+            violation(format!(
+                "the HBA wrote beyond the {len}-byte status area of a packet"
+            ));
+        }
+    }
+
     /// `scsi_transport(9F)` from normal (thread) context: a `FLAG_NOINTR`
     /// packet becomes an interrupt-driven one the caller waits for, as the
     /// framework does; others go straight to `tran_start`.
@@ -823,6 +863,7 @@ impl Packet {
     }
 
     fn free_ext_and_release(&mut self) {
+        self.check_scb_guard();
         let w = self.wrap_mut();
         w.pkt.pkt_cdbp = w.builtin_cdb;
         w.pkt.pkt_scbp = w.builtin_scb;
@@ -863,6 +904,15 @@ impl Packet {
     pub fn destroy(mut self) {
         self.destroy_inner();
     }
+
+    /// `scsi_destroy_pkt(9F)` of a packet the HBA still has: the target
+    /// driver bug an HBA must survive. The framework tears it down and
+    /// frees it anyway; if the HBA completes it afterwards, that is a
+    /// violation.
+    pub fn destroy_outstanding(mut self) {
+        self.destroy_inner();
+        self.wrap().in_flight.store(false, Ordering::Release);
+    }
 }
 
 impl Drop for Packet {
@@ -881,3 +931,7 @@ impl Drop for Packet {
         self.destroy_inner();
     }
 }
+
+/// Guard bytes after a status area.
+pub const SCB_GUARD: usize = 16;
+const GUARD_BYTE: u8 = 0xa5;

@@ -1,0 +1,412 @@
+//! A hostile device: the test bed rewrites what QEMU's device returns
+//! (completions duplicated or naming descriptors that were never made
+//! available, impossible lengths, lying response headers, refused task
+//! management, garbage events, impossible configurations). The driver must
+//! never corrupt memory, complete a packet twice or never, overrun a status
+//! area, or pass bad data as good; the rest keeps working.
+
+use rvscsi::ffi;
+use rvscsi::scsa::PktStatistics;
+use rvscsi_emu::faults::{Fault, Match};
+use rvscsi_sim::load::{self, Completion, LoadConfig, LoadReport};
+use rvscsi_sim::testkit::{Driver, Rig, RigConfig};
+use std::time::Duration;
+
+fn rig(images: Vec<(u64, u8, u16)>) -> Rig {
+    Rig::start(RigConfig {
+        images,
+        driver: Driver::Recorder,
+        ..RigConfig::default()
+    })
+}
+
+fn assert_clean(what: &str, r: &LoadReport) {
+    assert!(
+        r.is_clean(),
+        "{what}: problems {:#?}, hung {}, refused {:?}",
+        r.problems,
+        r.hung,
+        r.refused
+    );
+}
+
+/// Bytes to write into a response header, by offset.
+type Patch = Vec<(usize, Vec<u8>)>;
+
+fn logged(rig: &Rig, needle: &str) -> bool {
+    rig.log().iter().any(|l| l.contains(needle))
+}
+
+#[test]
+fn duplicated_and_made_up_completions_are_dropped_and_every_command_completes_once() {
+    let rig = rig(vec![(8192, 0, 0), (8192, 1, 0)]);
+    let luns = rig.load_luns();
+    let m = rig.bed().machine.clone();
+    let mut armed = 0;
+    let r = load::run(
+        &luns,
+        &LoadConfig {
+            commands: 600,
+            depth: 24,
+            seed: 41,
+            ..LoadConfig::default()
+        },
+        &|c: &Completion| {
+            if c.good() {
+                Ok(())
+            } else {
+                Err("not good".into())
+            }
+        },
+        &mut |p| {
+            if p.completed >= 40 * (armed + 1) && armed < 9 {
+                armed += 1;
+                m.faults.arm(match armed % 3 {
+                    0 => Fault::Duplicate(Match::Any),
+                    1 => Fault::BogusUsedId(300),
+                    _ => Fault::BogusUsedId(0xffff),
+                });
+            }
+        },
+    );
+    assert_clean("duplicates and bogus ids", &r);
+    let st = m.faults.stats();
+    assert!(st.duplicated >= 3 && st.bogus_ids >= 6, "{st:?}");
+    assert!(
+        logged(&rig, "unknown command id"),
+        "the driver says what it dropped"
+    );
+    rig.finish_clean();
+}
+
+#[test]
+fn lying_response_headers_never_overrun_a_status_area_or_pass_as_good_data() {
+    let rig = rig(vec![(8192, 0, 0), (8192, 0, 1)]);
+    let luns = rig.load_luns();
+    let m = rig.bed().machine.clone();
+    // Each completion of a command at these LBAs lies in its own way.
+    let lies: Vec<(u64, Patch)> = vec![
+        // CHECK CONDITION with a sense length of 4 GiB.
+        (100, vec![(0, vec![0xff; 4]), (10, vec![2]), (11, vec![0])]),
+        // A residual larger than the transfer.
+        (200, vec![(4, vec![0xff, 0xff, 0xff, 0x7f])]),
+        // A response code virtio-scsi does not define.
+        (300, vec![(11, vec![0x77])]),
+        // BUSY status (the target driver retries).
+        (400, vec![(10, vec![8])]),
+    ];
+    let accept = |c: &Completion| -> Result<(), String> {
+        let r = &c.result;
+        let want_len = c.blocks as isize * 512;
+        // Whatever the device says: the residual stays within the transfer
+        // and the sense within the status area.
+        if r.resid < 0 || r.resid > want_len {
+            return Err(format!("resid {} outside 0..={want_len}", r.resid));
+        }
+        if let Some(s) = r.sense() {
+            let cap = if c.xarq {
+                ffi::MAX_SENSE_LENGTH
+            } else {
+                ffi::SENSE_LENGTH
+            };
+            if s.len() > cap {
+                return Err(format!("{} sense bytes for a {cap}-byte area", s.len()));
+            }
+        }
+        if c.good() {
+            return Ok(());
+        }
+        // A lie (the faults match on the starting LBA, on either LUN).
+        let lied = match c.lba {
+            100 => r.status() == ffi::STATUS_CHECK,
+            200 => r.resid == want_len,
+            300 => r.reason == ffi::CMD_TRAN_ERR,
+            400 => r.status() == ffi::STATUS_BUSY,
+            _ => false,
+        };
+        if lied {
+            Ok(())
+        } else {
+            Err("a truthful completion went wrong".into())
+        }
+    };
+    for (lba, patch) in &lies {
+        for _ in 0..4 {
+            m.faults
+                .arm(Fault::Response(Match::Lba(*lba), patch.clone()));
+        }
+    }
+    m.faults.arm(Fault::UsedLen(Match::Any, u32::MAX));
+    m.faults.arm(Fault::UsedLen(Match::Any, 0));
+    let r = load::run(
+        &luns,
+        &LoadConfig {
+            commands: 600,
+            depth: 24,
+            seed: 43,
+            hot: vec![100, 200, 300, 400],
+            hot_percent: 20,
+            ..LoadConfig::default()
+        },
+        &accept,
+        &mut |_| {},
+    );
+    assert_clean("lying responses", &r);
+    // The status areas' guard bytes are intact: the packets' teardown
+    // checks them (no violation).
+    let st = m.faults.stats();
+    assert!(st.responses >= 8 && st.lengths == 2, "{st:?}");
+    for lba in [100u64, 200, 300, 400] {
+        assert!(
+            r.completions.iter().any(|c| c.lba == lba && !c.good()),
+            "the lie at {lba} was told"
+        );
+    }
+    rig.finish_clean();
+}
+
+#[test]
+fn task_management_refused_at_every_step_ends_in_a_device_reset() {
+    let rig = rig(vec![(8192, 0, 0)]);
+    let luns = rig.load_luns();
+    let m = rig.bed().machine.clone();
+    m.faults.arm(Fault::Withhold(Match::Lba(777)));
+    // virtio 1.2 §5.6.6.2: VIRTIO_SCSI_S_FUNCTION_REJECTED is 11.
+    m.faults.arm(Fault::TmfResponse {
+        response: 11,
+        count: 3,
+    });
+    let dev = luns[0].dev.clone();
+    let mut pkt = dev
+        .init_pkt(
+            Some(std::sync::Arc::new(rvscsi_emu::DataBuf::new(512, 0, true))),
+            rvscsi_emu::InitArgs::default(),
+        )
+        .unwrap();
+    pkt.cdb_mut()
+        .copy_from_slice(&[0x28, 0, 0, 0, 0x03, 0x09, 0, 0, 1, 0]);
+    pkt.set_time(1);
+    assert_eq!(pkt.start_async(), ffi::TRAN_ACCEPT);
+    assert!(pkt.wait(Duration::from_secs(60)), "the lost command ends");
+    let r = pkt.result();
+    assert_eq!(r.reason, ffi::CMD_TIMEOUT, "{r:?}");
+    assert!(
+        r.statistics
+            .contains(PktStatistics::TIMEOUT | PktStatistics::BUS_RESET),
+        "{r:?}"
+    );
+    assert_eq!(pkt.comp_calls(), 1);
+    pkt.destroy();
+    let probes = &m.probes;
+    let abort: Vec<Vec<u64>> = probes
+        .firings("rvscsi-cmd-abort")
+        .iter()
+        .map(|f| f.args.clone())
+        .collect();
+    assert!(
+        abort.iter().all(|a| a[3] == 0),
+        "the abort was refused: {abort:?}"
+    );
+    let resets: Vec<(u64, u64)> = probes
+        .firings("rvscsi-reset")
+        .iter()
+        .map(|f| (f.args[0], f.args[3]))
+        .collect();
+    assert!(resets.contains(&(ffi::RESET_LUN as u64, 0)), "{resets:?}");
+    assert!(
+        resets.contains(&(ffi::RESET_TARGET as u64, 0)),
+        "{resets:?}"
+    );
+    assert!(resets.contains(&(ffi::RESET_ALL as u64, 1)), "{resets:?}");
+    assert_eq!(m.faults.stats().tmfs, 3);
+    assert!(
+        logged(&rig, "failed: response 11"),
+        "the refusals are logged"
+    );
+    // The device works again.
+    let after = load::run(
+        &luns,
+        &LoadConfig {
+            commands: 60,
+            seed: 44,
+            ..LoadConfig::default()
+        },
+        &|c: &Completion| {
+            if c.good() || c.result.sense_key().is_some_and(|k| k.0 == 6) {
+                Ok(())
+            } else {
+                Err("after the reset".into())
+            }
+        },
+        &mut |_| {},
+    );
+    assert_clean("after the refused ladder", &after);
+    rig.finish_clean();
+}
+
+#[test]
+fn garbage_events_are_reported_and_ignored_and_later_events_still_work() {
+    let rig = Rig::start(RigConfig::default());
+    let m = rig.bed().machine.clone();
+    m.faults.arm(Fault::GarbageEvent);
+    let add = |id: u32| {
+        let img = rvscsi_sim::testkit::Image::patterned(
+            &rig.dir.path(&format!("g{id}.img")),
+            u64::from(id),
+            256,
+        );
+        for (cmd, args) in [
+            (
+                "blockdev-add",
+                rvscsi_qtest::json!({"driver": "raw", "node-name": format!("g{id}"),
+                    "file": {"driver": "file", "filename": img.path.to_str().unwrap()}}),
+            ),
+            (
+                "device_add",
+                rvscsi_qtest::json!({"driver": "scsi-hd", "id": format!("gh{id}"), "bus": "hba0.0",
+                    "drive": format!("g{id}"), "scsi-id": id, "lun": 0}),
+            ),
+        ] {
+            m.with_qemu(|q| q.qmp(cmd, args))
+                .expect("QEMU")
+                .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+        }
+    };
+    // The event of target 3 arrives as garbage.
+    add(3);
+    let t0 = std::time::Instant::now();
+    while m.faults.stats().events == 0 && t0.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(m.faults.stats().events, 1);
+    // The next one is real, and its rescan finds both.
+    add(4);
+    let t0 = std::time::Instant::now();
+    while (rig.sd.disk(3, 0).is_none() || rig.sd.disk(4, 0).is_none())
+        && t0.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(rig.sd.disk(4, 0).is_some() && rig.sd.disk(3, 0).is_some());
+    assert!(logged(&rig, "ignoring event"), "{:#?}", rig.log());
+    rig.finish_clean();
+}
+
+#[test]
+fn impossible_device_configurations_fail_attach_cleanly_or_are_bounded() {
+    // virtio 1.2 §5.6.4: num_queues 0, seg_max 4, max_sectors 8,
+    // sense_size 20, cdb_size 24.
+    let cases: Vec<(&str, Vec<Fault>)> = vec![
+        (
+            "no request queue",
+            vec![Fault::Config {
+                offset: 0,
+                value: 0,
+            }],
+        ),
+        (
+            "2^32-1 request queues",
+            vec![Fault::Config {
+                offset: 0,
+                value: u32::MAX,
+            }],
+        ),
+        (
+            "no segment",
+            vec![Fault::Config {
+                offset: 4,
+                value: 0,
+            }],
+        ),
+        (
+            "2^32-1 segments",
+            vec![Fault::Config {
+                offset: 4,
+                value: u32::MAX,
+            }],
+        ),
+        (
+            "no sector per transfer",
+            vec![Fault::Config {
+                offset: 8,
+                value: 0,
+            }],
+        ),
+        (
+            "no sense",
+            vec![Fault::Config {
+                offset: 20,
+                value: 0,
+            }],
+        ),
+        (
+            "4 GiB of sense",
+            vec![Fault::Config {
+                offset: 20,
+                value: u32::MAX,
+            }],
+        ),
+        (
+            "no CDB",
+            vec![Fault::Config {
+                offset: 24,
+                value: 0,
+            }],
+        ),
+        (
+            "a 4 GiB CDB",
+            vec![Fault::Config {
+                offset: 24,
+                value: u32::MAX,
+            }],
+        ),
+        ("queues of 0", vec![Fault::QueueSize(0)]),
+        ("queues of 3", vec![Fault::QueueSize(3)]),
+        ("queues of 32768", vec![Fault::QueueSize(0x8000)]),
+    ];
+    let mut outcomes = Vec::new();
+    for (what, faults) in cases {
+        match Rig::try_attach(RigConfig {
+            faults,
+            ..RigConfig::default()
+        }) {
+            Ok(rig) => {
+                let Some(disk) = rig.sd.disks().into_iter().next() else {
+                    // The driver took the values as given and the device
+                    // cannot work with them: no disk, but nothing broken.
+                    rig.finish_clean();
+                    outcomes.push(format!("{what}: attached, no usable disk"));
+                    continue;
+                };
+                let data = rvscsi_sim::testkit::random_bytes(5, 8192);
+                disk.write(16, &data)
+                    .unwrap_or_else(|e| panic!("{what}: write: {e}"));
+                assert_eq!(disk.read(16, 8192).expect("read"), data, "{what}");
+                rig.finish_clean();
+                outcomes.push(format!("{what}: attached, I/O works"));
+            }
+            Err(f) => {
+                assert!(
+                    f.report.is_clean(),
+                    "{what}: a failed attach left {:?} (pages {}), violations {:?}",
+                    f.report.leaks,
+                    f.report.pages_leaked,
+                    f.report.violations
+                );
+                assert!(
+                    f.message.contains("attach of the HBA failed"),
+                    "{what}: {}",
+                    f.message
+                );
+                outcomes.push(format!("{what}: refused"));
+            }
+        }
+    }
+    eprintln!("{outcomes:#?}");
+    for must_refuse in ["no request queue", "no CDB", "queues of 0", "queues of 3"] {
+        assert!(
+            outcomes.contains(&format!("{must_refuse}: refused")),
+            "{must_refuse}: {outcomes:#?}"
+        );
+    }
+}
