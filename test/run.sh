@@ -26,3 +26,5 @@ echo "== tests"
 # Two cores: two test threads keep QEMU and the tests from starving each
 # other; every wait in the test bed is bounded.
 cargo test --workspace --locked -- --test-threads=2
+echo "== fuzz (a short run of every hostile-device target)"
+test/scripts/fuzz.sh --time 20

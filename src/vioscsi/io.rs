@@ -522,7 +522,7 @@ impl VioScsi {
         let mut n = 0;
         if outcome.is_check_condition() {
             let r = f.response;
-            n = (r.sense_len as usize).min(self.limits.sense_size as usize);
+            n = proto::sense_to_copy(&r, self.limits.sense_size);
             if n > 0 {
                 let at = layout.resp_off + proto::RESP_SENSE;
                 f.dma.sync_for_cpu(at, n);

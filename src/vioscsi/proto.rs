@@ -183,6 +183,13 @@ pub struct CmdFacts {
     pub recovery: PktStatistics,
 }
 
+/// How many sense bytes of a response to copy: what the device says it
+/// wrote (`sense_len`, a device-written value nothing trusts), never more
+/// than the response buffer holds (`sense_size`).
+pub fn sense_to_copy(r: &Response, sense_size: u32) -> usize {
+    (r.sense_len as usize).min(sense_size as usize)
+}
+
 /// Maps a virtio-scsi response to the SCSA outcome (tran_start(9E)).
 ///
 /// Anything the device says that cannot be true (a residual larger than
