@@ -140,8 +140,11 @@ pub fn ring(data: &[u8]) {
                 let pos = usize::from(device_used % size);
                 q.mem().write_u32(layout.used + 4 + 8 * pos, id);
                 q.mem().write_u32(layout.used + 8 + 8 * pos, len);
-                device_used =
-                    device_used.wrapping_add(if inp.u8() % 16 == 0 { inp.u16() } else { 1 });
+                device_used = device_used.wrapping_add(if inp.u8().is_multiple_of(16) {
+                    inp.u16()
+                } else {
+                    1
+                });
                 q.mem().write_u16(layout.used + 2, device_used);
             }
             4 => {
