@@ -406,30 +406,46 @@ fn a_lun_pulled_with_io_in_flight_ends_its_commands_and_the_others_go_on() {
         }
         Err("unexpected outcome".into())
     };
-    let mut pulled = false;
+    let mut pulled: Option<Duration> = None;
     let r = load::run(
         &luns,
         &LoadConfig {
-            commands: 500,
+            commands: 800,
             depth: 32,
             seed: 31,
             ..LoadConfig::default()
         },
         &accept,
         &mut |p| {
-            if !pulled && p.completed >= 100 {
-                pulled = true;
-                // Pull LUN 1,0 (QEMU device hd1) while its I/O is in flight;
-                // a real target driver stops issuing once it is told.
-                qmp(&rig, "device_del", rvscsi_qtest::json!({"id": "hd1"}));
-                luns[1]
-                    .active
-                    .store(false, std::sync::atomic::Ordering::Release);
+            match pulled {
+                None if p.completed >= 100 => {
+                    // Pull LUN 1,0 (QEMU device hd1) with its I/O in flight.
+                    qmp(&rig, "device_del", rvscsi_qtest::json!({"id": "hd1"}));
+                    pulled = Some(p.elapsed);
+                }
+                // A target driver keeps sending until it is told; then it
+                // stops.
+                Some(at) if p.elapsed > at + Duration::from_millis(400) => {
+                    luns[1]
+                        .active
+                        .store(false, std::sync::atomic::Ordering::Release);
+                }
+                _ => {}
             }
         },
     );
     assert_clean("hot-unplug under load", &r);
-    assert!(pulled);
+    assert!(pulled.is_some());
+    let gone = r
+        .completions
+        .iter()
+        .filter(|c| c.lun == 1 && c.result.reason == ffi::CMD_DEV_GONE)
+        .count();
+    assert!(
+        gone > 0,
+        "commands to the pulled LUN ended CMD_DEV_GONE: {:?}",
+        r.by_reason
+    );
     rig.bed()
         .machine
         .with_qemu(|q| q.wait_qmp_event("DEVICE_DELETED", Duration::from_secs(20)))
