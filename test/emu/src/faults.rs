@@ -728,9 +728,11 @@ fn advance_view(s: &mut State, qt: &QTest, q: u16, r: &Rings) {
                     true
                 }
                 Fault::GarbageEvent if q == EVENT_QUEUE => {
-                    patches.push((0, vec![0x78, 0x56, 0x34, 0x92, 0xff, 0xff, 0x7f, 0x80]));
-                    patches.push((8, vec![0xee; 8]));
-                    patches.push((16, vec![0xef, 0xbe, 0xad, 0xde]));
+                    // virtio 1.2 §5.6.6.3: event (le32), lun[8], reason
+                    // (le32): an unknown event code, a malformed LUN, junk.
+                    patches.push((0, vec![0x78, 0x56, 0x34, 0x12]));
+                    patches.push((4, vec![0xee; 8]));
+                    patches.push((12, vec![0xef, 0xbe, 0xad, 0xde]));
                     s.stats.events += 1;
                     true
                 }
