@@ -267,9 +267,12 @@ pub unsafe extern "C" fn rvscsi_iport_detach(dip: *mut dev_info_t) -> c_int {
     let Some(hba) = (unsafe { hba_of_tran(tran) }) else {
         return ffi::DDI_FAILURE;
     };
-    // Its targets' commands would complete to devices that are gone.
+    // The driver's own discovery commands end with the discovery; its
+    // targets' commands would complete to devices that are gone.
+    hba.stop_discovery();
     if !hba.detach_ready() {
         dev_warn!(hba.dip, "detach refused: commands in flight");
+        hba.resume_discovery();
         return ffi::DDI_FAILURE;
     }
     hba.iport_detach();

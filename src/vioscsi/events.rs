@@ -96,6 +96,9 @@ pub struct Work {
     pub scan: [u64; 4],
     /// Reset the device.
     pub reset: bool,
+    /// The iport is being detached: no discovery may start, one under way
+    /// stops at the next target (its commands would hold the detach off).
+    pub discovery_stopped: bool,
     expired: [Option<Expired>; MAX_EXPIRED],
 }
 
@@ -113,10 +116,9 @@ impl Work {
     }
 
     fn pending(&self) -> bool {
-        self.discover
-            || self.reset
-            || self.scan.iter().any(|&b| b != 0)
-            || self.expired.iter().any(Option::is_some)
+        let discovery =
+            !self.discovery_stopped && (self.discover || self.scan.iter().any(|&b| b != 0));
+        discovery || self.reset || self.expired.iter().any(Option::is_some)
     }
 }
 
@@ -163,10 +165,16 @@ impl VioScsi {
                     w.scheduled = false;
                     return;
                 }
-                let taken = (w.reset, w.discover, w.scan, w.expired);
+                let taken = if w.discovery_stopped {
+                    // Left queued for when the iport attaches again.
+                    (w.reset, false, [0; 4], w.expired)
+                } else {
+                    let t = (w.reset, w.discover, w.scan, w.expired);
+                    w.discover = false;
+                    w.scan = [0; 4];
+                    t
+                };
                 w.reset = false;
-                w.discover = false;
-                w.scan = [0; 4];
                 w.expired = [None; MAX_EXPIRED];
                 taken
             };
@@ -308,7 +316,9 @@ impl VioScsi {
         };
         let mut present = [0u64; 4];
         for t in 0..=self.limits.max_target {
-            if !matches!(self.state(), state::RUNNING | state::RESETTING) {
+            if !matches!(self.state(), state::RUNNING | state::RESETTING)
+                || self.work.lock().discovery_stopped
+            {
                 return None; // the observation is flushed on drop
             }
             match self.probe_target(t) {
@@ -346,7 +356,10 @@ impl VioScsi {
         match TargetMap::create_fullset(iport, ffi::MICROSEC as i32, 2 * ffi::MICROSEC as i32) {
             Ok(map) => {
                 *self.tgtmap.lock() = Some(map);
-                self.schedule(|w| w.discover = true);
+                self.schedule(|w| {
+                    w.discovery_stopped = false;
+                    w.discover = true;
+                });
                 true
             }
             Err(e) => {
@@ -356,8 +369,28 @@ impl VioScsi {
         }
     }
 
-    /// detach(9E) of the iport node: waits for the work task, destroys the
-    /// map.
+    /// First half of detach(9E) of the iport node: stops discovery and
+    /// waits for the work task, so the driver's own probe commands are no
+    /// longer in flight when the caller checks for commands. Undo with
+    /// [`Self::resume_discovery`] if the detach is refused.
+    pub fn stop_discovery(&self) {
+        self.work.lock().discovery_stopped = true;
+        if let Some(tq) = &self.taskq {
+            tq.wait();
+        }
+    }
+
+    /// The iport stays after all: discovery runs again, and a full one
+    /// makes up for anything a stopped one missed.
+    pub fn resume_discovery(&self) {
+        self.schedule(|w| {
+            w.discovery_stopped = false;
+            w.discover = true;
+        });
+    }
+
+    /// detach(9E) of the iport node, after [`Self::stop_discovery`]:
+    /// destroys the map.
     pub fn iport_detach(&self) {
         if let Some(tq) = &self.taskq {
             tq.wait();

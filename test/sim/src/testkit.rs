@@ -371,7 +371,17 @@ impl Rig {
     /// Detaches and returns the report.
     pub fn finish(mut self) -> DetachReport {
         let bed = self.bed.take().expect("attached");
-        bed.detach().expect("detach")
+        let machine = bed.machine.clone();
+        match bed.detach() {
+            Ok(report) => report,
+            Err(e) => {
+                // The driver says why it refused; the test log should too.
+                for line in machine.log() {
+                    eprintln!("driver log: {}", line.text);
+                }
+                panic!("detach: {e:?}");
+            }
+        }
     }
 
     /// Detaches and fails the test unless nothing leaked and no DDI rule

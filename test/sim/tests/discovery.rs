@@ -143,3 +143,55 @@ fn a_capacity_change_reaches_the_target_driver_as_a_unit_attention() {
     assert_eq!(u64::from(last) + 1, (16u64 << 20) / 512);
     rig.finish_clean();
 }
+
+#[test]
+fn detaching_the_iport_stops_a_discovery_under_way_instead_of_refusing() {
+    use rvscsi_emu::faults::{Fault, Match};
+    let mut rig = Rig::start(RigConfig::default());
+    let m = rig.bed().machine.clone();
+    // The first discovery probe (INQUIRY with allocation length 0) after
+    // the hot-plug is held back: the discovery is under way, waiting.
+    m.faults
+        .arm(Fault::Withhold(Match::CdbPrefix(vec![0x12, 0, 0, 0, 0, 0])));
+    let img = Image::patterned(&rig.dir.path("new.img"), 79, 2048);
+    qmp(
+        &rig,
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "n5", "file": {"driver": "file", "filename": img.path.to_str().unwrap()}}),
+    );
+    qmp(
+        &rig,
+        "device_add",
+        json!({"driver": "scsi-hd", "id": "hd5", "bus": "hba0.0", "drive": "n5", "scsi-id": 5, "lun": 0}),
+    );
+    wait_until("a discovery probe held", || m.faults.withheld() == 1);
+    // The probe completes while detach waits for the discovery.
+    let releaser = std::thread::spawn({
+        let m = m.clone();
+        move || {
+            std::thread::sleep(Duration::from_millis(300));
+            m.faults.release_withheld();
+        }
+    });
+    let report = rig
+        .bed
+        .as_mut()
+        .expect("attached")
+        .detach_nodes()
+        .expect("the iport detaches: the discovery stops, nothing refuses");
+    releaser.join().expect("releaser");
+    assert!(report.is_clean(), "{report:?}");
+    assert!(
+        !rig.log().iter().any(|l| l.contains("detach refused")),
+        "{:?}",
+        rig.log()
+    );
+    // Attached again: the discovery at attach finds the new target.
+    rig.bed
+        .as_mut()
+        .expect("attached")
+        .reattach()
+        .expect("re-attach");
+    wait_until("target 5", || rig.bed().device(5, 0).is_some());
+    rig.finish_clean();
+}
