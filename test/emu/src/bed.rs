@@ -577,10 +577,20 @@ impl Bed {
         let m = self.machine.clone();
         let _g = set_current(&m);
         if let Some((iport, tran)) = self.iport {
+            // The framework enters the iport before detaching it; its
+            // target configuration waits.
+            let map = tgtmap::map_of_iport(iport);
+            if let Some(map) = &map {
+                map.hold();
+            }
             // SAFETY: the attached iport; its children went with its map.
             if unsafe { self.binding.detach(iport) } != ffi::DDI_SUCCESS {
+                if let Some(map) = &map {
+                    map.release();
+                }
                 return Err(BedError("detach of iport0 failed".into()));
             }
+            drop(map);
             if tgtmap::map_of_iport(iport).is_some() {
                 m.violation("the iport detached without destroying its target map");
             }

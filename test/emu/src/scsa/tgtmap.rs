@@ -56,6 +56,9 @@ struct MapState {
     pending: VecDeque<Work>,
     busy: bool,
     closing: bool,
+    /// A detach holds the iport (as `ndi_devi_enter` does): no
+    /// configuration work starts until it lets go.
+    held: bool,
     last_change: Option<Instant>,
 }
 
@@ -148,6 +151,30 @@ impl TgtMap {
         true
     }
 
+    /// Holds the iport for a detach, as the framework's
+    /// `ndi_devi_enter` of the iport does in illumos: enumeration (probe
+    /// INQUIRY, REPORT LUNS) runs with the iport entered, so detach(9E) of
+    /// the iport never runs while the framework's own probe commands are
+    /// in flight. Waits for work under way to end. Undo with
+    /// [`Self::release`].
+    pub fn hold(&self) {
+        let mut s = lock(&self.state);
+        s.held = true;
+        while s.busy {
+            s = self
+                .cv
+                .wait_timeout(s, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Lets configuration work run again after a refused detach.
+    pub fn release(&self) {
+        lock(&self.state).held = false;
+        self.cv.notify_all();
+    }
+
     /// The configured LUN devices.
     pub fn devices(&self) -> Vec<Arc<Device>> {
         let s = lock(&self.state);
@@ -170,7 +197,7 @@ impl TgtMap {
                 return;
             }
             let settled = s.last_change.is_none_or(|t| t.elapsed() >= SETTLE);
-            if s.pending.is_empty() || !settled {
+            if s.pending.is_empty() || !settled || s.held {
                 let wait = if s.pending.is_empty() {
                     Duration::from_millis(100)
                 } else {
