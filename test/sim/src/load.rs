@@ -113,7 +113,8 @@ pub struct LoadConfig {
     /// Only LBAs below this (none: the whole disk).
     pub lba_limit: Option<u64>,
     /// Blocks that some commands are made to cover (fault sites), and the
-    /// percent of commands aimed at one of them.
+    /// percent of commands aimed at one of them; half of those start at
+    /// the block.
     pub hot: Vec<u64>,
     /// See `hot`.
     pub hot_percent: u32,
@@ -318,12 +319,20 @@ pub fn run(
             let mut lba = None;
             let aim = (!cfg.hot.is_empty() && rng.below(100) < u64::from(cfg.hot_percent))
                 .then(|| cfg.hot[rng.below(cfg.hot.len() as u64) as usize]);
+            // Half the aimed commands start at the hot block (faults that
+            // match a command's starting LBA see them often enough whatever
+            // the interleaving), the others cover it from a random start.
+            let aim_start = rng.below(2) == 0;
             for _ in 0..8 {
                 let cand = match aim {
-                    // A range that covers the hot block.
-                    Some(h) => h
-                        .saturating_sub(rng.below(u64::from(blocks)))
-                        .min(limit - u64::from(blocks)),
+                    Some(h) => {
+                        let back = if aim_start {
+                            0
+                        } else {
+                            rng.below(u64::from(blocks))
+                        };
+                        h.saturating_sub(back).min(limit - u64::from(blocks))
+                    }
                     None => rng.below(limit - u64::from(blocks)),
                 };
                 let clash = slots.iter().any(|s| {
