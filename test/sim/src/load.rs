@@ -169,6 +169,27 @@ impl Completion {
             && self.result.resid == 0
     }
 
+    /// What no device, however broken, may make of a completion: a
+    /// residual outside the transfer, or more sense than the status area
+    /// holds (scsi_pkt(9S), scsi_arq_status(9S), scsi_extended_sense).
+    pub fn within_bounds(&self) -> Result<(), String> {
+        let len = self.blocks as isize * 512;
+        if self.result.resid < 0 || self.result.resid > len {
+            return Err(format!("resid {} outside 0..={len}", self.result.resid));
+        }
+        if let Some(s) = self.result.sense() {
+            let cap = if self.xarq {
+                ffi::MAX_SENSE_LENGTH
+            } else {
+                ffi::SENSE_LENGTH
+            };
+            if s.len() > cap {
+                return Err(format!("{} sense bytes in a {cap}-byte area", s.len()));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether it covers block `b`.
     pub fn covers(&self, b: u64) -> bool {
         b >= self.lba && b < self.lba + u64::from(self.blocks)
@@ -205,6 +226,27 @@ impl LoadReport {
     /// Whether everything completed once, as accepted, with the right data.
     pub fn is_clean(&self) -> bool {
         self.problems.is_empty() && self.hung == 0 && self.refused.is_empty()
+    }
+
+    /// Panics, naming the run `what` and saying what went wrong, unless
+    /// the run was clean.
+    pub fn assert_clean(&self, what: &str) {
+        assert!(
+            self.is_clean(),
+            "{what}: problems {:#?}, hung {}, refused {:?}",
+            self.problems,
+            self.hung,
+            self.refused
+        );
+    }
+}
+
+/// Acceptance for runs without faults: only good completions.
+pub fn only_good(c: &Completion) -> Result<(), String> {
+    if c.good() {
+        Ok(())
+    } else {
+        Err("not good".into())
     }
 }
 

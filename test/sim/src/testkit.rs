@@ -442,3 +442,54 @@ pub fn clear_unit_attention(dev: &Arc<rvscsi_emu::Device>) {
     }
     panic!("LUN {}/{} never became ready", dev.target, dev.lun);
 }
+
+/// A READ(10) packet of the one block at `lba` (SBC-3 §5.11), not started.
+pub fn read_block(dev: &Arc<rvscsi_emu::Device>, lba: u32) -> rvscsi_emu::Packet {
+    let mut p = dev
+        .init_pkt(
+            Some(Arc::new(rvscsi_emu::DataBuf::new(512, 0, true))),
+            rvscsi_emu::InitArgs::default(),
+        )
+        .expect("a READ(10) packet");
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x28;
+    cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+    cdb[8] = 1;
+    p.cdb_mut().copy_from_slice(&cdb);
+    p
+}
+
+/// Polls `done` every 50 ms; panics naming `what` after `limit`.
+pub fn wait_until(what: &str, limit: std::time::Duration, mut done: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !done() {
+        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+impl Rig {
+    /// Runs a QMP command on the machine's QEMU; panics if it fails.
+    pub fn qmp(&self, cmd: &str, args: rvscsi_qtest::Value) {
+        self.bed()
+            .machine
+            .with_qemu(|q| q.qmp(cmd, args))
+            .expect("QEMU")
+            .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    }
+
+    /// Hot-plugs `image` as a scsi-hd at `target`/`lun` of the controller
+    /// (block node and device both named after `id`).
+    pub fn hot_plug(&self, id: &str, image: &Path, target: u32, lun: u32) {
+        self.qmp(
+            "blockdev-add",
+            rvscsi_qtest::json!({"driver": "raw", "node-name": format!("n{id}"),
+                "file": {"driver": "file", "filename": image.to_str().expect("a UTF-8 path")}}),
+        );
+        self.qmp(
+            "device_add",
+            rvscsi_qtest::json!({"driver": "scsi-hd", "id": id, "bus": "hba0.0",
+                "drive": format!("n{id}"), "scsi-id": target, "lun": lun}),
+        );
+    }
+}

@@ -3,26 +3,14 @@
 //! changes).
 
 use rvscsi_qtest::json;
-use rvscsi_sim::testkit::{Image, Rig, RigConfig};
-use std::time::{Duration, Instant};
+use rvscsi_sim::testkit::{self, Image, Rig, RigConfig};
+use std::time::Duration;
 
-fn qmp(rig: &Rig, cmd: &str, args: rvscsi_qtest::Value) {
-    rig.bed()
-        .machine
-        .with_qemu(|q| q.qmp(cmd, args))
-        .expect("QEMU")
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-}
+/// How long discovery may take to notice a change.
+const NOTICE: Duration = Duration::from_secs(20);
 
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_until(what: &str, done: impl FnMut() -> bool) {
+    testkit::wait_until(what, NOTICE, done);
 }
 
 fn names(rig: &Rig) -> Vec<String> {
@@ -44,16 +32,7 @@ fn a_hot_plugged_target_and_lun_appear_without_reattach() {
     let rig = Rig::start(RigConfig::default());
     assert_eq!(names(&rig), ["c0t0d0"]);
     let img = Image::patterned(&rig.dir.path("new.img"), 77, 4096);
-    qmp(
-        &rig,
-        "blockdev-add",
-        json!({"driver": "raw", "node-name": "n3", "file": {"driver": "file", "filename": img.path.to_str().unwrap()}}),
-    );
-    qmp(
-        &rig,
-        "device_add",
-        json!({"driver": "scsi-hd", "id": "hd3", "bus": "hba0.0", "drive": "n3", "scsi-id": 3, "lun": 0}),
-    );
+    rig.hot_plug("hd3", &img.path, 3, 0);
     wait_until("target 3", || names(&rig).contains(&"c0t3d0".to_string()));
     let d = rig.sd.disk(3, 0).unwrap();
     assert!(
@@ -62,16 +41,7 @@ fn a_hot_plugged_target_and_lun_appear_without_reattach() {
     );
     // A second LUN behind an existing target: the LUN rescan finds it.
     let img2 = Image::patterned(&rig.dir.path("lun1.img"), 78, 2048);
-    qmp(
-        &rig,
-        "blockdev-add",
-        json!({"driver": "raw", "node-name": "n4", "file": {"driver": "file", "filename": img2.path.to_str().unwrap()}}),
-    );
-    qmp(
-        &rig,
-        "device_add",
-        json!({"driver": "scsi-hd", "id": "hd4", "bus": "hba0.0", "drive": "n4", "scsi-id": 0, "lun": 1}),
-    );
+    rig.hot_plug("hd4", &img2.path, 0, 1);
     wait_until("LUN 0,1", || names(&rig).contains(&"c0t0d1".to_string()));
     assert!(rig.sd.disk(0, 1).unwrap().read(0, 512).unwrap() == img2.expected(0, 1));
     assert!(
@@ -92,7 +62,7 @@ fn a_removed_target_goes_away_and_the_others_keep_working() {
         ..RigConfig::default()
     });
     let gone = rig.sd.disk(1, 0).unwrap();
-    qmp(&rig, "device_del", json!({"id": "hd1"}));
+    rig.qmp("device_del", json!({"id": "hd1"}));
     rig.bed()
         .machine
         .with_qemu(|q| q.wait_qmp_event("DEVICE_DELETED", Duration::from_secs(10)))
@@ -110,8 +80,7 @@ fn a_removed_target_goes_away_and_the_others_keep_working() {
 fn a_capacity_change_reaches_the_target_driver_as_a_unit_attention() {
     let rig = Rig::start(RigConfig::default());
     let d = rig.disk0();
-    qmp(
-        &rig,
+    rig.qmp(
         "block_resize",
         json!({"node-name": rig.bed().machine.with_qemu(|q| {
         let blk = q.qmp("query-block", json!({})).unwrap();
@@ -154,16 +123,7 @@ fn detaching_the_iport_stops_a_discovery_under_way_instead_of_refusing() {
     m.faults
         .arm(Fault::Withhold(Match::CdbPrefix(vec![0x12, 0, 0, 0, 0, 0])));
     let img = Image::patterned(&rig.dir.path("new.img"), 79, 2048);
-    qmp(
-        &rig,
-        "blockdev-add",
-        json!({"driver": "raw", "node-name": "n5", "file": {"driver": "file", "filename": img.path.to_str().unwrap()}}),
-    );
-    qmp(
-        &rig,
-        "device_add",
-        json!({"driver": "scsi-hd", "id": "hd5", "bus": "hba0.0", "drive": "n5", "scsi-id": 5, "lun": 0}),
-    );
+    rig.hot_plug("hd5", &img.path, 5, 0);
     wait_until("a discovery probe held", || m.faults.withheld() == 1);
     // The probe completes while detach waits for the discovery.
     let releaser = std::thread::spawn({

@@ -7,8 +7,8 @@
 use rvscsi::ffi;
 use rvscsi::scsa::{PktState, PktStatistics};
 use rvscsi_emu::faults::{Fault, Match};
-use rvscsi_sim::load::{self, Completion, LoadConfig, LoadReport};
-use rvscsi_sim::testkit::{Driver, Rig, RigConfig};
+use rvscsi_sim::load::{self, Completion, LoadConfig};
+use rvscsi_sim::testkit::{Driver, Rig, RigConfig, read_block, wait_until};
 use std::time::Duration;
 
 fn rig(images: Vec<(u64, u8, u16)>, extra: impl FnOnce(&mut RigConfig)) -> Rig {
@@ -19,25 +19,6 @@ fn rig(images: Vec<(u64, u8, u16)>, extra: impl FnOnce(&mut RigConfig)) -> Rig {
     };
     extra(&mut c);
     Rig::start(c)
-}
-
-fn assert_clean(what: &str, r: &LoadReport) {
-    assert!(
-        r.is_clean(),
-        "{what}: problems {:#?}, hung {}, refused {:?}",
-        r.problems,
-        r.hung,
-        r.refused
-    );
-}
-
-/// Only good completions are acceptable.
-fn only_good(c: &Completion) -> Result<(), String> {
-    if c.good() {
-        Ok(())
-    } else {
-        Err("not good".into())
-    }
 }
 
 #[test]
@@ -51,10 +32,10 @@ fn a_clean_load_completes_every_command_once_with_the_right_data() {
             depth: 48,
             ..LoadConfig::default()
         },
-        &only_good,
+        &load::only_good,
         &mut |_| {},
     );
-    assert_clean("clean load", &r);
+    r.assert_clean("clean load");
     assert_eq!(r.completed, 600);
     assert_eq!(r.good, 600);
     // The model agrees with the image files too.
@@ -157,7 +138,7 @@ fn media_errors_under_load_come_back_as_check_conditions_and_spare_the_neighbour
         &accept,
         &mut |_| {},
     );
-    assert_clean("media errors", &r);
+    r.assert_clean("media errors");
     for key in [(0xb, 0x00, 0x06), (0x7, 0x27, 0x07), (0x2, 0x3a, 0x00)] {
         assert!(
             r.sense.get(&key).copied().unwrap_or(0) > 0,
@@ -217,15 +198,7 @@ fn a_completion_that_never_comes_goes_through_the_whole_recovery_ladder() {
         &mut |p| {
             // Make sure the victim is issued: a read of LBA 4321 on LUN 0.
             if victim.is_none() && p.completed > 20 {
-                let dev = luns[0].dev.clone();
-                let mut pkt = dev
-                    .init_pkt(
-                        Some(std::sync::Arc::new(rvscsi_emu::DataBuf::new(512, 0, true))),
-                        rvscsi_emu::InitArgs::default(),
-                    )
-                    .unwrap();
-                pkt.cdb_mut()
-                    .copy_from_slice(&[0x28, 0, 0, 0, 0x10, 0xe1, 0, 0, 1, 0]);
+                let mut pkt = read_block(&luns[0].dev, 4321);
                 pkt.set_time(2);
                 assert_eq!(pkt.start_async(), ffi::TRAN_ACCEPT);
                 victim = Some(pkt);
@@ -243,7 +216,7 @@ fn a_completion_that_never_comes_goes_through_the_whole_recovery_ladder() {
     );
     assert_eq!(pkt.comp_calls(), 1, "completed exactly once");
     pkt.destroy();
-    assert_clean("lost completion", &r);
+    r.assert_clean("lost completion");
     assert_eq!(m.faults.stats().withheld, 1);
     let probes = &m.probes;
     assert!(probes.count("rvscsi-cmd-timeout") >= 1);
@@ -278,7 +251,7 @@ fn a_completion_that_never_comes_goes_through_the_whole_recovery_ladder() {
         },
         &mut |_| {},
     );
-    assert_clean("after recovery", &after);
+    after.assert_clean("after recovery");
     std::thread::sleep(Duration::from_millis(100));
     rig.finish_clean();
 }
@@ -286,22 +259,6 @@ fn a_completion_that_never_comes_goes_through_the_whole_recovery_ladder() {
 /// A unit attention: CHECK CONDITION, sense key 6.
 fn unit_attention(c: &Completion) -> bool {
     c.result.status() == ffi::STATUS_CHECK && c.result.sense_key().is_some_and(|k| k.0 == 6)
-}
-
-fn qmp(rig: &Rig, cmd: &str, args: rvscsi_qtest::Value) {
-    rig.bed()
-        .machine
-        .with_qemu(|q| q.qmp(cmd, args))
-        .expect("QEMU")
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-}
-
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let t0 = std::time::Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -353,7 +310,7 @@ fn tran_abort_and_tran_reset_under_load_end_commands_once_and_deliver_unit_atten
             }
         },
     );
-    assert_clean("resets under load", &r);
+    r.assert_clean("resets under load");
     assert_eq!(done.len(), 4, "every step ran: {done:?}");
     for (what, rc) in &done {
         assert_eq!(*rc, 1, "{what} succeeded");
@@ -420,7 +377,7 @@ fn a_lun_pulled_with_io_in_flight_ends_its_commands_and_the_others_go_on() {
             match pulled {
                 None if p.completed >= 100 => {
                     // Pull LUN 1,0 (QEMU device hd1) with its I/O in flight.
-                    qmp(&rig, "device_del", rvscsi_qtest::json!({"id": "hd1"}));
+                    rig.qmp("device_del", rvscsi_qtest::json!({"id": "hd1"}));
                     pulled = Some(p.elapsed);
                 }
                 // A target driver keeps sending until it is told; then it
@@ -434,7 +391,7 @@ fn a_lun_pulled_with_io_in_flight_ends_its_commands_and_the_others_go_on() {
             }
         },
     );
-    assert_clean("hot-unplug under load", &r);
+    r.assert_clean("hot-unplug under load");
     assert!(pulled.is_some());
     let gone = r
         .completions
@@ -474,18 +431,7 @@ fn events_lost_while_the_queue_had_no_buffers_lead_to_a_full_rediscovery() {
             500 + u64::from(i),
             128,
         );
-        qmp(
-            &rig,
-            "blockdev-add",
-            rvscsi_qtest::json!({"driver": "raw", "node-name": format!("p{i}"),
-                "file": {"driver": "file", "filename": img.path.to_str().unwrap()}}),
-        );
-        qmp(
-            &rig,
-            "device_add",
-            rvscsi_qtest::json!({"driver": "scsi-hd", "id": format!("ph{i}"), "bus": "hba0.0",
-                "drive": format!("p{i}"), "scsi-id": i, "lun": 0}),
-        );
+        rig.hot_plug(&format!("ph{i}"), &img.path, i, 0);
     };
     let has = |t: u32| rig.bed().device(t, 0).is_some();
     // From now on the device never sees the event buffers the driver

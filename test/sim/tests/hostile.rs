@@ -8,8 +8,8 @@
 use rvscsi::ffi;
 use rvscsi::scsa::PktStatistics;
 use rvscsi_emu::faults::{Fault, Match};
-use rvscsi_sim::load::{self, Completion, LoadConfig, LoadReport};
-use rvscsi_sim::testkit::{Driver, Rig, RigConfig};
+use rvscsi_sim::load::{self, Completion, LoadConfig};
+use rvscsi_sim::testkit::{Driver, Rig, RigConfig, read_block};
 use std::time::Duration;
 
 fn rig(images: Vec<(u64, u8, u16)>) -> Rig {
@@ -18,16 +18,6 @@ fn rig(images: Vec<(u64, u8, u16)>) -> Rig {
         driver: Driver::Recorder,
         ..RigConfig::default()
     })
-}
-
-fn assert_clean(what: &str, r: &LoadReport) {
-    assert!(
-        r.is_clean(),
-        "{what}: problems {:#?}, hung {}, refused {:?}",
-        r.problems,
-        r.hung,
-        r.refused
-    );
 }
 
 /// Bytes to write into a response header, by offset.
@@ -69,7 +59,7 @@ fn duplicated_and_made_up_completions_are_dropped_and_every_command_completes_on
             }
         },
     );
-    assert_clean("duplicates and bogus ids", &r);
+    r.assert_clean("duplicates and bogus ids");
     let st = m.faults.stats();
     assert!(st.duplicated >= 3 && st.bogus_ids >= 6, "{st:?}");
     assert!(
@@ -100,19 +90,7 @@ fn lying_response_headers_never_overrun_a_status_area_or_pass_as_good_data() {
         let want_len = c.blocks as isize * 512;
         // Whatever the device says: the residual stays within the transfer
         // and the sense within the status area.
-        if r.resid < 0 || r.resid > want_len {
-            return Err(format!("resid {} outside 0..={want_len}", r.resid));
-        }
-        if let Some(s) = r.sense() {
-            let cap = if c.xarq {
-                ffi::MAX_SENSE_LENGTH
-            } else {
-                ffi::SENSE_LENGTH
-            };
-            if s.len() > cap {
-                return Err(format!("{} sense bytes for a {cap}-byte area", s.len()));
-            }
-        }
+        c.within_bounds()?;
         if c.good() {
             return Ok(());
         }
@@ -151,7 +129,7 @@ fn lying_response_headers_never_overrun_a_status_area_or_pass_as_good_data() {
         &accept,
         &mut |_| {},
     );
-    assert_clean("lying responses", &r);
+    r.assert_clean("lying responses");
     // The status areas' guard bytes are intact: the packets' teardown
     // checks them (no violation).
     let st = m.faults.stats();
@@ -176,15 +154,7 @@ fn task_management_refused_at_every_step_ends_in_a_device_reset() {
         response: 11,
         count: 3,
     });
-    let dev = luns[0].dev.clone();
-    let mut pkt = dev
-        .init_pkt(
-            Some(std::sync::Arc::new(rvscsi_emu::DataBuf::new(512, 0, true))),
-            rvscsi_emu::InitArgs::default(),
-        )
-        .unwrap();
-    pkt.cdb_mut()
-        .copy_from_slice(&[0x28, 0, 0, 0, 0x03, 0x09, 0, 0, 1, 0]);
+    let mut pkt = read_block(&luns[0].dev, 777);
     pkt.set_time(1);
     assert_eq!(pkt.start_async(), ffi::TRAN_ACCEPT);
     assert!(pkt.wait(Duration::from_secs(60)), "the lost command ends");
@@ -240,7 +210,7 @@ fn task_management_refused_at_every_step_ends_in_a_device_reset() {
         },
         &mut |_| {},
     );
-    assert_clean("after the refused ladder", &after);
+    after.assert_clean("after the refused ladder");
     rig.finish_clean();
 }
 
@@ -255,22 +225,7 @@ fn garbage_events_are_reported_and_ignored_and_later_events_still_work() {
             u64::from(id),
             256,
         );
-        for (cmd, args) in [
-            (
-                "blockdev-add",
-                rvscsi_qtest::json!({"driver": "raw", "node-name": format!("g{id}"),
-                    "file": {"driver": "file", "filename": img.path.to_str().unwrap()}}),
-            ),
-            (
-                "device_add",
-                rvscsi_qtest::json!({"driver": "scsi-hd", "id": format!("gh{id}"), "bus": "hba0.0",
-                    "drive": format!("g{id}"), "scsi-id": id, "lun": 0}),
-            ),
-        ] {
-            m.with_qemu(|q| q.qmp(cmd, args))
-                .expect("QEMU")
-                .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-        }
+        rig.hot_plug(&format!("g{id}"), &img.path, id, 0);
     };
     // The event of target 3 arrives as garbage.
     add(3);
@@ -292,74 +247,25 @@ fn garbage_events_are_reported_and_ignored_and_later_events_still_work() {
     rig.finish_clean();
 }
 
+/// Device configuration field at `offset` reads as `value`.
+fn config(offset: u64, value: u32) -> Fault {
+    Fault::Config { offset, value }
+}
+
 #[test]
 fn impossible_device_configurations_fail_attach_cleanly_or_are_bounded() {
     // virtio 1.2 §5.6.4: num_queues 0, seg_max 4, max_sectors 8,
     // sense_size 20, cdb_size 24.
     let cases: Vec<(&str, Vec<Fault>)> = vec![
-        (
-            "no request queue",
-            vec![Fault::Config {
-                offset: 0,
-                value: 0,
-            }],
-        ),
-        (
-            "2^32-1 request queues",
-            vec![Fault::Config {
-                offset: 0,
-                value: u32::MAX,
-            }],
-        ),
-        (
-            "no segment",
-            vec![Fault::Config {
-                offset: 4,
-                value: 0,
-            }],
-        ),
-        (
-            "2^32-1 segments",
-            vec![Fault::Config {
-                offset: 4,
-                value: u32::MAX,
-            }],
-        ),
-        (
-            "no sector per transfer",
-            vec![Fault::Config {
-                offset: 8,
-                value: 0,
-            }],
-        ),
-        (
-            "no sense",
-            vec![Fault::Config {
-                offset: 20,
-                value: 0,
-            }],
-        ),
-        (
-            "4 GiB of sense",
-            vec![Fault::Config {
-                offset: 20,
-                value: u32::MAX,
-            }],
-        ),
-        (
-            "no CDB",
-            vec![Fault::Config {
-                offset: 24,
-                value: 0,
-            }],
-        ),
-        (
-            "a 4 GiB CDB",
-            vec![Fault::Config {
-                offset: 24,
-                value: u32::MAX,
-            }],
-        ),
+        ("no request queue", vec![config(0, 0)]),
+        ("2^32-1 request queues", vec![config(0, u32::MAX)]),
+        ("no segment", vec![config(4, 0)]),
+        ("2^32-1 segments", vec![config(4, u32::MAX)]),
+        ("no sector per transfer", vec![config(8, 0)]),
+        ("no sense", vec![config(20, 0)]),
+        ("4 GiB of sense", vec![config(20, u32::MAX)]),
+        ("no CDB", vec![config(24, 0)]),
+        ("a 4 GiB CDB", vec![config(24, u32::MAX)]),
         ("queues of 0", vec![Fault::QueueSize(0)]),
         ("queues of 3", vec![Fault::QueueSize(3)]),
         ("queues of 32768", vec![Fault::QueueSize(0x8000)]),

@@ -3,30 +3,9 @@
 
 use rvscsi::ffi;
 use rvscsi_emu::faults::{Fault, Match};
-use rvscsi_sim::load::{self, Completion, LoadConfig};
-use rvscsi_sim::testkit::{Driver, Rig, RigConfig};
-use std::sync::Arc;
+use rvscsi_sim::load::{self, LoadConfig};
+use rvscsi_sim::testkit::{Driver, Rig, RigConfig, read_block};
 use std::time::{Duration, Instant};
-
-fn read_at(dev: &Arc<rvscsi_emu::Device>, lba: u8) -> rvscsi_emu::Packet {
-    let mut p = dev
-        .init_pkt(
-            Some(Arc::new(rvscsi_emu::DataBuf::new(512, 0, true))),
-            rvscsi_emu::InitArgs::default(),
-        )
-        .expect("packet");
-    p.cdb_mut()
-        .copy_from_slice(&[0x28, 0, 0, 0, 0, lba, 0, 0, 1, 0]);
-    p
-}
-
-fn good(c: &Completion) -> Result<(), String> {
-    if c.good() {
-        Ok(())
-    } else {
-        Err("not good".into())
-    }
-}
 
 #[test]
 fn detach_waits_for_a_command_out_then_the_hba_attaches_again_and_quiesce_stops_the_device() {
@@ -38,7 +17,7 @@ fn detach_waits_for_a_command_out_then_the_hba_attaches_again_and_quiesce_stops_
     let m = rig.bed().machine.clone();
     // A command the device finished but the driver has not seen.
     m.faults.arm(Fault::Withhold(Match::Lba(77)));
-    let held = read_at(&luns[0].dev, 77);
+    let held = read_block(&luns[0].dev, 77);
     assert_eq!(held.start_async(), ffi::TRAN_ACCEPT);
     let t0 = Instant::now();
     while m.faults.withheld() == 0 {
@@ -89,7 +68,7 @@ fn detach_waits_for_a_command_out_then_the_hba_attaches_again_and_quiesce_stops_
             seed: 51,
             ..LoadConfig::default()
         },
-        &good,
+        &load::only_good,
         &mut |_| {},
     );
     assert!(r.is_clean(), "{:?}", r.problems);

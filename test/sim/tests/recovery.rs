@@ -11,8 +11,8 @@
 
 use rvscsi::ffi;
 use rvscsi::scsa::PktStatistics;
-use rvscsi_emu::{DataBuf, InitArgs};
-use rvscsi_sim::testkit::{Driver, Qemu, Rig, RigConfig};
+use rvscsi_emu::InitArgs;
+use rvscsi_sim::testkit::{Driver, Qemu, Rig, RigConfig, read_block};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,21 +43,6 @@ fn release_later(rig: &Rig, after: Duration) -> std::thread::JoinHandle<()> {
             .expect("QEMU")
             .expect("HMP resume");
     })
-}
-
-fn read_pkt(dev: &Arc<rvscsi_emu::Device>, lba: u32) -> rvscsi_emu::Packet {
-    let mut p = dev
-        .init_pkt(
-            Some(Arc::new(DataBuf::new(512, 0, true))),
-            InitArgs::default(),
-        )
-        .expect("packet");
-    let mut c = [0u8; 10];
-    c[0] = 0x28;
-    c[2..6].copy_from_slice(&lba.to_be_bytes());
-    c[8] = 1;
-    p.cdb_mut().copy_from_slice(&c);
-    p
 }
 
 fn ready(dev: &Arc<rvscsi_emu::Device>) {
@@ -101,7 +86,7 @@ fn a_held_command_past_pkt_time_is_aborted_and_completes_cmd_timeout() {
     let dev = rig.recorder.devices().remove(0);
     ready(&dev);
     hmp(&rig, "qemu-io d0 \"break read_aio T1\"");
-    let mut p = read_pkt(&dev, 10);
+    let mut p = read_block(&dev, 10);
     p.set_time(1);
     let pkt = p.pkt() as u64;
     let t0 = Instant::now();
@@ -156,7 +141,7 @@ fn a_held_command_past_pkt_time_is_aborted_and_completes_cmd_timeout() {
         "{mine:?}"
     );
     // The LUN still works.
-    let p = read_pkt(&dev, 11);
+    let p = read_block(&dev, 11);
     assert_eq!(p.transport(), ffi::TRAN_ACCEPT);
     assert!(p.wait(Duration::from_secs(20)));
     assert_eq!(
@@ -173,7 +158,7 @@ fn a_polled_command_past_pkt_time_is_aborted_by_its_poller() {
     let dev = rig.recorder.devices().remove(0);
     ready(&dev);
     hmp(&rig, "qemu-io d0 \"break read_aio T1\"");
-    let mut p = read_pkt(&dev, 20);
+    let mut p = read_block(&dev, 20);
     p.set_time(1);
     let releaser = release_later(&rig, Duration::from_millis(2500));
     assert_eq!(
@@ -200,7 +185,7 @@ fn tran_abort_of_a_held_command_completes_it_aborted() {
     let dev = rig.recorder.devices().remove(0);
     ready(&dev);
     hmp(&rig, "qemu-io d0 \"break read_aio T1\"");
-    let p = read_pkt(&dev, 30);
+    let p = read_block(&dev, 30);
     let pkt = p.pkt() as u64;
     assert_eq!(p.start_async(), ffi::TRAN_ACCEPT);
     std::thread::sleep(Duration::from_millis(200));
@@ -259,7 +244,7 @@ fn pkt_time_zero_means_no_deadline() {
     let dev = rig.recorder.devices().remove(0);
     ready(&dev);
     hmp(&rig, "qemu-io d0 \"break read_aio T1\"");
-    let mut p = read_pkt(&dev, 40);
+    let mut p = read_block(&dev, 40);
     p.set_time(0);
     assert_eq!(p.transport(), ffi::TRAN_ACCEPT);
     // Held for three watchdog seconds: no timeout may fire.

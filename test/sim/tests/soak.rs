@@ -15,22 +15,8 @@ use std::time::Duration;
 /// Whatever a misbehaving device or a reset can make of a command; never
 /// a broken invariant (the model checks the data of good reads).
 fn acceptable(c: &Completion) -> Result<(), String> {
-    let r = &c.result;
-    let len = c.blocks as isize * 512;
-    if r.resid < 0 || r.resid > len {
-        return Err(format!("resid {} outside 0..={len}", r.resid));
-    }
-    if let Some(s) = r.sense() {
-        let cap = if c.xarq {
-            ffi::MAX_SENSE_LENGTH
-        } else {
-            ffi::SENSE_LENGTH
-        };
-        if s.len() > cap {
-            return Err(format!("{} sense bytes in a {cap}-byte area", s.len()));
-        }
-    }
-    match r.reason {
+    c.within_bounds()?;
+    match c.result.reason {
         ffi::CMD_CMPLT
         | ffi::CMD_RESET
         | ffi::CMD_ABORTED
