@@ -5,6 +5,7 @@
 //! sleep (attach, detach, taskq context) and accessors may be used from
 //! interrupt context.
 
+pub mod cpu;
 pub mod dev;
 pub mod dma;
 pub mod intr;

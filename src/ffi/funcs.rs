@@ -161,6 +161,12 @@ unsafe extern "C" {
     pub fn ddi_get_parent(dip: *mut dev_info_t) -> *mut dev_info_t;
     pub fn ddi_report_dev(dip: *mut dev_info_t);
 
+    // ---- the current CPU: `CPU` of sys/cpuvar.h, which on x86 the headers
+    // inline as a %gs load; the kernel also exports it as a function
+    // (uts/intel/ml/i86_subr.S), which is what a module outside the
+    // kernel's inline headers calls.
+    pub fn curcpup() -> *mut cpu_t;
+
     // ---- time: ddi_get_lbolt(9F), drv_usectohz(9F), timeout(9F) ------------
     pub fn ddi_get_lbolt64() -> i64;
     pub fn gethrtime() -> hrtime_t;

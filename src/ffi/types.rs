@@ -338,6 +338,24 @@ pub struct modlinkage {
     pub ml_linkage: [*mut c_void; MODLINKAGE_SLOTS],
 }
 
+/// `processorid_t` (sys/processor.h).
+pub type processorid_t = c_int;
+
+/// The leading members of `struct cpu` (sys/cpuvar.h), the current CPU
+/// of which `curcpup()` returns. Only these are mirrored: the driver reads
+/// the sequential id through the kernel's pointer and never allocates or
+/// copies one, so the rest of the (large, private) structure stays opaque.
+#[repr(C)]
+pub struct cpu {
+    /// CPU number (`cpu_id`).
+    pub cpu_id: processorid_t,
+    /// Sequential CPU id, 0..ncpus-1 (`cpu_seqid`).
+    pub cpu_seqid: processorid_t,
+}
+
+/// `cpu_t`.
+pub type cpu_t = cpu;
+
 /// `devo_getinfo` (getinfo(9E)); `ddi_info_cmd_t` is an int-sized enum.
 pub type devo_getinfo_fn =
     unsafe extern "C" fn(*mut dev_info_t, c_int, *mut c_void, *mut *mut c_void) -> c_int;
@@ -492,4 +510,6 @@ abi_layout! {
         devo_probe @ 24, devo_attach @ 32, devo_detach @ 40, devo_reset @ 48,
         devo_cb_ops @ 56, devo_bus_ops @ 64, devo_power @ 72, devo_quiesce @ 80,
     } size 88;
+    // Measured into test/abi/rvscsi-shim-abi.tsv too; a prefix, no size.
+    cpu as "struct cpu" { cpu_id @ 0, cpu_seqid @ 4 };
 }

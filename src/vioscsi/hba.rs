@@ -131,6 +131,13 @@ pub struct Tunables {
     pub intr: &'static [IntrKind],
     /// `interrupt-type=poll`.
     pub poll: bool,
+    /// `request-queues`: use at most this many request queues (0: every
+    /// queue the device offers).
+    pub request_queues: u32,
+    /// `virtio-notify-batching`: a command started from a completion pass
+    /// rings the doorbell once at the end of the pass (1), or at once (0,
+    /// as drivers without batching do; for comparison and debugging).
+    pub notify_batching: bool,
 }
 
 impl Tunables {
@@ -176,6 +183,8 @@ impl Tunables {
             event_idx: dip.prop_int(c"virtio-event-idx", 1) != 0,
             intr,
             poll,
+            request_queues: u32::try_from(dip.prop_int(c"request-queues", 0)).unwrap_or(0),
+            notify_batching: dip.prop_int(c"virtio-notify-batching", 1) != 0,
         }
     }
 }
@@ -310,6 +319,8 @@ pub struct VioScsi {
     pub(crate) limits: Limits,
     pub(crate) layout: CmdLayout,
     pub(crate) indirect: bool,
+    /// See [`Tunables::notify_batching`].
+    pub(crate) notify_batching: bool,
     pub(crate) mode: IntrMode,
     intr: KMutex<Option<Interrupts>>,
     pub(crate) queues: Vec<RequestQueue>,
@@ -393,8 +404,14 @@ impl VioScsi {
         let req_size = ring_size(&transport, FIRST_REQUEST_QUEUE)?;
         let limits = Limits::new(&cfg, req_size).map_err(AttachError::Device)?;
         tell_sense_size(&transport, &limits);
-        // One request queue for now; the structures take any number.
-        let nreq: u16 = 1;
+        // Every request queue the device offers (virtio 1.2 §5.6.4
+        // num_queues), unless the administrator asked for fewer.
+        let nreq = match tun.request_queues {
+            0 => limits.request_queues,
+            cap => limits
+                .request_queues
+                .min(cap.min(u32::from(u16::MAX)) as u16),
+        };
         if let Some(n) = transport.num_queues()
             && n < FIRST_REQUEST_QUEUE + nreq
         {
@@ -479,6 +496,7 @@ impl VioScsi {
             limits,
             layout,
             indirect,
+            notify_batching: tun.notify_batching,
             mode,
             intr: KMutex::new(interrupts, 0),
             queues,

@@ -205,7 +205,10 @@ impl VioScsi {
         f.xfer = xfer;
         f.dir = req.dir;
         f.deadline = deadline;
-        f.queue = 0;
+        // The queue of the CPU we run on (as Linux's virtio_scsi does):
+        // commands from different CPUs meet on different locks and rings,
+        // and a queue's completions interrupt on its own vector.
+        f.queue = (crate::ddi::cpu::current_seqid() % self.queues.len().max(1) as u32) as u16;
 
         let dma = &f.dma;
         // struct virtio_scsi_req_cmd (§5.6.6.1).
@@ -309,7 +312,7 @@ impl VioScsi {
                 t.mark_queued();
             }
             let mut kick = g.ring.publish();
-            if kick && g.completing > 0 {
+            if kick && g.completing > 0 && self.notify_batching {
                 // A completion pass is running: it notifies once at its end.
                 g.kick_pending = true;
                 kick = false;

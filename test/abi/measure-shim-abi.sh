@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Measures, from real illumos headers, the layouts of the module-linkage
-# structures the C shim fills (dev_ops, modldrv, modlinkage) which the
+# structures the C shim fills (dev_ops, modldrv, modlinkage) and of the
+# leading members of struct cpu the driver reads (cpu_seqid), which the
 # provided tables (illumos-amd64-abi.tsv) do not cover, and writes them in
 # the same format to rvscsi-shim-abi.tsv.
 #
@@ -37,6 +38,9 @@ size	modlinkage	sizeof (struct modlinkage)	usr/src/uts/common/sys/modctl.h
 offset	modlinkage.ml_rev	__builtin_offsetof(struct modlinkage, ml_rev)	usr/src/uts/common/sys/modctl.h
 offset	modlinkage.ml_linkage	__builtin_offsetof(struct modlinkage, ml_linkage)	usr/src/uts/common/sys/modctl.h
 size	modlinkage.ml_linkage	sizeof (((struct modlinkage *)0)->ml_linkage)	usr/src/uts/common/sys/modctl.h
+offset	cpu.cpu_id	__builtin_offsetof(struct cpu, cpu_id)	usr/src/uts/common/sys/cpuvar.h
+offset	cpu.cpu_seqid	__builtin_offsetof(struct cpu, cpu_seqid)	usr/src/uts/common/sys/cpuvar.h
+size	cpu.cpu_seqid	sizeof (((struct cpu *)0)->cpu_seqid)	usr/src/uts/common/sys/cpuvar.h
 FACTS
 )
 
@@ -45,6 +49,7 @@ FACTS
 	echo '#include <sys/modctl.h>'
 	echo '#include <sys/conf.h>'
 	echo '#include <sys/devops.h>'
+	echo '#include <sys/cpuvar.h>'
 	i=0
 	while IFS=$'\t' read -r _kind _name expr _hdr; do
 		echo "const unsigned long rvscsi_fact_$i = $expr;"

@@ -10,6 +10,7 @@
 //! counted so that a leak at detach is seen.
 
 pub mod acc;
+pub mod cpu;
 pub mod devinfo;
 pub mod dma;
 pub mod intr;

@@ -1,0 +1,55 @@
+//! The emulated CPUs: `curcpup()` (sys/cpuvar.h). Each thread runs on one
+//! CPU, given round-robin when it first asks, or pinned by a test with
+//! [`run_on`]; the machine has [`NCPUS`] of them.
+
+use rvscsi::ffi::cpu;
+use std::cell::Cell;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// CPUs of the emulated machine.
+pub const NCPUS: usize = 8;
+
+struct Cpus([cpu; NCPUS]);
+// SAFETY: the array is never written after creation.
+unsafe impl Sync for Cpus {}
+
+fn cpus() -> &'static Cpus {
+    static CPUS: OnceLock<Cpus> = OnceLock::new();
+    CPUS.get_or_init(|| {
+        Cpus(std::array::from_fn(|i| cpu {
+            // Ids need not be dense in illumos; seqids are.
+            cpu_id: 100 + i as i32,
+            cpu_seqid: i as i32,
+        }))
+    })
+}
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static CURRENT: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// The calling thread runs on CPU `seqid` (modulo [`NCPUS`]) from now on.
+pub fn run_on(seqid: usize) {
+    CURRENT.with(|c| c.set(Some(seqid % NCPUS)));
+}
+
+/// The sequential id of the CPU the calling thread runs on.
+pub fn current() -> usize {
+    CURRENT.with(|c| match c.get() {
+        Some(n) => n,
+        None => {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed) % NCPUS;
+            c.set(Some(n));
+            n
+        }
+    })
+}
+
+/// `curcpup()`: the current CPU.
+#[unsafe(no_mangle)]
+pub extern "C" fn curcpup() -> *mut cpu {
+    std::ptr::from_ref(&cpus().0[current()]).cast_mut()
+}
