@@ -299,6 +299,10 @@ pub struct Lun {
     pub lun: u16,
 }
 
+/// CPUs with a completion-queue hint of their own (see
+/// [`VioScsi::reaping`]); more share slots.
+pub const REAP_HINTS: usize = 64;
+
 /// Callbacks the driver hands the kernel (defined in the entry layer,
 /// which owns every `extern "C"` function).
 pub struct Callbacks {
@@ -324,6 +328,14 @@ pub struct VioScsi {
     pub(crate) mode: IntrMode,
     intr: KMutex<Option<Interrupts>>,
     pub(crate) queues: Vec<RequestQueue>,
+    /// Per CPU (seqid modulo [`REAP_HINTS`]): 1 + the request queue whose
+    /// completions that CPU is delivering, 0 when none. A command a target
+    /// driver starts from its completion callback goes to that queue, so
+    /// its doorbell joins the one the pass rings at its end, whichever CPU
+    /// the queue's vector happens to interrupt (illumos does not tie a
+    /// vector to the CPU whose queue it serves). Only a hint: a collision
+    /// sends a command to another valid queue.
+    pub(crate) reaping: [core::sync::atomic::AtomicU16; REAP_HINTS],
     pub(crate) ctl: KMutex<ControlQueue>,
     pub(crate) evt: KMutex<EventQueue>,
     pub(crate) next_tag: AtomicU64,
@@ -503,6 +515,7 @@ impl VioScsi {
             ctl: KMutex::new(ctl, 0),
             evt: KMutex::new(evt, pri),
             next_tag: AtomicU64::new(1),
+            reaping: [const { core::sync::atomic::AtomicU16::new(0) }; REAP_HINTS],
             state: AtomicU8::new(state::ATTACHING),
             work: KMutex::new(Work::default(), pri),
             taskq: Some(taskq),

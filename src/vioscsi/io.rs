@@ -205,10 +205,7 @@ impl VioScsi {
         f.xfer = xfer;
         f.dir = req.dir;
         f.deadline = deadline;
-        // The queue of the CPU we run on (as Linux's virtio_scsi does):
-        // commands from different CPUs meet on different locks and rings,
-        // and a queue's completions interrupt on its own vector.
-        f.queue = (crate::ddi::cpu::current_seqid() % self.queues.len().max(1) as u32) as u16;
+        f.queue = self.queue_for_this_cpu();
 
         let dma = &f.dma;
         // struct virtio_scsi_req_cmd (§5.6.6.1).
@@ -264,6 +261,22 @@ impl VioScsi {
                 }
             }
             dma.sync_for_device(layout.table_off, total * DESC_SIZE);
+        }
+    }
+
+    /// The request queue for a command started on this CPU: the queue
+    /// whose completions this CPU is delivering, if any (the doorbell then
+    /// joins that pass's), else the CPU's own (as Linux's virtio_scsi
+    /// spreads them): commands from different CPUs meet on different
+    /// locks and rings, and each queue interrupts on its own vector.
+    fn queue_for_this_cpu(&self) -> u16 {
+        let n = self.queues.len().max(1) as u32;
+        let cpu = crate::ddi::cpu::current_seqid();
+        let hint = self.reaping[cpu as usize % super::hba::REAP_HINTS].load(Ordering::Relaxed);
+        match u32::from(hint) {
+            0 => (cpu % n) as u16,
+            h if h <= n => (h - 1) as u16,
+            _ => (cpu % n) as u16,
         }
     }
 
@@ -434,9 +447,13 @@ impl VioScsi {
                 }
                 !runaway && self.mode.interrupts() && g.ring.enable_interrupts()
             };
+            let hint =
+                &self.reaping[crate::ddi::cpu::current_seqid() as usize % super::hba::REAP_HINTS];
+            let outer = hint.swap(qi as u16 + 1, Ordering::Relaxed);
             while let Some(c) = done.pop() {
                 self.finish(c, None);
             }
+            hint.store(outer, Ordering::Relaxed);
             let kick = {
                 let mut g = q.ring.lock();
                 g.completing -= 1;

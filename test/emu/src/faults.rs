@@ -35,6 +35,19 @@ pub struct VirtioLayout {
     pub device: Option<u64>,
     /// The legacy I/O header of a transitional device (first port).
     pub legacy: Option<u16>,
+    /// The modern ISR status register (virtio 1.2 §4.1.4.5).
+    pub isr: Option<u64>,
+}
+
+impl VirtioLayout {
+    /// Whether `r` is an interrupt status register: the modern one, or the
+    /// legacy header's at offset 19 (virtio 1.2 §4.1.4.8).
+    pub fn is_isr(&self, r: Reg) -> bool {
+        match r {
+            Reg::Mem(a) => self.isr == Some(a),
+            Reg::Io(p) => self.legacy.is_some_and(|l| p == l + 19),
+        }
+    }
 }
 
 /// Where a register access went.

@@ -144,6 +144,9 @@ pub struct MachineStats {
     pub syncs_for_cpu: AtomicU64,
     /// Interrupts delivered to handlers.
     pub interrupts: AtomicU64,
+    /// Reads of the virtio ISR status register (each a VM exit, and on
+    /// MSI-X never needed).
+    pub isr_reads: AtomicU64,
     /// Interrupts delivered per vector (first 64).
     pub per_vector: [AtomicU64; 64],
 }
@@ -157,6 +160,7 @@ impl Default for MachineStats {
             syncs_for_dev: AtomicU64::new(0),
             syncs_for_cpu: AtomicU64::new(0),
             interrupts: AtomicU64::new(0),
+            isr_reads: AtomicU64::new(0),
             per_vector: [const { AtomicU64::new(0) }; 64],
         }
     }
@@ -753,6 +757,9 @@ fn call_handler(m: &Machine, _vectors: &[VectorSlot], i: usize) -> bool {
     if let Some(c) = m.stats.per_vector.get(i) {
         c.fetch_add(1, Ordering::Relaxed);
     }
+    // The interrupt system spreads vectors over CPUs (illumos apix binds
+    // them round-robin): vector i runs on CPU i here.
+    crate::ddi::cpu::run_on(i);
     crate::ddi::sync::enter_interrupt_context();
     // SAFETY: the driver registered this handler with these arguments
     // through ddi_intr_add_handler and has not removed it (checked above,
@@ -815,6 +822,7 @@ fn virtio_layout(
         match cfg_type {
             1 => l.common = Some(b + off),
             2 => l.notify = Some((b + off, pci.cfg_read32(bdf, at + 16)?)),
+            3 => l.isr = Some(b + off),
             4 => l.device = Some(b + off),
             _ => {}
         }

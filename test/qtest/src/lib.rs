@@ -62,4 +62,4 @@ pub use qemu::{Qemu, QemuConfig};
 pub use qtest::{Op, QTest, QtestStats};
 
 /// Re-exported for [`Qemu::qmp`] arguments and results.
-pub use serde_json::{Value, json};
+pub use serde_json::{Value, from_str, json};

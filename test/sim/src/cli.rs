@@ -44,6 +44,7 @@ impl Default for SimOptions {
 pub const USAGE: &str = "\
 usage: rvscsi-sim [options] format DISK...
        rvscsi-sim [options] dd DISK... -- if=FILE of=FILE [bs=N] [count=N] [skip=N] [seek=N]
+       rvscsi-sim bench [bench options]   (rvscsi-sim bench --help)
 
 Attaches the rvscsi driver (virtio-scsi) to QEMU's device model over the
 given disk images and runs an illumos-style command on the disks it finds.
@@ -434,6 +435,22 @@ pub fn dd(sd: &Sd, a: &DdArgs) -> Result<DdSummary, String> {
 /// Runs `rvscsi-sim` with `args`; returns the exit code, printing to
 /// `out` and `err`.
 pub fn run(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> i32 {
+    if args.first().map(String::as_str) == Some("bench") {
+        let o = match crate::bench::parse(&args[1..]) {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = writeln!(err, "rvscsi-sim: {e}\n{}", crate::bench::USAGE);
+                return 2;
+            }
+        };
+        return match crate::bench::run(&o, out, err) {
+            Ok(_) => 0,
+            Err(e) => {
+                let _ = writeln!(err, "rvscsi-sim: bench: {e}");
+                1
+            }
+        };
+    }
     let (mut o, rest) = match parse_options(args) {
         Ok(x) => x,
         Err(e) => {

@@ -2,6 +2,7 @@
 //! model through the DDI emulation, with an sd-like target driver on top,
 //! and the `format` and `dd` commands an illumos administrator would use.
 
+pub mod bench;
 pub mod cli;
 pub mod load;
 pub mod scsi;

@@ -102,14 +102,16 @@ fn the_request_queues_tunable_caps_the_queues_used() {
     let line = attach_line(&rig);
     assert!(line.contains("2 request queue(s)"), "{line}");
     let disk = rig.disk0();
+    let before = per_vector(&rig);
     let d = disk.clone();
     std::thread::spawn(move || io_on_cpu(&d, 3))
         .join()
         .expect("I/O thread");
     // CPU 3 of 2 queues: queue 1.
     let v = per_vector(&rig);
-    assert!(v[request_vector(1)] > 0);
-    assert_eq!(v[request_vector(0)], 0);
+    assert!(v[request_vector(1)] > before[request_vector(1)]);
+    assert_eq!(v[request_vector(0)], before[request_vector(0)]);
+    assert_eq!(v[request_vector(2)], 0, "there is no third queue");
     rig.finish_clean();
 }
 

@@ -399,7 +399,11 @@ macro_rules! reg_rw {
                 m.device_failed(stringify!($get), &e);
                 <$t>::MAX
             });
-            m.faults.on_reg_read(reg_of(kind, off), size, v as u64) as $t
+            let reg = reg_of(kind, off);
+            if m.faults.layout().is_isr(reg) {
+                m.stats.isr_reads.fetch_add(1, Ordering::Relaxed);
+            }
+            m.faults.on_reg_read(reg, size, v as u64) as $t
         }
 
         #[doc = concat!("`", stringify!($put), "(9F)`")]

@@ -10,8 +10,16 @@ use std::alloc::{Layout, alloc, alloc_zeroed, dealloc};
 use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 static ALLOCS: Mutex<Option<HashMap<usize, usize>>> = Mutex::new(None);
+static CALLS: AtomicU64 = AtomicU64::new(0);
+
+/// `kmem_alloc`/`kmem_zalloc` calls so far (all machines): a loaded
+/// module's every heap allocation, its Rust allocator included.
+pub fn alloc_calls() -> u64 {
+    CALLS.load(Ordering::Relaxed)
+}
 
 fn layout(size: usize) -> Option<Layout> {
     Layout::from_size_align(size.max(1), 8).ok()
@@ -21,6 +29,7 @@ fn kalloc(size: usize, kmflag: c_int, zero: bool) -> *mut c_void {
     if kmflag & ffi::KM_NOSLEEP == 0 {
         check_may_sleep("kmem_alloc(KM_SLEEP)");
     }
+    CALLS.fetch_add(1, Ordering::Relaxed);
     let Some(l) = layout(size) else {
         return std::ptr::null_mut();
     };

@@ -57,6 +57,8 @@ pub struct PktWrap {
     comp: Mutex<CompState>,
     comp_cv: Condvar,
     callback: Mutex<Option<Callback>>,
+    /// Run after the completion is recorded (see [`Packet::set_restart`]).
+    restart: Mutex<Option<Callback>>,
     /// `scsi_hba_pkt_comp` calls since the last transport.
     pub comp_calls: AtomicU32,
     /// Handed to the HBA and not yet given back.
@@ -87,6 +89,7 @@ impl PktWrap {
             std::ptr::addr_of_mut!((*obj).comp).write(Mutex::new(CompState::default()));
             std::ptr::addr_of_mut!((*obj).comp_cv).write(Condvar::new());
             std::ptr::addr_of_mut!((*obj).callback).write(Mutex::new(None));
+            std::ptr::addr_of_mut!((*obj).restart).write(Mutex::new(None));
             std::ptr::addr_of_mut!((*obj).comp_calls).write(AtomicU32::new(0));
             std::ptr::addr_of_mut!((*obj).in_flight)
                 .write(std::sync::atomic::AtomicBool::new(false));
@@ -140,6 +143,15 @@ unsafe extern "C" fn emu_pkt_comp(pkt: *mut scsi_pkt) {
         cb(&p);
     }
     w.mark_done();
+    let restart = lock(&w.restart).clone();
+    if let (Some(r), Some(dev)) = (restart, w.device.clone()) {
+        let p = Packet {
+            wrap: NonNull::from(&*w),
+            dev,
+            owned: false,
+        };
+        r(&p);
+    }
 }
 
 /// `scsi_hba_pkt_comp(9F)`: checks what the HBA must get right, syncs a
@@ -334,6 +346,7 @@ impl Device {
         w.bound = false;
         *lock(&w.comp) = CompState::default();
         *lock(&w.callback) = None;
+        *lock(&w.restart) = None;
         w.pkt.pkt_cdblen = a.cmdlen as u32;
         if t.tran_hba_flags & ffi::SCSI_HBA_TRAN_CDB != 0 && a.cmdlen > ffi::DEFAULT_CDBLEN {
             let mut b = vec![0u8; a.cmdlen].into_boxed_slice();
@@ -599,6 +612,15 @@ impl Packet {
     /// Sets a completion callback (run on the completing thread).
     pub fn set_callback(&self, cb: Option<Callback>) {
         *lock(&self.wrap().callback) = cb;
+    }
+
+    /// Sets a callback run on the completing thread after the completion
+    /// is recorded, from inside `scsi_hba_pkt_comp`: where a target driver
+    /// such as sd starts its next command (it may start this very
+    /// packet again). The owner must not destroy the packet while such a
+    /// callback may still be running.
+    pub fn set_restart(&self, cb: Option<Callback>) {
+        *lock(&self.wrap().restart) = cb;
     }
 
     /// The cookies of the current window, as the HBA sees them.
@@ -877,6 +899,7 @@ impl Packet {
         w.data = None;
         w.device = None;
         *lock(&w.callback) = None;
+        *lock(&w.restart) = None;
         let cache = w.cache;
         self.owned = false;
         // SAFETY: the cache outlives its objects.
