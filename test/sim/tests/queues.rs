@@ -41,6 +41,19 @@ fn io_on_cpu(disk: &Arc<rvscsi_sim::sd::Disk>, on: usize) {
     }
 }
 
+/// [`io_on_cpu`] on each of `cpus` at once.
+fn io_on_cpus(disk: &Arc<rvscsi_sim::sd::Disk>, cpus: std::ops::Range<usize>) {
+    let threads: Vec<_> = cpus
+        .map(|on| {
+            let d = disk.clone();
+            std::thread::spawn(move || io_on_cpu(&d, on))
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("I/O thread");
+    }
+}
+
 #[test]
 fn each_cpu_uses_its_own_queue_and_each_queue_interrupts_on_its_own_vector() {
     let rig = Rig::start(RigConfig {
@@ -78,15 +91,7 @@ fn each_cpu_uses_its_own_queue_and_each_queue_interrupts_on_its_own_vector() {
     let after = per_vector(&rig);
     assert!(after[request_vector(1)] > before[request_vector(1)]);
     // All at once: every queue busy, data intact.
-    let threads: Vec<_> = (0..4)
-        .map(|on| {
-            let d = disk.clone();
-            std::thread::spawn(move || io_on_cpu(&d, on))
-        })
-        .collect();
-    for t in threads {
-        t.join().expect("I/O thread");
-    }
+    io_on_cpus(&disk, 0..4);
     rig.finish_clean();
 }
 
@@ -138,15 +143,7 @@ fn four_queues_work_on_one_shared_vector_and_on_fixed_interrupts() {
             "{vectors:?} {interrupts}: {line}"
         );
         let disk = rig.disk0();
-        let threads: Vec<_> = (0..4)
-            .map(|on| {
-                let d = disk.clone();
-                std::thread::spawn(move || io_on_cpu(&d, on))
-            })
-            .collect();
-        for t in threads {
-            t.join().expect("I/O thread");
-        }
+        io_on_cpus(&disk, 0..4);
         let v = per_vector(&rig);
         if expect == "MSI-X" {
             // Everything on vector 0; the other vector was given back.
