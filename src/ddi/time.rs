@@ -28,6 +28,18 @@ pub fn delay_ticks(ticks: i64) {
     unsafe { ffi::delay(ticks) }
 }
 
+/// One pause of a polling loop that has gone round `*spins` times: 10 µs
+/// busy waits at first, then (where sleeping is allowed) a clock tick
+/// each, so a long wait does not hold the CPU.
+pub fn poll_pause(spins: &mut u32, can_sleep: bool) {
+    *spins = spins.saturating_add(1);
+    if can_sleep && *spins > 100 {
+        delay_ticks(1);
+    } else {
+        usec_wait(10);
+    }
+}
+
 /// High-resolution time in nanoseconds (`gethrtime(9F)`).
 pub fn hrtime() -> i64 {
     // SAFETY: no preconditions.

@@ -356,10 +356,7 @@ impl VioScsi {
         match TargetMap::create_fullset(iport, ffi::MICROSEC as i32, 2 * ffi::MICROSEC as i32) {
             Ok(map) => {
                 *self.tgtmap.lock() = Some(map);
-                self.schedule(|w| {
-                    w.discovery_stopped = false;
-                    w.discover = true;
-                });
+                self.resume_discovery();
                 true
             }
             Err(e) => {
@@ -380,8 +377,9 @@ impl VioScsi {
         }
     }
 
-    /// The iport stays after all: discovery runs again, and a full one
-    /// makes up for anything a stopped one missed.
+    /// Lets discovery run and schedules a full one: at iport attach, and
+    /// when a detach is refused after all (a full discovery makes up for
+    /// anything a stopped one missed).
     pub fn resume_discovery(&self) {
         self.schedule(|w| {
             w.discovery_stopped = false;

@@ -422,7 +422,7 @@ impl VioScsi {
             0 => limits.request_queues,
             cap => limits
                 .request_queues
-                .min(cap.min(u32::from(u16::MAX)) as u16),
+                .min(u16::try_from(cap).unwrap_or(u16::MAX)),
         };
         if let Some(n) = transport.num_queues()
             && n < FIRST_REQUEST_QUEUE + nreq

@@ -274,8 +274,7 @@ impl VioScsi {
         let cpu = crate::ddi::cpu::current_seqid();
         let hint = self.reaping[cpu as usize % super::hba::REAP_HINTS].load(Ordering::Relaxed);
         match u32::from(hint) {
-            0 => (cpu % n) as u16,
-            h if h <= n => (h - 1) as u16,
+            h @ 1.. if h <= n => (h - 1) as u16,
             _ => (cpu % n) as u16,
         }
     }
@@ -625,12 +624,7 @@ impl VioScsi {
             if (time::hrtime() - start) / 1000 >= limit_us {
                 return None;
             }
-            spins += 1;
-            if can_sleep && spins > 100 {
-                time::delay_ticks(1);
-            } else {
-                time::usec_wait(10);
-            }
+            time::poll_pause(&mut spins, can_sleep);
         }
     }
 

@@ -137,12 +137,7 @@ impl VioScsi {
                 c.usable = false;
                 return None;
             }
-            spins += 1;
-            if can_sleep && spins > 100 {
-                time::delay_ticks(1);
-            } else {
-                time::usec_wait(10);
-            }
+            time::poll_pause(&mut spins, can_sleep);
         }
     }
 

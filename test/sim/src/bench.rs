@@ -24,7 +24,6 @@ use crate::load::Lun;
 use crate::testkit::{Binding, Driver, Rig, RigConfig};
 use rvscsi::ffi;
 use rvscsi_emu::{DataBuf, InitArgs, Packet};
-use std::fmt::Write as _;
 use std::io::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -583,14 +582,12 @@ pub fn run(o: &BenchOptions, out: &mut dyn Write, err: &mut dyn Write) -> Result
             other => return Err(format!("_fini of the module after the bench: {other:?}")),
         }
     }
-    let mut summary = String::new();
     let _ = writeln!(
-        summary,
+        err,
         "bench: {} rows, {} commands per run, {} runs per row",
         rows.len(),
         o.commands,
         o.repeat
     );
-    let _ = err.write_all(summary.as_bytes());
     Ok(rows)
 }

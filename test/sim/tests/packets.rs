@@ -135,43 +135,43 @@ fn constructor_runs_once_per_cached_packet_and_destructor_for_each_at_detach() {
     rig.finish_clean();
 }
 
+/// tran_setup_pkt refuses a packet made with `args` (`what` says why).
+fn assert_refused(dev: &Arc<Device>, args: InitArgs, what: &str) {
+    let r = dev.init_pkt(None, args);
+    assert!(
+        matches!(r, Err(rvscsi_emu::scsa::packet::InitError::SetupRefused)),
+        "{what}"
+    );
+}
+
 #[test]
 fn setup_refuses_what_the_device_cannot_carry() {
     let rig = raw_rig(|_| {});
     let dev = lun0(&rig);
     // cdb_size is 32 on QEMU: a 33-byte CDB can never be sent.
-    let r = dev.init_pkt(
-        None,
+    assert_refused(
+        &dev,
         InitArgs {
             cmdlen: 33,
             ..InitArgs::default()
         },
+        "33-byte CDB",
     );
-    assert!(
-        matches!(r, Err(rvscsi_emu::scsa::packet::InitError::SetupRefused)),
-        "33-byte CDB"
-    );
-    let r = dev.init_pkt(
-        None,
+    assert_refused(
+        &dev,
         InitArgs {
             cmdlen: 0,
             ..InitArgs::default()
         },
+        "no CDB",
     );
-    assert!(
-        matches!(r, Err(rvscsi_emu::scsa::packet::InitError::SetupRefused)),
-        "no CDB"
-    );
-    let r = dev.init_pkt(
-        None,
+    assert_refused(
+        &dev,
         InitArgs {
             statuslen: 0,
             ..InitArgs::default()
         },
-    );
-    assert!(
-        matches!(r, Err(rvscsi_emu::scsa::packet::InitError::SetupRefused)),
-        "no status byte"
+        "no status byte",
     );
     // 32 bytes (an extended CDB area) is fine, and so is a large status area.
     dev.init_pkt(

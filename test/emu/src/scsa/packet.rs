@@ -130,28 +130,21 @@ unsafe extern "C" fn emu_pkt_comp(pkt: *mut scsi_pkt) {
     let Some(w) = PktWrap::from_pkt(pkt, "pkt_comp") else {
         return;
     };
-    let cb = lock(&w.callback).clone();
-    let dev = w.device.clone();
-    if let (Some(cb), Some(dev)) = (cb, dev) {
-        // The callback sees the packet as its owner would, before anyone
-        // waiting for the completion does.
-        let p = Packet {
-            wrap: NonNull::from(&*w),
-            dev,
-            owned: false,
-        };
-        cb(&p);
-    }
+    // The packet as its owner sees it, lent to a callback.
+    let run = |cb: Option<Callback>| {
+        if let (Some(cb), Some(dev)) = (cb, w.device.clone()) {
+            cb(&Packet {
+                wrap: NonNull::from(&*w),
+                dev,
+                owned: false,
+            });
+        }
+    };
+    // The callback sees the completion before anyone waiting for it does;
+    // a restart comes after it is recorded.
+    run(lock(&w.callback).clone());
     w.mark_done();
-    let restart = lock(&w.restart).clone();
-    if let (Some(r), Some(dev)) = (restart, w.device.clone()) {
-        let p = Packet {
-            wrap: NonNull::from(&*w),
-            dev,
-            owned: false,
-        };
-        r(&p);
-    }
+    run(lock(&w.restart).clone());
 }
 
 /// `scsi_hba_pkt_comp(9F)`: checks what the HBA must get right, syncs a
