@@ -118,10 +118,15 @@ impl PktWrap {
         Some(unsafe { &mut *w })
     }
 
+    /// Records the completion and wakes its waiters. Notifies under the
+    /// lock: once it is released, a woken owner may free the packet, so
+    /// nothing here touches it after.
     fn mark_done(&self) {
         self.in_flight.store(false, Ordering::Release);
-        lock(&self.comp).done += 1;
+        let mut c = lock(&self.comp);
+        c.done += 1;
         self.comp_cv.notify_all();
+        drop(c);
     }
 }
 
@@ -131,20 +136,27 @@ unsafe extern "C" fn emu_pkt_comp(pkt: *mut scsi_pkt) {
         return;
     };
     // The packet as its owner sees it, lent to a callback.
+    let device = w.device.clone();
+    let wrap = NonNull::from(&*w);
     let run = |cb: Option<Callback>| {
-        if let (Some(cb), Some(dev)) = (cb, w.device.clone()) {
+        if let (Some(cb), Some(dev)) = (cb, device.clone()) {
             cb(&Packet {
-                wrap: NonNull::from(&*w),
+                wrap,
                 dev,
                 owned: false,
             });
         }
     };
     // The callback sees the completion before anyone waiting for it does;
-    // a restart comes after it is recorded.
-    run(lock(&w.callback).clone());
+    // a restart comes after it is recorded. Both are taken before the
+    // completion is recorded: from then on a waiting owner may destroy the
+    // packet and its cache may hand the memory to a new one (whose
+    // closures are not this completion's).
+    let callback = lock(&w.callback).clone();
+    let restart = lock(&w.restart).clone();
+    run(callback);
     w.mark_done();
-    run(lock(&w.restart).clone());
+    run(restart);
 }
 
 /// `scsi_hba_pkt_comp(9F)`: checks what the HBA must get right, syncs a
