@@ -55,6 +55,8 @@ need_base=()
 command -v mandoc >/dev/null 2>&1 || need_base+=(mandoc)
 command -v objcopy >/dev/null 2>&1 || need_base+=(binutils)
 command -v cc >/dev/null 2>&1 || need_base+=(gcc)
+# callgrind counts the driver's instructions for rvscsi-sim bench.
+command -v valgrind >/dev/null 2>&1 || need_base+=(valgrind)
 # bindgen loads libclang at build time.
 if ! ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
     need_base+=(libclang-dev)

@@ -18,7 +18,7 @@
 //! watches register writes and changes nothing.
 
 use crate::machine::lock;
-use rvscsi_qtest::QTest;
+use rvscsi_qtest::Bus;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -197,7 +197,7 @@ pub struct Faults {
     /// Whether any fault was ever armed (until then nothing is filtered).
     armed: AtomicBool,
     /// The machine's qtest connection (raw device memory access).
-    qt: std::sync::OnceLock<std::sync::Arc<QTest>>,
+    qt: std::sync::OnceLock<std::sync::Arc<dyn Bus>>,
 }
 
 const VIRTQ_DESC_F_NEXT: u16 = 1;
@@ -218,7 +218,7 @@ struct Chain {
 impl Faults {
     /// Sets the virtio-pci layout found at launch, and the connection to
     /// the device's memory.
-    pub fn set_layout(&self, layout: VirtioLayout, qt: std::sync::Arc<QTest>) {
+    pub fn set_layout(&self, layout: VirtioLayout, qt: std::sync::Arc<dyn Bus>) {
         lock(&self.state).layout = layout;
         let _ = self.qt.set(qt);
     }
@@ -243,7 +243,7 @@ impl Faults {
                 .map(|(q, r)| (*q, *r))
                 .collect();
             for (q, r) in rings {
-                start_view(&mut s, qt, q, &r);
+                start_view(&mut s, &**qt, q, &r);
             }
         }
     }
@@ -277,7 +277,7 @@ impl Faults {
     /// Keeps (true) or stops keeping (false) new event buffers from the
     /// device. When stopping, the buffers published meanwhile are shown
     /// to the device and it is notified.
-    pub fn starve_events(&self, qt: &QTest, on: bool) {
+    pub fn starve_events(&self, qt: &dyn Bus, on: bool) {
         self.armed.store(true, Ordering::Release);
         let mut s = lock(&self.state);
         s.starve_events = on;
@@ -340,7 +340,7 @@ impl Faults {
                         let sel = s.select;
                         if let (Some(qt), Some(r)) = (self.qt.get(), s.rings.get(&sel).copied()) {
                             s.views.remove(&sel);
-                            start_view(&mut s, qt, sel, &r);
+                            start_view(&mut s, &**qt, sel, &r);
                         }
                     }
                 }
@@ -352,7 +352,7 @@ impl Faults {
                         let sel = s.select;
                         if let (Some(qt), Some(r)) = (self.qt.get(), s.rings.get(&sel).copied()) {
                             s.views.remove(&sel);
-                            start_view(&mut s, qt, sel, &r);
+                            start_view(&mut s, &**qt, sel, &r);
                         }
                     }
                 }
@@ -403,7 +403,7 @@ impl Faults {
 
     /// Device memory the driver is about to see (a FORCPU copy of
     /// `[gpa, gpa+buf.len())`): rewrites its view of faulty used rings.
-    pub fn filter_read(&self, qt: &QTest, gpa: u64, buf: &mut [u8]) {
+    pub fn filter_read(&self, qt: &dyn Bus, gpa: u64, buf: &mut [u8]) {
         if !self.armed.load(Ordering::Acquire) {
             return;
         }
@@ -556,7 +556,7 @@ fn legacy_write(s: &mut State, off: u64, value: u64) {
 
 /// Notifies queue `q` (a doorbell write of the test bed's own), through
 /// the interface the driver uses.
-fn notify(qt: &QTest, layout: &VirtioLayout, legacy: bool, q: u16) {
+fn notify(qt: &dyn Bus, layout: &VirtioLayout, legacy: bool, q: u16) {
     match (legacy, layout.legacy, layout.notify) {
         // The legacy queue notify register (offset 0x10).
         (true, Some(port), _) => {
@@ -582,7 +582,7 @@ fn push_visible(v: &mut UsedView, e: [u8; 8]) {
 
 /// Reads descriptor `id`'s chain: the request bytes (up to the CDB) and
 /// the first device-writable buffer.
-fn read_chain(qt: &QTest, r: &Rings, id: u32) -> Option<Chain> {
+fn read_chain(qt: &dyn Bus, r: &Rings, id: u32) -> Option<Chain> {
     if id >= u32::from(r.size) {
         return None;
     }
@@ -634,7 +634,7 @@ fn read_chain(qt: &QTest, r: &Rings, id: u32) -> Option<Chain> {
 
 /// Starts following the driver's view of queue `q`'s used ring where the
 /// device is: identical so far.
-fn start_view(s: &mut State, qt: &QTest, q: u16, r: &Rings) {
+fn start_view(s: &mut State, qt: &dyn Bus, q: u16, r: &Rings) {
     if s.views.contains_key(&q) {
         return;
     }
@@ -662,7 +662,7 @@ fn start_view(s: &mut State, qt: &QTest, q: u16, r: &Rings) {
 
 /// Takes the device's new used entries of queue `q` into the driver's
 /// view, applying the armed faults.
-fn advance_view(s: &mut State, qt: &QTest, q: u16, r: &Rings) {
+fn advance_view(s: &mut State, qt: &dyn Bus, q: u16, r: &Rings) {
     let size = usize::from(r.size);
     let mut idx = [0u8; 2];
     if qt.read_mem(r.used + 2, &mut idx).is_err() {

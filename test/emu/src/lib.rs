@@ -7,6 +7,10 @@
 //!   interrupt delivery, counters.
 //! - [`ddi`]: the DDI functions the driver imports (`extern "C"`), strict.
 //! - [`scsa`]: the SCSA framework around the HBA and the target-driver API.
+//! - [`memdev`]: an in-process virtio-scsi device on RAM disks, for
+//!   measuring the driver's own CPU cost.
+//! - [`meter`]: the driver's own CPU time and instructions, apart from
+//!   the emulated kernel's.
 //! - [`bed`]: attach/detach orchestration and the leak check.
 //!
 //! The set of DDI functions defined here is the set the kernel object may
@@ -16,10 +20,12 @@ pub mod bed;
 pub mod ddi;
 pub mod faults;
 pub mod machine;
+pub mod memdev;
+pub mod meter;
 pub mod scsa;
 
 pub use bed::{Bed, BedConfig, BedError, DetachReport, DriverBinding, LibraryBinding};
-pub use machine::{Disk, Machine, MachineConfig, VirtioPci};
+pub use machine::{Backend, Disk, Machine, MachineConfig, VirtioPci};
 pub use scsa::buf::DataBuf;
 pub use scsa::packet::{Device, InitArgs, Packet, PktResult};
 pub use scsa::tgtmap::{TargetDriver, TargetInstance};

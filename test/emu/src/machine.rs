@@ -6,7 +6,7 @@
 //! Everything the driver does to the device goes through here, so here it
 //! is counted (register accesses are what would be VM exits) and checked.
 
-use rvscsi_qtest::{BarKind, Bdf, Pci, QTest, Qemu, QemuConfig};
+use rvscsi_qtest::{BarKind, Bdf, Bus, Pci, Qemu, QemuConfig};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -36,6 +36,17 @@ pub enum VirtioPci {
     ModernOnly,
 }
 
+/// What plays the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// QEMU's virtio-scsi over qtest (the reference).
+    #[default]
+    Qemu,
+    /// The in-process model ([`crate::memdev`]): modern virtio-pci with
+    /// MSI-X only, disks in RAM (loaded from the disk files).
+    Memory,
+}
+
 /// One disk behind the HBA.
 #[derive(Clone, Debug)]
 pub struct Disk {
@@ -63,6 +74,8 @@ pub struct MachineConfig {
     pub msix_vectors: Option<u32>,
     /// Extra `-device virtio-scsi-pci` properties (`key=value,...`).
     pub device_props: Vec<String>,
+    /// What plays the device.
+    pub backend: Backend,
 }
 
 impl MachineConfig {
@@ -75,6 +88,7 @@ impl MachineConfig {
             num_queues: None,
             msix_vectors: None,
             device_props: Vec::new(),
+            backend: Backend::Qemu,
         }
     }
 
@@ -238,6 +252,37 @@ pub struct StatsSnapshot {
     pub interrupts: u64,
 }
 
+/// The in-process device for `config` (its disks read into RAM).
+fn memory_device(config: &MachineConfig) -> Result<crate::memdev::MemoryMachine, MachineError> {
+    if config.virtio != VirtioPci::ModernOnly {
+        return Err(MachineError(
+            "the in-memory device is modern-only: use VirtioPci::ModernOnly".into(),
+        ));
+    }
+    if !config.device_props.is_empty() {
+        return Err(MachineError(format!(
+            "the in-memory device takes no QEMU device properties ({:?})",
+            config.device_props
+        )));
+    }
+    let mut disks = Vec::new();
+    for d in &config.disks {
+        let disk = crate::memdev::RamDisk::from_file(&d.file).map_err(MachineError)?;
+        disks.push((d.target, d.lun, disk));
+    }
+    crate::memdev::MemoryMachine::new(crate::memdev::MemoryConfig {
+        ram_mib: config.qemu.memory_mib,
+        slot: HBA_SLOT,
+        num_queues: config.num_queues.unwrap_or(1),
+        msix_vectors: config
+            .msix_vectors
+            .unwrap_or(config.num_queues.unwrap_or(1) + 3),
+        queue_size: 256,
+        disks,
+    })
+    .map_err(MachineError)
+}
+
 /// Guest-physical page allocator over the machine's RAM.
 struct PageAllocator {
     free: Vec<bool>,
@@ -368,8 +413,11 @@ pub struct LogLine {
 /// The machine.
 pub struct Machine {
     qemu: Mutex<Option<Qemu>>,
-    /// The qtest connection.
-    pub qt: Arc<QTest>,
+    /// The bus to the device: QEMU's qtest connection, or the in-process
+    /// model.
+    pub qt: Arc<dyn Bus>,
+    /// The in-process model, when it plays the device.
+    pub memdev: Option<Arc<crate::memdev::MemoryMachine>>,
     /// The HBA's PCI function.
     pub bdf: Bdf,
     /// Vendor and device ID.
@@ -434,13 +482,22 @@ impl Machine {
     /// Starts QEMU with the HBA and its disks, finds the HBA, assigns its
     /// BARs, and starts the interrupt delivery thread.
     pub fn launch(config: MachineConfig) -> Result<Arc<Machine>, MachineError> {
-        let mut qc = config.qemu.clone();
-        qc.args.extend(config.qemu_args());
-        let qemu = Qemu::launch(qc)?;
-        let qt = qemu.qtest_handle();
-        // INTx: have QEMU report the I/O APIC's input lines.
-        qt.irq_intercept_in("ioapic")?;
-        let pci = Pci::new(&qt);
+        let (qemu, qt, memdev): (Option<Qemu>, Arc<dyn Bus>, _) = match config.backend {
+            Backend::Qemu => {
+                let mut qc = config.qemu.clone();
+                qc.args.extend(config.qemu_args());
+                let qemu = Qemu::launch(qc)?;
+                let qt = qemu.qtest_handle();
+                // INTx: have QEMU report the I/O APIC's input lines.
+                qt.irq_intercept_in("ioapic")?;
+                (Some(qemu), qt, None)
+            }
+            Backend::Memory => {
+                let dev = Arc::new(memory_device(&config)?);
+                (None, dev.clone(), Some(dev))
+            }
+        };
+        let pci = Pci::new(&*qt);
         let bdf = Bdf::new(0, HBA_SLOT, 0);
         let f = pci
             .probe(bdf)?
@@ -462,8 +519,9 @@ impl Machine {
         let ram = PageAllocator::new(mem_bytes);
         let ram_pages = ram.free.len();
         let m = Arc::new(Machine {
-            qemu: Mutex::new(Some(qemu)),
+            qemu: Mutex::new(qemu),
             qt,
+            memdev,
             bdf,
             ids: (f.vendor, f.device),
             bars,
@@ -614,7 +672,7 @@ impl Machine {
             buf.fill(0xff);
             return;
         }
-        self.faults.filter_read(&self.qt, gpa, buf);
+        self.faults.filter_read(&*self.qt, gpa, buf);
     }
 
     /// Writes guest memory.
@@ -761,10 +819,13 @@ fn call_handler(m: &Machine, _vectors: &[VectorSlot], i: usize) -> bool {
     // them round-robin): vector i runs on CPU i here.
     crate::ddi::cpu::run_on(i);
     crate::ddi::sync::enter_interrupt_context();
-    // SAFETY: the driver registered this handler with these arguments
-    // through ddi_intr_add_handler and has not removed it (checked above,
-    // under the dispatch lock that ddi_intr_disable/remove take).
-    let r = unsafe { f(a1 as *mut i8, a2 as *mut i8) };
+    let r = {
+        let _m = crate::meter::driver();
+        // SAFETY: the driver registered this handler with these arguments
+        // through ddi_intr_add_handler and has not removed it (checked above,
+        // under the dispatch lock that ddi_intr_disable/remove take).
+        unsafe { f(a1 as *mut i8, a2 as *mut i8) }
+    };
     crate::ddi::sync::leave_interrupt_context(m);
     r == rvscsi::ffi::DDI_INTR_CLAIMED
 }

@@ -47,6 +47,7 @@
 //! # Ok::<(), rvscsi_qtest::Error>(())
 //! ```
 
+mod bus;
 mod error;
 mod line;
 mod pci;
@@ -54,6 +55,7 @@ mod qemu;
 mod qmp;
 mod qtest;
 
+pub use bus::Bus;
 pub use error::Error;
 pub use pci::{
     Bar, BarKind, Bdf, PCI_COMMAND_IO, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, Pci, PciFunction,

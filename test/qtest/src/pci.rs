@@ -6,8 +6,9 @@
 
 use std::fmt;
 
+use crate::Bus;
 use crate::error::Error;
-use crate::qtest::{Op, QTest};
+use crate::qtest::Op;
 
 /// CONFIG_ADDRESS port.
 const CONFIG_ADDRESS: u16 = 0xCF8;
@@ -106,18 +107,25 @@ pub struct Bar {
     pub prefetchable: bool,
 }
 
-/// A type-1 PCI configuration space accessor on a [`QTest`].
+/// A type-1 PCI configuration space accessor on a [`Bus`] (QEMU through
+/// [`QTest`](crate::QTest), or an in-process device model).
 ///
-/// Every config access is one [`QTest::batch`] of the address write and the data access:
-/// one socket round trip, atomic with respect to other threads using the same `QTest`.
-#[derive(Clone, Copy, Debug)]
+/// Every config access is one [`Bus::batch`] of the address write and the data access:
+/// one socket round trip on QEMU, atomic with respect to other threads using the same bus.
+#[derive(Clone, Copy)]
 pub struct Pci<'a> {
-    qt: &'a QTest,
+    qt: &'a dyn Bus,
+}
+
+impl std::fmt::Debug for Pci<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pci")
+    }
 }
 
 impl<'a> Pci<'a> {
     /// A config space accessor on `qt`.
-    pub fn new(qt: &'a QTest) -> Pci<'a> {
+    pub fn new(qt: &'a dyn Bus) -> Pci<'a> {
         Pci { qt }
     }
 

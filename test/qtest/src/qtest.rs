@@ -520,7 +520,7 @@ impl QTest {
         result
     }
 
-    fn op(&self, op: Op<'_>) -> Result<u64, Error> {
+    pub(crate) fn op(&self, op: Op<'_>) -> Result<u64, Error> {
         if op.is_noop() {
             return Ok(0);
         }

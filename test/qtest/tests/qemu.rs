@@ -283,7 +283,7 @@ fn threads_share_one_qtest() {
         for t in 0..4u64 {
             let qt = &qt;
             s.spawn(move || {
-                let pci = Pci::new(qt);
+                let pci = Pci::new(&**qt);
                 for i in 0..200u64 {
                     let a = RAM + t * 0x1000 + 8 * i;
                     qt.writeq(a, (t << 32) | i).unwrap();

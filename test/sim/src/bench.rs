@@ -1,30 +1,46 @@
-//! `rvscsi-sim bench`: what each command costs the machine.
+//! `rvscsi-sim bench`: what each command costs the machine and the CPU.
 //!
 //! In a VM the expensive part of I/O is every exit to the hypervisor: a
-//! doorbell write, an interrupt, an interrupt-status read. This benchmark
-//! drives the driver on QEMU's virtio-scsi through the test bed with a
-//! closed loop at a fixed queue depth, as sd does under load: each
-//! completion starts the next command from inside `scsi_hba_pkt_comp`.
-//! Per command it reports the device register accesses (would-be VM
-//! exits), interrupts delivered, ISR status reads, kernel heap
-//! allocations (`kmem_alloc`; with `--module`, every allocation of the
-//! module, its Rust allocator included), and wall time (min/median/max
-//! over repeated runs; on this back end it is mostly QEMU and qtest).
+//! doorbell write, an interrupt, an interrupt-status read. The driver's own
+//! CPU time comes second, and is hidden on QEMU behind a socket round trip
+//! per register access. So the benchmark has two back ends, run with the
+//! same closed loop at a fixed queue depth, as sd drives the HBA under
+//! load (each completion starts the next command from inside
+//! `scsi_hba_pkt_comp`):
+//!
+//! - `qemu`: QEMU's virtio-scsi through the test bed. Per command: device
+//!   register accesses (would-be VM exits), interrupts delivered, ISR
+//!   status reads, kernel heap allocations (`kmem_alloc`; with `--module`
+//!   every allocation of the module, its Rust allocator included).
+//! - `memory`: the test bed's in-process virtio-scsi model
+//!   (`rvscsi_emu::memdev`), the same counters, where the driver's CPU
+//!   cost is not drowned by QEMU's.
+//!
+//! On both, `ns_per_cmd` is the driver's own CPU time per command
+//! (min/median/max over `--repeat` runs): time inside driver entry points
+//! minus time inside the kernel functions it calls (the emulated DDI, the
+//! device model behind a doorbell, the target driver's completion
+//! callback), measured by `rvscsi_emu::meter`, less the measured cost of
+//! the clock reads. `kcalls_per_cmd` counts the kernel calls the driver
+//! made (DTrace probe sites included), whose cost on illumos depends on
+//! illumos. `insns_per_cmd` is the driver's own instruction count per
+//! command on the memory back end, counted by valgrind's callgrind in a
+//! child process (`valgrind` must be installed; without it the column is
+//! empty and the reason is printed). `wall_ns_per_cmd` is the elapsed time.
 //!
 //! Each row is also run for a comparison driver: rvscsi configured
 //! without EVENT_IDX and with a doorbell for every command
 //! (`virtio-event-idx=0`, `virtio-notify-batching=0`), which is what a
 //! driver without notification suppression does.
-//!
-//! The in-process back end (driver CPU time and instructions per command
-//! on an in-memory device model) is not implemented: asking for it is an
-//! error that says so.
 
 use crate::load::Lun;
 use crate::testkit::{Binding, Driver, Rig, RigConfig};
 use rvscsi::ffi;
+use rvscsi_emu::meter;
 use rvscsi_emu::{DataBuf, InitArgs, Packet};
+use std::collections::HashMap;
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -32,23 +48,26 @@ use std::time::{Duration, Instant};
 /// Usage text of `bench`.
 pub const USAGE: &str = "\
 usage: rvscsi-sim bench [--json] [--commands N] [--repeat N] [--qd LIST]
-                        [--queues LIST] [--mix LIST] [--backend qemu|memory]
-                        [--module PATH]
+                        [--queues LIST] [--mix LIST] [--backend LIST]
+                        [--no-instructions] [--module PATH]
 
-Runs the driver on QEMU's virtio-scsi (through the test bed) at a fixed
-queue depth, each completion starting the next command, and reports per
-command: device register accesses (VM exits), interrupts, interrupt-status
-reads, kernel heap allocations and wall time; each row also for a driver
-that notifies on every command without EVENT_IDX.
+Runs the driver at a fixed queue depth, each completion starting the next
+command, on QEMU's virtio-scsi (through the test bed) and on an in-process
+virtio-scsi model, and reports per command: device register accesses (VM
+exits), interrupts, interrupt-status reads, kernel heap allocations, the
+driver's own CPU time (min/median/max) and kernel calls, and on the
+in-process model its own instructions (callgrind); each row also for a
+driver that notifies on every command without EVENT_IDX.
 
-  --json           one JSON object per row instead of the table
-  --commands N     commands per run (default 4000)
-  --repeat N       runs per row, for min/median/max time (default 3)
-  --qd LIST        queue depths (default 1,8,32,128)
-  --queues LIST    virtio-scsi request queues (default 1,4)
-  --mix LIST       randread4k, seqwrite128k (default both)
-  --backend B      qemu (default); memory is not implemented yet
-  --module PATH    bench the kernel module object instead of the library
+  --json             one JSON object per row instead of the table
+  --commands N       commands per run (default 4000)
+  --repeat N         runs per row, for min/median/max time (default 3)
+  --qd LIST          queue depths (default 1,8,32,128)
+  --queues LIST      virtio-scsi request queues (default 1,4)
+  --mix LIST         randread4k, seqwrite128k (default both)
+  --backend LIST     qemu, memory (default both)
+  --no-instructions  skip the callgrind run (insns_per_cmd stays null)
+  --module PATH      bench the kernel module object instead of the library
 ";
 
 /// A workload.
@@ -77,6 +96,31 @@ impl Mix {
 
     fn write(self) -> bool {
         self == Mix::SeqWrite128k
+    }
+}
+
+/// What plays the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BenchBackend {
+    /// QEMU's virtio-scsi over qtest.
+    Qemu,
+    /// The in-process model.
+    Memory,
+}
+
+impl BenchBackend {
+    fn name(self) -> &'static str {
+        match self {
+            BenchBackend::Qemu => "qemu",
+            BenchBackend::Memory => "memory",
+        }
+    }
+
+    fn emu(self) -> rvscsi_emu::Backend {
+        match self {
+            BenchBackend::Qemu => rvscsi_emu::Backend::Qemu,
+            BenchBackend::Memory => rvscsi_emu::Backend::Memory,
+        }
     }
 }
 
@@ -125,6 +169,16 @@ pub struct BenchOptions {
     pub mixes: Vec<Mix>,
     /// A module object to load instead of the linked library.
     pub module: Option<String>,
+    /// Back ends.
+    pub backends: Vec<BenchBackend>,
+    /// Count instructions with callgrind (memory back end).
+    pub instructions: bool,
+    /// The `rvscsi-sim` executable, run under callgrind for the
+    /// instruction counts (the running one if None).
+    pub exe: Option<PathBuf>,
+    /// Set in the child that runs under callgrind: dump callgrind's
+    /// counters after each run.
+    pub callgrind_child: bool,
 }
 
 impl Default for BenchOptions {
@@ -137,6 +191,10 @@ impl Default for BenchOptions {
             queues: vec![1, 4],
             mixes: vec![Mix::RandRead4k, Mix::SeqWrite128k],
             module: None,
+            backends: vec![BenchBackend::Qemu, BenchBackend::Memory],
+            instructions: true,
+            exe: None,
+            callgrind_child: false,
         }
     }
 }
@@ -193,16 +251,15 @@ pub fn parse(args: &[String]) -> Result<BenchOptions, String> {
                     _ => None,
                 })?;
             }
-            "--backend" => match value()?.as_str() {
-                "qemu" => {}
-                "memory" => {
-                    return Err("bench: the in-memory back end (driver CPU time and \
-                                instructions per command) is NOT IMPLEMENTED yet; \
-                                only --backend qemu runs"
-                        .into());
-                }
-                other => return Err(format!("bench: unknown back end '{other}'")),
-            },
+            "--backend" => {
+                o.backends = list(&value()?, |s| match s {
+                    "qemu" => Some(BenchBackend::Qemu),
+                    "memory" => Some(BenchBackend::Memory),
+                    _ => None,
+                })?;
+            }
+            "--no-instructions" => o.instructions = false,
+            "--callgrind-child" => o.callgrind_child = true,
             "--module" => o.module = Some(value()?),
             other => return Err(format!("bench: unknown argument '{other}'")),
         }
@@ -214,6 +271,8 @@ pub fn parse(args: &[String]) -> Result<BenchOptions, String> {
 /// One measured row.
 #[derive(Clone, Debug)]
 pub struct Row {
+    /// What played the device.
+    pub backend: BenchBackend,
     /// Workload.
     pub mix: Mix,
     /// Queue depth.
@@ -230,15 +289,25 @@ pub struct Row {
     pub isr_reads_per_cmd: f64,
     /// `kmem_alloc` calls per command.
     pub allocs_per_cmd: f64,
-    /// Wall time per command: min, median, max over the runs.
+    /// Kernel functions the driver called, per command.
+    pub kernel_calls_per_cmd: f64,
+    /// The driver's own CPU time per command: min, median, max over runs.
     pub ns_per_cmd: [f64; 3],
+    /// Elapsed time per command (median run).
+    pub wall_ns_per_cmd: f64,
+    /// The driver's own instructions per command (callgrind), when counted.
+    pub insns_per_cmd: Option<f64>,
 }
 
 impl Row {
+    fn key(&self) -> String {
+        row_key(self.backend, self.mix, self.qd, self.queues, self.variant)
+    }
+
     /// The row as one JSON object (the fields the README documents).
     pub fn json(&self) -> String {
         rvscsi_qtest::json!({
-            "backend": "qemu",
+            "backend": self.backend.name(),
             "mix": self.mix.name(),
             "qd": self.qd,
             "queues": self.queues,
@@ -246,20 +315,31 @@ impl Row {
             "interrupts_per_cmd": self.interrupts_per_cmd,
             "isr_reads_per_cmd": self.isr_reads_per_cmd,
             "allocs_per_cmd": self.allocs_per_cmd,
+            "kcalls_per_cmd": self.kernel_calls_per_cmd,
             "ns_per_cmd": self.ns_per_cmd[1],
             "ns_per_cmd_min": self.ns_per_cmd[0],
             "ns_per_cmd_max": self.ns_per_cmd[2],
-            "insns_per_cmd": rvscsi_qtest::Value::Null,
+            "wall_ns_per_cmd": self.wall_ns_per_cmd,
+            "insns_per_cmd": self.insns_per_cmd,
             "driver": self.variant.name(),
         })
         .to_string()
     }
 }
 
+fn row_key(backend: BenchBackend, mix: Mix, qd: u32, queues: u32, v: Variant) -> String {
+    format!(
+        "{}/{}/qd{qd}/q{queues}/{}",
+        backend.name(),
+        mix.name(),
+        v.name()
+    )
+}
+
 /// Table header.
 pub fn table_header() -> String {
     format!(
-        "{:<8} {:<13} {:>4} {:>6} {:<17} {:>9} {:>9} {:>9} {:>9} {:>24}",
+        "{:<7} {:<13} {:>4} {:>6} {:<17} {:>9} {:>8} {:>7} {:>9} {:>10} {:>20} {:>10} {:>9}",
         "backend",
         "mix",
         "qd",
@@ -269,15 +349,18 @@ pub fn table_header() -> String {
         "intr/cmd",
         "isr/cmd",
         "alloc/cmd",
-        "ns/cmd min/med/max"
+        "kcalls/cmd",
+        "drv ns/cmd min/med/max",
+        "insns/cmd",
+        "wall ns",
     )
 }
 
 /// One table line.
 pub fn table_line(r: &Row) -> String {
     format!(
-        "{:<8} {:<13} {:>4} {:>6} {:<17} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>24}",
-        "qemu",
+        "{:<7} {:<13} {:>4} {:>6} {:<17} {:>9.3} {:>8.3} {:>7.3} {:>9.3} {:>10.1} {:>20} {:>10} {:>9.0}",
+        r.backend.name(),
         r.mix.name(),
         r.qd,
         r.queues,
@@ -286,10 +369,14 @@ pub fn table_line(r: &Row) -> String {
         r.interrupts_per_cmd,
         r.isr_reads_per_cmd,
         r.allocs_per_cmd,
+        r.kernel_calls_per_cmd,
         format!(
             "{:.0}/{:.0}/{:.0}",
             r.ns_per_cmd[0], r.ns_per_cmd[1], r.ns_per_cmd[2]
-        )
+        ),
+        r.insns_per_cmd
+            .map_or_else(|| "-".to_string(), |n| format!("{n:.0}")),
+        r.wall_ns_per_cmd,
     )
 }
 
@@ -393,7 +480,8 @@ struct Sample {
     interrupts: u64,
     isr_reads: u64,
     allocs: u64,
-    ns: u128,
+    wall_ns: u128,
+    meter: meter::Reading,
 }
 
 /// One run of `commands` at depth `qd` on `lun`.
@@ -431,6 +519,9 @@ fn run_once(
     }
     let m = &rig.bed().machine;
     let before = counters(m);
+    meter::valgrind::zero_stats();
+    let _ = meter::take();
+    meter::arm(true);
     let t0 = Instant::now();
     for (k, p) in pkts.iter().enumerate() {
         // Issued from as many CPUs as there are queues; completions then
@@ -442,13 +533,16 @@ fn run_once(
             stream.retire();
         }
     }
-    {
+    let waited = {
         let deadline = Instant::now() + Duration::from_secs(300);
         let mut a = stream.active.lock().unwrap_or_else(|p| p.into_inner());
-        while *a > 0 {
+        loop {
+            if *a == 0 {
+                break Ok(());
+            }
             let now = Instant::now();
             if now >= deadline {
-                return Err(format!("{} commands still out after 300 s", *a));
+                break Err(format!("{} commands still out after 300 s", *a));
             }
             a = stream
                 .idle
@@ -456,8 +550,11 @@ fn run_once(
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-    }
-    let ns = t0.elapsed().as_nanos();
+    };
+    let wall_ns = t0.elapsed().as_nanos();
+    meter::arm(false);
+    let reading = meter::take();
+    waited?;
     let after = counters(m);
     for p in pkts {
         p.set_restart(None);
@@ -465,14 +562,19 @@ fn run_once(
     }
     let problems = std::mem::take(&mut *stream.problems.lock().unwrap_or_else(|p| p.into_inner()));
     if let Some(first) = problems.first() {
-        return Err(format!("{} problem(s), the first: {first}", problems.len()));
+        let violations = m.violations();
+        return Err(format!(
+            "{} problem(s), the first: {first}; DDI violations: {violations:?}",
+            problems.len()
+        ));
     }
     Ok(Sample {
         exits: after.0 - before.0,
         interrupts: after.1 - before.1,
         isr_reads: after.2 - before.2,
         allocs: after.3 - before.3,
-        ns,
+        wall_ns,
+        meter: reading,
     })
 }
 
@@ -486,49 +588,200 @@ fn counters(m: &rvscsi_emu::Machine) -> (u64, u64, u64, u64) {
     )
 }
 
-/// Measures one row: `repeat` runs, the counters of the median run.
-fn measure(
-    rig: &Rig,
-    lun: &Lun,
-    o: &BenchOptions,
-    mix: Mix,
-    qd: u32,
+/// What one row is measured on.
+struct Setup<'a> {
+    rig: &'a Rig,
+    lun: &'a Lun,
+    backend: BenchBackend,
     queues: u32,
     variant: Variant,
-) -> Result<Row, String> {
+    /// Nanoseconds each side switch of the meter adds to the driver.
+    switch_ns: f64,
+}
+
+/// Measures one row: `repeat` runs; the counters of the median run (by
+/// driver time).
+fn measure(s: &Setup<'_>, o: &BenchOptions, mix: Mix, qd: u32) -> Result<Row, String> {
     let mut samples = Vec::new();
     for r in 0..o.repeat {
         samples.push(run_once(
-            rig,
-            lun,
+            s.rig,
+            s.lun,
             mix,
-            (qd, queues),
+            (qd, s.queues),
             o.commands,
             1 + u64::from(r),
         )?);
+        if o.callgrind_child {
+            let switches = samples.last().map_or(0, |x: &Sample| x.meter.switches);
+            dump_callgrind(&format!(
+                "{} switches={switches}",
+                row_key(s.backend, mix, qd, s.queues, s.variant)
+            ))?;
+        }
     }
-    samples.sort_by_key(|s| s.ns);
     let n = o.commands as f64;
+    let driver_ns = |x: &Sample| {
+        (x.meter.driver_ns as f64 - x.meter.switches as f64 * s.switch_ns).max(0.0) / n
+    };
+    samples.sort_by(|a, b| driver_ns(a).total_cmp(&driver_ns(b)));
     let med = &samples[samples.len() / 2];
     Ok(Row {
+        backend: s.backend,
         mix,
         qd,
-        queues,
-        variant,
+        queues: s.queues,
+        variant: s.variant,
         exits_per_cmd: med.exits as f64 / n,
         interrupts_per_cmd: med.interrupts as f64 / n,
         isr_reads_per_cmd: med.isr_reads as f64 / n,
         allocs_per_cmd: med.allocs as f64 / n,
+        kernel_calls_per_cmd: med.meter.kernel_calls as f64 / n,
         ns_per_cmd: [
-            samples[0].ns as f64 / n,
-            med.ns as f64 / n,
-            samples[samples.len() - 1].ns as f64 / n,
+            driver_ns(&samples[0]),
+            driver_ns(med),
+            driver_ns(&samples[samples.len() - 1]),
         ],
+        wall_ns_per_cmd: med.wall_ns as f64 / n,
+        insns_per_cmd: None,
     })
+}
+
+/// Dumps callgrind's counters labelled `rvscsi-bench <what>`.
+fn dump_callgrind(what: &str) -> Result<(), String> {
+    let label =
+        std::ffi::CString::new(format!("rvscsi-bench {what}")).map_err(|e| e.to_string())?;
+    meter::valgrind::dump_stats_at(&label);
+    Ok(())
+}
+
+/// Empty kernel calls the meter's calibration makes.
+const CALIBRATION_CALLS: u32 = 20_000;
+
+/// Commands per run in the callgrind child (instruction counts hardly
+/// vary from command to command; callgrind runs some 50 times slower).
+const CALLGRIND_COMMANDS: u64 = 400;
+
+/// The driver's instructions per command for each memory row, counted by
+/// running this benchmark under callgrind with collection only inside
+/// driver frames (see `rvscsi_emu::meter`), one dump per row.
+fn count_instructions(o: &BenchOptions) -> Result<HashMap<String, f64>, String> {
+    let exe = match &o.exe {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?,
+    };
+    let dir = crate::testkit::TempDir::new("callgrind");
+    let out = dir.path("cg.out");
+    let commands = o.commands.min(CALLGRIND_COMMANDS);
+    let join = |v: Vec<String>| v.join(",");
+    let mut cmd = std::process::Command::new("valgrind");
+    cmd.args([
+        "--tool=callgrind",
+        "--collect-atstart=no",
+        "--dump-instr=no",
+        "--compress-strings=no",
+    ])
+    .arg(format!("--callgrind-out-file={}", out.display()))
+    .arg(&exe)
+    .args([
+        "bench",
+        "--callgrind-child",
+        "--json",
+        "--backend",
+        "memory",
+    ])
+    .args(["--repeat", "1", "--commands", &commands.to_string()])
+    .args(["--qd", &join(o.qds.iter().map(u32::to_string).collect())])
+    .args([
+        "--queues",
+        &join(o.queues.iter().map(u32::to_string).collect()),
+    ])
+    .args([
+        "--mix",
+        &join(o.mixes.iter().map(|m| m.name().to_string()).collect()),
+    ]);
+    if let Some(m) = &o.module {
+        cmd.args(["--module", m]);
+    }
+    let run = cmd.output().map_err(|e| {
+        format!(
+            "cannot run valgrind ({e}); install it (apt-get install valgrind) for insns_per_cmd"
+        )
+    })?;
+    if !run.status.success() {
+        let err = String::from_utf8_lossy(&run.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(12).collect();
+        return Err(format!(
+            "the callgrind run failed ({}): {}",
+            run.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        ));
+    }
+    // Each dump: "desc: Trigger: Client Request: rvscsi-bench <key>
+    // switches=<n>" and "totals: <instructions>".
+    let mut dumps = Vec::new();
+    let entries = std::fs::read_dir(&dir.0).map_err(|e| format!("callgrind output: {e}"))?;
+    for e in entries.flatten() {
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        let label = text
+            .lines()
+            .find_map(|l| l.strip_prefix("desc: Trigger: Client Request: rvscsi-bench "))
+            .and_then(|l| l.trim().split_once(" switches="))
+            .and_then(|(k, n)| Some((k.to_string(), n.parse::<u64>().ok()?)));
+        let total = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("totals: ")
+                    .or_else(|| l.strip_prefix("summary: "))
+            })
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let (Some((key, switches)), Some(total)) = (label, total) {
+            dumps.push((key, switches, total));
+        }
+    }
+    let per_switch = dumps
+        .iter()
+        .find(|d| d.0 == "calibration")
+        .filter(|d| d.1 > 0)
+        .map(|d| d.2 as f64 / d.1 as f64)
+        .ok_or("callgrind produced no calibration dump")?;
+    let counts: HashMap<String, f64> = dumps
+        .into_iter()
+        .filter(|d| d.0 != "calibration")
+        .map(|(key, switches, total)| {
+            let own = (total as f64 - switches as f64 * per_switch).max(0.0);
+            (key, own / commands as f64)
+        })
+        .collect();
+    let expected = o.qds.len() * o.queues.len() * o.mixes.len() * 2;
+    if counts.len() != expected {
+        return Err(format!(
+            "callgrind produced {} of the {expected} row counts",
+            counts.len()
+        ));
+    }
+    Ok(counts)
 }
 
 /// Runs the benchmark; each row is printed as soon as it is measured.
 pub fn run(o: &BenchOptions, out: &mut dyn Write, err: &mut dyn Write) -> Result<Vec<Row>, String> {
+    if o.callgrind_child && !meter::valgrind::running() {
+        return Err("--callgrind-child is for the run under valgrind that bench starts".into());
+    }
+    let insns =
+        if o.instructions && !o.callgrind_child && o.backends.contains(&BenchBackend::Memory) {
+            let _ = writeln!(err, "bench: counting instructions under callgrind first");
+            match count_instructions(o) {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = writeln!(err, "bench: no instruction counts: {e}");
+                    HashMap::new()
+                }
+            }
+        } else {
+            HashMap::new()
+        };
     let module = match &o.module {
         Some(path) => Some(crate::cli::load_module(path)?),
         None => None,
@@ -537,42 +790,61 @@ pub fn run(o: &BenchOptions, out: &mut dyn Write, err: &mut dyn Write) -> Result
         Some(m) => Binding::DevOps(m.dev_ops().ok_or("the module installed no dev_ops")?),
         None => Binding::Library,
     };
-    let _ = writeln!(
-        err,
-        "bench: QEMU back end; the in-memory back end is NOT IMPLEMENTED yet (no CPU-time or \
-         instruction rows)"
-    );
+    let calibration = meter::calibrate(CALIBRATION_CALLS);
+    if o.callgrind_child {
+        dump_callgrind(&format!("calibration switches={}", calibration.switches))?;
+    }
+    let switch_ns = calibration.driver_ns as f64 / calibration.switches.max(1) as f64;
     if !o.json {
         let _ = writeln!(out, "{}", table_header());
     }
     let mut rows = Vec::new();
-    for &queues in &o.queues {
-        for variant in [Variant::Rvscsi, Variant::NotifyEveryCommand] {
-            let rig = Rig::try_start(RigConfig {
-                // 32 MiB: room for sequential 128 KiB writes to wrap.
-                images: vec![(65_536, 0, 0)],
-                transport: "modern".into(),
-                interrupts: "msix".into(),
-                num_queues: Some(queues),
-                props: variant.props(),
-                driver: Driver::Recorder,
-                binding,
-                ..RigConfig::default()
-            })?;
-            let luns = rig.load_luns();
-            let lun = luns.first().ok_or("no LUN was configured")?.clone();
-            for &mix in &o.mixes {
-                for &qd in &o.qds {
-                    let row = measure(&rig, &lun, o, mix, qd, queues, variant)?;
-                    let line = if o.json { row.json() } else { table_line(&row) };
-                    let _ = writeln!(out, "{line}");
-                    let _ = out.flush();
-                    rows.push(row);
+    for &backend in &o.backends {
+        for &queues in &o.queues {
+            for variant in [Variant::Rvscsi, Variant::NotifyEveryCommand] {
+                let rig = Rig::try_start(RigConfig {
+                    // 32 MiB: room for sequential 128 KiB writes to wrap.
+                    images: vec![(65_536, 0, 0)],
+                    transport: "modern".into(),
+                    interrupts: "msix".into(),
+                    num_queues: Some(queues),
+                    props: variant.props(),
+                    driver: Driver::Recorder,
+                    binding,
+                    backend: backend.emu(),
+                    blank_images: true,
+                    ..RigConfig::default()
+                })?;
+                let luns = rig.load_luns();
+                let lun = luns.first().ok_or("no LUN was configured")?.clone();
+                let setup = Setup {
+                    rig: &rig,
+                    lun: &lun,
+                    backend,
+                    queues,
+                    variant,
+                    switch_ns,
+                };
+                for &mix in &o.mixes {
+                    for &qd in &o.qds {
+                        let mut row = measure(&setup, o, mix, qd)?;
+                        row.insns_per_cmd = insns.get(&row.key()).copied();
+                        let line = if o.json { row.json() } else { table_line(&row) };
+                        let _ = writeln!(out, "{line}");
+                        let _ = out.flush();
+                        rows.push(row);
+                    }
                 }
-            }
-            let report = rig.finish();
-            if !report.is_clean() {
-                return Err(format!("detach after the bench was not clean: {report:?}"));
+                if let Some(dev) = &rig.bed().machine.memdev {
+                    let errors = dev.errors();
+                    if !errors.is_empty() {
+                        return Err(format!("the in-memory device found faults: {errors:?}"));
+                    }
+                }
+                let report = rig.finish();
+                if !report.is_clean() {
+                    return Err(format!("detach after the bench was not clean: {report:?}"));
+                }
             }
         }
     }
@@ -584,7 +856,8 @@ pub fn run(o: &BenchOptions, out: &mut dyn Write, err: &mut dyn Write) -> Result
     }
     let _ = writeln!(
         err,
-        "bench: {} rows, {} commands per run, {} runs per row",
+        "bench: {} rows, {} commands per run, {} runs per row; ns/cmd is the driver's own CPU \
+         time (the meter's {switch_ns:.0} ns per side switch taken off)",
         rows.len(),
         o.commands,
         o.repeat

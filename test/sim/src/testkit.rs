@@ -73,6 +73,8 @@ pub struct Image {
     pub seed: u64,
     /// Size in 512-byte blocks.
     pub blocks: u64,
+    /// Filled with the pattern (else all zeros).
+    pub patterned: bool,
 }
 
 impl Image {
@@ -87,6 +89,20 @@ impl Image {
             path: path.to_path_buf(),
             seed,
             blocks,
+            patterned: true,
+        }
+    }
+
+    /// Creates `path` with `blocks` zeroed blocks (a sparse file: quick to
+    /// make at any size, for runs that do not check data).
+    pub fn blank(path: &Path, blocks: u64) -> Image {
+        let f = std::fs::File::create(path).expect("create a disk image");
+        f.set_len(blocks * 512).expect("size a disk image");
+        Image {
+            path: path.to_path_buf(),
+            seed: 0,
+            blocks,
+            patterned: false,
         }
     }
 
@@ -100,8 +116,11 @@ impl Image {
         b
     }
 
-    /// What the pattern says blocks `[lba, lba+n)` hold.
+    /// What blocks `[lba, lba+n)` held when the image was made.
     pub fn expected(&self, lba: u64, n: u64) -> Vec<u8> {
+        if !self.patterned {
+            return vec![0; n as usize * 512];
+        }
         (lba..lba + n)
             .flat_map(|l| pattern_block(self.seed, l))
             .collect()
@@ -221,6 +240,11 @@ pub struct RigConfig {
     pub binding: Binding,
     /// Device misbehaviour armed before the driver attaches.
     pub faults: Vec<rvscsi_emu::faults::Fault>,
+    /// What plays the device (QEMU, or the in-process model).
+    pub backend: rvscsi_emu::Backend,
+    /// Zeroed images instead of patterned ones (for runs that check no
+    /// data: much quicker to make).
+    pub blank_images: bool,
 }
 
 impl Default for RigConfig {
@@ -238,6 +262,8 @@ impl Default for RigConfig {
             driver: Driver::Sd,
             binding: Binding::Library,
             faults: Vec::new(),
+            backend: rvscsi_emu::Backend::Qemu,
+            blank_images: false,
         }
     }
 }
@@ -279,7 +305,12 @@ impl Rig {
         let mut images = Vec::new();
         let mut disks = Vec::new();
         for (i, &(blocks, target, lun)) in cfg.images.iter().enumerate() {
-            let img = Image::patterned(&dir.path(&format!("d{i}.img")), 0x1000 + i as u64, blocks);
+            let path = dir.path(&format!("d{i}.img"));
+            let img = if cfg.blank_images {
+                Image::blank(&path, blocks)
+            } else {
+                Image::patterned(&path, 0x1000 + i as u64, blocks)
+            };
             let prefix = cfg.blkdebug.get(i).cloned().flatten().unwrap_or_default();
             let mut file = format!("{prefix}{}", img.path.display());
             for o in &cfg.drive_opts {
@@ -297,6 +328,7 @@ impl Rig {
         };
         mc.num_queues = cfg.num_queues;
         mc.msix_vectors = cfg.msix_vectors;
+        mc.backend = cfg.backend;
         if cfg.qemu == Qemu::V72 {
             let root = qemu72_root().map_err(failed)?;
             mc.qemu.binary = root.join("usr/bin/qemu-system-x86_64");

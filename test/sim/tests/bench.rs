@@ -1,9 +1,10 @@
 //! `rvscsi-sim bench` measures what it claims: the counters move with the
 //! mechanisms (notification suppression and doorbell batching cut device
 //! accesses at depth; MSI-X needs no interrupt-status reads; the I/O path
-//! allocates nothing), and `--json` prints the documented fields.
+//! allocates nothing), the in-memory back end reports the driver's own
+//! CPU time and instructions, and `--json` prints the documented fields.
 
-use rvscsi_sim::bench::{self, BenchOptions, Mix, Variant};
+use rvscsi_sim::bench::{self, BenchBackend, BenchOptions, Mix, Variant};
 
 fn quick(
     qds: Vec<u32>,
@@ -11,15 +12,20 @@ fn quick(
     mixes: Vec<Mix>,
     json: bool,
 ) -> (Vec<bench::Row>, String) {
-    let o = BenchOptions {
+    run(BenchOptions {
         json,
         commands: 400,
         repeat: 1,
         qds,
         queues,
         mixes,
-        module: None,
-    };
+        backends: vec![BenchBackend::Qemu],
+        instructions: false,
+        ..BenchOptions::default()
+    })
+}
+
+fn run(o: BenchOptions) -> (Vec<bench::Row>, String) {
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let rows = bench::run(&o, &mut out, &mut err)
         .unwrap_or_else(|e| panic!("bench: {e}\n{}", String::from_utf8_lossy(&err)));
@@ -30,6 +36,59 @@ fn row(rows: &[bench::Row], v: Variant, qd: u32, queues: u32) -> &bench::Row {
     rows.iter()
         .find(|r| r.variant == v && r.qd == qd && r.queues == queues)
         .expect("the row")
+}
+
+#[test]
+fn the_in_memory_back_end_reports_the_drivers_own_time_and_instructions() {
+    let (rows, out) = run(BenchOptions {
+        json: true,
+        // Enough that filling the queue (a doorbell per command until the
+        // first completion pass) does not dominate QD32.
+        commands: 1000,
+        repeat: 2,
+        qds: vec![1, 32],
+        queues: vec![1],
+        mixes: vec![Mix::RandRead4k],
+        backends: vec![BenchBackend::Memory],
+        instructions: true,
+        exe: Some(env!("CARGO_BIN_EXE_rvscsi-sim").into()),
+        ..BenchOptions::default()
+    });
+    assert_eq!(rows.len(), 4, "{out}");
+    for r in &rows {
+        assert_eq!(r.backend, BenchBackend::Memory);
+        assert!(r.ns_per_cmd[0] > 0.0, "driver time measured: {r:?}");
+        assert!(r.ns_per_cmd[0] <= r.ns_per_cmd[1] && r.ns_per_cmd[1] <= r.ns_per_cmd[2]);
+        // tran_start and the interrupt handler call the kernel (locks,
+        // DMA syncs, the doorbell, scsi_hba_pkt_comp) some tens of times
+        // per command, not hundreds.
+        assert!(
+            r.kernel_calls_per_cmd >= 5.0 && r.kernel_calls_per_cmd <= 60.0,
+            "{r:?}"
+        );
+        // callgrind counted the driver's own instructions (valgrind is
+        // installed by test/scripts/install-deps.sh): hundreds at least,
+        // and bounded (unoptimized test builds run some ten times more
+        // instructions than the release build's 1,500 or so).
+        let insns = r
+            .insns_per_cmd
+            .unwrap_or_else(|| panic!("no instruction count: {r:?}"));
+        let most = if cfg!(debug_assertions) {
+            100_000.0
+        } else {
+            10_000.0
+        };
+        assert!((300.0..most).contains(&insns), "{r:?}");
+        assert_eq!(r.allocs_per_cmd, 0.0, "{r:?}");
+    }
+    // The in-process device suppresses notifications by the same rules.
+    assert!(row(&rows, Variant::Rvscsi, 32, 1).exits_per_cmd <= 0.1);
+    assert!(row(&rows, Variant::NotifyEveryCommand, 32, 1).exits_per_cmd >= 0.99);
+    for l in out.lines() {
+        let v: rvscsi_qtest::Value = rvscsi_qtest::from_str(l).expect("JSON");
+        assert_eq!(v["backend"], "memory");
+        assert!(v["insns_per_cmd"].as_f64().is_some(), "{l}");
+    }
 }
 
 #[test]
@@ -91,7 +150,20 @@ fn json_rows_carry_the_documented_fields_on_every_queue_count() {
 }
 
 #[test]
-fn the_in_memory_back_end_says_it_is_not_implemented() {
-    let e = bench::parse(&["--backend".to_string(), "memory".to_string()]).unwrap_err();
-    assert!(e.contains("NOT IMPLEMENTED"), "{e}");
+fn back_ends_are_chosen_by_name_and_unknown_ones_are_refused() {
+    let o = bench::parse(&["--backend".to_string(), "memory".to_string()]).expect("memory");
+    assert_eq!(o.backends, vec![BenchBackend::Memory]);
+    assert_eq!(
+        BenchOptions::default().backends,
+        vec![BenchBackend::Qemu, BenchBackend::Memory]
+    );
+    let e = bench::parse(&["--backend".to_string(), "vmware".to_string()]).unwrap_err();
+    assert!(e.contains("vmware"), "{e}");
+    let mut err = Vec::new();
+    let child = BenchOptions {
+        callgrind_child: true,
+        ..BenchOptions::default()
+    };
+    let e = bench::run(&child, &mut Vec::new(), &mut err).unwrap_err();
+    assert!(e.contains("under valgrind"), "{e}");
 }

@@ -436,7 +436,7 @@ fn events_lost_while_the_queue_had_no_buffers_lead_to_a_full_rediscovery() {
     let has = |t: u32| rig.bed().device(t, 0).is_some();
     // From now on the device never sees the event buffers the driver
     // gives back; the ones it already has carry the first events.
-    m.faults.starve_events(&m.qt, true);
+    m.faults.starve_events(&*m.qt, true);
     for i in 1..=16 {
         plug(i);
     }
@@ -455,7 +455,7 @@ fn events_lost_while_the_queue_had_no_buffers_lead_to_a_full_rediscovery() {
     );
     // Buffers again: the device reports that events were missed, and the
     // driver rediscovers every target.
-    m.faults.starve_events(&m.qt, false);
+    m.faults.starve_events(&*m.qt, false);
     let t0 = std::time::Instant::now();
     while !(17..=20).all(has) && t0.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_millis(100));

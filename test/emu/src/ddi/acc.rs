@@ -138,6 +138,7 @@ pub unsafe extern "C" fn ddi_dev_regsize(
     rnumber: c_uint,
     resultp: *mut off_t,
 ) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(n) = node(dip, "ddi_dev_regsize") else {
         return ffi::DDI_FAILURE;
     };
@@ -167,6 +168,7 @@ pub unsafe extern "C" fn ddi_regs_map_setup(
     accattrp: *const ddi_device_acc_attr_t,
     handlep: *mut ddi_acc_handle_t,
 ) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(n) = node(dip, "ddi_regs_map_setup") else {
         return ffi::DDI_FAILURE;
     };
@@ -223,6 +225,7 @@ pub unsafe extern "C" fn ddi_regs_map_setup(
 /// `handlep` must point at the caller's handle variable.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ddi_regs_map_free(handlep: *mut ddi_acc_handle_t) {
+    let _kernel = crate::meter::kernel();
     unregister(handlep, "ddi_regs_map_free");
 }
 
@@ -235,6 +238,7 @@ pub unsafe extern "C" fn pci_config_setup(
     dip: *mut dev_info_t,
     handlep: *mut ddi_acc_handle_t,
 ) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(n) = node(dip, "pci_config_setup") else {
         return ffi::DDI_FAILURE;
     };
@@ -259,6 +263,7 @@ pub unsafe extern "C" fn pci_config_setup(
 /// `handlep` must point at the caller's handle variable.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn pci_config_teardown(handlep: *mut ddi_acc_handle_t) {
+    let _kernel = crate::meter::kernel();
     unregister(handlep, "pci_config_teardown");
 }
 
@@ -280,7 +285,7 @@ fn config_read(h: ddi_acc_handle_t, off: off_t, size: usize, func: &str) -> u32 
     }
     let m = &a.machine;
     m.stats.cfg_reads.fetch_add(1, Ordering::Relaxed);
-    let pci = Pci::new(&m.qt);
+    let pci = Pci::new(&*m.qt);
     let r = match size {
         1 => pci.cfg_read8(m.bdf, off as u8).map(u32::from),
         2 => pci.cfg_read16(m.bdf, off as u8).map(u32::from),
@@ -305,7 +310,7 @@ fn config_write(h: ddi_acc_handle_t, off: off_t, size: usize, v: u32, func: &str
         return;
     }
     let m = &a.machine;
-    let pci = Pci::new(&m.qt);
+    let pci = Pci::new(&*m.qt);
     let r = match size {
         1 => pci.cfg_write8(m.bdf, off as u8, v as u8),
         2 => pci.cfg_write16(m.bdf, off as u8, v as u16),
@@ -319,36 +324,42 @@ fn config_write(h: ddi_acc_handle_t, off: off_t, size: usize, v: u32, func: &str
 /// `pci_config_get8(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn pci_config_get8(h: ddi_acc_handle_t, off: off_t) -> u8 {
+    let _kernel = crate::meter::kernel();
     config_read(h, off, 1, "pci_config_get8") as u8
 }
 
 /// `pci_config_get16(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn pci_config_get16(h: ddi_acc_handle_t, off: off_t) -> u16 {
+    let _kernel = crate::meter::kernel();
     config_read(h, off, 2, "pci_config_get16") as u16
 }
 
 /// `pci_config_get32(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn pci_config_get32(h: ddi_acc_handle_t, off: off_t) -> u32 {
+    let _kernel = crate::meter::kernel();
     config_read(h, off, 4, "pci_config_get32")
 }
 
 /// `pci_config_put8(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn pci_config_put8(h: ddi_acc_handle_t, off: off_t, v: u8) {
+    let _kernel = crate::meter::kernel();
     config_write(h, off, 1, u32::from(v), "pci_config_put8")
 }
 
 /// `pci_config_put16(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn pci_config_put16(h: ddi_acc_handle_t, off: off_t, v: u16) {
+    let _kernel = crate::meter::kernel();
     config_write(h, off, 2, u32::from(v), "pci_config_put16")
 }
 
 /// `pci_config_put32(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn pci_config_put32(h: ddi_acc_handle_t, off: off_t, v: u32) {
+    let _kernel = crate::meter::kernel();
     config_write(h, off, 4, v, "pci_config_put32")
 }
 
@@ -385,6 +396,7 @@ macro_rules! reg_rw {
         #[doc = concat!("`", stringify!($get), "(9F)`")]
         #[unsafe(no_mangle)]
         pub extern "C" fn $get(h: ddi_acc_handle_t, addr: *mut $t) -> $t {
+    let _kernel = crate::meter::kernel();
             let size = std::mem::size_of::<$t>();
             let Some((m, kind, off)) = reg_target(h, addr as usize, size, stringify!($get)) else {
                 return <$t>::MAX;
@@ -409,6 +421,7 @@ macro_rules! reg_rw {
         #[doc = concat!("`", stringify!($put), "(9F)`")]
         #[unsafe(no_mangle)]
         pub extern "C" fn $put(h: ddi_acc_handle_t, addr: *mut $t, v: $t) {
+    let _kernel = crate::meter::kernel();
             let size = std::mem::size_of::<$t>();
             let Some((m, kind, off)) = reg_target(h, addr as usize, size, stringify!($put)) else {
                 return;
@@ -468,6 +481,7 @@ reg_rw!(ddi_get64, ddi_put64, u64, none, none, readq, writeq);
 /// `ddi_check_acc_handle(9F)`: no access faults are modelled.
 #[unsafe(no_mangle)]
 pub extern "C" fn ddi_check_acc_handle(h: ddi_acc_handle_t) -> c_int {
+    let _kernel = crate::meter::kernel();
     if get(h, "ddi_check_acc_handle").is_some() {
         ffi::DDI_SUCCESS
     } else {

@@ -47,6 +47,7 @@ pub fn current() -> usize {
 /// `curcpup()`: the current CPU.
 #[unsafe(no_mangle)]
 pub extern "C" fn curcpup() -> *mut cpu {
+    let _kernel = crate::meter::kernel();
     // The driver only reads through it, as through the kernel's.
     std::ptr::from_ref(&cpus()[current()]).cast_mut()
 }

@@ -171,18 +171,21 @@ fn hand_out(n: &DevInfo, value: Handed, addr: usize) {
 /// `ddi_get_instance(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn ddi_get_instance(dip: *mut dev_info_t) -> c_int {
+    let _kernel = crate::meter::kernel();
     node(dip, "ddi_get_instance").map_or(-1, |n| n.instance)
 }
 
 /// `ddi_get_parent(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn ddi_get_parent(dip: *mut dev_info_t) -> *mut dev_info_t {
+    let _kernel = crate::meter::kernel();
     node(dip, "ddi_get_parent").map_or(std::ptr::null_mut(), |n| n.parent)
 }
 
 /// `ddi_get_driver_private(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn ddi_get_driver_private(dip: *mut dev_info_t) -> *mut c_void {
+    let _kernel = crate::meter::kernel();
     node(dip, "ddi_get_driver_private").map_or(std::ptr::null_mut(), |n| {
         n.driver_private.load(Ordering::Acquire)
     })
@@ -191,6 +194,7 @@ pub extern "C" fn ddi_get_driver_private(dip: *mut dev_info_t) -> *mut c_void {
 /// `ddi_set_driver_private(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn ddi_set_driver_private(dip: *mut dev_info_t, data: *mut c_void) {
+    let _kernel = crate::meter::kernel();
     if let Some(n) = node(dip, "ddi_set_driver_private") {
         n.driver_private.store(data, Ordering::Release);
     }
@@ -199,18 +203,21 @@ pub extern "C" fn ddi_set_driver_private(dip: *mut dev_info_t, data: *mut c_void
 /// `ddi_driver_name(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn ddi_driver_name(dip: *mut dev_info_t) -> *const c_char {
+    let _kernel = crate::meter::kernel();
     node(dip, "ddi_driver_name").map_or(std::ptr::null(), |n| n.driver.as_ptr())
 }
 
 /// `ddi_node_name(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn ddi_node_name(dip: *mut dev_info_t) -> *mut c_char {
+    let _kernel = crate::meter::kernel();
     node(dip, "ddi_node_name").map_or(std::ptr::null_mut(), |n| n.name.as_ptr().cast_mut())
 }
 
 /// `ddi_report_dev(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn ddi_report_dev(dip: *mut dev_info_t) {
+    let _kernel = crate::meter::kernel();
     if let Some(n) = node(dip, "ddi_report_dev") {
         n.machine.log_line(
             ffi::CE_CONT,
@@ -228,6 +235,7 @@ pub extern "C" fn ddi_prop_get_int(
     name: *mut c_char,
     default: c_int,
 ) -> c_int {
+    let _kernel = crate::meter::kernel();
     match lookup(dip, flags, name, "ddi_prop_get_int") {
         Some(Prop::Int(v)) => v,
         Some(Prop::Ints(v)) if !v.is_empty() => v[0],
@@ -248,6 +256,7 @@ pub unsafe extern "C" fn ddi_prop_lookup_int_array(
     datap: *mut *mut c_int,
     nelementsp: *mut c_uint,
 ) -> c_int {
+    let _kernel = crate::meter::kernel();
     if datap.is_null() || nelementsp.is_null() {
         super::violation("ddi_prop_lookup_int_array: null out-pointer");
         return ffi::DDI_PROP_INVAL_ARG;
@@ -284,6 +293,7 @@ pub unsafe extern "C" fn ddi_prop_lookup_string(
     name: *mut c_char,
     datap: *mut *mut c_char,
 ) -> c_int {
+    let _kernel = crate::meter::kernel();
     if datap.is_null() {
         super::violation("ddi_prop_lookup_string: null out-pointer");
         return ffi::DDI_PROP_INVAL_ARG;
@@ -307,6 +317,7 @@ pub unsafe extern "C" fn ddi_prop_lookup_string(
 /// `ddi_prop_free(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn ddi_prop_free(data: *mut c_void) {
+    let _kernel = crate::meter::kernel();
     match lock(&PROP_VALUES)
         .get_or_insert_with(HashMap::new)
         .remove(&(data as usize))

@@ -329,6 +329,7 @@ pub unsafe extern "C" fn ddi_dma_alloc_handle(
     _arg: caddr_t,
     handlep: *mut ddi_dma_handle_t,
 ) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(n) = node(dip, "ddi_dma_alloc_handle") else {
         return ffi::DDI_FAILURE;
     };
@@ -363,6 +364,7 @@ pub unsafe extern "C" fn ddi_dma_alloc_handle(
 /// `handlep` must point at the caller's handle variable.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ddi_dma_free_handle(handlep: *mut ddi_dma_handle_t) {
+    let _kernel = crate::meter::kernel();
     if handlep.is_null() {
         violation("ddi_dma_free_handle(NULL)");
         return;
@@ -403,6 +405,7 @@ pub unsafe extern "C" fn ddi_dma_mem_alloc(
     real_length: *mut usize,
     handlep: *mut ddi_acc_handle_t,
 ) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(d) = handle(h, "ddi_dma_mem_alloc") else {
         return ffi::DDI_FAILURE;
     };
@@ -469,6 +472,7 @@ pub unsafe extern "C" fn ddi_dma_mem_alloc(
 /// `handlep` must point at the caller's handle variable.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ddi_dma_mem_free(handlep: *mut ddi_acc_handle_t) {
+    let _kernel = crate::meter::kernel();
     if handlep.is_null() {
         violation("ddi_dma_mem_free(NULL)");
         return;
@@ -576,6 +580,7 @@ pub unsafe extern "C" fn ddi_dma_addr_bind_handle(
     cookiep: *mut ddi_dma_cookie_t,
     ccountp: *mut c_uint,
 ) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(d) = handle(h, "ddi_dma_addr_bind_handle") else {
         return ffi::DDI_DMA_NOMAPPING;
     };
@@ -626,6 +631,7 @@ pub unsafe extern "C" fn ddi_dma_buf_bind_handle(
     cookiep: *mut ddi_dma_cookie_t,
     ccountp: *mut c_uint,
 ) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(d) = handle(h, "ddi_dma_buf_bind_handle") else {
         return ffi::DDI_DMA_NOMAPPING;
     };
@@ -685,6 +691,7 @@ pub unsafe extern "C" fn ddi_dma_buf_bind_handle(
 /// `ddi_dma_unbind_handle(9F)`: a read's data is copied back here.
 #[unsafe(no_mangle)]
 pub extern "C" fn ddi_dma_unbind_handle(h: ddi_dma_handle_t) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(d) = handle(h, "ddi_dma_unbind_handle") else {
         return ffi::DDI_FAILURE;
     };
@@ -713,6 +720,7 @@ pub extern "C" fn ddi_dma_sync(
     length: usize,
     type_: c_uint,
 ) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(d) = handle(h, "ddi_dma_sync") else {
         return ffi::DDI_FAILURE;
     };
@@ -757,6 +765,7 @@ pub extern "C" fn ddi_dma_sync(
 /// `np` must be valid.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ddi_dma_numwin(h: ddi_dma_handle_t, np: *mut c_uint) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(d) = handle(h, "ddi_dma_numwin") else {
         return ffi::DDI_FAILURE;
     };
@@ -784,6 +793,7 @@ pub unsafe extern "C" fn ddi_dma_getwin(
     cookiep: *mut ddi_dma_cookie_t,
     ccountp: *mut c_uint,
 ) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(d) = handle(h, "ddi_dma_getwin") else {
         return ffi::DDI_FAILURE;
     };
@@ -821,6 +831,7 @@ pub unsafe extern "C" fn ddi_dma_getwin(
 /// `cookiep` must be valid.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ddi_dma_nextcookie(h: ddi_dma_handle_t, cookiep: *mut ddi_dma_cookie_t) {
+    let _kernel = crate::meter::kernel();
     let Some(d) = handle(h, "ddi_dma_nextcookie") else {
         return;
     };
@@ -840,6 +851,7 @@ pub unsafe extern "C" fn ddi_dma_nextcookie(h: ddi_dma_handle_t, cookiep: *mut d
 /// `ddi_dma_ncookies(9F)`: cookies of the current window.
 #[unsafe(no_mangle)]
 pub extern "C" fn ddi_dma_ncookies(h: ddi_dma_handle_t) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(d) = handle(h, "ddi_dma_ncookies") else {
         return 0;
     };
@@ -851,6 +863,7 @@ pub extern "C" fn ddi_dma_ncookies(h: ddi_dma_handle_t) -> c_int {
 /// `ddi_dma_cookie_get(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn ddi_dma_cookie_get(h: ddi_dma_handle_t, i: c_uint) -> *const ddi_dma_cookie_t {
+    let _kernel = crate::meter::kernel();
     let Some(d) = handle(h, "ddi_dma_cookie_get") else {
         return std::ptr::null();
     };

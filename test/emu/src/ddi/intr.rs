@@ -27,7 +27,7 @@ struct Caps {
 }
 
 fn caps(m: &Machine) -> Caps {
-    let pci = Pci::new(&m.qt);
+    let pci = Pci::new(&*m.qt);
     let list = pci.capabilities(m.bdf).unwrap_or_default();
     let msix = list
         .iter()
@@ -74,6 +74,7 @@ pub unsafe extern "C" fn ddi_intr_get_supported_types(
     dip: *mut dev_info_t,
     typesp: *mut c_int,
 ) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(n) = node(dip, "ddi_intr_get_supported_types") else {
         return ffi::DDI_FAILURE;
     };
@@ -116,6 +117,7 @@ pub unsafe extern "C" fn ddi_intr_get_nintrs(
     typ: c_int,
     np: *mut c_int,
 ) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(n) = node(dip, "ddi_intr_get_nintrs") else {
         return ffi::DDI_FAILURE;
     };
@@ -139,6 +141,7 @@ pub unsafe extern "C" fn ddi_intr_get_navail(
     typ: c_int,
     np: *mut c_int,
 ) -> c_int {
+    let _kernel = crate::meter::kernel();
     // SAFETY: same contract.
     unsafe { ddi_intr_get_nintrs(dip, typ, np) }
 }
@@ -157,6 +160,7 @@ pub unsafe extern "C" fn ddi_intr_alloc(
     actualp: *mut c_int,
     behavior: c_int,
 ) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(n) = node(dip, "ddi_intr_alloc") else {
         return ffi::DDI_FAILURE;
     };
@@ -211,6 +215,7 @@ pub unsafe extern "C" fn ddi_intr_alloc(
 /// `ddi_intr_free(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn ddi_intr_free(h: ddi_intr_handle_t) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(ih) = get(h, "ddi_intr_free") else {
         return ffi::DDI_FAILURE;
     };
@@ -252,6 +257,7 @@ pub extern "C" fn ddi_intr_free(h: ddi_intr_handle_t) -> c_int {
 /// `prip` must be valid.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ddi_intr_get_pri(h: ddi_intr_handle_t, prip: *mut c_uint) -> c_int {
+    let _kernel = crate::meter::kernel();
     if get(h, "ddi_intr_get_pri").is_none() || prip.is_null() {
         return ffi::DDI_FAILURE;
     }
@@ -267,6 +273,7 @@ pub unsafe extern "C" fn ddi_intr_get_pri(h: ddi_intr_handle_t, prip: *mut c_uin
 /// `flagsp` must be valid.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ddi_intr_get_cap(h: ddi_intr_handle_t, flagsp: *mut c_int) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(ih) = get(h, "ddi_intr_get_cap") else {
         return ffi::DDI_FAILURE;
     };
@@ -292,6 +299,7 @@ pub extern "C" fn ddi_intr_add_handler(
     a1: *mut c_void,
     a2: *mut c_void,
 ) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(ih) = get(h, "ddi_intr_add_handler") else {
         return ffi::DDI_FAILURE;
     };
@@ -311,6 +319,7 @@ pub extern "C" fn ddi_intr_add_handler(
 /// `ddi_intr_remove_handler(9F)`: the vector must be disabled.
 #[unsafe(no_mangle)]
 pub extern "C" fn ddi_intr_remove_handler(h: ddi_intr_handle_t) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(ih) = get(h, "ddi_intr_remove_handler") else {
         return ffi::DDI_FAILURE;
     };
@@ -331,7 +340,7 @@ pub extern "C" fn ddi_intr_remove_handler(h: ddi_intr_handle_t) -> c_int {
 /// Programs the device for vector `inum` (or masks it).
 fn program(m: &Machine, kind: IntrType, inum: usize, on: bool) {
     let c = caps(m);
-    let pci = Pci::new(&m.qt);
+    let pci = Pci::new(&*m.qt);
     let mailbox = lock(&m.intr).mailbox;
     let msg_addr = mailbox + 4 * inum as u64;
     let data = MSG_MAGIC | inum as u32;
@@ -418,7 +427,7 @@ fn set_enabled(h: ddi_intr_handle_t, on: bool, func: &str) -> c_int {
     if !on && kind == IntrType::MsiX && lock(&m.intr).vectors.iter().all(|v| !v.enabled) {
         // Last vector off: MSI-X off in the device too.
         if let Some((at, _)) = caps(m).msix {
-            let pci = Pci::new(&m.qt);
+            let pci = Pci::new(&*m.qt);
             if let Ok(ctrl) = pci.cfg_read16(m.bdf, at + 2) {
                 let _ = pci.cfg_write16(m.bdf, at + 2, ctrl & !0x8000);
             }
@@ -431,12 +440,14 @@ fn set_enabled(h: ddi_intr_handle_t, on: bool, func: &str) -> c_int {
 /// `ddi_intr_enable(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn ddi_intr_enable(h: ddi_intr_handle_t) -> c_int {
+    let _kernel = crate::meter::kernel();
     set_enabled(h, true, "ddi_intr_enable")
 }
 
 /// `ddi_intr_disable(9F)`: on return no handler of the vector runs.
 #[unsafe(no_mangle)]
 pub extern "C" fn ddi_intr_disable(h: ddi_intr_handle_t) -> c_int {
+    let _kernel = crate::meter::kernel();
     set_enabled(h, false, "ddi_intr_disable")
 }
 
@@ -449,6 +460,7 @@ pub unsafe extern "C" fn ddi_intr_block_enable(
     h_array: *mut ddi_intr_handle_t,
     count: c_int,
 ) -> c_int {
+    let _kernel = crate::meter::kernel();
     for i in 0..count.max(0) as usize {
         // SAFETY: count handles (caller).
         if set_enabled(unsafe { *h_array.add(i) }, true, "ddi_intr_block_enable")
@@ -469,6 +481,7 @@ pub unsafe extern "C" fn ddi_intr_block_disable(
     h_array: *mut ddi_intr_handle_t,
     count: c_int,
 ) -> c_int {
+    let _kernel = crate::meter::kernel();
     for i in 0..count.max(0) as usize {
         // SAFETY: count handles (caller).
         set_enabled(unsafe { *h_array.add(i) }, false, "ddi_intr_block_disable");

@@ -46,18 +46,21 @@ fn kalloc(size: usize, kmflag: c_int, zero: bool) -> *mut c_void {
 /// `kmem_alloc(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn kmem_alloc(size: usize, kmflag: c_int) -> *mut c_void {
+    let _kernel = crate::meter::kernel();
     kalloc(size, kmflag, false)
 }
 
 /// `kmem_zalloc(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn kmem_zalloc(size: usize, kmflag: c_int) -> *mut c_void {
+    let _kernel = crate::meter::kernel();
     kalloc(size, kmflag, true)
 }
 
 /// `kmem_free(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn kmem_free(buf: *mut c_void, size: usize) {
+    let _kernel = crate::meter::kernel();
     match lock(&ALLOCS)
         .get_or_insert_with(HashMap::new)
         .remove(&(buf as usize))

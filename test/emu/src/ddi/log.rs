@@ -12,6 +12,7 @@ use std::ffi::{CStr, c_char, c_int, c_void};
 /// `msg` is a NUL-terminated string (the C side's buffer).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn rvscsi_emu_log(dip: *mut c_void, level: c_int, msg: *const c_char) {
+    let _kernel = crate::meter::kernel();
     // SAFETY: NUL-terminated by vsnprintf.
     let text = unsafe { CStr::from_ptr(msg) }
         .to_string_lossy()
@@ -40,6 +41,7 @@ pub unsafe extern "C" fn rvscsi_emu_log(dip: *mut c_void, level: c_int, msg: *co
 /// `msg` is a NUL-terminated string.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn rvscsi_emu_panic(msg: *const c_char) -> ! {
+    let _kernel = crate::meter::kernel();
     // SAFETY: NUL-terminated by vsnprintf.
     let text = unsafe { CStr::from_ptr(msg) }
         .to_string_lossy()

@@ -96,6 +96,7 @@ unsafe fn driver_of(modlp: *mut modlinkage, func: &str) -> Result<*mut dev_ops, 
 /// `modlp` is the module's `struct modlinkage`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mod_install(modlp: *mut modlinkage) -> c_int {
+    let _kernel = crate::meter::kernel();
     // SAFETY: guaranteed by the caller.
     let ops = match unsafe { driver_of(modlp, "mod_install") } {
         Ok(o) => o,
@@ -128,6 +129,7 @@ pub unsafe extern "C" fn mod_install(modlp: *mut modlinkage) -> c_int {
 /// `modlp` is the module's `struct modlinkage`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mod_remove(modlp: *mut modlinkage) -> c_int {
+    let _kernel = crate::meter::kernel();
     let mut g = lock(&INSTALLED);
     let Some(i) = g.iter().position(|m| m.linkage == modlp as usize) else {
         violation("mod_remove of a module that is not installed");
@@ -147,6 +149,7 @@ pub unsafe extern "C" fn mod_remove(modlp: *mut modlinkage) -> c_int {
 /// `modlp` is the module's `struct modlinkage`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mod_info(modlp: *mut modlinkage, modinfop: *mut c_void) -> c_int {
+    let _kernel = crate::meter::kernel();
     if modinfop.is_null() {
         violation("mod_info with a null modinfo");
         return 0;
@@ -164,12 +167,14 @@ pub unsafe extern "C" fn mod_info(modlp: *mut modlinkage, modinfop: *mut c_void)
 /// `nodev`: the entry point a driver does not provide.
 #[unsafe(no_mangle)]
 pub extern "C" fn nodev() -> c_int {
+    let _kernel = crate::meter::kernel();
     ENXIO
 }
 
 /// `nulldev`: the entry point that does nothing and succeeds.
 #[unsafe(no_mangle)]
 pub extern "C" fn nulldev() -> c_int {
+    let _kernel = crate::meter::kernel();
     0
 }
 

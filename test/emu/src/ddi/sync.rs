@@ -98,6 +98,7 @@ fn machine_of(w: &Option<Weak<Machine>>) -> Option<Arc<Machine>> {
 /// `mutex_init(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn mutex_init(mp: *mut kmutex_t, _name: *mut c_char, _typ: c_int, arg: *mut c_void) {
+    let _kernel = crate::meter::kernel();
     if mp.is_null() {
         violation("mutex_init(NULL)");
         return;
@@ -123,6 +124,7 @@ pub extern "C" fn mutex_init(mp: *mut kmutex_t, _name: *mut c_char, _typ: c_int,
 /// `mutex_destroy(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn mutex_destroy(mp: *mut kmutex_t) {
+    let _kernel = crate::meter::kernel();
     let Some(emu) = lock(&MUTEXES)
         .get_or_insert_with(HashMap::new)
         .remove(&key(mp))
@@ -178,6 +180,7 @@ fn release(emu: &EmuMutex, mp: *const kmutex_t, func: &str) -> bool {
 /// `mutex_enter(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn mutex_enter(mp: *mut kmutex_t) {
+    let _kernel = crate::meter::kernel();
     let Some(emu) = get_mutex(mp, "mutex_enter") else {
         return;
     };
@@ -192,6 +195,7 @@ pub extern "C" fn mutex_enter(mp: *mut kmutex_t) {
 /// `mutex_tryenter(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn mutex_tryenter(mp: *mut kmutex_t) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(emu) = get_mutex(mp, "mutex_tryenter") else {
         return 0;
     };
@@ -208,6 +212,7 @@ pub extern "C" fn mutex_tryenter(mp: *mut kmutex_t) -> c_int {
 /// `mutex_exit(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn mutex_exit(mp: *mut kmutex_t) {
+    let _kernel = crate::meter::kernel();
     if let Some(emu) = get_mutex(mp, "mutex_exit") {
         release(&emu, mp, "mutex_exit");
     }
@@ -216,6 +221,7 @@ pub extern "C" fn mutex_exit(mp: *mut kmutex_t) {
 /// `mutex_owned(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn mutex_owned(mp: *const kmutex_t) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(emu) = get_mutex(mp, "mutex_owned") else {
         return 0;
     };
@@ -231,6 +237,7 @@ pub extern "C" fn cv_init(
     _typ: c_int,
     _arg: *mut c_void,
 ) {
+    let _kernel = crate::meter::kernel();
     if cvp.is_null() {
         violation("cv_init(NULL)");
         return;
@@ -255,6 +262,7 @@ pub extern "C" fn cv_init(
 /// `cv_destroy(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn cv_destroy(cvp: *mut kcondvar_t) {
+    let _kernel = crate::meter::kernel();
     match lock(&CONDVARS)
         .get_or_insert_with(HashMap::new)
         .remove(&key(cvp))
@@ -317,6 +325,7 @@ fn wait(cvp: *mut kcondvar_t, mp: *mut kmutex_t, deadline: Option<Instant>, func
 /// `cv_wait(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn cv_wait(cvp: *mut kcondvar_t, mp: *mut kmutex_t) {
+    let _kernel = crate::meter::kernel();
     wait(cvp, mp, None, "cv_wait");
 }
 
@@ -328,6 +337,7 @@ pub extern "C" fn cv_reltimedwait(
     delta: clock_t,
     _res: c_int,
 ) -> clock_t {
+    let _kernel = crate::meter::kernel();
     let d = Instant::now() + ticks_to_duration(delta.max(0));
     if wait(cvp, mp, Some(d), "cv_reltimedwait") {
         super::time::duration_to_ticks(d.saturating_duration_since(Instant::now())).max(1)
@@ -343,6 +353,7 @@ pub extern "C" fn cv_timedwait(
     mp: *mut kmutex_t,
     abstime: clock_t,
 ) -> clock_t {
+    let _kernel = crate::meter::kernel();
     let now = super::time::ddi_get_lbolt();
     cv_reltimedwait(cvp, mp, abstime - now, 0)
 }
@@ -350,6 +361,7 @@ pub extern "C" fn cv_timedwait(
 /// `cv_signal(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn cv_signal(cvp: *mut kcondvar_t) {
+    let _kernel = crate::meter::kernel();
     if let Some(cv) = get_cv(cvp, "cv_signal") {
         *lock(&cv.seq) += 1;
         cv.cv.notify_one();
@@ -359,6 +371,7 @@ pub extern "C" fn cv_signal(cvp: *mut kcondvar_t) {
 /// `cv_broadcast(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn cv_broadcast(cvp: *mut kcondvar_t) {
+    let _kernel = crate::meter::kernel();
     if let Some(cv) = get_cv(cvp, "cv_broadcast") {
         *lock(&cv.seq) += 1;
         cv.cv.notify_all();

@@ -42,9 +42,12 @@ fn worker(q: &TaskQ) {
         if let Some((f, a)) = s.tasks.pop_front() {
             s.running = true;
             drop(s);
-            // SAFETY: dispatched by the driver with this argument;
-            // ddi_taskq_destroy waits for the queue before freeing it.
-            unsafe { f(a as *mut c_void) };
+            {
+                let _m = crate::meter::driver();
+                // SAFETY: dispatched by the driver with this argument;
+                // ddi_taskq_destroy waits for the queue before freeing it.
+                unsafe { f(a as *mut c_void) };
+            }
             s = lock(&q.state);
             s.running = false;
             q.cv.notify_all();
@@ -80,6 +83,7 @@ pub extern "C" fn ddi_taskq_create(
     _pri: pri_t,
     _cflags: c_uint,
 ) -> *mut ddi_taskq_t {
+    let _kernel = crate::meter::kernel();
     check_may_sleep("ddi_taskq_create");
     let Some(n) = node(dip, "ddi_taskq_create") else {
         return std::ptr::null_mut();
@@ -116,6 +120,7 @@ pub extern "C" fn ddi_taskq_dispatch(
     arg: *mut c_void,
     dflags: c_uint,
 ) -> c_int {
+    let _kernel = crate::meter::kernel();
     if dflags != ffi::DDI_NOSLEEP as c_uint {
         check_may_sleep("ddi_taskq_dispatch(DDI_SLEEP)");
     }
@@ -135,6 +140,7 @@ pub extern "C" fn ddi_taskq_dispatch(
 /// `ddi_taskq_wait(9F)`: until every dispatched task has run.
 #[unsafe(no_mangle)]
 pub extern "C" fn ddi_taskq_wait(tq: *mut ddi_taskq_t) {
+    let _kernel = crate::meter::kernel();
     check_may_sleep("ddi_taskq_wait");
     let Some(q) = get(tq, "ddi_taskq_wait") else {
         return;
@@ -155,6 +161,7 @@ pub extern "C" fn ddi_taskq_wait(tq: *mut ddi_taskq_t) {
 /// `ddi_taskq_destroy(9F)`: waits for the queued tasks, then frees.
 #[unsafe(no_mangle)]
 pub extern "C" fn ddi_taskq_destroy(tq: *mut ddi_taskq_t) {
+    let _kernel = crate::meter::kernel();
     ddi_taskq_wait(tq);
     let Some(q) = get(tq, "ddi_taskq_destroy") else {
         return;

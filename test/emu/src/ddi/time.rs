@@ -32,24 +32,28 @@ pub fn duration_to_ticks(d: Duration) -> i64 {
 /// `ddi_get_lbolt(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn ddi_get_lbolt() -> clock_t {
+    let _kernel = crate::meter::kernel();
     (BOOT.elapsed().as_micros() as i64) / USEC_PER_TICK
 }
 
 /// `ddi_get_lbolt64(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn ddi_get_lbolt64() -> i64 {
+    let _kernel = crate::meter::kernel();
     ddi_get_lbolt()
 }
 
 /// `gethrtime(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn gethrtime() -> hrtime_t {
+    let _kernel = crate::meter::kernel();
     BOOT.elapsed().as_nanos() as i64
 }
 
 /// `drv_usectohz(9F)` (rounds up, as illumos does).
 #[unsafe(no_mangle)]
 pub extern "C" fn drv_usectohz(us: clock_t) -> clock_t {
+    let _kernel = crate::meter::kernel();
     if us <= 0 {
         0
     } else {
@@ -60,6 +64,7 @@ pub extern "C" fn drv_usectohz(us: clock_t) -> clock_t {
 /// `drv_hztousec(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn drv_hztousec(ticks: clock_t) -> clock_t {
+    let _kernel = crate::meter::kernel();
     ticks.saturating_mul(USEC_PER_TICK)
 }
 
@@ -67,6 +72,7 @@ pub extern "C" fn drv_hztousec(ticks: clock_t) -> clock_t {
 /// and longer ones yield the CPU (the other core runs QEMU).
 #[unsafe(no_mangle)]
 pub extern "C" fn drv_usecwait(us: clock_t) {
+    let _kernel = crate::meter::kernel();
     if us <= 0 {
         return;
     }
@@ -89,6 +95,7 @@ pub extern "C" fn drv_usecwait(us: clock_t) {
 /// `delay(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn delay(ticks: clock_t) {
+    let _kernel = crate::meter::kernel();
     check_may_sleep("delay");
     std::thread::sleep(ticks_to_duration(ticks));
 }
@@ -143,9 +150,12 @@ fn timer_thread() {
             let _g = timer.machine.as_ref().map(set_current);
             // Timeout callbacks run at soft-interrupt level: no sleeping.
             enter_interrupt_context();
-            // SAFETY: the driver registered func/arg with timeout(9F) and
-            // has not cancelled it (untimeout waits for a running one).
-            unsafe { (timer.func)(timer.arg as *mut c_void) };
+            {
+                let _m = crate::meter::driver();
+                // SAFETY: the driver registered func/arg with timeout(9F) and
+                // has not cancelled it (untimeout waits for a running one).
+                unsafe { (timer.func)(timer.arg as *mut c_void) };
+            }
             if let Some(mm) = &timer.machine {
                 leave_interrupt_context(mm);
             } else {
@@ -171,6 +181,7 @@ fn timer_thread() {
 /// `timeout(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn timeout(func: Callback, arg: *mut c_void, ticks: clock_t) -> timeout_id_t {
+    let _kernel = crate::meter::kernel();
     let id = NEXT_TIMER.fetch_add(1, Ordering::Relaxed);
     let m = machine::current();
     if let Some(m) = &m {
@@ -193,6 +204,7 @@ pub extern "C" fn timeout(func: Callback, arg: *mut c_void, ticks: clock_t) -> t
 /// `untimeout(9F)`: cancels, or waits for a callback already running.
 #[unsafe(no_mangle)]
 pub extern "C" fn untimeout(id: timeout_id_t) -> clock_t {
+    let _kernel = crate::meter::kernel();
     let id = id as u64;
     let (tm, c) = &*TIMERS;
     let mut t = lock(tm);
@@ -228,6 +240,7 @@ pub extern "C" fn ddi_periodic_add(
     interval: hrtime_t,
     level: c_int,
 ) -> ddi_periodic_t {
+    let _kernel = crate::meter::kernel();
     if level != 0 {
         violation("ddi_periodic_add at an interrupt level (the driver asks for level 0)");
     }
@@ -251,9 +264,12 @@ pub extern "C" fn ddi_periodic_add(
                     continue;
                 }
                 next += interval;
-                // SAFETY: registered by the driver; ddi_periodic_delete
-                // joins this thread before returning.
-                unsafe { func(a as *mut c_void) };
+                {
+                    let _m = crate::meter::driver();
+                    // SAFETY: registered by the driver; ddi_periodic_delete
+                    // joins this thread before returning.
+                    unsafe { func(a as *mut c_void) };
+                }
             }
         })
         .expect("a periodic thread");
@@ -271,6 +287,7 @@ pub extern "C" fn ddi_periodic_add(
 /// `ddi_periodic_delete(9F)`: returns after a running call finished.
 #[unsafe(no_mangle)]
 pub extern "C" fn ddi_periodic_delete(req: ddi_periodic_t) {
+    let _kernel = crate::meter::kernel();
     let Some(p) = lock(&PERIODICS)
         .get_or_insert_with(HashMap::new)
         .remove(&(req as u64))

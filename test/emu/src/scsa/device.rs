@@ -99,6 +99,7 @@ fn raw<'a>(sd: *mut scsi_device, func: &str) -> Option<&'a mut ScsiDeviceRaw> {
 /// `ap` must be valid.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn scsi_address_device(ap: *mut scsi_address) -> *mut scsi_device {
+    let _kernel = crate::meter::kernel();
     if ap.is_null() {
         violation("scsi_address_device(NULL)");
         return std::ptr::null_mut();
@@ -111,12 +112,14 @@ pub unsafe extern "C" fn scsi_address_device(ap: *mut scsi_address) -> *mut scsi
 /// `scsi_device_hba_private_get(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn scsi_device_hba_private_get(sd: *mut scsi_device) -> *mut c_void {
+    let _kernel = crate::meter::kernel();
     raw(sd, "scsi_device_hba_private_get").map_or(std::ptr::null_mut(), |r| r.sd_hba_private)
 }
 
 /// `scsi_device_hba_private_set(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn scsi_device_hba_private_set(sd: *mut scsi_device, data: *mut c_void) {
+    let _kernel = crate::meter::kernel();
     if let Some(r) = raw(sd, "scsi_device_hba_private_set") {
         r.sd_hba_private = data;
     }
@@ -125,6 +128,7 @@ pub extern "C" fn scsi_device_hba_private_set(sd: *mut scsi_device, data: *mut c
 /// `scsi_device_unit_address(9F)`: the child node's unit address.
 #[unsafe(no_mangle)]
 pub extern "C" fn scsi_device_unit_address(sd: *mut scsi_device) -> *mut c_char {
+    let _kernel = crate::meter::kernel();
     let Some(r) = raw(sd, "scsi_device_unit_address") else {
         return std::ptr::null_mut();
     };

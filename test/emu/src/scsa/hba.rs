@@ -138,6 +138,7 @@ unsafe fn dev_ops_of(modlp: *mut ffi::modlinkage) -> *mut ffi::dev_ops {
 /// `modlp` is the driver's `struct modlinkage`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn scsi_hba_init(modlp: *mut ffi::modlinkage) -> c_int {
+    let _kernel = crate::meter::kernel();
     // SAFETY: guaranteed by the caller.
     let Some(ops) = (unsafe { dev_ops_of(modlp).as_mut() }) else {
         violation("scsi_hba_init: a linkage without a modldrv and dev_ops");
@@ -160,6 +161,7 @@ pub unsafe extern "C" fn scsi_hba_init(modlp: *mut ffi::modlinkage) -> c_int {
 /// `modlp` is the driver's `struct modlinkage`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn scsi_hba_fini(modlp: *mut ffi::modlinkage) {
+    let _kernel = crate::meter::kernel();
     // SAFETY: guaranteed by the caller.
     let Some(ops) = (unsafe { dev_ops_of(modlp).as_mut() }) else {
         violation("scsi_hba_fini: a linkage without a modldrv and dev_ops");
@@ -177,6 +179,7 @@ pub unsafe extern "C" fn scsi_hba_fini(modlp: *mut ffi::modlinkage) {
 /// `scsi_hba_tran_alloc(9F)`: a zeroed `scsi_hba_tran` of the real size.
 #[unsafe(no_mangle)]
 pub extern "C" fn scsi_hba_tran_alloc(dip: *mut dev_info_t, _flags: c_int) -> *mut scsi_hba_tran {
+    let _kernel = crate::meter::kernel();
     if node(dip, "scsi_hba_tran_alloc").is_none() {
         return std::ptr::null_mut();
     }
@@ -186,6 +189,7 @@ pub extern "C" fn scsi_hba_tran_alloc(dip: *mut dev_info_t, _flags: c_int) -> *m
 /// `scsi_hba_tran_free(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn scsi_hba_tran_free(tran: *mut scsi_hba_tran) {
+    let _kernel = crate::meter::kernel();
     if !free_tran(tran) {
         violation(format!(
             "scsi_hba_tran_free of {tran:p}, which scsi_hba_tran_alloc did not return"
@@ -204,6 +208,7 @@ pub unsafe extern "C" fn scsi_hba_attach_setup(
     tran: *mut scsi_hba_tran,
     flags: c_int,
 ) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(n) = node(dip, "scsi_hba_attach_setup") else {
         return ffi::DDI_FAILURE;
     };
@@ -264,6 +269,7 @@ pub unsafe extern "C" fn scsi_hba_attach_setup(
 /// destructor of every cached packet).
 #[unsafe(no_mangle)]
 pub extern "C" fn scsi_hba_detach(dip: *mut dev_info_t) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(n) = node(dip, "scsi_hba_detach") else {
         return ffi::DDI_FAILURE;
     };
@@ -290,6 +296,7 @@ pub extern "C" fn scsi_hba_detach(dip: *mut dev_info_t) -> c_int {
 /// `port` must be a NUL-terminated string.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn scsi_hba_iport_register(dip: *mut dev_info_t, port: *mut c_char) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(st) = hba_state(dip) else {
         violation("scsi_hba_iport_register before scsi_hba_attach_setup");
         return ffi::DDI_FAILURE;
@@ -314,6 +321,7 @@ pub unsafe extern "C" fn scsi_hba_iport_register(dip: *mut dev_info_t, port: *mu
 /// `scsi_hba_iport_unit_address(9F)`: NULL unless `dip` is an iport.
 #[unsafe(no_mangle)]
 pub extern "C" fn scsi_hba_iport_unit_address(dip: *mut dev_info_t) -> *mut c_char {
+    let _kernel = crate::meter::kernel();
     match node(dip, "scsi_hba_iport_unit_address").map(|n| &n.kind) {
         Some(NodeKind::Iport(ua)) => ua.as_ptr().cast_mut(),
         _ => std::ptr::null_mut(),
@@ -354,6 +362,7 @@ pub const CAP_NAMES: [&str; 23] = [
 /// `capstr` must be a NUL-terminated string.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn scsi_hba_lookup_capstr(capstr: *mut c_char) -> c_int {
+    let _kernel = crate::meter::kernel();
     if capstr.is_null() {
         return -1;
     }

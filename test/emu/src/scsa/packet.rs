@@ -166,6 +166,7 @@ unsafe extern "C" fn emu_pkt_comp(pkt: *mut scsi_pkt) {
 /// `pkt` must be a packet the framework handed to the HBA.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn scsi_hba_pkt_comp(pkt: *mut scsi_pkt) {
+    let _kernel = crate::meter::kernel();
     let Some(w) = PktWrap::from_pkt(pkt, "scsi_hba_pkt_comp") else {
         return;
     };
@@ -399,6 +400,7 @@ impl Device {
             } else {
                 None
             };
+            let _m = crate::meter::driver();
             // SAFETY: the HBA's entry point with a packet set up as the
             // framework does.
             if unsafe { setup(p.pkt(), cb, std::ptr::null_mut()) } != 0 {
@@ -708,8 +710,11 @@ impl Packet {
         // A target driver may (wrongly) start a packet still in flight:
         // then a refusal must not make it look finished.
         let was = w.in_flight.swap(true, Ordering::AcqRel);
-        // SAFETY: the HBA's entry point with the packet's own address.
-        let rc = unsafe { start(&mut w.pkt.pkt_address, self.pkt()) };
+        let rc = {
+            let _m = crate::meter::driver();
+            // SAFETY: the HBA's entry point with the packet's own address.
+            unsafe { start(&mut w.pkt.pkt_address, self.pkt()) }
+        };
         if rc != ffi::TRAN_ACCEPT {
             self.wrap().in_flight.store(was, Ordering::Release);
         }
@@ -915,6 +920,7 @@ impl Packet {
         let _g = set_current(&self.dev.machine);
         // Teardown first, then the framework unbinds (scsi_free_cache_pkt).
         if let Some(td) = self.dev.tran().tran_teardown_pkt {
+            let _m = crate::meter::driver();
             // SAFETY: the HBA's entry point with its packet.
             unsafe { td(self.pkt()) };
         }

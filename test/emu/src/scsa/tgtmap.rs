@@ -469,6 +469,7 @@ pub unsafe extern "C" fn scsi_hba_tgtmap_create(
     _dcb: Option<unsafe extern "C" fn()>,
     handlep: *mut *mut scsi_hba_tgtmap_t,
 ) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(n) = node(iport, "scsi_hba_tgtmap_create") else {
         return ffi::DDI_FAILURE;
     };
@@ -527,6 +528,7 @@ pub unsafe extern "C" fn scsi_hba_tgtmap_create(
 /// `scsi_hba_tgtmap_destroy(9F)`: every LUN goes offline.
 #[unsafe(no_mangle)]
 pub extern "C" fn scsi_hba_tgtmap_destroy(h: *mut scsi_hba_tgtmap_t) {
+    let _kernel = crate::meter::kernel();
     let Some(map) = lock(&MAPS)
         .get_or_insert_with(HashMap::new)
         .remove(&(h as usize))
@@ -540,6 +542,7 @@ pub extern "C" fn scsi_hba_tgtmap_destroy(h: *mut scsi_hba_tgtmap_t) {
 /// `scsi_hba_tgtmap_set_begin(9F)`
 #[unsafe(no_mangle)]
 pub extern "C" fn scsi_hba_tgtmap_set_begin(h: *mut scsi_hba_tgtmap_t) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(m) = map_of(h, "scsi_hba_tgtmap_set_begin") else {
         return ffi::DDI_FAILURE;
     };
@@ -558,6 +561,7 @@ pub unsafe extern "C" fn scsi_hba_tgtmap_set_add(
     addr: *mut c_char,
     _priv: *mut c_void,
 ) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(m) = map_of(h, "scsi_hba_tgtmap_set_add") else {
         return ffi::DDI_FAILURE;
     };
@@ -585,6 +589,7 @@ pub unsafe extern "C" fn scsi_hba_tgtmap_set_add(
 /// `scsi_hba_tgtmap_set_end(9F)`: the observed set becomes the truth.
 #[unsafe(no_mangle)]
 pub extern "C" fn scsi_hba_tgtmap_set_end(h: *mut scsi_hba_tgtmap_t, _flags: c_uint) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(m) = map_of(h, "scsi_hba_tgtmap_set_end") else {
         return ffi::DDI_FAILURE;
     };
@@ -601,6 +606,7 @@ pub extern "C" fn scsi_hba_tgtmap_set_end(h: *mut scsi_hba_tgtmap_t, _flags: c_u
 /// `scsi_hba_tgtmap_set_flush(9F)`: the observation is dropped.
 #[unsafe(no_mangle)]
 pub extern "C" fn scsi_hba_tgtmap_set_flush(h: *mut scsi_hba_tgtmap_t) -> c_int {
+    let _kernel = crate::meter::kernel();
     let Some(m) = map_of(h, "scsi_hba_tgtmap_set_flush") else {
         return ffi::DDI_FAILURE;
     };
@@ -614,6 +620,7 @@ pub extern "C" fn scsi_hba_tgtmap_set_flush(h: *mut scsi_hba_tgtmap_t) -> c_int 
 /// `addr` must be a NUL-terminated string.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn scsi_hba_tgtmap_scan_luns(h: *mut scsi_hba_tgtmap_t, addr: *mut c_char) {
+    let _kernel = crate::meter::kernel();
     let Some(m) = map_of(h, "scsi_hba_tgtmap_scan_luns") else {
         return;
     };
