@@ -30,7 +30,12 @@ pub struct DeviceConfig {
     pub seg_max: u32,
     /// Largest transfer in 512-byte sectors (a hint).
     pub max_sectors: u32,
-    /// Commands per LUN (a hint).
+    /// Commands per LUN (a hint, virtio 1.2 §5.6.4). Read and not
+    /// enforced: SCSA gives an HBA no way to hand sd a queue depth (sd's
+    /// throttle comes from sd.conf and from QUEUE FULL status), and
+    /// refusing commands below the ring's capacity would only turn into
+    /// TRAN_BUSY retries. The ring is the limit: with indirect descriptors
+    /// every command takes one slot, and TRAN_BUSY means the ring is full.
     pub cmd_per_lun: u32,
     /// Size of an event the device fills.
     pub event_info_size: u32,
