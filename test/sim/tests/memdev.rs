@@ -19,6 +19,18 @@ fn memory_rig(num_queues: u32) -> Rig {
     })
 }
 
+/// The rig's in-memory device, checked to have found nothing malformed.
+fn device_without_errors(rig: &Rig) -> std::sync::Arc<rvscsi_emu::memdev::MemoryMachine> {
+    let dev = rig
+        .bed()
+        .machine
+        .memdev
+        .clone()
+        .expect("the in-memory device");
+    assert!(dev.errors().is_empty(), "device errors: {:?}", dev.errors());
+    dev
+}
+
 #[test]
 fn sd_attaches_and_moves_data_byte_exact_on_the_in_memory_device() {
     let rig = memory_rig(1);
@@ -41,14 +53,13 @@ fn sd_attaches_and_moves_data_byte_exact_on_the_in_memory_device() {
         disk.write(lba, &data).expect("write");
         assert_eq!(disk.read(lba, len).expect("read back"), data);
     }
-    let dev = rig
-        .bed()
-        .machine
-        .memdev
-        .clone()
-        .expect("the in-memory device");
-    assert!(dev.errors().is_empty(), "device errors: {:?}", dev.errors());
-    assert!(dev.stats.requests.load(Ordering::Relaxed) > 0);
+    assert!(
+        device_without_errors(&rig)
+            .stats
+            .requests
+            .load(Ordering::Relaxed)
+            > 0
+    );
     rig.finish_clean();
 }
 
@@ -87,13 +98,7 @@ fn each_request_queue_completes_on_its_own_vector_in_memory_too() {
             );
         }
     }
-    let dev = rig
-        .bed()
-        .machine
-        .memdev
-        .clone()
-        .expect("the in-memory device");
-    assert!(dev.errors().is_empty(), "device errors: {:?}", dev.errors());
+    device_without_errors(&rig);
     rig.finish_clean();
 }
 
