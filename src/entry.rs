@@ -167,11 +167,7 @@ pub unsafe extern "C" fn rvscsi_hba_detach_ready(hba: *const c_void) -> c_int {
     // SAFETY: from rvscsi_hba_attach (caller), or null.
     match unsafe { hba.cast::<VioScsi>().as_ref() } {
         Some(hba) if hba.detach_ready() => ffi::DDI_SUCCESS,
-        Some(hba) => {
-            dev_warn!(hba.dip, "detach refused: commands in flight");
-            ffi::DDI_FAILURE
-        }
-        None => ffi::DDI_FAILURE,
+        _ => ffi::DDI_FAILURE,
     }
 }
 
@@ -271,7 +267,6 @@ pub unsafe extern "C" fn rvscsi_iport_detach(dip: *mut dev_info_t) -> c_int {
     // targets' commands would complete to devices that are gone.
     hba.stop_discovery();
     if !hba.detach_ready() {
-        dev_warn!(hba.dip, "detach refused: commands in flight");
         hba.resume_discovery();
         return ffi::DDI_FAILURE;
     }

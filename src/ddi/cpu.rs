@@ -8,10 +8,12 @@ use crate::ffi;
 /// the answer is a hint for spreading load, never a lock or an index that
 /// must stay true.
 pub fn current_seqid() -> u32 {
-    // SAFETY: curcpup() returns the current CPU's cpu_t, which the kernel
-    // keeps for as long as the CPU exists; a CPU is not deleted while a
-    // thread runs on it, and cpu_seqid is set before the CPU runs threads.
-    // Only the mirrored leading member is read.
+    // SAFETY: curcpup() returns the current CPU's cpu_t. If the thread is
+    // preempted or the CPU is deleted before the load, the pointer still
+    // names valid memory: a deleted CPU's cpu_t goes on the kernel's free
+    // list for reuse (mp_cpu_unconfigure_common, i86pc mp_startup.c), it
+    // is never freed, so the load reads some CPU's seqid (a hint, as said
+    // above). Only the mirrored leading member is read.
     let seqid = unsafe { (*ffi::curcpup()).cpu_seqid };
     u32::try_from(seqid).unwrap_or(0)
 }

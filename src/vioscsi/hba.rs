@@ -844,16 +844,15 @@ impl VioScsi {
 
     /// The watchdog tick (entry: periodic callback).
     pub fn watchdog(&self) {
+        // Completions a poller parked since the last interrupt, in any
+        // state: after a failed reset no interrupt will come for them.
+        for n in 0..self.queues.len() {
+            self.complete_parked(n);
+        }
         if self.state() != state::RUNNING {
             return;
         }
         if self.mode.interrupts() {
-            // Completions a poller parked since the last interrupt.
-            for n in 0..self.queues.len() {
-                if !self.queues[n].ring.lock().deferred.is_empty() {
-                    self.reap(n);
-                }
-            }
             // Events are rare and losing one costs a discovery: look.
             self.service_events();
         } else {
@@ -867,7 +866,6 @@ impl VioScsi {
     /// in flight.
     pub fn detach(self: Box<Self>) -> Result<(), Box<Self>> {
         if !self.detach_ready() {
-            dev_warn!(self.dip, "detach refused: commands in flight");
             return Err(self);
         }
         self.state.store(state::STOPPED, Ordering::Release);
@@ -883,12 +881,17 @@ impl VioScsi {
         Ok(())
     }
 
-    /// Whether no command is in flight (detach may go ahead).
+    /// Whether no command is in flight (detach may go ahead); says why
+    /// not when refusing.
     pub fn detach_ready(&self) -> bool {
-        self.queues.iter().all(|q| {
+        let idle = self.queues.iter().all(|q| {
             let g = q.ring.lock();
             g.ring.outstanding() == 0 && g.deferred.is_empty()
-        })
+        });
+        if !idle {
+            dev_warn!(self.dip, "detach refused: commands in flight");
+        }
+        idle
     }
 
     /// quiesce(9E): stop the device for fast reboot. Must not block, take

@@ -395,6 +395,24 @@ impl VioScsi {
         self.reap_as(qi, Reaper::Free);
     }
 
+    /// Completes the target drivers' commands a poller parked on queue
+    /// `qi` (from a context that holds no driver lock).
+    pub(crate) fn complete_parked(&self, qi: usize) {
+        let Some(q) = self.queues.get(qi) else {
+            return;
+        };
+        let mut parked = CmdList::new();
+        {
+            let mut g = q.ring.lock();
+            while let Some(c) = g.deferred.pop() {
+                parked.push(c);
+            }
+        }
+        while let Some(c) = parked.pop() {
+            self.finish(c, None);
+        }
+    }
+
     /// [`Self::reap`] for `who`: a [`Reaper::Poller`] waits for commands
     /// of its own and may hold driver locks, so it parks the target
     /// drivers' commands instead of completing them (`scsi_hba_pkt_comp`
@@ -446,13 +464,15 @@ impl VioScsi {
                 }
                 !runaway && self.mode.interrupts() && g.ring.enable_interrupts()
             };
-            let hint =
-                &self.reaping[crate::ddi::cpu::current_seqid() as usize % super::hba::REAP_HINTS];
-            let outer = hint.swap(qi as u16 + 1, Ordering::Relaxed);
-            while let Some(c) = done.pop() {
-                self.finish(c, None);
+            if !done.is_empty() {
+                let hint = &self.reaping
+                    [crate::ddi::cpu::current_seqid() as usize % super::hba::REAP_HINTS];
+                let outer = hint.swap(qi as u16 + 1, Ordering::Relaxed);
+                while let Some(c) = done.pop() {
+                    self.finish(c, None);
+                }
+                hint.store(outer, Ordering::Relaxed);
             }
-            hint.store(outer, Ordering::Relaxed);
             let kick = {
                 let mut g = q.ring.lock();
                 g.completing -= 1;
@@ -678,9 +698,10 @@ impl VioScsi {
         for _ in 0..100 {
             let mut c = OwnedCmd::claim(cmd)?;
             self.prepare(&mut c, &req);
+            let queue = c.fields_ref().queue;
             match self.submit(c) {
                 Ok(()) => {
-                    let c = self.poll_to_completion(cmd, 0, i64::from(time_s), true);
+                    let c = self.poll_to_completion(cmd, queue, i64::from(time_s), true);
                     let r = c.fields_ref().response;
                     c.release(IDLE);
                     return Some(r);

@@ -219,23 +219,19 @@ impl VioScsi {
         self.mark(e, PktStatistics::empty(), false)
     }
 
-    /// Reaps `e`'s queue until `e` is gone or `limit_us` passed.
-    fn wait_gone(&self, e: &Expired, limit_us: i64, can_sleep: bool) -> bool {
+    /// Reaps `e`'s queue as `who` until `e` is gone or `limit_us` passed.
+    fn wait_gone(&self, e: &Expired, limit_us: i64, can_sleep: bool, who: Reaper) -> bool {
         let start = time::hrtime();
+        let mut spins = 0u32;
         loop {
-            // Possibly under a poller's locks: others' completions wait.
-            self.reap_as(usize::from(e.queue), Reaper::Poller);
+            self.reap_as(usize::from(e.queue), who);
             if !self.outstanding(e) {
                 return true;
             }
             if (time::hrtime() - start) / 1000 >= limit_us {
                 return false;
             }
-            if can_sleep {
-                time::delay_ticks(1);
-            } else {
-                time::usec_wait(50);
-            }
+            time::poll_pause(&mut spins, can_sleep);
         }
     }
 
@@ -252,7 +248,7 @@ impl VioScsi {
                 return;
             }
             if self.tmf_ok(tmf, e.pkt, e.target, e.lun, e.tag, can_sleep)
-                && self.wait_gone(&e, STEP_WAIT_US, can_sleep)
+                && self.wait_gone(&e, STEP_WAIT_US, can_sleep, who)
             {
                 return;
             }
