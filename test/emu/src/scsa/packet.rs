@@ -944,8 +944,10 @@ impl Packet {
     /// frees it anyway; if the HBA completes it afterwards, that is a
     /// violation.
     pub fn destroy_outstanding(mut self) {
-        self.destroy_inner();
+        // Before the teardown: from it on the HBA does not have the packet,
+        // and after it the object may belong to someone else.
         self.wrap().in_flight.store(false, Ordering::Release);
+        self.destroy_inner();
     }
 }
 
