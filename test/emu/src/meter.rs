@@ -86,11 +86,14 @@ pub fn take() -> Reading {
     }
 }
 
-/// A frame; closes on drop.
+/// A frame; closes on drop, on the thread that opened it (not `Send`:
+/// the stacks and callgrind's collection state are per thread).
 #[must_use = "a frame measures until it is dropped"]
 pub struct Frame {
+    /// Opened while armed (so it is on the stack).
     pushed: bool,
     side: Side,
+    _this_thread: std::marker::PhantomData<*const ()>,
 }
 
 /// Opens a driver frame: the framework is about to call a driver entry
@@ -113,22 +116,23 @@ pub fn kernel() -> Frame {
 
 #[inline(always)]
 fn open(side: Side) -> Frame {
-    if !ARMED.load(Ordering::Relaxed) {
-        return Frame {
-            pushed: false,
-            side,
-        };
+    let pushed = ARMED.load(Ordering::Relaxed);
+    if pushed {
+        if side == Side::Kernel && IN_DRIVER.get() {
+            valgrind::toggle_collect();
+            IN_DRIVER.set(false);
+        }
+        push(side);
+        if side == Side::Driver && !IN_DRIVER.get() {
+            IN_DRIVER.set(true);
+            valgrind::toggle_collect();
+        }
     }
-    if side == Side::Kernel && IN_DRIVER.get() {
-        valgrind::toggle_collect();
-        IN_DRIVER.set(false);
+    Frame {
+        pushed,
+        side,
+        _this_thread: std::marker::PhantomData,
     }
-    let pushed = push(side);
-    if side == Side::Driver && pushed && !IN_DRIVER.get() {
-        IN_DRIVER.set(true);
-        valgrind::toggle_collect();
-    }
-    Frame { pushed, side }
 }
 
 impl Drop for Frame {
@@ -148,15 +152,16 @@ impl Drop for Frame {
     }
 }
 
-/// Pushes `side`, charging the time since the last switch; false if the
-/// stack is full (the frame is then charged to the one at the limit).
+/// Pushes `side`, charging the time since the last switch (past
+/// [`MAX_DEPTH`] the frame is only counted, and charged to the one at the
+/// limit).
 #[inline(never)]
-fn push(side: Side) -> bool {
+fn push(side: Side) {
     STACK.with(|s| {
         let mut s = s.borrow_mut();
         if s.sides.len() == MAX_DEPTH {
             s.overflow += 1;
-            return true;
+            return;
         }
         let outer = s.sides.last().copied();
         match (outer, side) {
@@ -170,7 +175,6 @@ fn push(side: Side) -> bool {
         }
         charge(&mut s, outer, Some(side));
         s.sides.push(side);
-        true
     })
 }
 

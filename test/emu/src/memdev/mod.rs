@@ -21,9 +21,10 @@
 mod scsi;
 mod virtio;
 
+use crate::machine::lock;
 use rvscsi_qtest::{Bus, Error, Op};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
 
 pub use scsi::RamDisk;
 
@@ -72,12 +73,8 @@ pub struct MemoryConfig {
 /// The device's counters.
 #[derive(Debug, Default)]
 pub struct DeviceStats {
-    /// Doorbell writes.
-    pub notifies: AtomicU64,
     /// Requests completed.
     pub requests: AtomicU64,
-    /// MSI-X messages sent.
-    pub messages: AtomicU64,
 }
 
 /// The in-process machine.
@@ -96,21 +93,24 @@ impl std::fmt::Debug for MemoryMachine {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl MemoryMachine {
     /// Builds the machine; an error names the impossible setting.
     pub fn new(c: MemoryConfig) -> Result<MemoryMachine, String> {
-        if c.msix_vectors == 0 || c.msix_vectors > 2048 {
+        // The table ends where the PBA starts; the notify region holds a
+        // doorbell for every queue, control and event included.
+        let most_vectors = (MSIX_PBA / 16) as u32;
+        if c.msix_vectors == 0 || c.msix_vectors > most_vectors {
             return Err(format!(
-                "the in-memory device needs 1..=2048 MSI-X vectors (it has no INTx), not {}",
+                "the in-memory device needs 1..={most_vectors} MSI-X vectors (it has no INTx), not {}",
                 c.msix_vectors
             ));
         }
-        if c.num_queues == 0 || c.num_queues > 1024 {
-            return Err(format!("num_queues {} out of 1..=1024", c.num_queues));
+        let most_queues = 0x1000 / NOTIFY_MULTIPLIER - 2;
+        if c.num_queues == 0 || c.num_queues > most_queues {
+            return Err(format!(
+                "num_queues {} out of 1..={most_queues}",
+                c.num_queues
+            ));
         }
         if !c.queue_size.is_power_of_two() || c.queue_size > 32768 {
             return Err(format!(
@@ -252,7 +252,6 @@ impl MemoryMachine {
         }
         if let Some(off) = dev.pci.bar_offset(VIRTIO_BAR, a, size) {
             if (NOTIFY_AT..NOTIFY_AT + 0x1000).contains(&off) {
-                self.stats.notifies.fetch_add(1, Ordering::Relaxed);
                 let q = ((off - NOTIFY_AT) / u64::from(NOTIFY_MULTIPLIER)) as u16;
                 let mut ram = lock(&self.ram);
                 let out = dev.notify(q, &mut ram);
@@ -276,7 +275,6 @@ impl MemoryMachine {
     /// Delivers MSI-X messages: a DWORD write of the data to the address.
     fn send(&self, messages: &[(u64, u32)]) {
         for &(addr, data) in messages {
-            self.stats.messages.fetch_add(1, Ordering::Relaxed);
             if self.ram_write(addr, &data.to_le_bytes()).is_err() {
                 self.error(format!("MSI-X message to {addr:#x}, outside guest RAM"));
             }
@@ -306,17 +304,22 @@ impl Bus for MemoryMachine {
     }
 }
 
-fn ram_range(ram: &[u8], a: u64, len: u64) -> Result<std::ops::Range<usize>, Error> {
-    let end = a.checked_add(len).filter(|&e| e <= ram.len() as u64);
-    match end {
-        Some(e) => Ok(a as usize..e as usize),
-        None => Err(Error::Protocol(format!(
-            "guest memory access [{a:#x}, +{len:#x}) outside the {} MiB of RAM",
-            ram.len() >> 20
-        ))),
-    }
+/// Where `[a, a+len)` lies in `ram`, if it does.
+fn in_ram(ram: &[u8], a: u64, len: u64) -> Option<std::ops::Range<usize>> {
+    let end = a.checked_add(len).filter(|&e| e <= ram.len() as u64)?;
+    Some(a as usize..end as usize)
 }
 
+fn ram_range(ram: &[u8], a: u64, len: u64) -> Result<std::ops::Range<usize>, Error> {
+    in_ram(ram, a, len).ok_or_else(|| {
+        Error::Protocol(format!(
+            "guest memory access [{a:#x}, +{len:#x}) outside the {} MiB of RAM",
+            ram.len() >> 20
+        ))
+    })
+}
+
+/// The mask of a `size`-byte access.
 fn all_ones(size: usize) -> u64 {
     if size >= 8 {
         u64::MAX
@@ -384,6 +387,165 @@ mod tests {
             .cfg_read16(Bdf::new(0, 1, 0), CAP_MSIX as u8 + 2)
             .expect("ctrl");
         assert_eq!(ctrl & 0x7ff, 4, "table size is N-1");
+    }
+
+    /// A driver's side of request queue 0 (virtqueue 2), 8 entries, with
+    /// EVENT_IDX, indirect descriptors and MSI-X vector 2 writing 0x55 to
+    /// `MAILBOX`.
+    struct Driver<'a> {
+        m: &'a MemoryMachine,
+        common: u64,
+        notify: u64,
+        msix: u64,
+    }
+
+    const DESC: u64 = 0x10000;
+    const AVAIL: u64 = 0x11000;
+    const USED: u64 = 0x12000;
+    const MAILBOX: u64 = 0x20000;
+    const QSIZE: u64 = 8;
+
+    impl<'a> Driver<'a> {
+        fn up(m: &'a MemoryMachine) -> Driver<'a> {
+            let bdf = Bdf::new(0, 1, 0);
+            let pci = Pci::new(m);
+            let bars = pci.assign_bars(bdf, 0xE000_0000, 0xC000).expect("BARs");
+            let bar = |i| bars.iter().find(|b| b.0 == i).expect("BAR").2;
+            let (msix, virtio) = (bar(MSIX_BAR), bar(VIRTIO_BAR));
+            let d = Driver {
+                m,
+                common: virtio + COMMON_AT,
+                notify: virtio + NOTIFY_AT,
+                msix,
+            };
+            let c = d.common;
+            m.writeb(c + 0x14, 1 | 2).expect("ACKNOWLEDGE | DRIVER");
+            m.writel(c + 0x08, 1).expect("select");
+            m.writel(c + 0x0c, 1).expect("VERSION_1");
+            m.writel(c + 0x08, 0).expect("select");
+            m.writel(c + 0x0c, (1 << 29) | (1 << 28))
+                .expect("EVENT_IDX | INDIRECT");
+            m.writeb(c + 0x14, 1 | 2 | 8).expect("FEATURES_OK");
+            assert_eq!(m.readb(c + 0x14).expect("status") & 8, 8);
+            m.writew(c + 0x16, 2).expect("queue_select");
+            m.writew(c + 0x18, QSIZE as u16).expect("queue_size");
+            m.writeq(c + 0x20, DESC).expect("desc");
+            m.writeq(c + 0x28, AVAIL).expect("driver");
+            m.writeq(c + 0x30, USED).expect("device");
+            m.writew(c + 0x1a, 2).expect("vector");
+            assert_eq!(m.readw(c + 0x1a).expect("vector"), 2);
+            m.writew(c + 0x1c, 1).expect("enable");
+            m.writel(msix + 32, MAILBOX as u32).expect("address");
+            m.writel(msix + 36, 0).expect("address high");
+            m.writel(msix + 40, 0x55).expect("data");
+            m.writel(msix + 44, 0).expect("unmasked");
+            pci.cfg_write16(bdf, CAP_MSIX as u8 + 2, 0x8000)
+                .expect("MSI-X on");
+            m.writeb(c + 0x14, 1 | 2 | 8 | 4).expect("DRIVER_OK");
+            d
+        }
+
+        /// Puts a TEST UNIT READY to target 0 LUN 0 in avail slot `n` as
+        /// descriptor `n`, one indirect table, and rings.
+        fn test_unit_ready(&self, n: u16) {
+            let m = self.m;
+            let base = 0x30000 + 0x1000 * u64::from(n);
+            let (req, resp, table) = (base, base + 0x100, base + 0x200);
+            m.write_mem(req, &[1, 0, 0x40, 0]).expect("lun");
+            m.memset(req + 4, 15 + 32, 0).expect("rest of the request");
+            let desc = |at: u64, addr: u64, len: u32, flags: u16, next: u16| {
+                m.writeq(at, addr).expect("addr");
+                m.writel(at + 8, len).expect("len");
+                m.writew(at + 12, flags).expect("flags");
+                m.writew(at + 14, next).expect("next");
+            };
+            desc(table, req, 19 + 32, 1, 1);
+            desc(table + 16, resp, 12 + 96, 2, 0);
+            desc(DESC + 16 * u64::from(n), table, 32, 4, 0);
+            self.add(n, n);
+        }
+
+        /// Offers descriptor `head` in avail slot `n` and rings.
+        fn add(&self, n: u16, head: u16) {
+            let m = self.m;
+            m.writew(AVAIL + 4 + 2 * (u64::from(n) % QSIZE), head)
+                .expect("slot");
+            m.writew(AVAIL + 2, n + 1).expect("idx");
+            m.writew(self.notify + 4 * 2, 2).expect("doorbell");
+        }
+
+        fn used_idx(&self) -> u16 {
+            self.m.readw(USED + 2).expect("used idx")
+        }
+
+        fn message(&self) -> u32 {
+            let v = self.m.readl(MAILBOX).expect("mailbox");
+            self.m.writel(MAILBOX, 0).expect("clear");
+            v
+        }
+    }
+
+    #[test]
+    fn a_request_completes_asks_for_the_next_doorbell_and_interrupts() {
+        let m = machine();
+        let d = Driver::up(&m);
+        d.test_unit_ready(0);
+        assert_eq!(d.used_idx(), 1);
+        assert_eq!(m.readl(USED + 4).expect("id"), 0);
+        assert_eq!(m.readl(USED + 8).expect("len"), 12 + 96);
+        assert_eq!(m.readb(0x30100 + 10).expect("status"), 0, "GOOD");
+        assert_eq!(m.readb(0x30100 + 11).expect("response"), 0, "OK");
+        assert_eq!(d.message(), 0x55, "used_event 0 crossed: vector 2 fired");
+        assert_eq!(
+            m.readw(USED + 4 + 8 * QSIZE).expect("avail_event"),
+            1,
+            "a doorbell is wanted for the next entry"
+        );
+        // used_event left at 0: the next completion does not interrupt.
+        d.test_unit_ready(1);
+        assert_eq!(d.used_idx(), 2);
+        assert_eq!(d.message(), 0, "suppressed by used_event");
+        assert!(m.errors().is_empty(), "{:?}", m.errors());
+    }
+
+    #[test]
+    fn a_masked_vector_leaves_its_message_pending_until_unmasked() {
+        let m = machine();
+        let d = Driver::up(&m);
+        m.writel(d.msix + 44, 1).expect("mask vector 2");
+        d.test_unit_ready(0);
+        assert_eq!(d.used_idx(), 1);
+        assert_eq!(d.message(), 0, "masked: nothing sent");
+        assert_eq!(
+            m.readl(d.msix + MSIX_PBA).expect("PBA") & 4,
+            4,
+            "pending bit"
+        );
+        m.writel(d.msix + 44, 0).expect("unmask");
+        assert_eq!(d.message(), 0x55, "delivered on unmask");
+        assert_eq!(m.readl(d.msix + MSIX_PBA).expect("PBA") & 4, 0);
+    }
+
+    #[test]
+    fn a_looping_chain_puts_the_device_in_needs_reset() {
+        let m = machine();
+        let d = Driver::up(&m);
+        // Descriptor 3 chains to itself.
+        m.writeq(DESC + 48, 0x40000).expect("addr");
+        m.writel(DESC + 56, 16).expect("len");
+        m.writew(DESC + 60, 1).expect("NEXT");
+        m.writew(DESC + 62, 3).expect("next: itself");
+        d.add(0, 3);
+        assert_eq!(d.used_idx(), 0, "nothing completed");
+        assert_eq!(m.readb(d.common + 0x14).expect("status") & 0x40, 0x40);
+        let errors = m.errors();
+        assert!(
+            errors.len() == 1 && errors[0].contains("longer than its table"),
+            "{errors:?}"
+        );
+        // A device that needs a reset ignores doorbells until it gets one.
+        d.test_unit_ready(1);
+        assert_eq!(d.used_idx(), 0);
     }
 
     #[test]

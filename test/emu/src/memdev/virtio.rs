@@ -21,6 +21,10 @@ const STATUS_DRIVER_OK: u8 = 4;
 const STATUS_FEATURES_OK: u8 = 8;
 const STATUS_NEEDS_RESET: u8 = 0x40;
 
+/// virtio_scsi_config defaults the driver may change (§5.6.4).
+const DEFAULT_SENSE_SIZE: u32 = 96;
+const DEFAULT_CDB_SIZE: u32 = 32;
+
 /// `VIRTIO_MSI_NO_VECTOR` (§4.1.5.1.2).
 const NO_VECTOR: u16 = 0xffff;
 
@@ -34,6 +38,13 @@ const AVAIL_NO_INTERRUPT: u16 = 1;
 /// virtio-scsi queues (§5.6.2).
 const CONTROL_QUEUE: u16 = 0;
 const EVENT_QUEUE: u16 = 1;
+
+/// virtio_scsi_req_cmd: the CDB follows lun[8], id, task_attr, prio, crn;
+/// virtio_scsi_resp_cmd: the sense follows sense_len, resid,
+/// status_qualifier, status, response (§5.6.6.1). Written here from the
+/// specification, not taken from the driver under test.
+const REQ_CDB: usize = 19;
+const RESP_SENSE: usize = 12;
 
 /// virtio-scsi response codes (§5.6.6.1).
 const S_OK: u8 = 0;
@@ -242,8 +253,8 @@ impl Device {
         put32(8, 0xffff); // max_sectors
         put32(12, 128); // cmd_per_lun
         put32(16, 16); // event_info_size
-        put32(20, 96); // sense_size
-        put32(24, 32); // cdb_size
+        put32(20, DEFAULT_SENSE_SIZE);
+        put32(24, DEFAULT_CDB_SIZE);
         config[30..32].copy_from_slice(&255u16.to_le_bytes()); // max_target
         config[32..36].copy_from_slice(&16383u32.to_le_bytes()); // max_lun
         let n = c.msix_vectors as usize;
@@ -274,6 +285,16 @@ impl Device {
         }
     }
 
+    /// `v`, or NO_VECTOR if the device has no such vector: what the
+    /// driver reads back to learn it was refused (§4.1.5.1.2).
+    fn usable_vector(&self, v: u16) -> u16 {
+        if usize::from(v) < self.msix.len() {
+            v
+        } else {
+            NO_VECTOR
+        }
+    }
+
     fn reset(&mut self) {
         self.device_feature_select = 0;
         self.driver_feature_select = 0;
@@ -284,6 +305,9 @@ impl Device {
         let size = self.max_queue_size;
         self.queues.iter_mut().for_each(|q| *q = Queue::new(size));
         self.isr = 0;
+        // sense_size and cdb_size return to their defaults (§5.6.4).
+        self.config[20..24].copy_from_slice(&DEFAULT_SENSE_SIZE.to_le_bytes());
+        self.config[24..28].copy_from_slice(&DEFAULT_CDB_SIZE.to_le_bytes());
     }
 
     // ---- MSI-X ---------------------------------------------------------
@@ -305,11 +329,7 @@ impl Device {
         let aligned = off & !3;
         let v = word(aligned) | (word(aligned + 4) << 32);
         let v = v >> (8 * (off - aligned));
-        if size >= 8 {
-            v
-        } else {
-            v & ((1u64 << (8 * size)) - 1)
-        }
+        v & super::all_ones(size)
     }
 
     pub(super) fn msix_write(&mut self, off: u64, size: usize, v: u64) {
@@ -418,11 +438,7 @@ impl Device {
             0x34 => q.map_or(0, |q| q.device >> 32),
             _ => 0,
         };
-        if size >= 8 {
-            v
-        } else {
-            v & ((1u64 << (8 * size)) - 1)
-        }
+        v & super::all_ones(size)
     }
 
     pub(super) fn virtio_write(&mut self, off: u64, size: usize, v: u64) {
@@ -456,7 +472,7 @@ impl Device {
                 1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (v << 32),
                 _ => {}
             },
-            0x10 => self.config_vector = v as u16,
+            0x10 => self.config_vector = self.usable_vector(v as u16),
             0x14 => {
                 let s = v as u8;
                 if s == 0 {
@@ -482,15 +498,9 @@ impl Device {
                 }
             }
             0x1a => {
-                let n = self.msix.len();
+                let vector = self.usable_vector(v as u16);
                 if let Some(q) = self.queue() {
-                    // A vector the device cannot use reads back as NO_VECTOR
-                    // (§4.1.5.1.2).
-                    q.vector = if usize::from(v as u16) < n {
-                        v as u16
-                    } else {
-                        NO_VECTOR
-                    };
+                    q.vector = vector;
                 }
             }
             0x1c => {
@@ -576,54 +586,41 @@ impl Device {
         }
     }
 
-    /// Executes every available chain; the queue's new state.
+    /// Executes every available chain; the queue's new state. The driver
+    /// cannot add entries meanwhile (its ring writes reach RAM through the
+    /// bus, which this doorbell holds), so one look at the index is all.
     fn drain(&mut self, qi: u16, mut q: Queue, ram: &mut [u8]) -> Result<(Queue, u64), String> {
         let size = u64::from(q.size);
-        let mut completed = 0;
-        // Each round takes at most `size` entries; a driver that keeps
-        // adding while we publish avail_event gets a bounded number of
-        // extra rounds, then its next doorbell.
-        for _round in 0..16 {
-            let avail_idx = rd16(ram, q.driver + 2)?;
-            let pending = avail_idx.wrapping_sub(q.last_avail);
-            if pending > q.size {
+        let avail_idx = rd16(ram, q.driver + 2)?;
+        let pending = avail_idx.wrapping_sub(q.last_avail);
+        if pending > q.size {
+            return Err(format!(
+                "available index moved by {pending}, more than the {} entries",
+                q.size
+            ));
+        }
+        for _ in 0..pending {
+            let slot = u64::from(q.last_avail % q.size);
+            let head = rd16(ram, q.driver + 4 + 2 * slot)?;
+            if head >= q.size {
                 return Err(format!(
-                    "available index moved by {pending}, more than the {} entries",
+                    "head descriptor {head} of a {}-entry queue",
                     q.size
                 ));
             }
-            if pending == 0 {
-                if !self.event_idx() {
-                    break;
-                }
-                // Ask for a doorbell at the next entry, then look once more
-                // (the driver may have added one meanwhile).
-                wr16(ram, q.device + 4 + 8 * size, q.last_avail)?;
-                if rd16(ram, q.driver + 2)? == q.last_avail {
-                    break;
-                }
-                continue;
-            }
-            for _ in 0..pending {
-                let slot = u64::from(q.last_avail % q.size);
-                let head = rd16(ram, q.driver + 4 + 2 * slot)?;
-                if head >= q.size {
-                    return Err(format!(
-                        "head descriptor {head} of a {}-entry queue",
-                        q.size
-                    ));
-                }
-                let written = self.execute(qi, &q, head, ram)?;
-                let used_slot = u64::from(q.used_idx % q.size);
-                wr32(ram, q.device + 4 + 8 * used_slot, u32::from(head))?;
-                wr32(ram, q.device + 8 + 8 * used_slot, written)?;
-                q.used_idx = q.used_idx.wrapping_add(1);
-                wr16(ram, q.device + 2, q.used_idx)?;
-                q.last_avail = q.last_avail.wrapping_add(1);
-                completed += 1;
-            }
+            let written = self.execute(qi, &q, head, ram)?;
+            let used_slot = u64::from(q.used_idx % q.size);
+            wr32(ram, q.device + 4 + 8 * used_slot, u32::from(head))?;
+            wr32(ram, q.device + 8 + 8 * used_slot, written)?;
+            q.used_idx = q.used_idx.wrapping_add(1);
+            wr16(ram, q.device + 2, q.used_idx)?;
+            q.last_avail = q.last_avail.wrapping_add(1);
         }
-        Ok((q, completed))
+        if self.event_idx() {
+            // A doorbell is wanted for the next entry (§2.7.10).
+            wr16(ram, q.device + 4 + 8 * size, q.last_avail)?;
+        }
+        Ok((q, u64::from(pending)))
     }
 
     /// Walks the chain at `head` (§2.7.5.2, §2.7.5.3): its readable and
@@ -708,8 +705,8 @@ impl Device {
             self.config[22],
             self.config[23],
         ]) as usize;
-        let req_len = 19 + cdb_size;
-        let resp_len = 12 + sense_size;
+        let req_len = REQ_CDB + cdb_size;
+        let resp_len = RESP_SENSE + sense_size;
         let room: usize = writable.iter().map(|s| s.len).sum();
         if out.len() < req_len || room < resp_len {
             return Err(format!(
@@ -718,7 +715,10 @@ impl Device {
             ));
         }
         let lun = &out[0..8];
-        let cdb = &out[19..19 + cdb_size];
+        // A CDB shorter than the longest command's fields reads as zeros
+        // past its end (cdb_size is the driver's to set).
+        let mut cdb = out[REQ_CDB..REQ_CDB + cdb_size].to_vec();
+        cdb.resize(cdb_size.max(DEFAULT_CDB_SIZE as usize), 0);
         let data_out = &out[req_len..];
         let data_room = room - resp_len;
         let mut resp = vec![0u8; resp_len];
@@ -742,7 +742,7 @@ impl Device {
                 .iter_mut()
                 .find(|l| l.target == target && l.lun == lun_no)
                 .map(|l| &mut l.disk);
-            let r = scsi::execute(disk, &luns, cdb, data_out, data_room);
+            let r = scsi::execute(disk, &luns, &cdb, data_out, data_room);
             let sense_len = r.sense.len().min(sense_size);
             let resid = if data_out.is_empty() {
                 data_room - r.data_in.len()
@@ -819,10 +819,7 @@ fn scatter(ram: &mut [u8], segs: &[Segment], mut skip: usize, mut data: &[u8]) -
 }
 
 fn range(ram: &[u8], a: u64, len: u64) -> Result<std::ops::Range<usize>, String> {
-    match a.checked_add(len) {
-        Some(e) if e <= ram.len() as u64 => Ok(a as usize..e as usize),
-        _ => Err(format!("ring access at {a:#x} outside guest RAM")),
-    }
+    super::in_ram(ram, a, len).ok_or_else(|| format!("ring access at {a:#x} outside guest RAM"))
 }
 
 fn rd16(ram: &[u8], a: u64) -> Result<u16, String> {
