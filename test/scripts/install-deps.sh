@@ -4,8 +4,9 @@
 # bookworm-backports, because the machine's qemu-utils comes from there and
 # blocks bookworm's own 7.2), an unpacked QEMU 7.2 for the abort scenarios that
 # 10.0.2 deadlocks on, and the host tools the build and checks use (gcc and
-# binutils for the C shim and the module link, libclang for bindgen, mandoc
-# for the man page). The pinned Rust for the kernel target is installed by
+# binutils for the C shim and the module link, g++ for libFuzzer, libclang for
+# bindgen, mandoc for the man page, qemu-img for the OmniOS VM script,
+# valgrind for the bench's instruction counts). The pinned Rust for the kernel target is installed by
 # pkg/kernel/toolchain.sh when the module is built.
 #
 # Usage: test/scripts/install-deps.sh [--qemu72]
@@ -50,11 +51,15 @@ fi
 
 need_pkgs=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need_pkgs+=(qemu-system-x86)
+# qemu-img (the OmniOS VM script's disks) is only recommended by it.
+command -v qemu-img >/dev/null 2>&1 || need_pkgs+=(qemu-utils)
 # From bookworm itself (not backports): the build tools.
 need_base=()
 command -v mandoc >/dev/null 2>&1 || need_base+=(mandoc)
 command -v objcopy >/dev/null 2>&1 || need_base+=(binutils)
 command -v cc >/dev/null 2>&1 || need_base+=(gcc)
+# libfuzzer-sys builds libFuzzer's C++ sources (test/scripts/fuzz.sh).
+command -v c++ >/dev/null 2>&1 || need_base+=(g++)
 # callgrind counts the driver's instructions for rvscsi-sim bench.
 command -v valgrind >/dev/null 2>&1 || need_base+=(valgrind)
 # bindgen loads libclang at build time.

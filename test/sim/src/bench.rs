@@ -36,7 +36,7 @@
 use crate::load::Lun;
 use crate::testkit::{Binding, Driver, Rig, RigConfig};
 use rvscsi::ffi;
-use rvscsi_emu::meter;
+use rvscsi_emu::{Backend, meter};
 use rvscsi_emu::{DataBuf, InitArgs, Packet};
 use std::collections::HashMap;
 use std::io::Write;
@@ -99,28 +99,11 @@ impl Mix {
     }
 }
 
-/// What plays the device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum BenchBackend {
-    /// QEMU's virtio-scsi over qtest.
-    Qemu,
-    /// The in-process model.
-    Memory,
-}
-
-impl BenchBackend {
-    fn name(self) -> &'static str {
-        match self {
-            BenchBackend::Qemu => "qemu",
-            BenchBackend::Memory => "memory",
-        }
-    }
-
-    fn emu(self) -> rvscsi_emu::Backend {
-        match self {
-            BenchBackend::Qemu => rvscsi_emu::Backend::Qemu,
-            BenchBackend::Memory => rvscsi_emu::Backend::Memory,
-        }
+/// The back end's name in the table and the JSON.
+fn backend_name(b: Backend) -> &'static str {
+    match b {
+        Backend::Qemu => "qemu",
+        Backend::Memory => "memory",
     }
 }
 
@@ -170,7 +153,7 @@ pub struct BenchOptions {
     /// A module object to load instead of the linked library.
     pub module: Option<String>,
     /// Back ends.
-    pub backends: Vec<BenchBackend>,
+    pub backends: Vec<Backend>,
     /// Count instructions with callgrind (memory back end).
     pub instructions: bool,
     /// The `rvscsi-sim` executable, run under callgrind for the
@@ -191,7 +174,7 @@ impl Default for BenchOptions {
             queues: vec![1, 4],
             mixes: vec![Mix::RandRead4k, Mix::SeqWrite128k],
             module: None,
-            backends: vec![BenchBackend::Qemu, BenchBackend::Memory],
+            backends: vec![Backend::Qemu, Backend::Memory],
             instructions: true,
             exe: None,
             callgrind_child: false,
@@ -253,8 +236,8 @@ pub fn parse(args: &[String]) -> Result<BenchOptions, String> {
             }
             "--backend" => {
                 o.backends = list(&value()?, |s| match s {
-                    "qemu" => Some(BenchBackend::Qemu),
-                    "memory" => Some(BenchBackend::Memory),
+                    "qemu" => Some(Backend::Qemu),
+                    "memory" => Some(Backend::Memory),
                     _ => None,
                 })?;
             }
@@ -265,6 +248,14 @@ pub fn parse(args: &[String]) -> Result<BenchOptions, String> {
         }
         i += 1;
     }
+    if let Some(&deepest) = o.qds.iter().max()
+        && u64::from(deepest) > o.commands
+    {
+        return Err(format!(
+            "bench: --commands {} is fewer than queue depth {deepest}",
+            o.commands
+        ));
+    }
     Ok(o)
 }
 
@@ -272,7 +263,7 @@ pub fn parse(args: &[String]) -> Result<BenchOptions, String> {
 #[derive(Clone, Debug)]
 pub struct Row {
     /// What played the device.
-    pub backend: BenchBackend,
+    pub backend: Backend,
     /// Workload.
     pub mix: Mix,
     /// Queue depth.
@@ -307,7 +298,7 @@ impl Row {
     /// The row as one JSON object (the fields the README documents).
     pub fn json(&self) -> String {
         rvscsi_qtest::json!({
-            "backend": self.backend.name(),
+            "backend": backend_name(self.backend),
             "mix": self.mix.name(),
             "qd": self.qd,
             "queues": self.queues,
@@ -327,10 +318,10 @@ impl Row {
     }
 }
 
-fn row_key(backend: BenchBackend, mix: Mix, qd: u32, queues: u32, v: Variant) -> String {
+fn row_key(backend: Backend, mix: Mix, qd: u32, queues: u32, v: Variant) -> String {
     format!(
         "{}/{}/qd{qd}/q{queues}/{}",
-        backend.name(),
+        backend_name(backend),
         mix.name(),
         v.name()
     )
@@ -360,7 +351,7 @@ pub fn table_header() -> String {
 pub fn table_line(r: &Row) -> String {
     format!(
         "{:<7} {:<13} {:>4} {:>6} {:<17} {:>9.3} {:>8.3} {:>7.3} {:>9.3} {:>10.1} {:>20} {:>10} {:>9.0}",
-        r.backend.name(),
+        backend_name(r.backend),
         r.mix.name(),
         r.qd,
         r.queues,
@@ -592,7 +583,7 @@ fn counters(m: &rvscsi_emu::Machine) -> (u64, u64, u64, u64) {
 struct Setup<'a> {
     rig: &'a Rig,
     lun: &'a Lun,
-    backend: BenchBackend,
+    backend: Backend,
     queues: u32,
     variant: Variant,
     /// Nanoseconds each side switch of the meter adds to the driver.
@@ -672,7 +663,8 @@ fn count_instructions(o: &BenchOptions) -> Result<HashMap<String, f64>, String> 
     };
     let dir = crate::testkit::TempDir::new("callgrind");
     let out = dir.path("cg.out");
-    let commands = o.commands.min(CALLGRIND_COMMANDS);
+    let deepest = o.qds.iter().copied().max().map_or(1, u64::from);
+    let commands = o.commands.min(CALLGRIND_COMMANDS.max(deepest));
     let join = |v: Vec<String>| v.join(",");
     let mut cmd = std::process::Command::new("valgrind");
     cmd.args([
@@ -769,19 +761,18 @@ pub fn run(o: &BenchOptions, out: &mut dyn Write, err: &mut dyn Write) -> Result
     if o.callgrind_child && !meter::valgrind::running() {
         return Err("--callgrind-child is for the run under valgrind that bench starts".into());
     }
-    let insns =
-        if o.instructions && !o.callgrind_child && o.backends.contains(&BenchBackend::Memory) {
-            let _ = writeln!(err, "bench: counting instructions under callgrind first");
-            match count_instructions(o) {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = writeln!(err, "bench: no instruction counts: {e}");
-                    HashMap::new()
-                }
+    let insns = if o.instructions && !o.callgrind_child && o.backends.contains(&Backend::Memory) {
+        let _ = writeln!(err, "bench: counting instructions under callgrind first");
+        match count_instructions(o) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = writeln!(err, "bench: no instruction counts: {e}");
+                HashMap::new()
             }
-        } else {
-            HashMap::new()
-        };
+        }
+    } else {
+        HashMap::new()
+    };
     let module = match &o.module {
         Some(path) => Some(crate::cli::load_module(path)?),
         None => None,
@@ -811,7 +802,7 @@ pub fn run(o: &BenchOptions, out: &mut dyn Write, err: &mut dyn Write) -> Result
                     props: variant.props(),
                     driver: Driver::Recorder,
                     binding,
-                    backend: backend.emu(),
+                    backend,
                     blank_images: true,
                     ..RigConfig::default()
                 })?;

@@ -500,7 +500,24 @@ pub fn wait_until(what: &str, limit: std::time::Duration, mut done: impl FnMut()
     }
 }
 
+/// MSI-X vector of request queue `n` when every source has its own:
+/// configuration changes on 0, events on 1 (see `VioScsi::vectors`).
+pub fn request_vector(n: usize) -> usize {
+    2 + n
+}
+
 impl Rig {
+    /// Interrupts delivered so far, per vector.
+    pub fn per_vector(&self) -> Vec<u64> {
+        self.bed()
+            .machine
+            .stats
+            .per_vector
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+
     /// Runs a QMP command on the machine's QEMU; panics if it fails.
     pub fn qmp(&self, cmd: &str, args: rvscsi_qtest::Value) {
         self.bed()

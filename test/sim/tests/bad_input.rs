@@ -7,7 +7,7 @@ use rvscsi::scsa::PktState;
 use rvscsi_emu::faults::{Fault, Match};
 use rvscsi_emu::scsa::packet::InitError;
 use rvscsi_emu::{DataBuf, Device, InitArgs, Packet};
-use rvscsi_sim::testkit::{Driver, Rig, RigConfig};
+use rvscsi_sim::testkit::{Driver, Rig, RigConfig, wait_until};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -192,9 +192,9 @@ const CASES: &[Case] = &[
             let p = read_pkt(dev, 11, InitArgs::default());
             assert_eq!(p.start_async(), ffi::TRAN_ACCEPT);
             assert_eq!(p.start_async(), ffi::TRAN_BADPKT, "already in flight");
-            while m.faults.withheld() == 0 {
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            wait_until("the command to be withheld", WAIT, || {
+                m.faults.withheld() > 0
+            });
             assert_eq!(p.start_async(), ffi::TRAN_BADPKT, "still in flight");
             m.faults.release_withheld();
             still_works(rig, dev, "during a started-twice packet");
@@ -213,9 +213,9 @@ const CASES: &[Case] = &[
             let pkt = p.pkt() as u64;
             let seen = m.probes.firings("rvscsi-cmd-done").len();
             assert_eq!(p.start_async(), ffi::TRAN_ACCEPT);
-            while m.faults.withheld() == 0 {
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            wait_until("the command to be withheld", WAIT, || {
+                m.faults.withheld() > 0
+            });
             // The target driver's bug: destroy without waiting. The driver
             // cuts the command loose and gets it out of the device (here the
             // whole ladder, to a device reset) before the buffers go.

@@ -5,7 +5,7 @@
 
 use rvscsi_emu::Backend;
 use rvscsi_emu::ddi::cpu;
-use rvscsi_sim::testkit::{Rig, RigConfig, random_bytes};
+use rvscsi_sim::testkit::{Rig, RigConfig, random_bytes, request_vector};
 use std::sync::atomic::Ordering;
 
 fn memory_rig(num_queues: u32) -> Rig {
@@ -67,17 +67,8 @@ fn sd_attaches_and_moves_data_byte_exact_on_the_in_memory_device() {
 fn each_request_queue_completes_on_its_own_vector_in_memory_too() {
     let rig = memory_rig(4);
     let disk = rig.disk0();
-    let per_vector = |rig: &Rig| -> Vec<u64> {
-        rig.bed()
-            .machine
-            .stats
-            .per_vector
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .collect()
-    };
     for on in 0..4 {
-        let before = per_vector(&rig);
+        let before = rig.per_vector();
         let d = disk.clone();
         std::thread::spawn(move || {
             cpu::run_on(on);
@@ -87,10 +78,9 @@ fn each_request_queue_completes_on_its_own_vector_in_memory_too() {
         })
         .join()
         .expect("I/O thread");
-        let after = per_vector(&rig);
-        // Vectors: configuration 0, events 1, request queue n on 2 + n.
+        let after = rig.per_vector();
         for n in 0..4 {
-            let fired = after[2 + n] - before[2 + n];
+            let fired = after[request_vector(n)] - before[request_vector(n)];
             assert_eq!(
                 fired > 0,
                 n == on,

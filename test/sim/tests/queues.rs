@@ -3,24 +3,8 @@
 //! and with fewer vectors (or none) the queues share what there is.
 
 use rvscsi_emu::ddi::cpu;
-use rvscsi_sim::testkit::{Rig, RigConfig, random_bytes};
+use rvscsi_sim::testkit::{Rig, RigConfig, random_bytes, request_vector};
 use std::sync::Arc;
-
-/// MSI-X vector of request queue `n` when every source has its own:
-/// configuration changes on 0, events on 1 (see `VioScsi::vectors`).
-fn request_vector(n: usize) -> usize {
-    2 + n
-}
-
-fn per_vector(rig: &Rig) -> Vec<u64> {
-    rig.bed()
-        .machine
-        .stats
-        .per_vector
-        .iter()
-        .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
-        .collect()
-}
 
 fn attach_line(rig: &Rig) -> String {
     rig.log()
@@ -67,12 +51,12 @@ fn each_cpu_uses_its_own_queue_and_each_queue_interrupts_on_its_own_vector() {
     let disk = rig.disk0();
     // One CPU at a time: only its queue's vector fires.
     for on in 0..4 {
-        let before = per_vector(&rig);
+        let before = rig.per_vector();
         let d = disk.clone();
         std::thread::spawn(move || io_on_cpu(&d, on))
             .join()
             .expect("I/O thread");
-        let after = per_vector(&rig);
+        let after = rig.per_vector();
         for n in 0..4 {
             let fired = after[request_vector(n)] - before[request_vector(n)];
             if n == on {
@@ -83,12 +67,12 @@ fn each_cpu_uses_its_own_queue_and_each_queue_interrupts_on_its_own_vector() {
         }
     }
     // CPUs beyond the number of queues wrap around: CPU 5 uses queue 1.
-    let before = per_vector(&rig);
+    let before = rig.per_vector();
     let d = disk.clone();
     std::thread::spawn(move || io_on_cpu(&d, 5))
         .join()
         .expect("I/O thread");
-    let after = per_vector(&rig);
+    let after = rig.per_vector();
     assert!(after[request_vector(1)] > before[request_vector(1)]);
     // All at once: every queue busy, data intact.
     io_on_cpus(&disk, 0..4);
@@ -107,13 +91,13 @@ fn the_request_queues_tunable_caps_the_queues_used() {
     let line = attach_line(&rig);
     assert!(line.contains("2 request queue(s)"), "{line}");
     let disk = rig.disk0();
-    let before = per_vector(&rig);
+    let before = rig.per_vector();
     let d = disk.clone();
     std::thread::spawn(move || io_on_cpu(&d, 3))
         .join()
         .expect("I/O thread");
     // CPU 3 of 2 queues: queue 1.
-    let v = per_vector(&rig);
+    let v = rig.per_vector();
     assert!(v[request_vector(1)] > before[request_vector(1)]);
     assert_eq!(v[request_vector(0)], before[request_vector(0)]);
     assert_eq!(v[request_vector(2)], 0, "there is no third queue");
@@ -144,7 +128,7 @@ fn four_queues_work_on_one_shared_vector_and_on_fixed_interrupts() {
         );
         let disk = rig.disk0();
         io_on_cpus(&disk, 0..4);
-        let v = per_vector(&rig);
+        let v = rig.per_vector();
         if expect == "MSI-X" {
             // Everything on vector 0; the other vector was given back.
             assert!(v[0] > 0 && v[1..].iter().all(|&n| n == 0), "{v:?}");
