@@ -16,7 +16,7 @@ use crate::dev_warn;
 use crate::ffi::{
     self, caddr_t, dev_info_t, scsi_address, scsi_device, scsi_hba_tran, scsi_pkt, uint_t,
 };
-use crate::scsa::addr::parse_unit_address;
+use crate::scsa::addr::child_of_unit_address;
 use crate::scsa::cap::{self, Cap};
 use crate::scsa::pkt::Pkt;
 use crate::vioscsi::cmd::Cmd;
@@ -293,7 +293,13 @@ pub unsafe extern "C" fn rvscsi_quiesce(dip: *mut dev_info_t) -> c_int {
 // ---- scsi_hba_tran(9S) vectors -------------------------------------------
 
 /// tran_tgt_init(9E): accepts a child of the iport whose unit address
-/// "target,lun" is within the device's limits.
+/// "target,lun64" names a target and a LUN within the device's limits.
+///
+/// The LUN part is the framework's `lun64` (`scsi_lun_to_lun64`): LUNs
+/// below 256 as QEMU reports them (peripheral method) are their number,
+/// LUNs 256 to 16383 (flat space) the whole SAM LUN, `0x4100000000000000`
+/// for 256 (see `scsa::addr`). A child the driver cannot address is
+/// refused with a warning saying why, never mapped onto another LUN.
 ///
 /// # Safety
 /// Called by the framework with valid nodes, tran and device.
@@ -323,16 +329,18 @@ pub unsafe extern "C" fn rvscsi_tran_tgt_init(
     }
     // SAFETY: NUL-terminated string owned by the framework.
     let ua = unsafe { CStr::from_ptr(ua) }.to_bytes();
-    let Some((target, lun)) = parse_unit_address(ua) else {
-        return ffi::DDI_FAILURE;
-    };
     let limits = hba.limits();
-    if target > u32::from(limits.max_target) || lun > u64::from(limits.max_lun) {
-        return ffi::DDI_FAILURE;
-    }
+    let (target, lun) = match child_of_unit_address(ua, limits.max_target, limits.max_lun) {
+        Ok(child) => child,
+        Err(e) => {
+            let shown = core::str::from_utf8(ua).unwrap_or("?");
+            dev_warn!(hba.dip, "not configuring @{shown}: {e}");
+            return ffi::DDI_FAILURE;
+        }
+    };
     let state = Box::new(Lun {
-        target: target as u8,
-        lun: lun as u16,
+        target,
+        lun: lun.number(),
     });
     // SAFETY: valid device; the pointer is ours until tran_tgt_free.
     unsafe { ffi::scsi_device_hba_private_set(sd, Box::into_raw(state).cast()) };

@@ -116,17 +116,42 @@ pub fn tmf_request(tmf: Tmf, target: u8, lun: u16, id: u64) -> [u8; TMF_REQ_LEN]
 }
 
 /// Largest LUN of the single-level flat format (14 bits).
-pub const MAX_LUN: u16 = 0x3fff;
+pub const MAX_LUN: u16 = crate::scsa::addr::MAX_SINGLE_LEVEL_LUN;
 
-/// The 8-byte LUN field (§5.6.6.1): byte 0 is 1, byte 1 the target, bytes
-/// 2-3 a single-level flat-space LUN (SAM: 0x40 | high bits, low bits).
+/// The 8-byte LUN field (virtio 1.2 §5.6.6.1): byte 0 is 1, byte 1 the
+/// target, bytes 2-3 a single-level LUN structure, the rest zero.
+///
+/// The LUN goes in the flat space method (`0x40 | high bits`, low bits)
+/// whatever form the framework's name had: it is the form every
+/// virtio-scsi device is written against (Linux's `virtio_scsi.c` and
+/// illumos' own `vioscsi.c` send nothing else), and the devices decode
+/// the number from the low 14 bits of those two bytes (QEMU
+/// `hw/scsi/virtio-scsi.c` `virtio_scsi_get_lun`; its
+/// `virtio_scsi_device_get` takes byte 2 of 0 or 0x40..0x7f only, so a
+/// peripheral LUN with a bus identifier, `0x01..0x3f`, would not even
+/// reach a LUN there). So peripheral LUN 5 (`00 05`, named `t,5`) and
+/// flat LUN 300 (`41 2c`, named `t,412c000000000000`) go out as `40 05`
+/// and `41 2c`.
+///
+/// `lun` is at most [`MAX_LUN`]: `tran_tgt_init` refuses every other LUN
+/// (`scsa::addr::child_of_unit_address`), and the driver's own commands
+/// go to LUN 0.
 pub fn lun_bytes(target: u8, lun: u16) -> [u8; 8] {
-    let lun = lun & MAX_LUN;
-    [1, target, 0x40 | (lun >> 8) as u8, lun as u8, 0, 0, 0, 0]
+    debug_assert!(lun <= MAX_LUN, "LUN {lun} passed tran_tgt_init");
+    [
+        1,
+        target,
+        0x40 | ((lun & MAX_LUN) >> 8) as u8,
+        lun as u8,
+        0,
+        0,
+        0,
+        0,
+    ]
 }
 
-/// Decodes a LUN field written by the device; `None` if not of the form
-/// `lun_bytes` produces.
+/// Decodes a LUN field written by the device (an event's); `None` if not
+/// a single-level LUN in the peripheral (bus 0) or flat space method.
 pub fn decode_lun(b: &[u8; 8]) -> Option<(u8, u16)> {
     if b[0] != 1 {
         return None;
@@ -364,6 +389,43 @@ mod tests {
         }
         assert_eq!(decode_lun(&[0, 1, 0x40, 0, 0, 0, 0, 0]), None);
         assert_eq!(decode_lun(&[1, 1, 0xc0, 0, 0, 0, 0, 0]), None);
+        assert_eq!(
+            decode_lun(&[1, 1, 0x01, 0, 0, 0, 0, 0]),
+            None,
+            "a bus identifier"
+        );
+        assert_eq!(
+            decode_lun(&[1, 4, 0, 7, 0, 0, 0, 0]),
+            Some((4, 7)),
+            "peripheral"
+        );
+    }
+
+    /// What the framework names a LUN goes out as that LUN: each of the
+    /// names QEMU's REPORT LUNS leads to, through tran_tgt_init's decoding,
+    /// to the wire bytes QEMU decodes back to the same number.
+    #[test]
+    fn every_named_lun_reaches_the_same_lun_on_the_wire() {
+        use crate::scsa::addr::child_of_unit_address;
+        extern crate std;
+        for n in 0..=MAX_LUN {
+            let lun64 = if n < 256 {
+                u64::from(n)
+            } else {
+                u64::from(0x4000 | n) << 48
+            };
+            let ua = std::format!("7,{lun64:x}");
+            let (t, lun) = child_of_unit_address(ua.as_bytes(), 255, MAX_LUN).unwrap();
+            let b = lun_bytes(t, lun.number());
+            // QEMU: byte 0 is 1, byte 2 is 0 or 0x40..0x7f, the LUN is
+            // the low 14 bits of bytes 2-3 (virtio_scsi_get_lun).
+            assert_eq!((b[0], b[1]), (1, 7));
+            assert!(b[2] == 0 || (0x40..0x80).contains(&b[2]));
+            assert_eq!(u16::from_be_bytes([b[2], b[3]]) & 0x3fff, n, "{ua}");
+            assert_eq!(&b[4..], &[0; 4]);
+            let tmf = tmf_request(Tmf::LogicalUnitReset, t, lun.number(), 0);
+            assert_eq!(&tmf[8..16], &b, "the TMF names the same LUN");
+        }
     }
 
     #[test]
