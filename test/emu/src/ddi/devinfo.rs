@@ -14,6 +14,8 @@ pub enum Prop {
     Int(i32),
     /// An integer array (e.g. `reg`).
     Ints(Vec<i32>),
+    /// A 64-bit integer (`ndi_prop_update_int64`, e.g. `lun64`).
+    Int64(i64),
     /// A string.
     Str(String),
 }

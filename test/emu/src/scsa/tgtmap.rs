@@ -12,7 +12,7 @@ use super::buf::DataBuf;
 use super::device;
 use super::hba::{HbaState, hba_state};
 use super::packet::{Device, InitArgs};
-use crate::ddi::devinfo::{DevInfo, NodeKind, node};
+use crate::ddi::devinfo::{DevInfo, NodeKind, Prop, node};
 use crate::ddi::violation;
 use crate::machine::{lock, set_current};
 use rvscsi::ffi::{self, dev_info_t, scsi_hba_tgtmap_t, scsi_hba_tran};
@@ -110,19 +110,77 @@ pub fn map_of_iport(iport: *mut dev_info_t) -> Option<Arc<TgtMap>> {
         .cloned()
 }
 
-/// Formats a unit address the way the framework names LUN children.
+/// Formats a unit address the way the framework names LUN children
+/// (`scsi_hba.c`, `scsi_lunmap_set_add`: `"%s,%" PRIx64` of the target
+/// address and the `lun64`).
 pub fn unit_address(target: &str, lun64: u64) -> String {
     format!("{target},{lun64:x}")
 }
 
-/// `scsi_lun_to_lun64`: peripheral-format single-level LUNs keep the
-/// SCSI-2 compatible form; anything else the full 64-bit form.
+/// `scsi_lun_to_lun64` (`usr/src/common/devid/devid_scsi.c`): a
+/// single-level LUN in the peripheral device addressing method keeps the
+/// SCSI-2 compatible form (the bus identifier bits above the LUN byte, as
+/// illumos tolerates a non-zero one); anything else, the flat space
+/// method included, is the whole 8-byte LUN as a big-endian number (flat
+/// LUN 256, `41 00 00 ..`, is `0x4100000000000000`).
 pub fn lun_to_lun64(l: [u8; 8]) -> u64 {
     if l[2..].iter().all(|&b| b == 0) && l[0] & 0xc0 == 0 {
         (u64::from(l[0] & 0x3f) << 8) | u64::from(l[1])
     } else {
         u64::from_be_bytes(l)
     }
+}
+
+/// `SCSI_32LUNS_PER_TARGET` (`sys/scsi/scsi_params.h`): the `lun`
+/// property exists only below it.
+const SCSI_32LUNS_PER_TARGET: u64 = 32;
+
+/// `scsi_hba_ua_set` (`scsi_hba.c`) for a devinfo child: the addressing
+/// properties the framework decorates a node with from its unit address
+/// `"tgt,lun[,sfunc]"` before `tran_tgt_init` runs (`scsi_device_config`
+/// decorates, `scsi_busctl_initchild` then calls the HBA):
+/// - `target` (int), only if the target part is lowercase hex (else the
+///   framework treats it as a port name);
+/// - `target-port` (string), the target part as written;
+/// - `lun` (int), only for a `lun64` below 32;
+/// - `lun64` (int64), always;
+/// - `sfunc` (int), when there is one.
+///
+/// `None` where `scsi_hba_ua_set` returns 0 (a LUN or sfunc digit that is
+/// not lowercase hex): the framework then removes the node.
+pub fn ua_properties(ua: &str) -> Option<Vec<(&'static str, Prop)>> {
+    fn lower_hex(s: &str) -> Option<u64> {
+        s.bytes().try_fold(0u64, |acc, c| {
+            let d = match c {
+                b'0'..=b'9' => c - b'0',
+                b'a'..=b'f' => c - b'a' + 10,
+                _ => return None,
+            };
+            // The framework's accumulator wraps; so does this one.
+            Some(acc.wrapping_shl(4) | u64::from(d))
+        })
+    }
+    let mut parts = ua.splitn(3, ',');
+    let tgt_port = parts.next().unwrap_or("");
+    let lun64 = lower_hex(parts.next().unwrap_or(""))?;
+    let sfunc = match parts.next() {
+        Some(s) => Some(lower_hex(s)? as i32),
+        None => None,
+    };
+    let mut props = Vec::new();
+    // `int tgt`, accumulated the same way (it wraps past 8 digits).
+    if let Some(t) = lower_hex(tgt_port) {
+        props.push(("target", Prop::Int(t as i32)));
+    }
+    props.push(("target-port", Prop::Str(tgt_port.to_string())));
+    if lun64 < SCSI_32LUNS_PER_TARGET {
+        props.push(("lun", Prop::Int(lun64 as i32)));
+    }
+    props.push(("lun64", Prop::Int64(lun64 as i64)));
+    if let Some(f) = sfunc {
+        props.push(("sfunc", Prop::Int(f)));
+    }
+    Some(props)
 }
 
 impl TgtMap {
@@ -278,7 +336,9 @@ impl TgtMap {
 
     /// A child node with its `scsi_device`, initialized by the HBA.
     fn make_child(&self, target: &str, lun64: u64, name: &str) -> Option<Arc<Device>> {
-        let ua = CString::new(unit_address(target, lun64)).ok()?;
+        let ua_str = unit_address(target, lun64);
+        let props = ua_properties(&ua_str)?;
+        let ua = CString::new(ua_str).ok()?;
         let inst = NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed);
         let dip = DevInfo::create(
             self.hba.machine.clone(),
@@ -287,6 +347,11 @@ impl TgtMap {
             inst,
             name,
         );
+        if let Some(n) = node(dip, "make_child") {
+            for (k, v) in props {
+                n.set_prop(k, v);
+            }
+        }
         let sd = device::alloc(dip, self.tran);
         let t = u32::from_str_radix(target, 16).unwrap_or(u32::MAX);
         let Some(dev) = Device::new(self.hba.clone(), self.tran, dip, sd, t, lun64) else {
@@ -347,37 +412,60 @@ impl TgtMap {
             .then(|| data.bytes()[..96 - r.resid.clamp(0, 96) as usize].to_vec())
     }
 
+    /// `scsi_device_reportluns` (`scsi_hba.c`): REPORT LUNS with room for
+    /// `scsi_lunrpt_default_max` (256) LUNs, once more with room for all
+    /// of them if the target has more; a list length of zero is a broken
+    /// target (`DDI_NOT_WELL_FORMED`). Each LUN becomes its `lun64`.
     fn report_luns(dev: &Arc<Device>) -> Option<Vec<u64>> {
-        const ALLOC: usize = 8 + 256 * 8;
-        let data = Arc::new(DataBuf::new(ALLOC, 0, true));
-        let mut p = dev
-            .init_pkt(
-                Some(data.clone()),
-                InitArgs {
-                    cmdlen: 12,
-                    flags: ffi::PKT_CONSISTENT,
-                    ..InitArgs::default()
-                },
-            )
-            .ok()?;
-        let mut cdb = [0u8; 12];
-        cdb[0] = 0xa0;
-        cdb[6..10].copy_from_slice(&(ALLOC as u32).to_be_bytes());
-        p.cdb_mut().copy_from_slice(&cdb);
-        p.set_time(3);
-        let ok = p.poll() == 0;
-        p.destroy();
-        if !ok {
-            return None;
+        const DEFAULT_MAX: usize = 256;
+        let mut room = DEFAULT_MAX;
+        loop {
+            // sizeof (struct scsi_lunrpt) + (nluns - 1) * sizeof (scsi_lun)
+            let alloc = 16 + (room - 1) * 8;
+            let data = Arc::new(DataBuf::new(alloc, 0, true));
+            let mut p = dev
+                .init_pkt(
+                    Some(data.clone()),
+                    InitArgs {
+                        cmdlen: 12,
+                        flags: ffi::PKT_CONSISTENT,
+                        ..InitArgs::default()
+                    },
+                )
+                .ok()?;
+            let mut cdb = [0u8; 12];
+            cdb[0] = 0xa0;
+            cdb[6..10].copy_from_slice(&(alloc as u32).to_be_bytes());
+            p.cdb_mut().copy_from_slice(&cdb);
+            p.set_time(3);
+            let ok = p.poll() == 0;
+            p.destroy();
+            if !ok {
+                return None;
+            }
+            let b = data.bytes();
+            let total = u32::from_be_bytes(b[0..4].try_into().ok()?) as usize / 8;
+            if total == 0 {
+                return None;
+            }
+            if total > room && room == DEFAULT_MAX {
+                // The framework allocates what the target says (KM_SLEEP);
+                // a list no allocator would give (4 GiB) fails there as
+                // NDI_NOMEM, which is what a length beyond a million LUNs
+                // is taken for here.
+                if total > 1 << 20 {
+                    return None;
+                }
+                room = total;
+                continue;
+            }
+            let n = total.min(room);
+            return Some(
+                (0..n)
+                    .map(|i| lun_to_lun64(b[8 + 8 * i..16 + 8 * i].try_into().unwrap_or([0xff; 8])))
+                    .collect(),
+            );
         }
-        let b = data.bytes();
-        let list = u32::from_be_bytes(b[0..4].try_into().ok()?) as usize;
-        let n = (list / 8).min((ALLOC - 8) / 8);
-        Some(
-            (0..n)
-                .map(|i| lun_to_lun64(b[8 + 8 * i..16 + 8 * i].try_into().unwrap_or([0xff; 8])))
-                .collect(),
-        )
     }
 
     /// LUNs behind `target` (LUN 0 probe, INQUIRY, REPORT LUNS).
@@ -632,4 +720,69 @@ pub unsafe extern "C" fn scsi_hba_tgtmap_scan_luns(h: *mut scsi_hba_tgtmap_t, ad
         .to_string_lossy()
         .into_owned();
     m.scan_luns(&a);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn luns_are_named_and_decorated_as_scsi_hba_c_does() {
+        // QEMU's REPORT LUNS entries (scsi-bus.c store_lun) for 0, 255,
+        // 256, 16383, and what illumos makes of them.
+        let reported = [
+            ([0u8, 0, 0, 0, 0, 0, 0, 0], 0u64),
+            ([0, 0xff, 0, 0, 0, 0, 0, 0], 0xff),
+            ([0x41, 0, 0, 0, 0, 0, 0, 0], 0x4100_0000_0000_0000),
+            ([0x7f, 0xff, 0, 0, 0, 0, 0, 0], 0x7fff_0000_0000_0000),
+            // A peripheral LUN with a bus identifier: folded in.
+            ([0x01, 0x02, 0, 0, 0, 0, 0, 0], 0x102),
+            // Two levels: the whole LUN.
+            ([0, 1, 0, 2, 0, 0, 0, 0], 0x0001_0002_0000_0000),
+        ];
+        for (lun, lun64) in reported {
+            assert_eq!(lun_to_lun64(lun), lun64, "{lun:02x?}");
+        }
+        assert_eq!(
+            unit_address("3", 0x4100_0000_0000_0000),
+            "3,4100000000000000"
+        );
+        assert_eq!(
+            ua_properties("3,4100000000000000").unwrap(),
+            vec![
+                ("target", Prop::Int(3)),
+                ("target-port", Prop::Str("3".into())),
+                ("lun64", Prop::Int64(0x4100_0000_0000_0000)),
+            ]
+        );
+        assert_eq!(
+            ua_properties("1f,1f").unwrap(),
+            vec![
+                ("target", Prop::Int(31)),
+                ("target-port", Prop::Str("1f".into())),
+                ("lun", Prop::Int(31)),
+                ("lun64", Prop::Int64(31)),
+            ]
+        );
+        assert!(
+            !ua_properties("0,20")
+                .unwrap()
+                .iter()
+                .any(|(k, _)| *k == "lun"),
+            "no `lun` from 32 up"
+        );
+        // A target part that is not lowercase hex is a port name only.
+        assert_eq!(
+            ua_properties("w5000c500,0").unwrap()[..2],
+            [
+                ("target-port", Prop::Str("w5000c500".into())),
+                ("lun", Prop::Int(0))
+            ]
+        );
+        assert_eq!(ua_properties("0,A"), None, "scsi_hba_ua_set refuses it");
+        assert_eq!(
+            ua_properties("0,1,2").unwrap().last(),
+            Some(&("sfunc", Prop::Int(2)))
+        );
+    }
 }
