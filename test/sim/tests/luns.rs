@@ -16,7 +16,7 @@
 //!   `lun` (`scsi_hba.c`, `scsi_hba_ua_set`).
 
 use rvscsi_emu::ddi::devinfo::{Prop, node};
-use rvscsi_sim::testkit::{Image, Rig, RigConfig};
+use rvscsi_sim::testkit::{Binding, Image, Rig, RigConfig};
 
 /// LUN 0 and 255 (peripheral form), 256 and 16383 (flat space, the first
 /// and the last LUN above the peripheral range).
@@ -55,9 +55,20 @@ fn int_prop(p: Option<&Prop>) -> Option<i64> {
 
 #[test]
 fn luns_0_to_16383_attach_are_named_as_illumos_names_them_and_carry_io() {
+    every_lun_attaches_named_and_carrying_io(Binding::Library);
+}
+
+/// The same through the C shim's dev_ops and scsi_hba_tran vectors.
+#[test]
+fn luns_0_to_16383_attach_through_the_c_shim_too() {
+    every_lun_attaches_named_and_carrying_io(Binding::Shim);
+}
+
+fn every_lun_attaches_named_and_carrying_io(binding: Binding) {
     const TARGET: u8 = 3;
     let rig = Rig::start(RigConfig {
         images: LUNS.iter().map(|&l| (2048, TARGET, l)).collect(),
+        binding,
         ..RigConfig::default()
     });
     let disks = rig.sd.disks();
@@ -133,5 +144,50 @@ fn a_lun_above_255_hot_plugged_behind_a_known_target_appears() {
     });
     let d = rig.sd.disk(0, lun64).unwrap();
     assert!(d.read(3, 512).unwrap() == img.expected(3, 1));
+    rig.finish_clean();
+}
+
+/// A LUN the driver cannot address reaches tran_tgt_init only by name
+/// (QEMU reports none): BUS_CONFIG_ONE of `disk@0,<lun64>`, as opening a
+/// `/devices` path does. Each is refused with a warning that says why,
+/// and nothing is configured in its place.
+#[test]
+fn luns_virtio_scsi_cannot_address_are_refused_by_name_never_mapped_elsewhere() {
+    let rig = Rig::start(RigConfig::default());
+    let dev0 = rig.bed().device(0, 0).expect("LUN 0");
+    let iport = node(dev0.node, "luns test").expect("LUN 0's node").parent;
+    let map = rvscsi_emu::scsa::tgtmap::map_of_iport(iport).expect("the iport's map");
+    for (lun64, why) in [
+        ("8001000000000000", "the logical unit addressing method"),
+        ("c101000000000000", "an extended addressing method"),
+        ("d200100000000000", "an extended addressing method"),
+        ("4005400100000000", "a multi-level LUN"),
+        ("4100000000000001", "a multi-level LUN"),
+        ("100000000", "a multi-level LUN"),
+    ] {
+        let ua = format!("0,{lun64}");
+        assert!(!map.config_one(&ua), "@{ua} must not configure");
+        let want = format!(
+            "not configuring @{ua}: LUN {:#x} uses {why}",
+            u64::from_str_radix(lun64, 16).unwrap()
+        );
+        assert!(
+            rig.log().iter().any(|l| l.contains(&want)),
+            "{want:?} in {:?}",
+            rig.log()
+        );
+    }
+    // Spellings the framework never writes are other names for LUN 1..:
+    // refused too (QEMU's LUN 0 is the only one here).
+    for ua in ["0,00", "0,0A", "00,0"] {
+        assert!(!map.config_one(ua), "@{ua}");
+    }
+    // And one it can address but that is not there: no disk either.
+    assert!(
+        !map.config_one("0,4100000000000000"),
+        "no LUN 256 on this target"
+    );
+    assert_eq!(rig.sd.disks().len(), 1, "only LUN 0, under its own name");
+    assert_eq!(rig.bed().devices().len(), 1);
     rig.finish_clean();
 }

@@ -60,6 +60,9 @@ struct MapState {
     /// configuration work starts until it lets go.
     held: bool,
     last_change: Option<Instant>,
+    /// Children configured by name (`config_one`) under a unit address
+    /// other than the one enumeration gave their LUN.
+    by_name: Vec<Lun>,
 }
 
 /// A target map.
@@ -336,8 +339,19 @@ impl TgtMap {
 
     /// A child node with its `scsi_device`, initialized by the HBA.
     fn make_child(&self, target: &str, lun64: u64, name: &str) -> Option<Arc<Device>> {
-        let ua_str = unit_address(target, lun64);
-        let props = ua_properties(&ua_str)?;
+        self.make_child_at(&unit_address(target, lun64), target, lun64, name)
+    }
+
+    /// A child node at unit address `ua` (naming `target`, `lun64`),
+    /// decorated as `scsi_hba_ua_set` does, then initialized by the HBA.
+    fn make_child_at(
+        &self,
+        ua_str: &str,
+        target: &str,
+        lun64: u64,
+        name: &str,
+    ) -> Option<Arc<Device>> {
+        let props = ua_properties(ua_str)?;
         let ua = CString::new(ua_str).ok()?;
         let inst = NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed);
         let dip = DevInfo::create(
@@ -484,7 +498,11 @@ impl TgtMap {
     }
 
     fn online(&self, target: &str, lun64: u64) -> Option<Lun> {
-        let dev = self.make_child(target, lun64, "disk")?;
+        self.online_at(&unit_address(target, lun64), target, lun64)
+    }
+
+    fn online_at(&self, ua: &str, target: &str, lun64: u64) -> Option<Lun> {
+        let dev = self.make_child_at(ua, target, lun64, "disk")?;
         let inq = Self::inquiry(&dev);
         let present = inq
             .as_ref()
@@ -519,6 +537,79 @@ impl TgtMap {
         self.free_child(&l.device, true);
     }
 
+    /// `BUS_CONFIG_ONE` of `disk@<addr>` (`scsi_hba.c`,
+    /// `scsi_hba_bus_configone`): what opening a `/devices` path by name
+    /// (or a boot path) does. The LUN part is read as
+    /// `scsi_addr_to_lun64` reads it (up to 16 hex digits, either case);
+    /// a LUN other than 0 needs its target's LUN 0 (the framework
+    /// configures ",0" first); the child gets `addr` as written, is
+    /// decorated, initialized by the HBA (`tran_tgt_init`), probed and
+    /// handed to the target driver like an enumerated LUN. Returns whether
+    /// the LUN is configured.
+    pub fn config_one(&self, addr: &str) -> bool {
+        let _g = set_current(&self.hba.machine);
+        {
+            let mut s = lock(&self.state);
+            while s.busy {
+                s = self
+                    .cv
+                    .wait_timeout(s, Duration::from_millis(50))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            s.busy = true;
+        }
+        let done = self.config_one_now(addr);
+        lock(&self.state).busy = false;
+        self.cv.notify_all();
+        done
+    }
+
+    fn config_one_now(&self, addr: &str) -> bool {
+        let (target, lun) = addr.split_once(',').unwrap_or((addr, "0"));
+        // scsi_addr_to_lun64: hex digits up to the next ',' (at most 16);
+        // anything else is SCSI_LUN64_ILLEGAL.
+        let digits = lun.split(',').next().unwrap_or("");
+        let Some(lun64) = (!digits.is_empty() && digits.len() <= 16)
+            .then(|| u64::from_str_radix(digits, 16).ok())
+            .flatten()
+        else {
+            return false;
+        };
+        {
+            let s = lock(&self.state);
+            // The framework finds children by name@addr, as strings
+            // (scsi_findchild): "0,00" is not "0,0".
+            let named = |l: &Lun| {
+                node(l.device.node, "config_one")
+                    .and_then(|n| n.unit_address())
+                    .is_some_and(|u| u.to_bytes() == addr.as_bytes())
+            };
+            if s.configured.values().flat_map(|m| m.values()).any(named)
+                || s.by_name.iter().any(named)
+            {
+                return true;
+            }
+            let luns = s.configured.get(target);
+            if lun64 != 0 && !luns.is_some_and(|l| l.contains_key(&0)) {
+                return false; // "no lun 0 or filtered lun"
+            }
+        }
+        let Some(l) = self.online_at(addr, target, lun64) else {
+            return false;
+        };
+        let mut s = lock(&self.state);
+        let luns = s.configured.entry(target.to_string()).or_default();
+        if let std::collections::btree_map::Entry::Vacant(e) = luns.entry(lun64) {
+            e.insert(l);
+        } else {
+            // A second name for a configured LUN that the HBA accepted:
+            // the framework keeps both nodes.
+            s.by_name.push(l);
+        }
+        true
+    }
+
     /// Takes every LUN offline and stops the map.
     pub fn shutdown(&self) {
         {
@@ -531,9 +622,11 @@ impl TgtMap {
         }
         let all: Vec<Lun> = {
             let mut s = lock(&self.state);
+            let by_name = std::mem::take(&mut s.by_name);
             std::mem::take(&mut s.configured)
                 .into_values()
                 .flat_map(|m| m.into_values())
+                .chain(by_name)
                 .collect()
         };
         for l in all {
