@@ -4,7 +4,9 @@
 //! Discovery follows the in-tree drivers: one iport ("iport0") with a
 //! full-set target map; each target that answers on LUN 0 is reported by
 //! its hexadecimal address, and the framework finds the LUNs behind it
-//! (REPORT LUNS) and names the children "target,lun". The probe is an
+//! (REPORT LUNS) and names the children "target,lun64", the LUN in
+//! illumos' `lun64` form (LUN 256 is `4100000000000000`; see
+//! `scsa::addr`), which `tran_tgt_init` decodes. The probe is an
 //! INQUIRY with an allocation length of 0: it moves no data and, unlike
 //! TEST UNIT READY, does not consume a pending unit attention (SPC), so
 //! the target driver still sees the power-on or reset unit attention.

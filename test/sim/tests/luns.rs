@@ -134,7 +134,7 @@ fn every_lun_attaches_named_and_carrying_io(binding: Binding) {
 }
 
 #[test]
-fn a_lun_above_255_hot_plugged_behind_a_known_target_appears() {
+fn a_lun_above_255_hot_plugged_behind_a_known_target_appears_and_goes() {
     let rig = Rig::start(RigConfig::default());
     let img = Image::patterned(&rig.dir.path("lun300.img"), 91, 2048);
     rig.hot_plug("hd300", &img.path, 0, 300);
@@ -144,6 +144,15 @@ fn a_lun_above_255_hot_plugged_behind_a_known_target_appears() {
     });
     let d = rig.sd.disk(0, lun64).unwrap();
     assert!(d.read(3, 512).unwrap() == img.expected(3, 1));
+    // And it goes when it is unplugged, LUN 0 staying.
+    rig.qmp("device_del", rvscsi_qtest::json!({"id": "hd300"}));
+    rvscsi_sim::testkit::wait_until(
+        "LUN 300 removed",
+        std::time::Duration::from_secs(20),
+        || rig.sd.disk(0, lun64).is_none(),
+    );
+    assert!(d.is_gone());
+    assert!(rig.disk0().read(0, 512).unwrap() == rig.images[0].expected(0, 1));
     rig.finish_clean();
 }
 
