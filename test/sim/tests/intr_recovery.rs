@@ -18,7 +18,9 @@ use rvscsi::ffi;
 use rvscsi::scsa::PktStatistics;
 use rvscsi_emu::InitArgs;
 use rvscsi_emu::faults::{Fault, Match};
-use rvscsi_sim::testkit::{Driver, Qemu, Rig, RigConfig, clear_unit_attention, read_block};
+use rvscsi_sim::testkit::{
+    Binding, Driver, Qemu, Rig, RigConfig, clear_unit_attention, read_block,
+};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
@@ -30,6 +32,10 @@ const VIRTIO_SCSI_S_TRANSPORT_FAILURE: u8 = 6;
 const RESP_RESPONSE: usize = 11;
 
 fn rig(driver: Driver, blkdebug: bool) -> Rig {
+    rig_with(driver, blkdebug, Binding::Library)
+}
+
+fn rig_with(driver: Driver, blkdebug: bool, binding: Binding) -> Rig {
     Rig::start(RigConfig {
         images: vec![(4096, 0, 0)],
         blkdebug: if blkdebug {
@@ -38,6 +44,7 @@ fn rig(driver: Driver, blkdebug: bool) -> Rig {
             Vec::new()
         },
         driver,
+        binding,
         qemu: Qemu::V72,
         ..RigConfig::default()
     })
@@ -87,7 +94,16 @@ fn resets(rig: &Rig) -> Vec<Vec<u64>> {
 
 #[test]
 fn a_transport_error_makes_sd_reset_the_lun_from_its_interrupt_and_io_goes_on() {
-    let rig = rig(Driver::Sd, false);
+    transport_error_then_lun_reset(Binding::Library);
+}
+
+#[test]
+fn through_the_c_shim_a_transport_error_makes_sd_reset_the_lun_from_its_interrupt() {
+    transport_error_then_lun_reset(Binding::Shim);
+}
+
+fn transport_error_then_lun_reset(binding: Binding) {
+    let rig = rig_with(Driver::Sd, false, binding);
     let disk = rig.disk0();
     let image = &rig.images[0];
     // The device reports a transport failure for the read of block 100.
