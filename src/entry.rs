@@ -7,9 +7,9 @@
 //! SAFETY comment, are what makes that sound), then calls the safe core.
 //! Nothing here panics; bad pointers get the entry point's error value.
 //!
-//! Contexts: `tran_start`, `tran_setup_pkt`, `tran_teardown_pkt` and the
-//! interrupt handler may run in interrupt context; the others run in
-//! kernel thread context.
+//! Contexts: `tran_start`, `tran_setup_pkt`, `tran_teardown_pkt`,
+//! `tran_abort`, `tran_reset` and the interrupt handler may run in
+//! interrupt context; the others run in kernel thread context.
 
 use crate::ddi::{Dip, Sleep};
 use crate::dev_warn;
@@ -481,7 +481,9 @@ pub unsafe extern "C" fn rvscsi_tran_start(ap: *mut scsi_address, pkt: *mut scsi
 }
 
 /// tran_abort(9E): 1 if the command (or, without one, every command of the
-/// LUN) was aborted.
+/// LUN) was aborted, or, called in interrupt context (as scsi_abort(9F)
+/// allows), if the abort was accepted for the work task: the command then
+/// completes `CMD_ABORTED` later (see `vioscsi::recovery`). 0 on failure.
 ///
 /// # Safety
 /// Called by the framework with a valid address and, optionally, a packet.
@@ -503,7 +505,9 @@ pub unsafe extern "C" fn rvscsi_tran_abort(ap: *mut scsi_address, pkt: *mut scsi
     c_int::from(ok)
 }
 
-/// tran_reset(9E): 1 on success.
+/// tran_reset(9E): 1 on success, or, called in interrupt context (sd
+/// resets from its completion routine), if the reset was accepted for the
+/// work task (see `vioscsi::recovery`). 0 on failure.
 ///
 /// # Safety
 /// Called by the framework with a valid address.

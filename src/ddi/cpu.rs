@@ -17,3 +17,14 @@ pub fn current_seqid() -> u32 {
     let seqid = unsafe { (*ffi::curcpup()).cpu_seqid };
     u32::try_from(seqid).unwrap_or(0)
 }
+
+/// Whether the caller runs in interrupt context: an interrupt thread (a
+/// hardware interrupt at or below LOCK_LEVEL, or a soft interrupt such as
+/// a timeout(9F) callback) or a CPU servicing a high-level interrupt
+/// (`servicing_interrupt()`, uts/common/disp/thread.c). What may sleep or
+/// wait long must not run there (delay(9F), condvar(9F), kmem_alloc(9F)
+/// CONTEXT sections).
+pub fn servicing_interrupt() -> bool {
+    // SAFETY: no preconditions; it reads the current thread and CPU.
+    unsafe { ffi::servicing_interrupt() != 0 }
+}

@@ -166,6 +166,10 @@ unsafe extern "C" {
     // (uts/intel/ml/i86_subr.S), which is what a module outside the
     // kernel's inline headers calls.
     pub fn curcpup() -> *mut cpu_t;
+    /// 1 when the caller runs on an interrupt thread (`T_INTR_THREAD`) or
+    /// on a CPU servicing a high-level interrupt, else 0 (sys/disp.h;
+    /// uts/common/disp/thread.c `servicing_interrupt`).
+    pub fn servicing_interrupt() -> c_int;
 
     // ---- time: ddi_get_lbolt(9F), drv_usectohz(9F), timeout(9F) ------------
     pub fn ddi_get_lbolt64() -> i64;

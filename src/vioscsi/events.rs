@@ -14,7 +14,7 @@
 use super::hba::{AttachError, Stats, VioScsi, state};
 use super::io::Reaper;
 use super::proto::{self, EVENT_QUEUE, Event};
-use super::recovery::Expired;
+use super::recovery::{DeferredTmfs, Expired};
 use crate::ddi::dma::{DmaBuffer, DmaMode};
 use crate::ddi::tgtmap::TargetMap;
 use crate::ddi::{Dip, Sleep};
@@ -101,6 +101,8 @@ pub struct Work {
     /// The iport is being detached: no discovery may start, one under way
     /// stops at the next target (its commands would hold the detach off).
     pub discovery_stopped: bool,
+    /// Task management accepted in interrupt context.
+    pub tmfs: DeferredTmfs,
     expired: [Option<Expired>; MAX_EXPIRED],
 }
 
@@ -120,7 +122,7 @@ impl Work {
     fn pending(&self) -> bool {
         let discovery =
             !self.discovery_stopped && (self.discover || self.scan.iter().any(|&b| b != 0));
-        discovery || self.reset || self.expired.iter().any(Option::is_some)
+        discovery || self.reset || !self.tmfs.is_empty() || self.expired.iter().any(Option::is_some)
     }
 }
 
@@ -161,7 +163,7 @@ impl VioScsi {
     /// discovery. Bounded: at most a few rounds, then it requeues itself.
     pub fn run_work(&self) {
         for _ in 0..8 {
-            let (reset, discover, scan, expired) = {
+            let work = {
                 let mut w = self.work.lock();
                 if !w.pending() || self.state() == state::STOPPED {
                     w.scheduled = false;
@@ -178,11 +180,13 @@ impl VioScsi {
                 };
                 w.reset = false;
                 w.expired = [None; MAX_EXPIRED];
-                taken
+                (taken, w.tmfs.take())
             };
+            let ((reset, discover, scan, expired), tmfs) = work;
             if reset {
                 self.reset_device("the device asked for it");
             }
+            self.run_deferred(tmfs);
             for e in expired.iter().flatten() {
                 self.recover(*e, true, Reaper::Free);
             }

@@ -7,13 +7,36 @@
 //! touched the command adds its statistics bit (`STAT_DEV_RESET`,
 //! `STAT_BUS_RESET`); the command completes `CMD_TIMEOUT` +
 //! `STAT_TIMEOUT` however it finally ends.
+//!
+//! `tran_abort(9E)` and `tran_reset(9E)` "can be called from user or
+//! interrupt context" (their CONTEXT sections, from scsi_abort(9F) and
+//! scsi_reset(9F)), and sd calls scsi_reset from its completion routine:
+//! sdintr -> sd_pkt_reason_cmd_{incomplete,tran_err,reset,aborted,timeout}
+//! and sd_pkt_reason_default -> sd_reset_target, which tries RESET_LUN,
+//! then RESET_TARGET, then RESET_ALL (sd.c). A TMF waits for the device
+//! (up to seconds) and a device reset waits for it too, which interrupt
+//! context must not do (delay(9F): user and kernel context only;
+//! condvar(9F): cv_wait should not be called from interrupt context). So
+//! called in interrupt context (`servicing_interrupt()`), they hand the
+//! request to the work task and return 1 at once: the request is accepted
+//! and performed asynchronously, as the in-tree pvscsi does (pvscsi.c
+//! `pvscsi_reset`, `pvscsi_abort`: write the request to the device and
+//! return 1 without waiting for it). The commands concerned complete later,
+//! from the device's answer or the reset, through `scsi_hba_pkt_comp` with
+//! no driver lock held (`CMD_ABORTED` + `STAT_ABORTED`, `CMD_RESET` +
+//! `STAT_DEV_RESET` or `STAT_BUS_RESET`). A deferred reset that the device
+//! refuses is escalated as sd would have done on a 0 (LUN, then target,
+//! then the whole device): the caller was told it would happen. A deferred
+//! abort that fails leaves the command to its own deadline and the
+//! watchdog's ladder. 0 only when nothing could be accepted (the HBA not
+//! running, the command not found, the deferred list full).
 
 use super::cmd::{Cmd, CmdList};
 use super::hba::{AttachError, Lun, Stats, VioScsi, state};
 use super::io::{Forced, Reaper};
 use super::proto::{self, CONTROL_QUEUE, Tmf};
 use crate::ddi::dma::{DmaBuffer, DmaMode};
-use crate::ddi::{Dip, Sleep, time};
+use crate::ddi::{Dip, Sleep, cpu, time};
 use crate::dev_warn;
 use crate::ffi;
 use crate::probes;
@@ -50,6 +73,60 @@ impl ControlQueue {
             buf,
             usable: true,
         })
+    }
+}
+
+/// Task management requests accepted in interrupt context and left to the
+/// work task: at most this many at once.
+pub const MAX_DEFERRED: usize = 16;
+
+/// A `tran_abort(9E)` or `tran_reset(9E)` request made in interrupt
+/// context, for the work task to perform (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deferred {
+    /// ABORT TASK of this command (if it is still outstanding then).
+    AbortTask(Expired),
+    /// ABORT TASK SET of a LUN (`tran_abort` without a packet).
+    AbortTaskSet(Lun),
+    /// LOGICAL UNIT RESET (`RESET_LUN`).
+    LunReset(Lun),
+    /// I_T NEXUS RESET (`RESET_TARGET`).
+    TargetReset(Lun),
+    /// Device reset (`RESET_ALL`, `RESET_BUS`).
+    DeviceReset,
+}
+
+/// The deferred requests (in the work state, under its lock: a fixed
+/// array, as nothing on this path may allocate).
+#[derive(Default)]
+pub struct DeferredTmfs {
+    slots: [Option<Deferred>; MAX_DEFERRED],
+}
+
+impl DeferredTmfs {
+    /// Adds `d` (a request already queued counts as accepted); false if
+    /// the list is full.
+    pub fn push(&mut self, d: Deferred) -> bool {
+        if self.slots.contains(&Some(d)) {
+            return true;
+        }
+        match self.slots.iter_mut().find(|s| s.is_none()) {
+            Some(slot) => {
+                *slot = Some(d);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.slots.iter().all(Option::is_none)
+    }
+
+    /// Takes every queued request, leaving the list empty.
+    pub fn take(&mut self) -> DeferredTmfs {
+        core::mem::take(self)
     }
 }
 
@@ -219,12 +296,22 @@ impl VioScsi {
         self.mark(e, PktStatistics::empty(), false)
     }
 
-    /// Reaps `e`'s queue as `who` until `e` is gone or `limit_us` passed.
+    /// Waits until `e` is gone or `limit_us` passed. A poller (which may
+    /// wait for its own command where the queue's interrupt cannot come,
+    /// e.g. inside that very handler), or anyone in polled mode, reaps
+    /// `e`'s queue meanwhile; the work task (`Reaper::Free`) with
+    /// interrupts on leaves the completion to the interrupt handler, as
+    /// for every command, so that target drivers' completion routines
+    /// (which may ask for more recovery: sd resets from there) do not run
+    /// nested inside a recovery on the task queue.
     fn wait_gone(&self, e: &Expired, limit_us: i64, can_sleep: bool, who: Reaper) -> bool {
         let start = time::hrtime();
         let mut spins = 0u32;
+        let reap = who == Reaper::Poller || !self.mode.interrupts();
         loop {
-            self.reap_as(usize::from(e.queue), who);
+            if reap {
+                self.reap_as(usize::from(e.queue), who);
+            }
             if !self.outstanding(e) {
                 return true;
             }
@@ -281,6 +368,9 @@ impl VioScsi {
     /// The watchdog's look for commands past their deadline: marks them
     /// and hands them to the work task (a bounded number per tick).
     pub(crate) fn scan_timeouts(&self) {
+        // Work whose dispatch failed (ddi_taskq_dispatch with DDI_NOSLEEP
+        // may) is dispatched again from here, once a tick.
+        self.schedule(|_| {});
         let room = self.work.lock().expired_room();
         if room == 0 {
             return;
@@ -372,27 +462,92 @@ impl VioScsi {
     }
 
     /// `tran_abort(9E)` of one packet: ABORT TASK. True if the device
-    /// performed it (the command then completes `CMD_ABORTED`).
+    /// performed it (the command then completes `CMD_ABORTED`), or, in
+    /// interrupt context, if the work task will send it.
     pub fn abort_cmd(&self, cmd: &Cmd) -> bool {
         let Some(e) = self.locate(cmd) else {
             return false;
         };
+        if cpu::servicing_interrupt() {
+            return self.defer(Deferred::AbortTask(e));
+        }
         self.tmf_ok(Tmf::AbortTask, e.pkt, e.target, e.lun, e.tag, true)
     }
 
-    /// `tran_abort(9E)` without a packet: ABORT TASK SET of the LUN.
+    /// `tran_abort(9E)` without a packet: ABORT TASK SET of the LUN
+    /// (deferred in interrupt context).
     pub fn abort_lun(&self, lun: Lun) -> bool {
+        if cpu::servicing_interrupt() {
+            return self.defer(Deferred::AbortTaskSet(lun));
+        }
         self.tmf_ok(Tmf::AbortTaskSet, 0, lun.target, lun.lun, 0, true)
     }
 
     /// `tran_reset(9E)`: LUN, target, or (`RESET_ALL`, `RESET_BUS`) the
-    /// whole device.
+    /// whole device; in interrupt context, accepted for the work task.
     pub fn reset(&self, lun: Lun, level: i32) -> bool {
-        match level {
-            ffi::RESET_LUN => self.tmf_ok(Tmf::LogicalUnitReset, 0, lun.target, lun.lun, 0, true),
-            ffi::RESET_TARGET => self.tmf_ok(Tmf::ItNexusReset, 0, lun.target, lun.lun, 0, true),
-            ffi::RESET_ALL | ffi::RESET_BUS => self.reset_device("reset requested"),
-            _ => false,
+        let request = match level {
+            ffi::RESET_LUN => Deferred::LunReset(lun),
+            ffi::RESET_TARGET => Deferred::TargetReset(lun),
+            ffi::RESET_ALL | ffi::RESET_BUS => Deferred::DeviceReset,
+            _ => return false,
+        };
+        if cpu::servicing_interrupt() {
+            return self.defer(request);
+        }
+        match request {
+            Deferred::LunReset(l) => {
+                self.tmf_ok(Tmf::LogicalUnitReset, 0, l.target, l.lun, 0, true)
+            }
+            Deferred::TargetReset(l) => self.tmf_ok(Tmf::ItNexusReset, 0, l.target, l.lun, 0, true),
+            _ => self.reset_device("reset requested"),
+        }
+    }
+
+    /// Queues `d` for the work task (interrupt context: takes only the
+    /// work lock, which has the interrupt priority). False if the HBA is
+    /// not running or the list is full: nothing was accepted.
+    fn defer(&self, d: Deferred) -> bool {
+        if self.state() != state::RUNNING {
+            return false;
+        }
+        let mut accepted = false;
+        self.schedule(|w| accepted = w.tmfs.push(d));
+        accepted
+    }
+
+    /// Performs the requests [`Self::defer`] accepted (the work task: may
+    /// wait and sleep). A reset the device refuses goes one level up, as
+    /// sd_reset_target would have on a 0.
+    pub(crate) fn run_deferred(&self, requests: DeferredTmfs) {
+        for d in requests.slots.iter().flatten() {
+            match *d {
+                Deferred::AbortTask(e) => {
+                    // Done meanwhile: nothing to abort (its tag names no
+                    // other command: tags are not reused).
+                    if self.outstanding(&e) {
+                        self.tmf_ok(Tmf::AbortTask, e.pkt, e.target, e.lun, e.tag, true);
+                    }
+                }
+                Deferred::AbortTaskSet(l) => {
+                    self.tmf_ok(Tmf::AbortTaskSet, 0, l.target, l.lun, 0, true);
+                }
+                Deferred::LunReset(l) => {
+                    if !self.tmf_ok(Tmf::LogicalUnitReset, 0, l.target, l.lun, 0, true)
+                        && !self.tmf_ok(Tmf::ItNexusReset, 0, l.target, l.lun, 0, true)
+                    {
+                        self.reset_device("a LUN reset requested in interrupt context failed");
+                    }
+                }
+                Deferred::TargetReset(l) => {
+                    if !self.tmf_ok(Tmf::ItNexusReset, 0, l.target, l.lun, 0, true) {
+                        self.reset_device("a target reset requested in interrupt context failed");
+                    }
+                }
+                Deferred::DeviceReset => {
+                    self.reset_device("reset requested in interrupt context");
+                }
+            }
         }
     }
 
@@ -473,5 +628,40 @@ impl VioScsi {
     /// Asks the work task to reset the device (from interrupt context).
     pub(crate) fn schedule_reset(&self) {
         self.schedule(|w| w.reset = true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lun(target: u8) -> Lun {
+        Lun { target, lun: 0 }
+    }
+
+    #[test]
+    fn deferred_requests_are_kept_once_and_refused_when_full() {
+        let mut d = DeferredTmfs::default();
+        assert!(d.is_empty());
+        assert!(d.push(Deferred::LunReset(lun(1))));
+        // The same request again is already accepted: no second slot.
+        assert!(d.push(Deferred::LunReset(lun(1))));
+        for t in 2..MAX_DEFERRED as u8 {
+            assert!(d.push(Deferred::TargetReset(lun(t))));
+        }
+        assert!(d.push(Deferred::DeviceReset), "the last free slot");
+        assert!(!d.push(Deferred::AbortTaskSet(lun(9))), "full: refused");
+        assert!(d.push(Deferred::DeviceReset), "queued already");
+        let taken = d.take();
+        assert!(d.is_empty());
+        assert_eq!(taken.slots.iter().flatten().count(), MAX_DEFERRED);
+        assert_eq!(
+            taken
+                .slots
+                .iter()
+                .filter(|s| **s == Some(Deferred::LunReset(lun(1))))
+                .count(),
+            1
+        );
     }
 }

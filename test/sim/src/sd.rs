@@ -3,14 +3,18 @@
 //! attention, INQUIRY with VPD pages, READ CAPACITY(10)/(16), MODE SENSE,
 //! START STOP UNIT), and block I/O with sd's habits: transfers cut at the
 //! HBA's `dma-max`, partial DMA windows (`PKT_DMA_PARTIAL`) each sent as
-//! its own READ/WRITE, retries of unit attentions and transport errors.
+//! its own READ/WRITE, retries of unit attentions and transport errors,
+//! and sd's completion routine's resets (see [`Recovery`]): like sdintr,
+//! it calls `scsi_reset(9F)` from the completion callback, which runs
+//! where `scsi_hba_pkt_comp` is called (the HBA's interrupt handler:
+//! scsi_hba.c `scsi_hba_pkt_comp` calls `pkt_comp` directly).
 
 use crate::scsi::{self, key};
 use rvscsi::ffi;
-use rvscsi::scsa::PktFlags;
-use rvscsi_emu::{DataBuf, Device, InitArgs, PktResult, TargetDriver, TargetInstance};
+use rvscsi::scsa::{PktFlags, PktState, PktStatistics};
+use rvscsi_emu::{DataBuf, Device, InitArgs, Packet, PktResult, TargetDriver, TargetInstance};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,6 +22,138 @@ use std::time::Duration;
 pub const IO_TIME: i32 = 60;
 /// Retries of a failing command (sd's `sd_retry_count` is 5 for most).
 pub const RETRIES: u32 = 5;
+
+/// `CMD_UNX_BUS_FREE` (sys/scsi/scsi_pkt.h).
+const CMD_UNX_BUS_FREE: u8 = 20;
+/// `CMD_TAG_REJECT` (sys/scsi/scsi_pkt.h).
+const CMD_TAG_REJECT: u8 = 21;
+
+/// The resets sd's completion routine makes, and what it did.
+///
+/// sd.c: sdintr sends `CMD_INCOMPLETE` (unless only `STATE_GOT_BUS`),
+/// `CMD_TRAN_ERR` (unless `STAT_PERR` or only `STATE_GOT_BUS`),
+/// `CMD_RESET`, `CMD_ABORTED`, `CMD_TIMEOUT` and every reason it has no
+/// case for (`sd_pkt_reason_default`) to `sd_reset_target`, in the
+/// completion routine itself; `CMD_DEV_GONE`, `CMD_UNX_BUS_FREE` and
+/// `CMD_TAG_REJECT` reset nothing. `sd_reset_target` does nothing if the
+/// packet says the transport already reset or aborted (`STAT_BUS_RESET`,
+/// `STAT_DEV_RESET`, `STAT_ABORTED`); otherwise, with
+/// `un_f_allow_bus_device_reset` (property "allow-bus-device-reset",
+/// default 1), `scsi_reset(RESET_LUN)` if `un_f_lun_reset_enabled`, then
+/// `RESET_TARGET` if that returned 0, and `RESET_ALL` if all returned 0
+/// (or bus-device resets are not allowed). sd calls `scsi_abort(9F)` only
+/// from the `DKIOCABORT` debug ioctl, not from its completion routine.
+/// Not modelled: the resets of `sd_sense_key_medium_or_hardware_error`
+/// (after `un_reset_retry_count` retries of a medium or hardware error).
+pub struct Recovery {
+    /// `un_f_allow_bus_device_reset`.
+    pub allow_bus_device_reset: AtomicBool,
+    /// `un_f_lun_reset_enabled` (sd.conf "reset-lun"; off by default in
+    /// sd, on here: this sd enables the HBA's `lun-reset` capability).
+    pub lun_reset_enabled: AtomicBool,
+    /// `scsi_reset` calls from the completion routine: `RESET_LUN`,
+    /// `RESET_TARGET`, `RESET_ALL`.
+    pub resets: [AtomicU64; 3],
+    /// How many of those returned 1.
+    pub resets_done: [AtomicU64; 3],
+    /// Completion routines run.
+    pub completions: AtomicU64,
+    /// Completion routines that ran in interrupt context
+    /// (`servicing_interrupt()` true).
+    pub in_interrupt: AtomicU64,
+    /// `sd_reset_target` calls made in interrupt context.
+    pub interrupt_resets: AtomicU64,
+}
+
+impl Default for Recovery {
+    fn default() -> Self {
+        Recovery {
+            allow_bus_device_reset: AtomicBool::new(true),
+            lun_reset_enabled: AtomicBool::new(true),
+            resets: Default::default(),
+            resets_done: Default::default(),
+            completions: AtomicU64::new(0),
+            in_interrupt: AtomicU64::new(0),
+            interrupt_resets: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Recovery {
+    /// Whether sdintr's handling of `r` calls `sd_reset_target`, and that
+    /// resets (sd.c, see [`Recovery`]).
+    pub fn wants_reset(r: &PktResult) -> bool {
+        let by_reason = match r.reason {
+            ffi::CMD_CMPLT | ffi::CMD_DEV_GONE | CMD_UNX_BUS_FREE | CMD_TAG_REJECT => false,
+            ffi::CMD_INCOMPLETE => r.state != PktState::GOT_BUS,
+            ffi::CMD_TRAN_ERR => {
+                !r.statistics.contains(PktStatistics::PERR) && r.state != PktState::GOT_BUS
+            }
+            // CMD_RESET, CMD_ABORTED, CMD_TIMEOUT, and the default case.
+            _ => true,
+        };
+        by_reason
+            && !r.statistics.intersects(
+                PktStatistics::BUS_RESET | PktStatistics::DEV_RESET | PktStatistics::ABORTED,
+            )
+    }
+
+    /// `sd_reset_target`, from the completion routine.
+    fn reset_target(&self, dev: &Device) {
+        let reset = |level: i32, slot: usize| {
+            self.resets[slot].fetch_add(1, Ordering::Relaxed);
+            let rc = dev.reset(level);
+            if rc == 1 {
+                self.resets_done[slot].fetch_add(1, Ordering::Relaxed);
+            }
+            rc
+        };
+        let mut rc = 0;
+        if self.allow_bus_device_reset.load(Ordering::Relaxed) {
+            if self.lun_reset_enabled.load(Ordering::Relaxed) {
+                rc = reset(ffi::RESET_LUN, 0);
+            }
+            if rc == 0 {
+                rc = reset(ffi::RESET_TARGET, 1);
+            }
+        }
+        if rc == 0 {
+            reset(ffi::RESET_ALL, 2);
+        }
+    }
+
+    /// The completion callback (sdintr's part that concerns the HBA).
+    fn completion(self: &Arc<Self>) -> rvscsi_emu::scsa::packet::Callback {
+        let me = self.clone();
+        Arc::new(move |p: &Packet| {
+            me.completions.fetch_add(1, Ordering::Relaxed);
+            let interrupt = rvscsi_emu::ddi::cpu::servicing_interrupt() != 0;
+            if interrupt {
+                me.in_interrupt.fetch_add(1, Ordering::Relaxed);
+            }
+            if Recovery::wants_reset(&p.result()) {
+                if interrupt {
+                    me.interrupt_resets.fetch_add(1, Ordering::Relaxed);
+                }
+                me.reset_target(p.device());
+            }
+        })
+    }
+
+    /// Resets made so far at `level` (`RESET_LUN`, `RESET_TARGET`,
+    /// `RESET_ALL`): (calls, returned 1).
+    pub fn resets_at(&self, level: i32) -> (u64, u64) {
+        let slot = match level {
+            ffi::RESET_LUN => 0,
+            ffi::RESET_TARGET => 1,
+            _ => 2,
+        };
+        (
+            self.resets[slot].load(Ordering::Relaxed),
+            self.resets_done[slot].load(Ordering::Relaxed),
+        )
+    }
+}
 
 /// One command of the attach sequence and how it went.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -159,6 +295,10 @@ pub struct Disk {
     pub commands: AtomicU64,
     /// Retries made.
     pub retries: AtomicU64,
+    /// What the completion routine does about failures, and did.
+    pub recovery: Arc<Recovery>,
+    /// `pkt_time` of reads and writes (sd's `sd_io_time`, [`IO_TIME`]).
+    io_time: AtomicI32,
 }
 
 /// The outcome of one command.
@@ -184,12 +324,28 @@ impl Disk {
         self.gone.load(Ordering::Acquire)
     }
 
+    /// Sets the `pkt_time` of reads and writes (sd's `sd_io_time` tunable).
+    pub fn set_io_time(&self, seconds: i32) {
+        self.io_time.store(seconds, Ordering::Relaxed);
+    }
+
     /// Sends `cdb` once (interrupt-driven, as sd does), with `data`.
     pub fn command_once(
         dev: &Arc<Device>,
         cdb: &[u8],
         data: Option<Arc<DataBuf>>,
         time: i32,
+    ) -> Result<Outcome, IoError> {
+        Self::send_once(dev, cdb, data, time, None)
+    }
+
+    /// [`Self::command_once`] with sd's completion routine (`recovery`).
+    fn send_once(
+        dev: &Arc<Device>,
+        cdb: &[u8],
+        data: Option<Arc<DataBuf>>,
+        time: i32,
+        recovery: Option<&Arc<Recovery>>,
     ) -> Result<Outcome, IoError> {
         let args = InitArgs {
             cmdlen: cdb.len(),
@@ -201,6 +357,9 @@ impl Disk {
         p.cdb_mut().copy_from_slice(cdb);
         p.set_time(time);
         p.set_flags(PktFlags::STAG);
+        if let Some(r) = recovery {
+            p.set_callback(Some(r.completion()));
+        }
         let rc = p.transport();
         if rc != ffi::TRAN_ACCEPT {
             p.destroy();
@@ -236,6 +395,7 @@ impl Disk {
             lba,
             &self.commands,
             &self.retries,
+            &self.recovery,
         )
     }
 
@@ -307,6 +467,7 @@ impl Disk {
                 .dev
                 .init_pkt(Some(data.clone()), args)
                 .map_err(|e| IoError::NoPacket(format!("{e:?}")))?;
+            p.set_callback(Some(self.recovery.completion()));
             let mut failure = None;
             let mut window_lba = lba;
             loop {
@@ -326,7 +487,7 @@ impl Disk {
                 let c = p.cdb_mut();
                 c.fill(0);
                 c[..cdb.len().min(cdb_len)].copy_from_slice(&cdb[..cdb.len().min(cdb_len)]);
-                p.set_time(IO_TIME);
+                p.set_time(self.io_time.load(Ordering::Relaxed));
                 p.set_flags(PktFlags::STAG);
                 self.commands.fetch_add(1, Ordering::Relaxed);
                 let rc = p.transport();
@@ -338,7 +499,8 @@ impl Disk {
                     });
                     break;
                 }
-                if !p.wait(Duration::from_secs(IO_TIME as u64 * 3 + 60)) {
+                let limit = self.io_time.load(Ordering::Relaxed).max(1) as u64;
+                if !p.wait(Duration::from_secs(limit * 3 + 60)) {
                     std::mem::forget(p);
                     return Err(IoError::Hung);
                 }
@@ -451,11 +613,12 @@ fn command_with_retries(
     lba: u64,
     commands: &AtomicU64,
     retries: &AtomicU64,
+    recovery: &Arc<Recovery>,
 ) -> Result<Outcome, IoError> {
     let mut last = IoError::Hung;
     for attempt in 0..=RETRIES {
         commands.fetch_add(1, Ordering::Relaxed);
-        match Disk::command_once(dev, cdb, make_data(), IO_TIME) {
+        match Disk::send_once(dev, cdb, make_data(), IO_TIME, Some(recovery)) {
             Ok(o) => match classify(&o.result, lba) {
                 None => return Ok(o),
                 Some(e) if attempt < RETRIES && retryable(&e) => last = e,
@@ -513,6 +676,7 @@ impl Sd {
         let mut trace = Vec::new();
         let commands = AtomicU64::new(0);
         let retries = AtomicU64::new(0);
+        let recovery = Arc::new(Recovery::default());
         // Capabilities, in sd_unit_attach's order.
         dev.setcap("lun-reset", 0, 1);
         dev.setcap("wide-xfer", 0, 1);
@@ -535,7 +699,7 @@ impl Sd {
         let mut traced = |cdb: Vec<u8>, len: usize| -> Result<Option<Vec<u8>>, IoError> {
             let data = (len > 0).then(|| Arc::new(DataBuf::new(len, 0, true)));
             commands.fetch_add(1, Ordering::Relaxed);
-            let o = Disk::command_once(&dev, &cdb, data.clone(), IO_TIME)?;
+            let o = Disk::send_once(&dev, &cdb, data.clone(), IO_TIME, Some(&recovery))?;
             trace.push(TraceEntry {
                 command: scsi::name(&cdb).into(),
                 outcome: describe(&o.result),
@@ -631,6 +795,8 @@ impl Sd {
             gone: AtomicBool::new(false),
             commands,
             retries,
+            recovery,
+            io_time: AtomicI32::new(IO_TIME),
         })
     }
 }

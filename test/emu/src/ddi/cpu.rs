@@ -1,9 +1,11 @@
-//! The emulated CPUs: `curcpup()` (sys/cpuvar.h). Each thread runs on one
-//! CPU, given round-robin when it first asks, or pinned by a test with
+//! The emulated CPUs: `curcpup()` (sys/cpuvar.h) and
+//! `servicing_interrupt()` (sys/disp.h). Each thread runs on one CPU,
+//! given round-robin when it first asks, or pinned by a test with
 //! [`run_on`]; the machine has [`NCPUS`] of them.
 
 use rvscsi::ffi::cpu;
 use std::cell::Cell;
+use std::ffi::c_int;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -50,4 +52,17 @@ pub extern "C" fn curcpup() -> *mut cpu {
     let _kernel = crate::meter::kernel();
     // The driver only reads through it, as through the kernel's.
     std::ptr::from_ref(&cpus()[current()]).cast_mut()
+}
+
+/// `servicing_interrupt()` (uts/common/disp/thread.c): 1 on an interrupt
+/// thread (`T_INTR_THREAD`: hardware interrupts at or below LOCK_LEVEL and
+/// soft interrupts, timeout(9F) callbacks among them) or on a CPU
+/// servicing a high-level interrupt, else 0. Here: while the emulated
+/// interrupt delivery runs a handler, or the timer thread a timeout(9F)
+/// callback ([`super::sync::enter_interrupt_context`]); task queues and
+/// `ddi_periodic_add` level-0 callbacks run in kernel thread context.
+#[unsafe(no_mangle)]
+pub extern "C" fn servicing_interrupt() -> c_int {
+    let _kernel = crate::meter::kernel();
+    c_int::from(super::sync::in_interrupt())
 }

@@ -1,6 +1,8 @@
 //! `kmem_alloc(9F)`, `kmem_zalloc(9F)`, `kmem_free(9F)`: checked (the size
 //! given to `kmem_free` must be the size allocated; `KM_SLEEP` is not for
-//! interrupt context).
+//! interrupt context: kmem_alloc(9F) CONTEXT, "can be called from
+//! interrupt context only if the KM_NOSLEEP flag is set"; interrupt
+//! context is what `servicing_interrupt()` reports, see `cpu.rs`).
 
 use super::sync::check_may_sleep;
 use super::violation;

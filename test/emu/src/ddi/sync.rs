@@ -40,7 +40,10 @@ thread_local! {
 
 /// Marks the calling thread as running an interrupt handler.
 pub fn enter_interrupt_context() {
-    IN_INTERRUPT.with(|c| c.set(c.get() + 1));
+    if IN_INTERRUPT.with(|c| c.replace(c.get() + 1)) == 0 {
+        // A new interrupt: its busy-wait budget starts afresh.
+        super::time::begin_interrupt();
+    }
 }
 
 /// Ends [`enter_interrupt_context`]; a handler may not return holding a lock.
