@@ -96,6 +96,9 @@ pub struct Work {
     pub scan: [u64; 4],
     /// Reset the device.
     pub reset: bool,
+    /// Reap the request queues: a completion pass ran out of passes with
+    /// completions waiting (see `VioScsi::reap_as`).
+    pub reap: bool,
     /// The iport is being detached: no discovery may start, one under way
     /// stops at the next target (its commands would hold the detach off).
     pub discovery_stopped: bool,
@@ -118,7 +121,7 @@ impl Work {
     fn pending(&self) -> bool {
         let discovery =
             !self.discovery_stopped && (self.discover || self.scan.iter().any(|&b| b != 0));
-        discovery || self.reset || self.expired.iter().any(Option::is_some)
+        discovery || self.reset || self.reap || self.expired.iter().any(Option::is_some)
     }
 }
 
@@ -159,7 +162,7 @@ impl VioScsi {
     /// discovery. Bounded: at most a few rounds, then it requeues itself.
     pub fn run_work(&self) {
         for _ in 0..8 {
-            let (reset, discover, scan, expired) = {
+            let ((reset, discover, scan, expired), reap) = {
                 let mut w = self.work.lock();
                 if !w.pending() || self.state() == state::STOPPED {
                     w.scheduled = false;
@@ -176,8 +179,11 @@ impl VioScsi {
                 };
                 w.reset = false;
                 w.expired = [None; MAX_EXPIRED];
-                taken
+                (taken, core::mem::take(&mut w.reap))
             };
+            if reap {
+                self.reap_handed_off();
+            }
             if reset {
                 self.reset_device("the device asked for it");
             }
