@@ -24,6 +24,10 @@ use std::time::Duration;
 
 /// A rig on the in-memory device with `num_queues` request queues.
 fn memory_rig(num_queues: u32) -> Rig {
+    memory_rig_with(num_queues, Vec::new())
+}
+
+fn memory_rig_with(num_queues: u32, props: Vec<(String, i32)>) -> Rig {
     Rig::start(RigConfig {
         images: vec![(16_384, 0, 0), (8192, 1, 0)],
         transport: "modern".into(),
@@ -31,6 +35,7 @@ fn memory_rig(num_queues: u32) -> Rig {
         num_queues: Some(num_queues),
         backend: Backend::Memory,
         driver: Driver::Recorder,
+        props,
         ..RigConfig::default()
     })
 }
@@ -145,5 +150,25 @@ fn the_watchdog_reaps_a_request_queue_whose_interrupt_never_comes() {
         .count();
     assert_eq!(warned, 1, "said once, then counted: {:?}", rig.log());
     dev.set_completions(Completions::Inline);
+    rig.finish_clean();
+}
+
+#[test]
+fn without_event_idx_completions_racing_the_rearm_are_served_too() {
+    // VIRTQ_AVAIL_F_NO_INTERRUPT instead of used_event (§2.7.7): the
+    // device interrupts for whatever it publishes while the flag is clear,
+    // so nothing is stranded, and the driver must still see everything.
+    let rig = memory_rig_with(1, vec![("virtio-event-idx".into(), 0)]);
+    let dev = device(&rig);
+    let luns = rig.load_luns();
+    dev.set_completions(Completions::Async(AsyncCompletions::racing_rearm()));
+    let r = load::run(&luns, &load_config(200, 16), &load::only_good, &mut |_| {});
+    r.assert_clean("completions racing the re-arm, without EVENT_IDX");
+    assert_eq!(r.completed, 200);
+    assert!(dev.stats.landed_in_rearm_window.load(Ordering::Relaxed) > 0);
+    assert_eq!(rig.bed().machine.probes.count("rvscsi-cmd-timeout"), 0);
+    assert_eq!(driver_stats(&rig).watchdog_reaps.load(Ordering::Relaxed), 0);
+    dev.set_completions(Completions::Inline);
+    assert!(dev.errors().is_empty(), "device errors: {:?}", dev.errors());
     rig.finish_clean();
 }

@@ -634,6 +634,20 @@ mod tests {
     }
 
     #[test]
+    fn the_first_notification_decision_after_reset_interrupts_whatever_used_event_says() {
+        // QEMU: signalled_used_valid is false after reset, and
+        // virtio_split_should_notify returns true for an invalid one.
+        let m = machine();
+        let d = Driver::up(&m);
+        write_used_event(&m, 7);
+        d.test_unit_ready(0);
+        assert_eq!(d.used_idx(), 1);
+        assert_eq!(d.message(), 0x55, "first decision");
+        d.test_unit_ready(1);
+        assert_eq!(d.message(), 0, "used_event 7 is not in [1, 2)");
+    }
+
+    #[test]
     fn a_used_index_more_than_half_the_range_past_the_last_decision_always_notifies() {
         // virtqueue_split_flush's invalidation, for the wrap.
         assert!(!virtio::flush_invalidates_for_test(0, 1, 0));

@@ -252,9 +252,10 @@ pub struct AsyncCompletions {
     pub per_tick: u16,
     /// How many held completions land, each with its notification
     /// decision, just before a driver write of the queue's `used_event`
-    /// reaches memory: between the driver's last read of the used index
-    /// and its re-arm, the window of virtio 1.2 §2.7.10 that the driver
-    /// must close by re-reading the index after the write.
+    /// (without EVENT_IDX: the available ring's `flags`) reaches memory:
+    /// between the driver's last read of the used index and its re-arm,
+    /// the window of virtio 1.2 §2.7.10 that the driver must close by
+    /// re-reading the index after the write.
     pub in_rearm_window: u16,
     /// False: the device never signals a request queue's vector (a lost
     /// MSI-X message, forever); only the driver's own polling finds the
@@ -737,7 +738,8 @@ impl Device {
     }
 
     /// A driver write of `[a, a+len)` is about to reach RAM: if it covers
-    /// a request queue's `used_event`, the asynchronous mode lands
+    /// a request queue's re-arm field (`used_event` with EVENT_IDX, the
+    /// available ring's `flags` without), the asynchronous mode lands
     /// `in_rearm_window` held completions first (the race the driver's
     /// re-check after re-arming exists for). The messages to send; the
     /// number of completions landed.
@@ -755,9 +757,14 @@ impl Device {
         }
         let mut out = Vec::new();
         let mut landed = 0;
+        let event_idx = self.event_idx();
         for qi in EVENT_QUEUE + 1..self.queues.len() as u16 {
             let q = &self.queues[usize::from(qi)];
-            let at = q.used_event_at();
+            let at = if event_idx {
+                q.used_event_at()
+            } else {
+                q.driver
+            };
             if !q.enabled || q.held.is_empty() || a >= at + 2 || a + len <= at {
                 continue;
             }
