@@ -285,8 +285,8 @@ pub struct Stats {
     /// device may never interrupt for them): the queue went to the work
     /// task.
     pub rearm_handoffs: AtomicU64,
-    /// Request queues the watchdog found with completions waiting and
-    /// reaped (an interrupt that never came).
+    /// Request queues the watchdog found with completions that had waited
+    /// a whole tick unconsumed, and reaped (an interrupt that never came).
     pub watchdog_reaps: AtomicU64,
 }
 
