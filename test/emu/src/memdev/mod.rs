@@ -146,13 +146,21 @@ impl MemoryMachine {
     }
 
     /// Changes when completions are published (see [`Completions`]).
-    /// Held completions of the previous asynchronous mode stay held until
-    /// the new mode publishes them (Inline: the next doorbell of their
-    /// queue does not; call this only between runs, or before attach).
-    /// The asynchronous mode's thread stops when the mode changes again
-    /// or the machine is dropped.
+    /// Completions an asynchronous mode still holds are published at once
+    /// when the mode becomes [`Completions::Inline`], and left to the new
+    /// mode otherwise. The asynchronous mode's thread stops when the mode
+    /// changes again or the machine is dropped.
     pub fn set_completions(self: &Arc<Self>, mode: Completions) {
-        lock(&self.dev).completions = mode;
+        let messages = {
+            let mut dev = lock(&self.dev);
+            dev.completions = mode;
+            if mode == Completions::Inline {
+                dev.tick(u16::MAX, &mut lock(&self.ram))
+            } else {
+                Vec::new()
+            }
+        };
+        self.send(&messages);
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         let old = lock(&self.completion_thread).take();
         if let Some(h) = old {
@@ -166,7 +174,17 @@ impl MemoryMachine {
             .name("memdev-completions".into())
             .spawn(move || {
                 loop {
-                    std::thread::sleep(a.tick);
+                    // Sleeps in slices, so that a mode change (which joins
+                    // this thread) never waits a whole long tick.
+                    let start = std::time::Instant::now();
+                    while start.elapsed() < a.tick {
+                        let left = a.tick.saturating_sub(start.elapsed());
+                        std::thread::sleep(left.min(std::time::Duration::from_millis(1)));
+                        let current = weak.upgrade().map(|m| m.generation.load(Ordering::Acquire));
+                        if current != Some(generation) {
+                            return;
+                        }
+                    }
                     let Some(m) = weak.upgrade() else { return };
                     if m.generation.load(Ordering::Acquire) != generation {
                         return;
@@ -630,6 +648,13 @@ mod tests {
         tick(&m);
         assert_eq!(d.used_idx(), 4);
         assert_eq!(d.message(), 0x55, "used_event 3 lies in [3, 4)");
+        // Back to inline: what is still held is published at once.
+        d.test_unit_ready(4);
+        assert_eq!(d.used_idx(), 4);
+        m.set_completions(Completions::Inline);
+        assert_eq!(d.used_idx(), 5);
+        d.test_unit_ready(5);
+        assert_eq!(d.used_idx(), 6, "inline again");
         assert!(m.errors().is_empty(), "{:?}", m.errors());
     }
 
