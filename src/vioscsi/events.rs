@@ -98,6 +98,9 @@ pub struct Work {
     pub scan: [u64; 4],
     /// Reset the device.
     pub reset: bool,
+    /// Reap the request queues: a completion pass ran out of passes with
+    /// completions waiting (see `VioScsi::reap_as`).
+    pub reap: bool,
     /// The iport is being detached: no discovery may start, one under way
     /// stops at the next target (its commands would hold the detach off).
     pub discovery_stopped: bool,
@@ -122,7 +125,11 @@ impl Work {
     fn pending(&self) -> bool {
         let discovery =
             !self.discovery_stopped && (self.discover || self.scan.iter().any(|&b| b != 0));
-        discovery || self.reset || !self.tmfs.is_empty() || self.expired.iter().any(Option::is_some)
+        discovery
+            || self.reset
+            || self.reap
+            || !self.tmfs.is_empty()
+            || self.expired.iter().any(Option::is_some)
     }
 }
 
@@ -180,9 +187,12 @@ impl VioScsi {
                 };
                 w.reset = false;
                 w.expired = [None; MAX_EXPIRED];
-                (taken, w.tmfs.take())
+                (taken, w.tmfs.take(), core::mem::take(&mut w.reap))
             };
-            let ((reset, discover, scan, expired), tmfs) = work;
+            let ((reset, discover, scan, expired), tmfs, reap) = work;
+            if reap {
+                self.reap_handed_off();
+            }
             if reset {
                 self.reset_device("the device asked for it");
             }

@@ -281,6 +281,13 @@ pub struct Stats {
     pub tmfs: AtomicU64,
     /// Events received.
     pub events: AtomicU64,
+    /// Completion passes that ran out with completions still waiting (the
+    /// device may never interrupt for them): the queue went to the work
+    /// task.
+    pub rearm_handoffs: AtomicU64,
+    /// Request queues the watchdog found with completions that had waited
+    /// a whole tick unconsumed, and reaped (an interrupt that never came).
+    pub watchdog_reaps: AtomicU64,
 }
 
 impl Stats {
@@ -855,6 +862,8 @@ impl VioScsi {
         if self.mode.interrupts() {
             // Events are rare and losing one costs a discovery: look.
             self.service_events();
+            // Completions no interrupt came for (the safety net).
+            self.watchdog_reap();
         } else {
             self.service_all();
         }

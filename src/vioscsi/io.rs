@@ -21,6 +21,12 @@ use core::sync::atomic::Ordering;
 /// `SCSI_POLL_TIMEOUT`: seconds a polled command without `pkt_time` may take.
 const POLL_TIMEOUT_S: i64 = 60;
 
+/// Completion passes one reap makes before it hands the queue on: each
+/// pass empties the used ring (at most a ring's worth) and re-arms, and
+/// completions that keep landing meanwhile would otherwise hold an
+/// interrupt handler without bound.
+const REAP_PASSES: u32 = 4;
+
 /// Who reaps a ring, and so what it may do with what it finds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Reaper {
@@ -388,11 +394,48 @@ impl VioScsi {
 
     /// Completes everything the device returned on request queue `qi`,
     /// from a context that holds no driver lock (the interrupt handler,
-    /// the watchdog): pops under the queue lock, completes with the lock
-    /// dropped, re-arms the interrupt and looks again (a bounded number of
-    /// passes: what arrives later raises a new interrupt).
+    /// the watchdog, the work task): pops under the queue lock, completes
+    /// with the lock dropped, re-arms the interrupt and looks again, for
+    /// at most [`REAP_PASSES`] passes (see [`Self::reap_as`] for what
+    /// happens to completions still waiting after the last one).
     pub(crate) fn reap(&self, qi: usize) {
         self.reap_as(qi, Reaper::Free);
+    }
+
+    /// The work task's part of a reap that ran out of passes: reaps every
+    /// request queue (thread context, no driver lock held). Bounded like
+    /// any reap; a queue that is still busy hands itself on again.
+    pub(crate) fn reap_handed_off(&self) {
+        for n in 0..self.queues.len() {
+            self.reap(n);
+        }
+    }
+
+    /// The watchdog's safety net (interrupt modes): a request queue whose
+    /// completions have waited since the previous tick with nobody
+    /// consuming them (and no completion pass running) is reaped here, and
+    /// counted in `watchdog_reaps`. Nothing should ever be found (an
+    /// interrupt or a hand-off covers every completion); a device that
+    /// loses its interrupts is still served, within two ticks. The first
+    /// time is logged, the rest only counted.
+    pub(crate) fn watchdog_reap(&self) {
+        for (n, q) in self.queues.iter().enumerate() {
+            let waiting = {
+                let mut g = q.ring.lock();
+                let stalled = g.ring.used_waiting_since_last_look();
+                stalled && g.completing == 0
+            };
+            if !waiting {
+                continue;
+            }
+            if self.stats.watchdog_reaps.fetch_add(1, Ordering::Relaxed) == 0 {
+                dev_warn!(
+                    self.dip,
+                    "request queue {n} had completions and no interrupt for them: reaped by the watchdog (counted from now on, not logged)"
+                );
+            }
+            self.reap(n);
+        }
     }
 
     /// Completes the target drivers' commands a poller parked on queue
@@ -417,11 +460,28 @@ impl VioScsi {
     /// of its own and may hold driver locks, so it parks the target
     /// drivers' commands instead of completing them (`scsi_hba_pkt_comp`
     /// is never called under a driver lock).
+    ///
+    /// Each pass ends by re-arming: `used_event` := the driver's own next
+    /// used index, a full fence, and a re-read of the device's used index
+    /// ([`SplitQueue::enable_interrupts`], virtio 1.2 §2.7.10). If that
+    /// re-read finds more, they may have landed before the device saw the
+    /// new `used_event`: with EVENT_IDX the device interrupts only when
+    /// its used index moves past `used_event` (§2.7.7.2; QEMU's
+    /// virtio_split_should_notify, hw/virtio/virtio.c), and it has already
+    /// moved past, so no interrupt will come for this queue, ever, until
+    /// the driver catches up. So the next pass runs; and when the last
+    /// pass still finds more (completions landing in every re-arm window,
+    /// under load), the queue is handed to the work task, which reaps it
+    /// from thread context and hands it on again while that lasts (counted
+    /// in `rearm_handoffs`). The watchdog's [`Self::watchdog_reap`] is the
+    /// safety net under both.
+    ///
+    /// [`SplitQueue::enable_interrupts`]: crate::virtio::ring::SplitQueue::enable_interrupts
     pub(crate) fn reap_as(&self, qi: usize, who: Reaper) {
         let Some(q) = self.queues.get(qi) else {
             return;
         };
-        for _pass in 0..4 {
+        for _pass in 0..REAP_PASSES {
             let mut done = CmdList::new();
             let mut runaway = false;
             let more = {
@@ -494,6 +554,10 @@ impl VioScsi {
                 return;
             }
         }
+        // Out of passes with completions waiting that the device may never
+        // interrupt for: someone else must come back for them.
+        Stats::bump(&self.stats.rearm_handoffs);
+        self.schedule(|w| w.reap = true);
     }
 
     /// Ends a command the device returned (or that a reset took back):

@@ -11,7 +11,12 @@
 //! modern capabilities (virtio 1.2 §4.1.4), split virtqueues with
 //! EVENT_IDX and indirect descriptors (§2.7), virtio-scsi requests (§5.6.6)
 //! on RAM disks. A notification is handled at once, inside the doorbell
-//! write, as QEMU's model does.
+//! write, as QEMU's model does; by default the completions are published
+//! there too. [`Completions::Async`] (set with
+//! [`MemoryMachine::set_completions`]) publishes them later instead, from
+//! a device thread and inside the driver's re-arm of `used_event`, as
+//! QEMU's do when its I/O completes on other threads; interrupts follow
+//! QEMU's virtio_split_should_notify rules exactly either way.
 //!
 //! Not modelled: INTx (interrupt pin 0, so the emulated DDI never offers
 //! fixed interrupts), MSI, the legacy interface, hot-plug events, unit
@@ -23,10 +28,11 @@ mod virtio;
 
 use crate::machine::lock;
 use rvscsi_qtest::{Bus, Error, Op};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 pub use scsi::RamDisk;
+pub use virtio::{AsyncCompletions, Completions};
 
 /// Type-1 configuration mechanism ports.
 const CONFIG_ADDRESS: u16 = 0xcf8;
@@ -75,6 +81,10 @@ pub struct MemoryConfig {
 pub struct DeviceStats {
     /// Requests completed.
     pub requests: AtomicU64,
+    /// Completions that landed inside a re-arm window (asynchronous mode):
+    /// after the driver's last look at the used index, before its
+    /// `used_event` write.
+    pub landed_in_rearm_window: AtomicU64,
 }
 
 /// The in-process machine.
@@ -85,6 +95,10 @@ pub struct MemoryMachine {
     /// Counters.
     pub stats: DeviceStats,
     errors: Mutex<Vec<String>>,
+    /// The asynchronous mode's publishing thread.
+    completion_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Bumped by every mode change: a thread of an older mode stops.
+    generation: AtomicU64,
 }
 
 impl std::fmt::Debug for MemoryMachine {
@@ -126,7 +140,65 @@ impl MemoryMachine {
             slot: c.slot,
             stats: DeviceStats::default(),
             errors: Mutex::new(Vec::new()),
+            completion_thread: Mutex::new(None),
+            generation: AtomicU64::new(0),
         })
+    }
+
+    /// Changes when completions are published (see [`Completions`]).
+    /// Completions an asynchronous mode still holds are published at once
+    /// when the mode becomes [`Completions::Inline`], and left to the new
+    /// mode otherwise. The asynchronous mode's thread stops when the mode
+    /// changes again or the machine is dropped.
+    pub fn set_completions(self: &Arc<Self>, mode: Completions) {
+        let messages = {
+            let mut dev = lock(&self.dev);
+            dev.completions = mode;
+            if mode == Completions::Inline {
+                dev.tick(u16::MAX, &mut lock(&self.ram))
+            } else {
+                Vec::new()
+            }
+        };
+        self.send(&messages);
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        let old = lock(&self.completion_thread).take();
+        if let Some(h) = old {
+            let _ = h.join();
+        }
+        let Completions::Async(a) = mode else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        let h = std::thread::Builder::new()
+            .name("memdev-completions".into())
+            .spawn(move || {
+                loop {
+                    // Sleeps in slices, so that a mode change (which joins
+                    // this thread) never waits a whole long tick.
+                    let start = std::time::Instant::now();
+                    while start.elapsed() < a.tick {
+                        let left = a.tick.saturating_sub(start.elapsed());
+                        std::thread::sleep(left.min(std::time::Duration::from_millis(1)));
+                        let current = weak.upgrade().map(|m| m.generation.load(Ordering::Acquire));
+                        if current != Some(generation) {
+                            return;
+                        }
+                    }
+                    let Some(m) = weak.upgrade() else { return };
+                    if m.generation.load(Ordering::Acquire) != generation {
+                        return;
+                    }
+                    let messages = {
+                        let mut dev = lock(&m.dev);
+                        let mut ram = lock(&m.ram);
+                        dev.tick(a.per_tick, &mut ram)
+                    };
+                    m.send(&messages);
+                }
+            })
+            .expect("the device's completion thread");
+        *lock(&self.completion_thread) = Some(h);
     }
 
     /// What the device found wrong (malformed rings or chains).
@@ -169,7 +241,19 @@ impl MemoryMachine {
                 self.mmio_write(dev, a, op_size(op), op_value(op));
                 Ok(0)
             }
-            Op::WriteMem(a, data) => self.ram_write(a, data).map(|_| 0),
+            Op::WriteMem(a, data) => {
+                // What the device publishes while the driver's write is on
+                // its way lands first (asynchronous mode).
+                let (messages, landed) = {
+                    let mut ram = lock(&self.ram);
+                    dev.before_driver_write(a, data.len() as u64, &mut ram)
+                };
+                self.stats
+                    .landed_in_rearm_window
+                    .fetch_add(landed, Ordering::Relaxed);
+                self.send(&messages);
+                self.ram_write(a, data).map(|_| 0)
+            }
             Op::Memset(a, len, byte) => {
                 let mut ram = lock(&self.ram);
                 let r = ram_range(&ram, a, len)?;
@@ -506,6 +590,98 @@ mod tests {
         assert_eq!(d.used_idx(), 2);
         assert_eq!(d.message(), 0, "suppressed by used_event");
         assert!(m.errors().is_empty(), "{:?}", m.errors());
+    }
+
+    /// The driver's `used_event` of request queue 0, written as the
+    /// driver's DMA sync writes it (one `WriteMem`).
+    fn write_used_event(m: &MemoryMachine, v: u16) {
+        m.write_mem(AVAIL + 4 + 2 * QSIZE, &v.to_le_bytes())
+            .expect("used_event");
+    }
+
+    #[test]
+    fn asynchronous_completions_land_in_the_rearm_window_and_interrupt_as_qemu_does() {
+        let m = Arc::new(machine());
+        let d = Driver::up(&m);
+        // The thread never ticks during the test: every publication below
+        // is one the test makes happen.
+        m.set_completions(Completions::Async(AsyncCompletions {
+            tick: std::time::Duration::from_secs(3600),
+            per_tick: 1,
+            in_rearm_window: 1,
+            signal: true,
+        }));
+        d.test_unit_ready(0);
+        d.test_unit_ready(1);
+        assert_eq!(d.used_idx(), 0, "executed, not yet published");
+        assert_eq!(m.readb(0x30100 + 11).expect("response"), 0, "data moved");
+        // The driver re-arms at 0: one completion lands first, and the
+        // first decision after reset always notifies.
+        write_used_event(&m, 0);
+        assert_eq!(d.used_idx(), 1);
+        assert_eq!(d.message(), 0x55);
+        // It re-arms at 1 (what it consumed): the second lands before the
+        // write, while used_event still says 0, so no interrupt; it is
+        // the driver's re-read of the index that must find it.
+        write_used_event(&m, 1);
+        assert_eq!(d.used_idx(), 2);
+        assert_eq!(d.message(), 0, "used_event 0 is behind [1, 2)");
+        assert_eq!(m.stats.landed_in_rearm_window.load(Ordering::Relaxed), 2);
+        // used_event (1) is now behind the device (2): the next completion
+        // does not interrupt either (vring_need_event(1, 3, 2) is false).
+        d.test_unit_ready(2);
+        let tick = |m: &MemoryMachine| {
+            let msgs = lock(&m.dev).tick(1, &mut lock(&m.ram));
+            m.send(&msgs);
+        };
+        tick(&m);
+        assert_eq!(d.used_idx(), 3);
+        assert_eq!(
+            d.message(),
+            0,
+            "a queue re-armed behind the device is silent"
+        );
+        // Re-armed at what the device has published, it interrupts again.
+        write_used_event(&m, 3);
+        assert_eq!(d.used_idx(), 3, "nothing was held for the window");
+        d.test_unit_ready(3);
+        tick(&m);
+        assert_eq!(d.used_idx(), 4);
+        assert_eq!(d.message(), 0x55, "used_event 3 lies in [3, 4)");
+        // Back to inline: what is still held is published at once.
+        d.test_unit_ready(4);
+        assert_eq!(d.used_idx(), 4);
+        m.set_completions(Completions::Inline);
+        assert_eq!(d.used_idx(), 5);
+        d.test_unit_ready(5);
+        assert_eq!(d.used_idx(), 6, "inline again");
+        assert!(m.errors().is_empty(), "{:?}", m.errors());
+    }
+
+    #[test]
+    fn the_first_notification_decision_after_reset_interrupts_whatever_used_event_says() {
+        // QEMU: signalled_used_valid is false after reset, and
+        // virtio_split_should_notify returns true for an invalid one.
+        let m = machine();
+        let d = Driver::up(&m);
+        write_used_event(&m, 7);
+        d.test_unit_ready(0);
+        assert_eq!(d.used_idx(), 1);
+        assert_eq!(d.message(), 0x55, "first decision");
+        d.test_unit_ready(1);
+        assert_eq!(d.message(), 0, "used_event 7 is not in [1, 2)");
+    }
+
+    #[test]
+    fn a_used_index_more_than_half_the_range_past_the_last_decision_always_notifies() {
+        // virtqueue_split_flush's invalidation, for the wrap.
+        assert!(!virtio::flush_invalidates_for_test(0, 1, 0));
+        assert!(!virtio::flush_invalidates_for_test(100, 101, 90));
+        assert!(virtio::flush_invalidates_for_test(0x8000, 0x8001, 0));
+        assert!(
+            virtio::flush_invalidates_for_test(5, 6, 6),
+            "signalled ahead of new"
+        );
     }
 
     #[test]

@@ -191,6 +191,15 @@ struct Queue {
     device: u64,
     last_avail: u16,
     used_idx: u16,
+    /// The used index at the last notification decision, and whether it
+    /// means anything yet (QEMU's `signalled_used`/`signalled_used_valid`,
+    /// hw/virtio/virtio.c: cleared at reset and when the used index has
+    /// run more than 2^15 past it, so that the next decision notifies).
+    signalled_used: u16,
+    signalled_used_valid: bool,
+    /// Requests executed whose used elements are not published yet (the
+    /// asynchronous mode): (head, bytes written), oldest first.
+    held: std::collections::VecDeque<(u16, u32)>,
 }
 
 impl Queue {
@@ -204,6 +213,66 @@ impl Queue {
             device: 0,
             last_avail: 0,
             used_idx: 0,
+            signalled_used: 0,
+            signalled_used_valid: false,
+            held: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Where the driver's `used_event` lives (§2.7.7.2: after the
+    /// available ring's `size` entries).
+    fn used_event_at(&self) -> u64 {
+        self.driver + 4 + 2 * u64::from(self.size)
+    }
+}
+
+/// When the device puts what it executed on the used ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Completions {
+    /// Inside the doorbell write that made the request available, before
+    /// the write returns (the default; the driver never sees a completion
+    /// land while it runs).
+    #[default]
+    Inline,
+    /// Asynchronously, as QEMU's I/O completes on its own threads: see
+    /// [`AsyncCompletions`]. Request queues only; the control queue stays
+    /// inline (the driver polls it).
+    Async(AsyncCompletions),
+}
+
+/// The asynchronous completion mode: a doorbell only executes the request
+/// (data moves at once); its used element is published later, by the
+/// device's own thread or, deterministically, inside the driver's re-arm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AsyncCompletions {
+    /// How often the device thread publishes.
+    pub tick: std::time::Duration,
+    /// How many held completions (oldest first) the thread publishes per
+    /// queue and tick.
+    pub per_tick: u16,
+    /// How many held completions land, each with its notification
+    /// decision, just before a driver write of the queue's `used_event`
+    /// (without EVENT_IDX: the available ring's `flags`) reaches memory:
+    /// between the driver's last read of the used index and its re-arm,
+    /// the window of virtio 1.2 §2.7.10 that the driver must close by
+    /// re-reading the index after the write.
+    pub in_rearm_window: u16,
+    /// False: the device never signals a request queue's vector (a lost
+    /// MSI-X message, forever); only the driver's own polling finds the
+    /// completions.
+    pub signal: bool,
+}
+
+impl AsyncCompletions {
+    /// Completions keep landing in every re-arm window: one per window,
+    /// one per queue every 2 ms from the thread, interrupts as QEMU sends
+    /// them.
+    pub fn racing_rearm() -> AsyncCompletions {
+        AsyncCompletions {
+            tick: std::time::Duration::from_millis(2),
+            per_tick: 1,
+            in_rearm_window: 1,
+            signal: true,
         }
     }
 }
@@ -242,6 +311,8 @@ pub(super) struct Device {
     /// virtio_scsi_config (§5.6.4), little-endian.
     config: [u8; 36],
     lus: Vec<Lu>,
+    /// When completions are published.
+    pub(super) completions: Completions,
 }
 
 impl Device {
@@ -282,6 +353,7 @@ impl Device {
                     disk: disk.clone(),
                 })
                 .collect(),
+            completions: Completions::Inline,
         }
     }
 
@@ -554,10 +626,15 @@ impl Device {
             Ok((q, completed)) => {
                 out.completed = completed;
                 let old_used = self.queues[usize::from(qi)].used_idx;
-                self.queues[usize::from(qi)] = q.clone();
-                if q.used_idx != old_used && self.wants_interrupt(&q, old_used, ram) {
-                    self.isr |= 1;
-                    out.messages.extend(self.signal(q.vector));
+                self.queues[usize::from(qi)] = q;
+                // virtio-scsi completes each request with virtqueue_push
+                // and virtio_notify (QEMU hw/scsi/virtio-scsi.c,
+                // virtio_scsi_complete_req); a doorbell's batch gets one
+                // decision here, which QEMU's rules make equivalent for the
+                // driver (the interrupt is sent iff used_event lies in the
+                // batch's range or the decision is the first).
+                if self.queues[usize::from(qi)].used_idx != old_used {
+                    out.messages.extend(self.notification(qi, ram));
                 }
             }
             Err(e) => {
@@ -575,15 +652,127 @@ impl Device {
         self.driver_features & FEATURE_EVENT_IDX != 0
     }
 
-    fn wants_interrupt(&self, q: &Queue, old_used: u16, ram: &[u8]) -> bool {
-        let size = u64::from(q.size);
-        if self.event_idx() {
-            let used_event = rd16(ram, q.driver + 4 + 2 * size).unwrap_or(0);
-            // vring_need_event (§2.7.10.1), wrap-safe.
-            q.used_idx.wrapping_sub(used_event).wrapping_sub(1) < q.used_idx.wrapping_sub(old_used)
-        } else {
-            rd16(ram, q.driver).unwrap_or(0) & AVAIL_NO_INTERRUPT == 0
+    /// Whether the driver asked to be interrupted for what was published
+    /// since the last decision: QEMU's virtio_split_should_notify
+    /// (hw/virtio/virtio.c) exactly. With EVENT_IDX: the first decision
+    /// after a reset always notifies; later ones notify iff `used_event`
+    /// lies in [previous decision's used index, used index) mod 2^16
+    /// (vring_need_event; virtio 1.2 §2.7.10, §2.7.7.2). Without it,
+    /// VIRTQ_AVAIL_F_NO_INTERRUPT (§2.7.7). (VIRTIO_F_NOTIFY_ON_EMPTY is
+    /// legacy-only and not offered.)
+    fn should_notify(&mut self, qi: u16, ram: &[u8]) -> bool {
+        let event_idx = self.event_idx();
+        let q = &mut self.queues[usize::from(qi)];
+        if !event_idx {
+            return rd16(ram, q.driver).unwrap_or(0) & AVAIL_NO_INTERRUPT == 0;
         }
+        let valid = q.signalled_used_valid;
+        q.signalled_used_valid = true;
+        let old = q.signalled_used;
+        let new = q.used_idx;
+        q.signalled_used = new;
+        let used_event = rd16(ram, q.used_event_at()).unwrap_or(0);
+        !valid || new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old)
+    }
+
+    /// The notification decision for queue `qi`, and its message if the
+    /// driver asked for one (virtio_notify -> virtio_irq: ISR bit 0, then
+    /// the queue's vector).
+    fn notification(&mut self, qi: u16, ram: &[u8]) -> Option<(u64, u32)> {
+        if !self.should_notify(qi, ram) {
+            return None;
+        }
+        self.isr |= 1;
+        let silent =
+            matches!(self.completions, Completions::Async(a) if !a.signal) && qi > EVENT_QUEUE;
+        if silent {
+            return None;
+        }
+        let vector = self.queues[usize::from(qi)].vector;
+        self.signal(vector)
+    }
+
+    /// Publishes up to `n` held completions of queue `qi`, each with its
+    /// notification decision (as virtio_scsi_complete_req does per
+    /// request); the messages to send.
+    fn publish_held(&mut self, qi: u16, n: u16, ram: &mut [u8]) -> Vec<(u64, u32)> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let q = &mut self.queues[usize::from(qi)];
+            let Some((head, written)) = q.held.pop_front() else {
+                break;
+            };
+            let slot = u64::from(q.used_idx % q.size);
+            let ok = wr32(ram, q.device + 4 + 8 * slot, u32::from(head))
+                .and_then(|()| wr32(ram, q.device + 8 + 8 * slot, written));
+            let old = q.used_idx;
+            let new = old.wrapping_add(1);
+            // virtqueue_split_flush: a used index that ran past the last
+            // decision's by more than 2^15 invalidates it.
+            if flush_invalidates(old, new, q.signalled_used) {
+                q.signalled_used_valid = false;
+            }
+            q.used_idx = new;
+            let at = q.device + 2;
+            if ok.and_then(|()| wr16(ram, at, new)).is_err() {
+                // The ring left RAM under the device: nothing to publish.
+                q.held.clear();
+                break;
+            }
+            out.extend(self.notification(qi, ram));
+        }
+        out
+    }
+
+    /// The asynchronous mode's thread tick: publishes up to `per_tick`
+    /// held completions of each request queue.
+    pub(super) fn tick(&mut self, per_tick: u16, ram: &mut [u8]) -> Vec<(u64, u32)> {
+        let mut out = Vec::new();
+        if self.status & STATUS_DRIVER_OK == 0 || self.status & STATUS_NEEDS_RESET != 0 {
+            return out;
+        }
+        for qi in EVENT_QUEUE + 1..self.queues.len() as u16 {
+            out.extend(self.publish_held(qi, per_tick, ram));
+        }
+        out
+    }
+
+    /// A driver write of `[a, a+len)` is about to reach RAM: if it covers
+    /// a request queue's re-arm field (`used_event` with EVENT_IDX, the
+    /// available ring's `flags` without), the asynchronous mode lands
+    /// `in_rearm_window` held completions first (the race the driver's
+    /// re-check after re-arming exists for). The messages to send; the
+    /// number of completions landed.
+    pub(super) fn before_driver_write(
+        &mut self,
+        a: u64,
+        len: u64,
+        ram: &mut [u8],
+    ) -> (Vec<(u64, u32)>, u64) {
+        let Completions::Async(mode) = self.completions else {
+            return (Vec::new(), 0);
+        };
+        if self.status & STATUS_DRIVER_OK == 0 || self.status & STATUS_NEEDS_RESET != 0 {
+            return (Vec::new(), 0);
+        }
+        let mut out = Vec::new();
+        let mut landed = 0;
+        let event_idx = self.event_idx();
+        for qi in EVENT_QUEUE + 1..self.queues.len() as u16 {
+            let q = &self.queues[usize::from(qi)];
+            let at = if event_idx {
+                q.used_event_at()
+            } else {
+                q.driver
+            };
+            if !q.enabled || q.held.is_empty() || a >= at + 2 || a + len <= at {
+                continue;
+            }
+            let before = q.held.len();
+            out.extend(self.publish_held(qi, mode.in_rearm_window, ram));
+            landed += (before - self.queues[usize::from(qi)].held.len()) as u64;
+        }
+        (out, landed)
     }
 
     /// Executes every available chain; the queue's new state. The driver
@@ -609,12 +798,20 @@ impl Device {
                 ));
             }
             let written = self.execute(qi, &q, head, ram)?;
+            q.last_avail = q.last_avail.wrapping_add(1);
+            if matches!(self.completions, Completions::Async(_)) && qi > EVENT_QUEUE {
+                q.held.push_back((head, written));
+                continue;
+            }
             let used_slot = u64::from(q.used_idx % q.size);
             wr32(ram, q.device + 4 + 8 * used_slot, u32::from(head))?;
             wr32(ram, q.device + 8 + 8 * used_slot, written)?;
+            let old = q.used_idx;
             q.used_idx = q.used_idx.wrapping_add(1);
+            if flush_invalidates(old, q.used_idx, q.signalled_used) {
+                q.signalled_used_valid = false;
+            }
             wr16(ram, q.device + 2, q.used_idx)?;
-            q.last_avail = q.last_avail.wrapping_add(1);
         }
         if self.event_idx() {
             // A doorbell is wanted for the next entry (§2.7.10).
@@ -760,6 +957,20 @@ impl Device {
         scatter(ram, &writable, resp_len, &data_in);
         Ok((resp_len + data_in.len()) as u32)
     }
+}
+
+/// Whether moving the used index from `old` to `new` makes the last
+/// notification decision's index meaningless: QEMU's virtqueue_split_flush
+/// test `(int16_t)(new - signalled_used) < (uint16_t)(new - old)`, both
+/// sides promoted to int.
+fn flush_invalidates(old: u16, new: u16, signalled_used: u16) -> bool {
+    i32::from(new.wrapping_sub(signalled_used) as i16) < i32::from(new.wrapping_sub(old))
+}
+
+/// [`flush_invalidates`], for the unit tests.
+#[cfg(test)]
+pub(super) fn flush_invalidates_for_test(old: u16, new: u16, signalled_used: u16) -> bool {
+    flush_invalidates(old, new, signalled_used)
 }
 
 /// A control request (§5.6.6.2): task management functions all complete
