@@ -634,7 +634,10 @@ fn rvscsiadm_take_puts_the_aliases_back_when_rvscsi_cannot_have_them() {
         .command("sh")
         .arg(root().join("pkg/rvscsiadm"))
         .arg("take")
-        .env("STANDIN_FAIL", "update_drv -a -i '\"pci1af4,1004\" \"pci1af4,1048,p\"' rvscsi")
+        .env(
+            "STANDIN_FAIL",
+            "update_drv -a -i '\"pci1af4,1004\" \"pci1af4,1048,p\"' rvscsi",
+        )
         .output()
         .unwrap();
     let msg = text(&out);
@@ -646,7 +649,10 @@ fn rvscsiadm_take_puts_the_aliases_back_when_rvscsi_cannot_have_them() {
         "no alias is left without a driver"
     );
     assert!(
-        has_call(&sys.take_calls(), "update_drv -a -i '\"pci1af4,1004\"' vioscsi"),
+        has_call(
+            &sys.take_calls(),
+            "update_drv -a -i '\"pci1af4,1004\"' vioscsi"
+        ),
         "{msg}"
     );
 }
@@ -896,4 +902,35 @@ fn the_runbook_accepts_a_package_that_is_installed_already() {
     assert_eq!(rc, 0, "pkg install's exit 4 is not a failure: {out}");
     passes(&out, &["install", "take"]);
     let _ = std::fs::remove_file(&archive);
+}
+
+// ---- mapfiles/rvscsi.mapfile --------------------------------------------
+
+#[test]
+fn the_mapfile_has_the_form_of_the_gates_own_kmod_mapfiles() {
+    // usr/src/uts/intel/io/viona/viona.mapfile, io/vmm/vmm.mapfile and
+    // io/vmm/io/ppt.mapfile, linked with ld -ztype=kmod -M: a version 2
+    // mapfile with one SYMBOL_VERSION ILLUMOSprivate block whose global
+    // list is the module entry points and whose local list is "*".
+    let text = std::fs::read_to_string(root().join("mapfiles/rvscsi.mapfile")).unwrap();
+    let body: Vec<&str> = text
+        .lines()
+        .map(|l| l.split('#').next().unwrap().trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(
+        body,
+        [
+            "$mapfile_version 2",
+            "SYMBOL_VERSION ILLUMOSprivate {",
+            "global:",
+            "_init;",
+            "_fini;",
+            "_info;",
+            "local:",
+            "*;",
+            "};",
+        ],
+        "{text}"
+    );
 }
