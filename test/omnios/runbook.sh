@@ -50,7 +50,7 @@ while [ $# -gt 0 ]; do
 	--source) src=${2:?--source needs a directory}; shift 2 ;;
 	--disk) disk=${2:?--disk needs a disk}; shift 2 ;;
 	--yes) yes=1; shift ;;
-	-h | --help) sed -n '2,40p' "$0"; exit 0 ;;
+	-h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1 && !/shellcheck/' "$0"; exit 0 ;;
 	*) echo "runbook: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
