@@ -371,23 +371,23 @@ fn install_deps_on_omnios_finds_clang_under_opt_ooce_llvm_and_installs_only_what
         has_call(&sys.take_calls(), "pkg install -v system/header"),
         "{out}"
     );
+
+    // A real failure (no such package on the configured publishers) is one.
+    write(&sys.path("var/pkg/installed"), "driver/storage/vioscsi\n");
+    write(&sys.path("var/pkg/catalog"), "");
+    let (rc, out) = run(&sys);
+    assert_eq!(rc, Some(1), "{out}");
+    assert!(
+        out.contains("install-deps: pkg install system/header failed (exit 1)"),
+        "{out}"
+    );
     let _ = std::fs::remove_dir_all(&tree);
 }
 
 #[test]
 fn the_build_on_omnios_uses_llvm_libclang_the_illumos_link_editor_and_no_install() {
-    let sys = Sys::new("build", SysOptions::default());
-    write(
-        &sys.path("var/pkg/publishers"),
-        "extra.omnios origin online F https://pkg.omnios.org/r151054/extra/\n",
-    );
-    write(
-        &sys.path("var/pkg/installed"),
-        "driver/storage/vioscsi\nooce/developer/clang-19\nsystem/header\n",
-    );
-    write(&sys.path("opt/ooce/llvm-19/lib/libclang.so"), "");
+    let sys = build_host("build");
     write(&sys.path("opt/ooce/llvm-18/lib/libclang.so"), "");
-    write(&sys.path("usr/include/sys/scsi/scsi.h"), "");
     // Same-named files in the system directories SysV install searches.
     for f in ["usr/lib/LICENSE", "usr/lib/rvscsi", "etc/rvscsi.conf"] {
         write(&sys.path(f), "the system's own\n");
@@ -455,6 +455,92 @@ fn the_build_on_omnios_uses_llvm_libclang_the_illumos_link_editor_and_no_install
         std::fs::read(proto.join("usr/sbin/rvscsiadm")).unwrap(),
         std::fs::read(root().join("pkg/rvscsiadm")).unwrap()
     );
+    // The IPS tools: the manifest filled, linted, published into a scratch
+    // repository and received into the archive the runbook installs.
+    let version = env!("CARGO_PKG_VERSION");
+    for want in [
+        "pkgmogrify -DPKGVERS=VERSION -DPKGBRANCH=0 -DPKGPUBLISHER=rvscsi pkg/rvscsi.p5m"
+            .to_string(),
+        "pkglint target/pkg/rvscsi.p5m".to_string(),
+        "pkgrepo create target/pkg/repo".to_string(),
+        "pkgrepo -s target/pkg/repo set publisher/prefix=rvscsi".to_string(),
+        "pkgsend publish -s target/pkg/repo -d target/pkg/proto target/pkg/rvscsi.p5m".to_string(),
+        "pkgrecv -s target/pkg/repo -a -d target/pkg/rvscsi-VERSION.p5p driver/storage/rvscsi"
+            .to_string(),
+    ] {
+        let want = want.replace("VERSION", version);
+        assert!(has_call(&calls, &want), "{want}: {calls:#?}");
+    }
+    assert!(
+        tree.join(format!("target/pkg/rvscsi-{version}.p5p"))
+            .is_file(),
+        "{log}"
+    );
+    let _ = std::fs::remove_dir_all(&tree);
+}
+
+/// A scratch system with what the build needs installed.
+fn build_host(name: &str) -> Sys {
+    let sys = Sys::new(name, SysOptions::default());
+    write(
+        &sys.path("var/pkg/publishers"),
+        "extra.omnios origin online F https://pkg.omnios.org/r151054/extra/\n",
+    );
+    write(
+        &sys.path("var/pkg/installed"),
+        "driver/storage/vioscsi\nooce/developer/clang-19\nsystem/header\n",
+    );
+    write(&sys.path("opt/ooce/llvm-19/lib/libclang.so"), "");
+    write(&sys.path("usr/include/sys/scsi/scsi.h"), "");
+    sys
+}
+
+#[test]
+fn the_runbook_builds_the_package_from_source_and_installs_what_it_built() {
+    let sys = build_host("runbook-source");
+    let tree = tree_copy("runbook-source");
+    let out = sys
+        .command("bash")
+        .arg(root().join("test/omnios/runbook.sh"))
+        .arg("--source")
+        .arg(&tree)
+        .arg("--yes")
+        .output()
+        .expect("bash");
+    let log = text(&out);
+    let calls = sys.take_calls();
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    passes(
+        &log,
+        &[
+            "environment",
+            "build",
+            "install",
+            "installed",
+            "controllers",
+            "take",
+        ],
+    );
+    let archive = tree.join(format!(
+        "target/pkg/rvscsi-{}.p5p",
+        env!("CARGO_PKG_VERSION")
+    ));
+    assert!(
+        has_call(
+            &calls,
+            &format!(
+                "pkg install -v -g {} driver/storage/rvscsi",
+                archive.display()
+            )
+        ),
+        "{calls:#?}"
+    );
+    // What was installed is what the build made.
+    assert_eq!(
+        std::fs::read(sys.path("usr/sbin/rvscsiadm")).unwrap(),
+        std::fs::read(root().join("pkg/rvscsiadm")).unwrap()
+    );
+    assert!(log.contains("next: reboot -- -r"), "{log}");
     let _ = std::fs::remove_dir_all(&tree);
 }
 
