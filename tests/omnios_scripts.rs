@@ -1020,3 +1020,90 @@ fn the_mapfile_has_the_form_of_the_gates_own_kmod_mapfiles() {
         "{text}"
     );
 }
+
+// ---- the stand-ins themselves -------------------------------------------
+
+/// The unfriendly parts of illumos that the scripts had to survive stay in
+/// the stand-ins: were one of them made kinder, the tests above could pass
+/// on scripts that fail on OmniOS.
+#[test]
+fn the_stand_ins_keep_the_unfriendly_parts_of_illumos() {
+    let sys = Sys::new("unfriendly", SysOptions::default());
+    let run = |prog: &str, args: &[&str]| {
+        let out = sys.command(prog).args(args).output().unwrap();
+        (out.status.code(), text(&out))
+    };
+
+    // update_drv -d without -f, a controller attached through the alias:
+    // the binding file loses the entry, the kernel keeps the binding, and
+    // update_drv fails (update_drv(8), -f).
+    let (rc, out) = run("update_drv", &["-d", "-i", "\"pci1af4,1004\"", "vioscsi"]);
+    assert_eq!(rc, Some(1), "{out}");
+    assert!(
+        out.contains("One or more devices remain in use for driver vioscsi."),
+        "{out}"
+    );
+    assert_eq!(sys.alias_owner("pci1af4,1004"), None, "the file lost it");
+    assert!(
+        sys.read(".kernel/aliases")
+            .contains("vioscsi \"pci1af4,1004\""),
+        "the kernel kept it"
+    );
+    assert_eq!(sys.node(TRANSITIONAL), ("vioscsi".into(), true));
+    // ...and at the reconfiguration boot the controller has no driver.
+    sys.boot(true);
+    assert_eq!(sys.node(TRANSITIONAL), ("-".into(), false));
+
+    // An alias another driver holds in the file is refused by -a.
+    let (rc, out) = run("update_drv", &["-a", "-i", "\"pci1af4,1001\"", "vioscsi"]);
+    assert_ne!(rc, Some(0), "{out}");
+    assert!(out.contains("already in use as a driver or alias"), "{out}");
+
+    // pkg install of what is installed: exit 4.
+    let (rc, out) = run("pkg", &["install", "-v", "driver/storage/vioscsi"]);
+    assert_eq!(rc, Some(4), "{out}");
+    assert!(
+        out.contains("No updates necessary for this image."),
+        "{out}"
+    );
+
+    // SysV install searches its operands and the system directories and
+    // overwrites the first same-named file it finds.
+    write(&sys.path("usr/lib/LICENSE"), "the system's own\n");
+    let src = sys.path("var/tmp/LICENSE");
+    write(&src, "rvscsi's\n");
+    let dest = sys.path("var/tmp/proto/LICENSE");
+    let (rc, out) = run(
+        "install",
+        &["-m", "0444", src.to_str().unwrap(), dest.to_str().unwrap()],
+    );
+    assert_eq!(rc, Some(0), "{out}");
+    assert_eq!(sys.read("usr/lib/LICENSE"), "rvscsi's\n", "overwritten");
+    assert!(!dest.exists(), "{out}");
+    let (rc, out) = run(
+        "install",
+        &[
+            "-m",
+            "0444",
+            src.to_str().unwrap().replace("LICENSE", "NOTICE").as_str(),
+            dest.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(rc, Some(2), "{out}");
+    assert!(out.contains("NOTICE was not found anywhere!"), "{out}");
+
+    // GNU ld first on PATH: -N is --omagic.
+    let (rc, out) = run("ld", &["-ztype=kmod", "-N", "misc/scsi", "-o", "x", "y.a"]);
+    assert_eq!(rc, Some(1), "{out}");
+    assert!(out.contains("cannot find misc/scsi"), "{out}");
+
+    // clang-sys with LIBCLANG_PATH set searches only there.
+    let out = sys
+        .command("cargo")
+        .args(["rustc", "--target", "x.json"])
+        .env("CARGO_TARGET_DIR", sys.path("var/tmp/t"))
+        .env("LIBCLANG_PATH", "")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(101), "{}", text(&out));
+}
