@@ -13,6 +13,8 @@
 # image and runs format and dd through it (rvscsi-sim), first with the
 # library linked into rvscsi-sim, then with the module object itself.
 set -euo pipefail
+# Under set -e a failing command ends the script; say which one.
+trap 'echo "build: failed (exit $?) at pkg/build.sh line $LINENO: $BASH_COMMAND" >&2' ERR
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 
@@ -27,12 +29,20 @@ done
 bash test/scripts/install-deps.sh
 bash test/scripts/ensure-rust.sh
 if [ "$(uname -s)" = SunOS ]; then
-    # bindgen's libclang (OmniOS extra), and no demo: the test bed's QEMU
-    # device models run on Linux.
+    # bindgen's libclang, and no demo: the test bed's QEMU device models run
+    # on Linux. clang-sys searches only LIBCLANG_PATH when it is set, and
+    # none of its default directories is OmniOS's /opt/ooce/llvm-NN/lib.
+    # shellcheck source=kernel/illumos.sh
+    . pkg/kernel/illumos.sh
     if [ -z "${LIBCLANG_PATH:-}" ]; then
-        LIBCLANG_PATH=$(ls -d /opt/ooce/clang-*/lib 2>/dev/null | tail -n 1)
+        LIBCLANG_PATH=$(illumos_libclang_dir) || {
+            echo "build: no libclang.so in /opt/ooce/llvm-*/lib; install $ILLUMOS_CLANG_PKG" \
+                "(test/scripts/install-deps.sh does)" >&2
+            exit 1
+        }
         export LIBCLANG_PATH
     fi
+    echo "build: libclang from $LIBCLANG_PATH"
     demo=0
 fi
 

@@ -41,13 +41,23 @@ else
     exit 1
 fi
 
+# cp and chmod, not install(1): on illumos root's PATH finds the SysV
+# /usr/sbin/install, whose operands after the file are directories it
+# SEARCHES for a file of the same name, then /bin, /usr/bin, /etc, /lib
+# and /usr/lib, overwriting the first one found
+# (usr/src/cmd/install.d/install.sh).
+put() {
+    local mode=$1 src=$2 dest=$3
+    cp "$src" "$dest"
+    chmod "$mode" "$dest"
+}
 rm -rf "$proto"
 mkdir -p "$proto/kernel/drv/amd64" "$proto/usr/sbin" "$proto/usr/share/man/man4d"
-install -m 0755 "$module" "$proto/kernel/drv/amd64/rvscsi"
-install -m 0644 pkg/rvscsi.conf "$proto/kernel/drv/rvscsi.conf"
-install -m 0555 pkg/rvscsiadm "$proto/usr/sbin/rvscsiadm"
-install -m 0444 pkg/rvscsi.4D "$proto/usr/share/man/man4d/rvscsi.4d"
-install -m 0444 docs/LICENSE "$proto/LICENSE"
+put 0755 "$module" "$proto/kernel/drv/amd64/rvscsi"
+put 0644 pkg/rvscsi.conf "$proto/kernel/drv/rvscsi.conf"
+put 0555 pkg/rvscsiadm "$proto/usr/sbin/rvscsiadm"
+put 0444 pkg/rvscsi.4D "$proto/usr/share/man/man4d/rvscsi.4d"
+put 0444 docs/LICENSE "$proto/LICENSE"
 
 manifest=$out/rvscsi.p5m
 if command -v pkgmogrify >/dev/null 2>&1; then
@@ -57,6 +67,7 @@ else
     sed -e "s/\$(PKGVERS)/$version/g" -e "s/\$(PKGBRANCH)/$branch/g" \
         -e "s/\$(PKGPUBLISHER)/$publisher/g" pkg/rvscsi.p5m >"$manifest"
 fi
+# shellcheck disable=SC2016 # the manifest's macro syntax, literally
 if grep -n '\$(' "$manifest"; then
     echo "package: unfilled macros in $manifest" >&2
     exit 1

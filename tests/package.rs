@@ -1,8 +1,8 @@
 //! The IPS package as `pkg/build.sh` leaves it where the IPS tools are
 //! absent: the proto area and the filled manifest (`target/pkg/`), the man
-//! page, the configuration file, and `rvscsiadm`, which hands virtio-scsi
-//! controllers from vioscsi to rvscsi and back (run here against scratch
-//! driver databases and stand-ins for update_drv and friends).
+//! page and the configuration file. `rvscsiadm`, which hands virtio-scsi
+//! controllers from vioscsi to rvscsi and back, is run against a scratch
+//! illumos system in tests/omnios_scripts.rs.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -372,199 +372,79 @@ fn the_man_page_is_lint_clean_and_documents_tunables_and_probes() {
     }
 }
 
-/// A scratch system for rvscsiadm: driver databases and stand-ins for
-/// update_drv (with its refusal to give one alias to two drivers),
-/// devfsadm, bootadm, zfs, zpool and ls.
-struct Scratch {
-    dir: PathBuf,
-}
-
-impl Scratch {
-    fn new(name: &str, root_device: Option<&str>) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("rvscsiadm-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let etc = dir.join("etc");
-        let bin = dir.join("bin");
-        std::fs::create_dir_all(&etc).unwrap();
-        std::fs::create_dir_all(&bin).unwrap();
-        std::fs::write(
-            etc.join("driver_aliases"),
-            "sd \"scsiclass,00\"\nvioscsi \"pci1af4,1004\"\nvioscsi \"pci1af4,1048,p\"\nvioblk \"pci1af4,1001\"\n",
-        )
-        .unwrap();
-        std::fs::write(
-            etc.join("name_to_major"),
-            "sd 32\nvioscsi 286\nvioblk 287\nrvscsi 300\n",
-        )
-        .unwrap();
-        std::fs::write(
-            etc.join("path_to_inst"),
-            "\"/pci@0,0/pci1af4,2@3\" 0 \"vioblk\"\n\"/pci@0,0/pci1af4,8@4\" 0 \"vioscsi\"\n",
-        )
-        .unwrap();
-        let log = dir.join("calls.log");
-        let stub = |name: &str, body: &str| {
-            let p = bin.join(name);
-            std::fs::write(
-                &p,
-                format!(
-                    "#!/bin/sh\necho \"{name} $*\" >> '{}'\n{body}\n",
-                    log.display()
-                ),
-            )
-            .unwrap();
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        };
-        // update_drv -a|-d -i '"a" "b"' driver, on $RVSCSIADM_ETC.
-        stub(
-            "update_drv",
-            r#"db="$RVSCSIADM_ETC/driver_aliases"
-op=$1; shift; [ "$1" = "-i" ] || exit 9; list=$2; drv=$3
-for a in $(echo "$list" | tr -d '"'); do
-  owner=$(awk -v a="\"$a\"" '$2 == a { print $1 }' "$db")
-  if [ "$op" = "-a" ]; then
-    if [ -n "$owner" ] && [ "$owner" != "$drv" ]; then echo "($a) already in use as a driver or alias." >&2; exit 1; fi
-    [ -n "$owner" ] || echo "$drv \"$a\"" >> "$db"
-  else
-    awk -v a="\"$a\"" -v d="$drv" '!($1 == d && $2 == a)' "$db" > "$db.new" && mv "$db.new" "$db"
-  fi
-done"#,
-        );
-        stub("devfsadm", "exit 0");
-        stub("bootadm", "exit 0");
-        if let Some(dev) = root_device {
-            stub("zfs", "echo rpool/ROOT/omnios");
-            stub(
-                "zpool",
-                "printf '  pool: rpool\\n config:\\n\\trpool  ONLINE\\n\\t  /dev/dsk/c1t0d0s0  ONLINE  0 0 0\\n'",
-            );
-            stub(
-                "ls",
-                &format!(
-                    "case \"$2\" in /dev/dsk/*) echo \"lrwxrwxrwx 1 root root 50 Jan 1 00:00 $2 -> ../../devices{dev}:a\" ;; *) exec /bin/ls \"$@\" ;; esac"
-                ),
-            );
-        }
-        Scratch { dir }
+#[test]
+fn the_manifest_marks_the_module_and_the_man_page_as_illumos_marks_its_own() {
+    let (actions, _) = built_package();
+    let by_path = |p: &str| {
+        actions
+            .iter()
+            .find(|a| a.get("path") == Some(p))
+            .unwrap_or_else(|| panic!("no action for {p}"))
+    };
+    // usr/src/pkg/transforms/defaults: every kernel file but .conf is
+    // reboot-needed, so that pkg update puts a new module in a new boot
+    // environment instead of replacing a loaded driver in place.
+    assert_eq!(
+        by_path("kernel/drv/amd64/rvscsi").get("reboot-needed"),
+        Some("true")
+    );
+    assert_eq!(by_path("kernel/drv/rvscsi.conf").get("reboot-needed"), None);
+    // usr/src/pkg/transforms/facets: everything under usr/share/man.
+    for p in ["usr/share/man/man4d", "usr/share/man/man4d/rvscsi.4d"] {
+        assert_eq!(by_path(p).get("facet.doc.man"), Some("true"), "{p}");
     }
-
-    fn run(&self, args: &[&str]) -> (i32, String) {
-        let path = format!("{}:/usr/bin:/bin", self.dir.join("bin").display());
-        let out = Command::new("sh")
-            .arg(root().join("pkg/rvscsiadm"))
-            .args(args)
-            .env("RVSCSIADM_ETC", self.dir.join("etc"))
-            .env("PATH", path)
-            .output()
-            .expect("sh");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.code().unwrap_or(-1), text)
-    }
-
-    fn owners(&self) -> Vec<(String, String)> {
-        std::fs::read_to_string(self.dir.join("etc/driver_aliases"))
-            .unwrap()
-            .lines()
-            .filter(|l| l.contains("pci1af4,10"))
-            .filter_map(|l| l.split_once(' '))
-            .map(|(d, a)| (a.trim_matches('"').to_string(), d.to_string()))
-            .filter(|(a, _)| a != "pci1af4,1001")
-            .collect()
-    }
-
-    fn calls(&self) -> String {
-        std::fs::read_to_string(self.dir.join("calls.log")).unwrap_or_default()
-    }
-}
-
-fn owned_by(s: &Scratch, driver: &str) -> bool {
-    let o = s.owners();
-    o.len() == 2 && o.iter().all(|(_, d)| d == driver)
+    // The header names the script that fills the macros.
+    let src = std::fs::read_to_string(root().join("pkg/rvscsi.p5m")).unwrap();
+    let header: String = src
+        .lines()
+        .take_while(|l| l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        header.contains("pkg/package.sh") && header.contains("fills the macros"),
+        "{header}"
+    );
 }
 
 #[test]
-fn rvscsiadm_moves_the_aliases_to_rvscsi_and_back_when_the_root_pool_is_elsewhere() {
-    let s = Scratch::new("virtio-blk-root", Some("/pci@0,0/pci1af4,2@3/blkdev@0,0"));
-    let (rc, out) = s.run(&["status"]);
-    assert_eq!(rc, 0, "{out}");
+fn the_man_page_covers_uninstalling_and_what_pkg_verify_reports() {
+    let text = std::fs::read_to_string(root().join("pkg/rvscsi.4D")).unwrap();
     assert!(
-        out.contains("pci1af4,1004") && out.contains("vioscsi"),
-        "{out}"
+        text.lines().any(|l| l == ".Os illumos"),
+        "the page names its system"
     );
-    let (rc, out) = s.run(&["take"]);
-    assert_eq!(rc, 0, "{out}");
-    assert!(owned_by(&s, "rvscsi"), "after take: {:?}", s.owners());
-    let calls = s.calls();
-    assert!(
-        calls.contains("update_drv -d -i \"pci1af4,1004\" vioscsi"),
-        "{calls}"
-    );
-    assert!(calls.contains("devfsadm -i rvscsi"), "{calls}");
-    assert!(calls.contains("bootadm update-archive"), "{calls}");
-    // Taking twice changes nothing.
-    let (rc, _) = s.run(&["take"]);
-    assert_eq!(rc, 0);
-    assert!(owned_by(&s, "rvscsi"));
-    let (rc, out) = s.run(&["release"]);
-    assert_eq!(rc, 0, "{out}");
-    assert!(owned_by(&s, "vioscsi"), "after release: {:?}", s.owners());
-    assert!(s.calls().contains("devfsadm -i vioscsi"));
-    // The unrelated alias is untouched.
-    let db = std::fs::read_to_string(s.dir.join("etc/driver_aliases")).unwrap();
-    assert!(db.contains("vioblk \"pci1af4,1001\"") && db.contains("sd \"scsiclass,00\""));
-}
-
-#[test]
-fn rvscsiadm_refuses_to_take_the_root_pool_controller_without_force() {
-    let s = Scratch::new(
-        "virtio-scsi-root",
-        Some("/pci@0,0/pci1af4,8@4/iport@iport0/disk@0,0"),
-    );
-    let (rc, out) = s.run(&["take"]);
-    assert_eq!(rc, 1, "{out}");
-    assert!(
-        out.contains("root pool is on a virtio-scsi controller"),
-        "{out}"
-    );
-    assert!(owned_by(&s, "vioscsi"), "nothing moved: {:?}", s.owners());
-    assert!(!s.calls().contains("update_drv"), "no update_drv call");
-    let (rc, out) = s.run(&["take", "-f"]);
-    assert_eq!(rc, 0, "{out}");
-    assert!(owned_by(&s, "rvscsi"));
-}
-
-#[test]
-fn rvscsiadm_refuses_what_it_cannot_check_or_should_not_touch() {
-    // No way to find the root pool: refuse unless forced.
-    let s = Scratch::new("unknown-root", None);
-    let (rc, out) = s.run(&["take"]);
-    assert_eq!(rc, 1, "{out}");
-    assert!(out.contains("cannot tell where the root pool is"), "{out}");
-    assert!(owned_by(&s, "vioscsi"));
-    // rvscsi not installed.
-    let s = Scratch::new("not-installed", Some("/pci@0,0/pci1af4,2@3/blkdev@0,0"));
-    std::fs::write(s.dir.join("etc/name_to_major"), "vioscsi 286\n").unwrap();
-    let (rc, out) = s.run(&["take"]);
-    assert_eq!(rc, 1);
-    assert!(out.contains("driver rvscsi is not installed"), "{out}");
-    assert!(owned_by(&s, "vioscsi"));
-    // An alias owned by a third driver is left alone.
-    let s = Scratch::new("third", Some("/pci@0,0/pci1af4,2@3/blkdev@0,0"));
-    std::fs::write(
-        s.dir.join("etc/driver_aliases"),
-        "vioscsi \"pci1af4,1004\"\nother \"pci1af4,1048,p\"\n",
-    )
-    .unwrap();
-    let (rc, out) = s.run(&["take"]);
-    assert_eq!(rc, 1);
-    assert!(out.contains("belongs to other"), "{out}");
-    // Usage.
-    assert_eq!(s.run(&[]).0, 2);
-    assert_eq!(s.run(&["frob"]).0, 2);
-    assert_eq!(s.run(&["take", "-x"]).0, 2);
+    let section = |name: &str| -> String {
+        let start = text
+            .find(&format!(".Ss {name}"))
+            .or_else(|| text.find(&format!(".Sh {name}")))
+            .unwrap_or_else(|| panic!("rvscsi.4D has no section {name:?}"));
+        let rest = &text[start + 4..];
+        let end = rest
+            .find("\n.Ss ")
+            .into_iter()
+            .chain(rest.find("\n.Sh "))
+            .min()
+            .unwrap_or(rest.len());
+        rest[..end].to_string()
+    };
+    let uninstall = section("Uninstalling");
+    // The order matters: release, reboot, then pkg uninstall (whose
+    // driver action runs rem_drv, dropping every alias rvscsi holds).
+    let pos = |needle: &str| {
+        uninstall
+            .find(needle)
+            .unwrap_or_else(|| panic!("Uninstalling says {needle:?}:\n{uninstall}"))
+    };
+    assert!(pos("rvscsiadm Cm release") < pos("reboot"));
+    assert!(pos("reboot") < pos("Cm uninstall"));
+    assert!(uninstall.contains("rem_drv"), "{uninstall}");
+    let verify = section("Package verification");
+    for needle in [
+        "extra alias",
+        "found in etc/driver_aliases",
+        "missing from etc/driver_aliases",
+        "vioscsi",
+    ] {
+        assert!(verify.contains(needle), "{needle:?}:\n{verify}");
+    }
 }

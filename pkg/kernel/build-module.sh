@@ -50,10 +50,19 @@ done
 
 module="$out_dir/rvscsi"
 if [ "$(uname -s)" = SunOS ]; then
-    # The illumos link editor records the dependency and applies the scope.
-    ld -ztype=kmod -N misc/scsi -M "$mapfile" "${undef_args[@]}" -o "$module.debug" "$lib"
+    # The illumos link editor records the dependency and applies the scope
+    # (by absolute path: pkg/kernel/illumos.sh says why).
+    # shellcheck source=illumos.sh
+    . pkg/kernel/illumos.sh
+    for tool in "$ILLUMOS_LD:$ILLUMOS_LD_PKG" "$ILLUMOS_STRIP:$ILLUMOS_STRIP_PKG"; do
+        [ -x "${tool%%:*}" ] || {
+            echo "build-module: ${tool%%:*} is missing (pkg install ${tool#*:})" >&2
+            exit 1
+        }
+    done
+    "$ILLUMOS_LD" -ztype=kmod -N misc/scsi -M "$mapfile" "${undef_args[@]}" -o "$module.debug" "$lib"
     cp "$module.debug" "$module"
-    strip -x "$module" 2>/dev/null || true
+    "$ILLUMOS_STRIP" -x "$module"
 else
     # GNU ld: pull the shim (it defines _init) and what it reaches out of
     # the archive; _depends_on in the shim carries the dependency.

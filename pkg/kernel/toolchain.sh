@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the build scripts: finds (and on Debian installs) the pinned
 # Rust toolchain for the kernel target, and exports
 #   KERNEL_CARGO, KERNEL_RUSTC  the cargo and rustc to use
@@ -31,8 +32,12 @@ if [ -n "${RVSCSI_KERNEL_CARGO:-}" ] || [ -n "${RVSCSI_KERNEL_RUSTC:-}" ]; then
     KERNEL_CARGO=${RVSCSI_KERNEL_CARGO:?set RVSCSI_KERNEL_CARGO with RVSCSI_KERNEL_RUSTC}
     KERNEL_RUSTC=${RVSCSI_KERNEL_RUSTC:?set RVSCSI_KERNEL_RUSTC with RVSCSI_KERNEL_CARGO}
 elif [ "$(uname -s)" = SunOS ]; then
+    # rustup is not an OmniOS package: it comes from its site and installs
+    # into the invoking user's ~/.cargo/bin, which root's PATH lacks.
     command -v rustup >/dev/null 2>&1 ||
-        kernel_toolchain_fail "install rustup (https://rustup.rs), then run this again"
+        kernel_toolchain_fail "rustup not found: install it from https://rustup.rs" \
+            "(it is not an OmniOS package) and put ~/.cargo/bin on PATH" \
+            "(export PATH=\$HOME/.cargo/bin:\$PATH), then run this again"
     rustup toolchain install "$KERNEL_RUST_RELEASE" --profile minimal --component rust-src >&2
     KERNEL_CARGO="rustup run $KERNEL_RUST_RELEASE cargo"
     KERNEL_RUSTC=$(rustup which --toolchain "$KERNEL_RUST_RELEASE" rustc)

@@ -2,8 +2,9 @@
 #
 # The rvscsi runbook: run as root inside an OmniOS virtual machine (see
 # test/omnios/qemu-omnios.sh for one laid out for it) to install rvscsi,
-# hand it a virtio-scsi controller, use a disk behind it, and give it back.
-# Prints PASS or FAIL for every step and exits non-zero when one failed.
+# hand it the virtio-scsi controllers, use a disk behind one, give them
+# back and uninstall it. Prints PASS or FAIL for every step (with its log)
+# and exits non-zero when one failed.
 #
 # Usage:
 #   runbook.sh (--p5p FILE | --source DIR) [--disk cXtYdZ] [--yes]
@@ -20,20 +21,36 @@
 #                 (reported as FAIL, so that an unattended run cannot pass
 #                 without them).
 #
-# Logs of every step are kept in ${TMPDIR:-/var/tmp}/rvscsi-runbook.<time>/.
+# illumos moves an attached controller to another driver only at a
+# reconfiguration boot (update_drv(8)), so the runbook has three phases
+# with such a boot between them. Run it with the same arguments after each
+# boot; it finds where it is from "rvscsiadm status" and its own record,
+# and says what to do next:
+#   1. environment, build (with --source), install, installed, controllers,
+#      take                                   then: reboot -- -r
+#   2. environment, attach, disks, choose-disk, dd-write-read, dtrace,
+#      release                                then: reboot -- -r
+#   3. environment, unload, vioscsi-again, uninstall
+#
+# Logs of every step are kept in ${TMPDIR:-/var/tmp}/rvscsi-runbook.<time>/;
+# the record of the phases in /var/tmp/rvscsi-runbook.state (on disk, so
+# it outlives the reboots). RUNBOOK_ROOT (default /) is the root of the
+# system whose files are read, for the project's tests.
+# shellcheck disable=SC2317 # the step functions are called through step()
 set -u
 
 p5p=""
 src=""
 disk=""
 yes=0
+args=("$@")
 while [ $# -gt 0 ]; do
 	case "$1" in
-	--p5p) p5p=$2; shift 2 ;;
-	--source) src=$2; shift 2 ;;
-	--disk) disk=$2; shift 2 ;;
+	--p5p) p5p=${2:?--p5p needs a file}; shift 2 ;;
+	--source) src=${2:?--source needs a directory}; shift 2 ;;
+	--disk) disk=${2:?--disk needs a disk}; shift 2 ;;
 	--yes) yes=1; shift ;;
-	-h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+	-h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1 && !/shellcheck/' "$0"; exit 0 ;;
 	*) echo "runbook: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
@@ -42,11 +59,16 @@ if [ -z "$p5p" ] && [ -z "$src" ]; then
 	exit 2
 fi
 
+R=${RUNBOOK_ROOT:-}
+export RVSCSIADM_ROOT=$R
+rvscsiadm=$R/usr/sbin/rvscsiadm
+record=$R/var/tmp/rvscsi-runbook.state
 logs=${TMPDIR:-/var/tmp}/rvscsi-runbook.$(date +%Y%m%d-%H%M%S)
 mkdir -p "$logs"
 passed=0
 failed=0
 results=()
+again="$0 ${args[*]}"
 
 # step NAME COMMAND...: runs COMMAND with its output in $logs/NAME.log.
 step() {
@@ -65,8 +87,30 @@ step() {
 	return 1
 }
 
-note() {
-	echo "$*"
+# The summary, what to do next, and the exit status.
+finish() {
+	echo
+	echo "summary:"
+	printf '  %s\n' "${results[@]}"
+	echo "$passed passed, $failed failed"
+	[ -z "${1:-}" ] || echo "next: $1"
+	[ "$failed" -eq 0 ]
+	exit $?
+}
+
+handover_state() {
+	[ -x "$rvscsiadm" ] || { echo not-installed; return; }
+	"$rvscsiadm" status 2>/dev/null | sed -n 's/^state: //p'
+}
+
+# How many nodes the running system binds to driver $1 and has attached:
+# prtconf -D names the driver of every bound node, prtconf (without -D)
+# marks the ones not attached, in the same order
+# (usr/src/cmd/prtconf/pdevinfo.c).
+attached_to() {
+	paste -d '|' <(prtconf) <(prtconf -D) |
+	    awk -F'|' -v d="(driver name: $1)" \
+	    'index($2, d) && $1 !~ /driver not attached/ { n++ } END { print n + 0 }'
 }
 
 # ---- the steps -----------------------------------------------------------
@@ -76,61 +120,69 @@ check_environment() {
 	[ "$(id -u)" -eq 0 ] || { echo "run as root"; return 1; }
 	[ "$(isainfo -k)" = amd64 ] || { echo "not a 64-bit x86 kernel"; return 1; }
 	uname -a
-	cat /etc/release 2>/dev/null | head -n 1
+	head -n 1 "$R/etc/release" 2>/dev/null
+	echo "hand-over state: $(handover_state)"
 }
 
 build_from_source() {
 	[ -x "$src/pkg/build.sh" ] || { echo "$src is not an rvscsi tree"; return 1; }
 	(cd "$src" && ./pkg/build.sh --no-demo) || return 1
+	# shellcheck disable=SC2012 # the newest archive by time
 	p5p=$(ls -t "$src"/target/pkg/rvscsi-*.p5p 2>/dev/null | head -n 1)
 	[ -n "$p5p" ] || { echo "the build made no .p5p"; return 1; }
 	echo "built $p5p"
-	# The module check ran as part of the build; show it again.
-	(cd "$src" && cargo run --quiet --release -p rvscsi-modcheck -- target/kernel/rvscsi)
 }
 
 install_package() {
 	[ -f "$p5p" ] || { echo "no package archive $p5p"; return 1; }
 	pkg info -g "$p5p" driver/storage/rvscsi || return 1
-	pkg install -v -g "$p5p" driver/storage/rvscsi
-	rc=$?
-	# 4: nothing to do (already installed at this version).
-	[ $rc -eq 0 ] || [ $rc -eq 4 ]
+	local rc=0
+	pkg install -v -g "$p5p" driver/storage/rvscsi || rc=$?
+	# 4: nothing to do (already installed at this version; pkg5 EXIT_NOP).
+	[ "$rc" -eq 0 ] || [ "$rc" -eq 4 ]
 }
 
 check_installed() {
-	ls -l /kernel/drv/amd64/rvscsi /kernel/drv/rvscsi.conf /usr/sbin/rvscsiadm || return 1
-	grep '^rvscsi ' /etc/name_to_major || { echo "rvscsi is not in name_to_major"; return 1; }
+	ls -l "$R/kernel/drv/amd64/rvscsi" "$R/kernel/drv/rvscsi.conf" "$rvscsiadm" || return 1
+	grep '^rvscsi ' "$R/etc/name_to_major" || { echo "rvscsi is not in name_to_major"; return 1; }
 	pkg verify -v driver/storage/rvscsi
 }
 
 find_controllers() {
-	/usr/sbin/rvscsiadm status
-	grep -E '"(vioscsi|rvscsi)"$' /etc/path_to_inst || {
-		echo "no virtio-scsi controller known to the system"
+	"$rvscsiadm" status || return 1
+	[ "$(handover_state)" = vioscsi ] || { echo "vioscsi does not hold the aliases"; return 1; }
+	[ "$(attached_to vioscsi)" -gt 0 ] || {
+		echo "no virtio-scsi controller attached to vioscsi"
 		return 1
 	}
 }
 
 take_controllers() {
-	/usr/sbin/rvscsiadm take
+	"$rvscsiadm" take || return 1
+	case "$(handover_state)" in
+	rvscsi | rvscsi-after-reboot) ;;
+	*) echo "rvscsiadm take left the state at $(handover_state)"; return 1 ;;
+	esac
+	echo taken >"$record"
 }
 
-# The physical paths of attached rvscsi instances.
+# The physical paths of rvscsi instances.
 rvscsi_paths() {
-	awk '$3 == "\"rvscsi\"" { gsub(/"/, "", $1); print $1 }' /etc/path_to_inst
+	awk '$3 == "\"rvscsi\"" { gsub(/"/, "", $1); print $1 }' "$R/etc/path_to_inst"
 }
 
 check_attached() {
-	prtconf -D | grep -i 'driver name: rvscsi' || {
-		echo "no node is attached to rvscsi; if the controller was busy under"
-		echo "vioscsi, reboot (the aliases are rvscsi's now) and run again"
+	"$rvscsiadm" status
+	[ "$(attached_to rvscsi)" -gt 0 ] || {
+		echo "no controller is attached to rvscsi (see dmesg)"
 		return 1
 	}
+	prtconf -D | grep 'driver name: rvscsi'
 	modinfo | grep -w rvscsi || { echo "rvscsi is not loaded"; return 1; }
 	modinfo | grep -w rvscsi | grep -q 'virtio-scsi HBA' ||
 		{ echo "unexpected module description"; return 1; }
 	dmesg | grep -i rvscsi | tail -n 20
+	return 0
 }
 
 list_disks() {
@@ -197,15 +249,21 @@ dtrace_probes() {
 }
 
 release_controllers() {
-	/usr/sbin/rvscsiadm release
+	"$rvscsiadm" release || return 1
+	case "$(handover_state)" in
+	vioscsi | vioscsi-after-reboot) ;;
+	*) echo "rvscsiadm release left the state at $(handover_state)"; return 1 ;;
+	esac
+	echo released >"$record"
 }
 
 unload_module() {
-	local id i
-	for i in 1 2 3 4 5; do
+	local id try
+	for try in 1 2 3 4 5; do
 		id=$(modinfo | awk '$6 == "rvscsi" { print $1 }')
 		[ -n "$id" ] || { echo "rvscsi is not loaded"; return 0; }
 		modunload -i "$id" && break
+		echo "modunload failed (try $try of 5)"
 		sleep 2
 	done
 	if modinfo | awk '$6 == "rvscsi"' | grep -q .; then
@@ -215,42 +273,85 @@ unload_module() {
 }
 
 back_to_vioscsi() {
-	devfsadm -i vioscsi
-	prtconf -D | grep -i 'driver name: vioscsi' || {
-		echo "vioscsi has not attached again; a reboot completes the hand-back"
+	"$rvscsiadm" status
+	[ "$(handover_state)" = vioscsi ] || { echo "vioscsi does not hold the aliases"; return 1; }
+	[ "$(attached_to vioscsi)" -gt 0 ] || {
+		echo "vioscsi has not attached again"
 		return 1
 	}
+	prtconf -D | grep 'driver name: vioscsi'
+}
+
+uninstall_package() {
+	pkg uninstall -v driver/storage/rvscsi || return 1
+	if grep '^rvscsi ' "$R/etc/name_to_major"; then
+		echo "rvscsi is still in name_to_major"
+		return 1
+	fi
+	# The package's driver action runs rem_drv, which would have dropped
+	# any alias rvscsi still held: vioscsi must still have its own.
+	grep '^vioscsi ' "$R/etc/driver_aliases" || { echo "vioscsi has lost its aliases"; return 1; }
+	rm -f "$record"
 }
 
 # ---- the run -------------------------------------------------------------
 
-note "rvscsi runbook; logs in $logs"
-step environment check_environment || exit 1
-if [ -n "$src" ]; then
-	step build build_from_source || exit 1
+echo "rvscsi runbook; logs in $logs"
+step environment check_environment || finish
+phase_record=$(cat "$record" 2>/dev/null)
+state=$(handover_state)
+case "$state" in
+rvscsi-after-reboot | vioscsi-after-reboot)
+	echo "the hand-over waits for a reconfiguration boot ($state)"
+	results+=("FAIL  reboot  (not done yet)")
+	failed=$((failed + 1))
+	finish "reboot -- -r, then run again: $again"
+	;;
+mixed)
+	"$rvscsiadm" status
+	results+=("FAIL  hand-over  (interrupted: the aliases are split)")
+	failed=$((failed + 1))
+	finish "$rvscsiadm take (or release), then run again: $again"
+	;;
+esac
+
+if [ "$state" != rvscsi ] && [ "$phase_record" != released ]; then
+	echo "== phase 1: install and take"
+	if [ -n "$src" ]; then
+		step build build_from_source || finish
+	fi
+	step install install_package || finish
+	step installed check_installed
+	step controllers find_controllers || finish
+	step take take_controllers || finish
+	if [ "$(handover_state)" != rvscsi ]; then
+		finish "reboot -- -r (a reconfiguration boot), then run again: $again"
+	fi
+	state=rvscsi
 fi
-step install install_package || exit 1
-step installed check_installed
-step controllers find_controllers || exit 1
-step take take_controllers
-step attach check_attached
-data=0
-if step disks list_disks && step choose-disk choose_disk; then
-	data=1
-	step dd-write-read dd_pattern
+
+if [ "$state" = rvscsi ]; then
+	echo "== phase 2: use the disks, release"
+	step attach check_attached
+	data=0
+	if step disks list_disks && step choose-disk choose_disk; then
+		data=1
+		step dd-write-read dd_pattern
+	fi
+	if [ "$data" = 0 ]; then
+		disk=""
+		results+=("FAIL  data  (the data steps did not run)")
+		failed=$((failed + 1))
+	fi
+	step dtrace dtrace_probes
+	step release release_controllers || finish
+	if [ "$(handover_state)" != vioscsi ]; then
+		finish "reboot -- -r (a reconfiguration boot), then run again: $again"
+	fi
 fi
-[ "$data" = 1 ] || disk=""
-step dtrace dtrace_probes
-step release release_controllers
+
+echo "== phase 3: back to vioscsi, uninstall"
 step unload unload_module
 step vioscsi-again back_to_vioscsi
-
-echo
-echo "summary:"
-printf '  %s\n' "${results[@]}"
-if [ "$data" = 0 ]; then
-	echo "  (the data steps did not run)"
-	failed=$((failed + 1))
-fi
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+step uninstall uninstall_package
+finish

@@ -6,7 +6,8 @@
 # 10.0.2 deadlocks on, and the host tools the build and checks use (gcc and
 # binutils for the C shim and the module link, g++ for libFuzzer, libclang for
 # bindgen, mandoc for the man page, qemu-img for the OmniOS VM script,
-# valgrind for the bench's instruction counts). The pinned Rust for the kernel target is installed by
+# valgrind for the bench's instruction counts, shellcheck for the scripts).
+# The pinned Rust for the kernel target is installed by
 # pkg/kernel/toolchain.sh when the module is built.
 #
 # Usage: test/scripts/install-deps.sh [--qemu72]
@@ -30,22 +31,45 @@ as_root() {
 }
 
 if [ "$(uname -s)" = SunOS ]; then
-    # Building on illumos (OmniOS): the compiler, the kernel headers, the IPS
-    # tools (present), mandoc (present) and libclang for bindgen. QEMU and
-    # the test bed are Linux-only; the module is built, checked and packaged.
+    # Building on illumos (OmniOS): the compiler, the illumos link editor
+    # and strip, the kernel headers, libclang for bindgen (the IPS tools and
+    # mandoc are part of the base system). QEMU and the test bed are
+    # Linux-only; the module is built, checked and packaged.
+    # shellcheck source=../../pkg/kernel/illumos.sh
+    . "$top/pkg/kernel/illumos.sh"
     need=()
     command -v gcc >/dev/null 2>&1 || need+=(developer/gcc14)
-    [ -f /usr/include/sys/scsi/scsi.h ] || need+=(system/header)
-    if ! ls /opt/ooce/clang-*/lib/libclang.so* >/dev/null 2>&1; then
-        need+=(ooce/developer/clang-19)
+    [ -x "$ILLUMOS_LD" ] || need+=("$ILLUMOS_LD_PKG")
+    [ -x "$ILLUMOS_STRIP" ] || need+=("$ILLUMOS_STRIP_PKG")
+    [ -f "$illumos_root/usr/include/sys/scsi/scsi.h" ] || need+=(system/header)
+    if ! illumos_libclang_dir >/dev/null; then
+        # ooce/ packages come from the extra publisher, which the installer
+        # sets up only when "Extra Packages Repo" is chosen in its
+        # configuration menu (kayak installer/config-menu, cfg_extrarepo).
+        if ! pkg publisher -H "$ILLUMOS_EXTRA_PUBLISHER" >/dev/null 2>&1; then
+            release=$(uname -v | sed -n 's/^omnios-\(r[0-9]*\).*/\1/p')
+            echo "install-deps: $ILLUMOS_CLANG_PKG (libclang for bindgen) comes from the" \
+                "$ILLUMOS_EXTRA_PUBLISHER publisher, which is not configured; add it with" >&2
+            echo "  pkg set-publisher -g https://pkg.omnios.org/${release:-<release>}/extra $ILLUMOS_EXTRA_PUBLISHER" >&2
+            exit 1
+        fi
+        need+=("$ILLUMOS_CLANG_PKG")
     fi
     if [ ${#need[@]} -gt 0 ]; then
-        as_root pkg install -v "${need[@]}" || {
-            echo "install-deps: pkg install ${need[*]} failed (is the extra.omnios publisher set?)" >&2
+        # pkg(1) exits 4 when there is nothing to do (pkg5 client.py
+        # EXIT_NOP): not a failure.
+        rc=0
+        as_root pkg install -v "${need[@]}" || rc=$?
+        if [ "$rc" -ne 0 ] && [ "$rc" -ne 4 ]; then
+            echo "install-deps: pkg install ${need[*]} failed (exit $rc)" >&2
             exit 1
-        }
+        fi
     fi
-    echo "install-deps: ok (illumos build host)"
+    libclang=$(illumos_libclang_dir) || {
+        echo "install-deps: no libclang.so in /opt/ooce/llvm-*/lib after installing $ILLUMOS_CLANG_PKG" >&2
+        exit 1
+    }
+    echo "install-deps: ok (illumos build host; libclang in $libclang)"
     exit 0
 fi
 
@@ -62,6 +86,8 @@ command -v cc >/dev/null 2>&1 || need_base+=(gcc)
 command -v c++ >/dev/null 2>&1 || need_base+=(g++)
 # callgrind counts the driver's instructions for rvscsi-sim bench.
 command -v valgrind >/dev/null 2>&1 || need_base+=(valgrind)
+# Every shell script is checked with shellcheck (tests/shellcheck.rs).
+command -v shellcheck >/dev/null 2>&1 || need_base+=(shellcheck)
 # bindgen loads libclang at build time.
 if ! ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
     need_base+=(libclang-dev)

@@ -1,0 +1,1109 @@
+//! The illumos branches of the project's scripts, run here on Linux against
+//! a scratch illumos system: stand-ins for the illumos commands they call
+//! (`test/omnios/standins`), each behaving as its illumos source and man
+//! page say, unfriendly parts included (SysV `install`, `update_drv`
+//! refusing to drop an alias while a device is attached, `pkg install`'s
+//! exit 4, GNU tools first on PATH). The stand-ins log every call, so the
+//! tests assert the exact command lines, and they keep the system's state
+//! (binding files, the running kernel's bindings, installed packages), so
+//! the tests assert what an administrator would find afterwards.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn standins() -> PathBuf {
+    root().join("test/omnios/standins")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn write(path: &Path, body: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, body).unwrap();
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), &dest).unwrap();
+        }
+    }
+}
+
+/// The transitional and the modern virtio-scsi controller of the OmniOS
+/// VM (test/omnios/qemu-omnios.sh), and the virtio-blk root disk's.
+const TRANSITIONAL: &str = "/pci@0,0/pci1af4,8@4";
+const MODERN: &str = "/pci@0,0/pci8086,29c0@1/pci1af4,1100@0";
+const ROOT_BLK: &str = "/pci@0,0/pci1af4,2@3";
+
+/// A scratch OmniOS system: binding files, the running kernel's device
+/// tree and bindings, installed packages, the illumos link editor, strip
+/// and SysV install in usr/bin and usr/sbin, GNU's ld and strip in
+/// usr/gnu/bin.
+struct Sys {
+    dir: PathBuf,
+}
+
+struct SysOptions {
+    /// vioscsi also holds the modern alias pci1af4,1048,p (the gate's
+    /// manifest declares only pci1af4,1004).
+    vioscsi_has_modern: bool,
+    /// The root pool's disk is behind this controller.
+    root_controller: Option<&'static str>,
+}
+
+impl Default for SysOptions {
+    fn default() -> Self {
+        SysOptions {
+            vioscsi_has_modern: false,
+            root_controller: Some(ROOT_BLK),
+        }
+    }
+}
+
+impl Sys {
+    fn new(name: &str, opts: SysOptions) -> Sys {
+        let dir = std::env::temp_dir().join(format!("rvscsi-sys-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut aliases = String::from(
+            "sd \"scsiclass,00\"\nvioblk \"pci1af4,1001\"\nvioscsi \"pci1af4,1004\"\n",
+        );
+        if opts.vioscsi_has_modern {
+            aliases.push_str("vioscsi \"pci1af4,1048,p\"\n");
+        }
+        write(&dir.join("etc/driver_aliases"), &aliases);
+        write(
+            &dir.join("etc/name_to_major"),
+            "sd 32\nvioblk 287\nvioscsi 286\n",
+        );
+        write(&dir.join("etc/path_to_inst"), "");
+        write(
+            &dir.join("etc/release"),
+            "  OmniOS v11 r151054\n  Copyright (c) 2012-2017 OmniTI Computer Consulting, Inc.\n",
+        );
+        for drv in ["vioblk", "vioscsi", "sd"] {
+            write(&dir.join(format!("kernel/drv/amd64/{drv}")), "module\n");
+        }
+        write(
+            &dir.join(".kernel/nodes"),
+            &format!(
+                "{ROOT_BLK} pci1af4,2 pci1af4,1001 - 0 0\n\
+                 {TRANSITIONAL} pci1af4,8 pci1af4,1004 - 0 0\n\
+                 {MODERN} pci1af4,1100 pci1af4,1048,p - 0 0\n"
+            ),
+        );
+        write(&dir.join(".kernel/aliases"), "");
+        write(&dir.join(".kernel/modules"), "");
+        write(
+            &dir.join(".kernel/description.rvscsi"),
+            "rvscsi virtio-scsi HBA 0.1.0\n",
+        );
+        write(&dir.join("var/pkg/installed"), "driver/storage/vioscsi\n");
+        write(
+            &dir.join("var/pkg/actions/driver_storage_vioscsi.driver"),
+            if opts.vioscsi_has_modern {
+                "vioscsi scsi-self-identifying pci1af4,1004 pci1af4,1048,p\n"
+            } else {
+                "vioscsi scsi-self-identifying pci1af4,1004\n"
+            },
+        );
+        write(
+            &dir.join("var/pkg/publishers"),
+            "omnios origin online F https://pkg.omnios.org/r151054/core/\n",
+        );
+        write(
+            &dir.join("var/pkg/catalog"),
+            "ooce/developer/clang-19 extra.omnios opt/ooce/llvm-19/lib/libclang.so.19.1 opt/ooce/llvm-19/lib/libclang.so\n\
+             system/header omnios usr/include/sys/scsi/scsi.h\n\
+             developer/gcc14 omnios opt/gcc-14/bin/gcc\n",
+        );
+        write(&dir.join("var/tmp/.keep"), "");
+        // The root pool and the disks format lists.
+        write(&dir.join(".config/rootfs"), "rpool/ROOT/omnios-r151054\n");
+        write(&dir.join(".config/rootdisks"), "/dev/dsk/c1t0d0s0\n");
+        let root_ctl = opts.root_controller.unwrap_or(ROOT_BLK);
+        let root_phys = if root_ctl == ROOT_BLK {
+            format!("{ROOT_BLK}/blkdev@0,0")
+        } else {
+            format!("{root_ctl}/iport@iport0/disk@0,0")
+        };
+        if opts.root_controller.is_none() {
+            std::fs::remove_file(dir.join(".config/rootfs")).unwrap();
+        }
+        write(
+            &dir.join(".config/disks"),
+            &format!(
+                "c1t0d0 {root_phys}\n\
+                 c2t0d0 {TRANSITIONAL}/iport@iport0/disk@0,0\n\
+                 c3t0d0 {MODERN}/iport@iport0/disk@0,0\n"
+            ),
+        );
+        std::fs::create_dir_all(dir.join("dev/dsk")).unwrap();
+        std::os::unix::fs::symlink(
+            format!("../../devices{root_phys}:a"),
+            dir.join("dev/dsk/c1t0d0s0"),
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.join("dev/rdsk")).unwrap();
+        for d in ["c2t0d0p0", "c3t0d0p0"] {
+            let f = std::fs::File::create(dir.join("dev/rdsk").join(d)).unwrap();
+            f.set_len(16 << 20).unwrap();
+        }
+        // The tools that exist twice: the illumos ones where illumos has
+        // them, GNU's in usr/gnu/bin.
+        for (from, to) in [
+            ("sysroot/usr/bin/ld", "usr/bin/ld"),
+            ("sysroot/usr/bin/strip", "usr/bin/strip"),
+            ("sysroot/usr/gnu/bin/ld", "usr/gnu/bin/ld"),
+            ("sysroot/usr/gnu/bin/strip", "usr/gnu/bin/strip"),
+            ("sysroot/usr/sbin/install", "usr/sbin/install"),
+        ] {
+            let dest = dir.join(to);
+            std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+            std::os::unix::fs::symlink(standins().join(from), dest).unwrap();
+        }
+        let sys = Sys { dir };
+        // The system as it comes up: every node bound from driver_aliases.
+        sys.boot(true);
+        sys
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    fn read(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.path(rel)).unwrap_or_default()
+    }
+
+    /// PATH as an OmniOS administrator may have it: the commands, then GNU
+    /// tools (/usr/gnu/bin) ahead of the system's, /usr/sbin (SysV
+    /// install) ahead of /usr/bin; Linux's own last, for the shell's
+    /// utilities.
+    fn env_path(&self) -> String {
+        format!(
+            "{}:{}:{}:{}:/usr/bin:/bin",
+            standins().join("bin").display(),
+            self.path("usr/gnu/bin").display(),
+            self.path("usr/sbin").display(),
+            self.path("usr/bin").display(),
+        )
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        c.env("PATH", self.env_path())
+            .env("STANDIN_SYS", &self.dir)
+            .env("STANDIN_LOG", self.path("calls.log"))
+            .env("RVSCSI_SYSROOT", &self.dir)
+            .env("RVSCSIADM_ROOT", &self.dir)
+            .env("RUNBOOK_ROOT", &self.dir)
+            .env("TMPDIR", self.path("var/tmp"))
+            .env_remove("LIBCLANG_PATH")
+            .env_remove("RVSCSI_KERNEL_CARGO")
+            .env_remove("RVSCSI_KERNEL_RUSTC")
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("RUSTC_BOOTSTRAP")
+            .stdin(std::process::Stdio::null());
+        c
+    }
+
+    fn rvscsiadm(&self, args: &[&str]) -> (i32, String) {
+        let out = self
+            .command("sh")
+            .arg(root().join("pkg/rvscsiadm"))
+            .args(args)
+            .output()
+            .expect("sh");
+        (out.status.code().unwrap_or(-1), text(&out))
+    }
+
+    /// A reboot; `reconfigure` as reboot -- -r.
+    fn boot(&self, reconfigure: bool) {
+        let mut c = self.command("bash");
+        c.arg(standins().join("boot"));
+        if reconfigure {
+            c.arg("-r");
+        }
+        let out = c.output().expect("bash");
+        assert!(out.status.success(), "boot: {}", text(&out));
+    }
+
+    /// The logged calls, one command line each, then forgets them.
+    fn take_calls(&self) -> Vec<String> {
+        let log = self.read("calls.log");
+        let _ = std::fs::remove_file(self.path("calls.log"));
+        log.lines().map(str::to_string).collect()
+    }
+
+    /// The driver each virtio-scsi alias has in driver_aliases.
+    fn alias_owner(&self, alias: &str) -> Option<String> {
+        let want = format!("\"{alias}\"");
+        self.read("etc/driver_aliases")
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(want.as_str()))
+            .map(|l| l.split_whitespace().next().unwrap().to_string())
+    }
+
+    /// (bound driver, attached) of the node at `path` in the running
+    /// system.
+    fn node(&self, path: &str) -> (String, bool) {
+        let nodes = self.read(".kernel/nodes");
+        let line = nodes
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(path))
+            .unwrap_or_else(|| panic!("no node {path} in {nodes}"));
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f[3].to_string(), f[4] == "1")
+    }
+}
+
+impl Drop for Sys {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A copy of the parts of the tree the build scripts use, so that what
+/// they write (target/) stays out of the real tree.
+fn tree_copy(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("rvscsi-tree-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for d in ["pkg", "mapfiles", "test/scripts"] {
+        copy_tree(&root().join(d), &dir.join(d));
+    }
+    write(
+        &dir.join("Cargo.toml"),
+        &std::fs::read_to_string(root().join("Cargo.toml")).unwrap(),
+    );
+    write(
+        &dir.join("docs/LICENSE"),
+        &std::fs::read_to_string(root().join("docs/LICENSE")).unwrap(),
+    );
+    dir
+}
+
+fn has_call(calls: &[String], want: &str) -> bool {
+    calls.iter().any(|c| c == want)
+}
+
+// ---- test/scripts/install-deps.sh and pkg/build.sh ----------------------
+
+#[test]
+fn install_deps_on_omnios_finds_clang_under_opt_ooce_llvm_and_installs_only_what_is_missing() {
+    let sys = Sys::new("deps", SysOptions::default());
+    let tree = tree_copy("deps");
+    let run = |sys: &Sys| {
+        let out = sys
+            .command("bash")
+            .arg(tree.join("test/scripts/install-deps.sh"))
+            .output()
+            .expect("bash");
+        (out.status.code(), text(&out))
+    };
+    // Nothing of it yet, and no extra publisher: the script says how to
+    // add it instead of failing in pkg.
+    let (rc, out) = run(&sys);
+    assert_eq!(rc, Some(1), "{out}");
+    assert!(
+        out.contains("pkg set-publisher -g https://pkg.omnios.org/r151054/extra extra.omnios"),
+        "{out}"
+    );
+    let calls = sys.take_calls();
+    assert!(
+        !calls.iter().any(|c| c.starts_with("pkg install")),
+        "{calls:#?}"
+    );
+
+    // With the publisher: exactly the missing packages, once.
+    write(
+        &sys.path("var/pkg/publishers"),
+        "omnios origin online F https://pkg.omnios.org/r151054/core/\n\
+         extra.omnios origin online F https://pkg.omnios.org/r151054/extra/\n",
+    );
+    let (rc, out) = run(&sys);
+    assert_eq!(rc, Some(0), "{out}");
+    let calls = sys.take_calls();
+    assert!(
+        has_call(
+            &calls,
+            "pkg install -v system/header ooce/developer/clang-19"
+        ),
+        "{calls:#?}"
+    );
+    let libdir = sys.path("opt/ooce/llvm-19/lib");
+    assert!(
+        out.contains(&format!("libclang in {}", libdir.display())),
+        "{out}"
+    );
+
+    // Everything there: nothing installed again.
+    let (rc, out) = run(&sys);
+    assert_eq!(rc, Some(0), "{out}");
+    let calls = sys.take_calls();
+    assert!(
+        !calls.iter().any(|c| c.starts_with("pkg install")),
+        "a second run installs nothing: {calls:#?}"
+    );
+
+    // A package that pkg says is installed already (exit 4, nothing to
+    // do) is not a failure: the headers "missing" but their package in.
+    std::fs::remove_file(sys.path("usr/include/sys/scsi/scsi.h")).unwrap();
+    let (rc, out) = run(&sys);
+    assert_eq!(rc, Some(0), "pkg install's exit 4 is success: {out}");
+    assert!(
+        has_call(&sys.take_calls(), "pkg install -v system/header"),
+        "{out}"
+    );
+
+    // A real failure (no such package on the configured publishers) is one.
+    write(&sys.path("var/pkg/installed"), "driver/storage/vioscsi\n");
+    write(&sys.path("var/pkg/catalog"), "");
+    let (rc, out) = run(&sys);
+    assert_eq!(rc, Some(1), "{out}");
+    assert!(
+        out.contains("install-deps: pkg install system/header failed (exit 1)"),
+        "{out}"
+    );
+    let _ = std::fs::remove_dir_all(&tree);
+}
+
+#[test]
+fn the_build_on_omnios_uses_llvm_libclang_the_illumos_link_editor_and_no_install() {
+    let sys = build_host("build");
+    write(&sys.path("opt/ooce/llvm-18/lib/libclang.so"), "");
+    // Same-named files in the system directories SysV install searches.
+    for f in ["usr/lib/LICENSE", "usr/lib/rvscsi", "etc/rvscsi.conf"] {
+        write(&sys.path(f), "the system's own\n");
+    }
+    let tree = tree_copy("build");
+    let out = sys
+        .command("bash")
+        .arg(tree.join("pkg/build.sh"))
+        .arg("--no-demo")
+        .current_dir(&tree)
+        .output()
+        .expect("bash");
+    let log = text(&out);
+    let calls = sys.take_calls();
+    assert!(out.status.success(), "{log}\ncalls: {calls:#?}");
+
+    // bindgen got the newest OmniOS clang's libclang.
+    let libdir = sys.path("opt/ooce/llvm-19/lib");
+    assert!(
+        calls.iter().any(|c| c
+            == &format!(
+                "cargo-env LIBCLANG_PATH={} RUSTC_BOOTSTRAP=1",
+                libdir.display()
+            )),
+        "{calls:#?}"
+    );
+    // The module: the illumos link editor and strip, never GNU's.
+    assert!(
+        has_call(
+            &calls,
+            "/usr/bin/ld -ztype=kmod -N misc/scsi -M mapfiles/rvscsi.mapfile -u _init -u _fini -u _info \
+             -o target/kernel/rvscsi.debug target/kernel-build/x86_64-illumos-kernel/release/librvscsi.a"
+        ),
+        "{calls:#?}"
+    );
+    assert!(
+        has_call(&calls, "/usr/bin/strip -x target/kernel/rvscsi"),
+        "{calls:#?}"
+    );
+    assert!(
+        !calls.iter().any(|c| c.starts_with("/usr/gnu/bin/")),
+        "{calls:#?}"
+    );
+    // The package: no install(1) at all, the system's files untouched,
+    // the proto area complete with the manifest's modes.
+    assert!(
+        !calls.iter().any(|c| c.starts_with("/usr/sbin/install")),
+        "{calls:#?}"
+    );
+    for f in ["usr/lib/LICENSE", "usr/lib/rvscsi", "etc/rvscsi.conf"] {
+        assert_eq!(sys.read(f), "the system's own\n", "{f} overwritten");
+    }
+    let proto = tree.join("target/pkg/proto");
+    for (f, mode) in [
+        ("kernel/drv/amd64/rvscsi", 0o755),
+        ("kernel/drv/rvscsi.conf", 0o644),
+        ("usr/sbin/rvscsiadm", 0o555),
+        ("usr/share/man/man4d/rvscsi.4d", 0o444),
+        ("LICENSE", 0o444),
+    ] {
+        let meta = std::fs::metadata(proto.join(f)).unwrap_or_else(|e| panic!("{f}: {e}\n{log}"));
+        assert_eq!(meta.permissions().mode() & 0o7777, mode, "{f}");
+    }
+    assert_eq!(
+        std::fs::read(proto.join("usr/sbin/rvscsiadm")).unwrap(),
+        std::fs::read(root().join("pkg/rvscsiadm")).unwrap()
+    );
+    // The IPS tools: the manifest filled, linted, published into a scratch
+    // repository and received into the archive the runbook installs.
+    let version = env!("CARGO_PKG_VERSION");
+    for want in [
+        "pkgmogrify -DPKGVERS=VERSION -DPKGBRANCH=0 -DPKGPUBLISHER=rvscsi pkg/rvscsi.p5m"
+            .to_string(),
+        "pkglint target/pkg/rvscsi.p5m".to_string(),
+        "pkgrepo create target/pkg/repo".to_string(),
+        "pkgrepo -s target/pkg/repo set publisher/prefix=rvscsi".to_string(),
+        "pkgsend publish -s target/pkg/repo -d target/pkg/proto target/pkg/rvscsi.p5m".to_string(),
+        "pkgrecv -s target/pkg/repo -a -d target/pkg/rvscsi-VERSION.p5p driver/storage/rvscsi"
+            .to_string(),
+    ] {
+        let want = want.replace("VERSION", version);
+        assert!(has_call(&calls, &want), "{want}: {calls:#?}");
+    }
+    assert!(
+        tree.join(format!("target/pkg/rvscsi-{version}.p5p"))
+            .is_file(),
+        "{log}"
+    );
+    let _ = std::fs::remove_dir_all(&tree);
+}
+
+/// A scratch system with what the build needs installed.
+fn build_host(name: &str) -> Sys {
+    let sys = Sys::new(name, SysOptions::default());
+    write(
+        &sys.path("var/pkg/publishers"),
+        "extra.omnios origin online F https://pkg.omnios.org/r151054/extra/\n",
+    );
+    write(
+        &sys.path("var/pkg/installed"),
+        "driver/storage/vioscsi\nooce/developer/clang-19\nsystem/header\n",
+    );
+    write(&sys.path("opt/ooce/llvm-19/lib/libclang.so"), "");
+    write(&sys.path("usr/include/sys/scsi/scsi.h"), "");
+    sys
+}
+
+#[test]
+fn the_runbook_builds_the_package_from_source_and_installs_what_it_built() {
+    let sys = build_host("runbook-source");
+    let tree = tree_copy("runbook-source");
+    let out = sys
+        .command("bash")
+        .arg(root().join("test/omnios/runbook.sh"))
+        .arg("--source")
+        .arg(&tree)
+        .arg("--yes")
+        .output()
+        .expect("bash");
+    let log = text(&out);
+    let calls = sys.take_calls();
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    passes(
+        &log,
+        &[
+            "environment",
+            "build",
+            "install",
+            "installed",
+            "controllers",
+            "take",
+        ],
+    );
+    let archive = tree.join(format!(
+        "target/pkg/rvscsi-{}.p5p",
+        env!("CARGO_PKG_VERSION")
+    ));
+    assert!(
+        has_call(
+            &calls,
+            &format!(
+                "pkg install -v -g {} driver/storage/rvscsi",
+                archive.display()
+            )
+        ),
+        "{calls:#?}"
+    );
+    // What was installed is what the build made.
+    assert_eq!(
+        std::fs::read(sys.path("usr/sbin/rvscsiadm")).unwrap(),
+        std::fs::read(root().join("pkg/rvscsiadm")).unwrap()
+    );
+    assert!(log.contains("next: reboot -- -r"), "{log}");
+    let _ = std::fs::remove_dir_all(&tree);
+}
+
+#[test]
+fn the_build_on_omnios_stops_with_a_reason_when_libclang_is_missing() {
+    let sys = Sys::new("noclang", SysOptions::default());
+    let tree = tree_copy("noclang");
+    // install-deps would install clang; here the build is run with the
+    // dependencies believed present but clang gone from disk.
+    write(&sys.path("usr/include/sys/scsi/scsi.h"), "");
+    write(
+        &sys.path("var/pkg/installed"),
+        "driver/storage/vioscsi\nooce/developer/clang-19\nsystem/header\n",
+    );
+    write(
+        &sys.path("var/pkg/publishers"),
+        "extra.omnios origin online F https://pkg.omnios.org/r151054/extra/\n",
+    );
+    let out = sys
+        .command("bash")
+        .arg(tree.join("pkg/build.sh"))
+        .arg("--no-demo")
+        .current_dir(&tree)
+        .output()
+        .expect("bash");
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        log.contains("no libclang.so in /opt/ooce/llvm-*/lib"),
+        "a reason, not a silent exit: {log}"
+    );
+    let _ = std::fs::remove_dir_all(&tree);
+}
+
+// ---- pkg/rvscsiadm ------------------------------------------------------
+
+#[test]
+fn rvscsiadm_take_and_release_move_attached_controllers_at_a_reconfiguration_boot() {
+    let sys = Sys::new("handover", SysOptions::default());
+    // The package is installed (add_drv as pkg's driver action runs it).
+    let out = sys
+        .command("add_drv")
+        .args(["-u", "-c", "scsi-self-identifying", "rvscsi"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    write(&sys.path("kernel/drv/amd64/rvscsi"), "module\n");
+    sys.take_calls();
+    assert_eq!(
+        sys.node(TRANSITIONAL),
+        ("vioscsi".into(), true),
+        "booted on vioscsi"
+    );
+
+    let (rc, out) = sys.rvscsiadm(&["status"]);
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.contains("state: vioscsi\n"), "{out}");
+
+    let (rc, out) = sys.rvscsiadm(&["take"]);
+    assert_eq!(rc, 0, "{out}");
+    let calls = sys.take_calls();
+    let handover: Vec<&String> = calls
+        .iter()
+        .filter(|c| c.starts_with("update_drv") || c.starts_with("bootadm"))
+        .collect();
+    assert_eq!(
+        handover,
+        [
+            "update_drv -f -d -i '\"pci1af4,1004\"' vioscsi",
+            "update_drv -a -i '\"pci1af4,1004\" \"pci1af4,1048,p\"' rvscsi",
+            "bootadm update-archive",
+        ],
+        "{out}"
+    );
+    // The binding files say rvscsi; the attached controller stays with
+    // vioscsi until the reconfiguration boot, which take asked for.
+    assert_eq!(sys.alias_owner("pci1af4,1004").as_deref(), Some("rvscsi"));
+    assert_eq!(sys.alias_owner("pci1af4,1048,p").as_deref(), Some("rvscsi"));
+    assert_eq!(sys.node(TRANSITIONAL), ("vioscsi".into(), true));
+    // The modern controller had no driver: rvscsi attached it at once.
+    assert_eq!(sys.node(MODERN), ("rvscsi".into(), true));
+    assert!(out.contains("state: rvscsi-after-reboot"), "{out}");
+    assert!(out.contains("reboot -- -r"), "{out}");
+    assert!(sys.path("reconfigure").exists(), "/reconfigure is set");
+
+    // Taking again changes nothing.
+    let (rc, out) = sys.rvscsiadm(&["take"]);
+    assert_eq!(rc, 0, "{out}");
+    assert!(
+        !sys.take_calls().iter().any(|c| c.starts_with("update_drv")),
+        "{out}"
+    );
+
+    // The boot (plain: /reconfigure makes it a reconfiguration boot).
+    sys.boot(false);
+    assert_eq!(sys.node(TRANSITIONAL), ("rvscsi".into(), true));
+    assert_eq!(sys.node(MODERN), ("rvscsi".into(), true));
+    let (_, out) = sys.rvscsiadm(&["status"]);
+    assert!(out.contains("state: rvscsi\n"), "{out}");
+
+    let (rc, out) = sys.rvscsiadm(&["release"]);
+    assert_eq!(rc, 0, "{out}");
+    let calls = sys.take_calls();
+    let handover: Vec<&String> = calls
+        .iter()
+        .filter(|c| c.starts_with("update_drv") || c.starts_with("bootadm"))
+        .collect();
+    assert_eq!(
+        handover,
+        [
+            "update_drv -f -d -i '\"pci1af4,1004\" \"pci1af4,1048,p\"' rvscsi",
+            "update_drv -a -i '\"pci1af4,1004\"' vioscsi",
+            "bootadm update-archive",
+        ],
+        "vioscsi gets back what it had, and only that: {out}"
+    );
+    assert_eq!(sys.alias_owner("pci1af4,1004").as_deref(), Some("vioscsi"));
+    assert_eq!(sys.alias_owner("pci1af4,1048,p"), None);
+    assert!(out.contains("state: vioscsi-after-reboot"), "{out}");
+    sys.boot(false);
+    assert_eq!(sys.node(TRANSITIONAL), ("vioscsi".into(), true));
+    assert_eq!(sys.node(MODERN), ("-".into(), false));
+    let (_, out) = sys.rvscsiadm(&["status"]);
+    assert!(out.contains("state: vioscsi\n"), "{out}");
+    // The unrelated aliases are untouched.
+    let db = sys.read("etc/driver_aliases");
+    assert!(db.contains("vioblk \"pci1af4,1001\"") && db.contains("sd \"scsiclass,00\""));
+}
+
+#[test]
+fn rvscsiadm_gives_both_aliases_back_when_vioscsi_had_both() {
+    let sys = Sys::new(
+        "both",
+        SysOptions {
+            vioscsi_has_modern: true,
+            ..SysOptions::default()
+        },
+    );
+    sys.command("add_drv")
+        .args(["-u", "rvscsi"])
+        .output()
+        .unwrap();
+    write(&sys.path("kernel/drv/amd64/rvscsi"), "module\n");
+    let (rc, out) = sys.rvscsiadm(&["take"]);
+    assert_eq!(rc, 0, "{out}");
+    assert!(
+        has_call(
+            &sys.take_calls(),
+            "update_drv -f -d -i '\"pci1af4,1004\" \"pci1af4,1048,p\"' vioscsi"
+        ),
+        "{out}"
+    );
+    sys.boot(true);
+    let (rc, out) = sys.rvscsiadm(&["release"]);
+    assert_eq!(rc, 0, "{out}");
+    assert!(
+        has_call(
+            &sys.take_calls(),
+            "update_drv -a -i '\"pci1af4,1004\" \"pci1af4,1048,p\"' vioscsi"
+        ),
+        "{out}"
+    );
+    sys.boot(true);
+    assert_eq!(sys.node(TRANSITIONAL), ("vioscsi".into(), true));
+    assert_eq!(sys.node(MODERN), ("vioscsi".into(), true));
+}
+
+#[test]
+fn rvscsiadm_take_puts_the_aliases_back_when_rvscsi_cannot_have_them() {
+    let sys = Sys::new("rollback", SysOptions::default());
+    sys.command("add_drv")
+        .args(["-u", "rvscsi"])
+        .output()
+        .unwrap();
+    sys.take_calls();
+    let out = sys
+        .command("sh")
+        .arg(root().join("pkg/rvscsiadm"))
+        .arg("take")
+        .env(
+            "STANDIN_FAIL",
+            "update_drv -a -i '\"pci1af4,1004\" \"pci1af4,1048,p\"' rvscsi",
+        )
+        .output()
+        .unwrap();
+    let msg = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{msg}");
+    assert!(msg.contains("vioscsi keeps them"), "{msg}");
+    assert_eq!(
+        sys.alias_owner("pci1af4,1004").as_deref(),
+        Some("vioscsi"),
+        "no alias is left without a driver"
+    );
+    assert!(
+        has_call(
+            &sys.take_calls(),
+            "update_drv -a -i '\"pci1af4,1004\"' vioscsi"
+        ),
+        "{msg}"
+    );
+}
+
+#[test]
+fn rvscsiadm_refuses_to_take_the_root_pool_controller_without_force() {
+    let sys = Sys::new(
+        "scsi-root",
+        SysOptions {
+            root_controller: Some(TRANSITIONAL),
+            ..SysOptions::default()
+        },
+    );
+    sys.command("add_drv")
+        .args(["-u", "rvscsi"])
+        .output()
+        .unwrap();
+    sys.take_calls();
+    let (rc, out) = sys.rvscsiadm(&["take"]);
+    assert_eq!(rc, 1, "{out}");
+    assert!(
+        out.contains("root pool is on a virtio-scsi controller"),
+        "{out}"
+    );
+    assert_eq!(sys.alias_owner("pci1af4,1004").as_deref(), Some("vioscsi"));
+    assert!(
+        !sys.take_calls().iter().any(|c| c.starts_with("update_drv")),
+        "nothing moved"
+    );
+    let (rc, out) = sys.rvscsiadm(&["take", "-f"]);
+    assert_eq!(rc, 0, "{out}");
+    assert_eq!(sys.alias_owner("pci1af4,1004").as_deref(), Some("rvscsi"));
+}
+
+#[test]
+fn rvscsiadm_refuses_what_it_cannot_check_or_should_not_touch() {
+    // No way to find the root pool: refuse unless forced.
+    let sys = Sys::new(
+        "unknown-root",
+        SysOptions {
+            root_controller: None,
+            ..SysOptions::default()
+        },
+    );
+    sys.command("add_drv")
+        .args(["-u", "rvscsi"])
+        .output()
+        .unwrap();
+    let (rc, out) = sys.rvscsiadm(&["take"]);
+    assert_eq!(rc, 1, "{out}");
+    assert!(out.contains("cannot tell where the root pool is"), "{out}");
+    assert_eq!(sys.alias_owner("pci1af4,1004").as_deref(), Some("vioscsi"));
+    // rvscsi not installed.
+    let sys = Sys::new("not-installed", SysOptions::default());
+    let (rc, out) = sys.rvscsiadm(&["take"]);
+    assert_eq!(rc, 1);
+    assert!(out.contains("driver rvscsi is not installed"), "{out}");
+    // An alias owned by a third driver is left alone.
+    let sys = Sys::new("third", SysOptions::default());
+    sys.command("add_drv")
+        .args(["-u", "rvscsi"])
+        .output()
+        .unwrap();
+    write(
+        &sys.path("etc/driver_aliases"),
+        "vioscsi \"pci1af4,1004\"\nother \"pci1af4,1048,p\"\n",
+    );
+    sys.take_calls();
+    let (rc, out) = sys.rvscsiadm(&["take"]);
+    assert_eq!(rc, 1);
+    assert!(out.contains("belongs to other"), "{out}");
+    assert!(!sys.take_calls().iter().any(|c| c.starts_with("update_drv")));
+    let (_, out) = sys.rvscsiadm(&["status"]);
+    assert!(out.contains("state: mixed"), "{out}");
+    // Usage.
+    assert_eq!(sys.rvscsiadm(&[]).0, 2);
+    assert_eq!(sys.rvscsiadm(&["frob"]).0, 2);
+    assert_eq!(sys.rvscsiadm(&["take", "-x"]).0, 2);
+    assert_eq!(sys.rvscsiadm(&["take", "extra"]).0, 2);
+}
+
+// ---- test/omnios/runbook.sh ---------------------------------------------
+
+/// The package archive the runbook installs: here a tar of the proto area
+/// laid out from the sources, with the filled manifest (the pkg stand-in
+/// reads its driver action).
+fn package_archive(sys: &Sys) -> PathBuf {
+    let proto = std::env::temp_dir().join(format!(
+        "rvscsi-proto-{}",
+        sys.dir.file_name().unwrap().to_string_lossy()
+    ));
+    let _ = std::fs::remove_dir_all(&proto);
+    write(&proto.join("kernel/drv/amd64/rvscsi"), "module\n");
+    for (src, dest) in [
+        ("pkg/rvscsi.conf", "kernel/drv/rvscsi.conf"),
+        ("pkg/rvscsiadm", "usr/sbin/rvscsiadm"),
+        ("pkg/rvscsi.4D", "usr/share/man/man4d/rvscsi.4d"),
+        ("pkg/rvscsi.p5m", "rvscsi.p5m"),
+    ] {
+        write(
+            &proto.join(dest),
+            &std::fs::read_to_string(root().join(src)).unwrap(),
+        );
+    }
+    std::fs::set_permissions(
+        proto.join("usr/sbin/rvscsiadm"),
+        std::fs::Permissions::from_mode(0o555),
+    )
+    .unwrap();
+    let archive = sys.path("var/tmp/rvscsi-0.1.0.p5p");
+    let st = Command::new("tar")
+        .arg("-cf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&proto)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let _ = std::fs::remove_dir_all(&proto);
+    archive
+}
+
+fn runbook(sys: &Sys, archive: &Path) -> (i32, String, Vec<String>) {
+    let out = sys
+        .command("bash")
+        .arg(root().join("test/omnios/runbook.sh"))
+        .arg("--p5p")
+        .arg(archive)
+        .arg("--yes")
+        .output()
+        .expect("bash");
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out),
+        sys.take_calls(),
+    )
+}
+
+fn passes(out: &str, steps: &[&str]) {
+    for s in steps {
+        assert!(out.contains(&format!("PASS  {s}\n")), "step {s}:\n{out}");
+    }
+    assert!(!out.contains("FAIL"), "{out}");
+}
+
+#[test]
+fn the_runbook_runs_in_three_phases_with_a_reconfiguration_boot_between_them() {
+    let sys = Sys::new("runbook", SysOptions::default());
+    let archive = package_archive(&sys);
+
+    // Phase 1: install, take, then the reboot it asks for.
+    let (rc, out, calls) = runbook(&sys, &archive);
+    assert_eq!(rc, 0, "{out}");
+    passes(
+        &out,
+        &["environment", "install", "installed", "controllers", "take"],
+    );
+    assert!(out.contains("next: reboot -- -r"), "{out}");
+    assert!(!out.contains("attach"), "phase 2 waits for the boot: {out}");
+    let a = archive.display();
+    for want in [
+        format!("pkg info -g {a} driver/storage/rvscsi"),
+        format!("pkg install -v -g {a} driver/storage/rvscsi"),
+        "add_drv -u -c scsi-self-identifying rvscsi".to_string(),
+        "pkg verify -v driver/storage/rvscsi".to_string(),
+        "update_drv -f -d -i '\"pci1af4,1004\"' vioscsi".to_string(),
+        "update_drv -a -i '\"pci1af4,1004\" \"pci1af4,1048,p\"' rvscsi".to_string(),
+    ] {
+        assert!(has_call(&calls, &want), "{want}: {calls:#?}");
+    }
+
+    // Run again before rebooting: it says so and changes nothing.
+    let (rc, out, calls) = runbook(&sys, &archive);
+    assert_eq!(rc, 1, "{out}");
+    assert!(out.contains("FAIL  reboot"), "{out}");
+    assert!(out.contains("next: reboot -- -r"), "{out}");
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.starts_with("update_drv") || c.starts_with("pkg install")),
+        "{calls:#?}"
+    );
+
+    // Phase 2 after the reconfiguration boot.
+    sys.boot(true);
+    let (rc, out, calls) = runbook(&sys, &archive);
+    assert_eq!(rc, 0, "{out}");
+    passes(
+        &out,
+        &[
+            "environment",
+            "attach",
+            "disks",
+            "choose-disk",
+            "dd-write-read",
+            "dtrace",
+            "release",
+        ],
+    );
+    assert!(out.contains("next: reboot -- -r"), "{out}");
+    assert!(!out.contains("PASS  install"), "{out}");
+    assert!(
+        has_call(&calls, "format"),
+        "the disks come from format: {calls:#?}"
+    );
+    assert!(
+        has_call(
+            &calls,
+            "update_drv -f -d -i '\"pci1af4,1004\" \"pci1af4,1048,p\"' rvscsi"
+        ),
+        "{calls:#?}"
+    );
+
+    // Phase 3 after the next one: vioscsi again, and the package goes.
+    sys.boot(true);
+    let (rc, out, calls) = runbook(&sys, &archive);
+    assert_eq!(rc, 0, "{out}");
+    passes(
+        &out,
+        &["environment", "unload", "vioscsi-again", "uninstall"],
+    );
+    assert!(has_call(&calls, "rem_drv -b / rvscsi"), "{calls:#?}");
+    assert_eq!(sys.alias_owner("pci1af4,1004").as_deref(), Some("vioscsi"));
+    assert!(!sys.read("etc/name_to_major").contains("rvscsi"));
+    assert!(
+        !sys.path("var/tmp/rvscsi-runbook.state").exists(),
+        "the record is gone: a new run starts at phase 1"
+    );
+    let _ = std::fs::remove_file(&archive);
+}
+
+#[test]
+fn the_runbook_accepts_a_package_that_is_installed_already() {
+    let sys = Sys::new("reinstall", SysOptions::default());
+    let archive = package_archive(&sys);
+    let out = sys
+        .command("pkg")
+        .args(["install", "-v", "-g"])
+        .arg(&archive)
+        .arg("driver/storage/rvscsi")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    sys.take_calls();
+    let (rc, out, _) = runbook(&sys, &archive);
+    assert_eq!(rc, 0, "pkg install's exit 4 is not a failure: {out}");
+    passes(&out, &["install", "take"]);
+    let _ = std::fs::remove_file(&archive);
+}
+
+// ---- mapfiles/rvscsi.mapfile --------------------------------------------
+
+#[test]
+fn the_mapfile_has_the_form_of_the_gates_own_kmod_mapfiles() {
+    // usr/src/uts/intel/io/viona/viona.mapfile, io/vmm/vmm.mapfile and
+    // io/vmm/io/ppt.mapfile, linked with ld -ztype=kmod -M: a version 2
+    // mapfile with one SYMBOL_VERSION ILLUMOSprivate block whose global
+    // list is the module entry points and whose local list is "*".
+    let text = std::fs::read_to_string(root().join("mapfiles/rvscsi.mapfile")).unwrap();
+    let body: Vec<&str> = text
+        .lines()
+        .map(|l| l.split('#').next().unwrap().trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(
+        body,
+        [
+            "$mapfile_version 2",
+            "SYMBOL_VERSION ILLUMOSprivate {",
+            "global:",
+            "_init;",
+            "_fini;",
+            "_info;",
+            "local:",
+            "*;",
+            "};",
+        ],
+        "{text}"
+    );
+}
+
+// ---- the stand-ins themselves -------------------------------------------
+
+/// The unfriendly parts of illumos that the scripts had to survive stay in
+/// the stand-ins: were one of them made kinder, the tests above could pass
+/// on scripts that fail on OmniOS.
+#[test]
+fn the_stand_ins_keep_the_unfriendly_parts_of_illumos() {
+    let sys = Sys::new("unfriendly", SysOptions::default());
+    let run = |prog: &str, args: &[&str]| {
+        let out = sys.command(prog).args(args).output().unwrap();
+        (out.status.code(), text(&out))
+    };
+
+    // update_drv -d without -f, a controller attached through the alias:
+    // the binding file loses the entry, the kernel keeps the binding, and
+    // update_drv fails (update_drv(8), -f).
+    let (rc, out) = run("update_drv", &["-d", "-i", "\"pci1af4,1004\"", "vioscsi"]);
+    assert_eq!(rc, Some(1), "{out}");
+    assert!(
+        out.contains("One or more devices remain in use for driver vioscsi."),
+        "{out}"
+    );
+    assert_eq!(sys.alias_owner("pci1af4,1004"), None, "the file lost it");
+    assert!(
+        sys.read(".kernel/aliases")
+            .contains("vioscsi \"pci1af4,1004\""),
+        "the kernel kept it"
+    );
+    assert_eq!(sys.node(TRANSITIONAL), ("vioscsi".into(), true));
+    // ...and at the reconfiguration boot the controller has no driver.
+    sys.boot(true);
+    assert_eq!(sys.node(TRANSITIONAL), ("-".into(), false));
+
+    // An alias another driver holds in the file is refused by -a.
+    let (rc, out) = run("update_drv", &["-a", "-i", "\"pci1af4,1001\"", "vioscsi"]);
+    assert_ne!(rc, Some(0), "{out}");
+    assert!(out.contains("already in use as a driver or alias"), "{out}");
+
+    // pkg install of what is installed: exit 4.
+    let (rc, out) = run("pkg", &["install", "-v", "driver/storage/vioscsi"]);
+    assert_eq!(rc, Some(4), "{out}");
+    assert!(
+        out.contains("No updates necessary for this image."),
+        "{out}"
+    );
+
+    // SysV install searches its operands and the system directories and
+    // overwrites the first same-named file it finds.
+    write(&sys.path("usr/lib/LICENSE"), "the system's own\n");
+    let src = sys.path("var/tmp/LICENSE");
+    write(&src, "rvscsi's\n");
+    let dest = sys.path("var/tmp/proto/LICENSE");
+    let (rc, out) = run(
+        "install",
+        &["-m", "0444", src.to_str().unwrap(), dest.to_str().unwrap()],
+    );
+    assert_eq!(rc, Some(0), "{out}");
+    assert_eq!(sys.read("usr/lib/LICENSE"), "rvscsi's\n", "overwritten");
+    assert!(!dest.exists(), "{out}");
+    let (rc, out) = run(
+        "install",
+        &[
+            "-m",
+            "0444",
+            src.to_str().unwrap().replace("LICENSE", "NOTICE").as_str(),
+            dest.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(rc, Some(2), "{out}");
+    assert!(out.contains("NOTICE was not found anywhere!"), "{out}");
+
+    // GNU ld first on PATH: -N is --omagic.
+    let (rc, out) = run("ld", &["-ztype=kmod", "-N", "misc/scsi", "-o", "x", "y.a"]);
+    assert_eq!(rc, Some(1), "{out}");
+    assert!(out.contains("cannot find misc/scsi"), "{out}");
+
+    // clang-sys with LIBCLANG_PATH set searches only there.
+    let out = sys
+        .command("cargo")
+        .args(["rustc", "--target", "x.json"])
+        .env("CARGO_TARGET_DIR", sys.path("var/tmp/t"))
+        .env("LIBCLANG_PATH", "")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(101), "{}", text(&out));
+}
