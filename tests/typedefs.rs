@@ -17,6 +17,11 @@
 //!
 //! Names starting with `rvscsi_` are the project's own; any other name not
 //! in the table fails (the Rust side lists its few own `_t` names below).
+//!
+//! The same resolution checks the rest of the minimal declarations against
+//! the other measured tables: every member of every structure they declare
+//! against `illumos-amd64-fields.tsv` (its C type), and every function they
+//! declare against `illumos-ddi-functions.tsv` (return and parameter types).
 
 use std::collections::HashMap;
 
@@ -24,6 +29,8 @@ const TSV: &str = include_str!("../test/abi/illumos-typedefs.tsv");
 const MINIMAL: &str = include_str!("../c-shim/minimal/rvscsi_illumos.h");
 const CONTRACT: &str = include_str!("../c-shim/rvscsi.h");
 const MIRRORS: &str = include_str!("../src/ffi/types.rs");
+const FIELDS: &str = include_str!("../test/abi/illumos-amd64-fields.tsv");
+const FUNCTIONS: &str = include_str!("../test/abi/illumos-ddi-functions.tsv");
 
 /// Rust names in `src/ffi/types.rs` that end in `_t` like an illumos
 /// typedef but are the project's own (no such typedef exists in illumos).
@@ -50,6 +57,8 @@ enum Ty {
     Ptr(Box<Ty>),
     /// A function type: return, parameters.
     Fn(Box<Ty>, Vec<Ty>),
+    /// An array: element, length.
+    Array(Box<Ty>, String),
     /// A compiler builtin such as `__builtin_va_list`.
     Builtin(String),
     /// A name that resolves to nothing on its side.
@@ -128,6 +137,13 @@ fn c_type(s: &str, names: &HashMap<String, String>, depth: u32) -> Ty {
     }
     if let Some(pointee) = s.strip_suffix('*') {
         return Ty::Ptr(Box::new(c_type(pointee, names, depth + 1)));
+    }
+    if let Some(head) = s.strip_suffix(']') {
+        let open = head.rfind('[').expect("an array bound");
+        return Ty::Array(
+            Box::new(c_type(&head[..open], names, depth + 1)),
+            head[open + 1..].trim().to_string(),
+        );
     }
     let words: Vec<&str> = s
         .split_whitespace()
@@ -520,4 +536,178 @@ fn the_table_copy_is_the_measured_one_when_it_is_at_hand() {
         ),
         Err(e) => eprintln!("{shared}: {e}; only the copy in test/abi is checked"),
     }
+}
+
+/// A declarator with its name (`int (*tran_start)(...)`, `void
+/// *ml_linkage[7]`, `kmutex_t tran_open_lock`) as (name, the abstract
+/// type in the tables' spelling).
+fn split_declarator(decl: &str) -> (String, String) {
+    let decl = decl.split_whitespace().collect::<Vec<_>>().join(" ");
+    if let Some(at) = decl.find("(*") {
+        let close = at + decl[at..].find(')').expect("(*NAME)");
+        let name = decl[at + 2..close].trim().to_string();
+        return (name, format!("{}(*){}", &decl[..at], &decl[close + 1..]));
+    }
+    let (base, array) = match decl.find('[') {
+        Some(at) => (&decl[..at], &decl[at..]),
+        None => (decl.as_str(), ""),
+    };
+    let start = base
+        .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .map_or(0, |i| i + 1);
+    let ty = base[..start].trim();
+    let ty = match ty.strip_suffix('*') {
+        Some(b) => format!("{} *", b.trim()),
+        None => ty.to_string(),
+    };
+    (base[start..].to_string(), format!("{ty}{array}"))
+}
+
+/// A structure of the minimal declarations.
+struct MinimalStruct {
+    tag: String,
+    /// Its typedef name, or empty.
+    typedef_name: String,
+    /// (name, type) of each member.
+    members: Vec<(String, String)>,
+}
+
+/// The structures the minimal declarations define.
+fn minimal_structs() -> Vec<MinimalStruct> {
+    let code = c_code(MINIMAL);
+    let mut found = Vec::new();
+    let mut rest = code.as_str();
+    while let Some(open) = rest.find('{') {
+        let head = rest[..open].trim_end();
+        let head_words: Vec<&str> = head.split_whitespace().collect();
+        let close = open + rest[open..].find('}').expect("a closed body");
+        let body = &rest[open + 1..close];
+        let after = &rest[close + 1..];
+        let end = after.find(';').expect("the declaration ends");
+        let typedef_name = after[..end].trim().to_string();
+        rest = &after[end + 1..];
+        let n = head_words.len();
+        if n < 2 || head_words[n - 2] != "struct" {
+            continue; // an enum
+        }
+        let tag = head_words[n - 1].to_string();
+        let members = body
+            .split(';')
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .map(split_declarator)
+            .collect();
+        found.push(MinimalStruct {
+            tag,
+            typedef_name,
+            members,
+        });
+    }
+    found
+}
+
+/// The typedef names of the minimal declarations and of illumos, each side
+/// resolved with its own.
+fn both_sides() -> (HashMap<String, String>, HashMap<String, String>) {
+    let own: HashMap<String, String> = c_typedefs(MINIMAL).into_iter().collect();
+    (own, measured())
+}
+
+#[test]
+fn every_member_of_the_minimal_structures_has_its_illumos_type() {
+    let (own, table) = both_sides();
+    let mut real: HashMap<(String, String), String> = HashMap::new();
+    for line in FIELDS.lines().skip(1) {
+        let c: Vec<&str> = line.split('\t').collect();
+        if c.len() >= 7 {
+            real.insert((c[0].to_string(), c[1].to_string()), c[6].to_string());
+        }
+    }
+    let mut errors = Vec::new();
+    let mut checked = 0;
+    for MinimalStruct {
+        tag,
+        typedef_name,
+        members,
+    } in minimal_structs()
+    {
+        // The table names a structure by its tag, or by its typedef where
+        // it has one (ddi_dma_attr_t).
+        let key = if real.keys().any(|(s, _)| *s == typedef_name) {
+            typedef_name
+        } else {
+            tag
+        };
+        for (member, ty) in members {
+            let Some(theirs) = real.get(&(key.clone(), member.clone())) else {
+                errors.push(format!("{key}.{member}: not in the measured fields"));
+                continue;
+            };
+            let ours = c_type(&ty, &own, 0);
+            let want = c_type(theirs, &table, 0);
+            // A vector the shim never sets is declared as a generic
+            // function pointer of the same size (see the header).
+            let generic = ty == "rvscsi_unused_vector_t"
+                && matches!(&want, Ty::Ptr(f) if matches!(**f, Ty::Fn(..)));
+            if ours != want && !generic {
+                errors.push(format!(
+                    "{key}.{member} is `{ty}` ({ours:?}); illumos: `{theirs}` ({want:?})"
+                ));
+            }
+            checked += 1;
+        }
+    }
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+    assert!(checked >= 80, "checked only {checked} members");
+}
+
+#[test]
+fn every_minimal_function_declaration_has_its_illumos_prototype() {
+    let (own, table) = both_sides();
+    let mut real: HashMap<String, (String, String)> = HashMap::new();
+    for line in FUNCTIONS.lines().skip(1) {
+        let c: Vec<&str> = line.split('\t').collect();
+        if c.len() >= 3 {
+            real.insert(c[0].to_string(), (c[1].to_string(), c[2].to_string()));
+        }
+    }
+    let code = c_code(MINIMAL);
+    let mut errors = Vec::new();
+    let mut checked = 0;
+    for decl in code.split(';') {
+        let decl = decl.split_whitespace().collect::<Vec<_>>().join(" ");
+        let Some(d) = decl.strip_prefix("extern ") else {
+            continue;
+        };
+        let Some(open) = d.find('(') else {
+            continue; // data: mod_driverops
+        };
+        let (name, ret) = split_declarator(&d[..open]);
+        let close = d.rfind(')').expect("a parameter list");
+        let params: Vec<Ty> = split_top(&d[open + 1..close])
+            .into_iter()
+            .filter(|p| *p != "void")
+            .map(|p| c_type(p, &own, 0))
+            .collect();
+        let Some((theirs_ret, theirs_params)) = real.get(&name) else {
+            errors.push(format!("{name}: not a measured DDI function"));
+            continue;
+        };
+        let want_params: Vec<Ty> = theirs_params
+            .split(" ; ")
+            .map(str::trim)
+            .filter(|p| !p.is_empty() && *p != "void")
+            .map(|p| c_type(p, &table, 0))
+            .collect();
+        let (ours, want) = (c_type(&ret, &own, 0), c_type(theirs_ret, &table, 0));
+        if ours != want || params != want_params {
+            errors.push(format!(
+                "{name}: `{d}`; illumos: {theirs_ret} ({theirs_params}) \
+                 [{ours:?} {params:?} vs {want:?} {want_params:?}]"
+            ));
+        }
+        checked += 1;
+    }
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+    assert!(checked >= 15, "checked only {checked} functions");
 }
