@@ -26,13 +26,13 @@
 #define	RVSCSI_H
 
 #if defined(RVSCSI_CONTRACT_STANDALONE)
-/* As sys/types.h, sys/dditypes.h, sys/ddidmareq.h, sys/scsi/impl/transport.h. */
+/* As sys/types.h, dditypes.h, ddidmareq.h, scsi/impl/transport.h. */
 typedef char *caddr_t;
 typedef struct __dev_info *dev_info_t;
 typedef struct ddi_dma_attr ddi_dma_attr_t;
 typedef struct scsi_hba_tran scsi_hba_tran_t;
 #elif !defined(_SYS_DDITYPES_H) && !defined(RVSCSI_MINIMAL_HEADERS)
-#error "rvscsi.h: include the illumos headers (or minimal/rvscsi_illumos.h) first"
+#error "rvscsi.h: include the illumos headers (or the minimal ones) first"
 #endif
 
 struct scsi_address;
