@@ -9,8 +9,12 @@
 //! 2. `contract.rs`: bindgen's reading of `c-shim/rvscsi.h` (the contract's
 //!    single source of truth) plus one compile-time check per function
 //!    declared there that the Rust entry point has exactly that type.
-//! 3. The shim (`c-shim/rvscsi_shim.c`), compiled with `cc` and the flags of
-//!    illumos kernel code, `-Wall -Wextra -Werror`, against
+//! 3. The shim (`c-shim/rvscsi_shim.c`), compiled with the flags of
+//!    illumos kernel code, `-Wall -Wextra -Werror`, and nothing that
+//!    silences a diagnostic (the command is assembled here, not by `cc`,
+//!    whose `.warnings(false)` adds `-w` and whose CFLAGS from the
+//!    environment come last and could add it too; any output at all from
+//!    the compiler fails the build), against
 //!    - the real illumos headers when `ILLUMOS_GATE=<illumos-gate checkout>`
 //!      is set (the minimal declarations are then checked too) or when
 //!      building on illumos (`/usr/include`), otherwise
@@ -18,12 +22,16 @@
 //!
 //!    For the kernel target the object is bundled into the static library
 //!    (`pkg/kernel/build-module.sh` links it into the module); for the host
-//!    it is only compiled, as a check.
+//!    it is only compiled, as a check. The exact command is recorded in
+//!    `OUT_DIR/shim-cc.txt` (one argument a line) for `tests/shim_build.rs`,
+//!    which re-runs it on the shim and on a copy with a warning injected.
 
 use std::env;
+use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 // The Rust side of the ABI, compiled into this script as well.
 #[allow(dead_code)]
@@ -65,6 +73,15 @@ const KERNEL_CFLAGS: &[&str] = &[
     "-Wall",
     "-Wextra",
     "-Werror",
+    // What GCC 14 (OmniOS's compiler) rejects even without -Werror
+    // (gcc.gnu.org/gcc-14/porting_to.html), spelled out so that an older
+    // GCC holds the shim to the same rules. (-Wreturn-mismatch and
+    // -Wdeclaration-missing-parameter-type are GCC 14's own names; -Wall
+    // with -Werror covers them on older compilers.)
+    "-Werror=incompatible-pointer-types",
+    "-Werror=int-conversion",
+    "-Werror=implicit-function-declaration",
+    "-Werror=implicit-int",
 ];
 
 fn main() {
@@ -164,9 +181,13 @@ fn abi_asserts() -> String {
         s.push_str("#endif\n\n");
     }
     for &(name, value) in consts::ABI_CONSTANTS {
+        // A constant is checked with the minimal declarations when they
+        // define it as a macro, or declare it as an enumerator and say so
+        // (RVSCSI_MINIMAL_ENUMERATOR_<name>: #if cannot see enumerators).
         let _ = writeln!(
             s,
-            "#if !defined(RVSCSI_MINIMAL_HEADERS) || defined({name})\n\
+            "#if !defined(RVSCSI_MINIMAL_HEADERS) || defined({name}) || \
+             defined(RVSCSI_MINIMAL_ENUMERATOR_{name})\n\
              _Static_assert((unsigned long long)({name}) == (unsigned long long)({value}LL), \
              \"{name}: the Rust side says {value}\");\n#endif"
         );
@@ -189,19 +210,22 @@ fn declared_functions(header: &str) -> Vec<String> {
         .collect()
 }
 
-/// bindgen's Rust for `rvscsi.h`, with the illumos struct tags mapped to
-/// the library's mirrors, and the type check of every entry point.
+/// bindgen's Rust for `rvscsi.h`, read alone (`RVSCSI_CONTRACT_STANDALONE`:
+/// it then declares the illumos typedefs it uses itself), with those
+/// typedefs and the illumos structures mapped to the library's mirrors, and
+/// the type check of every entry point.
 fn contract(header: &Path, exports: &[String]) -> String {
-    let mirrors = [
-        "dev_info",
-        "ddi_dma_attr",
-        "scsi_address",
-        "scsi_device",
-        "scsi_hba_tran",
-        "scsi_pkt",
-    ];
+    // The illumos names rvscsi.h uses, each with the mirror of the same name
+    // in crate::ffi (a typedef there is a type alias, so `dev_info_t *` is
+    // `*mut dev_info_t`, that is `*mut *mut __dev_info`, on both sides).
+    let typedefs = ["caddr_t", "dev_info_t", "ddi_dma_attr_t", "scsi_hba_tran_t"];
+    let structs = ["scsi_address", "scsi_device", "scsi_pkt"];
+    // The struct tags behind those typedefs: never named by the contract
+    // itself, blocked so that nothing of them is generated.
+    let tags = ["__dev_info", "ddi_dma_attr", "scsi_hba_tran"];
     let mut b = bindgen::Builder::default()
         .header(header.to_string_lossy())
+        .clang_arg("-DRVSCSI_CONTRACT_STANDALONE")
         // The contract uses only LP64 C types (pointers, int, unsigned
         // int), the same on any x86_64 target clang knows.
         .clang_arg("--target=x86_64-unknown-linux-gnu")
@@ -212,11 +236,16 @@ fn contract(header: &Path, exports: &[String]) -> String {
         // What C implements for Rust (none yet) would be declared as
         // functions named rvscsi_shim_*.
         .allowlist_function("rvscsi_shim_.*")
-        .raw_line(
-            "use crate::ffi::{dev_info_t as dev_info, ddi_dma_attr_t as ddi_dma_attr, \
-             scsi_address, scsi_device, scsi_hba_tran, scsi_pkt};",
-        );
-    for m in mirrors {
+        .raw_line(format!(
+            "use crate::ffi::{{{}}};",
+            typedefs
+                .iter()
+                .chain(structs.iter())
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    for m in typedefs.iter().chain(structs.iter()).chain(tags.iter()) {
         b = b.blocklist_type(m);
     }
     let bindings = b.generate().unwrap_or_else(|e| {
@@ -275,67 +304,160 @@ fn compile_shim(root: &Path, include: &Path) {
     // part of what is built.
     let for_module = target_os == "none";
 
-    let mut shim = kernel_cc(root, include, on_illumos);
-    shim.file(root.join("c-shim/rvscsi_shim.c"));
-    shim.define(
-        "RVSCSI_VERSION",
-        Some(format!("\"{}\"", env::var("CARGO_PKG_VERSION").unwrap_or_default()).as_str()),
+    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let compiler = c_compiler(on_illumos);
+    let mut shim = kernel_cc(&compiler, root, include);
+    shim.push(
+        format!(
+            "-DRVSCSI_VERSION=\"{}\"",
+            env::var("CARGO_PKG_VERSION").unwrap_or_default()
+        )
+        .into(),
     );
     if on_illumos {
         // The illumos link editor records the dependency (-N misc/scsi).
-        shim.define("RVSCSI_ILLUMOS_LD", None);
+        shim.push("-DRVSCSI_ILLUMOS_LD".into());
     }
     match &headers {
+        // -isystem, as on illumos, where these headers are the system's
+        // (/usr/include): diagnostics inside the illumos headers themselves
+        // are not the shim's; everything in the shim is still diagnosed.
         Headers::Gate(g) => {
-            shim.flag("-isystem")
-                .flag(g.join("usr/src/uts/intel").as_os_str());
-            shim.flag("-isystem")
-                .flag(g.join("usr/src/uts/common").as_os_str());
+            for dir in ["usr/src/uts/intel", "usr/src/uts/common"] {
+                shim.push("-isystem".into());
+                shim.push(g.join(dir).into_os_string());
+            }
         }
         Headers::System => {
-            shim.flag("-isystem").flag("/usr/include");
+            shim.push("-isystem".into());
+            shim.push("/usr/include".into());
         }
         Headers::Minimal => {
-            shim.define("RVSCSI_MINIMAL_HEADERS", None);
+            shim.push("-DRVSCSI_MINIMAL_HEADERS".into());
         }
     }
-    shim.cargo_metadata(for_module);
-    shim.try_compile("rvscsi_shim")
+    let object = out.join("rvscsi_shim.o");
+    let shim = compile(shim, &root.join("c-shim/rvscsi_shim.c"), &object)
         .unwrap_or_else(|e| fail(&format!("the C shim does not compile: {e}")));
+    // For tests/shim_build.rs: the command exactly as it was run.
+    let mut record = String::new();
+    for a in &shim {
+        let a = a
+            .to_str()
+            .unwrap_or_else(|| fail(&format!("{a:?}: a compiler argument that is not UTF-8")));
+        record.push_str(a);
+        record.push('\n');
+    }
+    write(&out.join("shim-cc.txt"), &record);
+    if for_module {
+        archive(&out, "rvscsi_shim", &object);
+    }
 
     if !matches!(headers, Headers::Minimal) {
         // The minimal declarations must hold as well: CI builds with them.
-        let mut check = kernel_cc(root, include, on_illumos);
-        check.file(root.join("c-shim/minimal/check.c"));
-        check.define("RVSCSI_MINIMAL_HEADERS", None);
-        check.cargo_metadata(false);
-        check
-            .try_compile("rvscsi_minimal_check")
-            .unwrap_or_else(|e| fail(&format!("the minimal illumos declarations disagree: {e}")));
+        let mut check = kernel_cc(&compiler, root, include);
+        check.push("-DRVSCSI_MINIMAL_HEADERS".into());
+        compile(
+            check,
+            &root.join("c-shim/minimal/check.c"),
+            &out.join("rvscsi_minimal_check.o"),
+        )
+        .unwrap_or_else(|e| fail(&format!("the minimal illumos declarations disagree: {e}")));
     }
 }
 
-/// A C compiler set up for illumos kernel code.
-fn kernel_cc(root: &Path, include: &Path, on_illumos: bool) -> cc::Build {
-    let mut b = cc::Build::new();
-    // The module is built for the illumos kernel, which cc does not know
-    // as a target: use the build machine's compiler (any x86_64 gcc emits
-    // the same ELF object) with our flags only.
+/// The C compiler: `RVSCSI_CC`, gcc on illumos, else the build machine's
+/// (as `cc` finds it: CC and friends). Only the program is taken from
+/// `cc`; its flags are not (see [`kernel_cc`]).
+fn c_compiler(on_illumos: bool) -> OsString {
+    if let Some(cc) = env::var_os("RVSCSI_CC").filter(|v| !v.is_empty()) {
+        return cc;
+    }
+    if on_illumos {
+        return "gcc".into();
+    }
+    // The module is built for the illumos kernel, which cc does not know as
+    // a target: use the build machine's compiler (any x86_64 gcc emits the
+    // same ELF object).
     let host = env::var("HOST").unwrap_or_default();
-    b.target(&host)
+    cc::Build::new()
+        .target(&host)
         .host(&host)
         .opt_level(2)
-        .debug(false)
-        .no_default_flags(true)
-        .warnings(false);
-    if let Ok(cc) = env::var("RVSCSI_CC") {
-        b.compiler(cc);
-    } else if on_illumos {
-        b.compiler("gcc");
+        .try_get_compiler()
+        .unwrap_or_else(|e| fail(&format!("no C compiler: {e}")))
+        .path()
+        .as_os_str()
+        .to_owned()
+}
+
+/// The command line of a C compile for illumos kernel code: the compiler,
+/// [`KERNEL_CFLAGS`] and the shim's include directories, nothing else (the
+/// environment's CFLAGS do not apply to kernel code).
+fn kernel_cc(compiler: &OsString, root: &Path, include: &Path) -> Vec<OsString> {
+    let mut cmd = vec![compiler.clone()];
+    cmd.extend(KERNEL_CFLAGS.iter().map(OsString::from));
+    for dir in [root.join("c-shim"), include.to_path_buf()] {
+        cmd.push("-I".into());
+        cmd.push(dir.into_os_string());
     }
-    for f in KERNEL_CFLAGS {
-        b.flag(f);
+    cmd
+}
+
+/// Runs `cmd -c source -o object`; an error unless it succeeds and prints
+/// nothing at all (no warning, note or `#pragma message` passes). Returns
+/// the command as run.
+fn compile(mut cmd: Vec<OsString>, source: &Path, object: &Path) -> Result<Vec<OsString>, String> {
+    println!("cargo:rerun-if-changed={}", source.display());
+    cmd.extend([
+        "-c".into(),
+        source.as_os_str().to_owned(),
+        "-o".into(),
+        object.as_os_str().to_owned(),
+    ]);
+    let shown = cmd
+        .iter()
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let output = Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .env("LC_ALL", "C")
+        .output()
+        .map_err(|e| format!("{shown}: cannot run the compiler: {e}"))?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() || !stderr.trim().is_empty() || !stdout.trim().is_empty() {
+        return Err(format!(
+            "{shown}\n({}; no diagnostic is allowed)\n{stdout}{stderr}",
+            output.status
+        ));
     }
-    b.include(root.join("c-shim")).include(include);
-    b
+    Ok(cmd)
+}
+
+/// `lib<name>.a` of `object` in `out`, linked into the crate (for the
+/// kernel target, whose static library then carries the shim).
+fn archive(out: &Path, name: &str, object: &Path) {
+    let lib = out.join(format!("lib{name}.a"));
+    // A stale archive would keep old members: `ar r` only adds.
+    let _ = fs::remove_file(&lib);
+    let mut ar = cc::Build::new()
+        .target(&env::var("HOST").unwrap_or_default())
+        .host(&env::var("HOST").unwrap_or_default())
+        .try_get_archiver()
+        .unwrap_or_else(|e| fail(&format!("no archiver: {e}")));
+    let status = ar
+        .arg("crs")
+        .arg(&lib)
+        .arg(object)
+        .status()
+        .unwrap_or_else(|e| fail(&format!("cannot run the archiver: {e}")));
+    if !status.success() {
+        fail(&format!(
+            "archiving {object:?} into {lib:?} failed: {status}"
+        ));
+    }
+    println!("cargo:rustc-link-search=native={}", out.display());
+    println!("cargo:rustc-link-lib=static={name}");
 }

@@ -9,10 +9,14 @@
  *   proves at compile time that each of its #[no_mangle] functions has
  *   exactly the type declared here.
  *
- * It names illumos types by their struct tags only (dev_info_t is
- * struct dev_info, scsi_hba_tran_t is struct scsi_hba_tran, ddi_dma_attr_t
- * is struct ddi_dma_attr, caddr_t is char *), so that it needs no illumos
- * header and bindgen can read it anywhere.
+ * It names the illumos types exactly as the illumos headers declare them
+ * (dev_info_t is `struct __dev_info *`, so an entry point's `dev_info_t *`
+ * is a pointer to that pointer type; sys/dditypes.h), and needs them
+ * declared first: the shim includes the illumos headers (or the minimal
+ * declarations, minimal/rvscsi_illumos.h) before it. Read alone, as
+ * bindgen reads it (build.rs defines RVSCSI_CONTRACT_STANDALONE), it
+ * declares the few illumos typedefs it uses itself, with the same types;
+ * tests/typedefs.rs checks them against the measured illumos typedefs.
  *
  * Each function is declared through a function type (NAME_fn_t) so that
  * the Rust side can compare its own function with the type by name.
@@ -21,11 +25,18 @@
 #ifndef	RVSCSI_H
 #define	RVSCSI_H
 
-struct dev_info;
-struct ddi_dma_attr;
+#if defined(RVSCSI_CONTRACT_STANDALONE)
+/* As sys/types.h, dditypes.h, ddidmareq.h, scsi/impl/transport.h. */
+typedef char *caddr_t;
+typedef struct __dev_info *dev_info_t;
+typedef struct ddi_dma_attr ddi_dma_attr_t;
+typedef struct scsi_hba_tran scsi_hba_tran_t;
+#elif !defined(_SYS_DDITYPES_H) && !defined(RVSCSI_MINIMAL_HEADERS)
+#error "rvscsi.h: include the illumos headers (or the minimal ones) first"
+#endif
+
 struct scsi_address;
 struct scsi_device;
-struct scsi_hba_tran;
 struct scsi_pkt;
 
 /*
@@ -38,12 +49,12 @@ struct scsi_pkt;
  * features, rings, interrupts. Returns the HBA, which the shim stores in
  * tran_hba_private, or NULL (the failure was logged).
  */
-typedef void *rvscsi_hba_attach_fn_t(struct dev_info *dip);
+typedef void *rvscsi_hba_attach_fn_t(dev_info_t *dip);
 rvscsi_hba_attach_fn_t rvscsi_hba_attach;
 
 /* Fills *attr with the DMA attributes of data buffers; DDI_SUCCESS. */
 typedef int rvscsi_hba_dma_attr_fn_t(const void *hba,
-    struct ddi_dma_attr *attr);
+    ddi_dma_attr_t *attr);
 rvscsi_hba_dma_attr_fn_t rvscsi_hba_dma_attr;
 
 /* tran_hba_len: the bytes of HBA private data each packet needs. */
@@ -69,13 +80,13 @@ typedef int rvscsi_hba_detach_fn_t(void *hba);
 rvscsi_hba_detach_fn_t rvscsi_hba_detach;
 
 /* attach(9E) / detach(9E) of the iport node "iport0". */
-typedef int rvscsi_iport_attach_fn_t(struct dev_info *dip);
+typedef int rvscsi_iport_attach_fn_t(dev_info_t *dip);
 rvscsi_iport_attach_fn_t rvscsi_iport_attach;
-typedef int rvscsi_iport_detach_fn_t(struct dev_info *dip);
+typedef int rvscsi_iport_detach_fn_t(dev_info_t *dip);
 rvscsi_iport_detach_fn_t rvscsi_iport_detach;
 
 /* quiesce(9E) of the HBA node: stops the device without blocking. */
-typedef int rvscsi_quiesce_fn_t(struct dev_info *dip);
+typedef int rvscsi_quiesce_fn_t(dev_info_t *dip);
 rvscsi_quiesce_fn_t rvscsi_quiesce;
 
 /*
@@ -83,26 +94,26 @@ rvscsi_quiesce_fn_t rvscsi_quiesce;
  * ---- the tran_*(9E) entry points, with their exact illumos types.
  */
 
-typedef int rvscsi_tran_tgt_init_fn_t(struct dev_info *hba_dip,
-    struct dev_info *tgt_dip, struct scsi_hba_tran *tran,
+typedef int rvscsi_tran_tgt_init_fn_t(dev_info_t *hba_dip,
+    dev_info_t *tgt_dip, scsi_hba_tran_t *tran,
     struct scsi_device *sd);
 rvscsi_tran_tgt_init_fn_t rvscsi_tran_tgt_init;
 
-typedef void rvscsi_tran_tgt_free_fn_t(struct dev_info *hba_dip,
-    struct dev_info *tgt_dip, struct scsi_hba_tran *tran,
+typedef void rvscsi_tran_tgt_free_fn_t(dev_info_t *hba_dip,
+    dev_info_t *tgt_dip, scsi_hba_tran_t *tran,
     struct scsi_device *sd);
 rvscsi_tran_tgt_free_fn_t rvscsi_tran_tgt_free;
 
 typedef int rvscsi_tran_pkt_constructor_fn_t(struct scsi_pkt *pkt,
-    struct scsi_hba_tran *tran, int kmflag);
+    scsi_hba_tran_t *tran, int kmflag);
 rvscsi_tran_pkt_constructor_fn_t rvscsi_tran_pkt_constructor;
 
 typedef void rvscsi_tran_pkt_destructor_fn_t(struct scsi_pkt *pkt,
-    struct scsi_hba_tran *tran);
+    scsi_hba_tran_t *tran);
 rvscsi_tran_pkt_destructor_fn_t rvscsi_tran_pkt_destructor;
 
 typedef int rvscsi_tran_setup_pkt_fn_t(struct scsi_pkt *pkt,
-    int (*callback)(char *), char *arg);
+    int (*callback)(caddr_t), caddr_t arg);
 rvscsi_tran_setup_pkt_fn_t rvscsi_tran_setup_pkt;
 
 typedef void rvscsi_tran_teardown_pkt_fn_t(struct scsi_pkt *pkt);

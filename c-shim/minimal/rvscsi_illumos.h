@@ -15,6 +15,12 @@
  * every constant below is a macro so that they check its value. With
  * ILLUMOS_GATE set, build.rs also compiles the same asserts against the
  * real headers, and this file against them through c-shim/minimal/check.c.
+ *
+ * Every typedef below is spelled as illumos declares it (the handle types
+ * are pointers to opaque structs: `typedef struct __dev_info *dev_info_t;`,
+ * sys/dditypes.h), and tests/typedefs.rs checks each one against the
+ * typedefs measured from the real headers (test/abi/illumos-typedefs.tsv).
+ * Only names starting with rvscsi_ are the project's own.
  */
 
 #ifndef	RVSCSI_ILLUMOS_H
@@ -29,23 +35,43 @@ typedef unsigned char		uchar_t;
 typedef unsigned short		ushort_t;
 typedef unsigned int		uint_t;
 typedef unsigned long		ulong_t;
-typedef unsigned long		size_t;
+typedef ulong_t			size_t;
 typedef unsigned int		uint32_t;
 typedef unsigned long		uint64_t;
 typedef char			*caddr_t;
+/* sys/scsi/scsi_types.h */
 typedef void			*opaque_t;
 
 /* sunddi.h return values */
 #define	DDI_SUCCESS		0
 #define	DDI_FAILURE		(-1)
 
-/* devops.h: attach(9E)/detach(9E) commands (int-sized enums there). */
-typedef int			ddi_info_cmd_t;
-typedef int			ddi_attach_cmd_t;
-typedef int			ddi_detach_cmd_t;
-typedef int			ddi_reset_cmd_t;
-#define	DDI_ATTACH		0
-#define	DDI_DETACH		0
+/*
+ * devops.h: the getinfo(9E), attach(9E), detach(9E) and reset commands,
+ * enums as there. The enumerators the Rust side relies on are marked
+ * RVSCSI_MINIMAL_ENUMERATOR_<name> so that rvscsi_abi_asserts.h checks
+ * their values (an enumerator is not a macro that #if can see).
+ */
+typedef enum {
+	DDI_INFO_DEVT2DEVINFO = 0,
+	DDI_INFO_DEVT2INSTANCE = 1
+} ddi_info_cmd_t;
+typedef enum {
+	DDI_ATTACH = 0,
+	DDI_RESUME = 1,
+	DDI_PM_RESUME = 2
+} ddi_attach_cmd_t;
+typedef enum {
+	DDI_DETACH = 0,
+	DDI_SUSPEND = 1,
+	DDI_PM_SUSPEND = 2,
+	DDI_HOTPLUG_DETACH = 3
+} ddi_detach_cmd_t;
+typedef enum {
+	DDI_RESET_FORCE = 0
+} ddi_reset_cmd_t;
+#define	RVSCSI_MINIMAL_ENUMERATOR_DDI_ATTACH	1
+#define	RVSCSI_MINIMAL_ENUMERATOR_DDI_DETACH	1
 #define	DEVO_REV		4
 
 /* modctl.h */
@@ -58,10 +84,13 @@ typedef int			ddi_reset_cmd_t;
 #define	SCSI_HBA_ADDR_COMPLEX	0x40
 #define	SCSI_HBA_CANSLEEP	0x01
 
-typedef struct dev_info		dev_info_t;
-typedef struct kmem_cache	kmem_cache_t;
+/* sys/dditypes.h, sys/kmem.h, sys/scsi/impl/transport.h */
+typedef struct __dev_info	*dev_info_t;
 typedef struct __ddi_dma_handle	*ddi_dma_handle_t;
-typedef struct scsi_hba_tgtmap	scsi_hba_tgtmap_t;
+typedef struct kmem_cache	kmem_cache_t;
+typedef struct __scsi_iportmap	scsi_hba_iportmap_t;
+typedef struct __scsi_tgtmap	scsi_hba_tgtmap_t;
+typedef struct scsi_hba_tran	scsi_hba_tran_t;
 
 struct cb_ops;
 struct bus_ops;
@@ -72,8 +101,8 @@ struct scsi_device;
 struct scsi_pkt;
 struct buf;
 
-/* mutex(9F): one pointer of opaque state. */
-typedef struct kmutex {
+/* mutex(9F): one pointer of opaque state (sys/mutex.h). */
+typedef struct mutex {
 	void		*_opaque[1];
 } kmutex_t;
 
@@ -103,17 +132,17 @@ typedef struct ddi_dma_attr {
 typedef void (*rvscsi_unused_vector_t)(void);
 
 #define	RVSCSI_MINIMAL_DECLARES_scsi_hba_tran	1
-typedef struct scsi_hba_tran {
+struct scsi_hba_tran {
 	dev_info_t	*tran_hba_dip;
 	void		*tran_hba_private;
 	void		*tran_tgt_private;
 	struct scsi_device *tran_sd;
 	int		(*tran_tgt_init)(dev_info_t *, dev_info_t *,
-			    struct scsi_hba_tran *, struct scsi_device *);
+			    scsi_hba_tran_t *, struct scsi_device *);
 	int		(*tran_tgt_probe)(struct scsi_device *,
 			    int (*)(void));
 	void		(*tran_tgt_free)(dev_info_t *, dev_info_t *,
-			    struct scsi_hba_tran *, struct scsi_device *);
+			    scsi_hba_tran_t *, struct scsi_device *);
 	int		(*tran_start)(struct scsi_address *,
 			    struct scsi_pkt *);
 	int		(*tran_reset)(struct scsi_address *, int);
@@ -150,9 +179,9 @@ typedef struct scsi_hba_tran {
 	rvscsi_unused_vector_t tran_bus_power;
 	int		tran_interconnect_type;
 	int		(*tran_pkt_constructor)(struct scsi_pkt *,
-			    struct scsi_hba_tran *, int);
+			    scsi_hba_tran_t *, int);
 	void		(*tran_pkt_destructor)(struct scsi_pkt *,
-			    struct scsi_hba_tran *);
+			    scsi_hba_tran_t *);
 	kmem_cache_t	*tran_pkt_cache_ptr;
 	uint_t		tran_hba_len;
 	int		(*tran_setup_pkt)(struct scsi_pkt *, int (*)(caddr_t),
@@ -162,9 +191,9 @@ typedef struct scsi_hba_tran {
 	void		*tran_extension;
 	int		tran_fm_capable;
 	dev_info_t	*tran_iport_dip;
-	void		*tran_iportmap;
+	scsi_hba_iportmap_t *tran_iportmap;
 	scsi_hba_tgtmap_t *tran_tgtmap;
-} scsi_hba_tran_t;
+};
 
 /* dev_ops(9S) */
 #define	RVSCSI_MINIMAL_DECLARES_dev_ops	1

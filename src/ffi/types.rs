@@ -53,27 +53,31 @@ macro_rules! opaque_types {
 }
 
 opaque_types! {
-    /// `dev_info_t`: a device node, only ever handled by pointer.
-    dev_info_t;
-    /// The object behind `ddi_acc_handle_t`.
-    ddi_acc_impl;
-    /// The object behind `ddi_dma_handle_t`.
-    ddi_dma_impl;
-    /// The object behind `ddi_intr_handle_t`.
-    ddi_intr_handle_impl;
+    /// `struct __dev_info`: the opaque tag `dev_info_t` points to
+    /// (`typedef struct __dev_info *dev_info_t;`, sys/dditypes.h). The
+    /// kernel's node is `struct dev_info` (sys/ddi_impldefs.h), which a
+    /// driver never sees.
+    __dev_info;
+    /// `struct __ddi_acc_handle`, behind `ddi_acc_handle_t` (sys/dditypes.h).
+    __ddi_acc_handle;
+    /// `struct __ddi_dma_handle`, behind `ddi_dma_handle_t` (sys/dditypes.h).
+    __ddi_dma_handle;
+    /// `struct __ddi_intr_handle`, behind `ddi_intr_handle_t` (sys/ddi_intr.h).
+    __ddi_intr_handle;
+    /// `struct __ddi_periodic`, behind `ddi_periodic_t` (sys/dditypes.h).
+    __ddi_periodic;
     /// `struct scsi_device`: reached only through DDI accessors
     /// (`scsi_address_device(9F)`, `scsi_device_hba_private_get(9F)`).
     scsi_device;
-    /// `scsi_hba_tgtmap_t`
-    scsi_hba_tgtmap_t;
-    /// `ddi_taskq_t`
-    ddi_taskq_t;
+    /// `struct __scsi_tgtmap`, which `scsi_hba_tgtmap_t` names
+    /// (sys/scsi/impl/transport.h).
+    __scsi_tgtmap;
+    /// `struct ddi_taskq`, which `ddi_taskq_t` names (sys/sunddi.h).
+    ddi_taskq;
     /// `struct buf`: the driver never looks inside; the framework binds it.
     buf;
-    /// The object behind `ddi_periodic_t`.
-    ddi_periodic_impl;
-    /// `kmem_cache_t`
-    kmem_cache_t;
+    /// `struct kmem_cache`, which `kmem_cache_t` names (sys/kmem.h).
+    kmem_cache;
     /// `struct mod_ops` (the kernel's `mod_driverops`).
     mod_ops;
     /// `struct modinfo` (filled by `mod_info(9F)`).
@@ -84,20 +88,36 @@ opaque_types! {
     bus_ops;
 }
 
-/// `ddi_acc_handle_t`
-pub type ddi_acc_handle_t = *mut ddi_acc_impl;
-/// `ddi_dma_handle_t`
-pub type ddi_dma_handle_t = *mut ddi_dma_impl;
-/// `ddi_intr_handle_t`
-pub type ddi_intr_handle_t = *mut ddi_intr_handle_impl;
-/// `ddi_periodic_t`
-pub type ddi_periodic_t = *mut ddi_periodic_impl;
-/// `timeout_id_t`
+// The illumos handle typedefs, spelled as illumos declares them, so that
+// `*mut dev_info_t` here is `dev_info_t *` in C: a pointer to a pointer
+// type, which is what the DDI hands a driver and what it passes back.
+// (tests/typedefs.rs checks every alias below against the measured
+// typedefs, test/abi/illumos-typedefs.tsv.)
+
+/// `dev_info_t`: `struct __dev_info *` (sys/dditypes.h).
+pub type dev_info_t = *mut __dev_info;
+/// `ddi_acc_handle_t`: `struct __ddi_acc_handle *` (sys/dditypes.h).
+pub type ddi_acc_handle_t = *mut __ddi_acc_handle;
+/// `ddi_dma_handle_t`: `struct __ddi_dma_handle *` (sys/dditypes.h).
+pub type ddi_dma_handle_t = *mut __ddi_dma_handle;
+/// `ddi_intr_handle_t`: `struct __ddi_intr_handle *` (sys/ddi_intr.h).
+pub type ddi_intr_handle_t = *mut __ddi_intr_handle;
+/// `ddi_periodic_t`: `struct __ddi_periodic *` (sys/dditypes.h).
+pub type ddi_periodic_t = *mut __ddi_periodic;
+/// `scsi_hba_tgtmap_t`: `struct __scsi_tgtmap` (sys/scsi/impl/transport.h).
+pub type scsi_hba_tgtmap_t = __scsi_tgtmap;
+/// `ddi_taskq_t`: `struct ddi_taskq` (sys/sunddi.h).
+pub type ddi_taskq_t = ddi_taskq;
+/// `kmem_cache_t`: `struct kmem_cache` (sys/kmem.h).
+pub type kmem_cache_t = kmem_cache;
+/// `timeout_id_t`: `void *` (sys/types.h).
 pub type timeout_id_t = *mut c_void;
-/// `scsi_hba_tran_t`
+/// `scsi_hba_tran_t`: `struct scsi_hba_tran` (sys/scsi/impl/transport.h).
 pub type scsi_hba_tran_t = scsi_hba_tran;
 
-/// `ddi_intr_handler_t`: `uint_t (*)(caddr_t, caddr_t)`.
+/// `ddi_intr_handler_t`: in C the function type `uint_t (caddr_t, caddr_t)`
+/// (sys/ddi_intr.h), which a parameter of that type adjusts to a pointer
+/// to (C11 6.7.6.3); Rust has no function types, so this is that pointer.
 pub type ddi_intr_handler_t = unsafe extern "C" fn(caddr_t, caddr_t) -> uint_t;
 
 /// A resource callback argument: `int (*)(caddr_t)`, which the DDI also

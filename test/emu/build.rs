@@ -14,21 +14,55 @@
 use std::env;
 use std::fmt::Write as _;
 
+/// What GCC 14 rejects even without -Werror (the kernel build's list, see
+/// the rvscsi build.rs), so that the host build of the same C is as strict.
+const GCC14_ERRORS: &[&str] = &[
+    "-Werror=incompatible-pointer-types",
+    "-Werror=int-conversion",
+    "-Werror=implicit-function-declaration",
+    "-Werror=implicit-int",
+];
+
+/// `-Wall -Wextra -Werror` and [`GCC14_ERRORS`] on `b`, and a refusal to
+/// build if anything else in the command (CFLAGS from the environment,
+/// which cc appends last) silences a diagnostic or makes one a warning
+/// again.
+fn strict(b: &mut cc::Build, what: &str) {
+    b.warnings(true)
+        .extra_warnings(true)
+        .warnings_into_errors(true);
+    for f in GCC14_ERRORS {
+        b.flag(f);
+    }
+    let tool = b
+        .try_get_compiler()
+        .unwrap_or_else(|e| panic!("{what}: no C compiler: {e}"));
+    for a in tool.args() {
+        let a = a.to_string_lossy();
+        if a == "-w" || a.starts_with("-Wno-") {
+            panic!(
+                "{what}: the compiler command has {a}, which silences diagnostics \
+                 (from CFLAGS?); the test bed's C is built with every warning an error"
+            );
+        }
+    }
+}
+
 fn main() {
     println!("cargo:rerun-if-changed=csrc/variadic.c");
-    cc::Build::new()
-        .file("csrc/variadic.c")
-        .warnings(true)
-        .extra_warnings(true)
-        .warnings_into_errors(true)
-        .compile("rvscsi_emu_variadic");
+    println!("cargo:rerun-if-env-changed=CFLAGS");
+    let mut variadic = cc::Build::new();
+    variadic.file("csrc/variadic.c");
+    strict(&mut variadic, "csrc/variadic.c");
+    variadic.compile("rvscsi_emu_variadic");
 
     let include =
         env::var("DEP_RVSCSI_INCLUDE").expect("the rvscsi build script exports its include dir");
     let shim = env::var("DEP_RVSCSI_SHIM").expect("the rvscsi build script exports the shim dir");
     println!("cargo:rerun-if-changed={shim}");
     let version = env::var("CARGO_PKG_VERSION").unwrap_or_default();
-    cc::Build::new()
+    let mut hosted = cc::Build::new();
+    hosted
         .file(format!("{shim}/rvscsi_shim.c"))
         .include(&shim)
         .include(&include)
@@ -40,11 +74,9 @@ fn main() {
         .define("RVSCSI_VERSION", Some(format!("\"{version}\"").as_str()))
         .define("_init", Some("rvscsi_hosted__init"))
         .define("_fini", Some("rvscsi_hosted__fini"))
-        .define("_info", Some("rvscsi_hosted__info"))
-        .warnings(true)
-        .extra_warnings(true)
-        .warnings_into_errors(true)
-        .compile("rvscsi_hosted_shim");
+        .define("_info", Some("rvscsi_hosted__info"));
+    strict(&mut hosted, "the hosted shim");
+    hosted.compile("rvscsi_hosted_shim");
 
     kernel_symbols();
 }

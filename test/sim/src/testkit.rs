@@ -194,9 +194,14 @@ pub enum Driver {
 /// How the bed reaches the driver's `dev_ops`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Binding {
-    /// The library's entry points, the shim's part done in Rust.
+    /// The library's entry points, the shim's part done in Rust
+    /// (`rvscsi_emu::bed::LibraryBinding`). Not what the kernel runs: use
+    /// it only where a test needs what the shim cannot do, and say why
+    /// there.
     Library,
-    /// The C shim built for the host, loaded through `_init`.
+    /// The C shim built for the host, loaded through `_init`, attaching
+    /// through the `dev_ops(9S)` it installs, as the kernel does: the
+    /// default.
     Shim,
     /// The `dev_ops(9S)` at this address: a module object loaded by
     /// `rvscsi-loader` ([`rvscsi_loader::Module::dev_ops`]).
@@ -260,7 +265,9 @@ impl Default for RigConfig {
             qemu: Qemu::System,
             drive_opts: Vec::new(),
             driver: Driver::Sd,
-            binding: Binding::Library,
+            // The real C shim, so that every test attaches the way the
+            // kernel attaches the module (issue 11).
+            binding: Binding::Shim,
             faults: Vec::new(),
             backend: rvscsi_emu::Backend::Qemu,
             blank_images: false,
