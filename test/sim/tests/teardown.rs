@@ -9,7 +9,7 @@ use rvscsi_emu::faults::Fault;
 use rvscsi_emu::machine::{MSG_MAGIC, lock};
 use rvscsi_emu::scsa::hba::hba_state;
 use rvscsi_sim::testkit::{Driver, Rig, RigConfig};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -83,10 +83,8 @@ fn an_interrupt_during_detach_cannot_dispatch_work_onto_a_freed_hba() {
     }
     let window = Arc::new(Mutex::new(Window::NotReached));
     let fired = Arc::new(AtomicBool::new(false));
-    let before = Arc::new(AtomicU32::new(0));
     {
         let (m2, window, fired) = (Arc::downgrade(&m), window.clone(), fired.clone());
-        let _ = before;
         // After the first task-queue wait of the HBA's own detach (the
         // framework has called scsi_hba_detach: the HBA's SCSA state is
         // gone): the device fails (DEVICE_NEEDS_RESET with a configuration
