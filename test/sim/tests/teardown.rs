@@ -8,19 +8,27 @@ use rvscsi_emu::ddi::{dma, taskq};
 use rvscsi_emu::faults::Fault;
 use rvscsi_emu::machine::{MSG_MAGIC, lock};
 use rvscsi_emu::scsa::hba::hba_state;
-use rvscsi_sim::testkit::{Driver, Rig, RigConfig};
+use rvscsi_sim::testkit::{Binding, Driver, Rig, RigConfig};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[test]
 fn a_failed_attach_resets_the_device_before_freeing_its_rings() {
+    // Through the library's entry points and through the C shim's dev_ops.
+    for binding in [Binding::Library, Binding::Shim] {
+        failed_attach_resets_the_device(binding);
+    }
+}
+
+fn failed_attach_resets_the_device(binding: Binding) {
     // The device fails as soon as it runs: DEVICE_NEEDS_RESET right after
     // DRIVER_OK, the last step of bringing it up. By then the driver has
     // given it every ring and posted the event buffers.
     let failure = match Rig::try_attach(RigConfig {
         driver: Driver::Recorder,
         faults: vec![Fault::NeedsReset],
+        binding,
         ..RigConfig::default()
     }) {
         Ok(rig) => {
@@ -34,14 +42,14 @@ fn a_failed_attach_resets_the_device_before_freeing_its_rings() {
             && failure
                 .message
                 .contains("device needs reset right after DRIVER_OK"),
-        "{}",
+        "{binding:?}: {}",
         failure.message
     );
     // The bed's DMA emulation reports memory freed while the device still
     // has it as a ring (and device writes into freed memory).
     assert!(
         failure.report.is_clean(),
-        "a failed attach left {:?} (pages {}), violations {:?}",
+        "{binding:?}: a failed attach left {:?} (pages {}), violations {:?}",
         failure.report.leaks,
         failure.report.pages_leaked,
         failure.report.violations
