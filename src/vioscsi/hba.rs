@@ -25,6 +25,7 @@ use crate::{dev_note, dev_warn};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::ffi::c_void;
+use core::mem::ManuallyDrop;
 use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 /// Largest ring the driver sets up (modern devices let the driver choose;
@@ -327,6 +328,9 @@ pub struct VioScsi {
     pub(crate) notify_batching: bool,
     pub(crate) mode: IntrMode,
     intr: KMutex<Option<Interrupts>>,
+    /// The request queues. This and `ctl`, `evt` hold the memory the
+    /// device reads and writes: freed only once the device is known to be
+    /// stopped, else kept (see [`VioScsi::teardown`]).
     pub(crate) queues: Vec<RequestQueue>,
     /// Per CPU (seqid modulo [`REAP_HINTS`]): 1 + the request queue whose
     /// completions that CPU is delivering, 0 when none. A command a target
@@ -336,8 +340,8 @@ pub struct VioScsi {
     /// vector to the CPU whose queue it serves). Only a hint: a collision
     /// sends a command to another valid queue.
     pub(crate) reaping: [core::sync::atomic::AtomicU16; REAP_HINTS],
-    pub(crate) ctl: KMutex<ControlQueue>,
-    pub(crate) evt: KMutex<EventQueue>,
+    pub(crate) ctl: ManuallyDrop<KMutex<ControlQueue>>,
+    pub(crate) evt: ManuallyDrop<KMutex<EventQueue>>,
     pub(crate) next_tag: AtomicU64,
     pub(crate) state: AtomicU8,
     pub(crate) work: KMutex<Work>,
@@ -512,8 +516,8 @@ impl VioScsi {
             mode,
             intr: KMutex::new(interrupts, 0),
             queues,
-            ctl: KMutex::new(ctl, 0),
-            evt: KMutex::new(evt, pri),
+            ctl: ManuallyDrop::new(KMutex::new(ctl, 0)),
+            evt: ManuallyDrop::new(KMutex::new(evt, pri)),
             next_tag: AtomicU64::new(1),
             reaping: [const { core::sync::atomic::AtomicU16::new(0) }; REAP_HINTS],
             state: AtomicU8::new(state::ATTACHING),
@@ -907,13 +911,18 @@ impl VioScsi {
     ///    that had begun before step 1 re-initializes it), so the memory
     ///    freed next is unknown to the device.
     /// 7. Then the fields drop: the task queue is destroyed (empty), the
-    ///    rings, buffers, locks and register mappings are freed.
+    ///    rings, buffers, locks and register mappings are freed. If the
+    ///    device never finished a reset (its status did not read 0), it
+    ///    may still be using the rings and event buffers: those are kept,
+    ///    never freed (a leak the log reports, instead of memory the
+    ///    device could write after the kernel reused it).
     ///
+    /// Returns whether the device is known to be stopped.
     /// Until step 5 returns, interrupt handlers and the work task may
     /// still hold `&VioScsi`: up to then this uses `&self` only (they read
     /// plain fields and write through locks and atomics); it takes fields
     /// out only once they are gone.
-    fn teardown(&mut self) {
+    fn teardown(&mut self) -> bool {
         let me: &VioScsi = self;
         // 1. No new work.
         me.state.store(state::STOPPED, Ordering::Release);
@@ -928,7 +937,7 @@ impl VioScsi {
         // 3. The interrupts (disabled, handlers removed, vectors freed).
         me.stop_interrupts();
         // 4. The device stops DMA.
-        me.stop_device();
+        let mut stopped = me.stop_device();
         // 5. The task under way, if any, finishes.
         if let Some(tq) = &me.taskq {
             tq.wait();
@@ -936,20 +945,26 @@ impl VioScsi {
         // 6. A task that was resetting the device may have brought it back
         // up (it ends with the state RUNNING or FAILED): reset once more.
         if me.state.swap(state::STOPPED, Ordering::AcqRel) != state::STOPPED {
-            me.stop_device();
+            stopped = me.stop_device();
         }
         // 7. Nothing but this thread uses the HBA now.
         drop(self.taskq.take());
+        stopped
     }
 
     /// Resets the device and waits for the reset to finish (the device
-    /// no longer touches the driver's memory once it has).
-    fn stop_device(&self) {
-        if let Err(e) = self.transport.reset() {
-            dev_warn!(
-                self.dip,
-                "the device did not finish its reset ({e}); freeing its memory anyway"
-            );
+    /// no longer touches the driver's memory once it has); false if it
+    /// did not finish.
+    fn stop_device(&self) -> bool {
+        match self.transport.reset() {
+            Ok(()) => true,
+            Err(e) => {
+                dev_warn!(
+                    self.dip,
+                    "the device did not finish its reset ({e}): the memory it may still use is kept, not freed"
+                );
+                false
+            }
         }
     }
 
@@ -976,7 +991,20 @@ impl VioScsi {
 
 impl Drop for VioScsi {
     fn drop(&mut self) {
-        self.teardown();
+        let stopped = self.teardown();
+        if stopped {
+            // SAFETY: dropped once, here, after the teardown: no handler,
+            // task or tick can use them and the device was reset.
+            unsafe {
+                ManuallyDrop::drop(&mut self.ctl);
+                ManuallyDrop::drop(&mut self.evt);
+            }
+        } else {
+            // The device may still write there: the rings and buffers are
+            // never freed (the request queues' Vec is forgotten whole; the
+            // control and event queues stay in their ManuallyDrop).
+            core::mem::forget(core::mem::take(&mut self.queues));
+        }
     }
 }
 

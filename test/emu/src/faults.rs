@@ -125,6 +125,11 @@ pub enum Fault {
     /// status reads DEVICE_NEEDS_RESET too (virtio 1.2 §2.1.2; modern
     /// interface), until the first device reset after it was seen.
     NeedsReset,
+    /// The device never finishes a reset (modern interface): once the
+    /// driver writes status 0, the status reads ACKNOWLEDGE instead of 0
+    /// and the device is taken to keep the rings it had (the layer does
+    /// not forget them), until cleared.
+    ResetStuck,
 }
 
 /// What the layer did.
@@ -194,6 +199,8 @@ struct State {
     /// A [`Fault::NeedsReset`] was shown to the driver (the next reset
     /// ends it).
     needs_reset_shown: bool,
+    /// A reset was asked for while [`Fault::ResetStuck`] was armed.
+    reset_stuck: bool,
     stats: FaultStats,
 }
 
@@ -382,7 +389,16 @@ impl Faults {
             }
             Reg::Mem(_) if !self.armed.load(Ordering::Acquire) => value,
             Reg::Mem(a) => {
-                // device_status (virtio 1.2 §4.1.4.3), DRIVER_OK (4) set.
+                // device_status (virtio 1.2 §4.1.4.3): a reset that never
+                // finishes reads ACKNOWLEDGE.
+                if layout.common.is_some_and(|c| a == c + 0x14)
+                    && size == 1
+                    && s.reset_stuck
+                    && s.faults.contains(&Fault::ResetStuck)
+                {
+                    return value | 1;
+                }
+                // device_status, DRIVER_OK (4) set.
                 if layout.common.is_some_and(|c| a == c + 0x14)
                     && size == 1
                     && value & 4 != 0
@@ -534,6 +550,7 @@ fn common_write(s: &mut State, rel: u64, size: usize, value: u64) {
         }
     };
     match rel {
+        0x14 if value == 0 && s.faults.contains(&Fault::ResetStuck) => s.reset_stuck = true,
         0x14 if value == 0 => reset(s),
         0x16 => s.select = value as u16,
         0x18 => {

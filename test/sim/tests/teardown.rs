@@ -185,3 +185,35 @@ fn a_device_write_into_freed_dma_memory_is_caught() {
         "{v:?}"
     );
 }
+
+#[test]
+fn a_device_that_never_finishes_its_reset_keeps_its_memory() {
+    let mut rig = Rig::start(RigConfig {
+        driver: Driver::Recorder,
+        ..RigConfig::default()
+    });
+    let m = rig.bed().machine.clone();
+    // From now on a reset never completes: the device may still be using
+    // its rings when detach gives up waiting.
+    m.faults.arm(Fault::ResetStuck);
+    let bed = rig.bed.as_mut().expect("attached");
+    let report = bed.detach_nodes().expect("detach");
+    // Freeing the rings would be a violation (memory the device still has
+    // as a ring); keeping them is a leak, and the log says why.
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    assert!(
+        report
+            .leaks
+            .iter()
+            .any(|&(what, n)| what == "DMA memory allocations" && n > 0),
+        "{:?}",
+        report.leaks
+    );
+    let log: Vec<String> = m.log().into_iter().map(|l| l.text).collect();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("did not finish its reset") && l.contains("kept, not freed")),
+        "{log:#?}"
+    );
+    m.faults.disarm_all();
+}
