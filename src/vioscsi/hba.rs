@@ -902,6 +902,9 @@ impl VioScsi {
     ///    (usr/src/uts/i86pc/io/pci/pci_common.c, common/io/avintr.c;
     ///    apix: apix_rem_avintr and apix_wait_till_seen in
     ///    i86pc/io/apix/apix_utils.c). So no handler runs when it returns.
+    ///    ddi_intr_remove_handler does not wait (DDI_INTROP_REMISR in
+    ///    pci_common_intr_ops only forgets the handler): the vectors are
+    ///    disabled first (`Interrupts::drop`).
     /// 4. The device: reset (virtio 1.2 §2.1.1, §4.1.4.3.2), so it stops
     ///    using the rings and buffers (no more DMA, no more interrupts).
     /// 5. The task queue: ddi_taskq_wait for the task under way (it may be
