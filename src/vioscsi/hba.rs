@@ -920,11 +920,13 @@ impl VioScsi {
     ///    never freed (a leak the log reports, instead of memory the
     ///    device could write after the kernel reused it).
     ///
-    /// Returns whether the device is known to be stopped.
     /// Until step 5 returns, interrupt handlers and the work task may
     /// still hold `&VioScsi`: up to then this uses `&self` only (they read
     /// plain fields and write through locks and atomics); it takes fields
     /// out only once they are gone.
+    ///
+    /// Returns whether the device is known to be stopped (then `Drop`
+    /// frees the rings and buffers, else it keeps them).
     fn teardown(&mut self) -> bool {
         let me: &VioScsi = self;
         // 1. No new work.
