@@ -67,6 +67,8 @@ enum Window {
     Delivered,
     /// The configuration vector was already disabled.
     VectorOff,
+    /// The vector was enabled but the message was not delivered in time.
+    Undelivered,
 }
 
 #[test]
@@ -134,7 +136,7 @@ fn an_interrupt_during_detach_cannot_dispatch_work_onto_a_freed_hba() {
             *lock(&window) = if m.stats.per_vector[0].load(Ordering::Acquire) != delivered_before {
                 Window::Delivered
             } else {
-                Window::NotReached
+                Window::Undelivered
             };
         });
     }
