@@ -92,13 +92,10 @@ unsafe fn cmd_of_pkt<'a>(pkt: *const scsi_pkt) -> Option<&'a Cmd> {
     }
     // SAFETY: valid packet (caller).
     let p = unsafe { (*pkt).pkt_ha_private } as *const Cmd;
-    if p.is_null() || !p.is_aligned() {
-        return None;
-    }
-    // SAFETY: the area holds a Cmd written by our constructor, alive until
-    // our destructor; is_valid() rejects anything else we might be shown.
-    let c = unsafe { &*p };
-    c.is_valid().then_some(c)
+    // SAFETY: pkt_ha_private is null or points at the packet's
+    // tran_hba_len bytes (caller), alive with the packet; from_raw checks
+    // the magic word before it forms a reference.
+    unsafe { Cmd::from_raw(p) }
 }
 
 // ---- attach / detach (called by the shim's dev_ops) ----------------------

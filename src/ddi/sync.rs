@@ -9,6 +9,7 @@
 use crate::ffi;
 use alloc::boxed::Box;
 use core::cell::UnsafeCell;
+use core::marker::PhantomData;
 use core::ops::{Deref, DerefMut};
 
 /// A `kmutex_t` protecting a `T`.
@@ -50,7 +51,10 @@ impl<T> KMutex<T> {
     pub fn lock(&self) -> KMutexGuard<'_, T> {
         // SAFETY: the mutex was initialized in new() and lives until drop.
         unsafe { ffi::mutex_enter(self.raw.get()) };
-        KMutexGuard { lock: self }
+        KMutexGuard {
+            lock: self,
+            _not_send: PhantomData,
+        }
     }
 
     /// `mutex_owned(9F)`: whether the calling thread holds the lock.
@@ -77,9 +81,40 @@ impl<T> Drop for KMutex<T> {
 }
 
 /// Proof that the calling thread holds a [`KMutex`].
+///
+/// The guard cannot leave the thread that took the lock: an illumos
+/// adaptive mutex belongs to the thread that entered it, and
+/// `mutex_exit(9F)` on any other thread panics the system
+/// ("mutex_exit: not owner", `mutex_vector_exit` in
+/// usr/src/uts/common/os/mutex.c, reached from the `mutex_exit` fast path
+/// of usr/src/uts/intel/ml/lock_prim.S when the owner is not
+/// `curthread`). So the guard is neither `Send` nor `Sync`:
+///
+/// ```compile_fail
+/// fn exit_elsewhere(g: rvscsi::ddi::sync::KMutexGuard<'static, u32>) {
+///     // error: `*const ()` cannot be sent between threads safely
+///     std::thread::spawn(move || drop(g));
+/// }
+/// ```
 pub struct KMutexGuard<'a, T> {
     lock: &'a KMutex<T>,
+    /// A raw pointer makes the guard `!Send` and `!Sync`.
+    _not_send: PhantomData<*const ()>,
 }
+
+/// Compile-time proof that [`KMutexGuard`] is not `Send`: were it `Send`,
+/// both implementations of `AmbiguousIfSend` would apply to it and the
+/// path below would be ambiguous, failing the build (the technique of the
+/// `static_assertions` crate's `assert_not_impl_any!`).
+const _: fn() = || {
+    trait AmbiguousIfSend<A> {
+        fn some_item() {}
+    }
+    impl<T: ?Sized> AmbiguousIfSend<()> for T {}
+    struct IfSend;
+    impl<T: ?Sized + Send> AmbiguousIfSend<IfSend> for T {}
+    let _ = <KMutexGuard<'static, u32> as AmbiguousIfSend<_>>::some_item;
+};
 
 impl<T> Deref for KMutexGuard<'_, T> {
     type Target = T;

@@ -75,6 +75,13 @@ impl Periodic {
 }
 
 impl Drop for Periodic {
+    /// `ddi_periodic_delete(9F)`: "if the callback function is already
+    /// executing ... when the request is cancelled, ddi_periodic_delete()
+    /// will block until it finishes executing", and it is not called again
+    /// after the return (i_untimeout in usr/src/uts/common/os/ddi_periodic.c
+    /// marks it cancelled and waits while it is executing). So the drop
+    /// must not run inside the callback (illumos panics: "called from its
+    /// own handler"), nor with a lock held that the callback takes.
     fn drop(&mut self) {
         // SAFETY: id came from ddi_periodic_add and is deleted once.
         unsafe { ffi::ddi_periodic_delete(self.id) };

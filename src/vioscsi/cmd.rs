@@ -153,6 +153,8 @@ unsafe impl Send for Cmd {}
 // The framework aligns the HBA private area to 8 bytes (the packet cache is
 // created with alignment 8), so the command must not need more.
 const _: () = assert!(core::mem::align_of::<Cmd>() <= 8);
+// `Cmd::from_raw` reads the magic word at the start of the area.
+const _: () = assert!(core::mem::offset_of!(Cmd, magic) == 0);
 
 impl Cmd {
     /// A command with its DMA memory allocated.
@@ -186,6 +188,35 @@ impl Cmd {
     /// Whether this was made by [`Cmd::new`] and not yet destroyed.
     pub fn is_valid(&self) -> bool {
         self.magic == MAGIC
+    }
+
+    /// The command at `p`, if the memory there holds a live one. The magic
+    /// word is checked first, by one raw load that forms no reference; only
+    /// memory that passes becomes a `&Cmd` (a reference asserts that a
+    /// valid `Cmd` is there, so it must not come first). Cheap: one aligned
+    /// load and a compare, for the I/O path.
+    ///
+    /// # Safety
+    /// `p` must be null or point at `size_of::<Cmd>()` initialized bytes
+    /// (a packet's HBA private area, which the framework allocates with
+    /// the packet and our constructor fills) that stay allocated for `'a`,
+    /// and a live command there must stay alive for `'a` (our destructor
+    /// runs only when the framework destroys the packet).
+    pub unsafe fn from_raw<'a>(p: *const Cmd) -> Option<&'a Cmd> {
+        if p.is_null() || !p.is_aligned() {
+            return None;
+        }
+        // SAFETY: `p` is aligned (checked) and points at readable bytes
+        // (caller); `magic` is at offset 0 (asserted below). The volatile
+        // load keeps the compiler from assuming a `Cmd` is there before the
+        // check says so.
+        let magic = unsafe { core::ptr::addr_of!((*p).magic).read_volatile() };
+        if magic != MAGIC {
+            return None;
+        }
+        // SAFETY: the magic says our constructor made a `Cmd` here and our
+        // destructor (which clears it) has not run; it lives for 'a (caller).
+        Some(unsafe { &*p })
     }
 
     /// The state word.

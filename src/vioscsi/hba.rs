@@ -25,6 +25,7 @@ use crate::{dev_note, dev_warn};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::ffi::c_void;
+use core::mem::ManuallyDrop;
 use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 /// Largest ring the driver sets up (modern devices let the driver choose;
@@ -334,6 +335,9 @@ pub struct VioScsi {
     pub(crate) notify_batching: bool,
     pub(crate) mode: IntrMode,
     intr: KMutex<Option<Interrupts>>,
+    /// The request queues. This and `ctl`, `evt` hold the memory the
+    /// device reads and writes: freed only once the device is known to be
+    /// stopped, else kept (see [`VioScsi::teardown`]).
     pub(crate) queues: Vec<RequestQueue>,
     /// Per CPU (seqid modulo [`REAP_HINTS`]): 1 + the request queue whose
     /// completions that CPU is delivering, 0 when none. A command a target
@@ -343,8 +347,8 @@ pub struct VioScsi {
     /// vector to the CPU whose queue it serves). Only a hint: a collision
     /// sends a command to another valid queue.
     pub(crate) reaping: [core::sync::atomic::AtomicU16; REAP_HINTS],
-    pub(crate) ctl: KMutex<ControlQueue>,
-    pub(crate) evt: KMutex<EventQueue>,
+    pub(crate) ctl: ManuallyDrop<KMutex<ControlQueue>>,
+    pub(crate) evt: ManuallyDrop<KMutex<EventQueue>>,
     pub(crate) next_tag: AtomicU64,
     pub(crate) state: AtomicU8,
     pub(crate) work: KMutex<Work>,
@@ -519,8 +523,8 @@ impl VioScsi {
             mode,
             intr: KMutex::new(interrupts, 0),
             queues,
-            ctl: KMutex::new(ctl, 0),
-            evt: KMutex::new(evt, pri),
+            ctl: ManuallyDrop::new(KMutex::new(ctl, 0)),
+            evt: ManuallyDrop::new(KMutex::new(evt, pri)),
             next_tag: AtomicU64::new(1),
             reaping: [const { core::sync::atomic::AtomicU16::new(0) }; REAP_HINTS],
             state: AtomicU8::new(state::ATTACHING),
@@ -533,8 +537,13 @@ impl VioScsi {
             stats: Stats::default(),
         });
         if let Err(e) = hba.start_interrupts().and_then(|()| hba.activate()) {
+            // activate() may have handed the rings to the device (and
+            // DRIVER_OK): dropping `hba` runs the teardown of
+            // `impl Drop for VioScsi`, which resets the device before its
+            // memory is freed. (Every earlier return above frees memory
+            // the device was never told about: the device was reset at the
+            // start and learns ring addresses only in activate().)
             hba.transport.fail();
-            hba.stop_interrupts();
             return Err(e);
         }
         hba.state.store(state::RUNNING, Ordering::Release);
@@ -871,23 +880,106 @@ impl VioScsi {
     }
 
     /// Stops everything and releases the device: detach(9E) of the HBA
-    /// node. Refuses (returns false, changing nothing) while commands are
-    /// in flight.
+    /// node. Refuses (returns the HBA, changing nothing) while commands are
+    /// in flight; otherwise the drop runs the teardown (see
+    /// [`VioScsi::teardown`]).
     pub fn detach(self: Box<Self>) -> Result<(), Box<Self>> {
         if !self.detach_ready() {
             return Err(self);
         }
-        self.state.store(state::STOPPED, Ordering::Release);
-        // Order matters: nothing may call back into `self` once freed.
-        drop(self.watchdog.lock().take());
-        if let Some(tq) = &self.taskq {
-            tq.wait();
-        }
-        self.stop_interrupts();
-        self.transport.reset_nowait();
-        let _ = self.transport.reset();
         drop(self);
         Ok(())
+    }
+
+    /// The teardown, in the only order that touches no freed memory: each
+    /// step removes a way into the HBA before the next one waits for, or
+    /// frees, what that way could reach. It runs from `Drop`, so every
+    /// path that ends an HBA (detach, a failed attach) takes it, and it
+    /// finishes before any field is dropped (Rust drops the fields only
+    /// after `Drop::drop` returns).
+    ///
+    /// 1. No new work: the state is STOPPED (the watchdog, the work task
+    ///    and the recovery paths look at it) and the task queue is closed,
+    ///    so `schedule()` can no longer dispatch (taskq(9F): the caller of
+    ///    ddi_taskq_destroy must guarantee that nothing is scheduled).
+    /// 2. The watchdog: ddi_periodic_delete(9F) waits for a running tick
+    ///    and there is none after it.
+    /// 3. The interrupts: disabled and their handlers removed. On i86pc
+    ///    ddi_intr_disable reaches pci_disable_intr, then rem_avintr,
+    ///    whose remove_av unlinks the handler and waits (wait_till_seen)
+    ///    until no CPU runs an interrupt at its level
+    ///    (usr/src/uts/i86pc/io/pci/pci_common.c, common/io/avintr.c;
+    ///    apix: apix_rem_avintr and apix_wait_till_seen in
+    ///    i86pc/io/apix/apix_utils.c). So no handler runs when it returns.
+    ///    ddi_intr_remove_handler does not wait (DDI_INTROP_REMISR in
+    ///    pci_common_intr_ops only forgets the handler): the vectors are
+    ///    disabled first (`Interrupts::drop`).
+    /// 4. The device: reset (virtio 1.2 §2.1.1, §4.1.4.3.2), so it stops
+    ///    using the rings and buffers (no more DMA, no more interrupts).
+    /// 5. The task queue: ddi_taskq_wait for the task under way (it may be
+    ///    a device reset, which fails fast on a reset device or finds the
+    ///    state STOPPED); nothing can dispatch since step 1-3.
+    /// 6. The device again, if the task brought it back meanwhile (a reset
+    ///    that had begun before step 1 re-initializes it), so the memory
+    ///    freed next is unknown to the device.
+    /// 7. Then the fields drop: the task queue is destroyed (empty), the
+    ///    rings, buffers, locks and register mappings are freed. If the
+    ///    device never finished a reset (its status did not read 0), it
+    ///    may still be using the rings and event buffers: those are kept,
+    ///    never freed (a leak the log reports, instead of memory the
+    ///    device could write after the kernel reused it).
+    ///
+    /// Until step 5 returns, interrupt handlers and the work task may
+    /// still hold `&VioScsi`: up to then this uses `&self` only (they read
+    /// plain fields and write through locks and atomics); it takes fields
+    /// out only once they are gone.
+    ///
+    /// Returns whether the device is known to be stopped (then `Drop`
+    /// frees the rings and buffers, else it keeps them).
+    fn teardown(&mut self) -> bool {
+        let me: &VioScsi = self;
+        // 1. No new work.
+        me.state.store(state::STOPPED, Ordering::Release);
+        if let Some(tq) = &me.taskq {
+            tq.close();
+        }
+        // 2. The watchdog (Periodic::drop waits for a running tick). The
+        // lock is not held across the wait: the guard is a temporary of
+        // the statement that takes the value out.
+        let watchdog = me.watchdog.lock().take();
+        drop(watchdog);
+        // 3. The interrupts (disabled, handlers removed, vectors freed).
+        me.stop_interrupts();
+        // 4. The device stops DMA.
+        let mut stopped = me.stop_device();
+        // 5. The task under way, if any, finishes.
+        if let Some(tq) = &me.taskq {
+            tq.wait();
+        }
+        // 6. A task that was resetting the device may have brought it back
+        // up (it ends with the state RUNNING or FAILED): reset once more.
+        if me.state.swap(state::STOPPED, Ordering::AcqRel) != state::STOPPED {
+            stopped = me.stop_device();
+        }
+        // 7. Nothing but this thread uses the HBA now.
+        drop(self.taskq.take());
+        stopped
+    }
+
+    /// Resets the device and waits for the reset to finish (the device
+    /// no longer touches the driver's memory once it has); false if it
+    /// did not finish.
+    fn stop_device(&self) -> bool {
+        match self.transport.reset() {
+            Ok(()) => true,
+            Err(e) => {
+                dev_warn!(
+                    self.dip,
+                    "the device did not finish its reset ({e}): the memory it may still use is kept, not freed"
+                );
+                false
+            }
+        }
     }
 
     /// Whether no command is in flight (detach may go ahead); says why
@@ -908,6 +1000,25 @@ impl VioScsi {
     pub fn quiesce(&self) {
         self.state.store(state::STOPPED, Ordering::Release);
         self.transport.reset_nowait();
+    }
+}
+
+impl Drop for VioScsi {
+    fn drop(&mut self) {
+        let stopped = self.teardown();
+        if stopped {
+            // SAFETY: dropped once, here, after the teardown: no handler,
+            // task or tick can use them and the device was reset.
+            unsafe {
+                ManuallyDrop::drop(&mut self.ctl);
+                ManuallyDrop::drop(&mut self.evt);
+            }
+        } else {
+            // The device may still write there: the rings and buffers are
+            // never freed (the request queues' Vec is forgotten whole; the
+            // control and event queues stay in their ManuallyDrop).
+            core::mem::forget(core::mem::take(&mut self.queues));
+        }
     }
 }
 

@@ -484,6 +484,8 @@ impl Bed {
     /// What is held now beyond what was held before the first attach.
     fn report(&self) -> DetachReport {
         let m = &self.machine;
+        // Device writes into DMA memory the driver freed (a violation each).
+        crate::ddi::dma::check_freed(m);
         DetachReport {
             leaks: m.live.leaks(),
             pages_leaked: m.pages_in_use() as isize - self.pages_before as isize,

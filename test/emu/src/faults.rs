@@ -121,6 +121,15 @@ pub enum Fault {
     Config { offset: u64, value: u32 },
     /// Queue sizes read as this value (modern interface), until cleared.
     QueueSize(u16),
+    /// The device fails once it runs: while DRIVER_OK is set, the device
+    /// status reads DEVICE_NEEDS_RESET too (virtio 1.2 §2.1.2; modern
+    /// interface), until the first device reset after it was seen.
+    NeedsReset,
+    /// The device never finishes a reset (modern interface): once the
+    /// driver writes status 0, the status reads ACKNOWLEDGE instead of 0
+    /// and the device is taken to keep the rings it had (the layer does
+    /// not forget them), until cleared.
+    ResetStuck,
 }
 
 /// What the layer did.
@@ -187,6 +196,11 @@ struct State {
     /// The event queue's avail idx as the driver last wrote it, and as the
     /// device was last allowed to see it.
     event_avail: Option<(u16, u16)>,
+    /// A [`Fault::NeedsReset`] was shown to the driver (the next reset
+    /// ends it).
+    needs_reset_shown: bool,
+    /// A reset was asked for while [`Fault::ResetStuck`] was armed.
+    reset_stuck: bool,
     stats: FaultStats,
 }
 
@@ -375,6 +389,24 @@ impl Faults {
             }
             Reg::Mem(_) if !self.armed.load(Ordering::Acquire) => value,
             Reg::Mem(a) => {
+                // device_status (virtio 1.2 §4.1.4.3): a reset that never
+                // finishes reads ACKNOWLEDGE.
+                if layout.common.is_some_and(|c| a == c + 0x14)
+                    && size == 1
+                    && s.reset_stuck
+                    && s.faults.contains(&Fault::ResetStuck)
+                {
+                    return value | 1;
+                }
+                // device_status, DRIVER_OK (4) set.
+                if layout.common.is_some_and(|c| a == c + 0x14)
+                    && size == 1
+                    && value & 4 != 0
+                    && s.faults.contains(&Fault::NeedsReset)
+                {
+                    s.needs_reset_shown = true;
+                    return value | 0x40;
+                }
                 if layout.common.is_some_and(|c| a == c + 0x18) && size == 2 {
                     let over = s.faults.iter().find_map(|f| match f {
                         Fault::QueueSize(n) => Some(*n),
@@ -500,6 +532,9 @@ fn reset(s: &mut State) {
     s.rings.clear();
     s.views.clear();
     s.event_avail = None;
+    if std::mem::take(&mut s.needs_reset_shown) {
+        s.faults.retain(|f| *f != Fault::NeedsReset);
+    }
 }
 
 /// The modern common configuration (virtio 1.2 §4.1.4.3).
@@ -515,6 +550,7 @@ fn common_write(s: &mut State, rel: u64, size: usize, value: u64) {
         }
     };
     match rel {
+        0x14 if value == 0 && s.faults.contains(&Fault::ResetStuck) => s.reset_stuck = true,
         0x14 if value == 0 => reset(s),
         0x16 => s.select = value as u16,
         0x18 => {

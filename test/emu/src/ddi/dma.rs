@@ -52,10 +52,129 @@ unsafe impl Sync for DmaMem {}
 
 impl Drop for DmaMem {
     fn drop(&mut self) {
+        quarantine(&self.machine, self.gpa, self.pages);
         self.machine.free_pages(self.gpa, self.pages);
         // SAFETY: allocated with this layout in ddi_dma_mem_alloc.
         unsafe { std::alloc::dealloc(self.host, self.layout) };
     }
+}
+
+/// What the guest pages of freed DMA memory hold until they are handed
+/// out again. A device still using memory its driver freed (a ring it was
+/// never told to stop using, a completion landing after detach) changes
+/// it; the next allocation of the page, or [`check_freed`], sees the
+/// change. In a kernel that write would land silently in whatever the
+/// page became: the bed makes it a violation.
+pub const FREED: u8 = 0xdf;
+
+/// A freed guest page being watched.
+struct Watched {
+    /// The machine (a `Weak` keeps its address from being reused while
+    /// the entry exists).
+    machine: std::sync::Weak<Machine>,
+    /// Byte length and guest address of the allocation it was part of.
+    alloc: (usize, u64),
+}
+
+/// Freed `ddi_dma_mem_alloc` pages by (machine address, guest page).
+static WATCHED: Mutex<BTreeMap<(usize, u64), Watched>> = Mutex::new(BTreeMap::new());
+
+fn machine_key(m: &Arc<Machine>) -> usize {
+    Arc::as_ptr(m) as usize
+}
+
+/// Fills freed pages with [`FREED`] and starts watching them.
+fn quarantine(m: &Arc<Machine>, gpa: u64, pages: usize) {
+    if m.dead.load(Ordering::Acquire) {
+        return;
+    }
+    if let Err(e) = m.qt.memset(gpa, pages as u64 * PAGE, FREED) {
+        m.device_failed("freed DMA memory fill", &e);
+        return;
+    }
+    let mut w = lock(&WATCHED);
+    for i in 0..pages as u64 {
+        w.insert(
+            (machine_key(m), gpa + i * PAGE),
+            Watched {
+                machine: Arc::downgrade(m),
+                alloc: (pages * PAGE as usize, gpa),
+            },
+        );
+    }
+}
+
+/// Checks watched pages of `m` in `[gpa, gpa + pages)` (all of them when
+/// `range` is None): a byte that is not [`FREED`] is a device write into
+/// freed memory. Pages handed out again (`reused`) are no longer watched;
+/// the others are filled again, so that each write is reported once.
+fn verify_freed(m: &Arc<Machine>, range: Option<(u64, usize)>, reused: bool) {
+    let key = machine_key(m);
+    let pages: Vec<(u64, (usize, u64))> = {
+        let mut w = lock(&WATCHED);
+        // Entries of machines that are gone can never be checked.
+        w.retain(|_, e| e.machine.strong_count() > 0);
+        let (lo, hi) = match range {
+            Some((gpa, n)) => (gpa, gpa + n as u64 * PAGE),
+            None => (0, u64::MAX),
+        };
+        let found: Vec<(u64, (usize, u64))> = w
+            .range((key, lo)..(key, hi))
+            .map(|(&(_, g), e)| (g, e.alloc))
+            .collect();
+        if reused {
+            for (g, _) in &found {
+                w.remove(&(key, *g));
+            }
+        }
+        found
+    };
+    if m.dead.load(Ordering::Acquire) {
+        return;
+    }
+    let mut buf = vec![0u8; PAGE as usize];
+    for (g, (len, start)) in pages {
+        if let Err(e) = m.qt.read_mem(g, &mut buf) {
+            m.device_failed("freed DMA memory check", &e);
+            return;
+        }
+        if let Some(at) = buf.iter().position(|&b| b != FREED) {
+            let changed = buf.iter().filter(|&&b| b != FREED).count();
+            m.violation(format!(
+                "the device wrote into freed DMA memory: {changed} byte(s) of guest page {g:#x} \
+                 (first at {:#x}) changed after ddi_dma_mem_free of the {len}-byte allocation at \
+                 {start:#x}",
+                g + at as u64
+            ));
+            if !reused && let Err(e) = m.qt.memset(g, PAGE, FREED) {
+                m.device_failed("freed DMA memory fill", &e);
+                return;
+            }
+        }
+    }
+}
+
+/// Checks every freed DMA page of `m` still watched for device writes
+/// since it was freed or last checked (a violation for each changed
+/// page); they stay watched until handed out again. The bed calls it when
+/// it reports (after detach or a failed attach).
+pub fn check_freed(m: &Arc<Machine>) {
+    verify_freed(m, None, false);
+}
+
+/// Whether memory `[gpa, gpa + pages)` holds a virtqueue the device still
+/// uses: the rings the driver gave the device (followed by the fault layer
+/// from the register writes, virtio 1.2 §4.1.4.3, §4.1.5.1) stay the
+/// device's until a device reset (status 0) takes them back.
+fn rings_in(m: &Machine, gpa: u64, pages: usize) -> Option<u16> {
+    let end = gpa + pages as u64 * PAGE;
+    m.faults
+        .queues()
+        .into_iter()
+        .find(|&(_, size, desc, avail, used, enabled)| {
+            enabled && size > 0 && [desc, avail, used].iter().any(|&a| a >= gpa && a < end)
+        })
+        .map(|(q, ..)| q)
 }
 
 /// DMA memory by host start address.
@@ -420,6 +539,7 @@ pub unsafe extern "C" fn ddi_dma_mem_alloc(
     let Some(gpa) = m.alloc_contig(pages, align_pages) else {
         return ffi::DDI_FAILURE;
     };
+    verify_freed(m, Some((gpa, pages)), true);
     if gpa + (pages as u64 * PAGE) - 1 > d.attr.dma_attr_addr_hi {
         m.free_pages(gpa, pages);
         return ffi::DDI_FAILURE;
@@ -486,6 +606,13 @@ pub unsafe extern "C" fn ddi_dma_mem_free(handlep: *mut ddi_acc_handle_t) {
     lock(&MEMS).remove(&(mem.host as usize));
     if Arc::strong_count(&mem) > 1 {
         violation("ddi_dma_mem_free of memory that is still bound");
+    }
+    if let Some(q) = rings_in(&mem.machine, mem.gpa, mem.pages) {
+        violation(format!(
+            "ddi_dma_mem_free of guest memory {:#x} (+{}) that holds virtqueue {q}'s rings, \
+             which the device still uses (it was not reset first, so it may still write there)",
+            mem.gpa, mem.len
+        ));
     }
     bump(&mem.machine.live.dma_mem, -1);
     // SAFETY: the token box made in ddi_dma_mem_alloc.
@@ -655,6 +782,9 @@ pub unsafe extern "C" fn ddi_dma_buf_bind_handle(
     let Some(pages) = d.machine.alloc_scattered(npages) else {
         return ffi::DDI_DMA_NORESOURCES;
     };
+    for &p in &pages {
+        verify_freed(&d.machine, Some((p, 1)), true);
+    }
     let object = Object::Buf {
         host,
         len,

@@ -1,6 +1,7 @@
 //! `mutex(9F)` and `condvar(9F)`, with the checks the kernel would only
-//! catch by deadlocking or panicking: recursive entry, exit by a
-//! non-owner, destroy while held, a lock without interrupt priority taken
+//! catch by deadlocking or panicking: recursive entry and exit by a
+//! non-owner (kernel panics in illumos, and here: [`kernel_panic`]),
+//! destroy while held, a lock without interrupt priority taken
 //! in an interrupt handler, sleeping in interrupt context, a handler
 //! returning with a lock held. Each thread's held locks are tracked so
 //! that `scsi_hba_pkt_comp` can insist on none.
@@ -147,12 +148,12 @@ fn acquire(emu: &EmuMutex, mp: *const kmutex_t) {
     let me = std::thread::current().id();
     let mut owner = lock(&emu.owner);
     if *owner == Some(me) {
-        // The kernel would deadlock here (the recursive mutex_enter bug of
-        // the in-tree pvscsi): report it and carry on as if reentrant so
-        // the test can finish and say so.
+        // illumos: mutex_vector_enter (usr/src/uts/common/os/mutex.c)
+        // panics "recursive mutex_enter" when the owner of a held adaptive
+        // mutex is curthread (the recursive mutex_enter bug of the in-tree
+        // pvscsi).
         drop(owner);
-        violation("recursive mutex_enter (the kernel would deadlock)");
-        return;
+        kernel_panic(&format!("recursive mutex_enter ({mp:p})"));
     }
     while owner.is_some() {
         owner = emu.released.wait(owner).unwrap_or_else(|p| p.into_inner());
@@ -161,13 +162,32 @@ fn acquire(emu: &EmuMutex, mp: *const kmutex_t) {
     HELD.with(|h| h.borrow_mut().push(key(mp)));
 }
 
-fn release(emu: &EmuMutex, mp: *const kmutex_t, func: &str) -> bool {
+/// What a kernel panic is in the test bed: the violation is recorded and
+/// printed, then the process aborts, as the machine would stop. Nothing
+/// after it runs: a test cannot pass over it, and one that wants to see it
+/// runs the scenario in a child process.
+pub fn kernel_panic(what: &str) -> ! {
+    violation(format!("panic: {what}"));
+    eprintln!("rvscsi-emu: PANIC: {what}");
+    std::process::abort()
+}
+
+fn release(emu: &EmuMutex, mp: *const kmutex_t, func: &str) {
     let me = std::thread::current().id();
     let mut owner = lock(&emu.owner);
     if *owner != Some(me) {
         drop(owner);
-        violation(format!("{func} of a mutex the thread does not hold"));
-        return false;
+        // illumos: the mutex_exit fast path (usr/src/uts/intel/ml/
+        // lock_prim.S) compares the owner with curthread and otherwise
+        // calls mutex_vector_exit (usr/src/uts/common/os/mutex.c), which
+        // for an adaptive mutex not owned by the caller panics the system
+        // with "mutex_exit: not owner". cv_wait and cv_timedwait release
+        // the mutex the same way. (A spin mutex, above LOCK_LEVEL, is
+        // released without the check there; the driver's locks are below
+        // it, and the bed checks every lock.)
+        kernel_panic(&format!(
+            "mutex_exit: not owner ({func} of a mutex the thread does not hold, {mp:p})"
+        ));
     }
     *owner = None;
     emu.released.notify_one();
@@ -177,7 +197,6 @@ fn release(emu: &EmuMutex, mp: *const kmutex_t, func: &str) -> bool {
             h.remove(i);
         }
     });
-    true
 }
 
 /// `mutex_enter(9F)`
@@ -299,9 +318,7 @@ fn wait(cvp: *mut kcondvar_t, mp: *mut kmutex_t, deadline: Option<Instant>, func
     };
     let mut seq = lock(&cv.seq);
     let start = *seq;
-    if !release(&emu, mp, func) {
-        return false;
-    }
+    release(&emu, mp, func);
     let mut signalled = true;
     while *seq == start {
         match deadline {

@@ -1,4 +1,14 @@
 //! Task queues (`ddi_taskq_create(9F)`): one worker thread each.
+//!
+//! As taskq(9F) and usr/src/uts/common/os/taskq.c: `ddi_taskq_wait`
+//! waits until the queue is empty and no task runs, and stops no new
+//! dispatch; `ddi_taskq_destroy` waits the same way and then frees the
+//! queue, the caller guaranteeing that nothing is dispatched any more
+//! (taskq_destroy ASSERTs the queue empty after its wait). A task thread
+//! may be scheduled late: a test can hold the tasks of a machine back
+//! ([`hold_tasks`]) until someone waits for them, and run code right
+//! after a driver's `ddi_taskq_wait` returns ([`after_wait`]), to put an
+//! interrupt or a dispatch in the window a teardown leaves.
 
 use super::devinfo::node;
 use super::sync::check_may_sleep;
@@ -15,6 +25,9 @@ struct Queue {
     tasks: VecDeque<Task>,
     running: bool,
     closing: bool,
+    /// Queued tasks wait (the thread is not scheduled) until a
+    /// `ddi_taskq_wait` or `ddi_taskq_destroy` on the queue.
+    held: bool,
 }
 
 struct TaskQ {
@@ -39,7 +52,8 @@ fn worker(q: &TaskQ) {
     let _g = set_current(&q.machine);
     let mut s = lock(&q.state);
     loop {
-        if let Some((f, a)) = s.tasks.pop_front() {
+        let next = if s.held { None } else { s.tasks.pop_front() };
+        if let Some((f, a)) = next {
             s.running = true;
             drop(s);
             {
@@ -51,7 +65,7 @@ fn worker(q: &TaskQ) {
             s = lock(&q.state);
             s.running = false;
             q.cv.notify_all();
-        } else if s.closing {
+        } else if s.closing && s.tasks.is_empty() {
             return;
         } else {
             s = q.cv.wait(s).unwrap_or_else(|p| p.into_inner());
@@ -93,6 +107,7 @@ pub extern "C" fn ddi_taskq_create(
             tasks: VecDeque::new(),
             running: false,
             closing: false,
+            held: false,
         }),
         cv: Condvar::new(),
         thread: Mutex::new(None),
@@ -152,9 +167,61 @@ pub extern "C" fn ddi_taskq_wait(tq: *mut ddi_taskq_t) {
         violation("ddi_taskq_wait from a task of the same queue (the kernel would deadlock)");
         return;
     }
-    let mut s = lock(&q.state);
-    while !s.tasks.is_empty() || s.running {
-        s = q.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+    {
+        let mut s = lock(&q.state);
+        // Whoever waits gets the tasks run.
+        s.held = false;
+        q.cv.notify_all();
+        while !s.tasks.is_empty() || s.running {
+            s = q.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+    run_after_wait_hooks(&q.machine);
+}
+
+/// Code a test runs right after a `ddi_taskq_wait` of machine `m` returns.
+type WaitHook = Arc<Mutex<Box<dyn FnMut() + Send>>>;
+
+static WAIT_HOOKS: Mutex<Vec<(std::sync::Weak<Machine>, WaitHook)>> = Mutex::new(Vec::new());
+
+/// Runs `hook` on the waiting thread each time a `ddi_taskq_wait` on one
+/// of machine `m`'s queues (also the one inside `ddi_taskq_destroy`) has
+/// finished waiting, before it returns to the driver: the moment a
+/// teardown has drained its queue and goes on. The hook must not wait for
+/// a task queue itself.
+pub fn after_wait(m: &Arc<Machine>, hook: impl FnMut() + Send + 'static) {
+    let mut hooks = lock(&WAIT_HOOKS);
+    hooks.retain(|(w, _)| w.strong_count() > 0);
+    hooks.push((Arc::downgrade(m), Arc::new(Mutex::new(Box::new(hook)))));
+}
+
+fn run_after_wait_hooks(m: &Arc<Machine>) {
+    let mine: Vec<WaitHook> = lock(&WAIT_HOOKS)
+        .iter()
+        .filter(|(w, _)| w.upgrade().is_some_and(|w| Arc::ptr_eq(&w, m)))
+        .map(|(_, h)| h.clone())
+        .collect();
+    for h in mine {
+        // A hook already running (on another thread) is not run again.
+        if let Ok(mut f) = h.try_lock() {
+            f();
+        }
+    }
+}
+
+/// Holds back (true) or lets run (false) the queued tasks of every task
+/// queue of machine `m`, as a task thread that does not get a CPU; a
+/// `ddi_taskq_wait` or `ddi_taskq_destroy` on a queue lets its tasks run.
+pub fn hold_tasks(m: &Arc<Machine>, on: bool) {
+    let qs: Vec<usize> = lock(&TASKQS).clone();
+    for a in qs {
+        // SAFETY: registered task queues are live boxes (destroy
+        // unregisters before freeing).
+        let q = unsafe { &*(a as *const TaskQ) };
+        if Arc::ptr_eq(&q.machine, m) {
+            lock(&q.state).held = on;
+            q.cv.notify_all();
+        }
     }
 }
 
@@ -166,7 +233,22 @@ pub extern "C" fn ddi_taskq_destroy(tq: *mut ddi_taskq_t) {
     let Some(q) = get(tq, "ddi_taskq_destroy") else {
         return;
     };
-    lock(&q.state).closing = true;
+    {
+        let mut s = lock(&q.state);
+        // taskq_destroy ASSERTs the queue empty once its wait returned: a
+        // task dispatched since then would run on a freed queue (here it
+        // still runs, after the violation, so the test can finish).
+        if !s.tasks.is_empty() || s.running {
+            drop(s);
+            violation(
+                "ddi_taskq_destroy: a task was dispatched while the queue was being destroyed \
+                 (taskq(9F): the caller must guarantee that no new tasks are scheduled)",
+            );
+            s = lock(&q.state);
+        }
+        s.held = false;
+        s.closing = true;
+    }
     q.cv.notify_all();
     if let Some(h) = lock(&q.thread).take() {
         let _ = h.join();
