@@ -7,7 +7,8 @@ use rvscsi::ffi;
 use rvscsi_emu::DataBuf;
 use rvscsi_emu::scsa::packet::{Device, InitArgs, Packet, PktResult};
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// What a LUN holds, as far as the test knows.
@@ -69,24 +70,142 @@ impl DiskModel {
     }
 }
 
+/// What the target driver instance attached to a LUN holds, as far as the
+/// framework's offline of the LUN cares (sd's soft state): opens
+/// (`un_ocmap`, and the `devi_ref` an open puts on the node), commands in
+/// the driver (`un_ncmds_in_driver`: from sdstrategy to biodone), and
+/// whether the framework declared the device removed.
+///
+/// detach(9E) is refused while the LUN is open (`detach_node`, devcfg.c:
+/// `devi_ref` held) or has commands in the driver (`sd_unit_detach`,
+/// sd.c), so the framework keeps the child, marked removed, and
+/// `tran_tgt_free` waits for a later, successful offline.
+#[derive(Debug, Default)]
+pub struct TargetBinding {
+    state: Mutex<BindingState>,
+}
+
+#[derive(Debug, Default)]
+struct BindingState {
+    opens: u32,
+    in_driver: u32,
+    removed: bool,
+    detached: bool,
+    refusals: u32,
+}
+
+impl TargetBinding {
+    fn state(&self) -> std::sync::MutexGuard<'_, BindingState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// open(9E): refused once detached, and for a removed device (its node
+    /// is hidden from lookups: `ndi_devi_device_remove` sets it hidden).
+    pub fn open(&self) -> Result<(), &'static str> {
+        let mut s = self.state();
+        if s.detached {
+            return Err("ENXIO: the instance detached");
+        }
+        if s.removed {
+            return Err("ENXIO: the device was removed");
+        }
+        s.opens += 1;
+        Ok(())
+    }
+
+    /// close(9E) of one open.
+    pub fn close(&self) {
+        let mut s = self.state();
+        s.opens = s.opens.saturating_sub(1);
+    }
+
+    /// A command enters the driver (sdstrategy's `un_ncmds_in_driver++`);
+    /// false once the instance detached (nothing may be sent through it).
+    pub fn command_begins(&self) -> bool {
+        let mut s = self.state();
+        if s.detached {
+            return false;
+        }
+        s.in_driver += 1;
+        true
+    }
+
+    /// A command left the driver (completed, or refused by tran_start).
+    pub fn command_ends(&self) {
+        let mut s = self.state();
+        s.in_driver = s.in_driver.saturating_sub(1);
+    }
+
+    /// Whether the framework declared the device removed.
+    pub fn is_removed(&self) -> bool {
+        self.state().removed
+    }
+
+    /// Whether the instance detached (the framework may then free the node).
+    pub fn is_detached(&self) -> bool {
+        self.state().detached
+    }
+
+    /// detach(9E)s refused so far.
+    pub fn refusals(&self) -> u32 {
+        self.state().refusals
+    }
+
+    /// detach(9E): refused while open or with commands in the driver.
+    pub fn try_detach(&self) -> Result<(), String> {
+        let mut s = self.state();
+        let why = if s.opens > 0 {
+            format!("open ({} opens)", s.opens)
+        } else if s.in_driver > 0 {
+            format!("{} commands in the driver", s.in_driver)
+        } else {
+            s.detached = true;
+            return Ok(());
+        };
+        s.refusals += 1;
+        Err(why)
+    }
+
+    /// The framework declared the device removed.
+    pub fn device_removed(&self) {
+        self.state().removed = true;
+    }
+
+    /// The framework found the removed device back.
+    pub fn device_inserted(&self) {
+        self.state().removed = false;
+    }
+}
+
 /// One LUN under load.
 pub struct Lun {
     /// The LUN.
     pub dev: Arc<Device>,
     /// Its model.
     pub model: std::sync::Mutex<DiskModel>,
-    /// Whether new commands go to it (a scenario clears this before it
-    /// pulls the LUN).
+    /// Whether new commands go to it (a scenario may clear it to stop
+    /// sending to the LUN).
     pub active: std::sync::atomic::AtomicBool,
+    /// The target driver instance attached to it: a run opens the LUN
+    /// through it, counts its commands in it, and stops sending once the
+    /// framework says the device was removed.
+    pub binding: Arc<TargetBinding>,
 }
 
 impl Lun {
-    /// A LUN under load, holding `data`.
+    /// A LUN under load, holding `data`, with a binding of its own (one
+    /// the framework does not know about).
     pub fn new(dev: Arc<Device>, data: Vec<u8>) -> Lun {
+        Lun::bound(dev, Arc::new(TargetBinding::default()), data)
+    }
+
+    /// A LUN under load through the target driver instance `binding`.
+    pub fn bound(dev: Arc<Device>, binding: Arc<TargetBinding>, data: Vec<u8>) -> Lun {
         Lun {
             dev,
             model: std::sync::Mutex::new(DiskModel::new(data)),
             active: std::sync::atomic::AtomicBool::new(true),
+            binding,
         }
     }
 }
@@ -327,10 +446,17 @@ pub fn run(
     let mut slots: Vec<Slot> = Vec::new();
     let t0 = Instant::now();
     let mut issued_total = 0usize;
+    // The run holds every LUN open, as a consumer of the disks would.
+    let mut open: Vec<bool> = luns.iter().map(|l| l.binding.open().is_ok()).collect();
+    // New commands go to a LUN while it is open, the scenario wants them,
+    // and the framework has not said the device was removed (sd's
+    // consumers learn it from the LDI_EV_DEVICE_REMOVE callbacks and the
+    // sysevent `ndi_devi_device_remove` posts).
+    let sending = |open: &[bool], i: usize| {
+        open[i] && luns[i].active.load(Ordering::Acquire) && !luns[i].binding.is_removed()
+    };
     while (issued_total < cfg.commands || !slots.is_empty()) && t0.elapsed() < cfg.limit {
-        let any_active = luns
-            .iter()
-            .any(|l| l.active.load(std::sync::atomic::Ordering::Acquire));
+        let any_active = (0..luns.len()).any(|i| sending(&open, i));
         if !any_active && slots.is_empty() {
             break;
         }
@@ -342,11 +468,8 @@ pub fn run(
         while issuing && slots.len() < cfg.depth && issued_total < cfg.commands {
             let li = rng.below(luns.len() as u64) as usize;
             let lun = &luns[li];
-            if !lun.active.load(std::sync::atomic::Ordering::Acquire) {
-                if luns
-                    .iter()
-                    .all(|l| !l.active.load(std::sync::atomic::Ordering::Acquire))
-                {
+            if !sending(&open, li) {
+                if !(0..luns.len()).any(|i| sending(&open, i)) {
                     break;
                 }
                 continue;
@@ -411,6 +534,11 @@ pub fn run(
             };
             pkt.cdb_mut().copy_from_slice(&cdb10(write, lba, blocks));
             pkt.set_time(cfg.pkt_time);
+            if !lun.binding.command_begins() {
+                pkt.destroy();
+                open[li] = false;
+                continue;
+            }
             match pkt.start_async() {
                 ffi::TRAN_ACCEPT => {
                     issued_total += 1;
@@ -427,11 +555,13 @@ pub fn run(
                     });
                 }
                 ffi::TRAN_BUSY => {
+                    lun.binding.command_ends();
                     report.busy += 1;
                     pkt.destroy();
                     break;
                 }
                 rc => {
+                    lun.binding.command_ends();
                     issued_total += 1;
                     report.refused.push(rc);
                     pkt.destroy();
@@ -451,6 +581,7 @@ pub fn run(
             let calls = s.pkt.comp_calls();
             let result = s.pkt.result();
             s.pkt.destroy();
+            luns[s.lun].binding.command_ends();
             let c = Completion {
                 lun: s.lun,
                 lba: s.lba,
@@ -497,6 +628,14 @@ pub fn run(
             drop(model);
             report.completions.push(c);
         }
+        // A LUN the framework declared removed is closed once its last
+        // command is back (so its target driver can detach).
+        for (i, l) in luns.iter().enumerate() {
+            if open[i] && l.binding.is_removed() && !slots.iter().any(|s| s.lun == i) {
+                l.binding.close();
+                open[i] = false;
+            }
+        }
         let progress = Progress {
             completed: report.completed,
             outstanding: slots.len(),
@@ -517,8 +656,13 @@ pub fn run(
             s.lba
         ));
         // Left allocated: tearing down an outstanding packet would hide the
-        // hang the report names.
+        // hang the report names. It stays in its target driver too.
         std::mem::forget(s.pkt);
+    }
+    for (i, l) in luns.iter().enumerate() {
+        if open[i] {
+            l.binding.close();
+        }
     }
     report
 }

@@ -146,16 +146,28 @@ pub fn qemu72_root() -> Result<PathBuf, String> {
 
 /// A target driver that attaches to every LUN without sending anything
 /// (so a raw-packet test finds the LUN as the device left it, power-on
-/// unit attention included).
+/// unit attention included). Each instance is a
+/// [`crate::load::TargetBinding`]: the load generator opens the LUN and
+/// counts its commands through it, so the framework's offline of a pulled
+/// LUN meets what sd would present (refused while open or busy).
 #[derive(Default)]
 pub struct Recorder {
-    devices: std::sync::Mutex<Vec<Arc<rvscsi_emu::Device>>>,
+    devices: std::sync::Mutex<Vec<(Arc<rvscsi_emu::Device>, Arc<crate::load::TargetBinding>)>>,
 }
 
-struct Recorded;
+struct Recorded(Arc<crate::load::TargetBinding>);
 
 impl rvscsi_emu::TargetInstance for Recorded {
     fn detach(&self) {}
+    fn try_detach(&self) -> Result<(), String> {
+        self.0.try_detach()
+    }
+    fn device_removed(&self) {
+        self.0.device_removed();
+    }
+    fn device_inserted(&self) {
+        self.0.device_inserted();
+    }
 }
 
 impl rvscsi_emu::TargetDriver for Recorder {
@@ -164,17 +176,23 @@ impl rvscsi_emu::TargetDriver for Recorder {
         dev: Arc<rvscsi_emu::Device>,
         _inq: &[u8],
     ) -> Result<Box<dyn rvscsi_emu::TargetInstance>, String> {
+        let binding = Arc::new(crate::load::TargetBinding::default());
         self.devices
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(dev);
-        Ok(Box::new(Recorded))
+            .push((dev, binding.clone()));
+        Ok(Box::new(Recorded(binding)))
     }
 }
 
 impl Recorder {
     /// The LUNs attached, in order.
     pub fn devices(&self) -> Vec<Arc<rvscsi_emu::Device>> {
+        self.attached().into_iter().map(|(d, _)| d).collect()
+    }
+
+    /// The LUNs attached, in order, with their instances.
+    pub fn attached(&self) -> Vec<(Arc<rvscsi_emu::Device>, Arc<crate::load::TargetBinding>)> {
         self.devices
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -442,20 +460,24 @@ impl Rig {
     /// its power-on unit attention cleared and a model of what it holds
     /// (`Driver::Recorder` rigs: no target driver uses them).
     pub fn load_luns(&self) -> Vec<Arc<crate::load::Lun>> {
-        let devs = self.recorder.devices();
+        let devs = self.recorder.attached();
         self.addrs
             .iter()
             .zip(&self.images)
             .map(|(&(t, l), img)| {
                 // The latest instance (a re-attach adds new ones).
-                let dev = devs
+                let (dev, binding) = devs
                     .iter()
                     .rev()
-                    .find(|d| d.target == u32::from(t) && d.lun == u64::from(l))
+                    .find(|(d, _)| d.target == u32::from(t) && d.lun == u64::from(l))
                     .unwrap_or_else(|| panic!("LUN {t},{l} was not configured"))
                     .clone();
                 clear_unit_attention(&dev);
-                Arc::new(crate::load::Lun::new(dev, img.expected(0, img.blocks)))
+                Arc::new(crate::load::Lun::bound(
+                    dev,
+                    binding,
+                    img.expected(0, img.blocks),
+                ))
             })
             .collect()
     }

@@ -7,6 +7,7 @@
 use rvscsi::ffi;
 use rvscsi::scsa::{PktState, PktStatistics};
 use rvscsi_emu::faults::{Fault, Match};
+use rvscsi_emu::scsa::{device, tgtmap};
 use rvscsi_sim::load::{self, Completion, LoadConfig};
 use rvscsi_sim::testkit::{Driver, Rig, RigConfig, read_block, wait_until};
 use std::time::Duration;
@@ -363,36 +364,66 @@ fn a_lun_pulled_with_io_in_flight_ends_its_commands_and_the_others_go_on() {
         }
         Err("unexpected outcome".into())
     };
-    let mut pulled: Option<Duration> = None;
+    let map = tgtmap::map_of_device(&luns[1].dev).expect("the LUNs' target map");
+    let kept_node = |dev: &rvscsi_emu::Device| {
+        map.removed_devices()
+            .iter()
+            .any(|d| std::ptr::eq(d.sd, dev.sd))
+            && device::is_allocated(dev.sd)
+    };
+    // Completions seen when LUN 1 was pulled, and when the framework told
+    // its target driver the device was removed.
+    let mut pulled_at: Option<usize> = None;
+    let mut removed_at: Option<usize> = None;
+    let mut kept_while_held = false;
     let r = load::run(
         &luns,
         &LoadConfig {
-            commands: 800,
+            // A bound, not a target: the run ends once LUN 0 has gone on
+            // for a while after the removal (below).
+            commands: 8000,
             depth: 32,
             seed: 31,
             ..LoadConfig::default()
         },
         &accept,
         &mut |p| {
-            match pulled {
-                None if p.completed >= 100 => {
-                    // Pull LUN 1,0 (QEMU device hd1) with its I/O in flight.
-                    rig.qmp("device_del", rvscsi_qtest::json!({"id": "hd1"}));
-                    pulled = Some(p.elapsed);
-                }
-                // A target driver keeps sending until it is told; then it
-                // stops.
-                Some(at) if p.elapsed > at + Duration::from_millis(400) => {
-                    luns[1]
-                        .active
-                        .store(false, std::sync::atomic::Ordering::Release);
-                }
-                _ => {}
+            if pulled_at.is_none() && p.completed >= 100 {
+                // Pull LUN 1,0 (QEMU device hd1) with its I/O in flight.
+                rig.qmp("device_del", rvscsi_qtest::json!({"id": "hd1"}));
+                pulled_at = Some(p.completed);
+            }
+            // The load holds LUN 1 open until it is told: the framework's
+            // offline is refused, and it keeps the child, marked removed,
+            // with a live scsi_device. The load then stops sending to it.
+            if pulled_at.is_some() && removed_at.is_none() && luns[1].binding.is_removed() {
+                removed_at = Some(p.completed);
+                kept_while_held = kept_node(&luns[1].dev);
+            }
+            if removed_at.is_some_and(|at| p.completed >= at + 300) {
+                luns[0]
+                    .active
+                    .store(false, std::sync::atomic::Ordering::Release);
             }
         },
     );
     r.assert_clean("hot-unplug under load");
-    assert!(pulled.is_some());
+    assert!(pulled_at.is_some());
+    assert!(
+        removed_at.is_some(),
+        "the framework never told LUN 1's target driver the device was removed \
+         ({} commands issued, by reason {:?})",
+        r.issued,
+        r.by_reason
+    );
+    assert!(
+        luns[1].binding.refusals() > 0,
+        "the offline met a target driver holding the LUN"
+    );
+    assert!(
+        kept_while_held,
+        "the child was kept, removed, with its scsi_device, while held"
+    );
     let gone = r
         .completions
         .iter()
@@ -411,14 +442,107 @@ fn a_lun_pulled_with_io_in_flight_ends_its_commands_and_the_others_go_on() {
     wait_until("the target map drops 1,0", Duration::from_secs(30), || {
         rig.bed().device(1, 0).is_none()
     });
+    // The load closed LUN 1 once its commands were back; nothing in the
+    // framework retries the offline, so the node is still there...
+    assert!(
+        kept_node(&luns[1].dev) && !luns[1].binding.is_detached(),
+        "a removed child stays until something unconfigures it"
+    );
+    // ...until an unconfigure (cfgadm, devfsadm -C, the iport's offline)
+    // takes it down: the target driver detaches, then tran_tgt_free.
+    assert_eq!(map.unconfig_removed(), 0, "the closed LUN is offlined");
+    assert!(luns[1].binding.is_detached());
+    assert!(!device::is_allocated(luns[1].dev.sd), "and freed");
     assert!(rig.bed().device(0, 0).is_some(), "the other LUN stays");
+    assert!(
+        !luns[0].binding.is_removed() && luns[0].binding.refusals() == 0,
+        "LUN 0 was never offlined"
+    );
     let lun0_after = r
         .completions
         .iter()
         .filter(|c| c.lun == 0 && c.good())
         .count();
     assert!(lun0_after > 200, "LUN 0 kept working: {lun0_after}");
+    eprintln!(
+        "hot-unplug: pulled at {:?}, removal told at {:?} completions; {} issued, \
+         {gone} CMD_DEV_GONE, by reason {:?}",
+        pulled_at, removed_at, r.issued, r.by_reason
+    );
     rig.finish_clean();
+}
+
+#[test]
+fn a_lun_pulled_while_held_open_is_kept_removed_and_the_same_node_comes_back_when_replugged() {
+    let rig = rig(vec![(8192, 0, 0), (8192, 1, 0)], |_| {});
+    let luns = rig.load_luns();
+    let map = tgtmap::map_of_device(&luns[1].dev).expect("the LUNs' target map");
+    let held = luns[1].binding.clone();
+    // A consumer holds LUN 1 open (no I/O): its offline must be refused.
+    held.open().expect("open LUN 1");
+    rig.qmp("device_del", rvscsi_qtest::json!({"id": "hd1"}));
+    rig.bed()
+        .machine
+        .with_qemu(|q| q.wait_qmp_event("DEVICE_DELETED", Duration::from_secs(20)))
+        .expect("QEMU")
+        .expect("DEVICE_DELETED");
+    wait_until(
+        "LUN 1's target driver is told the device was removed",
+        Duration::from_secs(30),
+        || held.is_removed(),
+    );
+    assert!(held.refusals() > 0 && !held.is_detached());
+    assert!(
+        rig.bed().device(1, 0).is_none(),
+        "hidden from the map's LUNs"
+    );
+    assert!(
+        map.removed_devices()
+            .iter()
+            .any(|d| std::ptr::eq(d.sd, luns[1].dev.sd))
+            && device::is_allocated(luns[1].dev.sd),
+        "kept, with its scsi_device"
+    );
+    // The disk comes back at the same address: the framework reprobes the
+    // removed node and reinserts it (scsi_device_config), no new child.
+    let img = rvscsi_sim::testkit::Image::patterned(&rig.dir.path("back.img"), 77, 8192);
+    rig.hot_plug("hd1b", &img.path, 1, 0);
+    wait_until("1,0 is configured again", Duration::from_secs(30), || {
+        rig.bed().device(1, 0).is_some()
+    });
+    let back = rig.bed().device(1, 0).expect("1,0");
+    assert!(
+        std::ptr::eq(back.sd, luns[1].dev.sd),
+        "the removed node was reinserted, not a second child made"
+    );
+    assert!(!held.is_removed(), "its target driver was told");
+    assert!(map.removed_devices().is_empty());
+    held.close();
+    // It works again, with what the new disk holds.
+    rvscsi_sim::testkit::clear_unit_attention(&back);
+    let again = vec![
+        luns[0].clone(),
+        std::sync::Arc::new(load::Lun::bound(
+            back,
+            held.clone(),
+            img.expected(0, img.blocks),
+        )),
+    ];
+    let r = load::run(
+        &again,
+        &LoadConfig {
+            commands: 200,
+            seed: 5,
+            ..LoadConfig::default()
+        },
+        &load::only_good,
+        &mut |_| {},
+    );
+    r.assert_clean("the reinserted LUN under load");
+    assert!(r.completions.iter().any(|c| c.lun == 1 && c.good()));
+    drop(again);
+    rig.finish_clean();
+    assert!(held.is_detached(), "detached when the iport went");
 }
 
 #[test]

@@ -141,3 +141,23 @@ pub extern "C" fn scsi_device_unit_address(sd: *mut scsi_device) -> *mut c_char 
 pub fn hba_private(sd: *mut scsi_device) -> *mut c_void {
     scsi_device_hba_private_get(sd)
 }
+
+/// Whether `sd` is a live `scsi_device` (allocated by the framework and
+/// not yet freed by the child's teardown), for tests.
+pub fn is_allocated(sd: *mut scsi_device) -> bool {
+    lock(&DEVICES)
+        .get_or_insert_with(HashSet::new)
+        .contains(&(sd as usize))
+}
+
+/// How many live `scsi_device`s address through `tran` (children of the
+/// iport whose tran it is, probe nodes included).
+pub fn live_under(tran: *mut scsi_hba_tran) -> usize {
+    lock(&DEVICES)
+        .get_or_insert_with(HashSet::new)
+        .iter()
+        // SAFETY: registered devices are live boxes (freed only after
+        // leaving the set, under the same lock).
+        .filter(|&&p| unsafe { (*(p as *const ScsiDeviceRaw)).sd_address.a_hba_tran } == tran)
+        .count()
+}

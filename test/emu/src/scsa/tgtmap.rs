@@ -26,9 +26,37 @@ use std::time::{Duration, Instant};
 const SETTLE: Duration = Duration::from_millis(20);
 
 /// A LUN the target driver attached to (or refused).
+///
+/// When a target map drops a LUN, the framework does not simply free it:
+/// `scsi_lunmap_unconfig` -> `scsi_hba_bus_unconfigone_addr` ->
+/// `scsi_device_unconfig` (`scsi_hba.c`) calls
+/// `ndi_devi_offline(child, NDI_DEVFS_CLEAN | NDI_DEVI_REMOVE)`. That
+/// fails while the child is open (`detach_node` in `devcfg.c` refuses a
+/// node with `devi_ref` held) or while its target driver refuses
+/// detach(9E) (`sd_unit_detach`: commands in the driver or in transport,
+/// layered opens). The framework then only marks the child removed
+/// (`ndi_devi_device_remove`, `devcfg.c`: the node is hidden, flagged
+/// `DEVI_DEVICE_REMOVED`, and the `LDI_EV_DEVICE_REMOVE` finalize callbacks
+/// and a sysevent tell its consumers) and keeps it, `scsi_device` and all.
+/// `tran_tgt_free` runs only when the child is really taken down: after a
+/// successful detach(9E), `devi_detach_node` -> `ddi_uninitchild` ->
+/// `scsi_busctl_uninitchild`.
 pub trait TargetInstance: Send + Sync {
-    /// The LUN goes away (detach(9E) of the target driver).
+    /// detach(9E) of a target driver that never refuses it.
     fn detach(&self);
+    /// detach(9E) as the framework's offline calls it: `Err(why)` where
+    /// the driver (or the framework, for an open device) refuses, and the
+    /// instance stays attached. By default the driver never refuses.
+    fn try_detach(&self) -> Result<(), String> {
+        self.detach();
+        Ok(())
+    }
+    /// The framework declared the device removed (`ndi_devi_device_remove`
+    /// after a failed offline); the instance stays attached.
+    fn device_removed(&self) {}
+    /// A removed device answered a later probe at its address again
+    /// (`scsi_device_config`: reprobe, then `ndi_devi_device_insert`).
+    fn device_inserted(&self) {}
 }
 
 /// The target driver the emulated framework binds LUNs to (sd's role).
@@ -63,6 +91,13 @@ struct MapState {
     /// Children configured by name (`config_one`) under a unit address
     /// other than the one enumeration gave their LUN.
     by_name: Vec<Lun>,
+    /// Children the map dropped whose offline failed: marked removed
+    /// (`DEVI_DEVICE_REMOVED`, hidden) and kept until a later unconfigure
+    /// takes them down or a probe finds the device back. No map callback
+    /// retries them: `scsi_lunmap_unconfig` returns `DAM_SUCCESS` whatever
+    /// `scsi_device_unconfig` managed, and the lunmap has no
+    /// activate/deactivate callbacks (`scsi_lunmap_create` passes NULL).
+    removed: Vec<Lun>,
 }
 
 /// A target map.
@@ -102,6 +137,15 @@ fn map_of(p: *mut scsi_hba_tgtmap_t, func: &str) -> Option<Arc<TgtMap>> {
         violation(format!("{func}: unknown target map {p:p}"));
     }
     m
+}
+
+/// The target map whose children include `dev` (the map of its iport).
+pub fn map_of_device(dev: &Device) -> Option<Arc<TgtMap>> {
+    lock(&MAPS)
+        .get_or_insert_with(HashMap::new)
+        .values()
+        .find(|m| m.tran == dev.tran)
+        .cloned()
 }
 
 /// The target map of iport `iport`, if it has one.
@@ -245,6 +289,50 @@ impl TgtMap {
             .collect()
     }
 
+    /// Children kept after a failed offline, marked removed (hidden from
+    /// [`Self::devices`], as `ndi_devi_set_hidden` hides them from lookups).
+    pub fn removed_devices(&self) -> Vec<Arc<Device>> {
+        lock(&self.state)
+            .removed
+            .iter()
+            .map(|l| l.device.clone())
+            .collect()
+    }
+
+    /// `BUS_UNCONFIG_ALL` of the iport for the children kept removed
+    /// (what `cfgadm -c unconfigure`, `devfsadm -C` or the iport's own
+    /// offline ask of `scsi_hba_bus_unconfig_tgtmap` ->
+    /// `ndi_busop_bus_unconfig`): each is offlined again, and freed
+    /// (`tran_tgt_free`) if its target driver now detaches. Returns how
+    /// many are still kept.
+    pub fn unconfig_removed(&self) -> usize {
+        let _g = set_current(&self.hba.machine);
+        {
+            let mut s = lock(&self.state);
+            while s.busy {
+                s = self
+                    .cv
+                    .wait_timeout(s, Duration::from_millis(50))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            s.busy = true;
+        }
+        let kept = std::mem::take(&mut lock(&self.state).removed);
+        let mut still = Vec::new();
+        for l in kept {
+            if let Err((l, _)) = self.offline(l) {
+                still.push(l);
+            }
+        }
+        let mut s = lock(&self.state);
+        let n = still.len();
+        s.removed.extend(still);
+        s.busy = false;
+        self.cv.notify_all();
+        n
+    }
+
     /// Runs a LUN rescan of `target` (as `scsi_hba_tgtmap_scan_luns`).
     pub fn scan_luns(&self, target: &str) {
         self.notify(Work::ScanLuns(target.to_string()));
@@ -294,7 +382,7 @@ impl TgtMap {
         for gone in configured.difference(&reported) {
             let luns = lock(&self.state).configured.remove(gone);
             for (_, l) in luns.into_iter().flatten() {
-                self.offline(l);
+                self.unconfig(l);
             }
         }
         for new in reported.difference(&configured) {
@@ -325,7 +413,7 @@ impl TgtMap {
                 .get_mut(target)
                 .and_then(|m| m.remove(gone));
             if let Some(l) = l {
-                self.offline(l);
+                self.unconfig(l);
             }
         }
         for new in want.difference(&have) {
@@ -502,6 +590,9 @@ impl TgtMap {
     }
 
     fn online_at(&self, ua: &str, target: &str, lun64: u64) -> Option<Lun> {
+        if let Some(found) = self.reinsert(ua) {
+            return found;
+        }
         let dev = self.make_child_at(ua, target, lun64, "disk")?;
         let inq = Self::inquiry(&dev);
         let present = inq
@@ -530,11 +621,72 @@ impl TgtMap {
         })
     }
 
-    fn offline(&self, l: Lun) {
-        if let Some(i) = l.instance {
-            i.detach();
+    /// `scsi_device_config` finding a removed child at `ua`
+    /// (`scsi_findchild` finds it by name@addr; `ndi_devi_device_isremoved`
+    /// makes the framework reprobe it): if the device answers, the same
+    /// node comes back (`ndi_devi_device_insert`), with no new
+    /// `tran_tgt_init`; if not, it stays removed and nothing is configured.
+    /// `None`: no removed child there.
+    fn reinsert(&self, ua: &str) -> Option<Option<Lun>> {
+        let at_ua = |l: &Lun| {
+            node(l.device.node, "scsi_device_config")
+                .and_then(|n| n.unit_address())
+                .is_some_and(|u| u.to_bytes() == ua.as_bytes())
+        };
+        let dev = {
+            let s = lock(&self.state);
+            s.removed.iter().find(|l| at_ua(l))?.device.clone()
+        };
+        let present = Self::inquiry(&dev).is_some_and(|d| !d.is_empty() && d[0] >> 5 == 0);
+        if !present {
+            return Some(None);
+        }
+        let mut s = lock(&self.state);
+        let i = s
+            .removed
+            .iter()
+            .position(|l| Arc::ptr_eq(&l.device, &dev))?;
+        let l = s.removed.remove(i);
+        drop(s);
+        if let Some(inst) = &l.instance {
+            inst.device_inserted();
+        }
+        Some(Some(l))
+    }
+
+    /// `scsi_device_unconfig` (`scsi_hba.c`) of a child the map dropped:
+    /// offline it, or, if that fails, mark it removed and keep it.
+    fn unconfig(&self, l: Lun) {
+        let Err((l, why)) = self.offline(l) else {
+            return;
+        };
+        let ua = node(l.device.node, "scsi_device_unconfig")
+            .and_then(|n| n.unit_address())
+            .map(|u| u.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // i_ndi_devi_report_status_change: "?<path> (<driver><inst>) removed".
+        self.hba.machine.log_line(
+            ffi::CE_CONT,
+            &format!("?disk@{ua} removed (offline failed: {why})"),
+        );
+        if let Some(i) = &l.instance {
+            i.device_removed();
+        }
+        lock(&self.state).removed.push(l);
+    }
+
+    /// `ndi_devi_offline(child, NDI_DEVFS_CLEAN | NDI_DEVI_REMOVE)`:
+    /// detach(9E) of the target driver, then (only then) `tran_tgt_free`
+    /// and the node's removal. A refused detach leaves everything as it
+    /// was and hands the child back.
+    fn offline(&self, l: Lun) -> Result<(), (Lun, String)> {
+        if let Some(i) = &l.instance
+            && let Err(why) = i.try_detach()
+        {
+            return Err((l, why));
         }
         self.free_child(&l.device, true);
+        Ok(())
     }
 
     /// `BUS_CONFIG_ONE` of `disk@<addr>` (`scsi_hba.c`,
@@ -623,14 +775,44 @@ impl TgtMap {
         let all: Vec<Lun> = {
             let mut s = lock(&self.state);
             let by_name = std::mem::take(&mut s.by_name);
+            let removed = std::mem::take(&mut s.removed);
             std::mem::take(&mut s.configured)
                 .into_values()
                 .flat_map(|m| m.into_values())
                 .chain(by_name)
+                .chain(removed)
                 .collect()
         };
+        let mut held = 0;
         for l in all {
-            self.offline(l);
+            if let Err((l, why)) = self.offline(l) {
+                held += 1;
+                // illumos unconfigures an iport's children before its
+                // detach(9E) (devi_unconfig_branch) and refuses the iport's
+                // offline while one stays attached; here the map is going
+                // with a child its target driver still holds. That is
+                // reported, and the child left allocated rather than freed
+                // under its user.
+                let ua = node(l.device.node, "scsi_hba_tgtmap_destroy")
+                    .and_then(|n| n.unit_address())
+                    .map(|u| u.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                violation(format!(
+                    "scsi_hba_tgtmap_destroy: child @{ua} is still held by its target \
+                     driver ({why}); illumos would not have let the iport detach"
+                ));
+                std::mem::forget(l);
+            }
+        }
+        // Every child the map made is gone now (or was reported above): a
+        // scsi_device left behind is a child this map lost track of, whose
+        // tran_tgt_free never ran.
+        let left = device::live_under(self.tran);
+        if left > held {
+            violation(format!(
+                "scsi_hba_tgtmap_destroy: {} children left without tran_tgt_free",
+                left - held
+            ));
         }
     }
 }
