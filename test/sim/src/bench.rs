@@ -270,6 +270,10 @@ pub struct Row {
     pub qd: u32,
     /// Request queues.
     pub queues: u32,
+    /// MSI-X vectors the driver holds (what the emulated kernel granted:
+    /// one per request queue and one for configuration and events through
+    /// IRM under apix).
+    pub vectors: usize,
     /// Driver configuration.
     pub variant: Variant,
     /// Device register accesses per command.
@@ -302,6 +306,7 @@ impl Row {
             "mix": self.mix.name(),
             "qd": self.qd,
             "queues": self.queues,
+            "vectors": self.vectors,
             "exits_per_cmd": self.exits_per_cmd,
             "interrupts_per_cmd": self.interrupts_per_cmd,
             "isr_reads_per_cmd": self.isr_reads_per_cmd,
@@ -330,11 +335,12 @@ fn row_key(backend: Backend, mix: Mix, qd: u32, queues: u32, v: Variant) -> Stri
 /// Table header.
 pub fn table_header() -> String {
     format!(
-        "{:<7} {:<13} {:>4} {:>6} {:<17} {:>9} {:>8} {:>7} {:>9} {:>10} {:>20} {:>10} {:>9}",
+        "{:<7} {:<13} {:>4} {:>6} {:>7} {:<17} {:>9} {:>8} {:>7} {:>9} {:>10} {:>20} {:>10} {:>9}",
         "backend",
         "mix",
         "qd",
         "queues",
+        "vectors",
         "driver",
         "exits/cmd",
         "intr/cmd",
@@ -350,11 +356,12 @@ pub fn table_header() -> String {
 /// One table line.
 pub fn table_line(r: &Row) -> String {
     format!(
-        "{:<7} {:<13} {:>4} {:>6} {:<17} {:>9.3} {:>8.3} {:>7.3} {:>9.3} {:>10.1} {:>20} {:>10} {:>9.0}",
+        "{:<7} {:<13} {:>4} {:>6} {:>7} {:<17} {:>9.3} {:>8.3} {:>7.3} {:>9.3} {:>10.1} {:>20} {:>10} {:>9.0}",
         backend_name(r.backend),
         r.mix.name(),
         r.qd,
         r.queues,
+        r.vectors,
         r.variant.name(),
         r.exits_per_cmd,
         r.interrupts_per_cmd,
@@ -585,6 +592,8 @@ struct Setup<'a> {
     lun: &'a Lun,
     backend: Backend,
     queues: u32,
+    /// MSI-X vectors the driver holds.
+    vectors: usize,
     variant: Variant,
     /// Nanoseconds each side switch of the meter adds to the driver.
     switch_ns: f64,
@@ -622,6 +631,7 @@ fn measure(s: &Setup<'_>, o: &BenchOptions, mix: Mix, qd: u32) -> Result<Row, St
         mix,
         qd,
         queues: s.queues,
+        vectors: s.vectors,
         variant: s.variant,
         exits_per_cmd: med.exits as f64 / n,
         interrupts_per_cmd: med.interrupts as f64 / n,
@@ -813,6 +823,7 @@ pub fn run(o: &BenchOptions, out: &mut dyn Write, err: &mut dyn Write) -> Result
                     lun: &lun,
                     backend,
                     queues,
+                    vectors: rvscsi_emu::ddi::intr::allocated(&rig.bed().machine, rig.bed().hba),
                     variant,
                     switch_ns,
                 };

@@ -112,6 +112,9 @@ fn suppression_and_batching_cut_device_accesses_and_the_io_path_allocates_nothin
     let ours32x4 = row(&rows, Variant::Rvscsi, 32, 4);
     assert!(ours32x4.exits_per_cmd <= 0.3, "{ours32x4:?}");
     for r in &rows {
+        // Through IRM (apix) a vector per request queue and one for
+        // configuration and events.
+        assert_eq!(r.vectors, 1 + r.queues as usize, "{r:?}");
         assert_eq!(r.isr_reads_per_cmd, 0.0, "MSI-X needs no ISR read: {r:?}");
         assert_eq!(r.allocs_per_cmd, 0.0, "no allocation per command: {r:?}");
         assert!(
@@ -135,6 +138,7 @@ fn json_rows_carry_the_documented_fields_on_every_queue_count() {
             "mix",
             "qd",
             "queues",
+            "vectors",
             "exits_per_cmd",
             "interrupts_per_cmd",
             "allocs_per_cmd",
