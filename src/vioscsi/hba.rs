@@ -686,7 +686,12 @@ impl VioScsi {
         let nq = self.queues.len() as u16;
         let wanted = MsixLayout::wanted(nq);
         let held = intr.count();
-        let target = intr.available().min(wanted).max(1);
+        let available = intr.available();
+        if available == 0 {
+            // The kernel would not say what the grant is: change nothing.
+            return ffi::DDI_FAILURE;
+        }
+        let target = available.min(wanted);
         let me = self as *const VioScsi as *mut c_void;
         let mut result = ffi::DDI_SUCCESS;
         if target < held {

@@ -374,7 +374,7 @@ fn irm_modify_static(irm: &mut Irm, dip: usize, nreq: u32, nintrs: u32) {
     let Some(pool) = irm.pool.as_mut() else {
         return;
     };
-    let (cur_nreq, cur_navail) = (pool.reqs[pi].nreq, pool.reqs[pi].navail);
+    let cur_nreq = pool.reqs[pi].nreq;
     if nreq > cur_nreq {
         // i_ddi_irm_modify_increase: directly from the pool when it fits
         // (a rebalance could not take vectors from static requests).
@@ -385,7 +385,6 @@ fn irm_modify_static(irm: &mut Irm, dip: usize, nreq: u32, nintrs: u32) {
         pool.reqs[pi].nreq += count;
         pool.reqs[pi].navail += count;
     } else {
-        let _ = cur_navail;
         pool.reqs[pi].nreq = nreq;
         pool.reqs[pi].navail = nreq;
     }
