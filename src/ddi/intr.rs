@@ -498,3 +498,27 @@ impl Drop for Interrupts {
         // Then `irm` drops: ddi_cb_unregister with nothing allocated.
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn irm_callback_actions_decode_with_their_count_and_unknown_ones_do_not() {
+        let n = |v: usize| v as *mut c_void;
+        assert_eq!(
+            IrmChange::decode(ffi::DDI_CB_INTR_ADD, n(3)),
+            Some(IrmChange::Add(3))
+        );
+        assert_eq!(
+            IrmChange::decode(ffi::DDI_CB_INTR_REMOVE, n(5)),
+            Some(IrmChange::Remove(5))
+        );
+        assert_eq!(IrmChange::decode(7, n(1)), None);
+        // A count that does not fit is saturated, not wrapped.
+        assert_eq!(
+            IrmChange::decode(ffi::DDI_CB_INTR_REMOVE, n(usize::MAX)),
+            Some(IrmChange::Remove(u32::MAX))
+        );
+    }
+}

@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 pub const USAGE: &str = "\
 usage: rvscsi-sim bench [--json] [--commands N] [--repeat N] [--qd LIST]
                         [--queues LIST] [--mix LIST] [--backend LIST]
-                        [--no-instructions] [--module PATH]
+                        [--no-instructions] [--module PATH] [--psm NAME]
 
 Runs the driver at a fixed queue depth, each completion starting the next
 command, on QEMU's virtio-scsi (through the test bed) and on an in-process
@@ -68,6 +68,9 @@ driver that notifies on every command without EVENT_IDX.
   --backend LIST     qemu, memory (default both)
   --no-instructions  skip the callgrind run (insns_per_cmd stays null)
   --module PATH      bench the kernel module object instead of the library
+  --psm NAME         the emulated kernel's interrupt platform: apix (default,
+                     what illumos runs on QEMU/KVM: an IRM pool, a vector per
+                     request queue) or pcplusmp (no pool: 2 MSI-X vectors)
 ";
 
 /// A workload.
@@ -156,6 +159,8 @@ pub struct BenchOptions {
     pub backends: Vec<Backend>,
     /// Count instructions with callgrind (memory back end).
     pub instructions: bool,
+    /// The emulated kernel's interrupt platform.
+    pub psm: rvscsi_emu::ddi::intr::Psm,
     /// The `rvscsi-sim` executable, run under callgrind for the
     /// instruction counts (the running one if None).
     pub exe: Option<PathBuf>,
@@ -176,6 +181,7 @@ impl Default for BenchOptions {
             module: None,
             backends: vec![Backend::Qemu, Backend::Memory],
             instructions: true,
+            psm: rvscsi_emu::ddi::intr::Psm::default(),
             exe: None,
             callgrind_child: false,
         }
@@ -242,6 +248,15 @@ pub fn parse(args: &[String]) -> Result<BenchOptions, String> {
                 })?;
             }
             "--no-instructions" => o.instructions = false,
+            "--psm" => {
+                o.psm = match value()?.as_str() {
+                    "apix" => rvscsi_emu::ddi::intr::Psm::Apix,
+                    "pcplusmp" => rvscsi_emu::ddi::intr::Psm::Pcplusmp,
+                    other => {
+                        return Err(format!("bench: --psm {other}: apix or pcplusmp"));
+                    }
+                }
+            }
             "--callgrind-child" => o.callgrind_child = true,
             "--module" => o.module = Some(value()?),
             other => return Err(format!("bench: unknown argument '{other}'")),
@@ -705,6 +720,9 @@ fn count_instructions(o: &BenchOptions) -> Result<HashMap<String, f64>, String> 
     if let Some(m) = &o.module {
         cmd.args(["--module", m]);
     }
+    if o.psm == rvscsi_emu::ddi::intr::Psm::Pcplusmp {
+        cmd.args(["--psm", "pcplusmp"]);
+    }
     let run = cmd.output().map_err(|e| {
         format!(
             "cannot run valgrind ({e}); install it (apt-get install valgrind) for insns_per_cmd"
@@ -814,6 +832,7 @@ pub fn run(o: &BenchOptions, out: &mut dyn Write, err: &mut dyn Write) -> Result
                     binding,
                     backend,
                     blank_images: true,
+                    psm: o.psm,
                     ..RigConfig::default()
                 })?;
                 let luns = rig.load_luns();

@@ -172,3 +172,29 @@ fn back_ends_are_chosen_by_name_and_unknown_ones_are_refused() {
     let e = bench::run(&child, &mut Vec::new(), &mut err).unwrap_err();
     assert!(e.contains("under valgrind"), "{e}");
 }
+
+#[test]
+fn under_pcplusmp_the_bench_runs_on_the_two_vectors_illumos_grants_there() {
+    let (rows, table) = run(BenchOptions {
+        commands: 200,
+        repeat: 1,
+        qds: vec![8],
+        queues: vec![4],
+        mixes: vec![Mix::RandRead4k],
+        backends: vec![Backend::Qemu],
+        instructions: false,
+        psm: rvscsi_emu::ddi::intr::Psm::Pcplusmp,
+        ..BenchOptions::default()
+    });
+    eprintln!("{table}");
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        // Configuration and events on vector 0, the four queues on 1.
+        assert_eq!(r.vectors, 2, "{r:?}");
+        assert!(r.interrupts_per_cmd > 0.0, "{r:?}");
+    }
+    assert!(
+        bench::parse(&["--psm".into(), "xen".into()]).is_err(),
+        "an unknown platform is refused"
+    );
+}
