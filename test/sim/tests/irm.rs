@@ -25,6 +25,15 @@ fn attach_line(rig: &Rig) -> String {
 /// A machine with a virtio-scsi HBA of `queues` request queues (QEMU gives
 /// it `queues + 3` MSI-X vectors) and a device node for it.
 fn machine(psm: Psm, queues: u32) -> (Arc<Machine>, *mut ffi::dev_info_t) {
+    machine_with_pool(psm, queues, None)
+}
+
+/// [`machine`] with the `apix_system_max_vectors` tunable.
+fn machine_with_pool(
+    psm: Psm,
+    queues: u32,
+    pool: Option<u32>,
+) -> (Arc<Machine>, *mut ffi::dev_info_t) {
     let dir = rvscsi_sim::testkit::TempDir::new("irm");
     let img = rvscsi_sim::testkit::Image::blank(&dir.path("d.img"), 2048);
     let mut mc = MachineConfig::virtio_scsi(vec![rvscsi_emu::Disk {
@@ -35,6 +44,7 @@ fn machine(psm: Psm, queues: u32) -> (Arc<Machine>, *mut ffi::dev_info_t) {
     mc.virtio = VirtioPci::ModernOnly;
     mc.num_queues = Some(queues);
     mc.psm = psm;
+    mc.apix_system_max_vectors = pool;
     let m = Machine::launch(mc).expect("machine");
     std::mem::forget(dir); // QEMU keeps the image open
     let dip = DevInfo::create(m.clone(), NodeKind::Hba, std::ptr::null_mut(), 0, "scsi");
@@ -148,6 +158,96 @@ fn without_an_irm_callback_illumos_grants_two_msix_vectors_under_pcplusmp_and_ei
         assert!(m.live.leaks().is_empty(), "{:?}", m.live.leaks());
         m.shutdown();
     }
+}
+
+static CALLS: std::sync::Mutex<Vec<(c_int, usize)>> = std::sync::Mutex::new(Vec::new());
+
+/// An IRM callback that records what it is told and releases nothing.
+unsafe extern "C" fn record_and_keep(
+    _dip: *mut ffi::dev_info_t,
+    action: c_int,
+    cbarg: *mut c_void,
+    _arg1: *mut c_void,
+    _arg2: *mut c_void,
+) -> c_int {
+    CALLS.lock().unwrap().push((action, cbarg as usize));
+    ffi::DDI_SUCCESS
+}
+
+/// The pool reduces an IRM driver for another device's sake (never below
+/// its default size, 8), and one that keeps what it lost is warned about
+/// as `i_ddi_irm_notify` does, and is a violation here; unregistering with
+/// vectors still held shrinks the request to the static limit first, with
+/// a REMOVE to the callback still registered (`i_ddi_irm_set_cb`).
+#[test]
+fn the_pool_reduces_an_irm_driver_and_one_that_keeps_the_excess_is_caught() {
+    let (m, dip) = machine_with_pool(Psm::Apix, 12, Some(16));
+    let _g = set_current(&m);
+    assert_eq!(emu_intr::irm_pool(&m), Some((16, 8)));
+    let mut hdl = std::ptr::null_mut();
+    // SAFETY: a node of the machine, kernel context, out-pointer.
+    let rc = unsafe {
+        emu_intr::ddi_cb_register(
+            dip,
+            ffi::DDI_CB_FLAG_INTR,
+            Some(record_and_keep),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            &mut hdl,
+        )
+    };
+    assert_eq!(rc, ffi::DDI_SUCCESS);
+    let mut again = std::ptr::null_mut();
+    // SAFETY: as above.
+    let rc = unsafe {
+        emu_intr::ddi_cb_register(
+            dip,
+            ffi::DDI_CB_FLAG_INTR,
+            Some(record_and_keep),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            &mut again,
+        )
+    };
+    assert_eq!(rc, ffi::DDI_EALREADY, "one registration per node");
+    let (rc, h) = alloc(dip, 0, 14, ffi::DDI_INTR_ALLOC_NORMAL);
+    assert_eq!((rc, h.len()), (ffi::DDI_SUCCESS, 14));
+    // Another device wants 8: the pool (16) would take 6 back from the
+    // driver; as it keeps them, the newcomer gets what is left (2).
+    let (other, got) = emu_intr::irm_add_device(&m, 8).expect("fits");
+    assert_eq!(got, 2);
+    assert_eq!(
+        CALLS.lock().unwrap().as_slice(),
+        [(ffi::DDI_CB_INTR_REMOVE, 6)]
+    );
+    // The kernel gave up and left it what it holds.
+    assert_eq!(navail(dip), 14);
+    // It kept all 14: warned, left them, and a violation of ddi_cb_register(9F).
+    assert!(
+        m.log().iter().any(|l| l
+            .text
+            .contains("failed to release interrupts (nintrs=14, navail=8)")),
+        "{:?}",
+        m.log()
+    );
+    let v = m.violations();
+    assert!(v.iter().any(|t| t.contains("kept 14 interrupts")), "{v:?}");
+    assert_eq!(emu_intr::irm_grant(&m, dip), Some((14, 14)));
+    emu_intr::irm_remove_device(&m, other);
+
+    // Unregistering with 14 held: the request shrinks to the static limit
+    // (8) and the callback, still registered, is told.
+    CALLS.lock().unwrap().clear();
+    assert_eq!(emu_intr::ddi_cb_unregister(hdl), ffi::DDI_SUCCESS);
+    assert_eq!(
+        CALLS.lock().unwrap().as_slice(),
+        [(ffi::DDI_CB_INTR_REMOVE, 6)]
+    );
+    free_all(&h);
+    // SAFETY: no driver uses the node.
+    unsafe { DevInfo::destroy(dip) };
+    assert!(m.live.leaks().is_empty(), "{:?}", m.live.leaks());
+    m.shutdown();
 }
 
 /// Without a callback the driver could not have more than 8 vectors under
