@@ -320,10 +320,50 @@ fn io_and_vectors_fired(rig: &Rig, on: usize) -> Vec<usize> {
 /// that device goes, DDI_CB_INTR_ADD brings the driver back to 13.
 #[test]
 fn an_irm_remove_mid_run_moves_the_queues_and_io_keeps_working_then_add_restores_them() {
+    for transport in ["modern", "legacy"] {
+        remove_then_add(RigConfig {
+            transport: transport.into(),
+            ..RigConfig::default()
+        });
+    }
+}
+
+/// The same through the shipped module object (`target/kernel/rvscsi`,
+/// built by `pkg/build.sh`), its imports bound by the loader.
+#[test]
+fn the_shipped_module_follows_an_irm_remove_and_add_too() {
+    let path =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/kernel/rvscsi");
+    assert!(
+        path.exists(),
+        "{} is missing: pkg/build.sh (test/run.sh runs it first) builds the module",
+        path.display()
+    );
+    let mut module = rvscsi_loader::Module::load_file(&path, &rvscsi_loader::Kernel::test_bed())
+        .unwrap_or_else(|e| panic!("load: {e}"));
+    module.init().unwrap_or_else(|e| panic!("_init: {e}"));
+    remove_then_add(RigConfig {
+        binding: rvscsi_sim::testkit::Binding::DevOps(module.dev_ops().expect("installed")),
+        ..RigConfig::default()
+    });
+    assert_eq!(module.fini().expect("_fini"), 0);
+}
+
+/// Sets the flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// The REMOVE and ADD of the test above on a rig made from `base`.
+fn remove_then_add(base: RigConfig) {
     let rig = Rig::start(RigConfig {
         num_queues: Some(12),
         apix_system_max_vectors: Some(16),
-        ..RigConfig::default()
+        ..base
     });
     let m = rig.bed().machine.clone();
     let hba = rig.bed().hba;
@@ -331,6 +371,8 @@ fn an_irm_remove_mid_run_moves_the_queues_and_io_keeps_working_then_add_restores
     assert_eq!(emu_intr::irm_grant(&m, hba), Some((13, 13)));
     let disk = rig.disk0();
     let stop = Arc::new(AtomicBool::new(false));
+    // The I/O threads stop when the test does, passing or not.
+    let _stop_guard = StopOnDrop(stop.clone());
     let io: Vec<_> = (0..8usize)
         .map(|on| {
             let (d, stop) = (disk.clone(), stop.clone());
@@ -338,7 +380,8 @@ fn an_irm_remove_mid_run_moves_the_queues_and_io_keeps_working_then_add_restores
                 rvscsi_emu::ddi::cpu::run_on(on);
                 let lba = 1024 + on as u64 * 128;
                 let mut rounds = 0u64;
-                while !stop.load(Ordering::Acquire) && rounds < 400 {
+                // Until told to stop (the cap only bounds a runaway test).
+                while !stop.load(Ordering::Acquire) && rounds < 1_000_000 {
                     let data = random_bytes(rounds * 8 + on as u64, 16 << 10);
                     d.write(lba, &data).expect("write");
                     assert_eq!(d.read(lba, 16 << 10).expect("read"), data);
