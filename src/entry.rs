@@ -28,6 +28,7 @@ use core::ffi::{CStr, c_char, c_int, c_uint, c_void};
 fn callbacks() -> Callbacks {
     Callbacks {
         intr: rvscsi_intr,
+        irm: rvscsi_irm,
         work: rvscsi_work,
         watchdog: rvscsi_watchdog,
     }
@@ -576,6 +577,37 @@ unsafe extern "C" fn rvscsi_intr(arg1: caddr_t, arg2: caddr_t) -> uint_t {
     match unsafe { arg1.cast::<VioScsi>().as_ref() } {
         Some(hba) => hba.interrupt(VectorRole::decode(arg2 as usize)),
         None => ffi::DDI_INTR_UNCLAIMED,
+    }
+}
+
+/// The IRM callback (`ddi_cb_func_t`, ddi_cb_register(9F)): arg1 the
+/// `IrmLink` of the HBA's interrupts, whose owner is the HBA once it exists.
+unsafe extern "C" fn rvscsi_irm(
+    _dip: *mut ffi::dev_info_t,
+    action: c_int,
+    cbarg: *mut c_void,
+    arg1: *mut c_void,
+    _arg2: *mut c_void,
+) -> c_int {
+    let Some(change) = crate::ddi::intr::IrmChange::decode(action, cbarg) else {
+        return ffi::DDI_ENOTSUP;
+    };
+    // SAFETY: arg1 is the IrmLink registered with the callback; it lives
+    // until ddi_cb_unregister, which detach calls after freeing every
+    // vector (no callback runs after the last free returns).
+    let Some(link) = (unsafe { arg1.cast::<crate::ddi::intr::IrmLink>().as_ref() }) else {
+        return ffi::DDI_FAILURE;
+    };
+    // SAFETY: the owner is the boxed HBA, set after it was built and valid
+    // until detach has unregistered the callback, before freeing it.
+    match unsafe { link.owner().cast::<VioScsi>().as_ref() } {
+        Some(hba) => hba.irm_changed(change),
+        // Still attaching: an ADD need not be taken; a REMOVE cannot be
+        // followed yet (the kernel then leaves the vectors, with a warning).
+        None => match change {
+            crate::ddi::intr::IrmChange::Add(_) => ffi::DDI_SUCCESS,
+            crate::ddi::intr::IrmChange::Remove(_) => ffi::DDI_FAILURE,
+        },
     }
 }
 

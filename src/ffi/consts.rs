@@ -86,6 +86,14 @@ abi_constants! {
     DDI_INTR_ALLOC_STRICT: c_int = 1;
     DDI_INTR_FLAG_BLOCK: c_int = 0x100;
     DDI_INTR_PRI_MAX: u32 = 12;
+    DDI_INTR_NOTFOUND: c_int = 1;
+    DDI_EALREADY: c_int = -7;
+
+    // ddi_cb_register(9F): ddi_cb_flags_t and ddi_cb_action_t
+    // (sys/ddi_impldefs.h enums)
+    DDI_CB_FLAG_INTR: c_int = 1;
+    DDI_CB_INTR_ADD: c_int = 0;
+    DDI_CB_INTR_REMOVE: c_int = 1;
 
     // ddi_prop_*(9F)
     DDI_PROP_SUCCESS: c_int = 0;

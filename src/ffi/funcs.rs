@@ -129,6 +129,20 @@ unsafe extern "C" {
     pub fn ddi_intr_disable(h: ddi_intr_handle_t) -> c_int;
     pub fn ddi_intr_block_enable(h_array: *mut ddi_intr_handle_t, count: c_int) -> c_int;
     pub fn ddi_intr_block_disable(h_array: *mut ddi_intr_handle_t, count: c_int) -> c_int;
+    /// `uint_t ddi_intr_get_hilevel_pri(void)` (ddi_intr.h; the man page
+    /// says `int`, the header and `ddi_intr.c` say `uint_t`): `LOCK_LEVEL + 1`.
+    pub fn ddi_intr_get_hilevel_pri() -> c_uint;
+
+    // ---- interrupt resource management: ddi_cb_register(9F) -----------------
+    pub fn ddi_cb_register(
+        dip: *mut dev_info_t,
+        flags: ddi_cb_flags_t,
+        cbfunc: ddi_cb_func_t,
+        arg1: *mut c_void,
+        arg2: *mut c_void,
+        ret_hdlp: *mut ddi_cb_handle_t,
+    ) -> c_int;
+    pub fn ddi_cb_unregister(hdl: ddi_cb_handle_t) -> c_int;
 
     // ---- properties: ddi_prop_get_int(9F), ddi_prop_lookup(9F) -------------
     pub fn ddi_prop_get_int(

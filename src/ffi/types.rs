@@ -66,6 +66,8 @@ opaque_types! {
     __ddi_intr_handle;
     /// `struct __ddi_periodic`, behind `ddi_periodic_t` (sys/dditypes.h).
     __ddi_periodic;
+    /// `struct __ddi_cb`, behind `ddi_cb_handle_t` (sys/sunddi.h).
+    __ddi_cb;
     /// `struct scsi_device`: reached only through DDI accessors
     /// (`scsi_address_device(9F)`, `scsi_device_hba_private_get(9F)`).
     scsi_device;
@@ -119,6 +121,25 @@ pub type scsi_hba_tran_t = scsi_hba_tran;
 /// (sys/ddi_intr.h), which a parameter of that type adjusts to a pointer
 /// to (C11 6.7.6.3); Rust has no function types, so this is that pointer.
 pub type ddi_intr_handler_t = unsafe extern "C" fn(caddr_t, caddr_t) -> uint_t;
+
+/// `ddi_cb_flags_t`: an enum of `sys/ddi_impldefs.h` (`DDI_CB_FLAG_INTR`),
+/// int-sized on amd64.
+pub type ddi_cb_flags_t = c_int;
+/// `ddi_cb_action_t`: an enum of `sys/ddi_impldefs.h` (`DDI_CB_INTR_ADD`,
+/// `DDI_CB_INTR_REMOVE`), int-sized on amd64.
+pub type ddi_cb_action_t = c_int;
+/// `ddi_cb_handle_t`: `struct __ddi_cb **` (sys/sunddi.h), opaque to
+/// drivers; the driver only hands it back to `ddi_cb_unregister(9F)`.
+pub type ddi_cb_handle_t = *mut *mut __ddi_cb;
+/// `ddi_cb_func_t`: `int (*)(dev_info_t *, ddi_cb_action_t, void *cbarg,
+/// void *arg1, void *arg2)` (sys/ddi_impldefs.h).
+pub type ddi_cb_func_t = unsafe extern "C" fn(
+    *mut dev_info_t,
+    ddi_cb_action_t,
+    *mut c_void,
+    *mut c_void,
+    *mut c_void,
+) -> c_int;
 
 /// A resource callback argument: `int (*)(caddr_t)`, which the DDI also
 /// accepts as the two magic values `DDI_DMA_SLEEP`/`SLEEP_FUNC` (1) and

@@ -6,9 +6,10 @@ use super::config::{CONFIG_LEN, DeviceConfig, Limits};
 use super::events::{EventQueue, Work};
 use super::proto::{self, CONTROL_QUEUE, EVENT_QUEUE, FIRST_REQUEST_QUEUE};
 use super::recovery::ControlQueue;
+use super::vectors::MsixLayout;
 use crate::ddi::dev::StrProp;
 use crate::ddi::dma::{DmaBuffer, DmaMode};
-use crate::ddi::intr::{Interrupts, IntrKind};
+use crate::ddi::intr::{Interrupts, IntrKind, IrmChange};
 use crate::ddi::pci::PciConfig;
 use crate::ddi::sync::KMutex;
 use crate::ddi::taskq::TaskQueue;
@@ -26,7 +27,7 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::ffi::c_void;
 use core::mem::ManuallyDrop;
-use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU8, AtomicU16, AtomicU64, Ordering};
 
 /// Largest ring the driver sets up (modern devices let the driver choose;
 /// legacy ones impose theirs).
@@ -52,12 +53,9 @@ pub mod state {
 /// How completions are signalled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IntrMode {
-    /// MSI-X; `dedicated`: a vector for configuration changes, one for
-    /// events and one per request queue, else everything on vector 0.
-    MsiX {
-        /// One vector per source.
-        dedicated: bool,
-    },
+    /// MSI-X, routed as [`MsixLayout`] says for the vectors held (which an
+    /// IRM callback may change while the driver runs).
+    MsiX,
     /// One MSI vector; the ISR register says why.
     Msi,
     /// The fixed (INTx) line, possibly shared; the ISR says whether it was us.
@@ -76,7 +74,7 @@ impl IntrMode {
     /// Short name.
     pub fn name(self) -> &'static str {
         match self {
-            IntrMode::MsiX { .. } => "MSI-X",
+            IntrMode::MsiX => "MSI-X",
             IntrMode::Msi => "MSI",
             IntrMode::Fixed => "fixed",
             IntrMode::Poll => "polled",
@@ -87,14 +85,11 @@ impl IntrMode {
 /// What an interrupt vector serves (the handler's second argument).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VectorRole {
-    /// Every source (shared MSI-X vector, MSI, fixed).
+    /// Every source, the ISR register saying which (MSI, fixed).
     All,
-    /// Configuration changes.
-    Config,
-    /// The event queue.
-    Events,
-    /// Request queue `n`.
-    Request(u16),
+    /// MSI-X vector `v`: what it serves is the current [`MsixLayout`]'s
+    /// answer, read when it interrupts.
+    MsiX(u16),
 }
 
 impl VectorRole {
@@ -102,9 +97,7 @@ impl VectorRole {
     pub fn encode(self) -> usize {
         match self {
             VectorRole::All => 0,
-            VectorRole::Config => 1,
-            VectorRole::Events => 2,
-            VectorRole::Request(n) => 3 + usize::from(n),
+            VectorRole::MsiX(v) => 1 + usize::from(v),
         }
     }
 
@@ -112,9 +105,7 @@ impl VectorRole {
     pub fn decode(v: usize) -> VectorRole {
         match v {
             0 => VectorRole::All,
-            1 => VectorRole::Config,
-            2 => VectorRole::Events,
-            n => VectorRole::Request((n - 3).min(usize::from(u16::MAX)) as u16),
+            n => VectorRole::MsiX((n - 1).min(usize::from(u16::MAX)) as u16),
         }
     }
 }
@@ -289,6 +280,8 @@ pub struct Stats {
     /// Request queues the watchdog found with completions that had waited
     /// a whole tick unconsumed, and reaped (an interrupt that never came).
     pub watchdog_reaps: AtomicU64,
+    /// IRM callbacks handled (the MSI-X grant changed).
+    pub irm_changes: AtomicU64,
 }
 
 impl Stats {
@@ -316,6 +309,9 @@ pub const REAP_HINTS: usize = 64;
 pub struct Callbacks {
     /// Interrupt handler: arg1 the HBA, arg2 the [`VectorRole`].
     pub intr: ffi::ddi_intr_handler_t,
+    /// IRM callback (`ddi_cb_register(9F)`): arg1 the
+    /// [`crate::ddi::intr::IrmLink`] whose owner is the HBA.
+    pub irm: ffi::ddi_cb_func_t,
     /// Task-queue function: arg the HBA.
     pub work: unsafe extern "C" fn(*mut c_void),
     /// Periodic watchdog: arg the HBA.
@@ -335,6 +331,13 @@ pub struct VioScsi {
     pub(crate) notify_batching: bool,
     pub(crate) mode: IntrMode,
     intr: KMutex<Option<Interrupts>>,
+    /// MSI-X vectors the routing uses now ([`MsixLayout`]); 0 without
+    /// MSI-X. Written under `routing`, read by the handlers.
+    msix_vectors: AtomicU16,
+    /// Serializes programming the device's vector routing and queue
+    /// registers (both go through `queue_select`): device (re)activation
+    /// and the IRM callback's re-routing.
+    routing: KMutex<()>,
     /// The request queues. This and `ctl`, `evt` hold the memory the
     /// device reads and writes: freed only once the device is known to be
     /// stopped, else kept (see [`VioScsi::teardown`]).
@@ -452,25 +455,45 @@ impl VioScsi {
         );
 
         // Interrupts (allocated, not yet enabled) decide the lock priority.
+        // The IRM callback is registered first, so that on apix the pool
+        // grants a vector per request queue (without it illumos grants at
+        // most ddi_msix_alloc_limit: 8 on apix, 2 on pcplusmp); whatever
+        // is granted, MsixLayout routes every source.
         let (interrupts, mode) = if tun.poll {
             (None, IntrMode::Poll)
         } else {
-            let want = usize::from(FIRST_REQUEST_QUEUE) + usize::from(nreq);
-            let mut i = Interrupts::alloc(dip, tun.intr, want)?;
+            let want = MsixLayout::wanted(nreq);
+            let mut i = Interrupts::alloc(dip, tun.intr, want, Some(callbacks.irm))?;
             let mode = match i.kind() {
-                IntrKind::MsiX => IntrMode::MsiX {
-                    dedicated: i.count() >= want,
-                },
+                IntrKind::MsiX => IntrMode::MsiX,
                 IntrKind::Msi => IntrMode::Msi,
                 IntrKind::Fixed => IntrMode::Fixed,
             };
-            // Fewer vectors than sources: everything shares the first one;
-            // the others are given back rather than left without handlers.
-            let dedicated = mode == IntrMode::MsiX { dedicated: true };
-            i.keep(if dedicated { want } else { 1 });
+            i.keep(want);
             (Some(i), mode)
         };
         let pri = interrupts.as_ref().map_or(0, |i| i.priority());
+        // A high-level interrupt (above LOCK_LEVEL, e.g. from an
+        // `interrupt-priorities` property in a .conf) would make the locks
+        // its handlers take spin locks and run scsi_hba_pkt_comp(9F) and
+        // everything it calls above the scheduler, where blocking kernel
+        // services must not be used (ddi_intr_get_hilevel_pri(9F)). The
+        // driver has no soft-interrupt stage for that: refuse.
+        // SAFETY: no arguments; callable from attach context.
+        let hilevel = unsafe { ffi::ddi_intr_get_hilevel_pri() };
+        if interrupts.is_some() && pri >= hilevel {
+            dev_warn!(
+                dip,
+                "interrupt priority {pri} is high-level (at or above {hilevel},                  ddi_intr_get_hilevel_pri): not supported, attach refused; remove                  interrupt-priorities from rvscsi.conf or set it below {hilevel}"
+            );
+            return Err(AttachError::Device(
+                "high-level interrupt priority is not supported",
+            ));
+        }
+        let msix_vectors = match (&interrupts, mode) {
+            (Some(i), IntrMode::MsiX) => MsixLayout::new(i.count(), nreq).vectors() as u16,
+            _ => 0,
+        };
 
         let legacy = transport.is_legacy();
         transport.prepare_queues(FIRST_REQUEST_QUEUE + nreq);
@@ -522,6 +545,8 @@ impl VioScsi {
             notify_batching: tun.notify_batching,
             mode,
             intr: KMutex::new(interrupts, 0),
+            msix_vectors: AtomicU16::new(msix_vectors),
+            routing: KMutex::new((), pri),
             queues,
             ctl: ManuallyDrop::new(KMutex::new(ctl, 0)),
             evt: ManuallyDrop::new(KMutex::new(evt, pri)),
@@ -536,6 +561,11 @@ impl VioScsi {
             callbacks,
             stats: Stats::default(),
         });
+        // The IRM callback may now reach the HBA (it is boxed: the address
+        // holds until detach unregisters the callback).
+        if let Some(i) = hba.intr.lock().as_ref() {
+            i.link_irm(&*hba as *const VioScsi as *mut c_void);
+        }
         if let Err(e) = hba.start_interrupts().and_then(|()| hba.activate()) {
             // activate() may have handed the rings to the device (and
             // DRIVER_OK): dropping `hba` runs the teardown of
@@ -550,9 +580,10 @@ impl VioScsi {
         hba.start_watchdog();
         dev_note!(
             dip,
-            "virtio-scsi {} transport, {} interrupts, {} request queue(s) of {}, {} segments, max transfer {} KiB{}{}",
+            "virtio-scsi {} transport, {} interrupts{}, {} request queue(s) of {}, {} segments, max transfer {} KiB{}{}",
             if legacy { "legacy" } else { "modern" },
             mode.name(),
+            VectorCount(hba.msix_vectors()),
             nreq,
             req_size,
             limits.segments,
@@ -593,28 +624,16 @@ impl VioScsi {
             return Ok(());
         };
         let me = self as *const VioScsi as *mut c_void;
-        let roles: &[VectorRole] = match self.mode {
-            IntrMode::MsiX { dedicated: true } => &[VectorRole::Config, VectorRole::Events],
-            _ => &[VectorRole::All],
-        };
-        let mut index = 0;
-        for &role in roles {
+        for index in 0..intr.count() {
+            let role = match self.mode {
+                IntrMode::MsiX => VectorRole::MsiX(index as u16),
+                _ => VectorRole::All,
+            };
             // SAFETY: `self` is boxed and outlives the handlers: detach
             // drops the interrupts (removing the handlers) before the box.
             unsafe {
                 intr.add_handler(index, self.callbacks.intr, me, role.encode() as *mut c_void)?
             };
-            index += 1;
-        }
-        if let IntrMode::MsiX { dedicated: true } = self.mode {
-            for n in 0..self.queues.len() as u16 {
-                let role = VectorRole::Request(n);
-                // SAFETY: as above.
-                unsafe {
-                    intr.add_handler(index, self.callbacks.intr, me, role.encode() as *mut c_void)?
-                };
-                index += 1;
-            }
         }
         intr.enable()?;
         self.transport
@@ -622,42 +641,143 @@ impl VioScsi {
         Ok(())
     }
 
+    /// Disables and frees the interrupts and unregisters the IRM callback.
+    /// They are taken out of the lock first and freed outside it: an IRM
+    /// callback running meanwhile (it takes the lock) finds none, and the
+    /// last `ddi_intr_free` may wait for that callback's balance to end.
     fn stop_interrupts(&self) {
-        if let Some(mut i) = self.intr.lock().take() {
+        let taken = self.intr.lock().take();
+        if let Some(mut i) = taken {
             i.disable();
+            drop(i);
         }
         self.transport.set_msix_enabled(false);
     }
 
-    /// The MSI-X vector of each source, `NO_VECTOR` when not routed.
-    fn vectors(&self) -> (u16, u16, impl Fn(u16) -> u16) {
-        let dedicated = matches!(self.mode, IntrMode::MsiX { dedicated: true });
-        let shared = matches!(self.mode, IntrMode::MsiX { dedicated: false });
-        let (config, events) = if dedicated {
-            (0, 1)
-        } else if shared {
-            (0, 0)
-        } else {
-            (NO_VECTOR, NO_VECTOR)
+    /// The MSI-X routing in use now.
+    fn msix_layout(&self) -> MsixLayout {
+        MsixLayout::new(
+            usize::from(self.msix_vectors.load(Ordering::Acquire)),
+            self.queues.len() as u16,
+        )
+    }
+
+    /// Routes configuration changes and every virtqueue as `layout` says
+    /// (the caller holds `routing`); false if the device refused a vector.
+    fn program_routing(&self, layout: &MsixLayout) -> bool {
+        let t = &self.transport;
+        let mut ok = t.set_config_vector(layout.config_vector());
+        // Task management is polled: no interrupts for it.
+        ok &= t.set_queue_vector(CONTROL_QUEUE, NO_VECTOR);
+        ok &= t.set_queue_vector(EVENT_QUEUE, layout.event_vector());
+        for (n, q) in self.queues.iter().enumerate() {
+            ok &= t.set_queue_vector(q.index, layout.queue_vector(n as u16));
+        }
+        ok
+    }
+
+    /// The IRM callback (`DDI_CB_INTR_ADD` / `DDI_CB_INTR_REMOVE`, entry:
+    /// `ddi_cb_func_t`), on the IRM balance thread. The driver follows the
+    /// grant (`ddi_intr_get_navail(9F)` says what it now is) up to a vector
+    /// per request queue, without ever disabling vector 0 or all vectors at
+    /// once, so interrupts keep flowing:
+    /// - fewer: the routing moves every source onto the vectors that stay
+    ///   (the handlers read the new layout), then the others are disabled
+    ///   (waiting for running handlers) and freed;
+    /// - more: the new vectors are allocated, get their handlers and are
+    ///   enabled, then the routing moves queues onto them.
+    ///
+    /// Either way every queue is then reaped once, for completions whose
+    /// interrupt was raised on a vector while it changed hands. Returns the
+    /// callback's `DDI_*` answer.
+    pub fn irm_changed(&self, change: IrmChange) -> i32 {
+        let mut g = self.intr.lock();
+        // Detach took the interrupts (and frees them) or they are not MSI-X.
+        let Some(intr) = g.as_mut() else {
+            return ffi::DDI_FAILURE;
         };
-        let req = move |n: u16| {
-            if dedicated {
-                2 + n
-            } else if shared {
-                0
-            } else {
-                NO_VECTOR
+        if self.mode != IntrMode::MsiX {
+            return ffi::DDI_ENOTSUP;
+        }
+        let nq = self.queues.len() as u16;
+        let wanted = MsixLayout::wanted(nq);
+        let held = intr.count();
+        let available = intr.available();
+        if available == 0 {
+            // The kernel would not say what the grant is: change nothing.
+            return ffi::DDI_FAILURE;
+        }
+        let target = available.min(wanted);
+        let me = self as *const VioScsi as *mut c_void;
+        let mut result = ffi::DDI_SUCCESS;
+        if target < held {
+            self.reroute(MsixLayout::new(target, nq));
+            intr.shrink(target);
+        } else if target > held {
+            let handler = self.callbacks.intr;
+            // SAFETY: as in start_interrupts: the HBA outlives its handlers.
+            let grown = unsafe {
+                intr.grow(target, handler, me, |i| {
+                    VectorRole::MsiX(i as u16).encode() as *mut c_void
+                })
+            };
+            match grown {
+                Ok(n) => self.reroute(MsixLayout::new(n, nq)),
+                Err(e) => {
+                    dev_warn!(
+                        self.dip,
+                        "IRM: more vectors were offered but not taken: {e}"
+                    );
+                    result = ffi::DDI_FAILURE;
+                }
             }
-        };
-        (config, events, req)
+        }
+        let now = intr.count();
+        drop(g);
+        Stats::bump(&self.stats.irm_changes);
+        dev_note!(
+            self.dip,
+            "IRM {}: {held} -> {now} MSI-X vector(s) for {nq} request queue(s)",
+            match change {
+                IrmChange::Add(n) => alloc::format!("added {n}"),
+                IrmChange::Remove(n) => alloc::format!("removed {n}"),
+            }
+        );
+        if self.state() != state::STOPPED {
+            self.service_all();
+        }
+        result
+    }
+
+    /// Switches the routing to `layout`: the handlers first (they read
+    /// `msix_vectors`), then the device. A device that refuses a vector
+    /// gets everything on vector 0, which it took at attach.
+    fn reroute(&self, layout: MsixLayout) {
+        let _r = self.routing.lock();
+        self.msix_vectors
+            .store(layout.vectors() as u16, Ordering::Release);
+        if !self.program_routing(&layout) {
+            dev_warn!(
+                self.dip,
+                "device refused the MSI-X routing for {} vectors: everything on vector 0",
+                layout.vectors()
+            );
+            let one = MsixLayout::new(1, self.queues.len() as u16);
+            self.msix_vectors.store(1, Ordering::Release);
+            let _ = self.program_routing(&one);
+        }
     }
 
     /// Brings the (reset, feature-negotiated) device up: vectors, queue
     /// addresses, event buffers, DRIVER_OK (virtio 1.2 §3.1.1 steps 7-8).
     pub(crate) fn activate(&self) -> Result<(), AttachError> {
         let t = &self.transport;
-        let msix = matches!(self.mode, IntrMode::MsiX { .. });
-        let (config_vec, event_vec, req_vec) = self.vectors();
+        // The IRM callback re-routes through the same registers.
+        let _routing = self.routing.lock();
+        let msix = self.mode == IntrMode::MsiX;
+        let layout = self.msix_layout();
+        let (config_vec, event_vec) = (layout.config_vector(), layout.event_vector());
+        let req_vec = |n: u16| layout.queue_vector(n);
         if msix && !t.set_config_vector(config_vec) {
             return Err(AttachError::Device(
                 "device refused the configuration MSI-X vector",
@@ -765,6 +885,11 @@ impl VioScsi {
         self.mode
     }
 
+    /// MSI-X vectors the routing uses now (0 without MSI-X).
+    pub fn msix_vectors(&self) -> usize {
+        usize::from(self.msix_vectors.load(Ordering::Acquire))
+    }
+
     /// Whether the modern transport is in use.
     pub fn is_modern(&self) -> bool {
         !self.transport.is_legacy()
@@ -832,12 +957,20 @@ impl VioScsi {
                     self.config_changed();
                 }
             }
-            IntrMode::MsiX { .. } => match role {
-                VectorRole::All => self.service_all(),
-                VectorRole::Config => self.config_changed(),
-                VectorRole::Events => self.service_events(),
-                VectorRole::Request(n) => self.reap(usize::from(n)),
-            },
+            IntrMode::MsiX => {
+                let v = match role {
+                    VectorRole::MsiX(v) => v,
+                    VectorRole::All => 0,
+                };
+                let layout = self.msix_layout();
+                if layout.serves_config_and_events(v) {
+                    self.config_changed();
+                    self.service_events();
+                }
+                for q in layout.queues_of(v) {
+                    self.reap(usize::from(q));
+                }
+            }
             IntrMode::Poll => return ffi::DDI_INTR_UNCLAIMED,
         }
         ffi::DDI_INTR_CLAIMED
@@ -1018,6 +1151,19 @@ impl Drop for VioScsi {
             // never freed (the request queues' Vec is forgotten whole; the
             // control and event queues stay in their ManuallyDrop).
             core::mem::forget(core::mem::take(&mut self.queues));
+        }
+    }
+}
+
+/// " (N MSI-X vectors)" in the attach line, nothing without MSI-X.
+struct VectorCount(usize);
+
+impl core::fmt::Display for VectorCount {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            0 => Ok(()),
+            1 => f.write_str(" (1 vector)"),
+            n => write!(f, " ({n} vectors)"),
         }
     }
 }

@@ -26,5 +26,6 @@ pub mod hba;
 pub mod io;
 pub mod proto;
 pub mod recovery;
+pub mod vectors;
 
 pub use hba::{Lun, VioScsi};

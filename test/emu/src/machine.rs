@@ -76,6 +76,12 @@ pub struct MachineConfig {
     pub device_props: Vec<String>,
     /// What plays the device.
     pub backend: Backend,
+    /// The interrupt platform: which x86 PSM the emulated kernel runs
+    /// (see [`crate::ddi::intr::Psm`]).
+    pub psm: crate::ddi::intr::Psm,
+    /// The `/etc/system` tunable `apix_system_max_vectors` (apix only):
+    /// caps the IRM pool's size (`apix_irm_init`).
+    pub apix_system_max_vectors: Option<u32>,
 }
 
 impl MachineConfig {
@@ -89,6 +95,8 @@ impl MachineConfig {
             msix_vectors: None,
             device_props: Vec::new(),
             backend: Backend::Qemu,
+            psm: crate::ddi::intr::Psm::default(),
+            apix_system_max_vectors: None,
         }
     }
 
@@ -208,6 +216,8 @@ pub struct Live {
     pub mutexes: AtomicI64,
     /// Condition variables initialized and not destroyed.
     pub condvars: AtomicI64,
+    /// `ddi_cb_register(9F)` callbacks not unregistered.
+    pub callbacks: AtomicI64,
 }
 
 impl Live {
@@ -227,6 +237,7 @@ impl Live {
             ("property values", l(&self.prop_values)),
             ("mutexes", l(&self.mutexes)),
             ("condition variables", l(&self.condvars)),
+            ("DDI callbacks", l(&self.callbacks)),
         ]
     }
 
@@ -438,6 +449,13 @@ pub struct Machine {
     pub faults: crate::faults::Faults,
     /// Interrupt routing.
     pub intr: Mutex<IntrState>,
+    /// Interrupt resource management: the IRM pool, the driver's request
+    /// and its `ddi_cb_register(9F)` callback.
+    pub irm: Mutex<crate::ddi::intr::Irm>,
+    /// The IRM pool lock (`ipool_lock`): held by a balance across the
+    /// callbacks it makes, taken by the first allocation and the last
+    /// free of a device and by callback (un)registration.
+    pub irm_pool_lock: Mutex<()>,
     /// Held by the delivery thread while a handler runs (ddi_intr_disable
     /// takes it to wait for a running handler).
     pub dispatch: Mutex<()>,
@@ -538,6 +556,8 @@ impl Machine {
                 vectors: Vec::new(),
                 mailbox: 0,
             }),
+            irm: Mutex::new(crate::ddi::intr::Irm::new(&config)),
+            irm_pool_lock: Mutex::new(()),
             dispatch: Mutex::new(()),
             wake: (Mutex::new(false), Condvar::new()),
             stop: AtomicBool::new(false),

@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 pub const USAGE: &str = "\
 usage: rvscsi-sim bench [--json] [--commands N] [--repeat N] [--qd LIST]
                         [--queues LIST] [--mix LIST] [--backend LIST]
-                        [--no-instructions] [--module PATH]
+                        [--no-instructions] [--module PATH] [--psm NAME]
 
 Runs the driver at a fixed queue depth, each completion starting the next
 command, on QEMU's virtio-scsi (through the test bed) and on an in-process
@@ -68,6 +68,9 @@ driver that notifies on every command without EVENT_IDX.
   --backend LIST     qemu, memory (default both)
   --no-instructions  skip the callgrind run (insns_per_cmd stays null)
   --module PATH      bench the kernel module object instead of the library
+  --psm NAME         the emulated kernel's interrupt platform: apix (default,
+                     what illumos runs on QEMU/KVM: an IRM pool, a vector per
+                     request queue) or pcplusmp (no pool: 2 MSI-X vectors)
 ";
 
 /// A workload.
@@ -156,6 +159,8 @@ pub struct BenchOptions {
     pub backends: Vec<Backend>,
     /// Count instructions with callgrind (memory back end).
     pub instructions: bool,
+    /// The emulated kernel's interrupt platform.
+    pub psm: rvscsi_emu::ddi::intr::Psm,
     /// The `rvscsi-sim` executable, run under callgrind for the
     /// instruction counts (the running one if None).
     pub exe: Option<PathBuf>,
@@ -176,6 +181,7 @@ impl Default for BenchOptions {
             module: None,
             backends: vec![Backend::Qemu, Backend::Memory],
             instructions: true,
+            psm: rvscsi_emu::ddi::intr::Psm::default(),
             exe: None,
             callgrind_child: false,
         }
@@ -242,6 +248,15 @@ pub fn parse(args: &[String]) -> Result<BenchOptions, String> {
                 })?;
             }
             "--no-instructions" => o.instructions = false,
+            "--psm" => {
+                o.psm = match value()?.as_str() {
+                    "apix" => rvscsi_emu::ddi::intr::Psm::Apix,
+                    "pcplusmp" => rvscsi_emu::ddi::intr::Psm::Pcplusmp,
+                    other => {
+                        return Err(format!("bench: --psm {other}: apix or pcplusmp"));
+                    }
+                }
+            }
             "--callgrind-child" => o.callgrind_child = true,
             "--module" => o.module = Some(value()?),
             other => return Err(format!("bench: unknown argument '{other}'")),
@@ -270,6 +285,10 @@ pub struct Row {
     pub qd: u32,
     /// Request queues.
     pub queues: u32,
+    /// MSI-X vectors the driver holds (what the emulated kernel granted:
+    /// one per request queue and one for configuration and events through
+    /// IRM under apix).
+    pub vectors: usize,
     /// Driver configuration.
     pub variant: Variant,
     /// Device register accesses per command.
@@ -302,6 +321,7 @@ impl Row {
             "mix": self.mix.name(),
             "qd": self.qd,
             "queues": self.queues,
+            "vectors": self.vectors,
             "exits_per_cmd": self.exits_per_cmd,
             "interrupts_per_cmd": self.interrupts_per_cmd,
             "isr_reads_per_cmd": self.isr_reads_per_cmd,
@@ -330,11 +350,12 @@ fn row_key(backend: Backend, mix: Mix, qd: u32, queues: u32, v: Variant) -> Stri
 /// Table header.
 pub fn table_header() -> String {
     format!(
-        "{:<7} {:<13} {:>4} {:>6} {:<17} {:>9} {:>8} {:>7} {:>9} {:>10} {:>20} {:>10} {:>9}",
+        "{:<7} {:<13} {:>4} {:>6} {:>7} {:<17} {:>9} {:>8} {:>7} {:>9} {:>10} {:>20} {:>10} {:>9}",
         "backend",
         "mix",
         "qd",
         "queues",
+        "vectors",
         "driver",
         "exits/cmd",
         "intr/cmd",
@@ -350,11 +371,12 @@ pub fn table_header() -> String {
 /// One table line.
 pub fn table_line(r: &Row) -> String {
     format!(
-        "{:<7} {:<13} {:>4} {:>6} {:<17} {:>9.3} {:>8.3} {:>7.3} {:>9.3} {:>10.1} {:>20} {:>10} {:>9.0}",
+        "{:<7} {:<13} {:>4} {:>6} {:>7} {:<17} {:>9.3} {:>8.3} {:>7.3} {:>9.3} {:>10.1} {:>20} {:>10} {:>9.0}",
         backend_name(r.backend),
         r.mix.name(),
         r.qd,
         r.queues,
+        r.vectors,
         r.variant.name(),
         r.exits_per_cmd,
         r.interrupts_per_cmd,
@@ -585,6 +607,8 @@ struct Setup<'a> {
     lun: &'a Lun,
     backend: Backend,
     queues: u32,
+    /// MSI-X vectors the driver holds.
+    vectors: usize,
     variant: Variant,
     /// Nanoseconds each side switch of the meter adds to the driver.
     switch_ns: f64,
@@ -622,6 +646,7 @@ fn measure(s: &Setup<'_>, o: &BenchOptions, mix: Mix, qd: u32) -> Result<Row, St
         mix,
         qd,
         queues: s.queues,
+        vectors: s.vectors,
         variant: s.variant,
         exits_per_cmd: med.exits as f64 / n,
         interrupts_per_cmd: med.interrupts as f64 / n,
@@ -694,6 +719,9 @@ fn count_instructions(o: &BenchOptions) -> Result<HashMap<String, f64>, String> 
     ]);
     if let Some(m) = &o.module {
         cmd.args(["--module", m]);
+    }
+    if o.psm == rvscsi_emu::ddi::intr::Psm::Pcplusmp {
+        cmd.args(["--psm", "pcplusmp"]);
     }
     let run = cmd.output().map_err(|e| {
         format!(
@@ -804,6 +832,7 @@ pub fn run(o: &BenchOptions, out: &mut dyn Write, err: &mut dyn Write) -> Result
                     binding,
                     backend,
                     blank_images: true,
+                    psm: o.psm,
                     ..RigConfig::default()
                 })?;
                 let luns = rig.load_luns();
@@ -813,6 +842,7 @@ pub fn run(o: &BenchOptions, out: &mut dyn Write, err: &mut dyn Write) -> Result
                     lun: &lun,
                     backend,
                     queues,
+                    vectors: rvscsi_emu::ddi::intr::allocated(&rig.bed().machine, rig.bed().hba),
                     variant,
                     switch_ns,
                 };

@@ -268,6 +268,10 @@ pub struct RigConfig {
     /// Zeroed images instead of patterned ones (for runs that check no
     /// data: much quicker to make).
     pub blank_images: bool,
+    /// The emulated kernel's interrupt platform (apix, or pcplusmp).
+    pub psm: rvscsi_emu::ddi::intr::Psm,
+    /// The `apix_system_max_vectors` tunable: the IRM pool's size.
+    pub apix_system_max_vectors: Option<u32>,
 }
 
 impl Default for RigConfig {
@@ -289,6 +293,8 @@ impl Default for RigConfig {
             faults: Vec::new(),
             backend: rvscsi_emu::Backend::Qemu,
             blank_images: false,
+            psm: rvscsi_emu::ddi::intr::Psm::default(),
+            apix_system_max_vectors: None,
         }
     }
 }
@@ -354,6 +360,8 @@ impl Rig {
         mc.num_queues = cfg.num_queues;
         mc.msix_vectors = cfg.msix_vectors;
         mc.backend = cfg.backend;
+        mc.psm = cfg.psm;
+        mc.apix_system_max_vectors = cfg.apix_system_max_vectors;
         if cfg.qemu == Qemu::V72 {
             let root = qemu72_root().map_err(failed)?;
             mc.qemu.binary = root.join("usr/bin/qemu-system-x86_64");
@@ -529,10 +537,10 @@ pub fn wait_until(what: &str, limit: std::time::Duration, mut done: impl FnMut()
     }
 }
 
-/// MSI-X vector of request queue `n` when every source has its own:
-/// configuration changes on 0, events on 1 (see `VioScsi::vectors`).
+/// MSI-X vector of request queue `n` when each has its own: configuration
+/// changes and events share vector 0 (see `rvscsi::vioscsi::vectors`).
 pub fn request_vector(n: usize) -> usize {
-    2 + n
+    1 + n
 }
 
 impl Rig {

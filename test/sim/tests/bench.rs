@@ -112,6 +112,9 @@ fn suppression_and_batching_cut_device_accesses_and_the_io_path_allocates_nothin
     let ours32x4 = row(&rows, Variant::Rvscsi, 32, 4);
     assert!(ours32x4.exits_per_cmd <= 0.3, "{ours32x4:?}");
     for r in &rows {
+        // Through IRM (apix) a vector per request queue and one for
+        // configuration and events.
+        assert_eq!(r.vectors, 1 + r.queues as usize, "{r:?}");
         assert_eq!(r.isr_reads_per_cmd, 0.0, "MSI-X needs no ISR read: {r:?}");
         assert_eq!(r.allocs_per_cmd, 0.0, "no allocation per command: {r:?}");
         assert!(
@@ -135,6 +138,7 @@ fn json_rows_carry_the_documented_fields_on_every_queue_count() {
             "mix",
             "qd",
             "queues",
+            "vectors",
             "exits_per_cmd",
             "interrupts_per_cmd",
             "allocs_per_cmd",
@@ -167,4 +171,30 @@ fn back_ends_are_chosen_by_name_and_unknown_ones_are_refused() {
     };
     let e = bench::run(&child, &mut Vec::new(), &mut err).unwrap_err();
     assert!(e.contains("under valgrind"), "{e}");
+}
+
+#[test]
+fn under_pcplusmp_the_bench_runs_on_the_two_vectors_illumos_grants_there() {
+    let (rows, table) = run(BenchOptions {
+        commands: 200,
+        repeat: 1,
+        qds: vec![8],
+        queues: vec![4],
+        mixes: vec![Mix::RandRead4k],
+        backends: vec![Backend::Qemu],
+        instructions: false,
+        psm: rvscsi_emu::ddi::intr::Psm::Pcplusmp,
+        ..BenchOptions::default()
+    });
+    eprintln!("{table}");
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        // Configuration and events on vector 0, the four queues on 1.
+        assert_eq!(r.vectors, 2, "{r:?}");
+        assert!(r.interrupts_per_cmd > 0.0, "{r:?}");
+    }
+    assert!(
+        bench::parse(&["--psm".into(), "xen".into()]).is_err(),
+        "an unknown platform is refused"
+    );
 }
