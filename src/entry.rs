@@ -16,7 +16,7 @@ use crate::dev_warn;
 use crate::ffi::{
     self, caddr_t, dev_info_t, scsi_address, scsi_device, scsi_hba_tran, scsi_pkt, uint_t,
 };
-use crate::scsa::addr::child_of_unit_address;
+use crate::scsa::addr::{ReportedUnitAddresses, SingleLevelLun, child_of_unit_address};
 use crate::scsa::cap::{self, Cap};
 use crate::scsa::pkt::Pkt;
 use crate::vioscsi::cmd::Cmd;
@@ -289,6 +289,15 @@ pub unsafe extern "C" fn rvscsi_quiesce(dip: *mut dev_info_t) -> c_int {
 
 // ---- scsi_hba_tran(9S) vectors -------------------------------------------
 
+/// Unit addresses `tran_tgt_init` has warned about (each message once
+/// per unit address and HBA: the framework asks again at every
+/// BUS_CONFIG_ONE of a `/devices` path and every rescan). A fixed table:
+/// no memory grows however often a child is asked for.
+static TGT_INIT_WARNED: ReportedUnitAddresses<64> = ReportedUnitAddresses::new();
+/// [`TGT_INIT_WARNED`] kinds.
+const WARNED_REFUSED: u8 = 0;
+const WARNED_DEVFSADM_NAME: u8 = 1;
+
 /// tran_tgt_init(9E): accepts a child of the iport whose unit address
 /// "target,lun64" names a target and a LUN within the device's limits.
 ///
@@ -296,7 +305,17 @@ pub unsafe extern "C" fn rvscsi_quiesce(dip: *mut dev_info_t) -> c_int {
 /// below 256 as QEMU reports them (peripheral method) are their number,
 /// LUNs 256 to 16383 (flat space) the whole SAM LUN, `0x4100000000000000`
 /// for 256 (see `scsa::addr`). A child the driver cannot address is
-/// refused with a warning saying why, never mapped onto another LUN.
+/// refused with a warning saying why (once per unit address), never
+/// mapped onto another LUN.
+///
+/// A flat-space LUN attaches, but on an HBA of the parallel interconnect
+/// type devfsadm cannot give its disk a `/dev/dsk` name of its own: sd
+/// makes `DDI_NT_BLOCK_CHAN` minor nodes there, which devfsadm names
+/// `c#t<target>d<low 32 bits of the lun64>` (`disk_link.c`,
+/// `disk_callback_chan`), `d0` for every flat LUN, and the last link made
+/// wins (`devfsadm.c`, `create_link_common`). The driver says so once per
+/// unit address, so that whoever misses the disk in format(8) knows to
+/// use its `/devices` path.
 ///
 /// # Safety
 /// Called by the framework with valid nodes, tran and device.
@@ -326,15 +345,29 @@ pub unsafe extern "C" fn rvscsi_tran_tgt_init(
     }
     // SAFETY: NUL-terminated string owned by the framework.
     let ua = unsafe { CStr::from_ptr(ua) }.to_bytes();
+    let shown = core::str::from_utf8(ua).unwrap_or("?");
     let limits = hba.limits();
     let (target, lun) = match child_of_unit_address(ua, limits.max_target, limits.max_lun) {
         Ok(child) => child,
         Err(e) => {
-            let shown = core::str::from_utf8(ua).unwrap_or("?");
-            dev_warn!(hba.dip, "not configuring @{shown}: {e}");
+            if TGT_INIT_WARNED.first(hba_dip as usize, WARNED_REFUSED, ua) {
+                dev_warn!(hba.dip, "not configuring @{shown}: {e}");
+            }
             return ffi::DDI_FAILURE;
         }
     };
+    if let SingleLevelLun::Flat(n) = lun
+        && hba.caps().interconnect == ffi::INTERCONNECT_PARALLEL
+        && TGT_INIT_WARNED.first(hba_dip as usize, WARNED_DEVFSADM_NAME, ua)
+    {
+        dev_warn!(
+            hba.dip,
+            "@{shown} (LUN {n}, flat space) attaches, but devfsadm gives it the \
+             /dev/dsk name c#t{target}d{} of LUN 0 on this parallel-interconnect HBA; \
+             reach it through its /devices path, .../disk@{shown}",
+            lun.devfsadm_chan_lun()
+        );
+    }
     let state = Box::new(Lun {
         target,
         lun: lun.number(),
