@@ -331,9 +331,13 @@ pub unsafe extern "C" fn rvscsi_tran_tgt_init(
     }
     // Only the iport has targets.
     // SAFETY: a valid node from the framework.
-    if unsafe { ffi::scsi_hba_iport_unit_address(hba_dip) }.is_null() {
+    let iport_ua = unsafe { ffi::scsi_hba_iport_unit_address(hba_dip) };
+    if iport_ua.is_null() {
         return ffi::DDI_FAILURE;
     }
+    // SAFETY: NUL-terminated string owned by the framework, as long as
+    // the iport node (which outlives this call).
+    let iport_ua = unsafe { CStr::from_ptr(iport_ua) }.to_bytes();
     // SAFETY: the iport's tran.
     let Some(hba) = (unsafe { hba_of_tran(tran) }) else {
         return ffi::DDI_FAILURE;
@@ -360,12 +364,14 @@ pub unsafe extern "C" fn rvscsi_tran_tgt_init(
         && hba.caps().interconnect == ffi::INTERCONNECT_PARALLEL
         && TGT_INIT_WARNED.first(hba_dip as usize, WARNED_DEVFSADM_NAME, ua)
     {
+        // At most 200 bytes are logged (`ddi::log::MAX_MESSAGE`): this
+        // fits with the longest unit addresses (255,7fff000000000000).
         dev_warn!(
             hba.dip,
-            "@{shown} (LUN {n}, flat space) attaches, but devfsadm gives it the \
-             /dev/dsk name c#t{target}d{} of LUN 0 on this parallel-interconnect HBA; \
-             reach it through its /devices path, .../disk@{shown}",
-            lun.devfsadm_chan_lun()
+            "@{shown}: LUN {n} (flat space) gets LUN 0's /dev/dsk name c#t{target}d{} \
+             from devfsadm on a parallel SCSI HBA; use /devices/.../iport@{}/disk@{shown}",
+            lun.devfsadm_chan_lun(),
+            core::str::from_utf8(iport_ua).unwrap_or("?"),
         );
     }
     let state = Box::new(Lun {

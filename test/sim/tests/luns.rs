@@ -132,7 +132,9 @@ fn every_lun_attaches_named_and_carrying_io(binding: Binding) {
             .log()
             .iter()
             .filter(|l| {
-                l.contains(&format!("@{ua}")) && l.contains(&format!("/dev/dsk name c#t{TARGET}d0"))
+                l.starts_with(&format!("@{ua}: "))
+                    && l.contains(&format!("/dev/dsk name c#t{TARGET}d0"))
+                    && l.ends_with(&format!("/disk@{ua}"))
             })
             .count();
         assert_eq!(
