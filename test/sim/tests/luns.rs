@@ -278,7 +278,8 @@ fn luns_virtio_scsi_cannot_address_are_refused_by_name_never_mapped_elsewhere() 
 
 /// BUS_CONFIG_ONE of a LUN whose target the framework has not enumerated
 /// yet: `scsi_hba_bus_configone` configures the target's `",0"` itself
-/// first (`scsi_hba.c`), then the LUN asked for.
+/// first (`scsi_hba.c`), then the LUN asked for, unless LUN 0's maxluns
+/// filters it.
 #[test]
 fn config_one_of_a_lun_configures_its_targets_lun_0_first() {
     let rig = Rig::start(RigConfig::default());
@@ -292,9 +293,18 @@ fn config_one_of_a_lun_configures_its_targets_lun_0_first() {
     let lun2 = Image::patterned(&rig.dir.path("t4l2.img"), 42, 2048);
     rig.hot_plug("t4l0", &lun0.path, 4, 0);
     rig.hot_plug("t4l2", &lun2.path, 4, 2);
+    let lun16 = Image::patterned(&rig.dir.path("t4l16.img"), 43, 2048);
+    rig.hot_plug("t4l16", &lun16.path, 4, 16);
     let configured = map.config_one("4,2");
+    // LUNs below 32 at or past scsi_get_scsi_maxluns of LUN 0 (16 for
+    // QEMU's SPC-3 INQUIRY version 5) are filtered, though LUN 16 is
+    // there.
+    let filtered = !map.config_one("4,10");
+    // (Checked before the map runs again: a rescan may then find it.)
+    let lun16_absent = rig.sd.disk(4, 16).is_none();
     map.release();
     assert!(configured, "log: {:?}", rig.log());
+    assert!(filtered && lun16_absent, "LUN 16 is filtered by name");
     let d2 = rig.sd.disk(4, 2).expect("LUN 4,2");
     assert!(d2.read(5, 512).unwrap() == lun2.expected(5, 1));
     let d0 = rig.sd.disk(4, 0).expect("LUN 4,0, configured first");
