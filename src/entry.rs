@@ -16,7 +16,7 @@ use crate::dev_warn;
 use crate::ffi::{
     self, caddr_t, dev_info_t, scsi_address, scsi_device, scsi_hba_tran, scsi_pkt, uint_t,
 };
-use crate::scsa::addr::child_of_unit_address;
+use crate::scsa::addr::{ReportedUnitAddresses, SingleLevelLun, child_of_unit_address};
 use crate::scsa::cap::{self, Cap};
 use crate::scsa::pkt::Pkt;
 use crate::vioscsi::cmd::Cmd;
@@ -290,6 +290,15 @@ pub unsafe extern "C" fn rvscsi_quiesce(dip: *mut dev_info_t) -> c_int {
 
 // ---- scsi_hba_tran(9S) vectors -------------------------------------------
 
+/// Unit addresses `tran_tgt_init` has warned about (each message once
+/// per unit address and HBA: the framework asks again at every
+/// BUS_CONFIG_ONE of a `/devices` path and every rescan). A fixed table:
+/// no memory grows however often a child is asked for.
+static TGT_INIT_WARNED: ReportedUnitAddresses<64> = ReportedUnitAddresses::new();
+/// [`TGT_INIT_WARNED`] kinds.
+const WARNED_REFUSED: u8 = 0;
+const WARNED_DEVFSADM_NAME: u8 = 1;
+
 /// tran_tgt_init(9E): accepts a child of the iport whose unit address
 /// "target,lun64" names a target and a LUN within the device's limits.
 ///
@@ -297,7 +306,17 @@ pub unsafe extern "C" fn rvscsi_quiesce(dip: *mut dev_info_t) -> c_int {
 /// below 256 as QEMU reports them (peripheral method) are their number,
 /// LUNs 256 to 16383 (flat space) the whole SAM LUN, `0x4100000000000000`
 /// for 256 (see `scsa::addr`). A child the driver cannot address is
-/// refused with a warning saying why, never mapped onto another LUN.
+/// refused with a warning saying why (once per unit address), never
+/// mapped onto another LUN.
+///
+/// A flat-space LUN attaches, but on an HBA of the parallel interconnect
+/// type devfsadm cannot give its disk a `/dev/dsk` name of its own: sd
+/// makes `DDI_NT_BLOCK_CHAN` minor nodes there, which devfsadm names
+/// `c#t<target>d<low 32 bits of the lun64>` (`disk_link.c`,
+/// `disk_callback_chan`), `d0` for every flat LUN, and the last link made
+/// wins (`devfsadm.c`, `create_link_common`). The driver says so once per
+/// unit address, so that whoever misses the disk in format(8) knows to
+/// use its `/devices` path.
 ///
 /// # Safety
 /// Called by the framework with valid nodes, tran and device.
@@ -313,9 +332,13 @@ pub unsafe extern "C" fn rvscsi_tran_tgt_init(
     }
     // Only the iport has targets.
     // SAFETY: a valid node from the framework.
-    if unsafe { ffi::scsi_hba_iport_unit_address(hba_dip) }.is_null() {
+    let iport_ua = unsafe { ffi::scsi_hba_iport_unit_address(hba_dip) };
+    if iport_ua.is_null() {
         return ffi::DDI_FAILURE;
     }
+    // SAFETY: NUL-terminated string owned by the framework, as long as
+    // the iport node (which outlives this call).
+    let iport_ua = unsafe { CStr::from_ptr(iport_ua) }.to_bytes();
     // SAFETY: the iport's tran.
     let Some(hba) = (unsafe { hba_of_tran(tran) }) else {
         return ffi::DDI_FAILURE;
@@ -327,15 +350,31 @@ pub unsafe extern "C" fn rvscsi_tran_tgt_init(
     }
     // SAFETY: NUL-terminated string owned by the framework.
     let ua = unsafe { CStr::from_ptr(ua) }.to_bytes();
+    let shown = core::str::from_utf8(ua).unwrap_or("?");
     let limits = hba.limits();
     let (target, lun) = match child_of_unit_address(ua, limits.max_target, limits.max_lun) {
         Ok(child) => child,
         Err(e) => {
-            let shown = core::str::from_utf8(ua).unwrap_or("?");
-            dev_warn!(hba.dip, "not configuring @{shown}: {e}");
+            if TGT_INIT_WARNED.first(hba_dip as usize, WARNED_REFUSED, ua) {
+                dev_warn!(hba.dip, "not configuring @{shown}: {e}");
+            }
             return ffi::DDI_FAILURE;
         }
     };
+    if let SingleLevelLun::Flat(n) = lun
+        && hba.caps().interconnect == ffi::INTERCONNECT_PARALLEL
+        && TGT_INIT_WARNED.first(hba_dip as usize, WARNED_DEVFSADM_NAME, ua)
+    {
+        // At most 200 bytes are logged (`ddi::log::MAX_MESSAGE`): this
+        // fits with the longest unit addresses (255,7fff000000000000).
+        dev_warn!(
+            hba.dip,
+            "@{shown}: LUN {n} (flat space) gets LUN 0's /dev/dsk name c#t{target}d{} \
+             from devfsadm on a parallel SCSI HBA; use /devices/.../iport@{}/disk@{shown}",
+            lun.devfsadm_chan_lun(),
+            core::str::from_utf8(iport_ua).unwrap_or("?"),
+        );
+    }
     let state = Box::new(Lun {
         target,
         lun: lun.number(),

@@ -35,7 +35,7 @@ pub type PktAddr = usize;
 /// `rvscsi-cmd-start`: `pkt` was handed to the device on request queue
 /// `queue` (fired under the queue lock, so before its completion).
 #[inline(always)]
-pub fn cmd_start(pkt: PktAddr, target: u8, lun: u16, queue: u16) {
+pub fn cmd_start(pkt: PktAddr, target: u8, lun: crate::scsa::addr::LunNumber, queue: u16) {
     // SAFETY: a probe site; in the kernel the call is replaced by no-ops or
     // a trap into DTrace, in the test bed it records its arguments.
     unsafe {
@@ -63,7 +63,7 @@ pub fn cmd_done(pkt: PktAddr, reason: u8, status: u8, state: u32, statistics: u3
 /// `rvscsi-cmd-timeout`: `pkt` outlived its `pkt_time` of `time_s` seconds;
 /// recovery starts.
 #[inline(always)]
-pub fn cmd_timeout(pkt: PktAddr, target: u8, lun: u16, time_s: c_int) {
+pub fn cmd_timeout(pkt: PktAddr, target: u8, lun: crate::scsa::addr::LunNumber, time_s: c_int) {
     // SAFETY: a probe site (see cmd_start).
     unsafe {
         __dtrace_probe_rvscsi__cmd__timeout(pkt, target.into(), lun.into(), time_s as usize);
@@ -73,7 +73,7 @@ pub fn cmd_timeout(pkt: PktAddr, target: u8, lun: u16, time_s: c_int) {
 /// `rvscsi-cmd-abort`: an ABORT TASK for `pkt` (or, with `pkt` 0, ABORT
 /// TASK SET of the LUN) ended; `done` tells whether the device performed it.
 #[inline(always)]
-pub fn cmd_abort(pkt: PktAddr, target: u8, lun: u16, done: bool) {
+pub fn cmd_abort(pkt: PktAddr, target: u8, lun: crate::scsa::addr::LunNumber, done: bool) {
     // SAFETY: a probe site (see cmd_start).
     unsafe {
         __dtrace_probe_rvscsi__cmd__abort(pkt, target.into(), lun.into(), done.into());
@@ -83,7 +83,7 @@ pub fn cmd_abort(pkt: PktAddr, target: u8, lun: u16, done: bool) {
 /// `rvscsi-reset`: a reset at `level` (`RESET_LUN`, `RESET_TARGET`,
 /// `RESET_ALL`: the whole device) ended; `done` tells whether it worked.
 #[inline(always)]
-pub fn reset(level: c_int, target: u8, lun: u16, done: bool) {
+pub fn reset(level: c_int, target: u8, lun: crate::scsa::addr::LunNumber, done: bool) {
     // SAFETY: a probe site (see cmd_start).
     unsafe {
         __dtrace_probe_rvscsi__reset(level as usize, target.into(), lun.into(), done.into());

@@ -35,16 +35,80 @@ const AM_FLAT: u8 = 0x40;
 /// `SCSI_LUN_AM_LUN`
 const AM_LOGICAL_UNIT: u8 = 0x80;
 
-/// A LUN this driver can address: a single-level LUN (SAM-5 §4.7.4) whose
-/// number fits the 14 bits of the peripheral or flat space methods.
+/// The number of a single-level LUN: 0 to [`MAX_SINGLE_LEVEL_LUN`], by
+/// construction, so whatever carries one can put it in the 14 bits of a
+/// LUN structure without checking or masking again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct LunNumber(u16);
+
+impl LunNumber {
+    /// LUN 0.
+    pub const ZERO: Self = Self(0);
+    /// The last LUN a single-level LUN can name.
+    pub const MAX: Self = Self(MAX_SINGLE_LEVEL_LUN);
+
+    /// `n`, if a single-level LUN can carry it.
+    pub const fn new(n: u16) -> Option<Self> {
+        if n <= MAX_SINGLE_LEVEL_LUN {
+            Some(Self(n))
+        } else {
+            None
+        }
+    }
+
+    /// The number in the two bytes of a single-level LUN structure in the
+    /// peripheral or flat space method: the low six bits of `first` (the
+    /// method bits dropped) above `second`.
+    pub const fn from_structure(first: u8, second: u8) -> Self {
+        Self(((first & !AM_MASK) as u16) << 8 | second as u16)
+    }
+
+    /// The number.
+    pub const fn get(self) -> u16 {
+        self.0
+    }
+
+    /// Bits 13 to 8 (at most 0x3f: the method bits stay free).
+    pub const fn high_bits(self) -> u8 {
+        (self.0 >> 8) as u8
+    }
+
+    /// Bits 7 to 0.
+    pub const fn low_byte(self) -> u8 {
+        self.0 as u8
+    }
+}
+
+impl From<LunNumber> for u16 {
+    fn from(n: LunNumber) -> u16 {
+        n.0
+    }
+}
+
+impl From<LunNumber> for usize {
+    fn from(n: LunNumber) -> usize {
+        n.0.into()
+    }
+}
+
+impl core::fmt::Display for LunNumber {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        core::fmt::Display::fmt(&self.0, f)
+    }
+}
+
+/// A LUN this driver can address: a single-level LUN (SAM-5 §4.7.4) in the
+/// peripheral or flat space method. The method matters past decoding only
+/// for naming: a flat-space LUN's `lun64` has the number in its top 16
+/// bits, which devfsadm drops (see [`SingleLevelLun::devfsadm_chan_lun`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SingleLevelLun {
     /// Peripheral device addressing method, bus identifier 0 (LUN < 256),
     /// or, as illumos tolerates it, a non-zero bus identifier making up
     /// the high bits (`scsi_lun_to_lun64`): `lun64` 0 to 0x3fff.
-    Peripheral(u16),
-    /// Flat space addressing method: `lun64` `0x40HHLL0000000000`.
-    Flat(u16),
+    Peripheral(LunNumber),
+    /// Flat space addressing method: `lun64` `0x4HHLL00000000000`.
+    Flat(LunNumber),
 }
 
 /// Why a `lun64` names nothing this driver can address.
@@ -76,8 +140,8 @@ impl SingleLevelLun {
     /// Decodes the `lun64` of a unit address (the inverse of
     /// `scsi_lun_to_lun64` for the LUNs this driver can address).
     pub fn from_lun64(lun64: u64) -> Result<Self, LunError> {
-        if lun64 <= u64::from(MAX_SINGLE_LEVEL_LUN) {
-            return Ok(Self::Peripheral(lun64 as u16));
+        if let Some(n) = u16::try_from(lun64).ok().and_then(LunNumber::new) {
+            return Ok(Self::Peripheral(n));
         }
         let [msb, lsb, lower @ ..] = lun64.to_be_bytes();
         match msb & AM_MASK {
@@ -85,7 +149,7 @@ impl SingleLevelLun {
             // form above: this one has lower levels.
             AM_PERIPHERAL => Err(LunError::MultiLevel),
             AM_FLAT if lower.iter().all(|&b| b == 0) => {
-                Ok(Self::Flat(u16::from_be_bytes([msb & !AM_MASK, lsb])))
+                Ok(Self::Flat(LunNumber::from_structure(msb, lsb)))
             }
             AM_FLAT => Err(LunError::MultiLevel),
             AM_LOGICAL_UNIT => Err(LunError::LogicalUnitMethod),
@@ -93,37 +157,39 @@ impl SingleLevelLun {
         }
     }
 
-    /// The LUN number (0 to 16383).
-    pub fn number(self) -> u16 {
+    /// The LUN number.
+    pub fn number(self) -> LunNumber {
         match self {
             Self::Peripheral(n) | Self::Flat(n) => n,
         }
     }
 
-    /// Its `lun64` (what `scsi_lun_to_lun64` makes of it).
-    pub fn lun64(self) -> u64 {
+    /// The LUN devfsadm puts in the `/dev/dsk` name of this LUN's disk on
+    /// an HBA of the parallel interconnect type (sd's `DDI_NT_BLOCK_CHAN`
+    /// minor nodes; `usr/src/cmd/devfsadm/disk_link.c`,
+    /// `disk_callback_chan`): `sscanf(addr, "%X,%X")` into a `uint_t`
+    /// keeps the low 32 bits of the `lun64` (libc `doscan.c`, `number()`,
+    /// stores `(int)` of its `long long`), printed `"d%d"`. A peripheral
+    /// LUN keeps its number; every flat-space LUN becomes 0, LUN 0's name.
+    pub fn devfsadm_chan_lun(self) -> u16 {
         match self {
-            Self::Peripheral(n) => u64::from(n),
-            Self::Flat(n) => u64::from(n | u16::from(AM_FLAT) << 8) << 48,
+            Self::Peripheral(n) => n.get(),
+            Self::Flat(_) => 0,
         }
     }
 }
 
-/// Parses a child's unit address `"t,l"` (or just `"t"`, LUN 0): target
-/// and `lun64`. Only the canonical form the framework makes is accepted
-/// (lowercase hexadecimal — `scsi_hba_ua_set` refuses other LUN digits —
-/// without leading zeros): any other spelling would be a second name, and
-/// a second target-driver instance, for a LUN that has one.
+/// Parses a child's unit address `"t,l"`: target and `lun64`. Only the
+/// canonical form the framework makes is accepted (lowercase hexadecimal
+/// — `scsi_hba_ua_set` refuses other LUN digits — without leading zeros,
+/// and the `",lun"` part present): any other spelling would be a second
+/// name, and a second target-driver instance, for a LUN that has one.
+/// (`scsi_hba_bus_configone` hands `"disk@3"` to `scsi_device_config`
+/// as written, and `scsi_hba_ua_set` reads the missing LUN as 0.)
 pub fn parse_unit_address(ua: &[u8]) -> Option<(u32, u64)> {
-    let (t, l) = match ua.iter().position(|&c| c == b',') {
-        Some(i) => (&ua[..i], Some(&ua[i + 1..])),
-        None => (ua, None),
-    };
-    let target = parse_hex(t)?;
-    let lun = match l {
-        Some(l) => parse_hex(l)?,
-        None => 0,
-    };
+    let comma = ua.iter().position(|&c| c == b',')?;
+    let target = parse_hex(&ua[..comma])?;
+    let lun = parse_hex(&ua[comma + 1..])?;
     Some((u32::try_from(target).ok()?, lun))
 }
 
@@ -139,6 +205,58 @@ fn parse_hex(s: &[u8]) -> Option<u64> {
         };
         Some((acc << 4) | u64::from(d))
     })
+}
+
+/// Remembers, in a fixed table, which unit addresses a message was
+/// already given for, so that a child the framework asks about again and
+/// again (each BUS_CONFIG_ONE of a `/devices` path, each rescan) is
+/// reported once, with no memory growing. The table holds `N` entries and
+/// reuses the oldest: a unit address may be reported again after `N`
+/// others. Two threads asking about the same new address at once may
+/// both be told it is new (the message then appears twice, never lost).
+pub struct ReportedUnitAddresses<const N: usize> {
+    keys: [core::sync::atomic::AtomicU64; N],
+    next: core::sync::atomic::AtomicUsize,
+}
+
+impl<const N: usize> ReportedUnitAddresses<N> {
+    /// An empty table.
+    pub const fn new() -> Self {
+        Self {
+            keys: [const { core::sync::atomic::AtomicU64::new(0) }; N],
+            next: core::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// Whether message `kind` about unit address `ua` of HBA `hba` is new
+    /// (and from now on, not).
+    pub fn first(&self, hba: usize, kind: u8, ua: &[u8]) -> bool {
+        use core::sync::atomic::Ordering::Relaxed;
+        // FNV-1a, 64 bits: collisions (a message suppressed for another
+        // address) are as unlikely as any in 2^64.
+        let key = (hba.to_le_bytes().iter())
+            .chain(core::iter::once(&kind))
+            .chain(ua)
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            })
+            .max(1); // 0 marks an empty entry
+        if N == 0 {
+            return true;
+        }
+        if self.keys.iter().any(|k| k.load(Relaxed) == key) {
+            return false;
+        }
+        let slot = self.next.fetch_add(1, Relaxed) % N;
+        self.keys[slot].store(key, Relaxed);
+        true
+    }
+}
+
+impl<const N: usize> Default for ReportedUnitAddresses<N> {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// Why `tran_tgt_init(9E)` refuses a child.
@@ -163,7 +281,7 @@ pub enum ChildError {
     /// A LUN beyond the device's `max_lun`.
     LunBeyond {
         /// The LUN number.
-        lun: u16,
+        lun: LunNumber,
         /// The device's limit.
         max: u16,
     },
@@ -208,7 +326,7 @@ pub fn child_of_unit_address(
             max: max_target,
         })?;
     let lun = SingleLevelLun::from_lun64(lun64).map_err(|why| ChildError::Lun { lun64, why })?;
-    if lun.number() > max_lun {
+    if lun.number().get() > max_lun {
         return Err(ChildError::LunBeyond {
             lun: lun.number(),
             max: max_lun,
@@ -272,6 +390,19 @@ mod tests {
         }
     }
 
+    /// The `lun64` the framework made of `lun` (what `scsi_lun_to_lun64`
+    /// gives the LUN structure it decoded from).
+    fn lun64_of(lun: SingleLevelLun) -> u64 {
+        match lun {
+            SingleLevelLun::Peripheral(n) => u64::from(n.get()),
+            SingleLevelLun::Flat(n) => u64::from(n.get() | u16::from(AM_FLAT) << 8) << 48,
+        }
+    }
+
+    fn n(n: u16) -> LunNumber {
+        LunNumber::new(n).unwrap()
+    }
+
     /// What QEMU's REPORT LUNS says for LUN `n` (scsi-bus.c `store_lun`).
     fn qemu_reported(n: u16) -> [u8; 8] {
         if n < 256 {
@@ -285,7 +416,10 @@ mod tests {
     fn unit_addresses() {
         assert_eq!(parse_unit_address(b"0,0"), Some((0, 0)));
         assert_eq!(parse_unit_address(b"1f,a"), Some((31, 10)));
-        assert_eq!(parse_unit_address(b"3"), Some((3, 0)));
+        // No ",lun": LUN 0's second name (scsi_hba_ua_set reads the
+        // missing LUN as 0).
+        assert_eq!(parse_unit_address(b"3"), None);
+        assert_eq!(parse_unit_address(b"0"), None);
         assert_eq!(parse_unit_address(b"ff,3fff"), Some((255, 0x3fff)));
         assert_eq!(
             parse_unit_address(b"0,4100000000000000"),
@@ -312,26 +446,26 @@ mod tests {
 
     #[test]
     fn the_luns_qemu_reports_decode_to_their_numbers() {
-        for (n, lun64, lun) in [
-            (0u16, 0u64, SingleLevelLun::Peripheral(0)),
-            (255, 0xff, SingleLevelLun::Peripheral(255)),
-            (256, 0x4100_0000_0000_0000, SingleLevelLun::Flat(256)),
-            (16383, 0x7fff_0000_0000_0000, SingleLevelLun::Flat(16383)),
+        for (number, lun64, lun) in [
+            (0u16, 0u64, SingleLevelLun::Peripheral(n(0))),
+            (255, 0xff, SingleLevelLun::Peripheral(n(255))),
+            (256, 0x4100_0000_0000_0000, SingleLevelLun::Flat(n(256))),
+            (16383, 0x7fff_0000_0000_0000, SingleLevelLun::Flat(n(16383))),
         ] {
-            assert_eq!(illumos_lun_to_lun64(qemu_reported(n)), lun64);
+            assert_eq!(illumos_lun_to_lun64(qemu_reported(number)), lun64);
             assert_eq!(SingleLevelLun::from_lun64(lun64), Ok(lun));
-            assert_eq!(lun.number(), n);
-            assert_eq!(lun.lun64(), lun64);
+            assert_eq!(lun.number().get(), number);
+            assert_eq!(lun64_of(lun), lun64);
         }
         // A flat-space LUN below 256, as some targets report LUN 0.
         assert_eq!(
             SingleLevelLun::from_lun64(0x4000_0000_0000_0000),
-            Ok(SingleLevelLun::Flat(0))
+            Ok(SingleLevelLun::Flat(n(0)))
         );
         // Peripheral with a bus identifier, which illumos folds in.
         assert_eq!(
             SingleLevelLun::from_lun64(illumos_lun_to_lun64([0x01, 0x00, 0, 0, 0, 0, 0, 0])),
-            Ok(SingleLevelLun::Peripheral(256))
+            Ok(SingleLevelLun::Peripheral(n(256)))
         );
     }
 
@@ -362,11 +496,11 @@ mod tests {
     fn children_are_checked_against_the_device_limits() {
         assert_eq!(
             child_of_unit_address(b"3,4100000000000000", 255, 16383),
-            Ok((3, SingleLevelLun::Flat(256)))
+            Ok((3, SingleLevelLun::Flat(n(256))))
         );
         assert_eq!(
             child_of_unit_address(b"0,7fff000000000000", 0, 16383),
-            Ok((0, SingleLevelLun::Flat(16383)))
+            Ok((0, SingleLevelLun::Flat(n(16383))))
         );
         assert_eq!(
             child_of_unit_address(b"1,0", 0, 16383),
@@ -381,7 +515,10 @@ mod tests {
         );
         assert_eq!(
             child_of_unit_address(b"0,4100000000000000", 255, 255),
-            Err(ChildError::LunBeyond { lun: 256, max: 255 })
+            Err(ChildError::LunBeyond {
+                lun: n(256),
+                max: 255
+            })
         );
         assert_eq!(
             child_of_unit_address(b"0,8001000000000000", 255, 16383),
@@ -393,6 +530,11 @@ mod tests {
         assert_eq!(
             child_of_unit_address(b"0,0,1", 255, 16383),
             Err(ChildError::Malformed)
+        );
+        assert_eq!(
+            child_of_unit_address(b"0", 255, 16383),
+            Err(ChildError::Malformed),
+            "LUN 0 has one name, \"0,0\""
         );
         let msg = format!(
             "{}",
@@ -408,6 +550,23 @@ mod tests {
         );
     }
 
+    /// 8-byte LUNs, weighted to the ones that matter: any bytes (almost
+    /// all refused), single-level LUNs of every method (the first two
+    /// bytes), those with one more non-zero byte below (a second level),
+    /// and the small full forms that collide with the compatible form.
+    fn lun_structures() -> impl Strategy<Value = [u8; 8]> {
+        prop_oneof![
+            any::<[u8; 8]>(),
+            any::<[u8; 2]>().prop_map(|[a, b]| [a, b, 0, 0, 0, 0, 0, 0]),
+            (any::<[u8; 2]>(), 2usize..8, 1u8..=255).prop_map(|([a, b], i, v)| {
+                let mut l = [a, b, 0, 0, 0, 0, 0, 0];
+                l[i] = v;
+                l
+            }),
+            any::<[u8; 2]>().prop_map(|[a, b]| [0, 0, 0, 0, 0, 0, a, b]),
+        ]
+    }
+
     proptest! {
         /// Every LUN QEMU can report: the name the framework gives it
         /// parses back to the same LUN number, whatever the target.
@@ -421,31 +580,99 @@ mod tests {
             let (t, l) = parse_unit_address(ua.as_bytes()).unwrap();
             prop_assert_eq!(t, target);
             let lun = SingleLevelLun::from_lun64(l).unwrap();
-            prop_assert_eq!(lun.number(), n);
-            prop_assert_eq!(lun.lun64(), lun64);
+            prop_assert_eq!(lun.number().get(), n);
+            prop_assert_eq!(lun64_of(lun), lun64);
         }
 
-        /// Any 8-byte LUN: either refused, or decoded to a LUN whose
-        /// `lun64` is the one the framework computed (so never a wrong
-        /// LUN).
+        /// Any 8-byte LUN: either refused, or decoded to the LUN it means
+        /// and sent on the wire as that LUN (so never a wrong LUN).
+        ///
+        /// What a single-level LUN in the peripheral or flat space method
+        /// means is the 14-bit number of its first two bytes; a
+        /// peripheral LUN with a non-zero bus identifier (`01 02`) means
+        /// 258 to the targets that report one: Linux's `int_to_scsilun`
+        /// (`drivers/scsi/scsi_common.c`) writes LUN 258 as `01 02`, and
+        /// LIO's REPORT LUNS (`spc_emulate_report_luns`) and so
+        /// vhost-scsi report it so. The driver sends it as `41 02`
+        /// (`proto::lun_bytes`), which vhost-scsi decodes as
+        /// `(lun[2] << 8 | lun[3]) & 0x3fff` (`drivers/vhost/scsi.c`,
+        /// `vhost_buf_to_lun`) and QEMU as the low 14 bits too
+        /// (`virtio_scsi_get_lun`): 258 again.
         #[test]
-        fn any_lun_decodes_exactly_or_is_refused(raw in any::<[u8; 8]>()) {
+        fn any_lun_decodes_exactly_or_is_refused(raw in lun_structures(), target in any::<u8>()) {
             let lun64 = illumos_lun_to_lun64(raw);
             if let Ok(lun) = SingleLevelLun::from_lun64(lun64) {
-                prop_assert_eq!(lun.lun64(), lun64);
-                prop_assert!(lun.number() <= MAX_SINGLE_LEVEL_LUN);
-                // illumos' compatible form (0 to 0x3fff) cannot tell a
-                // peripheral LUN from a deeper LUN whose full form is as
-                // small (`00 00 .. 00 01`): that name is the framework's
-                // own ambiguity, and it means the single-level LUN.
-                prop_assume!(lun64 > u64::from(MAX_SINGLE_LEVEL_LUN));
-                prop_assert!(raw[2..].iter().all(|&b| b == 0));
-                prop_assert_eq!(raw[0] & AM_MASK & !AM_FLAT, 0);
-                prop_assert_eq!(
-                    lun.number(),
-                    u16::from_be_bytes([raw[0] & !AM_MASK, raw[1]])
-                );
+                prop_assert_eq!(lun64_of(lun), lun64);
+                let wire = crate::vioscsi::proto::lun_bytes(target, lun.number());
+                let device_sees = u16::from_be_bytes([wire[2], wire[3]]) & 0x3fff;
+                prop_assert_eq!(device_sees, lun.number().get());
+                prop_assert_eq!((wire[0], wire[1]), (1, target));
+                if raw[2..].iter().all(|&b| b == 0) {
+                    // Single-level: the number it means, peripheral (any
+                    // bus identifier) or flat.
+                    prop_assert!(raw[0] & AM_MASK == AM_PERIPHERAL || raw[0] & AM_MASK == AM_FLAT);
+                    prop_assert_eq!(lun.number(), LunNumber::from_structure(raw[0], raw[1]));
+                    let method_kept = matches!(
+                        (raw[0] & AM_MASK, lun),
+                        (AM_PERIPHERAL, SingleLevelLun::Peripheral(_))
+                            | (AM_FLAT, SingleLevelLun::Flat(_))
+                    );
+                    prop_assert!(method_kept);
+                } else {
+                    // illumos' compatible form (0 to 0x3fff) cannot tell
+                    // a peripheral LUN from a deeper LUN whose full form
+                    // is as small (`00 00 .. 00 01`): that name is the
+                    // framework's own ambiguity, and it means the
+                    // single-level LUN of that number. Nothing else with
+                    // lower levels decodes.
+                    prop_assert_eq!(raw[..6].iter().all(|&b| b == 0), true);
+                    prop_assert_eq!(u64::from(lun.number().get()), lun64);
+                }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod reported_tests {
+    use super::*;
+
+    #[test]
+    fn each_unit_address_is_reported_once_in_a_bounded_table() {
+        let t = ReportedUnitAddresses::<4>::new();
+        assert!(t.first(1, 0, b"0,00"));
+        assert!(!t.first(1, 0, b"0,00"), "once");
+        assert!(t.first(1, 1, b"0,00"), "another message");
+        assert!(t.first(2, 0, b"0,00"), "another HBA");
+        assert!(t.first(1, 0, b"00,0"));
+        assert!(!t.first(1, 0, b"0,00"));
+        // A fifth address takes the oldest entry: that one may be
+        // reported again, nothing grows.
+        assert!(t.first(1, 0, b"0"));
+        assert!(t.first(1, 0, b"0,00"));
+        assert!(ReportedUnitAddresses::<0>::new().first(1, 0, b"0"));
+    }
+
+    #[test]
+    fn lun_numbers_hold_14_bits() {
+        assert_eq!(LunNumber::new(0x3fff), Some(LunNumber::MAX));
+        assert_eq!(LunNumber::new(0x4000), None);
+        assert_eq!(LunNumber::from_structure(0x41, 0x02).get(), 258);
+        assert_eq!(LunNumber::from_structure(0xff, 0xff), LunNumber::MAX);
+        assert_eq!(LunNumber::MAX.high_bits(), 0x3f);
+    }
+
+    #[test]
+    fn devfsadm_names_every_flat_lun_d0() {
+        for (ua, d) in [
+            (&b"0,0"[..], 0),
+            (b"0,ff", 255),
+            (b"0,102", 258),
+            (b"0,4100000000000000", 0),
+            (b"0,7fff000000000000", 0),
+        ] {
+            let (_, lun) = child_of_unit_address(ua, 0, 16383).unwrap();
+            assert_eq!(lun.devfsadm_chan_lun(), d, "{ua:?}");
         }
     }
 }

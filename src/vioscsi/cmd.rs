@@ -98,7 +98,7 @@ pub struct CmdFields {
     /// Target.
     pub target: u8,
     /// LUN.
-    pub lun: u16,
+    pub lun: crate::scsa::addr::LunNumber,
     /// Tick after which it has timed out; 0: never.
     pub deadline: i64,
     /// The watchdog found it past its deadline.
@@ -171,7 +171,7 @@ impl Cmd {
                 head: 0,
                 tag: 0,
                 target: 0,
-                lun: 0,
+                lun: crate::scsa::addr::LunNumber::ZERO,
                 deadline: 0,
                 timed_out: false,
                 recovery: PktStatistics::empty(),

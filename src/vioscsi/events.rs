@@ -287,7 +287,7 @@ impl VioScsi {
                 // The LUN reports the change as a unit attention on its next
                 // command; the target driver handles it (e.g. sd re-reads the
                 // capacity after 2A/09).
-                let (t, l) = addr.unwrap_or((0, 0));
+                let (t, l) = addr.unwrap_or((0, crate::scsa::addr::LunNumber::ZERO));
                 dev_note!(
                     self.dip,
                     "target {t} lun {l}: parameters changed (asc {asc:#x} ascq {ascq:#x})"
@@ -310,7 +310,7 @@ impl VioScsi {
     fn probe_target(&self, target: u8) -> Option<bool> {
         // INQUIRY, allocation length 0 (see the module docs).
         let cdb = [0x12, 0, 0, 0, 0, 0];
-        let r = self.internal_command(target, 0, &cdb, 10)?;
+        let r = self.internal_command(target, crate::scsa::addr::LunNumber::ZERO, &cdb, 10)?;
         match r.response {
             proto::response::OK => Some(true),
             proto::response::BAD_TARGET | proto::response::INCORRECT_LUN => Some(false),

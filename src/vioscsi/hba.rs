@@ -297,7 +297,7 @@ pub struct Lun {
     /// Target.
     pub target: u8,
     /// LUN.
-    pub lun: u16,
+    pub lun: crate::scsa::addr::LunNumber,
 }
 
 /// CPUs with a completion-queue hint of their own (see

@@ -52,7 +52,7 @@ pub struct Request<'a> {
     /// Target.
     pub target: u8,
     /// LUN.
-    pub lun: u16,
+    pub lun: crate::scsa::addr::LunNumber,
     /// The CDB.
     pub cdb: &'a [u8],
     /// Data buffers.
@@ -742,7 +742,7 @@ impl VioScsi {
     pub(crate) fn internal_command(
         &self,
         target: u8,
-        lun: u16,
+        lun: crate::scsa::addr::LunNumber,
         cdb: &[u8],
         time_s: i32,
     ) -> Option<Response> {

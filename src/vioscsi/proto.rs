@@ -3,6 +3,7 @@
 //! validated, and never used to index driver memory.
 
 use crate::ffi;
+use crate::scsa::addr::LunNumber;
 use crate::scsa::flags::DataDir;
 use crate::scsa::outcome::{STATE_COMPLETED, STATE_SENT};
 use crate::scsa::{Outcome, PktState, PktStatistics};
@@ -106,7 +107,7 @@ pub fn tmf_succeeded(resp: u8) -> bool {
 }
 
 /// Encodes a TMF request.
-pub fn tmf_request(tmf: Tmf, target: u8, lun: u16, id: u64) -> [u8; TMF_REQ_LEN] {
+pub fn tmf_request(tmf: Tmf, target: u8, lun: LunNumber, id: u64) -> [u8; TMF_REQ_LEN] {
     let mut b = [0u8; TMF_REQ_LEN];
     b[0..4].copy_from_slice(&CTRL_TMF.to_le_bytes());
     b[4..8].copy_from_slice(&(tmf as u32).to_le_bytes());
@@ -126,23 +127,24 @@ pub const MAX_LUN: u16 = crate::scsa::addr::MAX_SINGLE_LEVEL_LUN;
 /// virtio-scsi device is written against (Linux's `virtio_scsi.c` and
 /// illumos' own `vioscsi.c` send nothing else), and the devices decode
 /// the number from the low 14 bits of those two bytes (QEMU
-/// `hw/scsi/virtio-scsi.c` `virtio_scsi_get_lun`; its
+/// `hw/scsi/virtio-scsi.c` `virtio_scsi_get_lun`; vhost-scsi
+/// `drivers/vhost/scsi.c` `vhost_buf_to_lun`, `& 0x3fff`; QEMU's
 /// `virtio_scsi_device_get` takes byte 2 of 0 or 0x40..0x7f only, so a
 /// peripheral LUN with a bus identifier, `0x01..0x3f`, would not even
-/// reach a LUN there). So peripheral LUN 5 (`00 05`, named `t,5`) and
-/// flat LUN 300 (`41 2c`, named `t,412c000000000000`) go out as `40 05`
-/// and `41 2c`.
+/// reach a LUN there). So peripheral LUN 5 (`00 05`, named `t,5`), flat
+/// LUN 300 (`41 2c`, named `t,412c000000000000`) and the peripheral LUN
+/// with bus identifier 1 that Linux targets (LIO, through vhost-scsi)
+/// report for LUN 258 (`01 02`, `int_to_scsilun`; named `t,102`) go out
+/// as `40 05`, `41 2c` and `41 02`.
 ///
-/// `lun` is at most [`MAX_LUN`]: `tran_tgt_init` refuses every other LUN
-/// (`scsa::addr::child_of_unit_address`), and the driver's own commands
-/// go to LUN 0.
-pub fn lun_bytes(target: u8, lun: u16) -> [u8; 8] {
-    debug_assert!(lun <= MAX_LUN, "LUN {lun} passed tran_tgt_init");
+/// A [`LunNumber`] is at most [`MAX_LUN`] by construction: nothing to
+/// check or mask here.
+pub fn lun_bytes(target: u8, lun: LunNumber) -> [u8; 8] {
     [
         1,
         target,
-        0x40 | ((lun & MAX_LUN) >> 8) as u8,
-        lun as u8,
+        0x40 | lun.high_bits(),
+        lun.low_byte(),
         0,
         0,
         0,
@@ -152,13 +154,13 @@ pub fn lun_bytes(target: u8, lun: u16) -> [u8; 8] {
 
 /// Decodes a LUN field written by the device (an event's); `None` if not
 /// a single-level LUN in the peripheral (bus 0) or flat space method.
-pub fn decode_lun(b: &[u8; 8]) -> Option<(u8, u16)> {
+pub fn decode_lun(b: &[u8; 8]) -> Option<(u8, LunNumber)> {
     if b[0] != 1 {
         return None;
     }
     let lun = match b[2] >> 6 {
-        0 if b[2] == 0 => u16::from(b[3]), // peripheral format, LUN < 256
-        1 => (u16::from(b[2] & 0x3f) << 8) | u16::from(b[3]),
+        0 if b[2] == 0 => LunNumber::from_structure(0, b[3]), // peripheral format, LUN < 256
+        1 => LunNumber::from_structure(b[2], b[3]),
         _ => return None,
     };
     Some((b[1], lun))
@@ -318,7 +320,7 @@ pub enum Event {
     /// A target or LUN appeared, disappeared or was reset.
     TransportReset {
         /// Target and LUN, if the LUN field was well formed.
-        addr: Option<(u8, u16)>,
+        addr: Option<(u8, LunNumber)>,
         /// `RESET_*`
         reason: u32,
     },
@@ -326,7 +328,7 @@ pub enum Event {
     /// attention it will report).
     ParamChange {
         /// Target and LUN.
-        addr: Option<(u8, u16)>,
+        addr: Option<(u8, LunNumber)>,
         /// Additional sense code.
         asc: u8,
         /// Additional sense code qualifier.
@@ -361,6 +363,10 @@ pub fn parse_event(b: &[u8; EVENT_LEN]) -> (Event, bool) {
 mod tests {
     use super::*;
 
+    fn n(n: u16) -> LunNumber {
+        LunNumber::new(n).unwrap()
+    }
+
     fn facts(xfer: usize) -> CmdFacts {
         CmdFacts {
             xfer,
@@ -382,10 +388,13 @@ mod tests {
 
     #[test]
     fn lun_encoding_round_trips() {
-        assert_eq!(lun_bytes(2, 0), [1, 2, 0x40, 0, 0, 0, 0, 0]);
-        assert_eq!(lun_bytes(255, 0x3fff), [1, 255, 0x7f, 0xff, 0, 0, 0, 0]);
+        assert_eq!(lun_bytes(2, n(0)), [1, 2, 0x40, 0, 0, 0, 0, 0]);
+        assert_eq!(lun_bytes(255, n(0x3fff)), [1, 255, 0x7f, 0xff, 0, 0, 0, 0]);
+        // LUN 258 as Linux targets report it, peripheral with bus
+        // identifier 1 (`01 02`), named t,102: sent flat.
+        assert_eq!(lun_bytes(0, n(258)), [1, 0, 0x41, 0x02, 0, 0, 0, 0]);
         for (t, l) in [(0u8, 0u16), (3, 1), (255, 0x3fff), (17, 300)] {
-            assert_eq!(decode_lun(&lun_bytes(t, l)), Some((t, l)));
+            assert_eq!(decode_lun(&lun_bytes(t, n(l))), Some((t, n(l))));
         }
         assert_eq!(decode_lun(&[0, 1, 0x40, 0, 0, 0, 0, 0]), None);
         assert_eq!(decode_lun(&[1, 1, 0xc0, 0, 0, 0, 0, 0]), None);
@@ -396,7 +405,7 @@ mod tests {
         );
         assert_eq!(
             decode_lun(&[1, 4, 0, 7, 0, 0, 0, 0]),
-            Some((4, 7)),
+            Some((4, n(7))),
             "peripheral"
         );
     }
@@ -520,13 +529,13 @@ mod tests {
     fn events_decode() {
         let mut b = [0u8; 16];
         b[0] = 1;
-        b[4..12].copy_from_slice(&lun_bytes(2, 0));
+        b[4..12].copy_from_slice(&lun_bytes(2, LunNumber::ZERO));
         b[12] = 2;
         assert_eq!(
             parse_event(&b),
             (
                 Event::TransportReset {
-                    addr: Some((2, 0)),
+                    addr: Some((2, LunNumber::ZERO)),
                     reason: 2
                 },
                 false
@@ -538,7 +547,7 @@ mod tests {
             parse_event(&b),
             (
                 Event::ParamChange {
-                    addr: Some((2, 0)),
+                    addr: Some((2, LunNumber::ZERO)),
                     asc: 0x2a,
                     ascq: 9
                 },
@@ -553,9 +562,9 @@ mod tests {
 
     #[test]
     fn tmf_request_layout() {
-        let b = tmf_request(Tmf::LogicalUnitReset, 3, 1, 0x1122);
+        let b = tmf_request(Tmf::LogicalUnitReset, 3, n(1), 0x1122);
         assert_eq!(&b[0..8], &[0, 0, 0, 0, 5, 0, 0, 0]);
-        assert_eq!(&b[8..16], &lun_bytes(3, 1));
+        assert_eq!(&b[8..16], &lun_bytes(3, n(1)));
         assert_eq!(&b[16..24], &0x1122u64.to_le_bytes());
     }
 }

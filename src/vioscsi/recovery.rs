@@ -41,6 +41,7 @@ use crate::dev_warn;
 use crate::ffi;
 use crate::probes;
 use crate::scsa::PktStatistics;
+use crate::scsa::addr::LunNumber;
 use crate::shmem::SharedMem;
 use crate::virtio::ring::{Segment, SplitQueue};
 use core::sync::atomic::Ordering;
@@ -145,7 +146,7 @@ pub struct Expired {
     /// Target.
     pub target: u8,
     /// LUN.
-    pub lun: u16,
+    pub lun: LunNumber,
 }
 
 impl VioScsi {
@@ -155,7 +156,7 @@ impl VioScsi {
         &self,
         tmf: Tmf,
         target: u8,
-        lun: u16,
+        lun: LunNumber,
         tag: u64,
         can_sleep: bool,
     ) -> Option<u8> {
@@ -225,7 +226,7 @@ impl VioScsi {
         tmf: Tmf,
         pkt: probes::PktAddr,
         target: u8,
-        lun: u16,
+        lun: LunNumber,
         tag: u64,
         can_sleep: bool,
     ) -> bool {
@@ -608,7 +609,7 @@ impl VioScsi {
                 false
             }
         };
-        probes::reset(ffi::RESET_ALL, 0, 0, ok);
+        probes::reset(ffi::RESET_ALL, 0, LunNumber::ZERO, ok);
         while let Some(mut c) = taken.pop() {
             c.mark_owned();
             let f = c.fields();
@@ -636,7 +637,10 @@ mod tests {
     use super::*;
 
     fn lun(target: u8) -> Lun {
-        Lun { target, lun: 0 }
+        Lun {
+            target,
+            lun: LunNumber::ZERO,
+        }
     }
 
     #[test]

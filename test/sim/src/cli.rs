@@ -262,22 +262,20 @@ pub fn parse_dd(ops: &[String]) -> Result<DdArgs, String> {
 }
 
 /// If `path` names a disk (`/dev/rdsk/c0tTdL`, `c0tTdL`, with an
-/// optional `p0`), its target and LUN.
-pub fn disk_name(path: &str) -> Option<(u32, u64)> {
+/// optional `p0`), its name `c0tTdL`: target and LUN in decimal, as
+/// devfsadm writes them (see [`crate::sd::Disk::name`]).
+pub fn disk_name(path: &str) -> Option<String> {
     let name = path
         .strip_prefix("/dev/rdsk/")
         .or_else(|| path.strip_prefix("/dev/dsk/"))
         .unwrap_or(path);
     let name = name.strip_suffix("p0").unwrap_or(name);
-    let rest = name.strip_prefix('c')?;
-    let t_at = rest.find('t')?;
-    let d_at = rest.find('d')?;
-    if rest[..t_at].parse::<u32>().ok()? != 0 || d_at < t_at {
-        return None;
-    }
-    let t = u32::from_str_radix(&rest[t_at + 1..d_at], 16).ok()?;
-    let l = u64::from_str_radix(&rest[d_at + 1..], 16).ok()?;
-    Some((t, l))
+    let (t, l) = name.strip_prefix("c0t")?.split_once('d')?;
+    let decimal = |s: &str| {
+        let digits = s.strip_prefix('-').unwrap_or(s);
+        !digits.is_empty() && digits.bytes().all(|c| c.is_ascii_digit())
+    };
+    (decimal(t) && decimal(l)).then(|| name.to_string())
 }
 
 enum End {
@@ -318,9 +316,9 @@ impl DdSummary {
 /// Runs dd between a disk and a host file (either way) or two disks.
 pub fn dd(sd: &Sd, a: &DdArgs) -> Result<DdSummary, String> {
     let open = |p: &str, write: bool| -> Result<End, String> {
-        if let Some((t, l)) = disk_name(p) {
+        if let Some(name) = disk_name(p) {
             return sd
-                .disk(t, l)
+                .disk_named(&name)
                 .map(End::Disk)
                 .ok_or_else(|| format!("dd: {p}: No such device"));
         }

@@ -299,6 +299,8 @@ pub struct Disk {
     pub recovery: Arc<Recovery>,
     /// `pkt_time` of reads and writes (sd's `sd_io_time`, [`IO_TIME`]).
     io_time: AtomicI32,
+    /// The `/dev/dsk` name devfsadm gives it (see [`Disk::name`]).
+    dev_name: String,
 }
 
 /// The outcome of one command.
@@ -308,10 +310,18 @@ pub struct Outcome {
 }
 
 impl Disk {
-    /// The disk's name as format(8) shows it: `c0t<target>d<lun>` (hex, as
-    /// devfsadm builds it from the unit address).
+    /// The disk's name as format(8) shows it, `c0t<target>d<lun>`, as
+    /// devfsadm names the `/dev/dsk` links of the `DDI_NT_BLOCK_CHAN` minor
+    /// nodes sd makes under an HBA of the parallel interconnect type
+    /// (`usr/src/cmd/devfsadm/disk_link.c`, `disk_callback_chan`):
+    /// `sscanf(unit address, "%X,%X")` into two `uint_t`s, printed
+    /// `"t%dd%d"`, both in decimal. The scan keeps the low 32 bits of each
+    /// number (see [`devfsadm_chan_name`]), so every flat-space LUN
+    /// (`lun64` `0x4HHLL000_00000000`) is `d0` and shares LUN 0's name;
+    /// devfsadm then points the link at whichever node it made it for last
+    /// (`devfsadm.c`, `create_link_common` replaces a link to another node).
     pub fn name(&self) -> String {
-        format!("c0t{:X}d{:X}", self.dev.target, self.dev.lun)
+        self.dev_name.clone()
     }
 
     /// Capacity in bytes.
@@ -633,6 +643,53 @@ fn command_with_retries(
     Err(last)
 }
 
+/// What devfsadm's `disk_callback_chan` names a disk at unit address
+/// `ua`: `c0t%dd%d` of the two `uint_t`s `sscanf(ua, "%X,%X")` leaves
+/// (0 where a conversion fails, as they are initialized).
+///
+/// illumos libc (`usr/src/lib/libc/port/stdio/doscan.c`): `%X` is `%x`
+/// (the conversion letter is lowered; only the obsolete `c_issue_4`
+/// compilation mode makes it a `long`); `number()` skips white space,
+/// takes an optional sign and `0x`, accumulates the hexadecimal digits in
+/// a `long long` and stores `(int)` of it: the low 32 bits. `%d` prints
+/// those 32 bits as a signed int.
+pub fn devfsadm_chan_name(ua: &str) -> String {
+    /// One `%X` conversion: the value stored and the rest of the input,
+    /// `None` if no digit matched (sscanf stops there).
+    fn scan_hex(s: &str) -> Option<(i32, &str)> {
+        let s = s.trim_start();
+        let (neg, s) = match s.as_bytes().first() {
+            Some(b'-') => (true, &s[1..]),
+            Some(b'+') => (false, &s[1..]),
+            _ => (false, s),
+        };
+        let s = match s.as_bytes() {
+            [b'0', b'x' | b'X', c, ..] if c.is_ascii_hexdigit() => &s[2..],
+            _ => s,
+        };
+        let digits = s.bytes().take_while(u8::is_ascii_hexdigit).count();
+        if digits == 0 {
+            return None;
+        }
+        let value = s[..digits].bytes().fold(0i64, |v, c| {
+            let d = (c as char).to_digit(16).unwrap_or(0);
+            v.wrapping_mul(16).wrapping_add(i64::from(d))
+        });
+        let value = if neg { value.wrapping_neg() } else { value };
+        Some((value as i32, &s[digits..]))
+    }
+    let (mut targ, mut lun) = (0i32, 0i32);
+    if let Some((t, rest)) = scan_hex(ua) {
+        targ = t;
+        if let Some(rest) = rest.strip_prefix(',')
+            && let Some((l, _)) = scan_hex(rest)
+        {
+            lun = l;
+        }
+    }
+    format!("c0t{targ}d{lun}")
+}
+
 fn ascii(b: &[u8]) -> String {
     String::from_utf8_lossy(b).trim_end().to_string()
 }
@@ -661,6 +718,21 @@ impl Sd {
         self.disks()
             .into_iter()
             .find(|d| d.dev.target == target && d.dev.lun == lun)
+    }
+
+    /// The disk a `/dev/dsk` name leads to: of the disks devfsadm gives
+    /// that name ([`Disk::name`]), the one attached last, whose link
+    /// replaced the others' (`devfsadm.c`, `create_link_common`). (Once
+    /// that one goes, devfsadm leaves no link to the others; here an
+    /// earlier one is found again.)
+    pub fn disk_named(&self, name: &str) -> Option<Arc<Disk>> {
+        self.disks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .rev()
+            .find(|d| d.name() == name)
+            .cloned()
     }
 
     fn attach_disk(dev: Arc<Device>, inq: &[u8]) -> Result<Disk, String> {
@@ -779,7 +851,12 @@ impl Sd {
         } else {
             1 << 20
         };
+        let ua = rvscsi_emu::ddi::devinfo::node(dev.node, "sd attach")
+            .and_then(|n| n.unit_address())
+            .map(|u| u.to_string_lossy().into_owned())
+            .unwrap_or_default();
         Ok(Disk {
+            dev_name: devfsadm_chan_name(&ua),
             vendor: ascii(&inq[8..16]),
             product: ascii(&inq[16..32]),
             revision: ascii(&inq[32..36]),

@@ -218,9 +218,12 @@ fn usage_errors_exit_2() {
 #[test]
 fn disk_names_parse_like_devfsadm_builds_them() {
     use rvscsi_sim::cli::disk_name;
-    assert_eq!(disk_name("/dev/rdsk/c0t0d0"), Some((0, 0)));
-    assert_eq!(disk_name("c0tAd1F"), Some((10, 0x1f)));
-    assert_eq!(disk_name("/dev/rdsk/c0t2d1p0"), Some((2, 1)));
+    let some = |s: &str| Some(s.to_string());
+    assert_eq!(disk_name("/dev/rdsk/c0t0d0"), some("c0t0d0"));
+    // Decimal, as disk_callback_chan prints them ("t%dd%d").
+    assert_eq!(disk_name("c0t10d31"), some("c0t10d31"));
+    assert_eq!(disk_name("c0tAd1F"), None, "devfsadm writes no hex");
+    assert_eq!(disk_name("/dev/rdsk/c0t2d1p0"), some("c0t2d1"));
     assert_eq!(disk_name("c1t0d0"), None, "one controller");
     assert_eq!(disk_name("/tmp/file"), None);
 }

@@ -23,7 +23,7 @@ fn the_last_target_id_is_discovered_too() {
         images: vec![(2048, 0, 0), (2048, 255, 0)],
         ..RigConfig::default()
     });
-    assert_eq!(names(&rig), ["c0t0d0", "c0tFFd0"]);
+    assert_eq!(names(&rig), ["c0t0d0", "c0t255d0"]);
     rig.finish_clean();
 }
 

@@ -53,6 +53,23 @@ fn int_prop(p: Option<&Prop>) -> Option<i64> {
     }
 }
 
+/// devfsadm's names for sd's `DDI_NT_BLOCK_CHAN` disks (`disk_link.c`,
+/// `disk_callback_chan`: `sscanf(addr, "%X,%X")` into `uint_t`s, libc's
+/// scan keeping the low 32 bits, then `"t%dd%d"`), written out.
+#[test]
+fn devfsadm_names_disks_in_decimal_from_the_low_32_bits() {
+    use rvscsi_sim::sd::devfsadm_chan_name as name;
+    assert_eq!(name("0,0"), "c0t0d0");
+    assert_eq!(name("a,1f"), "c0t10d31", "decimal");
+    assert_eq!(name("ff,102"), "c0t255d258");
+    // Every flat-space LUN of a target is its LUN 0 to devfsadm.
+    assert_eq!(name("3,4100000000000000"), name("3,0"));
+    assert_eq!(name("3,7fff000000000000"), "c0t3d0");
+    assert_eq!(name("3,4100000000000001"), "c0t3d1");
+    assert_eq!(name("3,80000000"), "c0t3d-2147483648", "%d of a uint_t");
+    assert_eq!(name("w5000c500,0"), "c0t0d0", "no digit: targ stays 0");
+}
+
 #[test]
 fn luns_0_to_16383_attach_are_named_as_illumos_names_them_and_carry_io() {
     every_lun_attaches_named_and_carrying_io(Binding::Library);
@@ -100,6 +117,32 @@ fn every_lun_attaches_named_and_carrying_io(binding: Binding) {
             "LUN {lun}: `lun` exists only below 32"
         );
         assert_eq!(int_prop(props.get("target")), Some(i64::from(TARGET)));
+        // The /dev/dsk name, as devfsadm's disk_callback_chan makes it
+        // for sd's DDI_NT_BLOCK_CHAN nodes: sscanf("%X,%X") into
+        // uint_ts keeps the low 32 bits of the lun64, printed "t%dd%d".
+        // Every flat-space LUN is "d0": LUN 256 and 16383 share LUN 0's
+        // name, and the driver says so once per unit address.
+        let dev_name = if lun < 256 {
+            format!("c0t{TARGET}d{lun}")
+        } else {
+            format!("c0t{TARGET}d0")
+        };
+        assert_eq!(disk.name(), dev_name, "LUN {lun}");
+        let flat_warnings = rig
+            .log()
+            .iter()
+            .filter(|l| {
+                l.starts_with(&format!("@{ua}: "))
+                    && l.contains(&format!("/dev/dsk name c#t{TARGET}d0"))
+                    && l.ends_with(&format!("/disk@{ua}"))
+            })
+            .count();
+        assert_eq!(
+            flat_warnings,
+            usize::from(lun >= 256),
+            "LUN {lun}: one naming warning for a flat-space LUN; log: {:?}",
+            rig.log()
+        );
         assert_eq!(
             props.get("target-port"),
             Some(&Prop::Str(format!("{TARGET:x}")))
@@ -123,6 +166,23 @@ fn every_lun_attaches_named_and_carrying_io(binding: Binding) {
             "LUN {lun}'s write lands in its image"
         );
     }
+    // LUN 0 and LUN 256 of the target share one /dev/dsk name, so
+    // format(8) lists it three times (LUN 0, 256, 16383) and the name
+    // leads to one of them only.
+    let lun0 = rig.sd.disk(u32::from(TARGET), 0).unwrap();
+    let lun256 = rig
+        .sd
+        .disk(u32::from(TARGET), framework_lun64(256))
+        .unwrap();
+    assert_eq!(lun0.name(), lun256.name());
+    assert_eq!(lun0.name(), format!("c0t{TARGET}d0"));
+    let same_name = rig
+        .sd
+        .disks()
+        .iter()
+        .filter(|d| d.name() == lun0.name())
+        .count();
+    assert_eq!(same_name, 3);
     // No write went to another LUN's image.
     for (i, img) in rig.images.iter().enumerate() {
         for (j, _) in LUNS.iter().enumerate().filter(|&(j, _)| j != i) {
@@ -186,11 +246,26 @@ fn luns_virtio_scsi_cannot_address_are_refused_by_name_never_mapped_elsewhere() 
             rig.log()
         );
     }
-    // Spellings the framework never writes are other names for LUN 1..:
-    // refused too (QEMU's LUN 0 is the only one here).
-    for ua in ["0,00", "0,0A", "00,0"] {
-        assert!(!map.config_one(ua), "@{ua}");
+    // Spellings the framework never writes, other names for LUN 0: the
+    // framework itself takes them (scsi_addr_to_lun64 and
+    // scsi_hba_ua_set read "00" as 0) and hands them to tran_tgt_init,
+    // which refuses them, once each however often they are asked for.
+    for ua in ["0,00", "00,0", "0"] {
+        let want = format!("not configuring @{ua}: not a target,lun unit address");
+        for _ in 0..3 {
+            assert!(!map.config_one(ua), "@{ua}");
+        }
+        let warned = rig.log().iter().filter(|l| l.contains(&want)).count();
+        assert_eq!(warned, 1, "{want:?} once in {:?}", rig.log());
     }
+    // An uppercase LUN digit is refused before the HBA is asked:
+    // scsi_hba_ua_set accepts lowercase digits only.
+    assert!(!map.config_one("0,0A"));
+    assert!(
+        !rig.log().iter().any(|l| l.contains("@0,0A")),
+        "{:?}",
+        rig.log()
+    );
     // And one it can address but that is not there: no disk either.
     assert!(
         !map.config_one("0,4100000000000000"),
@@ -198,5 +273,41 @@ fn luns_virtio_scsi_cannot_address_are_refused_by_name_never_mapped_elsewhere() 
     );
     assert_eq!(rig.sd.disks().len(), 1, "only LUN 0, under its own name");
     assert_eq!(rig.bed().devices().len(), 1);
+    rig.finish_clean();
+}
+
+/// BUS_CONFIG_ONE of a LUN whose target the framework has not enumerated
+/// yet: `scsi_hba_bus_configone` configures the target's `",0"` itself
+/// first (`scsi_hba.c`), then the LUN asked for, unless LUN 0's maxluns
+/// filters it.
+#[test]
+fn config_one_of_a_lun_configures_its_targets_lun_0_first() {
+    let rig = Rig::start(RigConfig::default());
+    let dev0 = rig.bed().device(0, 0).expect("LUN 0");
+    let iport = node(dev0.node, "luns test").expect("LUN 0's node").parent;
+    let map = rvscsi_emu::scsa::tgtmap::map_of_iport(iport).expect("the iport's map");
+    // The map enumerates nothing while held: target 4 is known only by
+    // name.
+    map.hold();
+    let lun0 = Image::patterned(&rig.dir.path("t4l0.img"), 41, 2048);
+    let lun2 = Image::patterned(&rig.dir.path("t4l2.img"), 42, 2048);
+    rig.hot_plug("t4l0", &lun0.path, 4, 0);
+    rig.hot_plug("t4l2", &lun2.path, 4, 2);
+    let lun16 = Image::patterned(&rig.dir.path("t4l16.img"), 43, 2048);
+    rig.hot_plug("t4l16", &lun16.path, 4, 16);
+    let configured = map.config_one("4,2");
+    // LUNs below 32 at or past scsi_get_scsi_maxluns of LUN 0 (16 for
+    // QEMU's SPC-3 INQUIRY version 5) are filtered, though LUN 16 is
+    // there.
+    let filtered = !map.config_one("4,10");
+    // (Checked before the map runs again: a rescan may then find it.)
+    let lun16_absent = rig.sd.disk(4, 16).is_none();
+    map.release();
+    assert!(configured, "log: {:?}", rig.log());
+    assert!(filtered && lun16_absent, "LUN 16 is filtered by name");
+    let d2 = rig.sd.disk(4, 2).expect("LUN 4,2");
+    assert!(d2.read(5, 512).unwrap() == lun2.expected(5, 1));
+    let d0 = rig.sd.disk(4, 0).expect("LUN 4,0, configured first");
+    assert!(d0.read(5, 512).unwrap() == lun0.expected(5, 1));
     rig.finish_clean();
 }

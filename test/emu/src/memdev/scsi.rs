@@ -313,4 +313,34 @@ mod tests {
         assert_eq!(&rl.data_in[..4], &[0, 0, 0, 16]);
         assert_eq!(&rl.data_in[16..18], &[0x41, 0x2c]);
     }
+
+    /// Every LUN the in-memory device reports, through the name the
+    /// framework gives it and the driver's decoding of that name, reaches
+    /// the same LUN on the wire (never a wrong one): REPORT LUNS entry ->
+    /// `scsi_lun_to_lun64` -> unit address -> `tran_tgt_init`'s
+    /// `child_of_unit_address` -> `lun_bytes` -> the LUN this device
+    /// decodes from a request (`virtio.rs`, `lun[1]` the target, the low
+    /// 14 bits of `lun[2..4]` the LUN).
+    #[test]
+    fn every_reported_lun_is_the_lun_the_driver_then_addresses() {
+        let luns: Vec<u16> = (0..=rvscsi::scsa::addr::MAX_SINGLE_LEVEL_LUN).collect();
+        let room = 8 + 8 * luns.len();
+        let mut cdb = [0u8; 12];
+        cdb[0] = 0xa0;
+        cdb[6..10].copy_from_slice(&(room as u32).to_be_bytes());
+        let rl = execute(None, &luns, &cdb, &[], room);
+        assert_eq!(rl.status, GOOD);
+        assert_eq!(rl.data_in.len(), room);
+        for (i, &lun) in luns.iter().enumerate() {
+            let entry: [u8; 8] = rl.data_in[8 + 8 * i..16 + 8 * i].try_into().unwrap();
+            let lun64 = crate::scsa::tgtmap::lun_to_lun64(entry);
+            let ua = crate::scsa::tgtmap::unit_address("7", lun64);
+            let (t, named) =
+                rvscsi::scsa::addr::child_of_unit_address(ua.as_bytes(), 255, 16383).unwrap();
+            let wire = rvscsi::vioscsi::proto::lun_bytes(t, named.number());
+            assert_eq!((wire[0], wire[1]), (1, 7), "{ua}");
+            let decoded = (u16::from(wire[2] & 0x3f) << 8) | u16::from(wire[3]);
+            assert_eq!(decoded, lun, "{ua}");
+        }
+    }
 }

@@ -69,6 +69,8 @@ pub trait TargetDriver: Send + Sync {
 struct Lun {
     device: Arc<Device>,
     instance: Option<Box<dyn TargetInstance>>,
+    /// The version field of its INQUIRY data (`sd_inq->inq_ansi`).
+    inquiry_version: u8,
 }
 
 enum Work {
@@ -182,12 +184,35 @@ pub fn lun_to_lun64(l: [u8; 8]) -> u64 {
 /// property exists only below it.
 const SCSI_32LUNS_PER_TARGET: u64 = 32;
 
+/// `SCSI_LUN64_ILLEGAL` (`sys/scsi/scsi_address.h`).
+const SCSI_LUN64_ILLEGAL: u64 = u64::MAX;
+
+/// `scsi_addr_to_lun64` (`scsi_hba.c`) of the LUN part `lun` (what
+/// follows the first ','): up to 16 hex digits of either case; a stop at
+/// anything but the end or a ',' (the sfunc), or a 17th digit, is
+/// `SCSI_LUN64_ILLEGAL`. No digit at all is LUN 0.
+pub fn addr_to_lun64(lun: &str) -> u64 {
+    let digits = lun
+        .bytes()
+        .take(16)
+        .take_while(u8::is_ascii_hexdigit)
+        .count();
+    let value = lun.as_bytes()[..digits].iter().fold(0u64, |v, &c| {
+        (v << 4) | u64::from((c as char).to_digit(16).unwrap_or(0))
+    });
+    match lun.as_bytes().get(digits) {
+        None | Some(b',') => value,
+        Some(_) => SCSI_LUN64_ILLEGAL,
+    }
+}
+
 /// `scsi_hba_ua_set` (`scsi_hba.c`) for a devinfo child: the addressing
 /// properties the framework decorates a node with from its unit address
 /// `"tgt,lun[,sfunc]"` before `tran_tgt_init` runs (`scsi_device_config`
 /// decorates, `scsi_busctl_initchild` then calls the HBA):
-/// - `target` (int), only if the target part is lowercase hex (else the
-///   framework treats it as a port name);
+/// - `target` (int), only if the target part is lowercase hex and its
+///   `int` accumulator stays non-negative (else the framework treats it
+///   as a port name: `tgt = -1`, no `target`);
 /// - `target-port` (string), the target part as written;
 /// - `lun` (int), only for a `lun64` below 32;
 /// - `lun64` (int64), always;
@@ -215,9 +240,20 @@ pub fn ua_properties(ua: &str) -> Option<Vec<(&'static str, Prop)>> {
         None => None,
     };
     let mut props = Vec::new();
-    // `int tgt`, accumulated the same way (it wraps past 8 digits).
-    if let Some(t) = lower_hex(tgt_port) {
-        props.push(("target", Prop::Int(t as i32)));
+    // `int tgt = (tgt << 4) + digit`, checked after each digit: a
+    // non-hex digit, or a value gone negative (8 digits from 0x8), makes
+    // it -1 and ends the scan (the shift wraps, as the kernel's compiles).
+    let tgt = tgt_port.bytes().try_fold(0i32, |acc, c| {
+        let d = match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            _ => return None,
+        };
+        let next = acc.wrapping_shl(4).wrapping_add(i32::from(d));
+        (next >= 0).then_some(next)
+    });
+    if let Some(t) = tgt {
+        props.push(("target", Prop::Int(t)));
     }
     props.push(("target-port", Prop::Str(tgt_port.to_string())));
     if lun64 < SCSI_32LUNS_PER_TARGET {
@@ -551,11 +587,15 @@ impl TgtMap {
                 return None;
             }
             if total > room && room == DEFAULT_MAX {
-                // The framework allocates what the target says (KM_SLEEP);
-                // a list no allocator would give (4 GiB) fails there as
-                // NDI_NOMEM, which is what a length beyond a million LUNs
-                // is taken for here.
-                if total > 1 << 20 {
+                // The framework allocates what the target says
+                // (`scsi_device_reportluns`: `scsi_alloc_consistent_buf`
+                // of 16 + (tluns - 1) * 8 bytes, SLEEP_FUNC) and has no
+                // limit of its own. This bound is the test bed's, not
+                // illumos': past a million LUNs (8 MiB of list) the bed
+                // gives up as if the allocation had failed (NDI_NOMEM)
+                // rather than allocate up to 4 GiB.
+                const BED_MAX_LUNS: usize = 1 << 20;
+                if total > BED_MAX_LUNS {
                     return None;
                 }
                 room = total;
@@ -615,9 +655,11 @@ impl TgtMap {
                 None
             }
         };
+        let inquiry_version = inq.as_ref().and_then(|d| d.get(2)).map_or(0, |v| v & 0x07);
         Some(Lun {
             device: dev,
             instance,
+            inquiry_version,
         })
     }
 
@@ -691,13 +733,21 @@ impl TgtMap {
 
     /// `BUS_CONFIG_ONE` of `disk@<addr>` (`scsi_hba.c`,
     /// `scsi_hba_bus_configone`): what opening a `/devices` path by name
-    /// (or a boot path) does. The LUN part is read as
-    /// `scsi_addr_to_lun64` reads it (up to 16 hex digits, either case);
-    /// a LUN other than 0 needs its target's LUN 0 (the framework
-    /// configures ",0" first); the child gets `addr` as written, is
+    /// (or a boot path) does. A child already named `addr` is found
+    /// (`scsi_device_config`'s fast path, `scsi_findchild`, by string).
+    /// Otherwise the LUN part is read as `scsi_addr_to_lun64` reads it;
+    /// for a LUN other than 0 (and not `SCSI_LUN64_ILLEGAL`) the framework
+    /// first configures the target's `",0"` itself, refuses the LUN if
+    /// that fails, and filters LUNs below 32 at or past
+    /// `scsi_get_scsi_maxluns` of LUN 0. The child then gets `addr` as
+    /// written (no `,lun` part: none, `scsi_hba_ua_set` reads LUN 0), is
     /// decorated, initialized by the HBA (`tran_tgt_init`), probed and
     /// handed to the target driver like an enumerated LUN. Returns whether
     /// the LUN is configured.
+    ///
+    /// Not modelled: the framework's fallback to the generic
+    /// `ndi_busop_bus_config` when this fails, and `scsi-options`
+    /// properties (maxluns is the default, from LUN 0's INQUIRY version).
     pub fn config_one(&self, addr: &str) -> bool {
         let _g = set_current(&self.hba.machine);
         {
@@ -718,35 +768,59 @@ impl TgtMap {
     }
 
     fn config_one_now(&self, addr: &str) -> bool {
-        let (target, lun) = addr.split_once(',').unwrap_or((addr, "0"));
-        // scsi_addr_to_lun64: hex digits up to the next ',' (at most 16);
-        // anything else is SCSI_LUN64_ILLEGAL.
-        let digits = lun.split(',').next().unwrap_or("");
-        let Some(lun64) = (!digits.is_empty() && digits.len() <= 16)
-            .then(|| u64::from_str_radix(digits, 16).ok())
-            .flatten()
-        else {
-            return false;
+        if self.configured_named(addr).is_some() {
+            return true;
+        }
+        let Some((target, lun)) = addr.split_once(',') else {
+            // No ",lun": scsi_device_config with the address as written.
+            return self.config_named(addr, addr, 0);
         };
-        {
-            let s = lock(&self.state);
-            // The framework finds children by name@addr, as strings
-            // (scsi_findchild): "0,00" is not "0,0".
-            let named = |l: &Lun| {
+        let lun64 = addr_to_lun64(lun);
+        if lun64 != 0 && lun64 != SCSI_LUN64_ILLEGAL {
+            // ",0" first: the target's LUN 0 is configured (or found),
+            // or the LUN is not.
+            let lun0 = format!("{target},0");
+            if self.configured_named(&lun0).is_none() && !self.config_named(&lun0, target, 0) {
+                return false; // "no lun 0 or filtered lun"
+            }
+            if lun64 < SCSI_32LUNS_PER_TARGET && lun64 >= self.maxluns_of(&lun0) {
+                return false; // "filtered"
+            }
+        }
+        self.config_named(addr, target, lun64)
+    }
+
+    /// The INQUIRY version of the configured child named `addr`, if there
+    /// is one (`scsi_findchild` compares unit addresses as strings: "0,00"
+    /// is not "0,0").
+    fn configured_named(&self, addr: &str) -> Option<u8> {
+        let s = lock(&self.state);
+        s.configured
+            .values()
+            .flat_map(|m| m.values())
+            .chain(s.by_name.iter())
+            .find(|l| {
                 node(l.device.node, "config_one")
                     .and_then(|n| n.unit_address())
                     .is_some_and(|u| u.to_bytes() == addr.as_bytes())
-            };
-            if s.configured.values().flat_map(|m| m.values()).any(named)
-                || s.by_name.iter().any(named)
-            {
-                return true;
-            }
-            let luns = s.configured.get(target);
-            if lun64 != 0 && !luns.is_some_and(|l| l.contains_key(&0)) {
-                return false; // "no lun 0 or filtered lun"
-            }
+            })
+            .map(|l| l.inquiry_version)
+    }
+
+    /// `scsi_get_scsi_maxluns` of the configured child `addr`, with the
+    /// default `scsi-options` (`scsi_subr.c`): 8 for a target below SCSI-3
+    /// (INQUIRY version < 3), else 16.
+    fn maxluns_of(&self, addr: &str) -> u64 {
+        if self.configured_named(addr).unwrap_or(0) < 3 {
+            8
+        } else {
+            16
         }
+    }
+
+    /// Configures the child at unit address `addr` (naming `target`,
+    /// `lun64`) and records it.
+    fn config_named(&self, addr: &str, target: &str, lun64: u64) -> bool {
         let Some(l) = self.online_at(addr, target, lun64) else {
             return false;
         };
@@ -1055,9 +1129,39 @@ mod tests {
             ]
         );
         assert_eq!(ua_properties("0,A"), None, "scsi_hba_ua_set refuses it");
+        // The `int tgt` accumulator: -1, and no `target`, once it goes
+        // negative (or at a non-hex digit); it wraps past 8 digits.
+        let target_of = |ua: &str| {
+            ua_properties(ua)
+                .unwrap()
+                .into_iter()
+                .find(|(k, _)| *k == "target")
+                .map(|(_, v)| v)
+        };
+        assert_eq!(target_of("7fffffff,0"), Some(Prop::Int(0x7fff_ffff)));
+        assert_eq!(target_of("80000000,0"), None);
+        assert_eq!(target_of("ffffffff0,0"), None);
+        assert_eq!(target_of("100000000,0"), Some(Prop::Int(0)));
+        assert_eq!(
+            ua_properties("80000000,0").unwrap()[0],
+            ("target-port", Prop::Str("80000000".into()))
+        );
         assert_eq!(
             ua_properties("0,1,2").unwrap().last(),
             Some(&("sfunc", Prop::Int(2)))
         );
+    }
+
+    #[test]
+    fn lun_parts_are_read_as_scsi_addr_to_lun64_reads_them() {
+        assert_eq!(addr_to_lun64("0"), 0);
+        assert_eq!(addr_to_lun64("00"), 0);
+        assert_eq!(addr_to_lun64(""), 0, "no digit: LUN 0");
+        assert_eq!(addr_to_lun64("0A"), 0xa, "either case");
+        assert_eq!(addr_to_lun64("4100000000000000"), 0x4100_0000_0000_0000);
+        assert_eq!(addr_to_lun64("1,2"), 1, "an sfunc follows");
+        assert_eq!(addr_to_lun64("1x"), SCSI_LUN64_ILLEGAL);
+        assert_eq!(addr_to_lun64("+1"), SCSI_LUN64_ILLEGAL);
+        assert_eq!(addr_to_lun64("11111111111111111"), SCSI_LUN64_ILLEGAL);
     }
 }
