@@ -310,6 +310,24 @@ impl CmdList {
         Some(c)
     }
 
+    /// Takes out the first command (in list order) for which `pred` holds;
+    /// the others keep their order. Bounded by the length.
+    pub fn remove_first(&mut self, mut pred: impl FnMut(&OwnedCmd) -> bool) -> Option<OwnedCmd> {
+        let mut reversed = CmdList::new();
+        let mut found = None;
+        while let Some(c) = self.pop() {
+            if found.is_none() && pred(&c) {
+                found = Some(c);
+            } else {
+                reversed.push(c);
+            }
+        }
+        while let Some(c) = reversed.pop() {
+            self.push(c);
+        }
+        found
+    }
+
     /// Calls `f` on every command (bounded by the length).
     pub fn for_each(&mut self, mut f: impl FnMut(&mut OwnedCmd)) {
         let mut rest = CmdList::new();

@@ -395,20 +395,21 @@ impl VioScsi {
         self.reap_as(qi, Reaper::Free);
     }
 
-    /// Completes the target drivers' commands a poller parked on queue
-    /// `qi` (from a context that holds no driver lock).
+    /// Completes the commands parked on queue `qi` (by a poller, or by a
+    /// device reset), from a context that holds no driver lock. One at a
+    /// time, each taken off the list under the lock: a completion routine
+    /// run from here may tear down another parked packet, whose command
+    /// `abandon_cmd` must then still find on the list (bounded by the
+    /// number parked when it starts).
     pub(crate) fn complete_parked(&self, qi: usize) {
         let Some(q) = self.queues.get(qi) else {
             return;
         };
-        let mut parked = CmdList::new();
-        {
-            let mut g = q.ring.lock();
-            while let Some(c) = g.deferred.pop() {
-                parked.push(c);
-            }
-        }
-        while let Some(c) = parked.pop() {
+        let n = q.ring.lock().deferred.len();
+        for _ in 0..n {
+            let Some(c) = q.ring.lock().deferred.pop() else {
+                return;
+            };
             self.finish(c, None);
         }
     }
@@ -417,21 +418,26 @@ impl VioScsi {
     /// of its own and may hold driver locks, so it parks the target
     /// drivers' commands instead of completing them (`scsi_hba_pkt_comp`
     /// is never called under a driver lock).
+    ///
+    /// The target drivers' commands go onto the parked list in any case,
+    /// not onto a list of this thread, and a free reaper completes them
+    /// from there one at a time: a completion routine run here (or another
+    /// thread) may tear down another of these packets, and `abandon_cmd`
+    /// must find its command to cut it loose before the framework frees
+    /// it (under a DEBUG kernel's kmem the packet's destructor then runs at
+    /// once and its memory is poisoned). Only the pollers' own commands
+    /// (polled, internal, abandoned), which no target driver can tear
+    /// down, are completed from a list of this thread.
     pub(crate) fn reap_as(&self, qi: usize, who: Reaper) {
         let Some(q) = self.queues.get(qi) else {
             return;
         };
         for _pass in 0..4 {
-            let mut done = CmdList::new();
+            let mut own = CmdList::new();
             let mut runaway = false;
-            let more = {
+            let (more, parked) = {
                 let mut g = q.ring.lock();
                 g.completing += 1;
-                if who == Reaper::Free {
-                    while let Some(c) = g.deferred.pop() {
-                        done.push(c);
-                    }
-                }
                 for _ in 0..g.ring.size() {
                     match g.ring.pop_used() {
                         None => break,
@@ -439,10 +445,10 @@ impl VioScsi {
                             let c = u.token;
                             c.mark_owned();
                             let f = c.fields_ref();
-                            if who == Reaper::Poller && f.pkt.is_some() && !f.polled {
+                            if f.pkt.is_some() && !f.polled {
                                 g.deferred.push(c);
                             } else {
-                                done.push(c);
+                                own.push(c);
                             }
                         }
                         Some(Err(UsedError::UnknownId { id })) => {
@@ -462,14 +468,18 @@ impl VioScsi {
                         }
                     }
                 }
-                !runaway && self.mode.interrupts() && g.ring.enable_interrupts()
+                let more = !runaway && self.mode.interrupts() && g.ring.enable_interrupts();
+                (more, who == Reaper::Free && !g.deferred.is_empty())
             };
-            if !done.is_empty() {
+            if parked || !own.is_empty() {
                 let hint = &self.reaping
                     [crate::ddi::cpu::current_seqid() as usize % super::hba::REAP_HINTS];
                 let outer = hint.swap(qi as u16 + 1, Ordering::Relaxed);
-                while let Some(c) = done.pop() {
+                while let Some(c) = own.pop() {
                     self.finish(c, None);
+                }
+                if parked {
+                    self.complete_parked(qi);
                 }
                 hint.store(outer, Ordering::Relaxed);
             }
