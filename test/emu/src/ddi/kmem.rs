@@ -129,23 +129,14 @@ impl KmemMode {
                     panic!("RVSCSI_KMEM_REAP={s:?}: expected a number (one reap in N operations)")
                 }),
         };
-        let m = KmemMode {
+        // Nothing printed: rvscsi-sim's own output (its stderr is checked
+        // by the CLI tests) must stay as it is; the seed is in every
+        // violation the mode finds.
+        KmemMode {
             debug,
             reap_one_in,
             seed,
-        };
-        if m != KmemMode::NORMAL {
-            eprintln!(
-                "rvscsi-emu: kmem {} mode, caches reaped {} (RVSCSI_KMEM_SEED={seed:#x})",
-                if debug { "DEBUG" } else { "non-DEBUG" },
-                if reap_one_in == 0 {
-                    "never".to_string()
-                } else {
-                    format!("once in {reap_one_in} operations at random")
-                }
-            );
         }
-        m
     }
 }
 
@@ -161,10 +152,62 @@ static FROM_ENV: OnceLock<KmemMode> = OnceLock::new();
 
 /// The mode in effect: [`force_debug`]'s, else the environment's.
 pub fn mode() -> KmemMode {
-    if let Some(m) = *lock(&FORCED) {
-        return m;
+    let forced = *lock(&FORCED);
+    let m = forced.unwrap_or_else(|| *FROM_ENV.get_or_init(KmemMode::from_env));
+    if m.debug {
+        install_fault_hint();
     }
-    *FROM_ENV.get_or_init(KmemMode::from_env)
+    m
+}
+
+/// The signal actions the hint replaced (SIGSEGV, SIGBUS).
+static PREVIOUS_ACTIONS: OnceLock<[(c_int, libc::sigaction); 2]> = OnceLock::new();
+
+/// In DEBUG mode a pointer read from freed memory is 0xdeadbeefdeadbeef,
+/// a non-canonical amd64 address: using it faults, where a DEBUG kernel
+/// panics ("BAD TRAP ... #gp"). The process dies of that fault as it
+/// would without the hint; the hint only says first what it most likely
+/// is.
+fn install_fault_hint() {
+    PREVIOUS_ACTIONS.get_or_init(|| {
+        // SAFETY: sigaction with a zeroed (then filled) action struct and
+        // valid out-pointers; the handler only calls async-signal-safe
+        // functions (write, sigaction).
+        unsafe {
+            let mut new: libc::sigaction = std::mem::zeroed();
+            new.sa_sigaction = fault_hint as *const () as usize;
+            new.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+            libc::sigemptyset(&mut new.sa_mask);
+            let mut old = [
+                (libc::SIGSEGV, std::mem::zeroed()),
+                (libc::SIGBUS, std::mem::zeroed()),
+            ];
+            for (sig, prev) in old.iter_mut() {
+                if libc::sigaction(*sig, &new, prev) != 0 {
+                    prev.sa_sigaction = libc::SIG_DFL;
+                }
+            }
+            old
+        }
+    });
+}
+
+extern "C" fn fault_hint(sig: c_int, _info: *mut libc::siginfo_t, _ctx: *mut c_void) {
+    const MSG: &[u8] = b"rvscsi-emu: fatal memory fault under DEBUG kmem (RVSCSI_KMEM_DEBUG): a pointer such as 0xdeadbeefdeadbeef (freed) or 0xbaddcafebaddcafe (not yet constructed) read from kmem memory is a use after free; a DEBUG illumos kernel panics here too\n";
+    // SAFETY: write(2) and sigaction(2) are async-signal-safe; MSG is
+    // static; the previous action was saved before this handler could run.
+    unsafe {
+        libc::write(2, MSG.as_ptr().cast(), MSG.len());
+        // The previous handler (Rust's stack-overflow check, or the
+        // default) sees the fault again when the access is retried.
+        if let Some(prev) = PREVIOUS_ACTIONS.get() {
+            for (s, a) in prev {
+                if *s == sig {
+                    libc::sigaction(sig, a, std::ptr::null_mut());
+                }
+            }
+        }
+    }
 }
 
 /// Sets the mode of this process from now on (`None`: back to the
@@ -456,6 +499,49 @@ mod tests {
         let y: Vec<u64> = (0..8).map(|_| b.next_u64()).collect();
         assert_eq!(x, y);
         assert!(!Rng(1).one_in(0));
+    }
+
+    fn orphan_violations_about(p: *mut c_void) -> Vec<String> {
+        let at = format!("{p:p}");
+        lock(&crate::ddi::ORPHAN_VIOLATIONS)
+            .iter()
+            .filter(|v| v.contains(&at))
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn debug_kmem_alloc_is_uninitialized_redzoned_and_poisoned_after_free() {
+        force_debug(Some(KmemMode::debug(DEFAULT_SEED)));
+        let p = kmem_alloc(13, ffi::KM_NOSLEEP);
+        assert!(!p.is_null());
+        // SAFETY: 13 bytes allocated.
+        let head = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), 13) }.to_vec();
+        assert_eq!(&head[..8], &UNINITIALIZED_PATTERN.to_ne_bytes());
+        // A write one past the end: the redzone.
+        // SAFETY: the allocation has a redzone after the 13 bytes.
+        unsafe { p.cast::<u8>().add(13).write(0) };
+        kmem_free(p, 13);
+        let v = orphan_violations_about(p);
+        assert!(v.iter().any(|v| v.contains("redzone violation")), "{v:?}");
+        // Then poisoned.
+        // SAFETY: quarantined, still allocated (redzone included).
+        let freed = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), 8) }.to_vec();
+        assert_eq!(&freed[..], &FREE_PATTERN.to_ne_bytes());
+
+        let q = kmem_zalloc(16, ffi::KM_NOSLEEP);
+        kmem_free(q, 16);
+        // A write after the free: the buffer waits in the quarantine (still
+        // allocated), poisoned.
+        // SAFETY: quarantined memory is not freed before verify_freed.
+        unsafe { q.cast::<u8>().add(3).write(7) };
+        assert!(verify_freed() >= 1);
+        let v = orphan_violations_about(q);
+        assert!(
+            v.iter().any(|v| v.contains("modified after kmem_free")),
+            "{v:?}"
+        );
+        force_debug(None);
     }
 
     #[test]

@@ -609,9 +609,10 @@ impl PktCache {
             self.machine.violation(format!(
                 "kmem DEBUG: packet object {base:#x} was written after scsi_destroy_pkt freed it \
                  (found at {when}): offset {off:#x}, in {}, holds {word:#018x} instead of the \
-                 free pattern {:#018x} (KMERR_MODIFIED)",
+                 free pattern {:#018x} (KMERR_MODIFIED; RVSCSI_KMEM_SEED={:#x})",
                 self.part_of(off),
-                kmem::FREE_PATTERN
+                kmem::FREE_PATTERN,
+                self.mode.seed
             ));
         }
     }
