@@ -328,6 +328,22 @@ impl CmdList {
         found
     }
 
+    /// Takes out every command for which `pred` holds (bounded by the
+    /// length; the order of either list is not kept).
+    pub fn take_where(&mut self, mut pred: impl FnMut(&OwnedCmd) -> bool) -> CmdList {
+        let mut taken = CmdList::new();
+        let mut rest = CmdList::new();
+        while let Some(c) = self.pop() {
+            if pred(&c) {
+                taken.push(c);
+            } else {
+                rest.push(c);
+            }
+        }
+        *self = rest;
+        taken
+    }
+
     /// Calls `f` on every command (bounded by the length).
     pub fn for_each(&mut self, mut f: impl FnMut(&mut OwnedCmd)) {
         let mut rest = CmdList::new();

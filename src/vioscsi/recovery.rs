@@ -8,7 +8,7 @@
 //! `STAT_BUS_RESET`); the command completes `CMD_TIMEOUT` +
 //! `STAT_TIMEOUT` however it finally ends.
 
-use super::cmd::{Cmd, IDLE, OwnedCmd};
+use super::cmd::{Cmd, IDLE};
 use super::hba::{AttachError, Lun, Stats, VioScsi, state};
 use super::io::Reaper;
 use super::proto::{self, CONTROL_QUEUE, Tmf};
@@ -508,17 +508,14 @@ impl VioScsi {
             }
             // A poller (which may hold driver locks) leaves the target
             // drivers' commands parked for the next interrupt or watchdog
-            // tick, and ends here only the polled and internal ones, whose
-            // pollers are waiting for them.
-            let polled = |c: &OwnedCmd| {
+            // tick, and ends here only the polled, internal and abandoned
+            // ones, which no target driver can tear down (their pollers, or
+            // abandon_cmd, wait for them).
+            let mut own = q.ring.lock().deferred.take_where(|c| {
                 let f = c.fields_ref();
                 f.pkt.is_none() || f.polled
-            };
-            let n = q.ring.lock().deferred.len();
-            for _ in 0..n {
-                let Some(c) = q.ring.lock().deferred.remove_first(polled) else {
-                    break;
-                };
+            });
+            while let Some(c) = own.pop() {
                 self.finish(c, None);
             }
         }
