@@ -406,6 +406,14 @@ impl VioScsi {
             return;
         };
         let n = q.ring.lock().deferred.len();
+        self.complete_parked_upto(qi, n);
+    }
+
+    /// [`Self::complete_parked`], at most `n` of them.
+    fn complete_parked_upto(&self, qi: usize, n: usize) {
+        let Some(q) = self.queues.get(qi) else {
+            return;
+        };
         for _ in 0..n {
             let Some(c) = q.ring.lock().deferred.pop() else {
                 return;
@@ -435,7 +443,7 @@ impl VioScsi {
         for _pass in 0..4 {
             let mut own = CmdList::new();
             let mut runaway = false;
-            let (more, parked) = {
+            let (more, first, parked) = {
                 let mut g = q.ring.lock();
                 g.completing += 1;
                 for _ in 0..g.ring.size() {
@@ -469,17 +477,26 @@ impl VioScsi {
                     }
                 }
                 let more = !runaway && self.mode.interrupts() && g.ring.enable_interrupts();
-                (more, who == Reaper::Free && !g.deferred.is_empty())
+                // The first to complete comes off the list under this
+                // lock already (it is completed right away); the others
+                // are taken one at a time.
+                let (first, parked) = if who == Reaper::Free {
+                    (g.deferred.pop(), g.deferred.len())
+                } else {
+                    (None, 0)
+                };
+                (more, first, parked)
             };
-            if parked || !own.is_empty() {
+            if first.is_some() || !own.is_empty() {
                 let hint = &self.reaping
                     [crate::ddi::cpu::current_seqid() as usize % super::hba::REAP_HINTS];
                 let outer = hint.swap(qi as u16 + 1, Ordering::Relaxed);
                 while let Some(c) = own.pop() {
                     self.finish(c, None);
                 }
-                if parked {
-                    self.complete_parked(qi);
+                if let Some(c) = first {
+                    self.finish(c, None);
+                    self.complete_parked_upto(qi, parked);
                 }
                 hint.store(outer, Ordering::Relaxed);
             }
