@@ -341,6 +341,40 @@ impl CmdList {
         Some(c)
     }
 
+    /// Takes out the first command (in list order) for which `pred` holds;
+    /// the others keep their order. Bounded by the length.
+    pub fn remove_first(&mut self, mut pred: impl FnMut(&OwnedCmd) -> bool) -> Option<OwnedCmd> {
+        let mut reversed = CmdList::new();
+        let mut found = None;
+        while let Some(c) = self.pop() {
+            if found.is_none() && pred(&c) {
+                found = Some(c);
+            } else {
+                reversed.push(c);
+            }
+        }
+        while let Some(c) = reversed.pop() {
+            self.push(c);
+        }
+        found
+    }
+
+    /// Takes out every command for which `pred` holds (bounded by the
+    /// length; the order of either list is not kept).
+    pub fn take_where(&mut self, mut pred: impl FnMut(&OwnedCmd) -> bool) -> CmdList {
+        let mut taken = CmdList::new();
+        let mut rest = CmdList::new();
+        while let Some(c) = self.pop() {
+            if pred(&c) {
+                taken.push(c);
+            } else {
+                rest.push(c);
+            }
+        }
+        *self = rest;
+        taken
+    }
+
     /// Calls `f` on every command (bounded by the length).
     pub fn for_each(&mut self, mut f: impl FnMut(&mut OwnedCmd)) {
         let mut rest = CmdList::new();

@@ -438,20 +438,29 @@ impl VioScsi {
         }
     }
 
-    /// Completes the target drivers' commands a poller parked on queue
-    /// `qi` (from a context that holds no driver lock).
+    /// Completes the commands parked on queue `qi` (by a poller, or by a
+    /// device reset), from a context that holds no driver lock. One at a
+    /// time, each taken off the list under the lock: a completion routine
+    /// run from here may tear down another parked packet, whose command
+    /// `abandon_cmd` must then still find on the list (bounded by the
+    /// number parked when it starts).
     pub(crate) fn complete_parked(&self, qi: usize) {
         let Some(q) = self.queues.get(qi) else {
             return;
         };
-        let mut parked = CmdList::new();
-        {
-            let mut g = q.ring.lock();
-            while let Some(c) = g.deferred.pop() {
-                parked.push(c);
-            }
-        }
-        while let Some(c) = parked.pop() {
+        let n = q.ring.lock().deferred.len();
+        self.complete_parked_upto(qi, n);
+    }
+
+    /// [`Self::complete_parked`], at most `n` of them.
+    fn complete_parked_upto(&self, qi: usize, n: usize) {
+        let Some(q) = self.queues.get(qi) else {
+            return;
+        };
+        for _ in 0..n {
+            let Some(c) = q.ring.lock().deferred.pop() else {
+                return;
+            };
             self.finish(c, None);
         }
     }
@@ -477,21 +486,26 @@ impl VioScsi {
     /// safety net under both.
     ///
     /// [`SplitQueue::enable_interrupts`]: crate::virtio::ring::SplitQueue::enable_interrupts
+    ///
+    /// The target drivers' commands go onto the parked list in any case,
+    /// not onto a list of this thread, and a free reaper completes them
+    /// from there one at a time: a completion routine run here (or another
+    /// thread) may tear down another of these packets, and `abandon_cmd`
+    /// must find its command to cut it loose before the framework frees
+    /// it (under a DEBUG kernel's kmem the packet's destructor then runs at
+    /// once and its memory is poisoned). Only the pollers' own commands
+    /// (polled, internal, abandoned), which no target driver can tear
+    /// down, are completed from a list of this thread.
     pub(crate) fn reap_as(&self, qi: usize, who: Reaper) {
         let Some(q) = self.queues.get(qi) else {
             return;
         };
         for _pass in 0..REAP_PASSES {
-            let mut done = CmdList::new();
+            let mut own = CmdList::new();
             let mut runaway = false;
-            let more = {
+            let (more, first, parked) = {
                 let mut g = q.ring.lock();
                 g.completing += 1;
-                if who == Reaper::Free {
-                    while let Some(c) = g.deferred.pop() {
-                        done.push(c);
-                    }
-                }
                 for _ in 0..g.ring.size() {
                     match g.ring.pop_used() {
                         None => break,
@@ -499,10 +513,10 @@ impl VioScsi {
                             let c = u.token;
                             c.mark_owned();
                             let f = c.fields_ref();
-                            if who == Reaper::Poller && f.pkt.is_some() && !f.polled {
+                            if f.pkt.is_some() && !f.polled {
                                 g.deferred.push(c);
                             } else {
-                                done.push(c);
+                                own.push(c);
                             }
                         }
                         Some(Err(UsedError::UnknownId { id })) => {
@@ -522,14 +536,27 @@ impl VioScsi {
                         }
                     }
                 }
-                !runaway && self.mode.interrupts() && g.ring.enable_interrupts()
+                let more = !runaway && self.mode.interrupts() && g.ring.enable_interrupts();
+                // The first to complete comes off the list under this
+                // lock already (it is completed right away); the others
+                // are taken one at a time.
+                let (first, parked) = if who == Reaper::Free {
+                    (g.deferred.pop(), g.deferred.len())
+                } else {
+                    (None, 0)
+                };
+                (more, first, parked)
             };
-            if !done.is_empty() {
+            if first.is_some() || !own.is_empty() {
                 let hint = &self.reaping
                     [crate::ddi::cpu::current_seqid() as usize % super::hba::REAP_HINTS];
                 let outer = hint.swap(qi as u16 + 1, Ordering::Relaxed);
-                while let Some(c) = done.pop() {
+                while let Some(c) = own.pop() {
                     self.finish(c, None);
+                }
+                if let Some(c) = first {
+                    self.finish(c, None);
+                    self.complete_parked_upto(qi, parked);
                 }
                 hint.store(outer, Ordering::Relaxed);
             }

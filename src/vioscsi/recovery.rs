@@ -31,9 +31,9 @@
 //! watchdog's ladder. 0 only when nothing could be accepted (the HBA not
 //! running, the command not found, the deferred list full).
 
-use super::cmd::{Cmd, CmdList};
+use super::cmd::{Cmd, IDLE};
 use super::hba::{AttachError, Lun, Stats, VioScsi, state};
-use super::io::{Forced, Reaper};
+use super::io::Reaper;
 use super::proto::{self, CONTROL_QUEUE, Tmf};
 use crate::ddi::dma::{DmaBuffer, DmaMode};
 use crate::ddi::{Dip, Sleep, cpu, time};
@@ -426,6 +426,13 @@ impl VioScsi {
     /// flight) and makes sure the device no longer uses its buffers: the
     /// recovery ladder, ending in a device reset if need be. Bounded; does
     /// not sleep (the context is the target driver's).
+    ///
+    /// When this returns, the framework frees the packet, and with it the
+    /// command (its HBA private area): under a DEBUG kernel's kmem the
+    /// destructor runs and the memory is filled with 0xdeadbeef
+    /// (kmem_cache_free_debug), and any cache may be reaped at any time. So
+    /// nothing of the HBA may still hold the command then: it must be idle,
+    /// not merely marked abandoned on some list.
     pub(crate) fn abandon_cmd(&self, cmd: &Cmd) {
         let mut found = None;
         for (qi, q) in self.queues.iter().enumerate() {
@@ -445,14 +452,6 @@ impl VioScsi {
                     });
                 }
             });
-            // Done by the device, parked for completion: just cut loose.
-            g.deferred.for_each(|c| {
-                if c.is(cmd) {
-                    let f = c.fields();
-                    f.pkt = None;
-                    f.abandoned = true;
-                }
-            });
             if found.is_some() {
                 break;
             }
@@ -460,6 +459,43 @@ impl VioScsi {
         if let Some(e) = found {
             self.recover(e, false, Reaper::Poller);
         }
+        // Out of the device now (or never found in it): done by it, or
+        // taken back by a reset, it may be parked on a queue's list, or a
+        // thread may be finishing it. Take it off the list, or wait for that
+        // thread to let go.
+        let start = time::hrtime();
+        let mut spins = 0u32;
+        loop {
+            if cmd.state() == IDLE || self.unpark(cmd) {
+                return;
+            }
+            if (time::hrtime() - start) / 1000 >= STEP_WAIT_US {
+                dev_warn!(
+                    self.dip,
+                    "a torn-down packet's command could not be taken back (state {})",
+                    cmd.state()
+                );
+                return;
+            }
+            time::poll_pause(&mut spins, false);
+        }
+    }
+
+    /// Takes `cmd` off the parked list of its queue, if it is there, and
+    /// ends it without a packet (the device no longer has it: it returned
+    /// it, or a reset took it back). True if it was there.
+    fn unpark(&self, cmd: &Cmd) -> bool {
+        for q in &self.queues {
+            let taken = q.ring.lock().deferred.remove_first(|c| c.is(cmd));
+            if let Some(mut c) = taken {
+                let f = c.fields();
+                f.pkt = None;
+                f.abandoned = true;
+                c.release(IDLE);
+                return true;
+            }
+        }
+        false
     }
 
     /// `tran_abort(9E)` of one packet: ABORT TASK. True if the device
@@ -580,12 +616,22 @@ impl VioScsi {
         Stats::bump(&self.stats.resets);
         dev_warn!(self.dip, "resetting the device: {why}");
         let stopped = self.transport.reset();
-        // The device no longer touches the rings: take everything back.
-        let mut taken = CmdList::new();
+        // The device no longer touches the rings: take everything back,
+        // onto each queue's parked list, under its lock, ended by the reset.
+        // Not onto a list of this thread: while the device is brought back
+        // and the commands are completed, a target driver may tear down one
+        // of their packets (from another thread, or from the completion
+        // routine of another packet run here), and abandon_cmd must find
+        // the command to cut it loose before the packet is freed.
         for q in &self.queues {
             let mut g = q.ring.lock();
-            g.ring.reclaim_all(|c| taken.push(c));
-            g.kick_pending = false;
+            let r = &mut *g;
+            r.ring.reclaim_all(|mut c| {
+                c.mark_owned();
+                c.fields().reset_forced = true;
+                r.deferred.push(c);
+            });
+            r.kick_pending = false;
         }
         {
             let mut c = self.ctl.lock();
@@ -610,18 +656,24 @@ impl VioScsi {
             }
         };
         probes::reset(ffi::RESET_ALL, 0, LunNumber::ZERO, ok);
-        while let Some(mut c) = taken.pop() {
-            c.mark_owned();
-            let f = c.fields();
-            if who == Reaper::Poller && f.pkt.is_some() && !f.polled {
-                f.reset_forced = true;
-                let qi = usize::from(f.queue);
-                if let Some(q) = self.queues.get(qi) {
-                    q.ring.lock().deferred.push(c);
-                    continue;
-                }
+        for (qi, q) in self.queues.iter().enumerate() {
+            if who == Reaper::Free {
+                // One at a time, each taken under the lock (complete_parked).
+                self.complete_parked(qi);
+                continue;
             }
-            self.finish(c, Some(Forced::DeviceReset));
+            // A poller (which may hold driver locks) leaves the target
+            // drivers' commands parked for the next interrupt or watchdog
+            // tick, and ends here only the polled, internal and abandoned
+            // ones, which no target driver can tear down (their pollers, or
+            // abandon_cmd, wait for them).
+            let mut own = q.ring.lock().deferred.take_where(|c| {
+                let f = c.fields_ref();
+                f.pkt.is_none() || f.polled
+            });
+            while let Some(c) = own.pop() {
+                self.finish(c, None);
+            }
         }
         ok
     }

@@ -4,13 +4,14 @@
 
 use super::packet::PktWrap;
 use crate::ddi::devinfo::{NodeKind, node};
+use crate::ddi::kmem::{self, KmemMode, Rng};
 use crate::ddi::violation;
 use crate::machine::{Machine, lock};
 use rvscsi::ffi::{self, ddi_dma_attr_t, dev_info_t, scsi_hba_tran};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::{CStr, c_char, c_int};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 
 /// Framework state of an attached HBA instance.
 pub struct HbaState {
@@ -243,7 +244,7 @@ pub unsafe extern "C" fn scsi_hba_attach_setup(
             violation("scsi_hba_attach_setup: tran_setup_pkt without tran_teardown_pkt");
             return ffi::DDI_FAILURE;
         }
-        Some(Arc::new(PktCache::new(n.machine.clone(), dip, tran)))
+        Some(PktCache::new(n.machine.clone(), dip, tran))
     } else {
         None
     };
@@ -379,23 +380,63 @@ pub unsafe extern "C" fn scsi_hba_lookup_capstr(capstr: *mut c_char) -> c_int {
     }
 }
 
-/// The per-instance packet cache (`pkt_cache_<drv>_<inst>`): objects are
-/// the framework wrapper, `tran_hba_len` bytes for the HBA, a 16-byte CDB
-/// area and a `scsi_arq_status`, constructed once (DMA handle, then
-/// `tran_pkt_constructor`) and reused across allocations.
+/// The per-instance packet cache (`pkt_cache_<drv>_<inst>`), as
+/// `scsi_hba_attach_setup` creates it: `kmem_cache_create(name, len, 8,
+/// scsi_hba_pkt_constructor, scsi_hba_pkt_destructor, NULL, tran, NULL,
+/// 0)` (scsi_hba.c). Objects are the framework wrapper, `tran_hba_len`
+/// bytes for the HBA, a 16-byte CDB area and a `scsi_arq_status`. The
+/// constructor (`scsi_hba_pkt_constructor`) zeroes the object, points
+/// `pkt_ha_private` and the areas into it, allocates `pkt_handle` and calls
+/// `tran_pkt_constructor`; the destructor (`scsi_hba_pkt_destructor`) calls
+/// `tran_pkt_destructor`; `scsi_init_cache_pkt` takes objects with
+/// `kmem_cache_alloc` and `scsi_free_cache_pkt` gives them back with
+/// `kmem_cache_free` (scsi_resource.c).
+///
+/// The cache follows the kmem mode in effect at its creation
+/// ([`crate::ddi::kmem`]). Non-DEBUG, an object is constructed once and
+/// cached constructed across allocations. DEBUG (`KMF_DEADBEEF`), the
+/// destructor runs at every free and the object is filled with the free
+/// pattern, checked at its next allocation (and when a reap frees it),
+/// then the constructor runs again. A random reap (on a thread of the
+/// cache, as `kmem_taskq` runs `kmem_cache_reap`) frees every free object:
+/// the destructor first for a constructed one (non-DEBUG), the pattern
+/// checked for a poisoned one (DEBUG).
 pub struct PktCache {
     machine: Arc<Machine>,
     dip: *mut dev_info_t,
     tran: *mut scsi_hba_tran,
     layout: std::alloc::Layout,
-    free: Mutex<Vec<usize>>,
+    mode: KmemMode,
+    me: Weak<PktCache>,
+    /// Free objects: constructed (non-DEBUG, reused last-freed first) or
+    /// poisoned (DEBUG, reused oldest first, which leaves a freed object
+    /// poisoned the longest).
+    free: Mutex<VecDeque<usize>>,
+    /// Every object of the cache, allocated or free.
     all: Mutex<HashSet<usize>>,
+    rng: Mutex<Rng>,
+    reaper: Mutex<ReaperState>,
+    reaper_cv: Condvar,
+    reaper_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Constructor calls that succeeded.
     pub constructed: AtomicU64,
     /// Destructor calls.
     pub destructed: AtomicU64,
     /// Objects allocated to target drivers now.
     pub in_use: AtomicI64,
+    /// Reaps done.
+    pub reaps: AtomicU64,
+    /// Objects freed by reaps.
+    pub reaped: AtomicU64,
+    /// Free objects found written after their free (DEBUG; each is also a
+    /// violation).
+    pub modified: AtomicU64,
+}
+
+#[derive(Default)]
+struct ReaperState {
+    requested: bool,
+    stop: bool,
 }
 
 // SAFETY: raw pointers name framework objects (node, tran) that outlive
@@ -408,7 +449,7 @@ unsafe impl Sync for PktCache {}
 pub const WRAP_SIZE: usize = std::mem::size_of::<PktWrap>().next_multiple_of(8);
 
 impl PktCache {
-    fn new(machine: Arc<Machine>, dip: *mut dev_info_t, tran: *mut scsi_hba_tran) -> Self {
+    fn new(machine: Arc<Machine>, dip: *mut dev_info_t, tran: *mut scsi_hba_tran) -> Arc<Self> {
         // SAFETY: live tran.
         let hba_len = unsafe { (*tran).tran_hba_len } as usize;
         // The status area comes last, followed by guard bytes that catch an
@@ -420,17 +461,28 @@ impl PktCache {
             + super::packet::SCB_GUARD;
         let layout = std::alloc::Layout::from_size_align(size, 8)
             .unwrap_or(std::alloc::Layout::new::<u64>());
-        PktCache {
+        // kmem_cache_create copies kmem_flags at creation.
+        let mode = kmem::mode();
+        Arc::new_cyclic(|me| PktCache {
             machine,
             dip,
             tran,
             layout,
-            free: Mutex::new(Vec::new()),
+            mode,
+            me: me.clone(),
+            free: Mutex::new(VecDeque::new()),
             all: Mutex::new(HashSet::new()),
+            rng: Mutex::new(Rng::for_new_cache(mode.seed)),
+            reaper: Mutex::new(ReaperState::default()),
+            reaper_cv: Condvar::new(),
+            reaper_thread: Mutex::new(None),
             constructed: AtomicU64::new(0),
             destructed: AtomicU64::new(0),
             in_use: AtomicI64::new(0),
-        }
+            reaps: AtomicU64::new(0),
+            reaped: AtomicU64::new(0),
+            modified: AtomicU64::new(0),
+        })
     }
 
     /// The HBA's tran.
@@ -438,45 +490,150 @@ impl PktCache {
         self.tran
     }
 
-    /// Takes an object, constructing one if none is free; `None` if the
+    /// The kmem mode the cache was created in.
+    pub fn mode(&self) -> KmemMode {
+        self.mode
+    }
+
+    /// `kmem_cache_alloc`: a free object (constructed, or in DEBUG mode
+    /// checked and constructed now), else a new one; `None` if the
     /// constructor failed.
-    pub fn alloc(self: &Arc<Self>, kmflag: c_int) -> Option<*mut PktWrap> {
-        let obj = lock(&self.free).pop();
-        let obj = match obj {
-            Some(o) => o as *mut PktWrap,
-            None => self.construct(kmflag)?,
+    pub fn alloc(&self, kmflag: c_int) -> Option<*mut PktWrap> {
+        self.maybe_reap();
+        let obj = if self.mode.debug {
+            let base = match lock(&self.free).pop_front() {
+                Some(b) => {
+                    self.check_free_pattern(b, "its next allocation");
+                    b as *mut u8
+                }
+                None => self.new_buffer()?,
+            };
+            // verify_and_copy_pattern: what the constructor finds.
+            // SAFETY: a free buffer of the cache, layout.size() bytes.
+            unsafe { kmem::fill_pattern(base, self.layout.size(), kmem::UNINITIALIZED_PATTERN) };
+            match self.construct(base, kmflag) {
+                Some(o) => o,
+                None => {
+                    // kmem_cache_alloc_debug: back to the slab, poisoned.
+                    self.poison(base);
+                    lock(&self.free).push_back(base as usize);
+                    return None;
+                }
+            }
+        } else {
+            let free = lock(&self.free).pop_back();
+            match free {
+                Some(o) => o as *mut PktWrap,
+                None => {
+                    let base = self.new_buffer()?;
+                    match self.construct(base, kmflag) {
+                        Some(o) => o,
+                        None => {
+                            self.free_buffer(base as usize);
+                            return None;
+                        }
+                    }
+                }
+            }
         };
         self.in_use.fetch_add(1, Ordering::AcqRel);
         Some(obj)
     }
 
-    /// Returns an object to the cache.
+    /// `kmem_cache_free`: the object back to the cache (in DEBUG mode
+    /// destroyed and poisoned first, `kmem_cache_free_debug`).
     pub fn release(&self, obj: *mut PktWrap) {
         if !lock(&self.all).contains(&(obj as usize)) {
             violation("packet returned to a cache it does not belong to");
             return;
         }
         self.in_use.fetch_sub(1, Ordering::AcqRel);
-        lock(&self.free).push(obj as usize);
+        if self.mode.debug {
+            self.destruct(obj);
+            self.poison(obj.cast());
+        }
+        lock(&self.free).push_back(obj as usize);
+        self.maybe_reap();
     }
 
-    /// The kmem cache constructor (`scsi_hba_pkt_constructor` in
-    /// scsi_hba.c): zero, HBA private pointer, DMA handle, CDB and status
-    /// areas, then the HBA's `tran_pkt_constructor`.
-    fn construct(self: &Arc<Self>, kmflag: c_int) -> Option<*mut PktWrap> {
+    /// Fresh memory for one object, counted in the cache.
+    fn new_buffer(&self) -> Option<*mut u8> {
         // SAFETY: non-zero size.
-        let base = unsafe { std::alloc::alloc_zeroed(self.layout) };
+        let base = unsafe { std::alloc::alloc(self.layout) };
         if base.is_null() {
             return None;
         }
+        lock(&self.all).insert(base as usize);
+        Some(base)
+    }
+
+    /// Gives an object's memory back (it holds no live value).
+    fn free_buffer(&self, base: usize) {
+        lock(&self.all).remove(&base);
+        // SAFETY: allocated by new_buffer with this layout.
+        unsafe { std::alloc::dealloc(base as *mut u8, self.layout) };
+    }
+
+    /// Fills an object with the free pattern.
+    fn poison(&self, base: *mut u8) {
+        // SAFETY: an object of the cache holding no live value.
+        unsafe { kmem::fill_pattern(base, self.layout.size(), kmem::FREE_PATTERN) };
+    }
+
+    /// Which part of an object offset `off` is in.
+    fn part_of(&self, off: usize) -> String {
+        // SAFETY: live tran.
+        let hba_len = unsafe { (*self.tran).tran_hba_len } as usize;
+        let pkt = std::mem::size_of::<ffi::scsi_pkt>();
+        let ha = WRAP_SIZE;
+        if off < pkt {
+            format!("the scsi_pkt, +{off:#x}")
+        } else if off < ha {
+            format!("the framework's wrapper, +{:#x}", off - pkt)
+        } else if off < ha + hba_len {
+            format!("the HBA's private area (pkt_ha_private), +{:#x}", off - ha)
+        } else {
+            format!("the CDB/status areas, +{:#x}", off - ha - hba_len)
+        }
+    }
+
+    /// DEBUG: checks that a free object still holds the free pattern
+    /// (`KMERR_MODIFIED` otherwise: someone wrote it after its free).
+    fn check_free_pattern(&self, base: usize, when: &str) {
+        // SAFETY: a free object of the cache, layout.size() bytes.
+        let found = unsafe {
+            kmem::find_modified(base as *const u8, self.layout.size(), kmem::FREE_PATTERN)
+        };
+        if let Some((off, word)) = found {
+            self.modified.fetch_add(1, Ordering::AcqRel);
+            self.machine.violation(format!(
+                "kmem DEBUG: packet object {base:#x} was written after scsi_destroy_pkt freed it \
+                 (found at {when}): offset {off:#x}, in {}, holds {word:#018x} instead of the \
+                 free pattern {:#018x} (KMERR_MODIFIED; RVSCSI_KMEM_SEED={:#x})",
+                self.part_of(off),
+                kmem::FREE_PATTERN,
+                self.mode.seed
+            ));
+        }
+    }
+
+    /// The kmem cache constructor (`scsi_hba_pkt_constructor` in
+    /// scsi_hba.c) on the memory at `base`: zero, HBA private pointer, DMA
+    /// handle, CDB and status areas, then the HBA's
+    /// `tran_pkt_constructor`. `None` (nothing live left in the memory) if
+    /// a step failed.
+    fn construct(&self, base: *mut u8, kmflag: c_int) -> Option<*mut PktWrap> {
         // SAFETY: live tran.
         let t = unsafe { &*self.tran };
         let hba_len = t.tran_hba_len as usize;
         let obj = base.cast::<PktWrap>();
-        // SAFETY: obj is a fresh, zeroed, 8-aligned allocation of at least
-        // WRAP_SIZE bytes; the areas follow inside the same allocation.
+        // SAFETY: base is an 8-aligned object of the cache of layout.size()
+        // (at least WRAP_SIZE + the areas) bytes holding no live value;
+        // zeroed (the constructor's bzero), then the framework fields
+        // initialized in place; the areas follow inside the same object.
         unsafe {
-            PktWrap::init(obj, Arc::as_ptr(self));
+            std::ptr::write_bytes(base, 0, self.layout.size());
+            PktWrap::init(obj, self as *const PktCache);
             let ha = base.add(WRAP_SIZE);
             (*obj).pkt.pkt_ha_private = ha.cast();
             let cdb = ha.add(hba_len);
@@ -506,8 +663,8 @@ impl PktCache {
             )
         };
         if rc != ffi::DDI_SUCCESS {
-            // SAFETY: allocated above with this layout.
-            unsafe { std::alloc::dealloc(base, self.layout) };
+            // SAFETY: initialized above, dropped once.
+            unsafe { std::ptr::drop_in_place(obj) };
             return None;
         }
         // SAFETY: obj is initialized.
@@ -518,19 +675,80 @@ impl PktCache {
             if rc != 0 {
                 // SAFETY: allocated above, not used by anyone else.
                 unsafe { crate::ddi::dma::ddi_dma_free_handle(&mut h) };
-                // SAFETY: allocated above with this layout.
-                unsafe { std::alloc::dealloc(base, self.layout) };
+                // SAFETY: initialized above, dropped once.
+                unsafe { std::ptr::drop_in_place(obj) };
                 return None;
             }
         }
-        lock(&self.all).insert(obj as usize);
         self.constructed.fetch_add(1, Ordering::AcqRel);
         Some(obj)
     }
 
-    /// `kmem_cache_destroy`: the destructor of every cached object. Objects
-    /// still allocated are a target driver leak.
+    /// The kmem cache destructor (`scsi_hba_pkt_destructor`): the HBA's
+    /// `tran_pkt_destructor`, the DMA handle, the framework fields. The
+    /// memory stays the cache's.
+    fn destruct(&self, obj: *mut PktWrap) {
+        // SAFETY: live tran.
+        let t = unsafe { &*self.tran };
+        if let Some(dtor) = t.tran_pkt_destructor {
+            // SAFETY: a constructed object of this cache nobody uses.
+            unsafe { dtor(obj.cast(), self.tran) };
+        }
+        // SAFETY: constructed object.
+        let mut h = unsafe { (*obj).pkt.pkt_handle };
+        // SAFETY: the object's handle, freed once.
+        unsafe { crate::ddi::dma::ddi_dma_free_handle(&mut h) };
+        // SAFETY: the framework fields were initialized in place by
+        // PktWrap::init; dropped once.
+        unsafe { std::ptr::drop_in_place(obj) };
+        self.destructed.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A reap at a random point of the cache's operations (seeded).
+    fn maybe_reap(&self) {
+        if self.mode.reap_one_in == 0 || !lock(&self.rng).one_in(self.mode.reap_one_in) {
+            return;
+        }
+        lock(&self.reaper).requested = true;
+        self.reaper_cv.notify_all();
+        let mut t = lock(&self.reaper_thread);
+        if t.is_none() {
+            let me = self.me.clone();
+            *t = std::thread::Builder::new()
+                .name("kmem_taskq".into())
+                .spawn(move || reaper(me))
+                .ok();
+        }
+    }
+
+    /// `kmem_cache_reap` as memory pressure runs it: every free object is
+    /// destroyed and its memory freed.
+    pub fn reap(&self) {
+        let _g = crate::machine::set_current(&self.machine);
+        let objs: Vec<usize> = lock(&self.free).drain(..).collect();
+        self.reaps.fetch_add(1, Ordering::AcqRel);
+        for o in objs {
+            if self.mode.debug {
+                // kmem_magazine_destroy: the pattern is checked; the
+                // destructor ran at free.
+                self.check_free_pattern(o, "a reap");
+            } else {
+                self.destruct(o as *mut PktWrap);
+            }
+            self.free_buffer(o);
+            self.reaped.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// `kmem_cache_destroy`: the reaper stops, every free object is
+    /// destroyed. Objects still allocated are a target driver leak.
     pub fn destroy(&self) {
+        lock(&self.reaper).stop = true;
+        self.reaper_cv.notify_all();
+        let t = lock(&self.reaper_thread).take();
+        if let Some(t) = t {
+            let _ = t.join();
+        }
         let n = self.in_use.load(Ordering::Acquire);
         if n != 0 {
             self.machine.violation(format!(
@@ -538,26 +756,39 @@ impl PktCache {
             ));
         }
         let objs: Vec<usize> = lock(&self.free).drain(..).collect();
-        // SAFETY: live tran.
-        let t = unsafe { &*self.tran };
         for o in objs {
-            let obj = o as *mut PktWrap;
-            if let Some(dtor) = t.tran_pkt_destructor {
-                // SAFETY: a constructed, free object of this cache.
-                unsafe { dtor(obj.cast(), self.tran) };
+            if self.mode.debug {
+                self.check_free_pattern(o, "kmem_cache_destroy");
+            } else {
+                self.destruct(o as *mut PktWrap);
             }
-            // SAFETY: constructed object.
-            let mut h = unsafe { (*obj).pkt.pkt_handle };
-            // SAFETY: the object's handle, freed once.
-            unsafe { crate::ddi::dma::ddi_dma_free_handle(&mut h) };
-            lock(&self.all).remove(&o);
-            // SAFETY: the framework fields were initialized in place by
-            // PktWrap::init; the memory was allocated with this layout.
-            unsafe {
-                std::ptr::drop_in_place(obj);
-                std::alloc::dealloc(obj.cast(), self.layout);
-            }
-            self.destructed.fetch_add(1, Ordering::AcqRel);
+            self.free_buffer(o);
         }
+    }
+}
+
+/// The cache's reaper thread (kmem_taskq's part): reaps when asked, until
+/// the cache is destroyed (or gone).
+fn reaper(me: Weak<PktCache>) {
+    loop {
+        let Some(c) = me.upgrade() else { return };
+        {
+            let mut s = lock(&c.reaper);
+            while !s.requested && !s.stop {
+                s = c
+                    .reaper_cv
+                    .wait_timeout(s, std::time::Duration::from_millis(500))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                if !s.requested && !s.stop && me.strong_count() <= 1 {
+                    return;
+                }
+            }
+            if s.stop {
+                return;
+            }
+            s.requested = false;
+        }
+        c.reap();
     }
 }

@@ -110,8 +110,18 @@ impl PktWrap {
         let w = pkt.cast::<PktWrap>();
         // SAFETY: reading the magic of what claims to be one of our
         // packets; every packet the HBA sees comes from our caches.
-        if unsafe { (*w).magic } != WRAP_MAGIC {
-            violation(format!("{func}: {pkt:p} is not a packet of the framework"));
+        let magic = unsafe { (*w).magic };
+        if magic != WRAP_MAGIC {
+            // A DEBUG kernel's packet cache poisons what it frees (kmem.c,
+            // kmem_cache_free_debug).
+            let freed = if magic == crate::ddi::kmem::FREE_PATTERN {
+                " (it holds the kmem free pattern: a packet used after scsi_destroy_pkt)"
+            } else {
+                ""
+            };
+            violation(format!(
+                "{func}: {pkt:p} is not a packet of the framework{freed}"
+            ));
             return None;
         }
         // SAFETY: a live packet object.
