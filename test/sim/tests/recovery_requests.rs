@@ -1,0 +1,435 @@
+//! How `tran_reset(9E)` and `tran_abort(9E)` requests are served when the
+//! caller may not wait: never refused while the HBA runs or is being reset
+//! (sd fails the I/O with EIO when every reset returns 0: sd.c
+//! `sd_pkt_status_busy`), never run nested inside the driver's own
+//! completion delivery (its work task and watchdog are kernel threads,
+//! where `servicing_interrupt()` is 0), done at once during a panic (a
+//! crash dump: sddump resets with RESET_ALL and gives up on 0, and no task
+//! queue runs then), escalated on the task queue when the device refuses,
+//! and dropped once the HBA is stopped.
+
+use rvscsi::ffi;
+use rvscsi::vioscsi::VioScsi;
+use rvscsi::vioscsi::hba::state;
+use rvscsi_emu::InitArgs;
+use rvscsi_emu::ddi::sync::{enter_interrupt_context, leave_interrupt_context};
+use rvscsi_emu::ddi::{panic, taskq};
+use rvscsi_emu::faults::{Fault, Match};
+use rvscsi_sim::testkit::{Driver, Rig, RigConfig, clear_unit_attention, read_block};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// `VIRTIO_SCSI_S_FUNCTION_REJECTED` (virtio 1.2 §5.6.6.2).
+const FUNCTION_REJECTED: u8 = 11;
+/// The modern common configuration's device_status (virtio 1.2 §4.1.4.3).
+const DEVICE_STATUS: u64 = 0x14;
+
+fn recorder_rig(luns: u16, interrupts: &str) -> Rig {
+    Rig::start(RigConfig {
+        images: (0..luns).map(|l| (2048, 0, l)).collect(),
+        driver: Driver::Recorder,
+        interrupts: interrupts.into(),
+        ..RigConfig::default()
+    })
+}
+
+/// The attached HBA.
+fn hba(rig: &Rig) -> &VioScsi {
+    let dip = rig.bed().hba;
+    let tran =
+        rvscsi_emu::ddi::devinfo::ddi_get_driver_private(dip).cast::<rvscsi::ffi::scsi_hba_tran>();
+    assert!(!tran.is_null(), "the HBA node has its transport");
+    // SAFETY: the attached HBA node's driver-private pointer is the
+    // framework's scsi_hba_tran, whose tran_hba_private is the driver's
+    // VioScsi (entry::rvscsi_hba_attach); it lives until detach, which
+    // `rig` (borrowed for the result's lifetime) has not done.
+    unsafe { &*(*tran).tran_hba_private.cast::<VioScsi>().cast_const() }
+}
+
+/// Runs `f` on this thread as an interrupt handler would.
+fn in_interrupt<T>(rig: &Rig, f: impl FnOnce() -> T) -> T {
+    enter_interrupt_context();
+    let r = f();
+    leave_interrupt_context(&rig.bed().machine);
+    r
+}
+
+/// Polls `cond` until it holds or `limit` passed.
+fn wait_for(limit: Duration, cond: impl Fn() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}
+
+/// The `rvscsi-reset` firings: (level, target, lun, done).
+fn resets(rig: &Rig) -> Vec<Vec<u64>> {
+    rig.bed()
+        .machine
+        .probes
+        .firings("rvscsi-reset")
+        .iter()
+        .map(|f| f.args.clone())
+        .collect()
+}
+
+fn firing(level: i32, done: bool) -> Vec<u64> {
+    vec![level as u64, 0, 0, u64::from(done)]
+}
+
+/// Waits until the work task is idle (no task queued or running).
+fn tasks_idle(rig: &Rig) {
+    let m = &rig.bed().machine;
+    assert!(
+        wait_for(Duration::from_secs(20), || taskq::all_idle(m)),
+        "the work task went idle"
+    );
+}
+
+#[test]
+fn a_full_request_list_becomes_one_device_reset_and_nothing_is_refused() {
+    let rig = recorder_rig(6, "msix");
+    let devs = rig.recorder.devices();
+    assert_eq!(devs.len(), 6);
+    for d in &devs {
+        clear_unit_attention(d);
+    }
+    let m = rig.bed().machine.clone();
+    tasks_idle(&rig);
+    // The work task gets no CPU meanwhile: every request stays queued.
+    taskq::hold_tasks(&m, true);
+    let rcs: Vec<i32> = in_interrupt(&rig, || {
+        let mut rcs = Vec::new();
+        for d in &devs {
+            rcs.push(d.reset(ffi::RESET_LUN));
+            rcs.push(d.reset(ffi::RESET_TARGET));
+            rcs.push(d.abort(None));
+        }
+        rcs
+    });
+    taskq::hold_tasks(&m, false);
+    // 18 different requests, 16 slots: the 17th and 18th are accepted too.
+    assert_eq!(rcs, vec![1; 18]);
+    assert!(
+        wait_for(Duration::from_secs(20), || resets(&rig)
+            .contains(&firing(ffi::RESET_ALL, true))),
+        "{:?}",
+        resets(&rig)
+    );
+    tasks_idle(&rig);
+    // The list became that one reset: nothing else was sent.
+    assert_eq!(resets(&rig), vec![firing(ffi::RESET_ALL, true)]);
+    assert_eq!(m.probes.count("rvscsi-cmd-abort"), 0);
+    for d in &devs {
+        clear_unit_attention(d);
+    }
+    rig.finish_clean();
+}
+
+#[test]
+fn requests_made_while_the_device_is_being_reset_are_accepted_and_covered_by_it() {
+    let rig = recorder_rig(1, "msix");
+    let dev = rig.recorder.devices().remove(0);
+    clear_unit_attention(&dev);
+    let m = rig.bed().machine.clone();
+    // The device takes its time to finish the reset: the HBA stays
+    // RESETTING until the fault is cleared.
+    m.faults.arm(Fault::ResetStuck);
+    assert_eq!(in_interrupt(&rig, || dev.reset(ffi::RESET_ALL)), 1);
+    assert!(
+        wait_for(Duration::from_secs(20), || hba(&rig).state()
+            == state::RESETTING),
+        "the device reset began"
+    );
+    let (target, abort) = in_interrupt(&rig, || (dev.reset(ffi::RESET_TARGET), dev.abort(None)));
+    assert_eq!(
+        hba(&rig).state(),
+        state::RESETTING,
+        "the requests were made during the reset"
+    );
+    m.faults.disarm_all();
+    assert_eq!((target, abort), (1, 1), "covered by the reset under way");
+    assert!(
+        wait_for(Duration::from_secs(20), || resets(&rig)
+            .contains(&firing(ffi::RESET_ALL, true))),
+        "{:?}",
+        resets(&rig)
+    );
+    tasks_idle(&rig);
+    // Covered, not queued: no TMF followed the reset.
+    assert_eq!(resets(&rig), vec![firing(ffi::RESET_ALL, true)]);
+    assert_eq!(m.probes.count("rvscsi-cmd-abort"), 0);
+    clear_unit_attention(&dev);
+    rig.finish_clean();
+}
+
+/// What a completion routine saw when it asked for a target reset.
+#[derive(Default)]
+struct AskedFromCallback {
+    /// `servicing_interrupt()` there.
+    in_interrupt: AtomicI32,
+    /// What scsi_reset(RESET_TARGET) returned.
+    rc: AtomicI32,
+    /// `rvscsi-reset` firings during the call (a reset done inside it).
+    fired_during: AtomicU64,
+}
+
+fn asking_callback(asked: &Arc<AskedFromCallback>) -> rvscsi_emu::scsa::packet::Callback {
+    let asked = asked.clone();
+    Arc::new(move |p: &rvscsi_emu::Packet| {
+        let probes = &p.device().machine.probes;
+        asked.in_interrupt.store(
+            rvscsi_emu::ddi::cpu::servicing_interrupt(),
+            Ordering::Relaxed,
+        );
+        let before = probes.count("rvscsi-reset");
+        asked
+            .rc
+            .store(p.device().reset(ffi::RESET_TARGET), Ordering::Relaxed);
+        asked
+            .fired_during
+            .store(probes.count("rvscsi-reset") - before, Ordering::Relaxed);
+    })
+}
+
+#[test]
+fn a_completion_the_work_task_delivers_asks_for_a_reset_that_runs_later_not_nested() {
+    let rig = recorder_rig(1, "msix");
+    let dev = rig.recorder.devices().remove(0);
+    clear_unit_attention(&dev);
+    let m = rig.bed().machine.clone();
+    // A command outstanding through a device reset: the reset, on the work
+    // task, completes it, and its completion routine asks for a reset.
+    m.faults.arm(Fault::Withhold(Match::Lba(50)));
+    let held = read_block(&dev, 50);
+    let asked = Arc::new(AskedFromCallback::default());
+    held.set_callback(Some(asking_callback(&asked)));
+    assert_eq!(held.start_async(), ffi::TRAN_ACCEPT);
+    assert!(
+        wait_for(Duration::from_secs(10), || m.faults.withheld() == 1),
+        "the completion is withheld"
+    );
+    assert_eq!(in_interrupt(&rig, || dev.reset(ffi::RESET_ALL)), 1);
+    assert!(held.wait(Duration::from_secs(20)), "the reset ended it");
+    assert_eq!(held.result().reason, ffi::CMD_RESET);
+    assert_eq!(
+        asked.in_interrupt.load(Ordering::Relaxed),
+        0,
+        "delivered from the work task, a kernel thread"
+    );
+    assert_eq!(asked.rc.load(Ordering::Relaxed), 1, "accepted");
+    assert_eq!(
+        asked.fired_during.load(Ordering::Relaxed),
+        0,
+        "no TMF or reset ran inside the completion routine"
+    );
+    // The work task did it afterwards.
+    assert!(
+        wait_for(Duration::from_secs(20), || resets(&rig)
+            .contains(&firing(ffi::RESET_TARGET, true))),
+        "{:?}",
+        resets(&rig)
+    );
+    held.set_callback(None);
+    held.destroy();
+    tasks_idle(&rig);
+    clear_unit_attention(&dev);
+    rig.finish_clean();
+}
+
+#[test]
+fn a_completion_the_watchdog_delivers_asks_for_a_reset_that_runs_on_the_task_queue() {
+    // Polled mode: the watchdog (ddi_periodic, level 0) delivers every
+    // completion.
+    let rig = recorder_rig(1, "poll");
+    let dev = rig.recorder.devices().remove(0);
+    clear_unit_attention(&dev);
+    let mut tur = dev
+        .init_pkt(
+            None,
+            InitArgs {
+                cmdlen: 6,
+                ..InitArgs::default()
+            },
+        )
+        .expect("packet");
+    tur.cdb_mut().fill(0);
+    let asked = Arc::new(AskedFromCallback::default());
+    tur.set_callback(Some(asking_callback(&asked)));
+    assert_eq!(tur.transport(), ffi::TRAN_ACCEPT);
+    assert!(tur.wait(Duration::from_secs(20)));
+    tur.set_callback(None);
+    tur.destroy();
+    assert_eq!(
+        asked.in_interrupt.load(Ordering::Relaxed),
+        0,
+        "the watchdog"
+    );
+    assert_eq!(asked.rc.load(Ordering::Relaxed), 1, "accepted");
+    assert_eq!(
+        asked.fired_during.load(Ordering::Relaxed),
+        0,
+        "no TMF ran inside the watchdog's completion"
+    );
+    assert!(
+        wait_for(Duration::from_secs(20), || resets(&rig)
+            .contains(&firing(ffi::RESET_TARGET, true))),
+        "{:?}",
+        resets(&rig)
+    );
+    tasks_idle(&rig);
+    rig.finish_clean();
+}
+
+#[test]
+fn during_a_panic_a_reset_from_interrupt_context_is_done_before_it_returns() {
+    let rig = recorder_rig(1, "msix");
+    let dev = rig.recorder.devices().remove(0);
+    clear_unit_attention(&dev);
+    let m = rig.bed().machine.clone();
+    tasks_idle(&rig);
+    // A panic on an interrupt thread, then the dump's scsi_reset(RESET_ALL)
+    // (sddump): no task queue runs any more.
+    panic::set_panicking(&m, true);
+    taskq::hold_tasks(&m, true);
+    let rc = in_interrupt(&rig, || dev.reset(ffi::RESET_ALL));
+    let done_by_then = resets(&rig);
+    taskq::hold_tasks(&m, false);
+    panic::set_panicking(&m, false);
+    assert_eq!(rc, 1);
+    assert_eq!(
+        done_by_then,
+        vec![firing(ffi::RESET_ALL, true)],
+        "the reset was done when scsi_reset returned"
+    );
+    assert_eq!(hba(&rig).state(), state::RUNNING);
+    tasks_idle(&rig);
+    clear_unit_attention(&dev);
+    assert_eq!(resets(&rig).len(), 1, "and not a second time later");
+    rig.finish_clean();
+}
+
+#[test]
+fn a_device_reset_that_ends_after_quiesce_leaves_the_hba_and_the_device_stopped() {
+    let rig = recorder_rig(1, "msix");
+    let dev = rig.recorder.devices().remove(0);
+    clear_unit_attention(&dev);
+    let m = rig.bed().machine.clone();
+    tasks_idle(&rig);
+    taskq::hold_tasks(&m, true);
+    // Queued: a target reset, then an abort of the LUN's task set.
+    let rcs = in_interrupt(&rig, || (dev.reset(ffi::RESET_TARGET), dev.abort(None)));
+    assert_eq!(rcs, (1, 1));
+    // The device refuses the target reset (so the work task resets the
+    // device) and takes its time with that reset.
+    m.faults.arm(Fault::TmfResponse {
+        response: FUNCTION_REJECTED,
+        count: 1,
+    });
+    m.faults.arm(Fault::ResetStuck);
+    taskq::hold_tasks(&m, false);
+    assert!(
+        wait_for(Duration::from_secs(20), || hba(&rig).state()
+            == state::RESETTING),
+        "the escalated device reset began"
+    );
+    let tmfs_sent = m.faults.stats().control_notifies;
+    // Fast reboot meanwhile.
+    assert_eq!(rig.bed().quiesce(), ffi::DDI_SUCCESS);
+    m.faults.disarm_all();
+    assert!(
+        wait_for(Duration::from_secs(20), || resets(&rig)
+            .iter()
+            .any(|f| f[0] == ffi::RESET_ALL as u64)),
+        "{:?}",
+        resets(&rig)
+    );
+    tasks_idle(&rig);
+    assert_eq!(
+        hba(&rig).state(),
+        state::STOPPED,
+        "quiesce's STOPPED stands"
+    );
+    let common = m.faults.layout().common.expect("modern interface");
+    assert_eq!(
+        m.qt.readb(common + DEVICE_STATUS).expect("device status"),
+        0,
+        "the device the reset brought back was stopped again"
+    );
+    assert_eq!(
+        m.faults.stats().control_notifies,
+        tmfs_sent,
+        "the queued abort was not sent to the stopped device"
+    );
+    assert_eq!(m.probes.count("rvscsi-cmd-abort"), 0);
+    rig.finish_clean();
+}
+
+#[test]
+fn a_reset_the_device_refuses_climbs_the_ladder_on_the_task_queue() {
+    let rig = recorder_rig(1, "msix");
+    let dev = rig.recorder.devices().remove(0);
+    clear_unit_attention(&dev);
+    let m = rig.bed().machine.clone();
+    // A LUN reset, refused, then the target reset, refused: the device.
+    m.faults.arm(Fault::TmfResponse {
+        response: FUNCTION_REJECTED,
+        count: 2,
+    });
+    assert_eq!(in_interrupt(&rig, || dev.reset(ffi::RESET_LUN)), 1);
+    assert!(
+        wait_for(Duration::from_secs(20), || resets(&rig).len() == 3),
+        "{:?}",
+        resets(&rig)
+    );
+    assert_eq!(
+        resets(&rig),
+        vec![
+            firing(ffi::RESET_LUN, false),
+            firing(ffi::RESET_TARGET, false),
+            firing(ffi::RESET_ALL, true)
+        ]
+    );
+    assert_eq!(m.faults.stats().tmfs, 2);
+    tasks_idle(&rig);
+    clear_unit_attention(&dev);
+    // A target reset, refused: the device.
+    m.faults.arm(Fault::TmfResponse {
+        response: FUNCTION_REJECTED,
+        count: 1,
+    });
+    assert_eq!(in_interrupt(&rig, || dev.reset(ffi::RESET_TARGET)), 1);
+    assert!(
+        wait_for(Duration::from_secs(20), || resets(&rig).len() == 5),
+        "{:?}",
+        resets(&rig)
+    );
+    assert_eq!(
+        resets(&rig)[3..],
+        [
+            firing(ffi::RESET_TARGET, false),
+            firing(ffi::RESET_ALL, true)
+        ]
+    );
+    tasks_idle(&rig);
+    clear_unit_attention(&dev);
+    // An abort of the task set, accepted for the task and done there.
+    assert_eq!(in_interrupt(&rig, || dev.abort(None)), 1);
+    assert!(
+        wait_for(Duration::from_secs(20), || m
+            .probes
+            .firings("rvscsi-cmd-abort")
+            .iter()
+            .any(|f| f.args == [0, 0, 0, 1])),
+        "{:?}",
+        m.probes.firings("rvscsi-cmd-abort")
+    );
+    tasks_idle(&rig);
+    assert_eq!(resets(&rig).len(), 5, "no reset for a successful abort");
+    rig.finish_clean();
+}
