@@ -433,3 +433,71 @@ fn a_reset_the_device_refuses_climbs_the_ladder_on_the_task_queue() {
     assert_eq!(resets(&rig).len(), 5, "no reset for a successful abort");
     rig.finish_clean();
 }
+
+/// Offset of `status` in the virtio-scsi response header (virtio 1.2
+/// §5.6.6.1).
+const RESP_STATUS: usize = 10;
+
+#[test]
+fn a_busy_device_makes_sd_reset_and_a_full_request_list_does_not_fail_the_io_with_eio() {
+    let rig = Rig::start(RigConfig {
+        images: (0..6).map(|l| (2048, 0, l)).collect(),
+        ..RigConfig::default()
+    });
+    let disks = rig.sd.disks();
+    assert_eq!(disks.len(), 6);
+    let m = rig.bed().machine.clone();
+    tasks_idle(&rig);
+    taskq::hold_tasks(&m, true);
+    // Sixteen different requests fill the list (the work task gets no
+    // CPU); none is the target reset of disk 0 that sd will ask for.
+    let rcs: Vec<i32> = in_interrupt(&rig, || {
+        let mut rcs = Vec::new();
+        for d in &disks[1..] {
+            rcs.push(d.dev.reset(ffi::RESET_LUN));
+            rcs.push(d.dev.reset(ffi::RESET_TARGET));
+        }
+        for d in &disks {
+            rcs.push(d.dev.abort(None));
+        }
+        rcs
+    });
+    assert_eq!(rcs, vec![1; 16]);
+    // The device answers BUSY twice: on the second, sd_pkt_status_busy
+    // resets from its completion routine (RESET_TARGET, sd's default,
+    // then RESET_ALL) and fails the read with EIO if both return 0.
+    for _ in 0..2 {
+        m.faults.arm(Fault::Response(
+            Match::Lba(100),
+            vec![(RESP_STATUS, vec![ffi::STATUS_BUSY])],
+        ));
+    }
+    let disk = &disks[0];
+    let read = disk.read(100, 512);
+    taskq::hold_tasks(&m, false);
+    let data = read.expect("no EIO");
+    assert_eq!(data, rig.images[0].expected(100, 1));
+    let rec = &disk.recovery;
+    assert_eq!(rec.busy_resets.load(Ordering::Relaxed), 1, "sd reset");
+    assert_eq!(rec.interrupt_resets.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        rec.resets_at(ffi::RESET_TARGET),
+        (1, 1),
+        "accepted with the list full"
+    );
+    assert_eq!(rec.resets_at(ffi::RESET_LUN), (0, 0), "not enabled");
+    assert_eq!(rec.busy_failures.load(Ordering::Relaxed), 0);
+    assert!(
+        wait_for(Duration::from_secs(20), || resets(&rig)
+            .contains(&firing(ffi::RESET_ALL, true))),
+        "{:?}",
+        resets(&rig)
+    );
+    tasks_idle(&rig);
+    assert_eq!(resets(&rig), vec![firing(ffi::RESET_ALL, true)]);
+    for d in &disks {
+        let more = d.read(10, 4096).expect("later I/O");
+        assert_eq!(more.len(), 4096);
+    }
+    rig.finish_clean();
+}
