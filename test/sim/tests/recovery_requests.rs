@@ -501,3 +501,45 @@ fn a_busy_device_makes_sd_reset_and_a_full_request_list_does_not_fail_the_io_wit
     }
     rig.finish_clean();
 }
+
+#[test]
+fn completions_a_device_reset_in_thread_context_delivers_ask_for_resets_that_run_later() {
+    let rig = recorder_rig(1, "msix");
+    let dev = rig.recorder.devices().remove(0);
+    clear_unit_attention(&dev);
+    let m = rig.bed().machine.clone();
+    m.faults.arm(Fault::Withhold(Match::Lba(50)));
+    let held = read_block(&dev, 50);
+    let asked = Arc::new(AskedFromCallback::default());
+    held.set_callback(Some(asking_callback(&asked)));
+    assert_eq!(held.start_async(), ffi::TRAN_ACCEPT);
+    assert!(
+        wait_for(Duration::from_secs(10), || m.faults.withheld() == 1),
+        "the completion is withheld"
+    );
+    tasks_idle(&rig);
+    // A thread (scsi_reset from a target driver's thread): done at once,
+    // and the reset completes the held command from inside the call.
+    assert_eq!(dev.reset(ffi::RESET_ALL), 1);
+    assert_eq!(resets(&rig), vec![firing(ffi::RESET_ALL, true)]);
+    assert!(held.is_done(), "the reset ended it");
+    assert_eq!(held.result().reason, ffi::CMD_RESET);
+    assert_eq!(asked.in_interrupt.load(Ordering::Relaxed), 0);
+    assert_eq!(asked.rc.load(Ordering::Relaxed), 1, "accepted");
+    assert_eq!(
+        asked.fired_during.load(Ordering::Relaxed),
+        0,
+        "no TMF ran nested inside the reset's completion"
+    );
+    assert!(
+        wait_for(Duration::from_secs(20), || resets(&rig)
+            .contains(&firing(ffi::RESET_TARGET, true))),
+        "{:?}",
+        resets(&rig)
+    );
+    held.set_callback(None);
+    held.destroy();
+    tasks_idle(&rig);
+    clear_unit_attention(&dev);
+    rig.finish_clean();
+}
