@@ -543,3 +543,36 @@ fn completions_a_device_reset_in_thread_context_delivers_ask_for_resets_that_run
     clear_unit_attention(&dev);
     rig.finish_clean();
 }
+
+#[test]
+fn the_emulated_panic_is_per_machine_and_a_delay_in_it_is_a_violation() {
+    let rig = recorder_rig(1, "msix");
+    let m = rig.bed().machine.clone();
+    let _current = rvscsi_emu::machine::set_current(&m);
+    assert_eq!(panic::ddi_in_panic(), 0);
+    panic::set_panicking(&m, true);
+    assert_eq!(panic::ddi_in_panic(), 1);
+    // A thread of no machine (or another machine) is not panicking.
+    assert_eq!(
+        std::thread::spawn(|| panic::ddi_in_panic()).join().unwrap(),
+        0
+    );
+    let before = m.violations().len();
+    // clock() does nothing in a panic: a delay would never end.
+    rvscsi_emu::ddi::time::delay(1);
+    panic::set_panicking(&m, false);
+    assert_eq!(panic::ddi_in_panic(), 0);
+    let new: Vec<String> = m.violations()[before..].to_vec();
+    assert!(
+        new.len() == 1 && new[0].contains("delay(9F) during a panic"),
+        "{new:?}"
+    );
+    // The violation was this test's own doing: the detach itself is fine.
+    drop(_current);
+    let report = rig.finish();
+    assert_eq!(report.violations.len(), before + 1, "{report:?}");
+    assert!(
+        report.leaks.is_empty() && report.pages_leaked == 0,
+        "{report:?}"
+    );
+}
