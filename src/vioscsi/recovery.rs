@@ -606,12 +606,21 @@ impl VioScsi {
         }
     }
 
-    /// Performs `r` here (`can_sleep`: whether waits may sleep). A device
-    /// reset under way covers any request: it resets every LUN and target
-    /// and ends every outstanding command.
+    /// Performs `r` here (`can_sleep`: whether waits may sleep; false in a
+    /// panic). A device reset under way covers any request: it resets
+    /// every LUN and target and ends every outstanding command. Not in a
+    /// panic, though: the thread doing that reset no longer runs (the
+    /// panic stops every other CPU), so the dump's device reset takes it
+    /// over, and a TMF, which needs a running device, fails (sd then asks
+    /// for RESET_ALL).
     fn perform(&self, r: TaskRequest, can_sleep: bool) -> bool {
         if self.state() == state::RESETTING {
-            return true;
+            if can_sleep {
+                return true;
+            }
+            return r == TaskRequest::DeviceReset
+                && self.leave_resetting(state::RUNNING)
+                && self.reset_device("crash dump: a reset the panic interrupted, done again");
         }
         match r {
             TaskRequest::AbortTask(e) => {
