@@ -189,7 +189,7 @@ enum Caller {
     /// Interrupt context, or a target driver's completion routine run by
     /// the driver's own delivery (the work task, the watchdog, a reset's
     /// completions): handed to the work task, 1 at once.
-    Deferred,
+    MayNotWait,
     /// The system is panicking (a crash dump: sddump resets with
     /// RESET_ALL and gives up on 0, sd.c): no task queue runs any more,
     /// so served at once, polled, never sleeping.
@@ -549,7 +549,7 @@ impl VioScsi {
         if cpu::in_panic() {
             Caller::Panic
         } else if cpu::servicing_interrupt() || self.work.lock().own_deliveries > 0 {
-            Caller::Deferred
+            Caller::MayNotWait
         } else {
             Caller::Thread
         }
@@ -600,7 +600,7 @@ impl VioScsi {
     /// allows; whether it was done (or accepted).
     fn serve(&self, r: TaskRequest) -> bool {
         match self.caller() {
-            Caller::Deferred => self.queue_task_request(r),
+            Caller::MayNotWait => self.queue_task_request(r),
             Caller::Thread => self.perform(r, true),
             Caller::Panic => self.perform(r, false),
         }
