@@ -759,6 +759,11 @@ impl VioScsi {
                     // teardown's own reset may have come before ours).
                     if let Err(e) = self.transport.reset() {
                         dev_warn!(self.dip, "stopping the device after its reset: {e}");
+                        // The device may still use the rings: a teardown
+                        // waiting for this task must know. Its step 6 stops
+                        // the device itself when the state is no longer
+                        // STOPPED, and keeps the memory if that fails too.
+                        self.state.store(state::FAILED, Ordering::Release);
                     }
                 }
                 back
