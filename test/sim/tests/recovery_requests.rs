@@ -11,10 +11,11 @@
 use rvscsi::ffi;
 use rvscsi::vioscsi::VioScsi;
 use rvscsi::vioscsi::hba::state;
-use rvscsi_emu::InitArgs;
 use rvscsi_emu::ddi::sync::{enter_interrupt_context, leave_interrupt_context};
 use rvscsi_emu::ddi::{panic, taskq};
 use rvscsi_emu::faults::{Fault, Match};
+use rvscsi_emu::memdev::{AsyncCompletions, Completions, MemoryMachine};
+use rvscsi_emu::{Backend, InitArgs};
 use rvscsi_sim::testkit::{Driver, Rig, RigConfig, clear_unit_attention, read_block};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
@@ -32,6 +33,39 @@ fn recorder_rig(luns: u16, interrupts: &str) -> Rig {
         interrupts: interrupts.into(),
         ..RigConfig::default()
     })
+}
+
+/// A rig on the in-memory device, whose completions can be held back
+/// for good ([`never_completing`]).
+fn memory_rig() -> Rig {
+    Rig::start(RigConfig {
+        images: vec![(2048, 0, 0)],
+        driver: Driver::Recorder,
+        backend: Backend::Memory,
+        ..RigConfig::default()
+    })
+}
+
+/// The in-memory device's request queues complete nothing from now on (a
+/// command that never comes back; a device reset forgets what it held,
+/// as a real device forgets what it never finished). Unlike the fault
+/// layer's `Withhold`, which only hides a completion QEMU did write (so a
+/// reaper that looks between the reset and the driver's reclaim may still
+/// find it), nothing is ever in the used ring.
+fn never_completing(rig: &Rig) -> Arc<MemoryMachine> {
+    let dev = rig
+        .bed()
+        .machine
+        .memdev
+        .clone()
+        .expect("the in-memory device");
+    dev.set_completions(Completions::Async(AsyncCompletions {
+        tick: Duration::from_secs(3600),
+        per_tick: 0,
+        in_rearm_window: 0,
+        signal: true,
+    }));
+    dev
 }
 
 /// The attached HBA.
@@ -199,23 +233,19 @@ fn asking_callback(asked: &Arc<AskedFromCallback>) -> rvscsi_emu::scsa::packet::
 
 #[test]
 fn a_completion_the_work_task_delivers_asks_for_a_reset_that_runs_later_not_nested() {
-    let rig = recorder_rig(1, "msix");
+    let rig = memory_rig();
     let dev = rig.recorder.devices().remove(0);
     clear_unit_attention(&dev);
-    let m = rig.bed().machine.clone();
     // A command outstanding through a device reset: the reset, on the work
     // task, completes it, and its completion routine asks for a reset.
-    m.faults.arm(Fault::Withhold(Match::Lba(50)));
+    let memdev = never_completing(&rig);
     let held = read_block(&dev, 50);
     let asked = Arc::new(AskedFromCallback::default());
     held.set_callback(Some(asking_callback(&asked)));
     assert_eq!(held.start_async(), ffi::TRAN_ACCEPT);
-    assert!(
-        wait_for(Duration::from_secs(10), || m.faults.withheld() == 1),
-        "the completion is withheld"
-    );
     assert_eq!(in_interrupt(&rig, || dev.reset(ffi::RESET_ALL)), 1);
     assert!(held.wait(Duration::from_secs(20)), "the reset ended it");
+    memdev.set_completions(Completions::Inline);
     assert_eq!(held.result().reason, ffi::CMD_RESET);
     assert_eq!(
         asked.in_interrupt.load(Ordering::Relaxed),
@@ -504,23 +534,22 @@ fn a_busy_device_makes_sd_reset_and_a_full_request_list_does_not_fail_the_io_wit
 
 #[test]
 fn completions_a_device_reset_in_thread_context_delivers_ask_for_resets_that_run_later() {
-    let rig = recorder_rig(1, "msix");
+    let rig = memory_rig();
     let dev = rig.recorder.devices().remove(0);
     clear_unit_attention(&dev);
-    let m = rig.bed().machine.clone();
-    m.faults.arm(Fault::Withhold(Match::Lba(50)));
+    let memdev = never_completing(&rig);
     let held = read_block(&dev, 50);
     let asked = Arc::new(AskedFromCallback::default());
     held.set_callback(Some(asking_callback(&asked)));
     assert_eq!(held.start_async(), ffi::TRAN_ACCEPT);
-    assert!(
-        wait_for(Duration::from_secs(10), || m.faults.withheld() == 1),
-        "the completion is withheld"
-    );
     tasks_idle(&rig);
+    let m = rig.bed().machine.clone();
+    // What the completion routine asks for stays queued until looked at.
+    taskq::hold_tasks(&m, true);
     // A thread (scsi_reset from a target driver's thread): done at once,
     // and the reset completes the held command from inside the call.
     assert_eq!(dev.reset(ffi::RESET_ALL), 1);
+    memdev.set_completions(Completions::Inline);
     assert_eq!(resets(&rig), vec![firing(ffi::RESET_ALL, true)]);
     assert!(held.is_done(), "the reset ended it");
     assert_eq!(held.result().reason, ffi::CMD_RESET);
@@ -531,6 +560,7 @@ fn completions_a_device_reset_in_thread_context_delivers_ask_for_resets_that_run
         0,
         "no TMF ran nested inside the reset's completion"
     );
+    taskq::hold_tasks(&m, false);
     assert!(
         wait_for(Duration::from_secs(20), || resets(&rig)
             .contains(&firing(ffi::RESET_TARGET, true))),
