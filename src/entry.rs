@@ -21,6 +21,7 @@ use crate::scsa::cap::{self, Cap};
 use crate::scsa::pkt::Pkt;
 use crate::vioscsi::cmd::Cmd;
 use crate::vioscsi::hba::{Callbacks, VectorRole};
+use crate::vioscsi::recovery::ResetLevel;
 use crate::vioscsi::{Lun, VioScsi};
 use alloc::boxed::Box;
 use core::ffi::{CStr, c_char, c_int, c_uint, c_void};
@@ -518,9 +519,11 @@ pub unsafe extern "C" fn rvscsi_tran_start(ap: *mut scsi_address, pkt: *mut scsi
 }
 
 /// tran_abort(9E): 1 if the command (or, without one, every command of the
-/// LUN) was aborted, or, called in interrupt context (as scsi_abort(9F)
-/// allows), if the abort was accepted for the work task: the command then
-/// completes `CMD_ABORTED` later (see `vioscsi::recovery`). 0 on failure.
+/// LUN) was aborted, or, called where it may not wait (interrupt context,
+/// as scsi_abort(9F) allows, or a completion routine the driver runs from
+/// its own task or watchdog), if the abort was accepted for the work task:
+/// the command then completes `CMD_ABORTED` (or `CMD_RESET`) later (see
+/// `vioscsi::recovery`). 0 on failure.
 ///
 /// # Safety
 /// Called by the framework with a valid address and, optionally, a packet.
@@ -542,9 +545,11 @@ pub unsafe extern "C" fn rvscsi_tran_abort(ap: *mut scsi_address, pkt: *mut scsi
     c_int::from(ok)
 }
 
-/// tran_reset(9E): 1 on success, or, called in interrupt context (sd
-/// resets from its completion routine), if the reset was accepted for the
-/// work task (see `vioscsi::recovery`). 0 on failure.
+/// tran_reset(9E): 1 on success, or, called where it may not wait (sd
+/// resets from its completion routine: interrupt context, or the driver's
+/// own task or watchdog), if the reset was accepted for the work task (see
+/// `vioscsi::recovery`); during a panic it is done at once, polled. 0 on
+/// failure or an unknown level.
 ///
 /// # Safety
 /// Called by the framework with a valid address.
@@ -553,6 +558,12 @@ pub unsafe extern "C" fn rvscsi_tran_reset(ap: *mut scsi_address, level: c_int) 
     // SAFETY: valid address (caller).
     let (Some(hba), Some(lun)) = (unsafe { hba_of_addr(ap) }, unsafe { lun_of_addr(ap) }) else {
         return 0;
+    };
+    let level = match level {
+        ffi::RESET_LUN => ResetLevel::Lun,
+        ffi::RESET_TARGET => ResetLevel::Target,
+        ffi::RESET_ALL | ffi::RESET_BUS => ResetLevel::All,
+        _ => return 0,
     };
     c_int::from(hba.reset(lun, level))
 }

@@ -120,6 +120,9 @@ fn every_ddi_declaration_names_a_real_function_with_its_arity() {
             // servicing_interrupt(9F): `extern int servicing_interrupt(void);`
             // in usr/src/uts/common/sys/disp.h.
             ("servicing_interrupt", Some(0)),
+            // ddi_in_panic(9F): `extern int ddi_in_panic(void);` in
+            // usr/src/uts/common/sys/sunddi.h.
+            ("ddi_in_panic", Some(0)),
         ];
         match arity.get(&name) {
             Some(&want) => {

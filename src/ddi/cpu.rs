@@ -28,3 +28,11 @@ pub fn servicing_interrupt() -> bool {
     // SAFETY: no preconditions; it reads the current thread and CPU.
     unsafe { ffi::servicing_interrupt() != 0 }
 }
+
+/// Whether the system is panicking (ddi_in_panic(9F)): then no task queue,
+/// timeout or interrupt runs any more, and what must happen (a crash
+/// dump's reset) is done at once, polled, without sleeping.
+pub fn in_panic() -> bool {
+    // SAFETY: no preconditions; it reads `panicstr`.
+    unsafe { ffi::ddi_in_panic() != 0 }
+}

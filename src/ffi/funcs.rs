@@ -184,6 +184,9 @@ unsafe extern "C" {
     /// on a CPU servicing a high-level interrupt, else 0 (sys/disp.h;
     /// uts/common/disp/thread.c `servicing_interrupt`).
     pub fn servicing_interrupt() -> c_int;
+    /// 1 while the system panics (and dumps), else 0 (ddi_in_panic(9F),
+    /// sys/sunddi.h; uts/common/os/sunddi.c: `panicstr != NULL`).
+    pub fn ddi_in_panic() -> c_int;
 
     // ---- time: ddi_get_lbolt(9F), drv_usectohz(9F), timeout(9F) ------------
     pub fn ddi_get_lbolt64() -> i64;

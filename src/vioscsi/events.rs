@@ -14,7 +14,7 @@
 use super::hba::{AttachError, Stats, VioScsi, state};
 use super::io::Reaper;
 use super::proto::{self, EVENT_QUEUE, Event};
-use super::recovery::{DeferredTmfs, Expired};
+use super::recovery::{Expired, TaskRequests};
 use crate::ddi::dma::{DmaBuffer, DmaMode};
 use crate::ddi::tgtmap::TargetMap;
 use crate::ddi::{Dip, Sleep};
@@ -104,8 +104,12 @@ pub struct Work {
     /// The iport is being detached: no discovery may start, one under way
     /// stops at the next target (its commands would hold the detach off).
     pub discovery_stopped: bool,
-    /// Task management accepted in interrupt context.
-    pub tmfs: DeferredTmfs,
+    /// Task management accepted for the work task (`tran_abort`,
+    /// `tran_reset` from interrupt context or the driver's own delivery).
+    pub task_requests: TaskRequests,
+    /// Completion deliveries from the driver's own contexts under way
+    /// (`VioScsi::own_delivery`).
+    pub own_deliveries: u32,
     expired: [Option<Expired>; MAX_EXPIRED],
 }
 
@@ -128,7 +132,7 @@ impl Work {
         discovery
             || self.reset
             || self.reap
-            || !self.tmfs.is_empty()
+            || !self.task_requests.is_empty()
             || self.expired.iter().any(Option::is_some)
     }
 }
@@ -168,7 +172,11 @@ impl VioScsi {
 
     /// The work task (runs on the task queue): resets, recoveries,
     /// discovery. Bounded: at most a few rounds, then it requeues itself.
+    /// Everything it completes to the target drivers is the driver's own
+    /// delivery: their completion routines' resets and aborts come back
+    /// here, queued, instead of running nested inside (`own_delivery`).
     pub fn run_work(&self) {
+        let _delivering = self.own_delivery();
         for _ in 0..8 {
             let work = {
                 let mut w = self.work.lock();
@@ -187,16 +195,16 @@ impl VioScsi {
                 };
                 w.reset = false;
                 w.expired = [None; MAX_EXPIRED];
-                (taken, w.tmfs.take(), core::mem::take(&mut w.reap))
+                (taken, w.task_requests.take(), core::mem::take(&mut w.reap))
             };
-            let ((reset, discover, scan, expired), tmfs, reap) = work;
+            let ((reset, discover, scan, expired), task_requests, reap) = work;
             if reap {
                 self.reap_handed_off();
             }
             if reset {
                 self.reset_device("the device asked for it");
             }
-            self.run_deferred(tmfs);
+            self.run_task_requests(task_requests);
             for e in expired.iter().flatten() {
                 self.recover(*e, true, Reaper::Free);
             }

@@ -993,6 +993,10 @@ impl VioScsi {
 
     /// The watchdog tick (entry: periodic callback).
     pub fn watchdog(&self) {
+        // A kernel thread (ddi_periodic level 0: servicing_interrupt() is
+        // 0), but what it completes must not recover synchronously from
+        // inside this tick: the driver's own delivery (`own_delivery`).
+        let _delivering = self.own_delivery();
         // Completions a poller parked since the last interrupt, in any
         // state: after a failed reset no interrupt will come for them.
         for n in 0..self.queues.len() {

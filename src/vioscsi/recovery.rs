@@ -17,19 +17,32 @@
 //! (up to seconds) and a device reset waits for it too, which interrupt
 //! context must not do (delay(9F): user and kernel context only;
 //! condvar(9F): cv_wait should not be called from interrupt context). So
-//! called in interrupt context (`servicing_interrupt()`), they hand the
-//! request to the work task and return 1 at once: the request is accepted
-//! and performed asynchronously, as the in-tree pvscsi does (pvscsi.c
-//! `pvscsi_reset`, `pvscsi_abort`: write the request to the device and
-//! return 1 without waiting for it). The commands concerned complete later,
-//! from the device's answer or the reset, through `scsi_hba_pkt_comp` with
-//! no driver lock held (`CMD_ABORTED` + `STAT_ABORTED`, `CMD_RESET` +
-//! `STAT_DEV_RESET` or `STAT_BUS_RESET`). A deferred reset that the device
-//! refuses is escalated as sd would have done on a 0 (LUN, then target,
-//! then the whole device): the caller was told it would happen. A deferred
-//! abort that fails leaves the command to its own deadline and the
-//! watchdog's ladder. 0 only when nothing could be accepted (the HBA not
-//! running, the command not found, the deferred list full).
+//! called where the caller may not wait, they hand the request to the work
+//! task and return 1 at once: the request is accepted and performed
+//! asynchronously, as the in-tree pvscsi does (pvscsi.c `pvscsi_reset`,
+//! `pvscsi_abort`: write the request to the device and return 1 without
+//! waiting for it). "May not wait" is interrupt context
+//! (`servicing_interrupt()`), and also a completion routine the driver
+//! runs from its own work task or watchdog: kernel threads, where
+//! servicing_interrupt() is 0, but a TMF of seconds or a device reset
+//! nested there would stall every completion behind it
+//! ([`VioScsi::own_delivery`]). During a panic (a crash dump: sddump
+//! resets with RESET_ALL and fails the dump on 0, sd.c) no task queue runs
+//! any more, so the request is done at once, polled (ddi_in_panic(9F)).
+//!
+//! The commands concerned complete later, from the device's answer or the
+//! reset, through `scsi_hba_pkt_comp` with no driver lock held
+//! (`CMD_ABORTED` + `STAT_ABORTED`, `CMD_RESET` + `STAT_DEV_RESET` or
+//! `STAT_BUS_RESET`). A queued reset that the device refuses is escalated
+//! as sd would have done on a 0 (LUN, then target, then the whole device):
+//! the caller was told it would happen. A queued abort that fails leaves
+//! the command to its own deadline and the watchdog's ladder. A request is
+//! never refused while the HBA runs or is being reset, since sd fails the
+//! I/O with EIO when every reset returns 0 (sd.c `sd_pkt_status_busy`):
+//! a device reset under way, or queued, covers any request, and a full
+//! list collapses into one device reset ([`TaskRequests::push`]). 0 only
+//! when nothing will be done: the HBA stopped or failed, the command not
+//! found, or (in thread context) the device refused.
 
 use super::cmd::{Cmd, IDLE};
 use super::hba::{AttachError, Lun, Stats, VioScsi, state};
@@ -77,14 +90,14 @@ impl ControlQueue {
     }
 }
 
-/// Task management requests accepted in interrupt context and left to the
-/// work task: at most this many at once.
-pub const MAX_DEFERRED: usize = 16;
+/// Task-management requests the work task can hold at once.
+pub const MAX_TASK_REQUESTS: usize = 16;
 
-/// A `tran_abort(9E)` or `tran_reset(9E)` request made in interrupt
-/// context, for the work task to perform (see the module documentation).
+/// A `tran_abort(9E)` or `tran_reset(9E)` request: performed at once in
+/// thread context, or handed to the work task (see the module
+/// documentation and [`VioScsi::caller`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Deferred {
+pub enum TaskRequest {
     /// ABORT TASK of this command (if it is still outstanding then).
     AbortTask(Expired),
     /// ABORT TASK SET of a LUN (`tran_abort` without a packet).
@@ -97,26 +110,62 @@ pub enum Deferred {
     DeviceReset,
 }
 
-/// The deferred requests (in the work state, under its lock: a fixed
-/// array, as nothing on this path may allocate).
-#[derive(Default)]
-pub struct DeferredTmfs {
-    slots: [Option<Deferred>; MAX_DEFERRED],
+/// What `tran_reset(9E)` was asked to reset (the entry point decodes
+/// scsi_reset(9F)'s `RESET_*` level into this).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetLevel {
+    /// `RESET_LUN`: the LUN of the address.
+    Lun,
+    /// `RESET_TARGET`: the target of the address.
+    Target,
+    /// `RESET_ALL` or `RESET_BUS`: the whole device (one bus).
+    All,
 }
 
-impl DeferredTmfs {
-    /// Adds `d` (a request already queued counts as accepted); false if
-    /// the list is full.
-    pub fn push(&mut self, d: Deferred) -> bool {
-        if self.slots.contains(&Some(d)) {
-            return true;
+/// How [`TaskRequests::push`] took a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Queued {
+    /// In a slot of its own.
+    Slot,
+    /// Covered by what is queued already: the same request, or a device
+    /// reset (which resets every LUN and target and ends every
+    /// outstanding command).
+    Covered,
+    /// Every slot was taken: the list became a single device reset,
+    /// which covers every request it held and this one.
+    Collapsed,
+}
+
+/// The requests queued for the work task (in the work state, under its
+/// lock: a fixed array, as nothing on this path may allocate).
+#[derive(Default)]
+pub struct TaskRequests {
+    slots: [Option<TaskRequest>; MAX_TASK_REQUESTS],
+}
+
+impl TaskRequests {
+    /// Adds `r`. Never refuses: sd fails the I/O with EIO when every
+    /// reset it tries returns 0 (sd.c `sd_pkt_status_busy`), so a full
+    /// list collapses into one device reset instead, which covers all it
+    /// held (their commands end `CMD_RESET`, as a reset ends them).
+    pub fn push(&mut self, r: TaskRequest) -> Queued {
+        if self
+            .slots
+            .iter()
+            .any(|s| *s == Some(r) || *s == Some(TaskRequest::DeviceReset))
+        {
+            return Queued::Covered;
         }
         match self.slots.iter_mut().find(|s| s.is_none()) {
             Some(slot) => {
-                *slot = Some(d);
-                true
+                *slot = Some(r);
+                Queued::Slot
             }
-            None => false,
+            None => {
+                *self = TaskRequests::default();
+                self.slots[0] = Some(TaskRequest::DeviceReset);
+                Queued::Collapsed
+            }
         }
     }
 
@@ -126,8 +175,36 @@ impl DeferredTmfs {
     }
 
     /// Takes every queued request, leaving the list empty.
-    pub fn take(&mut self) -> DeferredTmfs {
+    pub fn take(&mut self) -> TaskRequests {
         core::mem::take(self)
+    }
+}
+
+/// Where a `tran_abort(9E)` or `tran_reset(9E)` call comes from, and so
+/// how it is served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Caller {
+    /// A thread that may wait: served at once (the TMF or the reset done
+    /// before returning).
+    Thread,
+    /// Interrupt context, or a target driver's completion routine run by
+    /// the driver's own delivery (the work task, the watchdog, a reset's
+    /// completions): handed to the work task, 1 at once.
+    MayNotWait,
+    /// The system is panicking (a crash dump: sddump resets with
+    /// RESET_ALL and gives up on 0, sd.c): no task queue runs any more,
+    /// so served at once, polled, never sleeping.
+    Panic,
+}
+
+/// The mark [`VioScsi::own_delivery`] leaves while the driver delivers
+/// completions from a context of its own; dropping it removes the mark.
+pub(crate) struct OwnDelivery<'a>(&'a VioScsi);
+
+impl Drop for OwnDelivery<'_> {
+    fn drop(&mut self) {
+        let mut w = self.0.work.lock();
+        w.own_deliveries = w.own_deliveries.saturating_sub(1);
     }
 }
 
@@ -498,91 +575,163 @@ impl VioScsi {
         false
     }
 
+    /// How a `tran_abort(9E)` or `tran_reset(9E)` call made now is served
+    /// (see [`Caller`]). A crash dump comes first: in a panic the task
+    /// queue never runs, whatever the context (ddi_in_panic(9F)). Then
+    /// interrupt context (servicing_interrupt(9F)), and the driver's own
+    /// completion delivery from its task and watchdog, which are kernel
+    /// threads (servicing_interrupt() is 0 there) but must not run a TMF
+    /// of seconds, or a device reset, nested in a completion routine.
+    fn caller(&self) -> Caller {
+        if cpu::in_panic() {
+            Caller::Panic
+        } else if cpu::servicing_interrupt() || self.work.lock().own_deliveries > 0 {
+            Caller::MayNotWait
+        } else {
+            Caller::Thread
+        }
+    }
+
+    /// Marks the driver as delivering completions to target drivers from
+    /// a context of its own (the work task, the watchdog, a reset's
+    /// completions) until the mark is dropped: a `tran_abort` or
+    /// `tran_reset` their completion routines make meanwhile goes to the
+    /// work task. The mark is per HBA, not per thread (illumos has no
+    /// thread identity in the DDI, and `curthread` is no exported
+    /// function): a thread-context caller of another thread that comes
+    /// while it is set is served by the work task too, which tran_reset(9E)
+    /// allows (1 means accepted; the in-tree pvscsi always works this way).
+    /// Nesting is counted.
+    pub(crate) fn own_delivery(&self) -> OwnDelivery<'_> {
+        let mut w = self.work.lock();
+        w.own_deliveries = w.own_deliveries.saturating_add(1);
+        drop(w);
+        OwnDelivery(self)
+    }
+
     /// `tran_abort(9E)` of one packet: ABORT TASK. True if the device
-    /// performed it (the command then completes `CMD_ABORTED`), or, in
-    /// interrupt context, if the work task will send it.
+    /// performed it (the command then completes `CMD_ABORTED`), or, when
+    /// the caller may not wait, if the work task will send it.
     pub fn abort_cmd(&self, cmd: &Cmd) -> bool {
         let Some(e) = self.locate(cmd) else {
             return false;
         };
-        if cpu::servicing_interrupt() {
-            return self.defer(Deferred::AbortTask(e));
-        }
-        self.tmf_ok(Tmf::AbortTask, e.pkt, e.target, e.lun, e.tag, true)
+        self.serve(TaskRequest::AbortTask(e))
     }
 
-    /// `tran_abort(9E)` without a packet: ABORT TASK SET of the LUN
-    /// (deferred in interrupt context).
+    /// `tran_abort(9E)` without a packet: ABORT TASK SET of the LUN.
     pub fn abort_lun(&self, lun: Lun) -> bool {
-        if cpu::servicing_interrupt() {
-            return self.defer(Deferred::AbortTaskSet(lun));
-        }
-        self.tmf_ok(Tmf::AbortTaskSet, 0, lun.target, lun.lun, 0, true)
+        self.serve(TaskRequest::AbortTaskSet(lun))
     }
 
-    /// `tran_reset(9E)`: LUN, target, or (`RESET_ALL`, `RESET_BUS`) the
-    /// whole device; in interrupt context, accepted for the work task.
-    pub fn reset(&self, lun: Lun, level: i32) -> bool {
-        let request = match level {
-            ffi::RESET_LUN => Deferred::LunReset(lun),
-            ffi::RESET_TARGET => Deferred::TargetReset(lun),
-            ffi::RESET_ALL | ffi::RESET_BUS => Deferred::DeviceReset,
-            _ => return false,
-        };
-        if cpu::servicing_interrupt() {
-            return self.defer(request);
+    /// `tran_reset(9E)`: the LUN, the target, or the whole device.
+    pub fn reset(&self, lun: Lun, level: ResetLevel) -> bool {
+        self.serve(match level {
+            ResetLevel::Lun => TaskRequest::LunReset(lun),
+            ResetLevel::Target => TaskRequest::TargetReset(lun),
+            ResetLevel::All => TaskRequest::DeviceReset,
+        })
+    }
+
+    /// Performs `r` now or hands it to the work task, as its caller
+    /// allows; whether it was done (or accepted).
+    fn serve(&self, r: TaskRequest) -> bool {
+        match self.caller() {
+            Caller::MayNotWait => self.queue_task_request(r),
+            Caller::Thread => self.perform(r, true),
+            Caller::Panic => self.perform(r, false),
         }
-        match request {
-            Deferred::LunReset(l) => {
-                self.tmf_ok(Tmf::LogicalUnitReset, 0, l.target, l.lun, 0, true)
+    }
+
+    /// Performs `r` here (`can_sleep`: whether waits may sleep; false in a
+    /// panic). A device reset under way covers any request: it resets
+    /// every LUN and target and ends every outstanding command. Not in a
+    /// panic, though: the thread doing that reset no longer runs (the
+    /// panic stops every other CPU), so the dump's device reset takes it
+    /// over, and a TMF, which needs a running device, fails (sd then asks
+    /// for RESET_ALL).
+    fn perform(&self, r: TaskRequest, can_sleep: bool) -> bool {
+        if self.state() == state::RESETTING {
+            if can_sleep {
+                return true;
             }
-            Deferred::TargetReset(l) => self.tmf_ok(Tmf::ItNexusReset, 0, l.target, l.lun, 0, true),
-            _ => self.reset_device("reset requested"),
+            return r == TaskRequest::DeviceReset
+                && self.leave_resetting(state::RUNNING)
+                && self.reset_device("crash dump: a reset the panic interrupted, done again");
+        }
+        match r {
+            TaskRequest::AbortTask(e) => {
+                self.tmf_ok(Tmf::AbortTask, e.pkt, e.target, e.lun, e.tag, can_sleep)
+            }
+            TaskRequest::AbortTaskSet(l) => {
+                self.tmf_ok(Tmf::AbortTaskSet, 0, l.target, l.lun, 0, can_sleep)
+            }
+            TaskRequest::LunReset(l) => {
+                self.tmf_ok(Tmf::LogicalUnitReset, 0, l.target, l.lun, 0, can_sleep)
+            }
+            TaskRequest::TargetReset(l) => {
+                self.tmf_ok(Tmf::ItNexusReset, 0, l.target, l.lun, 0, can_sleep)
+            }
+            // Never sleeps: the same in a panic.
+            TaskRequest::DeviceReset => self.reset_device("reset requested"),
         }
     }
 
-    /// Queues `d` for the work task (interrupt context: takes only the
-    /// work lock, which has the interrupt priority). False if the HBA is
-    /// not running or the list is full: nothing was accepted.
-    fn defer(&self, d: Deferred) -> bool {
-        if self.state() != state::RUNNING {
-            return false;
+    /// Queues `r` for the work task (takes only the work lock, which has
+    /// the interrupt priority). Never refuses while the HBA runs or is
+    /// being reset (see [`TaskRequests::push`]; a reset under way covers
+    /// every request); false once it is stopped or failed: nothing will
+    /// be done.
+    fn queue_task_request(&self, r: TaskRequest) -> bool {
+        match self.state() {
+            state::RUNNING => {
+                self.schedule(|w| {
+                    w.task_requests.push(r);
+                });
+                true
+            }
+            state::RESETTING => true,
+            _ => false,
         }
-        let mut accepted = false;
-        self.schedule(|w| accepted = w.tmfs.push(d));
-        accepted
     }
 
-    /// Performs the requests [`Self::defer`] accepted (the work task: may
-    /// wait and sleep). A reset the device refuses goes one level up, as
-    /// sd_reset_target would have on a 0.
-    pub(crate) fn run_deferred(&self, requests: DeferredTmfs) {
-        for d in requests.slots.iter().flatten() {
-            match *d {
-                Deferred::AbortTask(e) => {
+    /// Performs the requests [`Self::queue_task_request`] accepted (the
+    /// work task: may wait and sleep). A reset the device refuses goes one
+    /// level up, as sd_reset_target would have on a 0: the caller was told
+    /// it would happen. Stops as soon as the HBA is no longer running:
+    /// stopped (teardown or quiesce: detach goes ahead only with no
+    /// command in flight), failed or being reset (the reset ended, or
+    /// ends, every command the rest concerned).
+    pub(crate) fn run_task_requests(&self, requests: TaskRequests) {
+        for r in requests.slots.iter().flatten() {
+            if self.state() != state::RUNNING {
+                return;
+            }
+            match *r {
+                TaskRequest::AbortTask(e) => {
                     // Done meanwhile: nothing to abort (its tag names no
                     // other command: tags are not reused).
                     if self.outstanding(&e) {
                         self.tmf_ok(Tmf::AbortTask, e.pkt, e.target, e.lun, e.tag, true);
                     }
                 }
-                Deferred::AbortTaskSet(l) => {
+                TaskRequest::AbortTaskSet(l) => {
                     self.tmf_ok(Tmf::AbortTaskSet, 0, l.target, l.lun, 0, true);
                 }
-                Deferred::LunReset(l) => {
+                TaskRequest::LunReset(l) => {
                     if !self.tmf_ok(Tmf::LogicalUnitReset, 0, l.target, l.lun, 0, true)
                         && !self.tmf_ok(Tmf::ItNexusReset, 0, l.target, l.lun, 0, true)
                     {
-                        self.reset_device("a LUN reset requested in interrupt context failed");
+                        self.reset_device("a LUN reset accepted for the work task failed");
                     }
                 }
-                Deferred::TargetReset(l) => {
+                TaskRequest::TargetReset(l) => {
                     if !self.tmf_ok(Tmf::ItNexusReset, 0, l.target, l.lun, 0, true) {
-                        self.reset_device("a target reset requested in interrupt context failed");
+                        self.reset_device("a target reset accepted for the work task failed");
                     }
                 }
-                Deferred::DeviceReset => {
-                    self.reset_device("reset requested in interrupt context");
+                TaskRequest::DeviceReset => {
+                    self.reset_device("reset accepted for the work task");
                 }
             }
         }
@@ -599,7 +748,13 @@ impl VioScsi {
 
     /// [`Self::reset_device`] for `who`: a poller (which may hold driver
     /// locks) parks the target drivers' commands it takes back; the next
-    /// interrupt or watchdog tick completes them.
+    /// interrupt or watchdog tick completes them. It never sleeps (the
+    /// device's reset is busy-waited), so a panic may call it too.
+    ///
+    /// The state goes back to RUNNING only from RESETTING: a teardown or
+    /// quiesce(9E) that stopped the HBA meanwhile wins, and the device this
+    /// brought back up is reset again, so that it stops using the rings
+    /// the teardown is about to free.
     pub(crate) fn reset_device_as(&self, why: &str, who: Reaper) -> bool {
         if self
             .state
@@ -645,17 +800,33 @@ impl VioScsi {
             .and_then(|()| self.activate());
         let ok = match up {
             Ok(()) => {
-                self.state.store(state::RUNNING, Ordering::Release);
-                true
+                let back = self.leave_resetting(state::RUNNING);
+                if !back {
+                    // Stopped meanwhile: stop the device again (a
+                    // teardown's own reset may have come before ours).
+                    if let Err(e) = self.transport.reset() {
+                        dev_warn!(self.dip, "stopping the device after its reset: {e}");
+                        // The device may still use the rings: a teardown
+                        // waiting for this task must know. Its step 6 stops
+                        // the device itself when the state is no longer
+                        // STOPPED, and keeps the memory if that fails too.
+                        self.state.store(state::FAILED, Ordering::Release);
+                    }
+                }
+                back
             }
             Err(e) => {
                 dev_warn!(self.dip, "device did not come back after reset: {e}");
                 self.transport.fail();
-                self.state.store(state::FAILED, Ordering::Release);
+                self.leave_resetting(state::FAILED);
                 false
             }
         };
         probes::reset(ffi::RESET_ALL, 0, LunNumber::ZERO, ok);
+        // The completion routines run from here ask for recovery as from
+        // any completion (sd resets on CMD_RESET unless STAT_BUS_RESET is
+        // set): never nested inside this reset (see `own_delivery`).
+        let _delivering = self.own_delivery();
         for (qi, q) in self.queues.iter().enumerate() {
             if who == Reaper::Free {
                 // One at a time, each taken under the lock (complete_parked).
@@ -678,6 +849,14 @@ impl VioScsi {
         ok
     }
 
+    /// RESETTING -> `to`, unless the state changed meanwhile (to STOPPED:
+    /// a teardown or quiesce); whether it did.
+    fn leave_resetting(&self, to: u8) -> bool {
+        self.state
+            .compare_exchange(state::RESETTING, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
     /// Asks the work task to reset the device (from interrupt context).
     pub(crate) fn schedule_reset(&self) {
         self.schedule(|w| w.reset = true);
@@ -696,28 +875,35 @@ mod tests {
     }
 
     #[test]
-    fn deferred_requests_are_kept_once_and_refused_when_full() {
-        let mut d = DeferredTmfs::default();
+    fn task_requests_are_kept_once_and_collapse_into_a_device_reset_when_full() {
+        let mut d = TaskRequests::default();
         assert!(d.is_empty());
-        assert!(d.push(Deferred::LunReset(lun(1))));
+        assert_eq!(d.push(TaskRequest::LunReset(lun(1))), Queued::Slot);
         // The same request again is already accepted: no second slot.
-        assert!(d.push(Deferred::LunReset(lun(1))));
-        for t in 2..MAX_DEFERRED as u8 {
-            assert!(d.push(Deferred::TargetReset(lun(t))));
+        assert_eq!(d.push(TaskRequest::LunReset(lun(1))), Queued::Covered);
+        for t in 2..=MAX_TASK_REQUESTS as u8 {
+            assert_eq!(d.push(TaskRequest::TargetReset(lun(t))), Queued::Slot);
         }
-        assert!(d.push(Deferred::DeviceReset), "the last free slot");
-        assert!(!d.push(Deferred::AbortTaskSet(lun(9))), "full: refused");
-        assert!(d.push(Deferred::DeviceReset), "queued already");
+        assert_eq!(d.slots.iter().flatten().count(), MAX_TASK_REQUESTS);
+        // Full: not refused (sd would fail the I/O), but one device reset
+        // covering everything the list held.
+        assert_eq!(d.push(TaskRequest::AbortTaskSet(lun(9))), Queued::Collapsed);
+        assert_eq!(d.slots[0], Some(TaskRequest::DeviceReset));
+        assert_eq!(d.slots.iter().flatten().count(), 1);
+        // Anything more is covered by that reset, without a slot.
+        assert_eq!(d.push(TaskRequest::LunReset(lun(3))), Queued::Covered);
+        assert_eq!(d.push(TaskRequest::AbortTaskSet(lun(4))), Queued::Covered);
+        assert_eq!(d.push(TaskRequest::DeviceReset), Queued::Covered);
         let taken = d.take();
         assert!(d.is_empty());
-        assert_eq!(taken.slots.iter().flatten().count(), MAX_DEFERRED);
-        assert_eq!(
-            taken
-                .slots
-                .iter()
-                .filter(|s| **s == Some(Deferred::LunReset(lun(1))))
-                .count(),
-            1
-        );
+        assert_eq!(taken.slots.iter().flatten().count(), 1);
+    }
+
+    #[test]
+    fn a_queued_device_reset_covers_later_requests() {
+        let mut d = TaskRequests::default();
+        assert_eq!(d.push(TaskRequest::DeviceReset), Queued::Slot);
+        assert_eq!(d.push(TaskRequest::TargetReset(lun(2))), Queued::Covered);
+        assert_eq!(d.slots.iter().flatten().count(), 1);
     }
 }

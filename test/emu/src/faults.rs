@@ -153,6 +153,9 @@ pub struct FaultStats {
     pub config_reads: u64,
     /// Event buffer publications held back from the device.
     pub starved: u64,
+    /// Notifications of the control queue: task management requests the
+    /// driver sent (counted whether or not a fault is armed).
+    pub control_notifies: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -344,6 +347,15 @@ impl Faults {
     pub fn on_reg_write(&self, reg: Reg, size: usize, value: u64) {
         let mut s = lock(&self.state);
         let layout = s.layout;
+        // The control queue's doorbell (queue 0: QEMU's queue_notify_off
+        // is the queue index; legacy: the queue notify register, 0x10).
+        let control_notify = match reg {
+            Reg::Mem(a) => layout.notify.is_some_and(|(base, _)| a == base),
+            Reg::Io(p) => layout.legacy.is_some_and(|l| p == l + 0x10) && value == 0,
+        };
+        if control_notify && value == u64::from(CONTROL_QUEUE) {
+            s.stats.control_notifies += 1;
+        }
         match reg {
             Reg::Mem(a) => {
                 if let Some(c) = layout.common.filter(|&c| a >= c && a < c + 0x40) {

@@ -43,13 +43,25 @@ const CMD_TAG_REJECT: u8 = 21;
 /// `RESET_TARGET` if that returned 0, and `RESET_ALL` if all returned 0
 /// (or bus-device resets are not allowed). sd calls `scsi_abort(9F)` only
 /// from the `DKIOCABORT` debug ioctl, not from its completion routine.
+///
+/// `STATUS_BUSY` (sd.c `sd_pkt_status_busy`, also in the completion
+/// routine): on the completion where the command's retry count reaches
+/// `max(2, un_reset_retry_count)` (`un_reset_retry_count` is
+/// `un_retry_count / 2`), the same ladder (without the statistics test),
+/// and if RESET_LUN, RESET_TARGET and RESET_ALL all returned 0, sd gives
+/// up: the command fails with EIO (`sd_return_failed_command`), no retry
+/// (here [`IoError::ResetFailed`]). Each retry here is a new packet, so
+/// the try number stands for `xb_retry_count` (every earlier try having
+/// failed busy too, as when a device stays busy).
+///
 /// Not modelled: the resets of `sd_sense_key_medium_or_hardware_error`
 /// (after `un_reset_retry_count` retries of a medium or hardware error).
 pub struct Recovery {
     /// `un_f_allow_bus_device_reset`.
     pub allow_bus_device_reset: AtomicBool,
-    /// `un_f_lun_reset_enabled` (sd.conf "reset-lun"; off by default in
-    /// sd, on here: this sd enables the HBA's `lun-reset` capability).
+    /// `un_f_lun_reset_enabled`: off, as in sd, unless sd.conf sets
+    /// "reset-lun" to "true" (sd.c `sd_set_properties`); a test opts in.
+    /// So sd's default first step is RESET_TARGET.
     pub lun_reset_enabled: AtomicBool,
     /// `scsi_reset` calls from the completion routine: `RESET_LUN`,
     /// `RESET_TARGET`, `RESET_ALL`.
@@ -63,18 +75,25 @@ pub struct Recovery {
     pub in_interrupt: AtomicU64,
     /// `sd_reset_target` calls made in interrupt context.
     pub interrupt_resets: AtomicU64,
+    /// `sd_pkt_status_busy` resets (the ladder run on a busy command).
+    pub busy_resets: AtomicU64,
+    /// Of those, the ones where every reset returned 0: the command failed
+    /// with EIO.
+    pub busy_failures: AtomicU64,
 }
 
 impl Default for Recovery {
     fn default() -> Self {
         Recovery {
             allow_bus_device_reset: AtomicBool::new(true),
-            lun_reset_enabled: AtomicBool::new(true),
+            lun_reset_enabled: AtomicBool::new(false),
             resets: Default::default(),
             resets_done: Default::default(),
             completions: AtomicU64::new(0),
             in_interrupt: AtomicU64::new(0),
             interrupt_resets: AtomicU64::new(0),
+            busy_resets: AtomicU64::new(0),
+            busy_failures: AtomicU64::new(0),
         }
     }
 }
@@ -98,8 +117,15 @@ impl Recovery {
             )
     }
 
-    /// `sd_reset_target`, from the completion routine.
-    fn reset_target(&self, dev: &Device) {
+    /// The try (0 first) whose busy completion makes
+    /// `sd_pkt_status_busy` reset: the one that brings the retry count to
+    /// `max(2, un_reset_retry_count)`, `un_reset_retry_count` being
+    /// `un_retry_count / 2` (sd.c `sd_unit_attach`).
+    pub const BUSY_RESET_TRY: u32 = if RETRIES / 2 < 2 { 2 } else { RETRIES / 2 } - 1;
+
+    /// The reset ladder of `sd_reset_target` and `sd_pkt_status_busy`,
+    /// from the completion routine; whether a reset returned 1.
+    fn reset_target(&self, dev: &Device) -> bool {
         let reset = |level: i32, slot: usize| {
             self.resets[slot].fetch_add(1, Ordering::Relaxed);
             let rc = dev.reset(level);
@@ -118,12 +144,23 @@ impl Recovery {
             }
         }
         if rc == 0 {
-            reset(ffi::RESET_ALL, 2);
+            rc = reset(ffi::RESET_ALL, 2);
         }
+        rc != 0
     }
 
     /// The completion callback (sdintr's part that concerns the HBA).
     fn completion(self: &Arc<Self>) -> rvscsi_emu::scsa::packet::Callback {
+        self.completion_of_try(0, Arc::new(AtomicBool::new(false)))
+    }
+
+    /// [`Self::completion`] for try `attempt` of a command; `failed` is
+    /// set when sd gives the command up with EIO (see [`Recovery`]).
+    fn completion_of_try(
+        self: &Arc<Self>,
+        attempt: u32,
+        failed: Arc<AtomicBool>,
+    ) -> rvscsi_emu::scsa::packet::Callback {
         let me = self.clone();
         Arc::new(move |p: &Packet| {
             me.completions.fetch_add(1, Ordering::Relaxed);
@@ -131,11 +168,24 @@ impl Recovery {
             if interrupt {
                 me.in_interrupt.fetch_add(1, Ordering::Relaxed);
             }
-            if Recovery::wants_reset(&p.result()) {
+            let r = p.result();
+            if Recovery::wants_reset(&r) {
                 if interrupt {
                     me.interrupt_resets.fetch_add(1, Ordering::Relaxed);
                 }
                 me.reset_target(p.device());
+            } else if r.reason == ffi::CMD_CMPLT
+                && r.status() & ffi::STATUS_MASK == ffi::STATUS_BUSY
+                && attempt == Self::BUSY_RESET_TRY
+            {
+                me.busy_resets.fetch_add(1, Ordering::Relaxed);
+                if interrupt {
+                    me.interrupt_resets.fetch_add(1, Ordering::Relaxed);
+                }
+                if !me.reset_target(p.device()) {
+                    me.busy_failures.fetch_add(1, Ordering::Relaxed);
+                    failed.store(true, Ordering::Release);
+                }
             }
         })
     }
@@ -204,6 +254,12 @@ pub enum IoError {
     Hung,
     /// A request the disk cannot take (beyond its end, not whole blocks).
     Invalid(String),
+    /// The device stayed busy and every reset sd tried returned 0: sd
+    /// fails the command with EIO (`sd_pkt_status_busy`).
+    ResetFailed {
+        /// First block.
+        lba: u64,
+    },
 }
 
 impl fmt::Display for IoError {
@@ -239,6 +295,10 @@ impl fmt::Display for IoError {
             IoError::NoPacket(why) => write!(f, "no packet: {why}"),
             IoError::Hung => write!(f, "the command never completed"),
             IoError::Invalid(why) => write!(f, "invalid request: {why}"),
+            IoError::ResetFailed { lba } => write!(
+                f,
+                "I/O error at block {lba} (EIO): device busy, and every reset failed"
+            ),
         }
     }
 }
@@ -477,7 +537,10 @@ impl Disk {
                 .dev
                 .init_pkt(Some(data.clone()), args)
                 .map_err(|e| IoError::NoPacket(format!("{e:?}")))?;
-            p.set_callback(Some(self.recovery.completion()));
+            let given_up = Arc::new(AtomicBool::new(false));
+            p.set_callback(Some(
+                self.recovery.completion_of_try(attempt, given_up.clone()),
+            ));
             let mut failure = None;
             let mut window_lba = lba;
             loop {
@@ -515,6 +578,10 @@ impl Disk {
                     return Err(IoError::Hung);
                 }
                 let r = p.result();
+                if given_up.load(Ordering::Acquire) {
+                    failure = Some(IoError::ResetFailed { lba: window_lba });
+                    break;
+                }
                 if let Some(e) = classify(&r, window_lba) {
                     failure = Some(e);
                     break;

@@ -58,11 +58,17 @@ fn hmp(rig: &Rig, cmd: &str) {
         .expect("HMP");
 }
 
-/// Resumes the request blkdebug holds after `after`, from another thread.
-fn release_later(rig: &Rig, after: Duration) -> std::thread::JoinHandle<()> {
+/// Resumes the request blkdebug holds once the driver has sent a TMF
+/// (the fault layer's count of control-queue doorbells grew past what it
+/// is now), from another thread; bounded: after 60 s it resumes anyway
+/// (and the test's assertions then say what did not happen).
+fn release_after_tmf(rig: &Rig) -> std::thread::JoinHandle<()> {
     let m = rig.bed().machine.clone();
+    let before = m.faults.stats().control_notifies;
     std::thread::spawn(move || {
-        std::thread::sleep(after);
+        wait_for(Duration::from_secs(60), || {
+            m.faults.stats().control_notifies > before
+        });
         m.with_qemu(|q| q.hmp("qemu-io d0 \"resume T1\""))
             .expect("QEMU")
             .expect("HMP resume");
@@ -93,19 +99,28 @@ fn resets(rig: &Rig) -> Vec<Vec<u64>> {
 }
 
 #[test]
-fn a_transport_error_makes_sd_reset_the_lun_from_its_interrupt_and_io_goes_on() {
-    transport_error_then_lun_reset(Binding::Library);
+fn with_reset_lun_a_transport_error_makes_sd_reset_the_lun_from_its_interrupt() {
+    transport_error_then_reset(Binding::Library, true);
 }
 
 #[test]
-fn through_the_c_shim_a_transport_error_makes_sd_reset_the_lun_from_its_interrupt() {
-    transport_error_then_lun_reset(Binding::Shim);
+fn through_the_c_shim_a_transport_error_makes_sd_reset_the_target_from_its_interrupt() {
+    // sd's default (no "reset-lun" in sd.conf): RESET_TARGET first.
+    transport_error_then_reset(Binding::Shim, false);
 }
 
-fn transport_error_then_lun_reset(binding: Binding) {
+fn transport_error_then_reset(binding: Binding, reset_lun: bool) {
     let rig = rig_with(Driver::Sd, false, binding);
     let disk = rig.disk0();
     let image = &rig.images[0];
+    disk.recovery
+        .lun_reset_enabled
+        .store(reset_lun, Ordering::Relaxed);
+    let level = if reset_lun {
+        ffi::RESET_LUN
+    } else {
+        ffi::RESET_TARGET
+    };
     // The device reports a transport failure for the read of block 100.
     rig.bed().machine.faults.arm(Fault::Response(
         Match::Lba(100),
@@ -120,13 +135,16 @@ fn transport_error_then_lun_reset(binding: Binding) {
         1,
         "sd_reset_target ran in the completion routine, in interrupt context"
     );
-    assert_eq!(rec.resets_at(ffi::RESET_LUN), (1, 1), "RESET_LUN accepted");
-    assert_eq!(rec.resets_at(ffi::RESET_TARGET), (0, 0));
-    assert_eq!(rec.resets_at(ffi::RESET_ALL), (0, 0));
-    // The LUN reset is done later, by the work task, and works.
+    assert_eq!(rec.resets_at(level), (1, 1), "the first reset accepted");
+    for other in [ffi::RESET_LUN, ffi::RESET_TARGET, ffi::RESET_ALL] {
+        if other != level {
+            assert_eq!(rec.resets_at(other), (0, 0), "level {other}");
+        }
+    }
+    // The reset is done later, by the work task, and works.
     assert!(
         wait_for(Duration::from_secs(10), || resets(&rig).contains(&vec![
-            ffi::RESET_LUN as u64,
+            level as u64,
             0,
             0,
             1
@@ -146,6 +164,10 @@ fn a_timeout_makes_sd_reset_the_lun_from_its_interrupt_and_io_goes_on() {
     let rig = rig(Driver::Sd, true);
     let disk = rig.disk0();
     let image = &rig.images[0];
+    // sd.conf "reset-lun" true.
+    disk.recovery
+        .lun_reset_enabled
+        .store(true, Ordering::Relaxed);
     hmp(&rig, "qemu-io d0 \"break read_aio T1\"");
     // The held read is aborted by the timeout ladder; the device then says
     // it completed (a command that finished as the abort reached it), so
@@ -160,7 +182,8 @@ fn a_timeout_makes_sd_reset_the_lun_from_its_interrupt_and_io_goes_on() {
         let disk = disk.clone();
         std::thread::spawn(move || disk.read(10, 512))
     };
-    let releaser = release_later(&rig, Duration::from_millis(3500));
+    // Resumed once the timeout ladder's ABORT TASK is out.
+    let releaser = release_after_tmf(&rig);
     let data = reader.join().unwrap().expect("the read succeeds on retry");
     releaser.join().unwrap();
     assert_eq!(data, image.expected(10, 1));
@@ -284,7 +307,8 @@ fn scsi_abort_from_a_completion_callback_aborts_the_held_command_later() {
             rc.store(p.device().abort(Some(&held)), Ordering::Relaxed);
         })));
     }
-    let releaser = release_later(&rig, Duration::from_millis(1500));
+    // Resumed once the work task sent the abort.
+    let releaser = release_after_tmf(&rig);
     assert_eq!(tur.transport(), ffi::TRAN_ACCEPT);
     assert!(tur.wait(Duration::from_secs(20)));
     tur.set_callback(None);

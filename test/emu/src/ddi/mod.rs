@@ -17,6 +17,7 @@ pub mod intr;
 pub mod kmem;
 pub mod log;
 pub mod modctl;
+pub mod panic;
 pub mod retpoline;
 pub mod sdt;
 pub mod symbols;

@@ -99,7 +99,8 @@ pub extern "C" fn drv_usecwait(us: clock_t) {
     if us <= 0 {
         return;
     }
-    if super::sync::in_interrupt() {
+    // A crash dump polls the device from wherever the panic happened.
+    if super::sync::in_interrupt() && !super::panic::panicking() {
         let (total, reported) = INTERRUPT_SPIN.with(|c| {
             let (t, r) = c.get();
             let t = t.saturating_add(us);
@@ -135,6 +136,12 @@ pub extern "C" fn drv_usecwait(us: clock_t) {
 pub extern "C" fn delay(ticks: clock_t) {
     let _kernel = crate::meter::kernel();
     check_may_sleep("delay");
+    if super::panic::panicking() {
+        // clock() does nothing once panicstr is set: lbolt stands still
+        // and the wakeup never comes (uts/common/os/clock.c).
+        violation("delay(9F) during a panic: the clock no longer runs, it never returns");
+        return;
+    }
     std::thread::sleep(ticks_to_duration(ticks));
 }
 
