@@ -22,6 +22,11 @@
 //! the other measured tables: every member of every structure they declare
 //! against `illumos-amd64-fields.tsv` (its C type), and every function they
 //! declare against `illumos-ddi-functions.tsv` (return and parameter types).
+//!
+//! The copy itself is compared with the provided original
+//! (`RVSCSI_SHARED/illumos-abi/`, by default `../shared/` beside the
+//! repository, as in CI); without it that test fails unless
+//! `RVSCSI_NO_SHARED=1` says the absence is on purpose.
 
 use std::collections::HashMap;
 
