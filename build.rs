@@ -11,10 +11,13 @@
 //!    declared there that the Rust entry point has exactly that type.
 //! 3. The shim (`c-shim/rvscsi_shim.c`), compiled with the flags of
 //!    illumos kernel code, `-Wall -Wextra -Werror`, and nothing that
-//!    silences a diagnostic (the command is assembled here, not by `cc`,
-//!    whose `.warnings(false)` adds `-w` and whose CFLAGS from the
-//!    environment come last and could add it too; any output at all from
-//!    the compiler fails the build), against
+//!    silences a diagnostic, by the rule of `c-shim/build_support.rs`
+//!    (shared with `test/emu/build.rs` and tested by
+//!    `tests/shim_build.rs`): the command is assembled from its flag
+//!    lists, not by `cc` (whose `.warnings(false)` adds `-w` and whose
+//!    CFLAGS from the environment come last and could add it too), the
+//!    compiler sees no environment but PATH and TMPDIR, and any output at
+//!    all from it fails the build. It is compiled against
 //!    - the real illumos headers when `ILLUMOS_GATE=<illumos-gate checkout>`
 //!      is set (the minimal declarations are then checked too) or when
 //!      building on illumos (`/usr/include`), otherwise
@@ -24,14 +27,14 @@
 //!    (`pkg/kernel/build-module.sh` links it into the module); for the host
 //!    it is only compiled, as a check. The exact command is recorded in
 //!    `OUT_DIR/shim-cc.txt` (one argument a line) for `tests/shim_build.rs`,
-//!    which re-runs it on the shim and on a copy with a warning injected.
+//!    which judges it again, on the shim and on copies with a warning
+//!    injected.
 
 use std::env;
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 // The Rust side of the ABI, compiled into this script as well.
 #[allow(dead_code)]
@@ -41,48 +44,11 @@ mod consts;
 #[path = "src/ffi/types.rs"]
 mod types;
 
-/// The flags illumos builds kernel C code with on amd64 (the ones GNU cc
-/// understands), plus what a freestanding module object needs.
-const KERNEL_CFLAGS: &[&str] = &[
-    "-m64",
-    "-std=gnu99",
-    "-D_KERNEL",
-    "-D_ELF64",
-    "-ffreestanding",
-    "-nostdinc",
-    "-fno-builtin",
-    "-fno-common",
-    "-fno-strict-aliasing",
-    "-fno-pic",
-    "-fno-pie",
-    "-fno-stack-protector",
-    "-fno-asynchronous-unwind-tables",
-    "-fno-unwind-tables",
-    "-fno-omit-frame-pointer",
-    "-fno-shrink-wrap",
-    "-mcmodel=kernel",
-    "-mno-red-zone",
-    "-mno-mmx",
-    "-mno-sse",
-    "-mno-sse2",
-    "-mno-3dnow",
-    "-mno-avx",
-    "-mindirect-branch=thunk-extern",
-    "-mindirect-branch-register",
-    "-O2",
-    "-Wall",
-    "-Wextra",
-    "-Werror",
-    // What GCC 14 (OmniOS's compiler) rejects even without -Werror
-    // (gcc.gnu.org/gcc-14/porting_to.html), spelled out so that an older
-    // GCC holds the shim to the same rules. (-Wreturn-mismatch and
-    // -Wdeclaration-missing-parameter-type are GCC 14's own names; -Wall
-    // with -Werror covers them on older compilers.)
-    "-Werror=incompatible-pointer-types",
-    "-Werror=int-conversion",
-    "-Werror=implicit-function-declaration",
-    "-Werror=implicit-int",
-];
+// The flag lists and the judge of a C compile, shared with
+// test/emu/build.rs and tests/shim_build.rs.
+#[allow(dead_code)]
+#[path = "c-shim/build_support.rs"]
+mod build_support;
 
 fn main() {
     let root =
@@ -392,72 +358,33 @@ fn c_compiler(on_illumos: bool) -> OsString {
 }
 
 /// The command line of a C compile for illumos kernel code: the compiler,
-/// [`KERNEL_CFLAGS`] and the shim's include directories, nothing else (the
-/// environment's CFLAGS do not apply to kernel code).
+/// [`build_support::kernel_cflags`] and the shim's include directories,
+/// nothing else (the environment's CFLAGS do not apply to kernel code).
 fn kernel_cc(compiler: &OsString, root: &Path, include: &Path) -> Vec<OsString> {
-    let mut cmd = vec![compiler.clone()];
-    cmd.extend(KERNEL_CFLAGS.iter().map(OsString::from));
-    for dir in [root.join("c-shim"), include.to_path_buf()] {
-        cmd.push("-I".into());
-        cmd.push(dir.into_os_string());
-    }
-    cmd
+    build_support::command(
+        compiler,
+        build_support::kernel_cflags(),
+        &[&root.join("c-shim"), include],
+    )
 }
 
-/// Runs `cmd -c source -o object`; an error unless it succeeds and prints
-/// nothing at all (no warning, note or `#pragma message` passes). Returns
-/// the command as run.
-fn compile(mut cmd: Vec<OsString>, source: &Path, object: &Path) -> Result<Vec<OsString>, String> {
+/// [`build_support::compile`] (the judge: no silencing flag, exit 0, no
+/// output at all, an object), rerun when `source` changes.
+fn compile(cmd: Vec<OsString>, source: &Path, object: &Path) -> Result<Vec<OsString>, String> {
     println!("cargo:rerun-if-changed={}", source.display());
-    cmd.extend([
-        "-c".into(),
-        source.as_os_str().to_owned(),
-        "-o".into(),
-        object.as_os_str().to_owned(),
-    ]);
-    let shown = cmd
-        .iter()
-        .map(|a| a.to_string_lossy())
-        .collect::<Vec<_>>()
-        .join(" ");
-    let output = Command::new(&cmd[0])
-        .args(&cmd[1..])
-        .env("LC_ALL", "C")
-        .output()
-        .map_err(|e| format!("{shown}: cannot run the compiler: {e}"))?;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() || !stderr.trim().is_empty() || !stdout.trim().is_empty() {
-        return Err(format!(
-            "{shown}\n({}; no diagnostic is allowed)\n{stdout}{stderr}",
-            output.status
-        ));
-    }
-    Ok(cmd)
+    build_support::compile(cmd, source, object)
 }
 
 /// `lib<name>.a` of `object` in `out`, linked into the crate (for the
 /// kernel target, whose static library then carries the shim).
 fn archive(out: &Path, name: &str, object: &Path) {
-    let lib = out.join(format!("lib{name}.a"));
-    // A stale archive would keep old members: `ar r` only adds.
-    let _ = fs::remove_file(&lib);
-    let mut ar = cc::Build::new()
-        .target(&env::var("HOST").unwrap_or_default())
-        .host(&env::var("HOST").unwrap_or_default())
+    let host = env::var("HOST").unwrap_or_default();
+    let ar = cc::Build::new()
+        .target(&host)
+        .host(&host)
         .try_get_archiver()
         .unwrap_or_else(|e| fail(&format!("no archiver: {e}")));
-    let status = ar
-        .arg("crs")
-        .arg(&lib)
-        .arg(object)
-        .status()
-        .unwrap_or_else(|e| fail(&format!("cannot run the archiver: {e}")));
-    if !status.success() {
-        fail(&format!(
-            "archiving {object:?} into {lib:?} failed: {status}"
-        ));
-    }
+    build_support::archive(ar, out, name, &[object]).unwrap_or_else(|e| fail(&e));
     println!("cargo:rustc-link-search=native={}", out.display());
     println!("cargo:rustc-link-lib=static={name}");
 }

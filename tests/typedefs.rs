@@ -22,6 +22,11 @@
 //! the other measured tables: every member of every structure they declare
 //! against `illumos-amd64-fields.tsv` (its C type), and every function they
 //! declare against `illumos-ddi-functions.tsv` (return and parameter types).
+//!
+//! The copy itself is compared with the provided original
+//! (`RVSCSI_SHARED/illumos-abi/`, by default `../shared/` beside the
+//! repository, as in CI); without it that test fails unless
+//! `RVSCSI_NO_SHARED=1` says the absence is on purpose.
 
 use std::collections::HashMap;
 
@@ -521,20 +526,55 @@ fn the_rust_mirrors_name_illumos_typedefs_with_their_shape() {
     assert!(checked >= 30, "checked only {checked} names");
 }
 
+/// Where the provided tables are: `RVSCSI_SHARED` (a `shared/` directory)
+/// if set, else `shared/` beside the repository, where CI puts its copy.
+fn shared_typedefs() -> std::path::PathBuf {
+    let shared = std::env::var_os("RVSCSI_SHARED")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    shared.join("illumos-abi/illumos-typedefs.tsv")
+}
+
 #[test]
-fn the_table_copy_is_the_measured_one_when_it_is_at_hand() {
-    // CI and the developers' machines have the provided tables next to the
-    // repository (../shared/illumos-abi/); the copy here must not drift.
-    let shared = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/illumos-abi/illumos-typedefs.tsv"
-    );
-    match std::fs::read_to_string(shared) {
-        Ok(text) => assert_eq!(
-            text, TSV,
-            "test/abi/illumos-typedefs.tsv differs from {shared}"
+fn the_table_copy_is_the_measured_one() {
+    // CI runs in a fresh clone with a copy of shared/ beside it, and the
+    // developers' checkouts have it too: the copy here must not drift from
+    // it. Without the tables this fails, unless told that they are absent
+    // on purpose (RVSCSI_NO_SHARED=1), so that a CI that lost them cannot
+    // pass unnoticed.
+    let shared = shared_typedefs();
+    match std::fs::read_to_string(&shared) {
+        Ok(text) => {
+            // The first line that differs, not the whole table.
+            let first = text
+                .lines()
+                .zip(TSV.lines())
+                .position(|(theirs, ours)| theirs != ours)
+                .unwrap_or(text.lines().count().min(TSV.lines().count()));
+            assert!(
+                text == TSV,
+                "test/abi/illumos-typedefs.tsv differs from {} from line {}: ours {:?}, theirs {:?}",
+                shared.display(),
+                first + 1,
+                TSV.lines().nth(first),
+                text.lines().nth(first)
+            );
+        }
+        Err(_) if std::env::var_os("RVSCSI_NO_SHARED").is_some_and(|v| v == "1") => {
+            eprintln!(
+                "RVSCSI_NO_SHARED=1: {} not compared (only the copy in test/abi is checked)",
+                shared.display()
+            );
+        }
+        Err(e) => panic!(
+            "{}: {e}: the measured typedefs are not at hand, so the copy in \
+             test/abi/illumos-typedefs.tsv cannot be compared with them. Put the \
+             provided shared/ beside the repository, or point RVSCSI_SHARED at it \
+             (RVSCSI_SHARED=/path/to/shared), or set RVSCSI_NO_SHARED=1 to skip \
+             this comparison on purpose",
+            shared.display()
         ),
-        Err(e) => eprintln!("{shared}: {e}; only the copy in test/abi is checked"),
     }
 }
 

@@ -11,72 +11,75 @@
 //!   their addresses. The crate only links if the emulation (or, for the C
 //!   library functions, the host C library) defines every symbol the module
 //!   may import, and the module loader binds imports through this table.
+//!
+//! Both C files are compiled by the kernel build's rule
+//! (`c-shim/build_support.rs`, shared with the rvscsi `build.rs` and tested
+//! by its `tests/shim_build.rs`): the same list of warning flags (every
+//! warning an error), a command assembled from the shared lists alone (the
+//! environment's CFLAGS and `cc`'s defaults do not apply; only the
+//! compiler's program comes from `cc`, that is from CC), a compiler
+//! environment of PATH and TMPDIR only, and any output at all from the
+//! compiler fails the build.
 use std::env;
+use std::ffi::OsString;
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 
-/// What GCC 14 rejects even without -Werror (the kernel build's list, see
-/// the rvscsi build.rs), so that the host build of the same C is as strict.
-const GCC14_ERRORS: &[&str] = &[
-    "-Werror=incompatible-pointer-types",
-    "-Werror=int-conversion",
-    "-Werror=implicit-function-declaration",
-    "-Werror=implicit-int",
-];
+#[allow(dead_code)]
+#[path = "../../c-shim/build_support.rs"]
+mod build_support;
 
-/// `-Wall -Wextra -Werror` and [`GCC14_ERRORS`] on `b`, and a refusal to
-/// build if anything else in the command (CFLAGS from the environment,
-/// which cc appends last) silences a diagnostic or makes one a warning
-/// again.
-fn strict(b: &mut cc::Build, what: &str) {
-    b.warnings(true)
-        .extra_warnings(true)
-        .warnings_into_errors(true);
-    for f in GCC14_ERRORS {
-        b.flag(f);
-    }
-    let tool = b
-        .try_get_compiler()
-        .unwrap_or_else(|e| panic!("{what}: no C compiler: {e}"));
-    for a in tool.args() {
-        let a = a.to_string_lossy();
-        if a == "-w" || a.starts_with("-Wno-") {
-            panic!(
-                "{what}: the compiler command has {a}, which silences diagnostics \
-                 (from CFLAGS?); the test bed's C is built with every warning an error"
-            );
-        }
-    }
+/// Compiles `source` into `OUT_DIR/lib<name>.a` with `cmd` and links it
+/// into the crate; any diagnostic fails the build.
+fn build_library(cmd: Vec<OsString>, source: &Path, name: &str, what: &str) {
+    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let object = out.join(format!("{name}.o"));
+    build_support::compile(cmd, source, &object)
+        .unwrap_or_else(|e| panic!("{what} does not compile: {e}"));
+    let ar = cc::Build::new()
+        .try_get_archiver()
+        .unwrap_or_else(|e| panic!("{what}: no archiver: {e}"));
+    build_support::archive(ar, &out, name, &[&object]).unwrap_or_else(|e| panic!("{what}: {e}"));
+    println!("cargo:rustc-link-search=native={}", out.display());
+    println!("cargo:rustc-link-lib=static={name}");
 }
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc/variadic.c");
-    println!("cargo:rerun-if-env-changed=CFLAGS");
-    let mut variadic = cc::Build::new();
-    variadic.file("csrc/variadic.c");
-    strict(&mut variadic, "csrc/variadic.c");
-    variadic.compile("rvscsi_emu_variadic");
+    println!("cargo:rerun-if-changed=../../c-shim/build_support.rs");
+    // Only the program is taken from cc (CC, or the platform's default).
+    let compiler = cc::Build::new()
+        .try_get_compiler()
+        .unwrap_or_else(|e| panic!("no C compiler: {e}"))
+        .path()
+        .as_os_str()
+        .to_owned();
+
+    let variadic = build_support::command(&compiler, build_support::host_cflags(), &[]);
+    build_library(
+        variadic,
+        Path::new("csrc/variadic.c"),
+        "rvscsi_emu_variadic",
+        "csrc/variadic.c",
+    );
 
     let include =
         env::var("DEP_RVSCSI_INCLUDE").expect("the rvscsi build script exports its include dir");
     let shim = env::var("DEP_RVSCSI_SHIM").expect("the rvscsi build script exports the shim dir");
     println!("cargo:rerun-if-changed={shim}");
     let version = env::var("CARGO_PKG_VERSION").unwrap_or_default();
-    let mut hosted = cc::Build::new();
-    hosted
-        .file(format!("{shim}/rvscsi_shim.c"))
-        .include(&shim)
-        .include(&include)
-        .flag("-std=gnu99")
-        .flag("-ffreestanding")
-        .flag("-nostdinc")
-        .flag("-fno-builtin")
-        .define("RVSCSI_MINIMAL_HEADERS", None)
-        .define("RVSCSI_VERSION", Some(format!("\"{version}\"").as_str()))
-        .define("_init", Some("rvscsi_hosted__init"))
-        .define("_fini", Some("rvscsi_hosted__fini"))
-        .define("_info", Some("rvscsi_hosted__info"));
-    strict(&mut hosted, "the hosted shim");
-    hosted.compile("rvscsi_hosted_shim");
+    let hosted = build_support::hosted_shim_command(
+        &compiler,
+        Path::new(&shim),
+        Path::new(&include),
+        &version,
+    );
+    build_library(
+        hosted,
+        &Path::new(&shim).join("rvscsi_shim.c"),
+        "rvscsi_hosted_shim",
+        "the hosted shim",
+    );
 
     kernel_symbols();
 }
