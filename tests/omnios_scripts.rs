@@ -623,7 +623,7 @@ fn rvscsiadm_take_and_release_move_attached_controllers_at_the_next_boot() {
         "{out}"
     );
     // The binding files say rvscsi; the attached controller stays with
-    // vioscsi until the reconfiguration boot, which take asked for.
+    // vioscsi until the next boot, which take asked for.
     assert_eq!(sys.alias_owner("pci1af4,1004").as_deref(), Some("rvscsi"));
     assert_eq!(sys.alias_owner("pci1af4,1048,p").as_deref(), Some("rvscsi"));
     assert_eq!(sys.node(TRANSITIONAL), ("vioscsi".into(), true));
@@ -1249,7 +1249,7 @@ fn the_stand_ins_keep_the_unfriendly_parts_of_illumos() {
         "the kernel kept it"
     );
     assert_eq!(sys.node(TRANSITIONAL), ("vioscsi".into(), true));
-    // ...and at the reconfiguration boot the controller has no driver.
+    // ...and at the next boot the controller has no driver.
     sys.boot(true);
     assert_eq!(sys.node(TRANSITIONAL), ("-".into(), false));
 
