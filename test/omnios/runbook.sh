@@ -3,9 +3,9 @@
 # The rvscsi runbook: run as root inside an OmniOS virtual machine (see
 # test/omnios/qemu-omnios.sh for one laid out for it) to install rvscsi,
 # hand it the virtio-scsi controllers, use a disk behind one, detach and
-# attach the driver again, give the controllers
-# back and uninstall it. Prints PASS or FAIL for every step (with its log)
-# and exits non-zero when one failed.
+# attach the driver again, give the controllers back and uninstall it.
+# Prints PASS or FAIL for every step (with its log) and exits non-zero
+# when one failed.
 #
 # Usage:
 #   runbook.sh (--p5p FILE | --source DIR) [--disk cXtYdZ] [--yes]
