@@ -100,7 +100,8 @@ fn the_installing_boot_shows_the_vga_console_and_later_boots_use_ttya() {
         "SSH Server            Enabled",
         "Extra Packages Repo   Enabled",
         "extra.omnios",
-        "reconfiguration boot",
+        "again after each\n#   reboot it asks for",
+        "new\n#   boot environment",
     ] {
         assert!(help.contains(choice), "help documents {choice:?}:\n{help}");
     }

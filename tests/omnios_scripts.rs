@@ -134,6 +134,12 @@ impl Sys {
              developer/gcc14 omnios opt/gcc-14/bin/gcc\n",
         );
         write(&dir.join("var/tmp/.keep"), "");
+        // What the boot archive holds (boot/solaris/filelist.ramdisk):
+        // pkg(1) rebuilds it when a path under one of these changes.
+        write(
+            &dir.join("boot/solaris/filelist.ramdisk"),
+            "etc/driver_aliases\netc/driver_classes\netc/name_to_major\netc/path_to_inst\nkernel\nplatform/i86pc/kernel\n",
+        );
         // The root pool and the disks format lists.
         write(&dir.join(".config/rootfs"), "rpool/ROOT/omnios-r151054\n");
         write(&dir.join(".config/rootdisks"), "/dev/dsk/c1t0d0s0\n");
@@ -378,7 +384,8 @@ fn install_deps_on_omnios_finds_clang_under_opt_ooce_llvm_and_installs_only_what
     let (rc, out) = run(&sys);
     assert_eq!(rc, Some(1), "{out}");
     assert!(
-        out.contains("install-deps: pkg install system/header failed (exit 1)"),
+        out.contains("pkg install system/header failed (exit 1)")
+            && out.contains("install-deps: could not install system/header"),
         "{out}"
     );
     let _ = std::fs::remove_dir_all(&tree);
@@ -540,7 +547,7 @@ fn the_runbook_builds_the_package_from_source_and_installs_what_it_built() {
         std::fs::read(sys.path("usr/sbin/rvscsiadm")).unwrap(),
         std::fs::read(root().join("pkg/rvscsiadm")).unwrap()
     );
-    assert!(log.contains("next: reboot -- -r"), "{log}");
+    assert!(log.contains("next: reboot, then run again"), "{log}");
     let _ = std::fs::remove_dir_all(&tree);
 }
 
@@ -578,7 +585,7 @@ fn the_build_on_omnios_stops_with_a_reason_when_libclang_is_missing() {
 // ---- pkg/rvscsiadm ------------------------------------------------------
 
 #[test]
-fn rvscsiadm_take_and_release_move_attached_controllers_at_a_reconfiguration_boot() {
+fn rvscsiadm_take_and_release_move_attached_controllers_at_the_next_boot() {
     let sys = Sys::new("handover", SysOptions::default());
     // The package is installed (add_drv as pkg's driver action runs it).
     let out = sys
@@ -616,15 +623,17 @@ fn rvscsiadm_take_and_release_move_attached_controllers_at_a_reconfiguration_boo
         "{out}"
     );
     // The binding files say rvscsi; the attached controller stays with
-    // vioscsi until the reconfiguration boot, which take asked for.
+    // vioscsi until the next boot, which take asked for.
     assert_eq!(sys.alias_owner("pci1af4,1004").as_deref(), Some("rvscsi"));
     assert_eq!(sys.alias_owner("pci1af4,1048,p").as_deref(), Some("rvscsi"));
     assert_eq!(sys.node(TRANSITIONAL), ("vioscsi".into(), true));
     // The modern controller had no driver: rvscsi attached it at once.
     assert_eq!(sys.node(MODERN), ("rvscsi".into(), true));
     assert!(out.contains("state: rvscsi-after-reboot"), "{out}");
-    assert!(out.contains("reboot -- -r"), "{out}");
-    assert!(sys.path("reconfigure").exists(), "/reconfigure is set");
+    assert!(
+        out.contains("move to rvscsi at the next boot: reboot\n"),
+        "{out}"
+    );
 
     // Taking again changes nothing.
     let (rc, out) = sys.rvscsiadm(&["take"]);
@@ -634,7 +643,7 @@ fn rvscsiadm_take_and_release_move_attached_controllers_at_a_reconfiguration_boo
         "{out}"
     );
 
-    // The boot (plain: /reconfigure makes it a reconfiguration boot).
+    // A plain boot: every node is bound from driver_aliases at every boot.
     sys.boot(false);
     assert_eq!(sys.node(TRANSITIONAL), ("rvscsi".into(), true));
     assert_eq!(sys.node(MODERN), ("rvscsi".into(), true));
@@ -826,29 +835,40 @@ fn rvscsiadm_refuses_what_it_cannot_check_or_should_not_touch() {
 /// laid out from the sources, with the filled manifest (the pkg stand-in
 /// reads its driver action).
 fn package_archive(sys: &Sys) -> PathBuf {
+    package_archive_version(sys, env!("CARGO_PKG_VERSION"), "module\n")
+}
+
+/// The same, for the package version `version` with `module` as its
+/// kernel module.
+fn package_archive_version(sys: &Sys, version: &str, module: &str) -> PathBuf {
     let proto = std::env::temp_dir().join(format!(
-        "rvscsi-proto-{}",
+        "rvscsi-proto-{}-{version}",
         sys.dir.file_name().unwrap().to_string_lossy()
     ));
     let _ = std::fs::remove_dir_all(&proto);
-    write(&proto.join("kernel/drv/amd64/rvscsi"), "module\n");
+    write(&proto.join("kernel/drv/amd64/rvscsi"), module);
     for (src, dest) in [
         ("pkg/rvscsi.conf", "kernel/drv/rvscsi.conf"),
         ("pkg/rvscsiadm", "usr/sbin/rvscsiadm"),
         ("pkg/rvscsi.4D", "usr/share/man/man4d/rvscsi.4d"),
-        ("pkg/rvscsi.p5m", "rvscsi.p5m"),
     ] {
         write(
             &proto.join(dest),
             &std::fs::read_to_string(root().join(src)).unwrap(),
         );
     }
+    let manifest = std::fs::read_to_string(root().join("pkg/rvscsi.p5m"))
+        .unwrap()
+        .replace("$(PKGVERS)", version)
+        .replace("$(PKGBRANCH)", "0")
+        .replace("$(PKGPUBLISHER)", "rvscsi");
+    write(&proto.join("rvscsi.p5m"), &manifest);
     std::fs::set_permissions(
         proto.join("usr/sbin/rvscsiadm"),
         std::fs::Permissions::from_mode(0o555),
     )
     .unwrap();
-    let archive = sys.path("var/tmp/rvscsi-0.1.0.p5p");
+    let archive = sys.path(&format!("var/tmp/rvscsi-{version}.p5p"));
     let st = Command::new("tar")
         .arg("-cf")
         .arg(&archive)
@@ -885,8 +905,22 @@ fn passes(out: &str, steps: &[&str]) {
     assert!(!out.contains("FAIL"), "{out}");
 }
 
+/// The name of the BE booted now, and of the one active on the next boot
+/// (beadm list -H).
+fn boot_environments(sys: &Sys) -> (String, String) {
+    let out = sys.command("beadm").args(["list", "-H"]).output().unwrap();
+    let list = String::from_utf8_lossy(&out.stdout).to_string();
+    let with = |flag: char| {
+        list.lines()
+            .find(|l| l.split(';').nth(2).is_some_and(|f| f.contains(flag)))
+            .map(|l| l.split(';').next().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    (with('N'), with('R'))
+}
+
 #[test]
-fn the_runbook_runs_in_three_phases_with_a_reconfiguration_boot_between_them() {
+fn the_runbook_runs_in_four_phases_with_a_reboot_between_them() {
     let sys = Sys::new("runbook", SysOptions::default());
     let archive = package_archive(&sys);
 
@@ -897,25 +931,33 @@ fn the_runbook_runs_in_three_phases_with_a_reconfiguration_boot_between_them() {
         &out,
         &["environment", "install", "installed", "controllers", "take"],
     );
-    assert!(out.contains("next: reboot -- -r"), "{out}");
+    assert!(out.contains("next: reboot, then run again"), "{out}");
     assert!(!out.contains("attach"), "phase 2 waits for the boot: {out}");
     let a = archive.display();
     for want in [
         format!("pkg info -g {a} driver/storage/rvscsi"),
         format!("pkg install -v -g {a} driver/storage/rvscsi"),
         "add_drv -u -c scsi-self-identifying rvscsi".to_string(),
+        "devfsadm -u".to_string(),
+        "bootadm update-archive -R /".to_string(),
         "pkg verify -v driver/storage/rvscsi".to_string(),
         "update_drv -f -d -i '\"pci1af4,1004\"' vioscsi".to_string(),
         "update_drv -a -i '\"pci1af4,1004\" \"pci1af4,1048,p\"' rvscsi".to_string(),
     ] {
         assert!(has_call(&calls, &want), "{want}: {calls:#?}");
     }
+    // A new install of a reboot-needed file is done in place.
+    assert!(out.contains("PASS  install"), "{out}");
+    assert_eq!(
+        boot_environments(&sys),
+        ("omnios-r151054".into(), "omnios-r151054".into())
+    );
 
     // Run again before rebooting: it says so and changes nothing.
     let (rc, out, calls) = runbook(&sys, &archive);
     assert_eq!(rc, 1, "{out}");
     assert!(out.contains("FAIL  reboot"), "{out}");
-    assert!(out.contains("next: reboot -- -r"), "{out}");
+    assert!(out.contains("next: reboot, then run again"), "{out}");
     assert!(
         !calls
             .iter()
@@ -923,8 +965,10 @@ fn the_runbook_runs_in_three_phases_with_a_reconfiguration_boot_between_them() {
         "{calls:#?}"
     );
 
-    // Phase 2 after the reconfiguration boot.
-    sys.boot(true);
+    // Phase 2 after a plain reboot: the data, then the whole teardown on
+    // the kernel (modunload detaches every instance), the attach again
+    // and the same disks, then the release.
+    sys.boot(false);
     let (rc, out, calls) = runbook(&sys, &archive);
     assert_eq!(rc, 0, "{out}");
     passes(
@@ -936,39 +980,194 @@ fn the_runbook_runs_in_three_phases_with_a_reconfiguration_boot_between_them() {
             "choose-disk",
             "dd-write-read",
             "dtrace",
+            "detach",
+            "reattach",
+            "disks-again",
             "release",
         ],
     );
-    assert!(out.contains("next: reboot -- -r"), "{out}");
+    assert!(out.contains("next: reboot, then run again"), "{out}");
     assert!(!out.contains("PASS  install"), "{out}");
+    let pos = |want: &str| {
+        calls
+            .iter()
+            .position(|c| c.starts_with(want))
+            .unwrap_or_else(|| panic!("{want}: {calls:#?}"))
+    };
+    assert!(pos("format") < pos("modunload -i "), "{calls:#?}");
     assert!(
-        has_call(&calls, "format"),
-        "the disks come from format: {calls:#?}"
+        pos("modunload -i ") < pos("devfsadm -i rvscsi"),
+        "{calls:#?}"
     );
     assert!(
-        has_call(
-            &calls,
-            "update_drv -f -d -i '\"pci1af4,1004\" \"pci1af4,1048,p\"' rvscsi"
-        ),
+        pos("devfsadm -i rvscsi")
+            < pos("update_drv -f -d -i '\"pci1af4,1004\" \"pci1af4,1048,p\"' rvscsi"),
         "{calls:#?}"
     );
 
-    // Phase 3 after the next one: vioscsi again, and the package goes.
-    sys.boot(true);
+    // Phase 3 after the next reboot: vioscsi again, and the package goes,
+    // into a new boot environment: the running system keeps rvscsi.
+    sys.boot(false);
     let (rc, out, calls) = runbook(&sys, &archive);
     assert_eq!(rc, 0, "{out}");
     passes(
         &out,
-        &["environment", "unload", "vioscsi-again", "uninstall"],
+        &["environment", "not-loaded", "vioscsi-again", "uninstall"],
     );
-    assert!(has_call(&calls, "rem_drv -b / rvscsi"), "{calls:#?}");
+    let clone = sys.path(".be/mnt/omnios-r151054-1");
+    assert!(
+        has_call(&calls, &format!("rem_drv -b {} rvscsi", clone.display())),
+        "{calls:#?}"
+    );
+    assert!(
+        has_call(
+            &calls,
+            &format!("bootadm update-archive -R {}", clone.display())
+        ),
+        "{calls:#?}"
+    );
+    assert!(
+        !calls.iter().any(|c| c == "rem_drv -b / rvscsi"),
+        "{calls:#?}"
+    );
+    assert!(
+        out.contains("next: reboot (into the boot environment omnios-r151054-1)"),
+        "{out}"
+    );
+    assert!(sys.read("etc/name_to_major").contains("rvscsi 288"));
+    assert_eq!(
+        boot_environments(&sys),
+        ("omnios-r151054".into(), "omnios-r151054-1".into())
+    );
+
+    // Before that reboot: it says so, and does not uninstall again.
+    let (rc, out, calls) = runbook(&sys, &archive);
+    assert_eq!(rc, 1, "{out}");
+    assert!(out.contains("FAIL  reboot"), "{out}");
+    assert!(
+        !calls.iter().any(|c| c.starts_with("pkg uninstall")),
+        "{calls:#?}"
+    );
+
+    // Phase 4 in the new BE: rvscsi is gone, vioscsi has its controller.
+    sys.boot(false);
+    let (rc, out, _) = runbook(&sys, &archive);
+    assert_eq!(rc, 0, "{out}");
+    passes(&out, &["environment", "uninstalled", "vioscsi-final"]);
+    assert_eq!(
+        boot_environments(&sys),
+        ("omnios-r151054-1".into(), "omnios-r151054-1".into())
+    );
     assert_eq!(sys.alias_owner("pci1af4,1004").as_deref(), Some("vioscsi"));
     assert!(!sys.read("etc/name_to_major").contains("rvscsi"));
+    assert!(!sys.path("kernel/drv/amd64/rvscsi").exists());
+    assert_eq!(sys.node(TRANSITIONAL), ("vioscsi".into(), true));
     assert!(
         !sys.path("var/tmp/rvscsi-runbook.state").exists(),
         "the record is gone: a new run starts at phase 1"
     );
     let _ = std::fs::remove_file(&archive);
+}
+
+/// The runbook up to phase 2, run after the boot that take asked for.
+fn runbook_to_phase_2(sys: &Sys, archive: &Path) {
+    let (rc, out, _) = runbook(sys, archive);
+    assert_eq!(rc, 0, "{out}");
+    sys.boot(false);
+}
+
+#[test]
+fn the_runbook_fails_the_detach_when_rvscsi_warns_while_detaching() {
+    let sys = Sys::new("detach-warn", SysOptions::default());
+    let archive = package_archive(&sys);
+    runbook_to_phase_2(&sys, &archive);
+    // What the driver's dev_err(9F) puts in /var/adm/messages when the
+    // device does not finish its reset at detach.
+    write(
+        &sys.path(".kernel/detach-messages.rvscsi"),
+        "Dec  2 16:40:01 omnios rvscsi: [ID 107833 kern.warning] WARNING: rvscsi0: \
+         the device did not finish its reset (timed out): the memory it may still use is kept, not freed\n",
+    );
+    let (rc, out, _) = runbook(&sys, &archive);
+    assert_eq!(rc, 1, "{out}");
+    assert!(out.contains("FAIL  detach"), "{out}");
+    assert!(out.contains("rvscsi warned while detaching"), "{out}");
+    assert!(out.contains("kept, not freed"), "the log shows it: {out}");
+    let _ = std::fs::remove_file(&archive);
+}
+
+#[test]
+fn the_runbook_fails_the_detach_while_a_disk_behind_rvscsi_is_open() {
+    let sys = Sys::new("detach-busy", SysOptions::default());
+    let archive = package_archive(&sys);
+    runbook_to_phase_2(&sys, &archive);
+    // A disk behind the transitional controller is open (in a pool, say).
+    let nodes = sys.read(".kernel/nodes").replace(
+        &format!("{TRANSITIONAL} pci1af4,8 pci1af4,1004 rvscsi 1 0"),
+        &format!("{TRANSITIONAL} pci1af4,8 pci1af4,1004 rvscsi 1 1"),
+    );
+    assert!(nodes.contains("rvscsi 1 1"), "{nodes}");
+    write(&sys.path(".kernel/nodes"), &nodes);
+    let (rc, out, calls) = runbook(&sys, &archive);
+    assert_eq!(rc, 1, "{out}");
+    assert!(out.contains("FAIL  detach"), "{out}");
+    assert!(out.contains("Device busy"), "{out}");
+    assert!(
+        !has_call(&calls, "devfsadm -i rvscsi"),
+        "no reattach after a failed detach: {calls:#?}"
+    );
+    let _ = std::fs::remove_file(&archive);
+}
+
+#[test]
+fn the_runbook_reboots_into_the_new_be_when_the_install_is_an_update() {
+    let sys = Sys::new("update", SysOptions::default());
+    let old = package_archive_version(&sys, "0.0.9", "old module\n");
+    let out = sys
+        .command("pkg")
+        .args(["install", "-v", "-g"])
+        .arg(&old)
+        .arg("driver/storage/rvscsi")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("Create boot environment:  No"),
+        "a new install is in place: {}",
+        text(&out)
+    );
+    sys.take_calls();
+    let archive = package_archive(&sys);
+    let (rc, out, calls) = runbook(&sys, &archive);
+    assert_eq!(rc, 0, "{out}");
+    passes(&out, &["environment", "install"]);
+    assert!(
+        out.contains("next: reboot (into the boot environment omnios-r151054-1)"),
+        "{out}"
+    );
+    assert!(!out.contains("  take"), "{out}");
+    assert!(
+        !calls.iter().any(|c| c.starts_with("add_drv")),
+        "the driver action did not change: {calls:#?}"
+    );
+    // The running system still has the old module; the new BE the new.
+    assert_eq!(sys.read("kernel/drv/amd64/rvscsi"), "old module\n");
+    assert_eq!(
+        sys.read(".be/root/omnios-r151054-1/kernel/drv/amd64/rvscsi"),
+        "module\n"
+    );
+    // Run again before the reboot: no second BE.
+    let (rc, out, calls) = runbook(&sys, &archive);
+    assert_eq!(rc, 1, "{out}");
+    assert!(out.contains("FAIL  reboot"), "{out}");
+    assert!(!calls.iter().any(|c| c.starts_with("pkg install")));
+    // In the new BE the install is nothing to do, and phase 1 goes on.
+    sys.boot(false);
+    let (rc, out, _) = runbook(&sys, &archive);
+    assert_eq!(rc, 0, "{out}");
+    passes(&out, &["install", "installed", "controllers", "take"]);
+    let _ = std::fs::remove_file(&archive);
+    let _ = std::fs::remove_file(&old);
 }
 
 #[test]
@@ -1050,7 +1249,7 @@ fn the_stand_ins_keep_the_unfriendly_parts_of_illumos() {
         "the kernel kept it"
     );
     assert_eq!(sys.node(TRANSITIONAL), ("vioscsi".into(), true));
-    // ...and at the reconfiguration boot the controller has no driver.
+    // ...and at the next boot the controller has no driver.
     sys.boot(true);
     assert_eq!(sys.node(TRANSITIONAL), ("-".into(), false));
 
@@ -1106,4 +1305,134 @@ fn the_stand_ins_keep_the_unfriendly_parts_of_illumos() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(101), "{}", text(&out));
+}
+
+/// What pkg(1), rem_drv(8), modunload(8) and a boot do, as pkg5 and
+/// illumos-gate have them (see each stand-in's header for the source).
+#[test]
+fn the_stand_ins_model_boot_environments_detach_and_binding_at_boot() {
+    let sys = Sys::new("be", SysOptions::default());
+    let run = |prog: &str, args: &[&str]| {
+        let out = sys.command(prog).args(args).output().unwrap();
+        (out.status.code(), text(&out))
+    };
+    let archive = package_archive(&sys);
+    let a = archive.to_str().unwrap();
+
+    // A new install of a reboot-needed file: in place, no BE.
+    let (rc, out) = run("pkg", &["install", "-v", "-g", a, "driver/storage/rvscsi"]);
+    assert_eq!(rc, Some(0), "{out}");
+    assert!(out.contains("Create boot environment:  No"), "{out}");
+    assert!(!out.contains("New BE"), "{out}");
+    assert!(sys.read("etc/name_to_major").contains("rvscsi "));
+
+    // Binding at every boot: a plain boot (no -r, no /reconfigure) binds
+    // the controller from driver_aliases, whatever path_to_inst says.
+    assert!(!sys.path("reconfigure").exists());
+    assert!(sys.read("etc/path_to_inst").contains("\"vioscsi\""));
+    let (rc, out) = run(
+        "update_drv",
+        &["-f", "-d", "-i", "\"pci1af4,1004\"", "vioscsi"],
+    );
+    assert_eq!(rc, Some(0), "{out}");
+    let (rc, out) = run("update_drv", &["-a", "-i", "\"pci1af4,1004\"", "rvscsi"]);
+    assert_eq!(rc, Some(0), "{out}");
+    assert_eq!(sys.node(TRANSITIONAL), ("vioscsi".into(), true));
+    sys.boot(false);
+    assert_eq!(sys.node(TRANSITIONAL), ("rvscsi".into(), true));
+
+    // modunload: refused while a disk behind an instance is open (EBUSY);
+    // otherwise every instance detaches and stays bound; devfsadm -i
+    // attaches them again.
+    let id = sys
+        .read(".kernel/modules")
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("rvscsi"))
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .expect("rvscsi loaded");
+    let nodes = sys.read(".kernel/nodes");
+    write(
+        &sys.path(".kernel/nodes"),
+        &nodes.replace("rvscsi 1 0", "rvscsi 1 1"),
+    );
+    let (rc, out) = run("modunload", &["-i", &id]);
+    assert_eq!(rc, Some(1), "{out}");
+    assert!(out.contains("Device busy"), "{out}");
+    assert_eq!(sys.node(TRANSITIONAL), ("rvscsi".into(), true));
+    write(&sys.path(".kernel/nodes"), &nodes);
+    let (rc, out) = run("modunload", &["-i", &id]);
+    assert_eq!(rc, Some(0), "{out}");
+    assert_eq!(sys.node(TRANSITIONAL), ("rvscsi".into(), false));
+    assert!(!sys.read(".kernel/modules").contains("rvscsi"));
+    let (rc, out) = run("devfsadm", &["-i", "rvscsi"]);
+    assert_eq!(rc, Some(0), "{out}");
+    assert_eq!(sys.node(TRANSITIONAL), ("rvscsi".into(), true));
+
+    // rem_drv -b, even -b /, leaves the running kernel alone.
+    let (rc, out) = run("rem_drv", &["-b", "/", "vioblk"]);
+    assert_eq!(rc, Some(0), "{out}");
+    assert!(!sys.read("etc/name_to_major").contains("vioblk"));
+    assert!(sys.read(".kernel/aliases").contains("vioblk"));
+    assert_eq!(sys.node(ROOT_BLK), ("vioblk".into(), true));
+
+    // pkg uninstall of a reboot-needed file: a new BE, activated; the
+    // running system unchanged until the boot into it.
+    let (rc, out) = run("pkg", &["uninstall", "-v", "driver/storage/rvscsi"]);
+    assert_eq!(rc, Some(0), "{out}");
+    assert!(out.contains("Create boot environment: Yes"), "{out}");
+    assert!(out.contains("New BE: omnios-r151054-1"), "{out}");
+    assert!(sys.read("etc/name_to_major").contains("rvscsi "));
+    assert!(sys.path("kernel/drv/amd64/rvscsi").exists());
+    assert_eq!(
+        boot_environments(&sys),
+        ("omnios-r151054".into(), "omnios-r151054-1".into())
+    );
+    sys.boot(false);
+    assert!(!sys.read("etc/name_to_major").contains("rvscsi "));
+    assert!(!sys.path("kernel/drv/amd64/rvscsi").exists());
+    // rvscsi held the alias in the clone too: rem_drv dropped it, so the
+    // controller has no driver now (why the man page says release first).
+    assert_eq!(sys.node(TRANSITIONAL), ("-".into(), false));
+    // The BE it left is kept, with rvscsi in it.
+    assert!(
+        sys.read(".be/root/omnios-r151054/etc/name_to_major")
+            .contains("rvscsi ")
+    );
+    let _ = std::fs::remove_file(&archive);
+}
+
+/// install-deps.sh installs through illumos_pkg_install
+/// (pkg/kernel/illumos.sh): one place that knows pkg's exit 4.
+#[test]
+fn illumos_pkg_install_is_what_install_deps_uses() {
+    let sys = Sys::new("pkg-install", SysOptions::default());
+    let run = |pkgs: &str| {
+        let out = sys
+            .command("bash")
+            .arg("-c")
+            .arg(format!(
+                ". {}; illumos_pkg_install {pkgs}",
+                root().join("pkg/kernel/illumos.sh").display()
+            ))
+            .output()
+            .unwrap();
+        (out.status.code(), text(&out))
+    };
+    let (rc, out) = run("driver/storage/vioscsi");
+    assert_eq!(rc, Some(0), "exit 4 is success: {out}");
+    let (rc, out) = run("no/such/package");
+    assert_eq!(rc, Some(1), "{out}");
+    assert!(
+        out.contains("pkg install no/such/package failed (exit 1)"),
+        "{out}"
+    );
+    let script = std::fs::read_to_string(root().join("test/scripts/install-deps.sh")).unwrap();
+    assert!(
+        script.contains("illumos_pkg_install \"${need[@]}\""),
+        "install-deps.sh uses illumos_pkg_install"
+    );
+    assert!(
+        !script.contains("pkg install -v"),
+        "and has no pkg install of its own"
+    );
 }

@@ -438,6 +438,33 @@ fn the_man_page_covers_uninstalling_and_what_pkg_verify_reports() {
     assert!(pos("rvscsiadm Cm release") < pos("reboot"));
     assert!(pos("reboot") < pos("Cm uninstall"));
     assert!(uninstall.contains("rem_drv"), "{uninstall}");
+    // pkg uninstall removes a reboot-needed file, so it works in a new
+    // boot environment (pkg5 actuator.py reboot_needed()): the page says
+    // so, and that the reboot into it comes after the uninstall.
+    assert!(
+        pos("Cm uninstall") < uninstall.rfind(".Nm reboot").unwrap(),
+        "a reboot after pkg uninstall:\n{uninstall}"
+    );
+    let flat = uninstall.replace('\n', " ");
+    for needle in ["new boot environment", "reboot-needed", "New BE", "beadm"] {
+        assert!(flat.contains(needle), "{needle:?}:\n{uninstall}");
+    }
+    // Binding happens at every boot: no reconfiguration boot is asked
+    // for (devcfg.c bind_node at every boot).
+    assert!(!text.contains("/reconfigure"), "no /reconfigure");
+    assert!(!text.contains("Fl \\&- Fl r"), "no reboot -- -r");
+    // The interrupt vectors: one per queue only with MSI-X and IRM
+    // (apix); pcplusmp grants 2 MSI-X vectors (DDI_DEFAULT_MSIX_ALLOC,
+    // i_ddi_get_msix_alloc_limit in usr/src/uts/common/os/ddi_intr_impl.c).
+    let flat_all = text.replace('\n', " ");
+    assert!(
+        !flat_all.contains("each queue interrupts on its own vector"),
+        "not true without IRM"
+    );
+    assert!(
+        flat_all.contains("2 MSI-X vectors under pcplusmp"),
+        "the man page says what pcplusmp grants"
+    );
     let verify = section("Package verification");
     for needle in [
         "extra alias",

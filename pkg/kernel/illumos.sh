@@ -45,10 +45,17 @@ illumos_libclang_dir() {
 	echo "$best"
 }
 
-# pkg install that treats pkg(1)'s exit status 4, "nothing to do" (pkg5
-# client.py EXIT_NOP: everything named is installed already), as success.
+# pkg install -v PACKAGE...: pkg(1) exits 4 when there is nothing to do
+# (pkg5 client.py EXIT_NOP: everything named is installed already), which
+# is not a failure; any other failure is reported with its exit status.
+# pkg runs as root, through sudo when the caller is not root.
 illumos_pkg_install() {
-	local rc=0
-	pkg install -v "$@" || rc=$?
-	[ "$rc" -eq 0 ] || [ "$rc" -eq 4 ]
+	local rc=0 as_root=()
+	[ "$(id -u)" -eq 0 ] || as_root=(sudo)
+	"${as_root[@]}" pkg install -v "$@" || rc=$?
+	case "$rc" in
+	0 | 4) return 0 ;;
+	esac
+	echo "pkg install $* failed (exit $rc)" >&2
+	return 1
 }

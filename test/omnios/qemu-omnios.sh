@@ -48,7 +48,8 @@
 # developer/versioning/git, or copy the tree with scp -P 10022):
 #   ./test/omnios/runbook.sh --source <tree> --yes
 #   (or --p5p rvscsi-<version>.p5p built elsewhere), and again after each
-#   reconfiguration boot it asks for.
+#   reboot it asks for (a plain reboot: four phases, the last in the new
+#   boot environment that pkg uninstall makes).
 set -eu
 
 iso=""

@@ -2,9 +2,10 @@
 #
 # The rvscsi runbook: run as root inside an OmniOS virtual machine (see
 # test/omnios/qemu-omnios.sh for one laid out for it) to install rvscsi,
-# hand it the virtio-scsi controllers, use a disk behind one, give them
-# back and uninstall it. Prints PASS or FAIL for every step (with its log)
-# and exits non-zero when one failed.
+# hand it the virtio-scsi controllers, use a disk behind one, detach and
+# attach the driver again, give the controllers back and uninstall it.
+# Prints PASS or FAIL for every step (with its log) and exits non-zero
+# when one failed.
 #
 # Usage:
 #   runbook.sh (--p5p FILE | --source DIR) [--disk cXtYdZ] [--yes]
@@ -21,21 +22,30 @@
 #                 (reported as FAIL, so that an unattended run cannot pass
 #                 without them).
 #
-# illumos moves an attached controller to another driver only at a
-# reconfiguration boot (update_drv(8)), so the runbook has three phases
-# with such a boot between them. Run it with the same arguments after each
-# boot; it finds where it is from "rvscsiadm status" and its own record,
+# An attached controller keeps its driver until it detaches, and at every
+# boot the kernel binds each device from /etc/driver_aliases (update_drv(8);
+# bind_node() in usr/src/uts/common/os/devcfg.c), so the hand-over takes a
+# reboot; removing the package takes another, into the new boot environment
+# that pkg(1) makes for it. The runbook has four phases with a reboot
+# between them. Run it with the same arguments after each boot; it finds
+# where it is from "rvscsiadm status", pkg(1), beadm(8) and its own record,
 # and says what to do next:
 #   1. environment, build (with --source), install, installed, controllers,
-#      take                                   then: reboot -- -r
+#      take                                   then: reboot
 #   2. environment, attach, disks, choose-disk, dd-write-read, dtrace,
-#      release                                then: reboot -- -r
-#   3. environment, unload, vioscsi-again, uninstall
+#      detach, reattach, disks-again, release
+#                                             then: reboot
+#   3. environment, not-loaded, vioscsi-again, uninstall
+#                                             then: reboot (into the new BE)
+#   4. environment, uninstalled, vioscsi-final
 #
 # Logs of every step are kept in ${TMPDIR:-/var/tmp}/rvscsi-runbook.<time>/;
 # the record of the phases in /var/tmp/rvscsi-runbook.state (on disk, so
-# it outlives the reboots). RUNBOOK_ROOT (default /) is the root of the
-# system whose files are read, for the project's tests.
+# it outlives the reboots). A record written after pkg(1) cloned the boot
+# environment is not in the clone, so what a record says about a new BE is
+# checked against the BE that is booted (beadm list). RUNBOOK_ROOT
+# (default /) is the root of the system whose files are read, for the
+# project's tests.
 # shellcheck disable=SC2317 # the step functions are called through step()
 set -u
 
@@ -122,6 +132,7 @@ check_environment() {
 	uname -a
 	head -n 1 "$R/etc/release" 2>/dev/null
 	echo "hand-over state: $(handover_state)"
+	echo "boot environment: $(booted_be) (active on reboot: $(next_be))"
 }
 
 build_from_source() {
@@ -133,13 +144,41 @@ build_from_source() {
 	echo "built $p5p"
 }
 
+# The booted boot environment, and the one active on the next boot
+# (beadm list -H: "NAME;UUID;FLAGS;...", N booted, R next boot;
+# usr/src/cmd/beadm/beadm.c print_be_nodes).
+booted_be() {
+	beadm list -H 2>/dev/null | awk -F';' '$3 ~ /N/ { print $1; exit }'
+}
+next_be() {
+	beadm list -H 2>/dev/null | awk -F';' '$3 ~ /R/ { print $1; exit }'
+}
+
+# The BE that pkg(1) made, from its "New BE: NAME" line (pkg5 bootenv.py
+# activate_image), or nothing.
+new_be_of() {
+	sed -n 's/^New BE: *\([^ ]*\).*/\1/p' "$1" | tail -n 1
+}
+
 install_package() {
 	[ -f "$p5p" ] || { echo "no package archive $p5p"; return 1; }
 	pkg info -g "$p5p" driver/storage/rvscsi || return 1
-	local rc=0
-	pkg install -v -g "$p5p" driver/storage/rvscsi || rc=$?
+	local rc=0 be
+	pkg install -v -g "$p5p" driver/storage/rvscsi >"$logs/pkg-install.out" 2>&1 || rc=$?
+	cat "$logs/pkg-install.out"
 	# 4: nothing to do (already installed at this version; pkg5 EXIT_NOP).
-	[ "$rc" -eq 0 ] || [ "$rc" -eq 4 ]
+	[ "$rc" -eq 0 ] || [ "$rc" -eq 4 ] || return 1
+	# A new install is done in place. An update of the module (another
+	# version installed already) replaces a reboot-needed file, so pkg
+	# puts it in a new boot environment and leaves the running one as it
+	# was: the new version is there only after a reboot into it.
+	be=$(new_be_of "$logs/pkg-install.out")
+	if [ -n "$be" ]; then
+		[ "$(next_be)" = "$be" ] || { echo "pkg made BE $be but it is not active on reboot"; return 1; }
+		echo "install-new-be $be" >"$record"
+		echo "the update is in the new boot environment $be"
+	fi
+	return 0
 }
 
 check_installed() {
@@ -257,19 +296,86 @@ release_controllers() {
 	echo released >"$record"
 }
 
-unload_module() {
-	local id try
-	for try in 1 2 3 4 5; do
-		id=$(modinfo | awk '$6 == "rvscsi" { print $1 }')
-		[ -n "$id" ] || { echo "rvscsi is not loaded"; return 0; }
-		modunload -i "$id" && break
-		echo "modunload failed (try $try of 5)"
-		sleep 2
-	done
-	if modinfo | awk '$6 == "rvscsi"' | grep -q .; then
-		echo "rvscsi is still loaded (a disk behind it in use?)"
+rvscsi_module_id() {
+	modinfo | awk '$6 == "rvscsi" { print $1; exit }'
+}
+
+# The system log lines written since line $1 of /var/adm/messages (where
+# syslogd puts the kernel's messages; dmesg(8) prints the end of it).
+messages_since() {
+	tail -n +"$(($1 + 1))" "$R/var/adm/messages" 2>/dev/null
+}
+
+messages_lines() {
+	wc -l <"$R/var/adm/messages" 2>/dev/null || echo 0
+}
+
+# modunload runs the driver's whole teardown on the real kernel:
+# moduninstall() (usr/src/uts/common/os/modctl.c) detaches every instance
+# first (detach_driver: ndi_devi_unconfig_driver with NDI_DETACH_DRIVER,
+# which unconfigures the iport and its disks), answers EBUSY if one stays
+# attached, and only then calls _fini. No disk behind rvscsi is open here
+# (choose-disk refused pools and mounts, the dd steps have ended). The
+# system log must then hold no warning from rvscsi, in particular not
+# that the device did not finish its reset ("kept, not freed").
+detach_driver() {
+	local id before n
+	id=$(rvscsi_module_id)
+	[ -n "$id" ] || { echo "rvscsi is not loaded"; return 1; }
+	before=$(messages_lines)
+	modunload -i "$id" || { echo "modunload -i $id failed (a disk behind rvscsi in use?)"; return 1; }
+	sleep 1 # syslogd writes what the kernel logged
+	[ -z "$(rvscsi_module_id)" ] || { echo "rvscsi is still loaded"; return 1; }
+	n=$(attached_to rvscsi)
+	[ "$n" -eq 0 ] || { echo "$n controller(s) still attached to rvscsi"; return 1; }
+	prtconf -D | grep 'driver name: rvscsi'
+	messages_since "$before" >"$logs/detach-messages"
+	echo "system log while detaching:"
+	cat "$logs/detach-messages"
+	if grep -i 'rvscsi' "$logs/detach-messages" | grep -qi 'warning\|kept, not freed'; then
+		echo "rvscsi warned while detaching"
 		return 1
 	fi
+}
+
+# devfsadm -i loads the driver and attaches it to the nodes bound to it
+# (devfsadm(8)): the controllers and their disks come back.
+reattach_driver() {
+	local before
+	before=$(messages_lines)
+	devfsadm -i rvscsi || return 1
+	[ "$(attached_to rvscsi)" -gt 0 ] || { echo "no controller attached to rvscsi again"; return 1; }
+	modinfo | grep -w rvscsi || { echo "rvscsi is not loaded"; return 1; }
+	sleep 1
+	messages_since "$before"
+	if messages_since "$before" | grep -i 'rvscsi' | grep -qi 'warning'; then
+		echo "rvscsi warned while attaching"
+		return 1
+	fi
+}
+
+disks_again() {
+	cp "$logs/rvscsi-disks" "$logs/rvscsi-disks.before"
+	list_disks || return 1
+	if ! cmp -s "$logs/rvscsi-disks.before" "$logs/rvscsi-disks"; then
+		echo "the disks behind rvscsi differ from before the detach:"
+		diff "$logs/rvscsi-disks.before" "$logs/rvscsi-disks"
+		return 1
+	fi
+}
+
+# After the release and the reboot nothing binds rvscsi, so nothing loads
+# it.
+check_not_loaded() {
+	local n
+	n=$(attached_to rvscsi)
+	[ "$n" -eq 0 ] || { echo "$n controller(s) still attached to rvscsi"; return 1; }
+	if [ -n "$(rvscsi_module_id)" ]; then
+		modinfo | grep -w rvscsi
+		echo "rvscsi is still loaded"
+		return 1
+	fi
+	echo "rvscsi is not loaded"
 }
 
 back_to_vioscsi() {
@@ -282,30 +388,111 @@ back_to_vioscsi() {
 	prtconf -D | grep 'driver name: vioscsi'
 }
 
+# pkg uninstall removes the module, a reboot-needed file, so it runs in a
+# new boot environment (pkg5: actuator.py reboot_needed(), api.py
+# __set_be_creation): the clone is changed (its driver action runs
+# "rem_drv -b <clone>"), activated for the next boot, and the running
+# system keeps rvscsi until the reboot into it.
 uninstall_package() {
-	pkg uninstall -v driver/storage/rvscsi || return 1
+	local be
+	echo "uninstalling $(booted_be)" >"$record"
+	pkg uninstall -v driver/storage/rvscsi >"$logs/pkg-uninstall.out" 2>&1 || {
+		cat "$logs/pkg-uninstall.out"
+		return 1
+	}
+	cat "$logs/pkg-uninstall.out"
+	be=$(new_be_of "$logs/pkg-uninstall.out")
+	[ -n "$be" ] || { echo "pkg uninstall made no new boot environment"; return 1; }
+	[ "$be" != "$(booted_be)" ] || { echo "the new BE $be is the booted one"; return 1; }
+	[ "$(next_be)" = "$be" ] || { echo "the new BE $be is not active on reboot"; return 1; }
+	echo "uninstalled $be" >"$record"
+	echo "rvscsi is removed in the boot environment $be, active on reboot"
+}
+
+# After the reboot into the BE the uninstall made.
+check_uninstalled() {
+	local want
+	want=$(awk '$1 == "uninstalled" { print $2 }' "$record" 2>/dev/null)
+	echo "booted: $(booted_be)"
+	if [ -n "$want" ] && [ "$(booted_be)" != "$want" ]; then
+		echo "booted $(booted_be), not $want"
+		return 1
+	fi
+	if pkg list -q driver/storage/rvscsi; then
+		echo "driver/storage/rvscsi is still installed"
+		return 1
+	fi
 	if grep '^rvscsi ' "$R/etc/name_to_major"; then
 		echo "rvscsi is still in name_to_major"
 		return 1
 	fi
-	# The package's driver action runs rem_drv, which would have dropped
-	# any alias rvscsi still held: vioscsi must still have its own.
+	if grep '^rvscsi ' "$R/etc/driver_aliases"; then
+		echo "rvscsi still has aliases"
+		return 1
+	fi
+	for f in "$R/kernel/drv/amd64/rvscsi" "$R/kernel/drv/rvscsi.conf" "$rvscsiadm"; do
+		[ ! -e "$f" ] || { echo "$f is still there"; return 1; }
+	done
+	[ -z "$(rvscsi_module_id)" ] || { echo "rvscsi is loaded"; return 1; }
+}
+
+# The package's driver action ran rem_drv, which would have dropped any
+# alias rvscsi still held: vioscsi must have its own and its controller.
+check_vioscsi_final() {
 	grep '^vioscsi ' "$R/etc/driver_aliases" || { echo "vioscsi has lost its aliases"; return 1; }
-	rm -f "$record"
+	[ "$(attached_to vioscsi)" -gt 0 ] || { echo "no controller attached to vioscsi"; return 1; }
+	prtconf -D | grep 'driver name: vioscsi'
 }
 
 # ---- the run -------------------------------------------------------------
 
+waiting_for_reboot() {
+	results+=("FAIL  reboot  (not done yet: $1)")
+	failed=$((failed + 1))
+	finish "reboot, then run again: $again"
+}
+
 echo "rvscsi runbook; logs in $logs"
 step environment check_environment || finish
-phase_record=$(cat "$record" 2>/dev/null)
+read -r phase_record record_be 2>/dev/null <"$record" || true
+phase_record=${phase_record:-}
+record_be=${record_be:-}
+booted=$(booted_be)
+
+# A new boot environment waiting for its reboot (the record is in the BE
+# that wrote it; in the new BE it is absent or older, or, if /var/tmp is
+# shared by the BEs, names the BE that is now booted).
+case "$phase_record" in
+install-new-be)
+	if [ "$booted" != "$record_be" ]; then
+		echo "the updated package is in the boot environment $record_be"
+		waiting_for_reboot "into $record_be"
+	fi
+	rm -f "$record"
+	phase_record=""
+	;;
+uninstalled)
+	if [ "$booted" != "$record_be" ]; then
+		echo "rvscsi is removed in the boot environment $record_be"
+		waiting_for_reboot "into $record_be"
+	fi
+	;;
+esac
+
+if ! pkg list -q driver/storage/rvscsi 2>/dev/null &&
+    { [ "$phase_record" = uninstalling ] || [ "$phase_record" = uninstalled ]; }; then
+	echo "== phase 4: after the uninstall"
+	step uninstalled check_uninstalled
+	step vioscsi-final check_vioscsi_final
+	[ "$failed" -ne 0 ] || rm -f "$record"
+	finish
+fi
+
 state=$(handover_state)
 case "$state" in
 rvscsi-after-reboot | vioscsi-after-reboot)
-	echo "the hand-over waits for a reconfiguration boot ($state)"
-	results+=("FAIL  reboot  (not done yet)")
-	failed=$((failed + 1))
-	finish "reboot -- -r, then run again: $again"
+	echo "the hand-over waits for a reboot ($state)"
+	waiting_for_reboot "$state"
 	;;
 mixed)
 	"$rvscsiadm" status
@@ -315,23 +502,28 @@ mixed)
 	;;
 esac
 
-if [ "$state" != rvscsi ] && [ "$phase_record" != released ]; then
+if [ "$state" != rvscsi ] && [ "$phase_record" != released ] &&
+    [ "$phase_record" != uninstalling ]; then
 	echo "== phase 1: install and take"
 	if [ -n "$src" ]; then
 		step build build_from_source || finish
 	fi
 	step install install_package || finish
+	read -r phase_record record_be 2>/dev/null <"$record" || true
+	if [ "${phase_record:-}" = install-new-be ]; then
+		finish "reboot (into the boot environment $record_be), then run again: $again"
+	fi
 	step installed check_installed
 	step controllers find_controllers || finish
 	step take take_controllers || finish
 	if [ "$(handover_state)" != rvscsi ]; then
-		finish "reboot -- -r (a reconfiguration boot), then run again: $again"
+		finish "reboot, then run again: $again"
 	fi
 	state=rvscsi
 fi
 
 if [ "$state" = rvscsi ]; then
-	echo "== phase 2: use the disks, release"
+	echo "== phase 2: use the disks, detach and attach again, release"
 	step attach check_attached
 	data=0
 	if step disks list_disks && step choose-disk choose_disk; then
@@ -344,14 +536,19 @@ if [ "$state" = rvscsi ]; then
 		failed=$((failed + 1))
 	fi
 	step dtrace dtrace_probes
+	if step detach detach_driver; then
+		step reattach reattach_driver && step disks-again disks_again
+	fi
+	# rvscsi must be attached for release to leave it something to give
+	# back at the reboot; a failed reattach still releases.
 	step release release_controllers || finish
 	if [ "$(handover_state)" != vioscsi ]; then
-		finish "reboot -- -r (a reconfiguration boot), then run again: $again"
+		finish "reboot, then run again: $again"
 	fi
 fi
 
 echo "== phase 3: back to vioscsi, uninstall"
-step unload unload_module
-step vioscsi-again back_to_vioscsi
-step uninstall uninstall_package
-finish
+step not-loaded check_not_loaded
+step vioscsi-again back_to_vioscsi || finish
+step uninstall uninstall_package || finish
+finish "reboot (into the boot environment $(next_be)), then run again: $again"

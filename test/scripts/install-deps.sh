@@ -56,14 +56,10 @@ if [ "$(uname -s)" = SunOS ]; then
         need+=("$ILLUMOS_CLANG_PKG")
     fi
     if [ ${#need[@]} -gt 0 ]; then
-        # pkg(1) exits 4 when there is nothing to do (pkg5 client.py
-        # EXIT_NOP): not a failure.
-        rc=0
-        as_root pkg install -v "${need[@]}" || rc=$?
-        if [ "$rc" -ne 0 ] && [ "$rc" -ne 4 ]; then
-            echo "install-deps: pkg install ${need[*]} failed (exit $rc)" >&2
+        illumos_pkg_install "${need[@]}" || {
+            echo "install-deps: could not install ${need[*]}" >&2
             exit 1
-        fi
+        }
     fi
     libclang=$(illumos_libclang_dir) || {
         echo "install-deps: no libclang.so in /opt/ooce/llvm-*/lib after installing $ILLUMOS_CLANG_PKG" >&2

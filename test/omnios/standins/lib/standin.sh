@@ -114,3 +114,65 @@ standin_path_to_inst() {
 		echo "\"$path\" $n \"$drv\"" >>"$p2i"
 	done <"$standin_sys/.kernel/nodes"
 }
+
+# ---- boot environments ----------------------------------------------------
+# The files of the booted boot environment (BE) are the scratch root itself,
+# less what is not in a BE here: .kernel (the running kernel), .config (the
+# machine), .be (the other BEs), dev (the disks) and the call log. The
+# other BEs are whole copies in .be/root/NAME; .be/current names the booted
+# one, .be/next the one activated for the next boot (beadm's R flag), and
+# .be/list every BE, oldest first. var/tmp is in the BE: a file written
+# there after a clone is not in the clone (the stricter case for a script
+# that keeps a record across a reboot into a new BE).
+standin_be_excluded=" .kernel .config .be dev calls.log "
+
+standin_be_init() {
+	local be=$standin_sys/.be name
+	[ -f "$be/current" ] && return 0
+	mkdir -p "$be/root"
+	name=$(sed 's,.*/,,' "$standin_sys/.config/rootfs" 2>/dev/null)
+	echo "${name:-omnios}" >"$be/current"
+	cp "$be/current" "$be/next"
+	cp "$be/current" "$be/list"
+}
+
+standin_be_current() {
+	standin_be_init
+	cat "$standin_sys/.be/current"
+}
+
+# Copies the top-level entries of BE root $1 to directory $2.
+standin_be_copy_tree() {
+	local from=$1 to=$2 e n
+	mkdir -p "$to"
+	for e in "$from"/* "$from"/.[!.]*; do
+		[ -e "$e" ] || [ -L "$e" ] || continue
+		n=$(basename "$e")
+		case "$standin_be_excluded" in *" $n "*) continue ;; esac
+		cp -a "$e" "$to/"
+	done
+}
+
+# Moves the top-level BE entries of directory $1 to directory $2.
+standin_be_move_tree() {
+	local from=$1 to=$2 e n
+	mkdir -p "$to"
+	for e in "$from"/* "$from"/.[!.]*; do
+		[ -e "$e" ] || [ -L "$e" ] || continue
+		n=$(basename "$e")
+		case "$standin_be_excluded" in *" $n "*) continue ;; esac
+		mv "$e" "$to/"
+	done
+}
+
+# The name libbe's beCopy() gives a clone of the booted BE when pkg names
+# none: the booted BE's name with the next free "-N" (be_auto_be_name in
+# usr/src/lib/libbe/common/be_utils.c).
+standin_be_auto_name() {
+	local cur base n=1
+	cur=$(standin_be_current)
+	base=$cur
+	case "$cur" in *-[0-9]*) [ "${cur##*-}" -eq "${cur##*-}" ] 2>/dev/null && base=${cur%-*} ;; esac
+	while grep -qx "$base-$n" "$standin_sys/.be/list"; do n=$((n + 1)); done
+	echo "$base-$n"
+}
