@@ -98,9 +98,10 @@ pub struct Work {
     pub scan: [u64; 4],
     /// Reset the device.
     pub reset: bool,
-    /// Reap the request queues: a completion pass ran out of passes with
-    /// completions waiting (see `VioScsi::reap_as`).
-    pub reap: bool,
+    /// Request queues to reap (bit per queue, `io::queue_bit`): their
+    /// completion pass ran out of passes with completions waiting (see
+    /// `VioScsi::reap_as`).
+    pub reap_queues: u64,
     /// The iport is being detached: no discovery may start, one under way
     /// stops at the next target (its commands would hold the detach off).
     pub discovery_stopped: bool,
@@ -131,7 +132,7 @@ impl Work {
             !self.discovery_stopped && (self.discover || self.scan.iter().any(|&b| b != 0));
         discovery
             || self.reset
-            || self.reap
+            || self.reap_queues != 0
             || !self.task_requests.is_empty()
             || self.expired.iter().any(Option::is_some)
     }
@@ -195,11 +196,15 @@ impl VioScsi {
                 };
                 w.reset = false;
                 w.expired = [None; MAX_EXPIRED];
-                (taken, w.task_requests.take(), core::mem::take(&mut w.reap))
+                (
+                    taken,
+                    w.task_requests.take(),
+                    core::mem::take(&mut w.reap_queues),
+                )
             };
-            let ((reset, discover, scan, expired), task_requests, reap) = work;
-            if reap {
-                self.reap_handed_off();
+            let ((reset, discover, scan, expired), task_requests, reap_queues) = work;
+            if reap_queues != 0 {
+                self.reap_handed_off(reap_queues);
             }
             if reset {
                 self.reset_device("the device asked for it");

@@ -277,6 +277,11 @@ pub struct Stats {
     /// device may never interrupt for them): the queue went to the work
     /// task.
     pub rearm_handoffs: AtomicU64,
+    /// Request queues the work task reaped for a hand-off.
+    pub handoff_reaps: AtomicU64,
+    /// Every request queue the work task has reaped for a hand-off (bit
+    /// per queue): only queues that handed themselves on.
+    pub handoff_reaped_queues: AtomicU64,
     /// Request queues the watchdog found with completions that had waited
     /// a whole tick unconsumed, and reaped (an interrupt that never came).
     pub watchdog_reaps: AtomicU64,

@@ -25,7 +25,60 @@ const POLL_TIMEOUT_S: i64 = 60;
 /// pass empties the used ring (at most a ring's worth) and re-arms, and
 /// completions that keep landing meanwhile would otherwise hold an
 /// interrupt handler without bound.
-const REAP_PASSES: u32 = 4;
+pub(crate) const REAP_PASSES: u32 = 4;
+
+/// What a bounded reap does after a pass (see [`VioScsi::reap_as`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AfterPass {
+    /// The re-arm's re-check found nothing: the device will interrupt for
+    /// the next completion. Done.
+    Settled,
+    /// The re-check found more: another pass.
+    Again,
+    /// The re-check found more and no pass is left: hand the queue on.
+    HandOff,
+}
+
+/// The pass budget of one bounded reap: the decision after each pass,
+/// kept apart from the ring and lock work so that the ring's tests
+/// (`crate::virtio::ring`, `a_bounded_reap_with_hand_off_strands_nothing`)
+/// run the driver's own rule against an adversarial device.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ReapPasses {
+    left: u32,
+}
+
+impl ReapPasses {
+    /// A budget of `passes` passes (at least one).
+    pub(crate) const fn new(passes: u32) -> Self {
+        Self {
+            left: if passes == 0 { 1 } else { passes },
+        }
+    }
+
+    /// The decision after a pass whose re-arm re-check found completions
+    /// (`rearm_found_more`) or not. Returns [`AfterPass::Again`] at most
+    /// `passes - 1` times: a loop that runs until anything else comes back
+    /// is bounded by the budget.
+    pub(crate) fn after_pass(&mut self, rearm_found_more: bool) -> AfterPass {
+        if !rearm_found_more {
+            return AfterPass::Settled;
+        }
+        self.left -= 1;
+        if self.left == 0 {
+            AfterPass::HandOff
+        } else {
+            AfterPass::Again
+        }
+    }
+}
+
+/// The bit of request queue `qi` in a hand-off map (`Work::reap_queues`).
+/// Every request queue has one: `MAX_REQUEST_QUEUES` fits the map.
+pub(crate) const fn queue_bit(qi: usize) -> u64 {
+    const _: () = assert!(super::config::MAX_REQUEST_QUEUES <= u64::BITS);
+    1 << (qi % u64::BITS as usize)
+}
 
 /// Who reaps a ring, and so what it may do with what it finds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -402,11 +455,21 @@ impl VioScsi {
         self.reap_as(qi, Reaper::Free);
     }
 
-    /// The work task's part of a reap that ran out of passes: reaps every
-    /// request queue (thread context, no driver lock held). Bounded like
-    /// any reap; a queue that is still busy hands itself on again.
-    pub(crate) fn reap_handed_off(&self) {
+    /// The work task's part of a reap that ran out of passes: reaps the
+    /// request queues in `queues` (bits by [`queue_bit`]), those that
+    /// handed themselves on and no other (thread context, no driver lock
+    /// held). Bounded like any reap; a queue that is still busy hands
+    /// itself on again. Each queue reaped here is counted in
+    /// `handoff_reaps` and marked in `handoff_reaped_queues`.
+    pub(crate) fn reap_handed_off(&self, queues: u64) {
         for n in 0..self.queues.len() {
+            if queues & queue_bit(n) == 0 {
+                continue;
+            }
+            Stats::bump(&self.stats.handoff_reaps);
+            self.stats
+                .handoff_reaped_queues
+                .fetch_or(queue_bit(n), Ordering::Relaxed);
             self.reap(n);
         }
     }
@@ -500,7 +563,9 @@ impl VioScsi {
         let Some(q) = self.queues.get(qi) else {
             return;
         };
-        for _pass in 0..REAP_PASSES {
+        let mut passes = ReapPasses::new(REAP_PASSES);
+        // Bounded: `after_pass` ends it within REAP_PASSES passes.
+        loop {
             let mut own = CmdList::new();
             let mut runaway = false;
             let (more, first, parked) = {
@@ -577,14 +642,16 @@ impl VioScsi {
                 self.schedule_reset();
                 return;
             }
-            if !more {
-                return;
+            match passes.after_pass(more) {
+                AfterPass::Settled => return,
+                AfterPass::Again => {}
+                AfterPass::HandOff => break,
             }
         }
         // Out of passes with completions waiting that the device may never
-        // interrupt for: someone else must come back for them.
+        // interrupt for: someone else must come back for this queue.
         Stats::bump(&self.stats.rearm_handoffs);
-        self.schedule(|w| w.reap = true);
+        self.schedule(|w| w.reap_queues |= queue_bit(qi));
     }
 
     /// Ends a command the device returned (or that a reset took back):

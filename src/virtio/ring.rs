@@ -668,6 +668,7 @@ impl<M: SharedMem, T> Drop for ChainWriter<'_, M, T> {
 mod tests {
     use super::*;
     use crate::shmem::host::HostMem;
+    use crate::vioscsi::io::{AfterPass, REAP_PASSES, ReapPasses};
     use proptest::prelude::*;
     use std::collections::{HashMap, VecDeque};
     use std::vec;
@@ -1035,14 +1036,25 @@ mod tests {
         assert!(!q.used_waiting_since_last_look());
     }
 
-    /// The re-arm discipline of a bounded reap (`VioScsi::reap_as`) run
-    /// against a device that completes at any point, the re-arm window
-    /// included, with QEMU's notification rules: passes of "consume all,
-    /// re-arm, re-check", at most `passes`, then a hand-off (another reap
-    /// later, as the work task does). `hand_off: false` is the driver
-    /// without it. Returns the completions left waiting at the end with no
-    /// interrupt and no hand-off pending (the stall).
-    fn stranded_after_random_run(seed: u64, event_idx: bool, passes: u32, hand_off: bool) -> usize {
+    /// The re-arm discipline of a bounded reap run against a device that
+    /// completes at any point, the re-arm window included, with QEMU's
+    /// notification rules. Each reap makes passes of "consume all,
+    /// re-arm, re-check" on this ring and decides after each pass with the
+    /// driver's own rule (`io::ReapPasses`, which `VioScsi::reap_as` runs
+    /// with `REAP_PASSES`); on `HandOff` another reap comes later, as the
+    /// work task does for the queue (`hand_off: false` is a driver that
+    /// drops it instead). What this does not run is the rest of `reap_as`
+    /// (locks, completion to the target drivers, the work task itself):
+    /// test/sim/tests/async_device.rs runs that against the emulated
+    /// device. Returns the completions left waiting once the run has
+    /// settled (no interrupt, no hand-off pending, nothing at the device),
+    /// the stall; None if it did not settle within its bound.
+    fn stranded_after_random_run(
+        seed: u64,
+        event_idx: bool,
+        passes: u32,
+        hand_off: bool,
+    ) -> Option<usize> {
         let size = 16u16;
         let mut q = queue(size, event_idx);
         let mut dev = QemuDevice::new(size, event_idx);
@@ -1089,8 +1101,11 @@ mod tests {
             // An interrupt (or the hand-off's task) runs the reap.
             irq = false;
             handed_off = false;
-            let mut armed = false;
-            for _ in 0..passes {
+            let mut budget = ReapPasses::new(passes);
+            let mut passes_run = 0;
+            loop {
+                passes_run += 1;
+                assert!(passes_run <= passes.max(1), "the pass budget bounds a reap");
                 loop {
                     // The device may complete between any two looks.
                     if next() % 3 == 0 && !at_device.is_empty() {
@@ -1107,35 +1122,74 @@ mod tests {
                     let h = at_device.pop_front().unwrap();
                     irq |= dev.complete(q.mem(), u32::from(h));
                 }
-                if !q.enable_interrupts() {
-                    armed = true;
-                    break;
+                match budget.after_pass(q.enable_interrupts()) {
+                    AfterPass::Settled => break,
+                    AfterPass::Again => {}
+                    AfterPass::HandOff => {
+                        handed_off = hand_off;
+                        break;
+                    }
                 }
-            }
-            if !armed {
-                handed_off = hand_off;
             }
             if !draining {
                 submit(&mut q, &mut dev, &mut at_device, &mut token);
             }
         }
-        // Quiescent: no interrupt and no hand-off pending.
+        // Settled: no interrupt and no hand-off pending, nothing left to
+        // complete.
         if irq || handed_off || !at_device.is_empty() {
-            return 0; // the run did not settle in its bound: no verdict
+            return None;
         }
         let mut left = 0;
         while q.pop_used().is_some() {
             left += 1;
         }
-        left
+        Some(left)
+    }
+
+    /// Every run of `runs` settles (a run that does not would prove
+    /// nothing); how many stranded completions.
+    fn stalls_over(
+        seeds: core::ops::Range<u64>,
+        event_idx: bool,
+        passes: u32,
+        hand_off: bool,
+    ) -> usize {
+        let mut stalls = 0;
+        for seed in seeds {
+            match stranded_after_random_run(seed, event_idx, passes, hand_off) {
+                Some(left) => stalls += usize::from(left > 0),
+                None => panic!("seed {seed} did not settle within its bound: no verdict"),
+            }
+        }
+        stalls
     }
 
     #[test]
     fn without_the_hand_off_a_bounded_reap_strands_completions() {
-        let stalls = (1..200u64)
-            .filter(|&seed| stranded_after_random_run(seed, true, 4, false) > 0)
-            .count();
+        let stalls = stalls_over(1..200, true, REAP_PASSES, false);
         assert!(stalls > 0, "the adversarial schedule strands completions");
+    }
+
+    #[test]
+    fn the_drivers_pass_budget_with_its_hand_off_strands_nothing() {
+        assert_eq!(stalls_over(1..200, true, REAP_PASSES, true), 0);
+        assert_eq!(stalls_over(1..200, false, REAP_PASSES, true), 0);
+    }
+
+    #[test]
+    fn a_reap_budget_allows_exactly_its_passes() {
+        for passes in 0..6u32 {
+            let mut b = ReapPasses::new(passes);
+            let again = (0..10)
+                .take_while(|_| b.after_pass(true) == AfterPass::Again)
+                .count();
+            assert_eq!(again as u32, passes.max(1) - 1);
+            assert_eq!(
+                ReapPasses::new(passes).after_pass(false),
+                AfterPass::Settled
+            );
+        }
     }
 
     #[test]
@@ -1175,7 +1229,7 @@ mod tests {
             event_idx: bool,
             passes in 1u32..6,
         ) {
-            prop_assert_eq!(stranded_after_random_run(seed, event_idx, passes, true), 0);
+            prop_assert_eq!(stranded_after_random_run(seed, event_idx, passes, true), Some(0));
         }
     }
 

@@ -13,8 +13,15 @@
 //! which never interrupts that queue again; these tests fail (the load
 //! hangs until its bound) unless the driver then gets itself called again,
 //! and unless its watchdog reaps a queue that has completions waiting.
+//!
+//! The watchdog does not tick on its own clock here: the tests hold the
+//! machine's periodics (`rvscsi_emu::ddi::time::hold_periodics`) and fire
+//! the ticks themselves, so every assertion about the watchdog counts
+//! ticks and never depends on when a thread is scheduled. A load's time
+//! limit is only a hang guard.
 
 use rvscsi_emu::Backend;
+use rvscsi_emu::ddi::time::{PeriodicHold, fire_periodics, hold_periodics};
 use rvscsi_emu::memdev::{AsyncCompletions, Completions, MemoryMachine};
 use rvscsi_sim::load::{self, LoadConfig};
 use rvscsi_sim::testkit::{Driver, Rig, RigConfig};
@@ -66,18 +73,30 @@ fn driver_stats(rig: &Rig) -> &rvscsi::vioscsi::hba::Stats {
     }
 }
 
-/// A load that must finish long before any command's `pkt_time` (60 s):
-/// a command that waits for an interrupt that never comes hangs it until
-/// `limit`, instead of being rescued by the timeout ladder.
+/// A load whose only time limit is a hang guard: with the watchdog held
+/// no timeout is ever scanned for, so a command that waits for an
+/// interrupt that never comes hangs the load until `limit`, instead of
+/// being rescued by the timeout ladder.
 fn load_config(commands: usize, depth: usize) -> LoadConfig {
     LoadConfig {
         commands,
         depth,
         max_blocks: 16,
         pkt_time: 60,
-        limit: Duration::from_secs(20),
+        limit: Duration::from_secs(120),
         ..LoadConfig::default()
     }
+}
+
+/// Two watchdog ticks, fired and finished: a request queue whose
+/// completions waited unconsumed from one to the next is reaped by the
+/// second, and counted.
+fn two_watchdog_ticks(hold: &PeriodicHold) {
+    assert!(
+        fire_periodics(hold) >= 1,
+        "the driver's watchdog is registered"
+    );
+    fire_periodics(hold);
 }
 
 #[test]
@@ -85,6 +104,9 @@ fn completions_landing_in_every_rearm_window_never_leave_a_queue_silent() {
     let rig = memory_rig(1);
     let dev = device(&rig);
     let luns = rig.load_luns();
+    // No watchdog tick during the load: only the interrupts and the
+    // hand-off can serve the queue.
+    let hold = hold_periodics(&rig.bed().machine);
     dev.set_completions(Completions::Async(AsyncCompletions::racing_rearm()));
     let r = load::run(&luns, &load_config(400, 16), &load::only_good, &mut |_| {});
     let m = &rig.bed().machine;
@@ -109,11 +131,21 @@ fn completions_landing_in_every_rearm_window_never_leave_a_queue_silent() {
         handed_off > 0,
         "completion passes ran out with completions waiting, and said so"
     );
+    let stats = driver_stats(&rig);
+    let reaped = stats.handoff_reaps.load(Ordering::Relaxed);
+    assert!(
+        (1..=handed_off).contains(&reaped),
+        "the work task reaped the queue for its hand-offs ({reaped} reaps, {handed_off} hand-offs)"
+    );
+    // Nothing was left for the safety net: two ticks find no queue with
+    // completions that waited from one to the next.
+    two_watchdog_ticks(&hold);
     assert_eq!(
-        driver_stats(&rig).watchdog_reaps.load(Ordering::Relaxed),
+        stats.watchdog_reaps.load(Ordering::Relaxed),
         0,
         "the hand-off kept the queue served, not the watchdog's safety net"
     );
+    drop(hold);
     dev.set_completions(Completions::Inline);
     assert!(dev.errors().is_empty(), "device errors: {:?}", dev.errors());
     rig.finish_clean();
@@ -124,6 +156,7 @@ fn the_watchdog_reaps_a_request_queue_whose_interrupt_never_comes() {
     let rig = memory_rig(1);
     let dev = device(&rig);
     let luns = rig.load_luns();
+    let hold = hold_periodics(&rig.bed().machine);
     // The device publishes its completions but never signals the request
     // queue's vector (a lost MSI-X message, every time).
     dev.set_completions(Completions::Async(AsyncCompletions {
@@ -132,9 +165,15 @@ fn the_watchdog_reaps_a_request_queue_whose_interrupt_never_comes() {
         in_rearm_window: 0,
         signal: false,
     }));
-    let r = load::run(&luns, &load_config(12, 4), &load::only_good, &mut |_| {});
+    // The test is the clock: a watchdog tick between two polls of the
+    // load, as many as it takes.
+    let mut ticks = 0u64;
+    let r = load::run(&luns, &load_config(12, 4), &load::only_good, &mut |_| {
+        fire_periodics(&hold);
+        ticks += 1;
+    });
     eprintln!(
-        "completed {} of {} (hung {})",
+        "completed {} of {} (hung {}) in {ticks} watchdog ticks",
         r.completed, r.issued, r.hung
     );
     r.assert_clean("a request queue without interrupts");
@@ -143,6 +182,11 @@ fn the_watchdog_reaps_a_request_queue_whose_interrupt_never_comes() {
     assert_eq!(m.probes.count("rvscsi-cmd-timeout"), 0);
     let reaps = driver_stats(&rig).watchdog_reaps.load(Ordering::Relaxed);
     assert!(reaps >= 1, "the watchdog's reaps are counted ({reaps})");
+    assert!(
+        reaps <= ticks,
+        "one reap of the one queue per tick at most ({reaps} in {ticks})"
+    );
+    drop(hold);
     let warned = rig
         .log()
         .iter()
@@ -161,13 +205,52 @@ fn without_event_idx_completions_racing_the_rearm_are_served_too() {
     let rig = memory_rig_with(1, vec![("virtio-event-idx".into(), 0)]);
     let dev = device(&rig);
     let luns = rig.load_luns();
+    let hold = hold_periodics(&rig.bed().machine);
     dev.set_completions(Completions::Async(AsyncCompletions::racing_rearm()));
     let r = load::run(&luns, &load_config(200, 16), &load::only_good, &mut |_| {});
     r.assert_clean("completions racing the re-arm, without EVENT_IDX");
     assert_eq!(r.completed, 200);
     assert!(dev.stats.landed_in_rearm_window.load(Ordering::Relaxed) > 0);
     assert_eq!(rig.bed().machine.probes.count("rvscsi-cmd-timeout"), 0);
+    two_watchdog_ticks(&hold);
     assert_eq!(driver_stats(&rig).watchdog_reaps.load(Ordering::Relaxed), 0);
+    drop(hold);
+    dev.set_completions(Completions::Inline);
+    assert!(dev.errors().is_empty(), "device errors: {:?}", dev.errors());
+    rig.finish_clean();
+}
+
+#[test]
+fn a_hand_off_reaps_only_the_queue_that_ran_out_of_passes() {
+    // Two request queues; every command is started on CPU 1, so only
+    // queue 1 (the CPU's own, `queue_for_this_cpu`) has I/O and races its
+    // re-arm. The work task must reap queue 1 for its hand-offs, never
+    // queue 0.
+    let rig = memory_rig(2);
+    let dev = device(&rig);
+    let luns = rig.load_luns();
+    let hold = hold_periodics(&rig.bed().machine);
+    rvscsi_emu::ddi::cpu::run_on(1);
+    dev.set_completions(Completions::Async(AsyncCompletions::racing_rearm()));
+    let r = load::run(&luns, &load_config(300, 16), &load::only_good, &mut |_| {});
+    r.assert_clean("one of two queues racing its re-arm");
+    assert_eq!(r.completed, 300);
+    let stats = driver_stats(&rig);
+    let handed_off = stats.rearm_handoffs.load(Ordering::Relaxed);
+    assert!(handed_off > 0, "queue 1 ran out of passes ({handed_off})");
+    assert_eq!(
+        stats.handoff_reaped_queues.load(Ordering::Relaxed),
+        1 << 1,
+        "the work task reaped queue 1 and only queue 1"
+    );
+    let reaped = stats.handoff_reaps.load(Ordering::Relaxed);
+    assert!(
+        (1..=handed_off).contains(&reaped),
+        "one reap per hand-off at most ({reaped} reaps, {handed_off} hand-offs)"
+    );
+    two_watchdog_ticks(&hold);
+    assert_eq!(stats.watchdog_reaps.load(Ordering::Relaxed), 0);
+    drop(hold);
     dev.set_completions(Completions::Inline);
     assert!(dev.errors().is_empty(), "device errors: {:?}", dev.errors());
     rig.finish_clean();

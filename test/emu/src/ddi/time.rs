@@ -271,6 +271,112 @@ struct Periodic {
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<()>,
     machine: Option<Arc<Machine>>,
+    ticks: Arc<HeldTicks>,
+}
+
+/// A periodic's ticks while a test holds its machine's periodics
+/// ([`hold_periodics`]): how many the test asked for, how many ran.
+#[derive(Default)]
+struct HeldTicks {
+    counts: Mutex<(u64, u64)>,
+    changed: Condvar,
+}
+
+/// Machines (by address) whose periodics only tick when the test fires
+/// them ([`hold_periodics`]).
+static HELD_MACHINES: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+fn machine_key(m: &Arc<Machine>) -> usize {
+    Arc::as_ptr(m) as usize
+}
+
+fn is_held(m: Option<&Arc<Machine>>) -> bool {
+    m.is_some_and(|m| lock(&HELD_MACHINES).contains(&machine_key(m)))
+}
+
+/// While alive, the periodics of its machine run only when
+/// [`fire_periodics`] asks, one tick per call, instead of on their own
+/// clock. illumos never promises when a periodic runs (ddi_periodic_add(9F):
+/// "the exact time interval ... cannot be guaranteed"; level-0 handlers go
+/// through a task queue, usr/src/uts/common/os/ddi_periodic.c), so a test
+/// that decides when the ticks come is one schedule the kernel may
+/// produce, and its assertions then count ticks instead of racing a clock.
+/// Dropping it gives the periodics back their clock.
+#[must_use = "the periodics tick on their own again when this is dropped"]
+pub struct PeriodicHold {
+    machine: Arc<Machine>,
+}
+
+/// Holds `m`'s periodics (see [`PeriodicHold`]), those added later too.
+/// A tick already running finishes; none starts on its own after this
+/// returns.
+pub fn hold_periodics(m: &Arc<Machine>) -> PeriodicHold {
+    let mut held = lock(&HELD_MACHINES);
+    if !held.contains(&machine_key(m)) {
+        held.push(machine_key(m));
+    }
+    drop(held);
+    // A tick that had already passed its hold check runs to completion
+    // first: wait until every periodic of `m` is between ticks.
+    for p in machine_periodics(m) {
+        let _c = lock(&p.counts);
+    }
+    PeriodicHold { machine: m.clone() }
+}
+
+impl Drop for PeriodicHold {
+    fn drop(&mut self) {
+        let key = machine_key(&self.machine);
+        lock(&HELD_MACHINES).retain(|&k| k != key);
+        for p in machine_periodics(&self.machine) {
+            p.changed.notify_all();
+        }
+    }
+}
+
+fn machine_periodics(m: &Arc<Machine>) -> Vec<Arc<HeldTicks>> {
+    lock(&PERIODICS)
+        .get_or_insert_with(HashMap::new)
+        .values()
+        .filter(|p| p.machine.as_ref().is_some_and(|pm| Arc::ptr_eq(pm, m)))
+        .map(|p| p.ticks.clone())
+        .collect()
+}
+
+/// How long [`fire_periodics`] waits for a tick before it calls the test
+/// hung: a hang guard, far beyond any tick's run time.
+const FIRE_GUARD: Duration = Duration::from_secs(120);
+
+/// Runs one tick of each of `hold`'s machine's periodics, each on its own
+/// thread as the kernel would, and returns once they have all finished;
+/// the number of periodics that ticked. Panics (the test is hung) if one
+/// does not finish within a generous guard.
+pub fn fire_periodics(hold: &PeriodicHold) -> usize {
+    let all = machine_periodics(&hold.machine);
+    let mut targets = Vec::with_capacity(all.len());
+    for p in &all {
+        let mut c = lock(&p.counts);
+        c.0 += 1;
+        targets.push(c.0);
+        p.changed.notify_all();
+    }
+    for (p, target) in all.iter().zip(targets) {
+        let start = Instant::now();
+        let mut c = lock(&p.counts);
+        while c.1 < target {
+            let left = FIRE_GUARD.saturating_sub(start.elapsed());
+            assert!(
+                !left.is_zero(),
+                "a held periodic's tick did not finish within {FIRE_GUARD:?}"
+            );
+            c = p
+                .changed
+                .wait_timeout(c, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+    all.len()
 }
 
 static PERIODICS: Mutex<Option<HashMap<u64, Periodic>>> = Mutex::new(None);
@@ -295,7 +401,8 @@ pub extern "C" fn ddi_periodic_add(
         bump(&m.live.periodics, 1);
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let (s2, m2, a) = (stop.clone(), m.clone(), arg as usize);
+    let ticks = Arc::new(HeldTicks::default());
+    let (s2, m2, a, t2) = (stop.clone(), m.clone(), arg as usize, ticks.clone());
     let interval = Duration::from_nanos(interval.max(1_000_000) as u64);
     let thread = std::thread::Builder::new()
         .name("emu-periodic".into())
@@ -303,8 +410,32 @@ pub extern "C" fn ddi_periodic_add(
             let _g = m2.as_ref().map(set_current);
             let mut next = Instant::now() + interval;
             while !s2.load(Ordering::Acquire) {
+                // Held (a test fires the ticks): the hold check and the
+                // tick happen under the tick counts' lock, so that
+                // hold_periodics can wait out a tick that has begun.
+                let mut c = lock(&t2.counts);
+                if is_held(m2.as_ref()) {
+                    if c.1 < c.0 {
+                        {
+                            let _m = crate::meter::driver();
+                            // SAFETY: registered by the driver;
+                            // ddi_periodic_delete joins this thread before
+                            // returning.
+                            unsafe { func(a as *mut c_void) };
+                        }
+                        c.1 += 1;
+                        t2.changed.notify_all();
+                    } else {
+                        // Woken by a fire, a release or (to see a stop)
+                        // every few milliseconds.
+                        let _ = t2.changed.wait_timeout(c, Duration::from_millis(5));
+                    }
+                    next = Instant::now() + interval;
+                    continue;
+                }
                 let now = Instant::now();
                 if now < next {
+                    drop(c);
                     std::thread::park_timeout((next - now).min(Duration::from_millis(5)));
                     continue;
                 }
@@ -315,6 +446,9 @@ pub extern "C" fn ddi_periodic_add(
                     // joins this thread before returning.
                     unsafe { func(a as *mut c_void) };
                 }
+                // The tick counts' lock (`c`) is held over the tick, so a
+                // hold waits for it.
+                drop(c);
             }
         })
         .expect("a periodic thread");
@@ -324,6 +458,7 @@ pub extern "C" fn ddi_periodic_add(
             stop,
             thread,
             machine: m,
+            ticks,
         },
     );
     id as ddi_periodic_t
@@ -349,5 +484,57 @@ pub extern "C" fn ddi_periodic_delete(req: ddi_periodic_t) {
     let _ = p.thread.join();
     if let Some(m) = &p.machine {
         bump(&m.live.periodics, -1);
+    }
+}
+
+#[cfg(test)]
+mod periodic_hold_tests {
+    use super::*;
+    use crate::machine::{Backend, MachineConfig, VirtioPci};
+
+    static TICKS: AtomicU64 = AtomicU64::new(0);
+
+    extern "C" fn count_tick(_arg: *mut c_void) {
+        TICKS.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Waits (bounded: a hang guard) until the periodic has ticked past
+    /// `at_least` on its own clock.
+    fn ticks_on_its_own_past(at_least: u64) {
+        let start = Instant::now();
+        while TICKS.load(Ordering::SeqCst) <= at_least {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the periodic never ticked on its own"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_held_periodic_ticks_only_when_fired() {
+        let mut config = MachineConfig::virtio_scsi(Vec::new());
+        config.backend = Backend::Memory;
+        config.virtio = VirtioPci::ModernOnly;
+        let m = Machine::launch(config).expect("an in-memory machine");
+        let _current = set_current(&m);
+        let id = ddi_periodic_add(count_tick, core::ptr::null_mut(), 1_000_000, 0);
+        ticks_on_its_own_past(0);
+        let hold = hold_periodics(&m);
+        let held_at = TICKS.load(Ordering::SeqCst);
+        // Many intervals of the periodic's own clock pass: none ticks.
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(TICKS.load(Ordering::SeqCst), held_at, "no tick while held");
+        assert_eq!(fire_periodics(&hold), 1, "the one periodic of the machine");
+        assert_eq!(
+            TICKS.load(Ordering::SeqCst),
+            held_at + 1,
+            "one tick per fire"
+        );
+        assert_eq!(fire_periodics(&hold), 1);
+        assert_eq!(TICKS.load(Ordering::SeqCst), held_at + 2);
+        drop(hold);
+        ticks_on_its_own_past(held_at + 2);
+        ddi_periodic_delete(id);
     }
 }
