@@ -581,7 +581,7 @@ impl VioScsi {
         let stopped = self.transport.reset();
         // The device no longer touches the rings: take everything back.
         let mut taken = CmdList::new();
-        for q in &self.queues {
+        for q in self.queues.iter() {
             let mut g = q.ring.lock();
             g.ring.reclaim_all(|c| taken.push(c));
             g.kick_pending = false;
