@@ -20,7 +20,7 @@ use crate::scsa::addr::{ReportedUnitAddresses, SingleLevelLun, child_of_unit_add
 use crate::scsa::cap::{self, Cap};
 use crate::scsa::pkt::Pkt;
 use crate::vioscsi::cmd::Cmd;
-use crate::vioscsi::hba::{Callbacks, VectorRole};
+use crate::vioscsi::hba::{Callbacks, OwnedHba, VectorRole};
 use crate::vioscsi::recovery::ResetLevel;
 use crate::vioscsi::{Lun, VioScsi};
 use alloc::boxed::Box;
@@ -86,17 +86,21 @@ unsafe fn lun_of_addr(ap: *mut scsi_address) -> Option<Lun> {
 /// The command state in a packet's HBA private area.
 ///
 /// # Safety
-/// `pkt` must be null or a valid packet of our packet cache, whose
-/// `pkt_ha_private` (set by the framework) points at `tran_hba_len` bytes.
+/// `pkt` must be null or a valid packet of our packet cache (one the
+/// framework made with this HBA's `tran_hba_len`), alive for `'a`, whose
+/// `pkt_ha_private` (set by the framework) points at those bytes.
 unsafe fn cmd_of_pkt<'a>(pkt: *const scsi_pkt) -> Option<&'a Cmd> {
     if pkt.is_null() {
         return None;
     }
     // SAFETY: valid packet (caller).
     let p = unsafe { (*pkt).pkt_ha_private } as *const Cmd;
-    // SAFETY: pkt_ha_private is null or points at the packet's
-    // tran_hba_len bytes (caller), alive with the packet; from_raw checks
-    // the magic word before it forms a reference.
+    // SAFETY: a packet of our cache (caller): pkt_ha_private is its
+    // tran_hba_len bytes, which our constructor initialized as a Cmd and
+    // which stay allocated with the packet, so from_raw's contract holds.
+    // Soundness rests on that promise; the magic word from_raw checks only
+    // catches a corrupted or destroyed command, it does not validate
+    // arbitrary memory.
     unsafe { Cmd::from_raw(p) }
 }
 
@@ -113,7 +117,9 @@ pub unsafe extern "C" fn rvscsi_hba_attach(dip: *mut dev_info_t) -> *mut c_void 
         return core::ptr::null_mut();
     };
     match VioScsi::attach(dip, callbacks()) {
-        Ok(hba) => Box::into_raw(hba).cast(),
+        // The shim keeps the address (tran_hba_private) until
+        // rvscsi_hba_detach takes ownership back.
+        Ok(hba) => hba.into_raw().cast(),
         Err(e) => {
             dev_warn!(dip, "attach failed: {e}");
             core::ptr::null_mut()
@@ -175,20 +181,29 @@ pub unsafe extern "C" fn rvscsi_hba_detach_ready(hba: *const c_void) -> c_int {
 /// flight.
 ///
 /// # Safety
-/// `hba` from [`rvscsi_hba_attach`], not used by anyone else any more (the
-/// framework detached every child and the iport).
+/// `hba` from [`rvscsi_hba_attach`] and not detached yet (on success it
+/// is freed: the caller must not use it again); no entry point of the
+/// framework uses it any more (it detached every child and the iport).
+/// The driver's own callbacks (interrupts, IRM, watchdog, work task) may
+/// still be running: the teardown stops them before it frees anything.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn rvscsi_hba_detach(hba: *mut c_void) -> c_int {
     if hba.is_null() {
         return ffi::DDI_FAILURE;
     }
-    // SAFETY: made by Box::into_raw in rvscsi_hba_attach (caller).
-    let hba = unsafe { Box::from_raw(hba.cast::<VioScsi>()) };
+    // SAFETY: made by OwnedHba::into_raw in rvscsi_hba_attach and not
+    // taken back since (caller): this is its one owner. No Box or `&mut`
+    // to the HBA is made here: the owner stops it through a shared
+    // reference (interrupt handlers, the IRM callback, the watchdog and the
+    // work task may still be using it) and frees it only after.
+    let Some(hba) = (unsafe { OwnedHba::from_raw(hba.cast::<VioScsi>()) }) else {
+        return ffi::DDI_FAILURE;
+    };
     match hba.detach() {
         Ok(()) => ffi::DDI_SUCCESS,
         Err(hba) => {
-            // Still attached: give the pointer back to the shim's tran.
-            let _ = Box::into_raw(hba);
+            // Still attached: the shim's tran keeps the address.
+            let _ = hba.into_raw();
             ffi::DDI_FAILURE
         }
     }
@@ -622,8 +637,10 @@ pub unsafe extern "C" fn rvscsi_tran_setcap(
 /// The interrupt handler (`ddi_intr_handler_t`): arg1 the HBA, arg2 the
 /// vector's role.
 unsafe extern "C" fn rvscsi_intr(arg1: caddr_t, arg2: caddr_t) -> uint_t {
-    // SAFETY: arg1 is the boxed HBA registered in VioScsi::attach; detach
-    // removes the handlers before freeing it.
+    // SAFETY: arg1 is the HBA registered in VioScsi::attach (its
+    // OwnedHba address); the teardown removes the handlers (waiting for a
+    // running one) before the HBA is freed. Only a shared reference is
+    // made: other handlers and the teardown use the HBA at the same time.
     match unsafe { arg1.cast::<VioScsi>().as_ref() } {
         Some(hba) => hba.interrupt(VectorRole::decode(arg2 as usize)),
         None => ffi::DDI_INTR_UNCLAIMED,
@@ -648,8 +665,9 @@ unsafe extern "C" fn rvscsi_irm(
     let Some(link) = (unsafe { arg1.cast::<crate::ddi::intr::IrmLink>().as_ref() }) else {
         return ffi::DDI_FAILURE;
     };
-    // SAFETY: the owner is the boxed HBA, set after it was built and valid
-    // until detach has unregistered the callback, before freeing it.
+    // SAFETY: the owner is the HBA (its OwnedHba address), set after it was
+    // built and valid until the teardown has unregistered the callback,
+    // before it is freed; only a shared reference is made.
     match unsafe { link.owner().cast::<VioScsi>().as_ref() } {
         Some(hba) => hba.irm_changed(change),
         // Still attaching: an ADD need not be taken; a REMOVE cannot be

@@ -81,11 +81,6 @@ impl TaskQueue {
         self.closed.store(true, Ordering::Release);
     }
 
-    /// Whether [`TaskQueue::close`] was called.
-    pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
-    }
-
     /// Waits until every queued task has run (`ddi_taskq_wait(9F)`;
     /// taskq_wait in usr/src/uts/common/os/taskq.c waits until the queue is
     /// empty and no task is active, so tasks queued by running tasks are

@@ -190,11 +190,17 @@ impl Cmd {
         self.magic == MAGIC
     }
 
-    /// The command at `p`, if the memory there holds a live one. The magic
-    /// word is checked first, by one raw load that forms no reference; only
-    /// memory that passes becomes a `&Cmd` (a reference asserts that a
-    /// valid `Cmd` is there, so it must not come first). Cheap: one aligned
-    /// load and a compare, for the I/O path.
+    /// The command at `p`, if the magic word there says it is a live one.
+    /// The word is read first, through the raw pointer, and only then is a
+    /// `&Cmd` formed: a reference asserts that a valid `Cmd` is there, so
+    /// it must not come before the check. Cheap: one aligned load and a
+    /// compare, for the I/O path.
+    ///
+    /// The magic word is a corruption check (a destroyed command, a stray
+    /// pointer into a packet of ours), not a validation of arbitrary
+    /// memory: soundness comes from the caller's promise below, that `p`
+    /// is the HBA private area of a packet of our cache (entry.rs
+    /// `cmd_of_pkt`), which our constructor initialized.
     ///
     /// # Safety
     /// `p` must be null or point at `size_of::<Cmd>()` initialized bytes
@@ -206,11 +212,16 @@ impl Cmd {
         if p.is_null() || !p.is_aligned() {
             return None;
         }
-        // SAFETY: `p` is aligned (checked) and points at readable bytes
-        // (caller); `magic` is at offset 0 (asserted below). The volatile
-        // load keeps the compiler from assuming a `Cmd` is there before the
-        // check says so.
-        let magic = unsafe { core::ptr::addr_of!((*p).magic).read_volatile() };
+        // SAFETY: `p` is aligned (checked) and points at initialized
+        // readable bytes (caller); `magic` is at offset 0 (asserted above,
+        // after the struct). `addr_of!` forms no reference. A plain read
+        // suffices: what matters is that no `&Cmd` exists before the check.
+        // No data race: our destructor (which writes `magic = 0`) runs
+        // only when the framework frees the packet, and kmem gives each
+        // object to one owner at a time (kmem_cache_alloc(9F) hands an
+        // object out once until kmem_cache_free), so it cannot run while
+        // the packet's owner calls an entry point with it.
+        let magic = unsafe { core::ptr::addr_of!((*p).magic).read() };
         if magic != MAGIC {
             return None;
         }

@@ -27,7 +27,8 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::ffi::c_void;
 use core::mem::ManuallyDrop;
-use core::sync::atomic::{AtomicU8, AtomicU16, AtomicU64, Ordering};
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, AtomicU64, Ordering};
 
 /// Largest ring the driver sets up (modern devices let the driver choose;
 /// legacy ones impose theirs).
@@ -343,10 +344,12 @@ pub struct VioScsi {
     /// registers (both go through `queue_select`): device (re)activation
     /// and the IRM callback's re-routing.
     routing: KMutex<()>,
-    /// The request queues. This and `ctl`, `evt` hold the memory the
-    /// device reads and writes: freed only once the device is known to be
-    /// stopped, else kept (see [`VioScsi::teardown`]).
-    pub(crate) queues: Vec<RequestQueue>,
+    /// The request queues. This, `ctl`, `evt` and `probe` hold all the
+    /// memory the HBA owns that the device reads or writes (rings, event
+    /// buffers, the probe command's headers): each is a `ManuallyDrop`
+    /// that only [`VioScsi::free_device_memory`] drops, and only once the
+    /// device is known to be stopped (else it is kept, see `Drop`).
+    pub(crate) queues: ManuallyDrop<Vec<RequestQueue>>,
     /// Per CPU (seqid modulo [`REAP_HINTS`]): 1 + the request queue whose
     /// completions that CPU is delivering, 0 when none. A command a target
     /// driver starts from its completion callback goes to that queue, so
@@ -363,9 +366,14 @@ pub struct VioScsi {
     pub(crate) taskq: Option<TaskQueue>,
     watchdog: KMutex<Option<Periodic>>,
     pub(crate) tgtmap: KMutex<Option<TargetMap>>,
-    /// The command used for the driver's own probes (TEST UNIT READY).
-    pub(crate) probe: KMutex<Box<Cmd>>,
+    /// The command used for the driver's own probes (TEST UNIT READY);
+    /// device-visible memory like `queues`.
+    pub(crate) probe: ManuallyDrop<KMutex<Box<Cmd>>>,
     pub(crate) callbacks: Callbacks,
+    /// Set by [`VioScsi::teardown`] once the device finished a reset with
+    /// nothing able to bring it back: only then may `Drop` free the
+    /// device-visible memory.
+    device_stopped: AtomicBool,
     /// Counters.
     pub stats: Stats,
 }
@@ -405,8 +413,9 @@ fn ring_size(t: &Transport, q: u16) -> Result<u16, AttachError> {
 impl VioScsi {
     /// Attaches to the virtio-scsi device at `dip`: everything up to a
     /// running device with interrupts enabled. The result must not move
-    /// (interrupt handlers hold its address): it is boxed.
-    pub fn attach(dip: Dip, callbacks: Callbacks) -> Result<Box<VioScsi>, AttachError> {
+    /// (interrupt handlers hold its address): it lives on the heap, held
+    /// by an [`OwnedHba`].
+    pub fn attach(dip: Dip, callbacks: Callbacks) -> Result<OwnedHba, AttachError> {
         let tun = Tunables::read(dip);
         let pci = PciConfig::open(dip)?;
         let (vendor, device) = pci.ids();
@@ -419,7 +428,8 @@ impl VioScsi {
         let mut transport = Transport::open(dip, &pci, tun.transport, CONFIG_LEN)?;
 
         // virtio 1.2 §3.1.1: reset, ACKNOWLEDGE, DRIVER, features.
-        transport.reset()?;
+        // attach(9E) runs in thread context: the wait may sleep.
+        transport.reset_sleeping()?;
         transport.set_status(Status::ACKNOWLEDGE);
         transport.add_status(Status::DRIVER);
         let offered = transport.device_features();
@@ -539,7 +549,7 @@ impl VioScsi {
         let probe = Box::new(Cmd::new(dip, &layout, Sleep::Yes)?);
         let taskq = TaskQueue::create(dip, c"rvscsi_work")?;
 
-        let hba = Box::new(VioScsi {
+        let hba = OwnedHba::new(VioScsi {
             dip,
             _pci: pci,
             transport,
@@ -552,7 +562,7 @@ impl VioScsi {
             intr: KMutex::new(interrupts, 0),
             msix_vectors: AtomicU16::new(msix_vectors),
             routing: KMutex::new((), pri),
-            queues,
+            queues: ManuallyDrop::new(queues),
             ctl: ManuallyDrop::new(KMutex::new(ctl, 0)),
             evt: ManuallyDrop::new(KMutex::new(evt, pri)),
             next_tag: AtomicU64::new(1),
@@ -562,33 +572,41 @@ impl VioScsi {
             taskq: Some(taskq),
             watchdog: KMutex::new(None, 0),
             tgtmap: KMutex::new(None, 0),
-            probe: KMutex::new(probe, 0),
+            probe: ManuallyDrop::new(KMutex::new(probe, 0)),
             callbacks,
+            device_stopped: AtomicBool::new(false),
             stats: Stats::default(),
         });
-        // The IRM callback may now reach the HBA (it is boxed: the address
-        // holds until detach unregisters the callback).
-        if let Some(i) = hba.intr.lock().as_ref() {
-            i.link_irm(&*hba as *const VioScsi as *mut c_void);
+        // The IRM callback may now reach the HBA (its address holds until
+        // the teardown unregisters the callback, before it is freed).
+        if let Some(i) = hba.get().intr.lock().as_ref() {
+            i.link_irm(hba.as_ptr().cast());
         }
-        if let Err(e) = hba.start_interrupts().and_then(|()| hba.activate()) {
+        let started = {
+            let h = hba.get();
+            h.start_interrupts().and_then(|()| h.activate())
+        };
+        if let Err(e) = started {
             // activate() may have handed the rings to the device (and
-            // DRIVER_OK): dropping `hba` runs the teardown of
-            // `impl Drop for VioScsi`, which resets the device before its
-            // memory is freed. (Every earlier return above frees memory
-            // the device was never told about: the device was reset at the
-            // start and learns ring addresses only in activate().)
-            hba.transport.fail();
+            // DRIVER_OK); interrupt handlers and the IRM callback may be
+            // running. Dropping `hba` (the OwnedHba) runs the teardown
+            // through a shared reference while they may, and frees the
+            // HBA only after it (its memory only once the device is
+            // reset). (Every earlier return above frees memory the device
+            // was never told about: the device was reset at the start and
+            // learns ring addresses only in activate().)
+            hba.get().transport.fail();
             return Err(e);
         }
-        hba.state.store(state::RUNNING, Ordering::Release);
-        hba.start_watchdog();
+        let hba_ref = hba.get();
+        hba_ref.state.store(state::RUNNING, Ordering::Release);
+        hba_ref.start_watchdog();
         dev_note!(
             dip,
             "virtio-scsi {} transport, {} interrupts{}, {} request queue(s) of {}, {} segments, max transfer {} KiB{}{}",
             if legacy { "legacy" } else { "modern" },
             mode.name(),
-            VectorCount(hba.msix_vectors()),
+            VectorCount(hba_ref.msix_vectors()),
             nreq,
             req_size,
             limits.segments,
@@ -634,8 +652,10 @@ impl VioScsi {
                 IntrMode::MsiX => VectorRole::MsiX(index as u16),
                 _ => VectorRole::All,
             };
-            // SAFETY: `self` is boxed and outlives the handlers: detach
-            // drops the interrupts (removing the handlers) before the box.
+            // SAFETY: `self` is on the heap (OwnedHba) and outlives the
+            // handlers: the teardown removes them (ddi_intr_disable waits
+            // for a running one) before the HBA is freed. The handlers
+            // make only shared references from `me`.
             unsafe {
                 intr.add_handler(index, self.callbacks.intr, me, role.encode() as *mut c_void)?
             };
@@ -1021,24 +1041,21 @@ impl VioScsi {
         self.scan_timeouts();
     }
 
-    /// Stops everything and releases the device: detach(9E) of the HBA
-    /// node. Refuses (returns the HBA, changing nothing) while commands are
-    /// in flight; otherwise the drop runs the teardown (see
-    /// [`VioScsi::teardown`]).
-    pub fn detach(self: Box<Self>) -> Result<(), Box<Self>> {
-        if !self.detach_ready() {
-            return Err(self);
-        }
-        drop(self);
-        Ok(())
-    }
-
-    /// The teardown, in the only order that touches no freed memory: each
-    /// step removes a way into the HBA before the next one waits for, or
-    /// frees, what that way could reach. It runs from `Drop`, so every
-    /// path that ends an HBA (detach, a failed attach) takes it, and it
-    /// finishes before any field is dropped (Rust drops the fields only
-    /// after `Drop::drop` returns).
+    /// The stopping sequence, in the only order that touches no freed
+    /// memory: each step removes a way into the HBA before the next one
+    /// waits for, or frees, what that way could reach. [`OwnedHba`]'s drop
+    /// runs it on every path that ends an HBA (detach, a failed attach),
+    /// and frees the HBA only after it.
+    ///
+    /// It runs through `&self`, never `&mut self`: until step 5 returns,
+    /// interrupt handlers, the IRM callback, the watchdog tick and the
+    /// work task may be running, each with a `&VioScsi` made from the raw
+    /// pointer the kernel was given. A `&mut VioScsi` (or a `Box` moved by
+    /// value, which asserts uniqueness too) alive meanwhile would claim an
+    /// exclusive access those threads contradict (rustc marks such
+    /// arguments `noalias`): undefined behavior even if no field it
+    /// touches is shared. So the steps below only read plain fields and
+    /// use locks and atomics, as the other threads do.
     ///
     /// 1. No new work: the state is STOPPED (the watchdog, the work task
     ///    and the recovery paths look at it) and the task queue is closed,
@@ -1046,73 +1063,70 @@ impl VioScsi {
     ///    ddi_taskq_destroy must guarantee that nothing is scheduled).
     /// 2. The watchdog: ddi_periodic_delete(9F) waits for a running tick
     ///    and there is none after it.
-    /// 3. The interrupts: disabled and their handlers removed. On i86pc
-    ///    ddi_intr_disable reaches pci_disable_intr, then rem_avintr,
-    ///    whose remove_av unlinks the handler and waits (wait_till_seen)
-    ///    until no CPU runs an interrupt at its level
-    ///    (usr/src/uts/i86pc/io/pci/pci_common.c, common/io/avintr.c;
-    ///    apix: apix_rem_avintr and apix_wait_till_seen in
-    ///    i86pc/io/apix/apix_utils.c). So no handler runs when it returns.
-    ///    ddi_intr_remove_handler does not wait (DDI_INTROP_REMISR in
-    ///    pci_common_intr_ops only forgets the handler): the vectors are
-    ///    disabled first (`Interrupts::drop`).
+    /// 3. The interrupts: disabled and their handlers removed, the IRM
+    ///    callback unregistered. On i86pc ddi_intr_disable reaches
+    ///    pci_disable_intr, then rem_avintr, whose remove_av unlinks the
+    ///    handler and waits (wait_till_seen) until no CPU runs an
+    ///    interrupt at its level (usr/src/uts/i86pc/io/pci/pci_common.c,
+    ///    common/io/avintr.c; apix: apix_rem_avintr and
+    ///    apix_wait_till_seen in i86pc/io/apix/apix_utils.c). So no
+    ///    handler runs when it returns. ddi_intr_remove_handler does not
+    ///    wait (DDI_INTROP_REMISR in pci_common_intr_ops only forgets the
+    ///    handler): the vectors are disabled first (`Interrupts::drop`).
     /// 4. The device: reset (virtio 1.2 §2.1.1, §4.1.4.3.2), so it stops
     ///    using the rings and buffers (no more DMA, no more interrupts).
     /// 5. The task queue: ddi_taskq_wait for the task under way (it may be
     ///    a device reset, which fails fast on a reset device or finds the
-    ///    state STOPPED); nothing can dispatch since step 1-3.
+    ///    state STOPPED); nothing can dispatch since steps 1-3.
     /// 6. The device again, if the task brought it back meanwhile (a reset
     ///    that had begun before step 1 re-initializes it), so the memory
-    ///    freed next is unknown to the device.
-    /// 7. Then the fields drop: the task queue is destroyed (empty), the
-    ///    rings, buffers, locks and register mappings are freed. If the
-    ///    device never finished a reset (its status did not read 0), it
-    ///    may still be using the rings and event buffers: those are kept,
-    ///    never freed (a leak the log reports, instead of memory the
-    ///    device could write after the kernel reused it).
+    ///    freed later is unknown to the device.
+    /// 7. Whether the device is known to be stopped (its last reset
+    ///    finished) goes to `device_stopped`: `Drop` frees the
+    ///    device-visible memory only then, else keeps it for good (a leak
+    ///    the log reports, instead of memory the device could write after
+    ///    the kernel reused it).
     ///
-    /// Until step 5 returns, interrupt handlers and the work task may
-    /// still hold `&VioScsi`: up to then this uses `&self` only (they read
-    /// plain fields and write through locks and atomics); it takes fields
-    /// out only once they are gone.
-    ///
-    /// Returns whether the device is known to be stopped (then `Drop`
-    /// frees the rings and buffers, else it keeps them).
-    fn teardown(&mut self) -> bool {
-        let me: &VioScsi = self;
+    /// After it nothing but the caller can reach the HBA: `Drop` then only
+    /// frees memory (the task queue, empty, is destroyed first).
+    fn teardown(&self) {
         // 1. No new work.
-        me.state.store(state::STOPPED, Ordering::Release);
-        if let Some(tq) = &me.taskq {
+        self.state.store(state::STOPPED, Ordering::Release);
+        if let Some(tq) = &self.taskq {
             tq.close();
         }
         // 2. The watchdog (Periodic::drop waits for a running tick). The
         // lock is not held across the wait: the guard is a temporary of
         // the statement that takes the value out.
-        let watchdog = me.watchdog.lock().take();
+        let watchdog = self.watchdog.lock().take();
         drop(watchdog);
-        // 3. The interrupts (disabled, handlers removed, vectors freed).
-        me.stop_interrupts();
+        // 3. The interrupts (disabled, handlers removed, vectors freed,
+        // IRM callback unregistered).
+        self.stop_interrupts();
         // 4. The device stops DMA.
-        let mut stopped = me.stop_device();
+        let mut stopped = self.stop_device();
         // 5. The task under way, if any, finishes.
-        if let Some(tq) = &me.taskq {
+        if let Some(tq) = &self.taskq {
             tq.wait();
         }
         // 6. A task that was resetting the device may have brought it back
         // up (it ends with the state RUNNING or FAILED): reset once more.
-        if me.state.swap(state::STOPPED, Ordering::AcqRel) != state::STOPPED {
-            stopped = me.stop_device();
+        if self.state.swap(state::STOPPED, Ordering::AcqRel) != state::STOPPED {
+            stopped = self.stop_device();
         }
-        // 7. Nothing but this thread uses the HBA now.
-        drop(self.taskq.take());
-        stopped
+        // 7. Release pairs with the load in Drop (on this thread anyway,
+        // but the ordering states the intent).
+        self.device_stopped.store(stopped, Ordering::Release);
     }
 
     /// Resets the device and waits for the reset to finish (the device
     /// no longer touches the driver's memory once it has); false if it
     /// did not finish.
+    ///
+    /// Thread context only (detach, a failed attach): it sleeps between
+    /// looks at the status ([`Transport::reset_sleeping`]).
     fn stop_device(&self) -> bool {
-        match self.transport.reset() {
+        match self.transport.reset_sleeping() {
             Ok(()) => true,
             Err(e) => {
                 dev_warn!(
@@ -1143,24 +1157,132 @@ impl VioScsi {
         self.state.store(state::STOPPED, Ordering::Release);
         self.transport.reset_nowait();
     }
+
+    /// Frees the memory the device reads and writes: the request rings,
+    /// the control and event queues (rings and event buffers) and the
+    /// probe command (its header buffers).
+    ///
+    /// Per-packet buffers (each packet's `Cmd` headers, the target
+    /// drivers' data) are not here: they belong to the framework's packet
+    /// cache, which scsi_hba_detach(9F) destroys before this HBA's
+    /// detach. None of them is known to the device then: detach proceeds
+    /// only when [`VioScsi::detach_ready`] found every request ring with
+    /// nothing outstanding (an abandoned command stays outstanding on its
+    /// ring until the device returns it) and nothing parked, and once the
+    /// framework's detach removed the iport no `tran_start` can add one.
+    /// The driver's own probe is the one command outside the packet cache,
+    /// so it is kept or freed with the rings.
+    ///
+    /// # Safety
+    /// Call at most once, after [`VioScsi::teardown`] found the device
+    /// stopped, with nothing else able to reach the HBA (`&mut self`); the
+    /// fields are not used afterwards (only `Drop` calls this).
+    unsafe fn free_device_memory(&mut self) {
+        // SAFETY: once (caller), and nothing uses the fields afterwards;
+        // the device finished a reset, so it no longer reads or writes
+        // this memory, and no handler, task or tick can reach it.
+        unsafe {
+            ManuallyDrop::drop(&mut self.queues);
+            ManuallyDrop::drop(&mut self.ctl);
+            ManuallyDrop::drop(&mut self.evt);
+            ManuallyDrop::drop(&mut self.probe);
+        }
+    }
 }
 
 impl Drop for VioScsi {
+    /// Frees memory, nothing more: the stopping sequence
+    /// ([`VioScsi::teardown`]) ran through `&self` before, and this
+    /// `&mut self` exists only once nothing else can reach the HBA (see
+    /// [`OwnedHba`]). A `VioScsi` dropped without a teardown keeps its
+    /// device-visible memory (`device_stopped` is false).
     fn drop(&mut self) {
-        let stopped = self.teardown();
-        if stopped {
-            // SAFETY: dropped once, here, after the teardown: no handler,
-            // task or tick can use them and the device was reset.
-            unsafe {
-                ManuallyDrop::drop(&mut self.ctl);
-                ManuallyDrop::drop(&mut self.evt);
-            }
-        } else {
-            // The device may still write there: the rings and buffers are
-            // never freed (the request queues' Vec is forgotten whole; the
-            // control and event queues stay in their ManuallyDrop).
-            core::mem::forget(core::mem::take(&mut self.queues));
+        // The task queue is empty and idle after the teardown's wait, and
+        // closed: destroying it waits for nothing.
+        drop(self.taskq.take());
+        if self.device_stopped.load(Ordering::Acquire) {
+            // SAFETY: once, here; the teardown found the device stopped;
+            // `&mut self`: nobody else reaches the HBA.
+            unsafe { self.free_device_memory() };
         }
+        // Else the device may still write there: `queues`, `ctl`, `evt`
+        // and `probe` stay in their ManuallyDrop, never freed.
+    }
+}
+
+/// The one owner of an attached HBA: its address, which every pointer the
+/// kernel is given (interrupt and IRM arguments, the task and watchdog
+/// arguments, `tran_hba_private`) derives from.
+///
+/// The HBA is put on the heap and the `Box` turned into this pointer at
+/// once, so that no `Box<VioScsi>` or `&mut VioScsi` exists while other
+/// threads use the HBA: only shared references are made from it
+/// ([`OwnedHba::get`]) until the drop, which runs
+/// [`VioScsi::teardown`] through `&VioScsi` and then, with every other
+/// user stopped, rebuilds the `Box` and frees it.
+pub struct OwnedHba(NonNull<VioScsi>);
+
+impl OwnedHba {
+    fn new(hba: VioScsi) -> Self {
+        // Box::leak: the `&mut` it returns becomes the pointer here and is
+        // never used again.
+        Self(NonNull::from(Box::leak(Box::new(hba))))
+    }
+
+    /// The HBA.
+    pub fn get(&self) -> &VioScsi {
+        // SAFETY: allocated in new() and freed only by this owner's drop;
+        // only shared references are ever made from the pointer before it.
+        unsafe { self.0.as_ref() }
+    }
+
+    /// The HBA's address (what the kernel is given).
+    pub fn as_ptr(&self) -> *mut VioScsi {
+        self.0.as_ptr()
+    }
+
+    /// Gives up ownership: the address, to be stored (the shim keeps it in
+    /// `tran_hba_private`) and turned back with [`OwnedHba::from_raw`].
+    pub fn into_raw(self) -> *mut VioScsi {
+        ManuallyDrop::new(self).as_ptr()
+    }
+
+    /// Takes ownership back of what [`OwnedHba::into_raw`] gave up; None
+    /// for null.
+    ///
+    /// # Safety
+    /// `p` must be null or come from [`OwnedHba::into_raw`], and not have
+    /// been taken back already (there is one owner).
+    pub unsafe fn from_raw(p: *mut VioScsi) -> Option<Self> {
+        NonNull::new(p).map(Self)
+    }
+
+    /// detach(9E) of the HBA node: refuses (returning the owner, nothing
+    /// changed) while commands are in flight; otherwise stops and frees
+    /// the HBA (the drop).
+    pub fn detach(self) -> Result<(), Self> {
+        if !self.get().detach_ready() {
+            return Err(self);
+        }
+        drop(self);
+        Ok(())
+    }
+}
+
+impl Drop for OwnedHba {
+    fn drop(&mut self) {
+        // The `&mut self` here is to this owner (a pointer), not to the
+        // HBA: the HBA is only reached through the shared reference.
+        self.get().teardown();
+        // SAFETY: the pointer came from Box::leak in new() and this owner
+        // is dropped once (into_raw forgets it; from_raw makes one owner
+        // per into_raw, caller's promise). The teardown stopped every
+        // other user of the HBA: the watchdog deleted, the interrupts and
+        // the IRM callback removed (their kernel functions wait for a
+        // running handler or callback), the task queue closed and waited
+        // for. The copies the kernel held are never used again, so the
+        // Box (unique) is the only pointer in use from here on.
+        drop(unsafe { Box::from_raw(self.0.as_ptr()) });
     }
 }
 

@@ -562,7 +562,7 @@ impl VioScsi {
     /// ends it without a packet (the device no longer has it: it returned
     /// it, or a reset took it back). True if it was there.
     fn unpark(&self, cmd: &Cmd) -> bool {
-        for q in &self.queues {
+        for q in self.queues.iter() {
             let taken = q.ring.lock().deferred.remove_first(|c| c.is(cmd));
             if let Some(mut c) = taken {
                 let f = c.fields();
@@ -778,7 +778,7 @@ impl VioScsi {
         // of their packets (from another thread, or from the completion
         // routine of another packet run here), and abandon_cmd must find
         // the command to cut it loose before the packet is freed.
-        for q in &self.queues {
+        for q in self.queues.iter() {
             let mut g = q.ring.lock();
             let r = &mut *g;
             r.ring.reclaim_all(|mut c| {

@@ -276,7 +276,9 @@ impl Transport {
     }
 
     /// Resets the device (§2.4) and waits, at most one second, until it
-    /// reads back 0 (§4.1.4.3.2: modern drivers must wait).
+    /// reads back 0 (§4.1.4.3.2: modern drivers must wait), busy-waiting
+    /// (drv_usecwait(9F)): for callers that may not sleep. Thread context
+    /// should use [`Transport::reset_sleeping`].
     pub fn reset(&self) -> Result<(), TransportError> {
         self.set_status(Status::empty());
         for _ in 0..10_000 {
@@ -284,6 +286,32 @@ impl Transport {
                 return Ok(());
             }
             time::usec_wait(100);
+        }
+        Err(TransportError::ResetTimeout)
+    }
+
+    /// [`Transport::reset`] for thread context (attach, detach): the same
+    /// one-second bound, but after a few short busy waits (a device that
+    /// resets at once costs no tick) it sleeps a clock tick between looks
+    /// (delay(9F), which may not be called in interrupt context) instead
+    /// of holding the CPU for up to a second.
+    pub fn reset_sleeping(&self) -> Result<(), TransportError> {
+        const SPINS: u32 = 10;
+        const SPIN_US: i64 = 10;
+        self.set_status(Status::empty());
+        for _ in 0..SPINS {
+            if self.status().is_empty() {
+                return Ok(());
+            }
+            time::usec_wait(SPIN_US);
+        }
+        // At least one look per tick for a second; at least one tick.
+        let ticks = time::usec_to_ticks(1_000_000).max(1);
+        for _ in 0..ticks {
+            time::delay_ticks(1);
+            if self.status().is_empty() {
+                return Ok(());
+            }
         }
         Err(TransportError::ResetTimeout)
     }

@@ -37,15 +37,32 @@ struct TaskQ {
     machine: Arc<Machine>,
 }
 
-static TASKQS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+/// The live task queues, by the handle the driver holds (the address of
+/// the `TaskQ`). Each caller takes its own reference under the lock: a
+/// `ddi_taskq_destroy` on another thread (tests run in parallel) only
+/// drops the registry's, so a queue found here stays allocated for as
+/// long as its finder uses it.
+static TASKQS: Mutex<Vec<(usize, Arc<TaskQ>)>> = Mutex::new(Vec::new());
 
-fn get<'a>(tq: *mut ddi_taskq_t, func: &str) -> Option<&'a TaskQ> {
-    if tq.is_null() || !lock(&TASKQS).contains(&(tq as usize)) {
+fn get(tq: *mut ddi_taskq_t, func: &str) -> Option<Arc<TaskQ>> {
+    let found = lock(&TASKQS)
+        .iter()
+        .find(|(a, _)| *a == tq as usize)
+        .map(|(_, q)| q.clone());
+    if found.is_none() {
         violation(format!("{func} on an unknown task queue"));
-        return None;
     }
-    // SAFETY: registered task queues are live boxes.
-    Some(unsafe { &*tq.cast::<TaskQ>() })
+    found
+}
+
+/// The task queues of machine `m` (references taken under the registry
+/// lock).
+fn queues_of(m: &Arc<Machine>) -> Vec<Arc<TaskQ>> {
+    lock(&TASKQS)
+        .iter()
+        .filter(|(_, q)| Arc::ptr_eq(&q.machine, m))
+        .map(|(_, q)| q.clone())
+        .collect()
 }
 
 fn worker(q: &TaskQ) {
@@ -75,14 +92,7 @@ fn worker(q: &TaskQ) {
 
 /// Whether every task queue of machine `m` is empty and idle.
 pub fn all_idle(m: &Arc<Machine>) -> bool {
-    let qs: Vec<usize> = lock(&TASKQS).clone();
-    qs.into_iter().all(|a| {
-        // SAFETY: registered task queues are live boxes (destroy
-        // unregisters before freeing, under the same lock order).
-        let q = unsafe { &*(a as *const TaskQ) };
-        if !Arc::ptr_eq(&q.machine, m) {
-            return true;
-        }
+    queues_of(m).into_iter().all(|q| {
         let s = lock(&q.state);
         s.tasks.is_empty() && !s.running
     })
@@ -102,7 +112,7 @@ pub extern "C" fn ddi_taskq_create(
     let Some(n) = node(dip, "ddi_taskq_create") else {
         return std::ptr::null_mut();
     };
-    let q = Box::new(TaskQ {
+    let q = Arc::new(TaskQ {
         state: Mutex::new(Queue {
             tasks: VecDeque::new(),
             running: false,
@@ -113,18 +123,16 @@ pub extern "C" fn ddi_taskq_create(
         thread: Mutex::new(None),
         machine: n.machine.clone(),
     });
-    let p = Box::into_raw(q);
-    let addr = p as usize;
+    let addr = Arc::as_ptr(&q) as usize;
+    let mine = q.clone();
     let h = std::thread::Builder::new()
         .name("emu-taskq".into())
-        // SAFETY: the box lives until ddi_taskq_destroy joins this thread.
-        .spawn(move || worker(unsafe { &*(addr as *const TaskQ) }))
+        .spawn(move || worker(&mine))
         .expect("a task queue thread");
-    // SAFETY: just created.
-    *lock(unsafe { &(*p).thread }) = Some(h);
-    lock(&TASKQS).push(addr);
+    *lock(&q.thread) = Some(h);
+    lock(&TASKQS).push((addr, q));
     bump(&n.machine.live.taskqs, 1);
-    p.cast()
+    addr as *mut ddi_taskq_t
 }
 
 /// `ddi_taskq_dispatch(9F)`
@@ -213,19 +221,20 @@ fn run_after_wait_hooks(m: &Arc<Machine>) {
 /// queue of machine `m`, as a task thread that does not get a CPU; a
 /// `ddi_taskq_wait` or `ddi_taskq_destroy` on a queue lets its tasks run.
 pub fn hold_tasks(m: &Arc<Machine>, on: bool) {
-    let qs: Vec<usize> = lock(&TASKQS).clone();
-    for a in qs {
-        // SAFETY: registered task queues are live boxes (destroy
-        // unregisters before freeing).
-        let q = unsafe { &*(a as *const TaskQ) };
-        if Arc::ptr_eq(&q.machine, m) {
-            lock(&q.state).held = on;
-            q.cv.notify_all();
-        }
+    for q in queues_of(m) {
+        lock(&q.state).held = on;
+        q.cv.notify_all();
     }
 }
 
 /// `ddi_taskq_destroy(9F)`: waits for the queued tasks, then frees.
+///
+/// As taskq_destroy (usr/src/uts/common/os/taskq.c): it first waits
+/// (taskq_wait), so tasks still queued when it is called are fine; only
+/// then does it ASSERT the queue empty and no task active (tq_task list
+/// empty, tq_active == 0). So what is a violation here is a task
+/// dispatched while the wait ran or after it: a dispatch racing the
+/// destroy, which on the kernel runs on (or corrupts) a freed queue.
 #[unsafe(no_mangle)]
 pub extern "C" fn ddi_taskq_destroy(tq: *mut ddi_taskq_t) {
     let _kernel = crate::meter::kernel();
@@ -235,9 +244,9 @@ pub extern "C" fn ddi_taskq_destroy(tq: *mut ddi_taskq_t) {
     };
     {
         let mut s = lock(&q.state);
-        // taskq_destroy ASSERTs the queue empty once its wait returned: a
-        // task dispatched since then would run on a freed queue (here it
-        // still runs, after the violation, so the test can finish).
+        // The ASSERT after taskq_wait: a task dispatched since the wait
+        // began would run on a freed queue (here it still runs, after the
+        // violation, so the test can finish).
         if !s.tasks.is_empty() || s.running {
             drop(s);
             violation(
@@ -253,8 +262,8 @@ pub extern "C" fn ddi_taskq_destroy(tq: *mut ddi_taskq_t) {
     if let Some(h) = lock(&q.thread).take() {
         let _ = h.join();
     }
-    lock(&TASKQS).retain(|&a| a != tq as usize);
+    lock(&TASKQS).retain(|(a, _)| *a != tq as usize);
     bump(&q.machine.live.taskqs, -1);
-    // SAFETY: unregistered, worker joined: nobody uses it any more.
-    drop(unsafe { Box::from_raw(tq.cast::<TaskQ>()) });
+    // The last reference goes with the last user (the worker's went with
+    // its thread).
 }
