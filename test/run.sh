@@ -29,12 +29,13 @@ cargo test --workspace --locked -- --test-threads=2
 echo "== integration tests under DEBUG-kernel kmem (a representative set)"
 # Constructor and destructor around every packet, freed objects poisoned
 # with 0xdeadbeef and checked, caches reaped at random points drawn from
-# the seed (test/emu/src/ddi/kmem.rs). A new seed every run explores new
-# reap points; a failure is run again with the seed printed here. The test
+# the seed (test/emu/src/ddi/kmem.rs). The seed comes from the commit
+# under test: every commit explores new reap points, and a failure is
+# reproducible from the commit alone (or from the seed printed here). The test
 # binaries are the ones the workspace build above made (building only
 # rvscsi-sim would unify features differently and compile it all again);
 # they run from their package's directory, as cargo runs them.
-kmem_seed=${RVSCSI_KMEM_SEED:-$(date +%s)}
+kmem_seed=${RVSCSI_KMEM_SEED:-0x$(git -C "$top" rev-parse --short=8 HEAD 2>/dev/null || echo 5eed)}
 echo "RVSCSI_KMEM_DEBUG=1 RVSCSI_KMEM_SEED=$kmem_seed"
 kmem_set='packets|bad_input|recovery|faults|io|hostile|queues|lifecycle|shim'
 mapfile -t kmem_tests < <(cargo test --workspace --locked --no-run 2>&1 |
