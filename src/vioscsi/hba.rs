@@ -343,6 +343,8 @@ pub struct VioScsi {
     /// vector to the CPU whose queue it serves). Only a hint: a collision
     /// sends a command to another valid queue.
     pub(crate) reaping: [core::sync::atomic::AtomicU16; REAP_HINTS],
+    /// Doorbells deferred to the end of the completion passes running.
+    pub(crate) pass_kicks: super::io::PassKicks,
     pub(crate) ctl: KMutex<ControlQueue>,
     pub(crate) evt: KMutex<EventQueue>,
     pub(crate) next_tag: AtomicU64,
@@ -523,6 +525,7 @@ impl VioScsi {
             evt: KMutex::new(evt, pri),
             next_tag: AtomicU64::new(1),
             reaping: [const { core::sync::atomic::AtomicU16::new(0) }; REAP_HINTS],
+            pass_kicks: super::io::PassKicks::new(),
             state: AtomicU8::new(state::ATTACHING),
             work: KMutex::new(Work::default(), pri),
             taskq: Some(taskq),

@@ -16,7 +16,7 @@ use crate::scsa::pkt::Pkt;
 use crate::scsa::{Outcome, PktFlags, PktState, PktStatistics};
 use crate::shmem::SharedMem;
 use crate::virtio::ring::{AddError, DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE, Segment, UsedError};
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 /// `SCSI_POLL_TIMEOUT`: seconds a polled command without `pkt_time` may take.
 const POLL_TIMEOUT_S: i64 = 60;
@@ -26,6 +26,63 @@ const POLL_TIMEOUT_S: i64 = 60;
 /// completions that keep landing meanwhile would otherwise hold an
 /// interrupt handler without bound.
 const REAP_PASSES: u32 = 4;
+
+/// Bits of [`PassKicks`] that count the completion passes running.
+const PASS_DEPTH_BITS: u32 = 16;
+const PASS_DEPTH_MASK: u64 = (1 << PASS_DEPTH_BITS) - 1;
+/// Request queues whose doorbell [`PassKicks`] can defer (one bit each
+/// above the depth); a later queue's command rings at once.
+pub(crate) const DEFERRABLE_QUEUES: usize = (64 - PASS_DEPTH_BITS) as usize;
+
+/// Doorbells deferred to the end of a completion pass, for commands
+/// started on a queue that is not being reaped itself while passes run
+/// (the queue being reaped has its own `kick_pending`). Target drivers
+/// start commands from their completion callbacks and from other CPUs
+/// meanwhile; a queue's doorbell for all of them is rung once, by the
+/// next pass to end, instead of once per command. One word: the passes
+/// running (low bits) and a bit per deferred queue, so that a deferral
+/// is never left without a pass to ring it, and no lock. A command
+/// started while no pass runs (a lone command) rings at once.
+pub(crate) struct PassKicks(AtomicU64);
+
+impl PassKicks {
+    pub(crate) const fn new() -> Self {
+        PassKicks(AtomicU64::new(0))
+    }
+
+    /// A completion pass that runs target drivers' callbacks begins.
+    fn enter(&self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Defers request queue `qi`'s doorbell to the end of a running pass:
+    /// true if one will ring it. False: no pass runs, the caller rings
+    /// (the bit is taken back; a pass that began meanwhile may ring it
+    /// as well: a spare doorbell, never a missing one).
+    fn defer(&self, qi: usize) -> bool {
+        if qi >= DEFERRABLE_QUEUES {
+            return false;
+        }
+        let bit = 1u64 << (PASS_DEPTH_BITS as usize + qi);
+        if self.0.fetch_or(bit, Ordering::AcqRel) & PASS_DEPTH_MASK != 0 {
+            return true;
+        }
+        self.0.fetch_and(!bit, Ordering::AcqRel);
+        false
+    }
+
+    /// A pass ends: the request queues (bit n: queue n) whose doorbells it
+    /// must ring now. Every pass end takes what is deferred, so a
+    /// deferral waits at most for the longest pass running when it was
+    /// made (the pass that was running then ends after it, and takes it).
+    fn leave(&self) -> u64 {
+        let before = self.0.fetch_sub(1, Ordering::AcqRel);
+        if before >> PASS_DEPTH_BITS == 0 {
+            return 0;
+        }
+        self.0.fetch_and(PASS_DEPTH_MASK, Ordering::AcqRel) >> PASS_DEPTH_BITS
+    }
+}
 
 /// Who reaps a ring, and so what it may do with what it finds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -330,10 +387,16 @@ impl VioScsi {
                 t.mark_queued();
             }
             let mut kick = g.ring.publish();
-            if kick && g.completing > 0 && self.notify_batching {
-                // A completion pass is running: it notifies once at its end.
-                g.kick_pending = true;
-                kick = false;
+            if kick && self.notify_batching {
+                if g.completing > 0 {
+                    // This queue's completion pass is running: it notifies
+                    // once at its end.
+                    g.kick_pending = true;
+                    kick = false;
+                } else if self.pass_kicks.defer(qi) {
+                    // Another queue's pass runs: the first to end notifies.
+                    kick = false;
+                }
             }
             kick
         };
@@ -524,6 +587,12 @@ impl VioScsi {
                 }
                 !runaway && self.mode.interrupts() && g.ring.enable_interrupts()
             };
+            // Target drivers' callbacks run in this pass (a poller's
+            // completions run none).
+            let callbacks = !done.is_empty() && who == Reaper::Free;
+            if callbacks {
+                self.pass_kicks.enter();
+            }
             if !done.is_empty() {
                 let hint = &self.reaping
                     [crate::ddi::cpu::current_seqid() as usize % super::hba::REAP_HINTS];
@@ -533,7 +602,7 @@ impl VioScsi {
                 }
                 hint.store(outer, Ordering::Relaxed);
             }
-            let kick = {
+            let mut kick = {
                 let mut g = q.ring.lock();
                 g.completing -= 1;
                 let k = g.completing == 0 && g.kick_pending;
@@ -542,10 +611,24 @@ impl VioScsi {
                 }
                 k
             };
+            // What was deferred to this pass is taken before its own
+            // doorbell rings, so that one doorbell covers both; a command
+            // started after the taking finds the pass gone (and rings, or
+            // defers to another pass).
+            let mut due = if callbacks {
+                self.pass_kicks.leave()
+            } else {
+                0
+            };
+            if qi < DEFERRABLE_QUEUES && due & (1u64 << qi) != 0 {
+                due &= !(1u64 << qi);
+                kick = true;
+            }
             if kick {
                 Stats::bump(&self.stats.notifies);
                 self.transport.notify(q.index);
             }
+            self.ring_deferred(due);
             if runaway {
                 self.schedule_reset();
                 return;
@@ -558,6 +641,20 @@ impl VioScsi {
         // interrupt for: someone else must come back for them.
         Stats::bump(&self.stats.rearm_handoffs);
         self.schedule(|w| w.reap = true);
+    }
+
+    /// Rings the doorbells of the request queues in `due` (bit n: queue
+    /// n).
+    fn ring_deferred(&self, mut due: u64) {
+        // At most one bit per request queue: bounded.
+        while due != 0 {
+            let n = due.trailing_zeros() as usize;
+            due &= due - 1;
+            if let Some(q) = self.queues.get(n) {
+                Stats::bump(&self.stats.notifies);
+                self.transport.notify(q.index);
+            }
+        }
     }
 
     /// Ends a command the device returned (or that a reset took back):
