@@ -235,10 +235,15 @@ impl SharedMem for DmaBuffer {
             debug_assert!(false, "DMA write out of bounds");
             return;
         }
-        for (i, &b) in src.iter().enumerate() {
-            // SAFETY: off+i < len (checked above).
-            unsafe { core::ptr::write_volatile(self.kaddr.as_ptr().add(off + i), b) };
-        }
+        // One copy rather than a volatile store per byte: the device reads
+        // this memory only after the ddi_dma_sync(9F) call and the ring
+        // index store that follow (both opaque to the compiler, which must
+        // complete the copy before them); nothing is read back.
+        // SAFETY: [off, off + len) is inside the buffer (checked above),
+        // which no Rust reference covers, and `src` cannot overlap it.
+        unsafe {
+            core::ptr::copy_nonoverlapping(src.as_ptr(), self.kaddr.as_ptr().add(off), src.len())
+        };
     }
 
     // Ring indices and descriptor fields are read and written as whole,

@@ -358,6 +358,8 @@ pub struct VioScsi {
     /// vector to the CPU whose queue it serves). Only a hint: a collision
     /// sends a command to another valid queue.
     pub(crate) reaping: [core::sync::atomic::AtomicU16; REAP_HINTS],
+    /// Doorbells deferred to the end of the completion passes running.
+    pub(crate) pass_kicks: super::io::PassKicks,
     pub(crate) ctl: ManuallyDrop<KMutex<ControlQueue>>,
     pub(crate) evt: ManuallyDrop<KMutex<EventQueue>>,
     pub(crate) next_tag: AtomicU64,
@@ -567,6 +569,7 @@ impl VioScsi {
             evt: ManuallyDrop::new(KMutex::new(evt, pri)),
             next_tag: AtomicU64::new(1),
             reaping: [const { core::sync::atomic::AtomicU16::new(0) }; REAP_HINTS],
+            pass_kicks: super::io::PassKicks::new(),
             state: AtomicU8::new(state::ATTACHING),
             work: KMutex::new(Work::default(), pri),
             taskq: Some(taskq),

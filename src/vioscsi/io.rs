@@ -16,7 +16,7 @@ use crate::scsa::pkt::Pkt;
 use crate::scsa::{Outcome, PktFlags, PktState, PktStatistics};
 use crate::shmem::SharedMem;
 use crate::virtio::ring::{AddError, DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE, Segment, UsedError};
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 /// `SCSI_POLL_TIMEOUT`: seconds a polled command without `pkt_time` may take.
 const POLL_TIMEOUT_S: i64 = 60;
@@ -78,6 +78,63 @@ impl ReapPasses {
 pub(crate) const fn queue_bit(qi: usize) -> u64 {
     const _: () = assert!(super::config::MAX_REQUEST_QUEUES <= u64::BITS);
     1 << (qi % u64::BITS as usize)
+}
+
+/// Bits of [`PassKicks`] that count the completion passes running.
+const PASS_DEPTH_BITS: u32 = 16;
+const PASS_DEPTH_MASK: u64 = (1 << PASS_DEPTH_BITS) - 1;
+/// Request queues whose doorbell [`PassKicks`] can defer (one bit each
+/// above the depth); a later queue's command rings at once.
+pub(crate) const DEFERRABLE_QUEUES: usize = (64 - PASS_DEPTH_BITS) as usize;
+
+/// Doorbells deferred to the end of a completion pass, for commands
+/// started on a queue that is not being reaped itself while passes run
+/// (the queue being reaped has its own `kick_pending`). Target drivers
+/// start commands from their completion callbacks and from other CPUs
+/// meanwhile; a queue's doorbell for all of them is rung once, by the
+/// next pass to end, instead of once per command. One word: the passes
+/// running (low bits) and a bit per deferred queue, so that a deferral
+/// is never left without a pass to ring it, and no lock. A command
+/// started while no pass runs (a lone command) rings at once.
+pub(crate) struct PassKicks(AtomicU64);
+
+impl PassKicks {
+    pub(crate) const fn new() -> Self {
+        PassKicks(AtomicU64::new(0))
+    }
+
+    /// A completion pass that runs target drivers' callbacks begins.
+    fn enter(&self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Defers request queue `qi`'s doorbell to the end of a running pass:
+    /// true if one will ring it. False: no pass runs, the caller rings
+    /// (the bit is taken back; a pass that began meanwhile may ring it
+    /// as well: a spare doorbell, never a missing one).
+    fn defer(&self, qi: usize) -> bool {
+        if qi >= DEFERRABLE_QUEUES {
+            return false;
+        }
+        let bit = 1u64 << (PASS_DEPTH_BITS as usize + qi);
+        if self.0.fetch_or(bit, Ordering::AcqRel) & PASS_DEPTH_MASK != 0 {
+            return true;
+        }
+        self.0.fetch_and(!bit, Ordering::AcqRel);
+        false
+    }
+
+    /// A pass ends: the request queues (bit n: queue n) whose doorbells it
+    /// must ring now. Every pass end takes what is deferred, so a
+    /// deferral waits at most for the longest pass running when it was
+    /// made (the pass that was running then ends after it, and takes it).
+    fn leave(&self) -> u64 {
+        let before = self.0.fetch_sub(1, Ordering::AcqRel);
+        if before >> PASS_DEPTH_BITS == 0 {
+            return 0;
+        }
+        self.0.fetch_and(PASS_DEPTH_MASK, Ordering::AcqRel) >> PASS_DEPTH_BITS
+    }
 }
 
 /// Who reaps a ring, and so what it may do with what it finds.
@@ -286,7 +343,12 @@ impl VioScsi {
         // mistaken for a success.
         dma.write_bytes(layout.resp_off, &[0u8; proto::RESP_HEADER_LEN]);
         dma.write_bytes(layout.resp_off + proto::RESP_RESPONSE, &[0xff]);
-        dma.sync_for_device(0, layout.resp_off + proto::RESP_HEADER_LEN);
+        // What the device reads (and the response header it must
+        // overwrite) is synced in one call once everything is written:
+        // just the headers, or up to the end of the indirect table
+        // (the response's sense bytes in between, which the driver has
+        // not written and reads only after a sync for the CPU, go along).
+        let mut synced = layout.resp_off + proto::RESP_HEADER_LEN;
 
         if self.indirect {
             // [request][data-out...][response][data-in...] (§5.6.6.1: the
@@ -319,8 +381,9 @@ impl VioScsi {
                     put(k.dmac_laddress, k.dmac_size as u32, true);
                 }
             }
-            dma.sync_for_device(layout.table_off, total * DESC_SIZE);
+            synced = layout.table_off + total * DESC_SIZE;
         }
+        dma.sync_for_device(0, synced);
     }
 
     /// The request queue for a command started on this CPU: the queue
@@ -383,10 +446,16 @@ impl VioScsi {
                 t.mark_queued();
             }
             let mut kick = g.ring.publish();
-            if kick && g.completing > 0 && self.notify_batching {
-                // A completion pass is running: it notifies once at its end.
-                g.kick_pending = true;
-                kick = false;
+            if kick && self.notify_batching {
+                if g.completing > 0 {
+                    // This queue's completion pass is running: it notifies
+                    // once at its end.
+                    g.kick_pending = true;
+                    kick = false;
+                } else if self.pass_kicks.defer(qi) {
+                    // Another queue's pass runs: the first to end notifies.
+                    kick = false;
+                }
             }
             kick
         };
@@ -612,6 +681,13 @@ impl VioScsi {
                 };
                 (more, first, parked)
             };
+            // Target drivers' callbacks run in this pass (only a free
+            // reaper takes parked commands, `first` among them; a poller's
+            // completions run none).
+            let callbacks = first.is_some();
+            if callbacks {
+                self.pass_kicks.enter();
+            }
             if first.is_some() || !own.is_empty() {
                 let hint = &self.reaping
                     [crate::ddi::cpu::current_seqid() as usize % super::hba::REAP_HINTS];
@@ -625,7 +701,7 @@ impl VioScsi {
                 }
                 hint.store(outer, Ordering::Relaxed);
             }
-            let kick = {
+            let mut kick = {
                 let mut g = q.ring.lock();
                 g.completing -= 1;
                 let k = g.completing == 0 && g.kick_pending;
@@ -634,10 +710,24 @@ impl VioScsi {
                 }
                 k
             };
+            // What was deferred to this pass is taken before its own
+            // doorbell rings, so that one doorbell covers both; a command
+            // started after the taking finds the pass gone (and rings, or
+            // defers to another pass).
+            let mut due = if callbacks {
+                self.pass_kicks.leave()
+            } else {
+                0
+            };
+            if qi < DEFERRABLE_QUEUES && due & (1u64 << qi) != 0 {
+                due &= !(1u64 << qi);
+                kick = true;
+            }
             if kick {
                 Stats::bump(&self.stats.notifies);
                 self.transport.notify(q.index);
             }
+            self.ring_deferred(due);
             if runaway {
                 self.schedule_reset();
                 return;
@@ -652,6 +742,20 @@ impl VioScsi {
         // interrupt for: someone else must come back for this queue.
         Stats::bump(&self.stats.rearm_handoffs);
         self.schedule(|w| w.reap_queues |= queue_bit(qi));
+    }
+
+    /// Rings the doorbells of the request queues in `due` (bit n: queue
+    /// n).
+    fn ring_deferred(&self, mut due: u64) {
+        // At most one bit per request queue: bounded.
+        while due != 0 {
+            let n = due.trailing_zeros() as usize;
+            due &= due - 1;
+            if let Some(q) = self.queues.get(n) {
+                Stats::bump(&self.stats.notifies);
+                self.transport.notify(q.index);
+            }
+        }
     }
 
     /// Ends a command the device returned (or that a reset took back):
@@ -715,18 +819,21 @@ impl VioScsi {
             }
             return;
         };
-        let mut sense = [0u8; ffi::MAX_SENSE_LENGTH];
-        let mut n = 0;
         if outcome.is_check_condition() {
+            // The sense buffer only where there is sense (zeroing it costs
+            // every good command some 30 instructions).
+            let mut sense = [0u8; ffi::MAX_SENSE_LENGTH];
             let r = f.response;
-            n = proto::sense_to_copy(&r, self.limits.sense_size);
+            let n = proto::sense_to_copy(&r, self.limits.sense_size);
             if n > 0 {
                 let at = layout.resp_off + proto::RESP_SENSE;
                 f.dma.sync_for_cpu(at, n);
                 f.dma.read_bytes(at, &mut sense[..n]);
             }
+            pkt.set_outcome(&outcome, &sense[..n]);
+        } else {
+            pkt.set_outcome(&outcome, &[]);
         }
-        pkt.set_outcome(&outcome, &sense[..n]);
         probes::cmd_done(
             pkt.as_ptr() as usize,
             outcome.reason,

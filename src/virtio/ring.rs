@@ -192,6 +192,14 @@ pub struct SplitQueue<M, T> {
     notified_idx: u16,
     /// Next used element to consume (free-running).
     last_used: u16,
+    /// The device's used index as last read and checked (never more
+    /// than a ring ahead of `last_used`): elements up to it are consumed
+    /// without reading (and syncing) the index again for each.
+    used_seen: u16,
+    /// The lowest offset of a descriptor written since the last publish
+    /// (synced for the device together with the available ring entries,
+    /// before the index that exposes them).
+    desc_dirty_from: Option<usize>,
     /// Used elements consumed since the queue was made (never wraps in
     /// practice): what a watchdog compares between its looks.
     consumed: u64,
@@ -230,6 +238,8 @@ impl<M: SharedMem, T> SplitQueue<M, T> {
             published_idx: 0,
             notified_idx: 0,
             last_used: 0,
+            used_seen: 0,
+            desc_dirty_from: None,
             consumed: 0,
             waiting_mark: None,
             event_idx,
@@ -279,7 +289,8 @@ impl<M: SharedMem, T> SplitQueue<M, T> {
         self.mem.write_u32(off + 8, d.len);
         self.mem.write_u16(off + 12, d.flags);
         self.mem.write_u16(off + 14, d.next);
-        self.mem.sync_for_device(off, DESC_SIZE);
+        // Synced by publish(), with the ring entries, in one call.
+        self.desc_dirty_from = Some(self.desc_dirty_from.map_or(off, |lo| lo.min(off)));
     }
 
     fn take_free(&mut self) -> u16 {
@@ -390,18 +401,28 @@ impl<M: SharedMem, T> SplitQueue<M, T> {
         let first = old & (size - 1);
         let count = new.wrapping_sub(old);
         let upto = u32::from(first) + u32::from(count);
+        // The descriptors written since the last publish lie below the
+        // available ring (the table comes first, §2.7): one sync from the
+        // lowest of them up to the last new entry covers both (the
+        // descriptors and entries in between are the driver's own,
+        // unchanged or synced already; ring memory is consistent).
+        let slots_end = |n: u16| self.layout.avail_slot(first) + 2 * usize::from(n);
+        let from = |at: usize| self.desc_dirty_from.map_or(at, |lo| lo.min(at));
         if upto <= u32::from(size) {
-            self.mem
-                .sync_for_device(self.layout.avail_slot(first), 2 * usize::from(count));
+            let at = self.layout.avail_slot(first);
+            let lo = from(at);
+            self.mem.sync_for_device(lo, slots_end(count) - lo);
         } else {
             let head_part = size - first;
-            self.mem
-                .sync_for_device(self.layout.avail_slot(first), 2 * usize::from(head_part));
+            let at = self.layout.avail_slot(first);
+            let lo = from(at);
+            self.mem.sync_for_device(lo, slots_end(head_part) - lo);
             self.mem.sync_for_device(
                 self.layout.avail_slot(0),
                 2 * usize::from(count - head_part),
             );
         }
+        self.desc_dirty_from = None;
         fence(Ordering::Release);
         self.mem.write_u16(self.layout.avail_idx(), new);
         self.mem.sync_for_device(self.layout.avail_idx(), 2);
@@ -442,25 +463,32 @@ impl<M: SharedMem, T> SplitQueue<M, T> {
 
     /// Consumes the next used element, if any.
     pub fn pop_used(&mut self) -> Option<Result<Used<T>, UsedError>> {
-        let device_idx = self.device_used_idx();
-        if device_idx == self.last_used {
-            return None;
+        if self.used_seen == self.last_used {
+            // Everything seen is consumed: read the device's index again.
+            let device_idx = self.device_used_idx();
+            if device_idx == self.last_used {
+                return None;
+            }
+            // The used ring has `size` slots: a device more than that
+            // ahead of us has overwritten entries we never read and cannot
+            // be trusted. (Fewer, but more than we have outstanding,
+            // yields UnknownId entries below, which are dropped one by
+            // one.)
+            let ahead = device_idx.wrapping_sub(self.last_used);
+            if ahead > self.layout.size {
+                return Some(Err(UsedError::IndexRunaway {
+                    device_idx,
+                    expected: self.last_used,
+                }));
+            }
+            // The elements up to the index are read after it, synced for
+            // the CPU in one call (two where the range wraps).
+            fence(Ordering::Acquire);
+            self.sync_used_slots(self.last_used, ahead);
+            self.used_seen = device_idx;
         }
-        // The used ring has `size` slots: a device more than that ahead of
-        // us has overwritten entries we never read and cannot be trusted.
-        // (Fewer, but more than we have outstanding, yields UnknownId
-        // entries below, which are dropped one by one.)
-        let ahead = device_idx.wrapping_sub(self.last_used);
-        if ahead > self.layout.size {
-            return Some(Err(UsedError::IndexRunaway {
-                device_idx,
-                expected: self.last_used,
-            }));
-        }
-        fence(Ordering::Acquire);
         let slot = self.last_used & (self.layout.size - 1);
         let off = self.layout.used_slot(slot);
-        self.mem.sync_for_cpu(off, 8);
         let id = self.mem.read_u32(off);
         let len = self.mem.read_u32(off + 4);
         self.last_used = self.last_used.wrapping_add(1);
@@ -480,6 +508,20 @@ impl<M: SharedMem, T> SplitQueue<M, T> {
             len,
             len_clamped: clamped,
         }))
+    }
+
+    /// Syncs `count` (at most a ring's worth) used elements from
+    /// free-running index `from` for the CPU.
+    fn sync_used_slots(&self, from: u16, count: u16) {
+        let size = self.layout.size;
+        let first = from & (size - 1);
+        let head_part = count.min(size - first);
+        self.mem
+            .sync_for_cpu(self.layout.used_slot(first), 8 * usize::from(head_part));
+        if count > head_part {
+            self.mem
+                .sync_for_cpu(self.layout.used_slot(0), 8 * usize::from(count - head_part));
+        }
     }
 
     fn free_chain(&mut self, head: u16, ndesc: u16) {
@@ -588,6 +630,7 @@ impl<M: SharedMem, T> SplitQueue<M, T> {
         self.published_idx = 0;
         self.notified_idx = 0;
         self.last_used = 0;
+        self.used_seen = 0;
         self.waiting_mark = None;
         let zeros = [0u8; 64];
         let mut off = 0;

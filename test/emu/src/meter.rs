@@ -10,6 +10,10 @@
 //! [`kernel`] frame; time is charged to the innermost frame's side. The
 //! driver's share is its own code only; the number of kernel calls it
 //! made is counted, as what illumos charges for them depends on illumos.
+//! DTrace probe sites open a [`probe`] frame instead: counted apart, since
+//! krtld replaces each `__dtrace_probe_*` call with no-ops when it loads
+//! the module (sdt_reloc_resolve, uts/intel/amd64/krtld/kobj_reloc.c), so
+//! a disabled probe is no kernel call.
 //!
 //! Under callgrind (valgrind's instruction counter), the same frames turn
 //! instruction collection on and off (`CALLGRIND_TOGGLE_COLLECT`, run with
@@ -28,6 +32,7 @@ static ARMED: AtomicBool = AtomicBool::new(false);
 static DRIVER_NS: AtomicU64 = AtomicU64::new(0);
 static DRIVER_ENTRIES: AtomicU64 = AtomicU64::new(0);
 static KERNEL_CALLS: AtomicU64 = AtomicU64::new(0);
+static PROBE_CALLS: AtomicU64 = AtomicU64::new(0);
 static SWITCHES: AtomicU64 = AtomicU64::new(0);
 
 /// Which side a frame belongs to.
@@ -35,6 +40,8 @@ static SWITCHES: AtomicU64 = AtomicU64::new(0);
 enum Side {
     Driver,
     Kernel,
+    /// A DTrace probe site: the kernel's side, counted apart.
+    Probe,
 }
 
 /// Deepest nesting tracked (driver -> kernel -> driver ... ); deeper
@@ -64,8 +71,10 @@ pub struct Reading {
     pub driver_ns: u64,
     /// Driver entry points called from outside the driver.
     pub driver_entries: u64,
-    /// Kernel functions the driver called.
+    /// Kernel functions the driver called (probe sites not included).
     pub kernel_calls: u64,
+    /// DTrace probe sites the driver passed.
+    pub probe_calls: u64,
     /// Side switches (each adds a little bookkeeping to the driver's
     /// share: see [`calibrate`]).
     pub switches: u64,
@@ -82,6 +91,7 @@ pub fn take() -> Reading {
         driver_ns: DRIVER_NS.swap(0, Ordering::SeqCst),
         driver_entries: DRIVER_ENTRIES.swap(0, Ordering::SeqCst),
         kernel_calls: KERNEL_CALLS.swap(0, Ordering::SeqCst),
+        probe_calls: PROBE_CALLS.swap(0, Ordering::SeqCst),
         switches: SWITCHES.swap(0, Ordering::SeqCst),
     }
 }
@@ -109,6 +119,13 @@ pub fn kernel() -> Frame {
     open(Side::Kernel)
 }
 
+/// Opens a probe frame: the driver passed a DTrace probe site (an `sdt`
+/// call illumos turns into no-ops while the probe is disabled).
+#[inline(always)]
+pub fn probe() -> Frame {
+    open(Side::Probe)
+}
+
 // The order below keeps the bookkeeping out of the driver's share: leaving
 // the driver, collection stops first; entering it, collection starts
 // last. What remains (the armed check and one thread-local flag) is
@@ -118,7 +135,7 @@ pub fn kernel() -> Frame {
 fn open(side: Side) -> Frame {
     let pushed = ARMED.load(Ordering::Relaxed);
     if pushed {
-        if side == Side::Kernel && IN_DRIVER.get() {
+        if side != Side::Driver && IN_DRIVER.get() {
             valgrind::toggle_collect();
             IN_DRIVER.set(false);
         }
@@ -168,7 +185,10 @@ fn push(side: Side) {
             (Some(Side::Driver), Side::Kernel) => {
                 KERNEL_CALLS.fetch_add(1, Ordering::Relaxed);
             }
-            (Some(Side::Kernel) | None, Side::Driver) => {
+            (Some(Side::Driver), Side::Probe) => {
+                PROBE_CALLS.fetch_add(1, Ordering::Relaxed);
+            }
+            (Some(Side::Kernel | Side::Probe) | None, Side::Driver) => {
                 DRIVER_ENTRIES.fetch_add(1, Ordering::Relaxed);
             }
             _ => {}
@@ -308,11 +328,13 @@ mod tests {
                 std::thread::sleep(std::time::Duration::from_millis(60));
                 let _d2 = driver();
             }
+            drop(probe());
             let _k = kernel();
         }
         arm(false);
         let r = take();
         assert_eq!(r.kernel_calls, 2);
+        assert_eq!(r.probe_calls, 1, "probe sites are counted apart");
         assert_eq!(r.driver_entries, 2);
         assert!(r.driver_ns >= 20_000_000, "{r:?}");
         assert!(
@@ -320,13 +342,13 @@ mod tests {
             "kernel time charged to the driver: {r:?}"
         );
         assert_eq!(
-            r.switches, 8,
+            r.switches, 10,
             "every crossing between the driver and the rest"
         );
         let c = calibrate(1000);
         assert_eq!(
-            (c.switches, c.kernel_calls, c.driver_entries),
-            (2002, 1000, 1)
+            (c.switches, c.kernel_calls, c.probe_calls, c.driver_entries),
+            (2002, 1000, 0, 1)
         );
         assert!(
             !ARMED.load(Ordering::SeqCst),

@@ -16,14 +16,30 @@
 //!   (`rvscsi_emu::memdev`), the same counters, where the driver's CPU
 //!   cost is not drowned by QEMU's.
 //!
+//! Two life cycles of a command's packet:
+//!
+//! - `sd` (the default): what sd does for every I/O (sd_start_cmds,
+//!   sdintr, sd_destroypkt in uts/common/io/scsi/targets/sd.c): a fresh
+//!   `scsi_init_pkt` with a buf (the framework's packet cache,
+//!   `tran_setup_pkt`, the DMA bind), `tran_start`, the completion, then
+//!   `scsi_destroy_pkt` (`tran_teardown_pkt`, the unbind, the cache free)
+//!   before the next packet is made, all from the completion callback.
+//! - `restart`: one packet per slot, made once and started again from its
+//!   completion callback (no setup, bind, teardown or unbind per command).
+//!
 //! On both, `ns_per_cmd` is the driver's own CPU time per command
 //! (min/median/max over `--repeat` runs): time inside driver entry points
 //! minus time inside the kernel functions it calls (the emulated DDI, the
 //! device model behind a doorbell, the target driver's completion
 //! callback), measured by `rvscsi_emu::meter`, less the measured cost of
-//! the clock reads. `kcalls_per_cmd` counts the kernel calls the driver
-//! made (DTrace probe sites included), whose cost on illumos depends on
-//! illumos. `insns_per_cmd` is the driver's own instruction count per
+//! the clock reads. `tran_setup_pkt` and `tran_teardown_pkt` are driver
+//! entry points and count; the framework's own work around them (the
+//! packet cache, `scsi_init_pkt`'s and `scsi_destroy_pkt`'s bookkeeping)
+//! and the emulated rootnex's (DMA bind and unbind) are kernel work and do
+//! not. `kcalls_per_cmd` counts the kernel calls the driver made, whose
+//! cost on illumos depends on illumos; `probes_per_cmd` the DTrace probe
+//! sites it passed, counted apart because illumos patches a disabled
+//! probe's call to no-ops. `insns_per_cmd` is the driver's own instruction count per
 //! command on the memory back end, counted by valgrind's callgrind in a
 //! child process (`valgrind` must be installed; without it the column is
 //! empty and the reason is printed). `wall_ns_per_cmd` is the elapsed time.
@@ -37,7 +53,7 @@ use crate::load::Lun;
 use crate::testkit::{Binding, Driver, Rig, RigConfig};
 use rvscsi::ffi;
 use rvscsi_emu::{Backend, meter};
-use rvscsi_emu::{DataBuf, InitArgs, Packet};
+use rvscsi_emu::{DataBuf, Device, InitArgs, Packet};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
@@ -49,15 +65,18 @@ use std::time::{Duration, Instant};
 pub const USAGE: &str = "\
 usage: rvscsi-sim bench [--json] [--commands N] [--repeat N] [--qd LIST]
                         [--queues LIST] [--mix LIST] [--backend LIST]
-                        [--no-instructions] [--module PATH] [--psm NAME]
+                        [--lifecycle LIST] [--no-instructions] [--module PATH]
+                        [--psm NAME]
 
 Runs the driver at a fixed queue depth, each completion starting the next
 command, on QEMU's virtio-scsi (through the test bed) and on an in-process
 virtio-scsi model, and reports per command: device register accesses (VM
 exits), interrupts, interrupt-status reads, kernel heap allocations, the
-driver's own CPU time (min/median/max) and kernel calls, and on the
-in-process model its own instructions (callgrind); each row also for a
-driver that notifies on every command without EVENT_IDX.
+driver's own CPU time (min/median/max), kernel calls and DTrace probe
+sites, and on the in-process model its own instructions (callgrind); each
+row also for a driver that notifies on every command without EVENT_IDX.
+The driver's share includes tran_setup_pkt and tran_teardown_pkt; the
+framework's packet cache and the DMA bind and unbind are not the driver's.
 
   --json             one JSON object per row instead of the table
   --commands N       commands per run (default 4000)
@@ -66,6 +85,9 @@ driver that notifies on every command without EVENT_IDX.
   --queues LIST      virtio-scsi request queues (default 1,4)
   --mix LIST         randread4k, seqwrite128k (default both)
   --backend LIST     qemu, memory (default both)
+  --lifecycle LIST   sd: scsi_init_pkt, tran_start, scsi_destroy_pkt for
+                     every command, as sd does (the default); restart: one
+                     packet per slot started again from its completion
   --no-instructions  skip the callgrind run (insns_per_cmd stays null)
   --module PATH      bench the kernel module object instead of the library
   --psm NAME         the emulated kernel's interrupt platform: apix (default,
@@ -99,6 +121,25 @@ impl Mix {
 
     fn write(self) -> bool {
         self == Mix::SeqWrite128k
+    }
+}
+
+/// How a command's packet lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// A packet per command, made from the previous command's completion
+    /// and destroyed on its own, as sd does.
+    Sd,
+    /// One packet per slot, started again from its completion.
+    Restart,
+}
+
+impl Lifecycle {
+    fn name(self) -> &'static str {
+        match self {
+            Lifecycle::Sd => "sd",
+            Lifecycle::Restart => "restart",
+        }
     }
 }
 
@@ -157,6 +198,8 @@ pub struct BenchOptions {
     pub module: Option<String>,
     /// Back ends.
     pub backends: Vec<Backend>,
+    /// Packet life cycles.
+    pub lifecycles: Vec<Lifecycle>,
     /// Count instructions with callgrind (memory back end).
     pub instructions: bool,
     /// The emulated kernel's interrupt platform.
@@ -180,6 +223,7 @@ impl Default for BenchOptions {
             mixes: vec![Mix::RandRead4k, Mix::SeqWrite128k],
             module: None,
             backends: vec![Backend::Qemu, Backend::Memory],
+            lifecycles: vec![Lifecycle::Sd],
             instructions: true,
             psm: rvscsi_emu::ddi::intr::Psm::default(),
             exe: None,
@@ -247,6 +291,13 @@ pub fn parse(args: &[String]) -> Result<BenchOptions, String> {
                     _ => None,
                 })?;
             }
+            "--lifecycle" => {
+                o.lifecycles = list(&value()?, |s| match s {
+                    "sd" => Some(Lifecycle::Sd),
+                    "restart" => Some(Lifecycle::Restart),
+                    _ => None,
+                })?;
+            }
             "--no-instructions" => o.instructions = false,
             "--psm" => {
                 o.psm = match value()?.as_str() {
@@ -281,6 +332,8 @@ pub struct Row {
     pub backend: Backend,
     /// Workload.
     pub mix: Mix,
+    /// Packet life cycle.
+    pub lifecycle: Lifecycle,
     /// Queue depth.
     pub qd: u32,
     /// Request queues.
@@ -299,8 +352,15 @@ pub struct Row {
     pub isr_reads_per_cmd: f64,
     /// `kmem_alloc` calls per command.
     pub allocs_per_cmd: f64,
-    /// Kernel functions the driver called, per command.
+    /// Kernel functions the driver called, per command (probe sites not
+    /// included).
     pub kernel_calls_per_cmd: f64,
+    /// DTrace probe sites the driver passed, per command.
+    pub probes_per_cmd: f64,
+    /// Driver entry points the framework called, per command (sd's life
+    /// cycle adds `tran_setup_pkt` and `tran_teardown_pkt` to
+    /// `tran_start` and the interrupts).
+    pub entries_per_cmd: f64,
     /// The driver's own CPU time per command: min, median, max over runs.
     pub ns_per_cmd: [f64; 3],
     /// Elapsed time per command (median run).
@@ -311,7 +371,13 @@ pub struct Row {
 
 impl Row {
     fn key(&self) -> String {
-        row_key(self.backend, self.mix, self.qd, self.queues, self.variant)
+        row_key(
+            self.backend,
+            (self.mix, self.lifecycle),
+            self.qd,
+            self.queues,
+            self.variant,
+        )
     }
 
     /// The row as one JSON object (the fields the README documents).
@@ -319,6 +385,7 @@ impl Row {
         rvscsi_qtest::json!({
             "backend": backend_name(self.backend),
             "mix": self.mix.name(),
+            "lifecycle": self.lifecycle.name(),
             "qd": self.qd,
             "queues": self.queues,
             "vectors": self.vectors,
@@ -327,6 +394,7 @@ impl Row {
             "isr_reads_per_cmd": self.isr_reads_per_cmd,
             "allocs_per_cmd": self.allocs_per_cmd,
             "kcalls_per_cmd": self.kernel_calls_per_cmd,
+            "probes_per_cmd": self.probes_per_cmd,
             "ns_per_cmd": self.ns_per_cmd[1],
             "ns_per_cmd_min": self.ns_per_cmd[0],
             "ns_per_cmd_max": self.ns_per_cmd[2],
@@ -338,11 +406,18 @@ impl Row {
     }
 }
 
-fn row_key(backend: Backend, mix: Mix, qd: u32, queues: u32, v: Variant) -> String {
+fn row_key(
+    backend: Backend,
+    (mix, life): (Mix, Lifecycle),
+    qd: u32,
+    queues: u32,
+    v: Variant,
+) -> String {
     format!(
-        "{}/{}/qd{qd}/q{queues}/{}",
+        "{}/{}/{}/qd{qd}/q{queues}/{}",
         backend_name(backend),
         mix.name(),
+        life.name(),
         v.name()
     )
 }
@@ -350,9 +425,10 @@ fn row_key(backend: Backend, mix: Mix, qd: u32, queues: u32, v: Variant) -> Stri
 /// Table header.
 pub fn table_header() -> String {
     format!(
-        "{:<7} {:<13} {:>4} {:>6} {:>7} {:<17} {:>9} {:>8} {:>7} {:>9} {:>10} {:>20} {:>10} {:>9}",
+        "{:<7} {:<13} {:<7} {:>4} {:>6} {:>7} {:<17} {:>9} {:>8} {:>7} {:>9} {:>10} {:>10} {:>20} {:>10} {:>9}",
         "backend",
         "mix",
+        "life",
         "qd",
         "queues",
         "vectors",
@@ -362,6 +438,7 @@ pub fn table_header() -> String {
         "isr/cmd",
         "alloc/cmd",
         "kcalls/cmd",
+        "probes/cmd",
         "drv ns/cmd min/med/max",
         "insns/cmd",
         "wall ns",
@@ -371,9 +448,10 @@ pub fn table_header() -> String {
 /// One table line.
 pub fn table_line(r: &Row) -> String {
     format!(
-        "{:<7} {:<13} {:>4} {:>6} {:>7} {:<17} {:>9.3} {:>8.3} {:>7.3} {:>9.3} {:>10.1} {:>20} {:>10} {:>9.0}",
+        "{:<7} {:<13} {:<7} {:>4} {:>6} {:>7} {:<17} {:>9.3} {:>8.3} {:>7.3} {:>9.3} {:>10.1} {:>10.1} {:>20} {:>10} {:>9.0}",
         backend_name(r.backend),
         r.mix.name(),
+        r.lifecycle.name(),
         r.qd,
         r.queues,
         r.vectors,
@@ -383,6 +461,7 @@ pub fn table_line(r: &Row) -> String {
         r.isr_reads_per_cmd,
         r.allocs_per_cmd,
         r.kernel_calls_per_cmd,
+        r.probes_per_cmd,
         format!(
             "{:.0}/{:.0}/{:.0}",
             r.ns_per_cmd[0], r.ns_per_cmd[1], r.ns_per_cmd[2]
@@ -396,15 +475,26 @@ pub fn table_line(r: &Row) -> String {
 /// The closed loop of one run.
 struct Stream {
     mix: Mix,
+    lifecycle: Lifecycle,
     disk_blocks: u64,
+    dev: Arc<Device>,
+    /// Each slot's buf (sd's `struct buf` comes from above the HBA; it is
+    /// not part of what a command costs the HBA).
+    bufs: Vec<Arc<DataBuf>>,
+    /// The packet each slot has out (its owner's handle on it).
+    slots: Vec<Mutex<Option<Packet>>>,
     /// Commands still to start.
     remaining: AtomicI64,
-    /// Packets in flight.
+    /// Slots with a packet in flight.
     active: Mutex<usize>,
     idle: Condvar,
     next_lba: AtomicU64,
     rng: AtomicU64,
     problems: Mutex<Vec<String>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Stream {
@@ -449,8 +539,43 @@ impl Stream {
         }
     }
 
+    /// `scsi_init_pkt` of slot `slot`'s next packet, as sd_setup_rw_pkt
+    /// asks for it from sd_start_cmds: with the buf, a 10-byte CDB, room
+    /// for auto request sense, and a callback function rather than
+    /// SLEEP_FUNC (it runs in interrupt context), so no sleeping
+    /// allocation. Its completion comes back to [`Self::on_complete`].
+    fn make(self: &Arc<Self>, slot: usize) -> Result<Packet, String> {
+        let args = InitArgs {
+            sleep: false,
+            ..InitArgs::default()
+        };
+        let buf = self.bufs[slot].clone();
+        let p = self
+            .dev
+            .init_pkt(Some(buf), args)
+            .map_err(|e| format!("scsi_init_pkt: {e:?}"))?;
+        self.set_cdb(&p);
+        let s = self.clone();
+        p.set_restart(Some(Arc::new(move |p: &Packet| s.on_complete(slot, p))));
+        Ok(p)
+    }
+
+    /// Starts slot `slot`'s packet `p` and keeps it there. The slot stays
+    /// locked while `tran_start` runs, so a completion on another CPU
+    /// finds the packet in its slot.
+    fn start(&self, slot: usize, p: Packet, what: &str) {
+        let mut held = locked(&self.slots[slot]);
+        let rc = p.start_async();
+        *held = Some(p);
+        drop(held);
+        if rc != ffi::TRAN_ACCEPT {
+            self.problem(format!("tran_start returned {rc} {what}"));
+            self.retire();
+        }
+    }
+
     fn retire(&self) {
-        let mut a = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        let mut a = locked(&self.active);
         *a -= 1;
         if *a == 0 {
             self.idle.notify_all();
@@ -458,15 +583,14 @@ impl Stream {
     }
 
     fn problem(&self, what: String) {
-        self.problems
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(what);
+        locked(&self.problems).push(what);
     }
 
-    /// Runs in `scsi_hba_pkt_comp`: checks the completion and starts the
-    /// packet again while commands remain.
-    fn on_complete(&self, p: &Packet) {
+    /// Runs in `scsi_hba_pkt_comp` for slot `slot`: checks the completion
+    /// and starts the next command while commands remain. sd's way: the
+    /// packet is destroyed (sd_destroypkt from sdintr) and a new one made
+    /// for the next command; restart: the same packet goes again.
+    fn on_complete(self: &Arc<Self>, slot: usize, p: &Packet) {
         let r = p.result();
         if r.reason != ffi::CMD_CMPLT || r.status() != ffi::STATUS_GOOD {
             self.problem(format!(
@@ -475,15 +599,36 @@ impl Stream {
                 r.status()
             ));
         }
+        if self.lifecycle == Lifecycle::Sd {
+            // Waits for the starter (if another CPU is still in its
+            // tran_start) to have put the packet in the slot.
+            let done = locked(&self.slots[slot]).take();
+            // `p` is this packet: not touched after its destruction.
+            match done {
+                Some(done) => done.destroy(),
+                None => self.problem("a completion for an empty slot".into()),
+            }
+        }
         if self.remaining.fetch_sub(1, Ordering::AcqRel) <= 0 {
             self.retire();
             return;
         }
-        self.set_cdb(p);
-        let rc = p.start_async();
-        if rc != ffi::TRAN_ACCEPT {
-            self.problem(format!("tran_start returned {rc} at depth"));
-            self.retire();
+        match self.lifecycle {
+            Lifecycle::Sd => match self.make(slot) {
+                Ok(next) => self.start(slot, next, "from a completion"),
+                Err(e) => {
+                    self.problem(format!("{e} from a completion"));
+                    self.retire();
+                }
+            },
+            Lifecycle::Restart => {
+                self.set_cdb(p);
+                let rc = p.start_async();
+                if rc != ffi::TRAN_ACCEPT {
+                    self.problem(format!("tran_start returned {rc} at depth"));
+                    self.retire();
+                }
+            }
         }
     }
 }
@@ -501,7 +646,7 @@ struct Sample {
 fn run_once(
     rig: &Rig,
     lun: &Lun,
-    mix: Mix,
+    (mix, lifecycle): (Mix, Lifecycle),
     (qd, queues): (u32, u32),
     commands: u64,
     seed: u64,
@@ -510,7 +655,13 @@ fn run_once(
     let len = mix.blocks() as usize * 512;
     let stream = Arc::new(Stream {
         mix,
+        lifecycle,
         disk_blocks,
+        dev: lun.dev.clone(),
+        bufs: (0..qd)
+            .map(|_| Arc::new(DataBuf::new(len, 0, !mix.write())))
+            .collect(),
+        slots: (0..qd).map(|_| Mutex::new(None)).collect(),
         remaining: AtomicI64::new(commands as i64 - i64::from(qd)),
         active: Mutex::new(qd as usize),
         idle: Condvar::new(),
@@ -518,17 +669,14 @@ fn run_once(
         rng: AtomicU64::new(seed | 1),
         problems: Mutex::new(Vec::new()),
     });
-    let mut pkts = Vec::new();
-    for _ in 0..qd {
-        let buf = Arc::new(DataBuf::new(len, 0, !mix.write()));
-        let p = lun
-            .dev
-            .init_pkt(Some(buf), InitArgs::default())
-            .map_err(|e| format!("init_pkt: {e:?}"))?;
-        stream.set_cdb(&p);
-        let s = stream.clone();
-        p.set_restart(Some(Arc::new(move |p: &Packet| s.on_complete(p))));
-        pkts.push(p);
+    // Restart: the packets exist before the measurement; sd: each
+    // command's packet is made (and its tran_setup_pkt measured) when it
+    // is started.
+    let mut premade = Vec::new();
+    if lifecycle == Lifecycle::Restart {
+        for k in 0..qd as usize {
+            premade.push(Ok(stream.make(k)?));
+        }
     }
     let m = &rig.bed().machine;
     let before = counters(m);
@@ -536,19 +684,29 @@ fn run_once(
     let _ = meter::take();
     meter::arm(true);
     let t0 = Instant::now();
-    for (k, p) in pkts.iter().enumerate() {
+    if lifecycle == Lifecycle::Sd {
+        // Made (measured) first and then started together, so that filling
+        // the queue is no slower than restart's.
+        for k in 0..qd as usize {
+            rvscsi_emu::ddi::cpu::run_on(k % queues.max(1) as usize);
+            premade.push(stream.make(k));
+        }
+    }
+    for (k, p) in premade.into_iter().enumerate() {
         // Issued from as many CPUs as there are queues; completions then
-        // restart from their vectors' CPUs.
+        // start the next ones from their vectors' CPUs.
         rvscsi_emu::ddi::cpu::run_on(k % queues.max(1) as usize);
-        let rc = p.start_async();
-        if rc != ffi::TRAN_ACCEPT {
-            stream.problem(format!("tran_start returned {rc} while filling the queue"));
-            stream.retire();
+        match p {
+            Ok(p) => stream.start(k, p, "while filling the queue"),
+            Err(e) => {
+                stream.problem(format!("{e} while filling the queue"));
+                stream.retire();
+            }
         }
     }
     let waited = {
         let deadline = Instant::now() + Duration::from_secs(300);
-        let mut a = stream.active.lock().unwrap_or_else(|p| p.into_inner());
+        let mut a = locked(&stream.active);
         loop {
             if *a == 0 {
                 break Ok(());
@@ -569,11 +727,14 @@ fn run_once(
     let reading = meter::take();
     waited?;
     let after = counters(m);
-    for p in pkts {
-        p.set_restart(None);
-        p.destroy();
+    // Restart's packets (and any a refused start left in its slot).
+    for slot in &stream.slots {
+        if let Some(p) = locked(slot).take() {
+            p.set_restart(None);
+            p.destroy();
+        }
     }
-    let problems = std::mem::take(&mut *stream.problems.lock().unwrap_or_else(|p| p.into_inner()));
+    let problems = std::mem::take(&mut *locked(&stream.problems));
     if let Some(first) = problems.first() {
         let violations = m.violations();
         return Err(format!(
@@ -616,13 +777,18 @@ struct Setup<'a> {
 
 /// Measures one row: `repeat` runs; the counters of the median run (by
 /// driver time).
-fn measure(s: &Setup<'_>, o: &BenchOptions, mix: Mix, qd: u32) -> Result<Row, String> {
+fn measure(
+    s: &Setup<'_>,
+    o: &BenchOptions,
+    (mix, lifecycle): (Mix, Lifecycle),
+    qd: u32,
+) -> Result<Row, String> {
     let mut samples = Vec::new();
     for r in 0..o.repeat {
         samples.push(run_once(
             s.rig,
             s.lun,
-            mix,
+            (mix, lifecycle),
             (qd, s.queues),
             o.commands,
             1 + u64::from(r),
@@ -631,7 +797,7 @@ fn measure(s: &Setup<'_>, o: &BenchOptions, mix: Mix, qd: u32) -> Result<Row, St
             let switches = samples.last().map_or(0, |x: &Sample| x.meter.switches);
             dump_callgrind(&format!(
                 "{} switches={switches}",
-                row_key(s.backend, mix, qd, s.queues, s.variant)
+                row_key(s.backend, (mix, lifecycle), qd, s.queues, s.variant)
             ))?;
         }
     }
@@ -644,6 +810,7 @@ fn measure(s: &Setup<'_>, o: &BenchOptions, mix: Mix, qd: u32) -> Result<Row, St
     Ok(Row {
         backend: s.backend,
         mix,
+        lifecycle,
         qd,
         queues: s.queues,
         vectors: s.vectors,
@@ -653,6 +820,8 @@ fn measure(s: &Setup<'_>, o: &BenchOptions, mix: Mix, qd: u32) -> Result<Row, St
         isr_reads_per_cmd: med.isr_reads as f64 / n,
         allocs_per_cmd: med.allocs as f64 / n,
         kernel_calls_per_cmd: med.meter.kernel_calls as f64 / n,
+        probes_per_cmd: med.meter.probe_calls as f64 / n,
+        entries_per_cmd: med.meter.driver_entries as f64 / n,
         ns_per_cmd: [
             driver_ns(&samples[0]),
             driver_ns(med),
@@ -716,6 +885,10 @@ fn count_instructions(o: &BenchOptions) -> Result<HashMap<String, f64>, String> 
     .args([
         "--mix",
         &join(o.mixes.iter().map(|m| m.name().to_string()).collect()),
+    ])
+    .args([
+        "--lifecycle",
+        &join(o.lifecycles.iter().map(|l| l.name().to_string()).collect()),
     ]);
     if let Some(m) = &o.module {
         cmd.args(["--module", m]);
@@ -774,7 +947,7 @@ fn count_instructions(o: &BenchOptions) -> Result<HashMap<String, f64>, String> 
             (key, own / commands as f64)
         })
         .collect();
-    let expected = o.qds.len() * o.queues.len() * o.mixes.len() * 2;
+    let expected = o.qds.len() * o.queues.len() * o.mixes.len() * o.lifecycles.len() * 2;
     if counts.len() != expected {
         return Err(format!(
             "callgrind produced {} of the {expected} row counts",
@@ -846,14 +1019,16 @@ pub fn run(o: &BenchOptions, out: &mut dyn Write, err: &mut dyn Write) -> Result
                     variant,
                     switch_ns,
                 };
-                for &mix in &o.mixes {
-                    for &qd in &o.qds {
-                        let mut row = measure(&setup, o, mix, qd)?;
-                        row.insns_per_cmd = insns.get(&row.key()).copied();
-                        let line = if o.json { row.json() } else { table_line(&row) };
-                        let _ = writeln!(out, "{line}");
-                        let _ = out.flush();
-                        rows.push(row);
+                for &lifecycle in &o.lifecycles {
+                    for &mix in &o.mixes {
+                        for &qd in &o.qds {
+                            let mut row = measure(&setup, o, (mix, lifecycle), qd)?;
+                            row.insns_per_cmd = insns.get(&row.key()).copied();
+                            let line = if o.json { row.json() } else { table_line(&row) };
+                            let _ = writeln!(out, "{line}");
+                            let _ = out.flush();
+                            rows.push(row);
+                        }
                     }
                 }
                 if let Some(dev) = &rig.bed().machine.memdev {
@@ -877,8 +1052,10 @@ pub fn run(o: &BenchOptions, out: &mut dyn Write, err: &mut dyn Write) -> Result
     }
     let _ = writeln!(
         err,
-        "bench: {} rows, {} commands per run, {} runs per row; ns/cmd is the driver's own CPU \
-         time (the meter's {switch_ns:.0} ns per side switch taken off)",
+        "bench: {} rows, {} commands per run, {} runs per row; ns/cmd, insns/cmd and kcalls/cmd \
+         are the driver's own (tran_setup_pkt and tran_teardown_pkt included; the framework's \
+         packet cache and the DMA bind and unbind excluded; probe sites apart in probes/cmd), \
+         the meter's {switch_ns:.0} ns per side switch taken off",
         rows.len(),
         o.commands,
         o.repeat

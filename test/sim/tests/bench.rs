@@ -5,7 +5,7 @@
 //! CPU time and instructions, and `--json` prints the documented fields.
 
 use rvscsi_emu::Backend;
-use rvscsi_sim::bench::{self, BenchOptions, Mix, Variant};
+use rvscsi_sim::bench::{self, BenchOptions, Lifecycle, Mix, Variant};
 
 fn quick(
     qds: Vec<u32>,
@@ -26,7 +26,11 @@ fn quick(
     })
 }
 
+/// The meter's counters are the process's: one bench at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn run(o: BenchOptions) -> (Vec<bench::Row>, String) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let rows = bench::run(&o, &mut out, &mut err)
         .unwrap_or_else(|e| panic!("bench: {e}\n{}", String::from_utf8_lossy(&err)));
@@ -142,12 +146,16 @@ fn json_rows_carry_the_documented_fields_on_every_queue_count() {
             "exits_per_cmd",
             "interrupts_per_cmd",
             "allocs_per_cmd",
+            "kcalls_per_cmd",
+            "probes_per_cmd",
             "ns_per_cmd",
             "insns_per_cmd",
             "driver",
+            "lifecycle",
         ] {
             assert!(v.get(f).is_some(), "{f} missing in {l}");
         }
+        assert_eq!(v["lifecycle"], "sd", "sd's life cycle is the default");
         assert_eq!(v["mix"], "seqwrite128k");
         assert_eq!(v["backend"], "qemu");
     }
@@ -197,4 +205,54 @@ fn under_pcplusmp_the_bench_runs_on_the_two_vectors_illumos_grants_there() {
         bench::parse(&["--psm".into(), "xen".into()]).is_err(),
         "an unknown platform is refused"
     );
+}
+
+#[test]
+fn the_sd_life_cycle_makes_and_destroys_a_packet_for_every_command() {
+    let (rows, out) = run(BenchOptions {
+        json: true,
+        commands: 300,
+        repeat: 1,
+        qds: vec![1],
+        queues: vec![1],
+        mixes: vec![Mix::RandRead4k],
+        backends: vec![Backend::Memory],
+        lifecycles: vec![Lifecycle::Sd, Lifecycle::Restart],
+        instructions: false,
+        ..BenchOptions::default()
+    });
+    let ours = |l| {
+        rows.iter()
+            .find(|r| r.variant == Variant::Rvscsi && r.lifecycle == l)
+            .expect("the row")
+    };
+    let (sd, restart) = (ours(Lifecycle::Sd), ours(Lifecycle::Restart));
+    // At QD1 every command is one tran_start and one interrupt either way;
+    // sd's adds tran_setup_pkt and tran_teardown_pkt, and restart's none.
+    assert!(
+        (sd.entries_per_cmd - restart.entries_per_cmd - 2.0).abs() < 0.05,
+        "sd {sd:?}\nrestart {restart:?}"
+    );
+    assert!((restart.entries_per_cmd - 2.0).abs() < 0.05, "{restart:?}");
+    // DTrace probe sites (cmd-start, cmd-done) are not kernel calls.
+    assert!((sd.probes_per_cmd - 2.0).abs() < 0.05, "{sd:?}");
+    assert_eq!(sd.allocs_per_cmd, 0.0, "{sd:?}");
+    let lifecycles: Vec<String> = out
+        .lines()
+        .map(|l| {
+            let v: rvscsi_qtest::Value = rvscsi_qtest::from_str(l).expect("JSON");
+            v["lifecycle"].as_str().unwrap_or_default().to_string()
+        })
+        .collect();
+    // Per driver configuration, in the order asked for.
+    assert_eq!(
+        lifecycles,
+        ["sd", "restart", "sd", "restart"].map(String::from),
+        "{out}"
+    );
+    let args = ["--lifecycle", "restart,sd"].map(String::from);
+    let o = bench::parse(&args).expect("lifecycles");
+    assert_eq!(o.lifecycles, vec![Lifecycle::Restart, Lifecycle::Sd]);
+    let e = bench::parse(&["--lifecycle".into(), "zfs".into()]).unwrap_err();
+    assert!(e.contains("zfs"), "{e}");
 }

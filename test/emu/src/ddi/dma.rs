@@ -850,7 +850,15 @@ pub extern "C" fn ddi_dma_sync(
     length: usize,
     type_: c_uint,
 ) -> c_int {
+    // The frame around a call of the body: the body's prologue and
+    // epilogue (the emulation's, some 70 instructions with its locks and
+    // checks) are the kernel's side, not the driver's.
     let _kernel = crate::meter::kernel();
+    dma_sync(h, offset, length, type_)
+}
+
+#[inline(never)]
+fn dma_sync(h: ddi_dma_handle_t, offset: off_t, length: usize, type_: c_uint) -> c_int {
     let Some(d) = handle(h, "ddi_dma_sync") else {
         return ffi::DDI_FAILURE;
     };

@@ -82,7 +82,7 @@ pub extern "C" fn __dtrace_probe_rvscsi__cmd__start(
     lun: usize,
     queue: usize,
 ) {
-    let _kernel = crate::meter::kernel();
+    let _probe = crate::meter::probe();
     fire("rvscsi-cmd-start", &[pkt, target, lun, queue]);
 }
 
@@ -95,7 +95,7 @@ pub extern "C" fn __dtrace_probe_rvscsi__cmd__done(
     state: usize,
     statistics: usize,
 ) {
-    let _kernel = crate::meter::kernel();
+    let _probe = crate::meter::probe();
     fire("rvscsi-cmd-done", &[pkt, reason, status, state, statistics]);
 }
 
@@ -107,7 +107,7 @@ pub extern "C" fn __dtrace_probe_rvscsi__cmd__timeout(
     lun: usize,
     time_s: usize,
 ) {
-    let _kernel = crate::meter::kernel();
+    let _probe = crate::meter::probe();
     fire("rvscsi-cmd-timeout", &[pkt, target, lun, time_s]);
 }
 
@@ -119,7 +119,7 @@ pub extern "C" fn __dtrace_probe_rvscsi__cmd__abort(
     lun: usize,
     done: usize,
 ) {
-    let _kernel = crate::meter::kernel();
+    let _probe = crate::meter::probe();
     fire("rvscsi-cmd-abort", &[pkt, target, lun, done]);
 }
 
@@ -131,7 +131,7 @@ pub extern "C" fn __dtrace_probe_rvscsi__reset(
     lun: usize,
     done: usize,
 ) {
-    let _kernel = crate::meter::kernel();
+    let _probe = crate::meter::probe();
     fire("rvscsi-reset", &[level, target, lun, done]);
 }
 

@@ -77,7 +77,7 @@ pub struct MemoryConfig {
 }
 
 /// The device's counters.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DeviceStats {
     /// Requests completed.
     pub requests: AtomicU64,
@@ -85,6 +85,32 @@ pub struct DeviceStats {
     /// after the driver's last look at the used index, before its
     /// `used_event` write.
     pub landed_in_rearm_window: AtomicU64,
+    /// Doorbell writes per virtqueue (control, event, then the request
+    /// queues), for tests that count notifications queue by queue.
+    pub doorbells: [AtomicU64; DOORBELLS_COUNTED],
+}
+
+/// Virtqueues whose doorbell writes [`DeviceStats::doorbells`] counts
+/// (control, event and 64 request queues); later ones are not counted.
+pub const DOORBELLS_COUNTED: usize = 66;
+
+impl Default for DeviceStats {
+    fn default() -> Self {
+        DeviceStats {
+            requests: AtomicU64::new(0),
+            landed_in_rearm_window: AtomicU64::new(0),
+            doorbells: [const { AtomicU64::new(0) }; DOORBELLS_COUNTED],
+        }
+    }
+}
+
+impl DeviceStats {
+    /// Doorbell writes of virtqueue `q` so far.
+    pub fn doorbell_writes(&self, q: usize) -> u64 {
+        self.doorbells
+            .get(q)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
 }
 
 /// The in-process machine.
@@ -337,6 +363,9 @@ impl MemoryMachine {
         if let Some(off) = dev.pci.bar_offset(VIRTIO_BAR, a, size) {
             if (NOTIFY_AT..NOTIFY_AT + 0x1000).contains(&off) {
                 let q = ((off - NOTIFY_AT) / u64::from(NOTIFY_MULTIPLIER)) as u16;
+                if let Some(c) = self.stats.doorbells.get(usize::from(q)) {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
                 let mut ram = lock(&self.ram);
                 let out = dev.notify(q, &mut ram);
                 drop(ram);
