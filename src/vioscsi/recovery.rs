@@ -43,6 +43,18 @@
 //! list collapses into one device reset ([`TaskRequests::push`]). 0 only
 //! when nothing will be done: the HBA stopped or failed, the command not
 //! found, or (in thread context) the device refused.
+//!
+//! A packet torn down while in flight where the caller may not wait (sd
+//! destroys packets from its completion routine) cannot wait for a TMF
+//! either, and cannot be deferred: the framework unbinds and frees it when
+//! tran_teardown_pkt returns. `abandon_cmd` then resets the device without
+//! waiting (one status read-back, a few microseconds), takes every command
+//! back onto the parked lists, and leaves the bring-back (renegotiation,
+//! activation, the others completing `CMD_RESET` + `STAT_BUS_RESET`) to
+//! the work task. Nothing reachable from an interrupt handler takes the
+//! control-queue lock (`ctl`, no interrupt priority: it is held across the
+//! seconds a TMF may take), except a FLAG_NOINTR command polled in
+//! interrupt context (`poll_to_completion`, whose recovery runs inline).
 
 use super::cmd::{Cmd, IDLE};
 use super::hba::{AttachError, Lun, Stats, VioScsi, state};
@@ -56,13 +68,30 @@ use crate::probes;
 use crate::scsa::PktStatistics;
 use crate::scsa::addr::LunNumber;
 use crate::shmem::SharedMem;
+use crate::virtio::pci::{RESET_CONFIRM_READS, TransportError};
 use crate::virtio::ring::{Segment, SplitQueue};
 use core::sync::atomic::Ordering;
+
+/// How [`VioScsi::stop_and_reclaim`] resets the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StopWait {
+    /// Waits (up to a second) until the device reads back status 0.
+    UntilStopped,
+    /// Interrupt context: writes 0 and reads the status back a few times
+    /// within microseconds ([`crate::virtio::pci::Transport::reset_confirmed_briefly`]).
+    Briefly,
+}
 
 /// How long a TMF may take before the device is considered unresponsive.
 const TMF_TIMEOUT_US: i64 = 5 * ffi::MICROSEC;
 /// How long a recovery step waits for the command to come back.
 const STEP_WAIT_US: i64 = ffi::MICROSEC;
+/// How long `abandon_cmd` in interrupt context waits for another thread to
+/// let go of a torn-down packet's command (it holds it for a few
+/// microseconds: a completion under way, a reset taking the commands
+/// back). Well within the millisecond of busy waiting an interrupt may do
+/// in all (test/emu/src/ddi/time.rs INTERRUPT_SPIN_LIMIT_US).
+const INTERRUPT_LET_GO_US: i64 = 200;
 /// Offset of the TMF response in the control buffer.
 const TMF_RESP_OFF: usize = 32;
 
@@ -141,6 +170,10 @@ pub enum Queued {
 #[derive(Default)]
 pub struct TaskRequests {
     slots: [Option<TaskRequest>; MAX_TASK_REQUESTS],
+    /// The device was stopped and its commands taken back by a caller
+    /// that may not wait (see [`VioScsi::abandon_cmd`]); the work task
+    /// brings it back. A flag, not a slot: never refused, never collapsed.
+    bring_back: bool,
 }
 
 impl TaskRequests {
@@ -162,16 +195,25 @@ impl TaskRequests {
                 Queued::Slot
             }
             None => {
-                *self = TaskRequests::default();
+                *self = TaskRequests {
+                    bring_back: self.bring_back,
+                    ..TaskRequests::default()
+                };
                 self.slots[0] = Some(TaskRequest::DeviceReset);
                 Queued::Collapsed
             }
         }
     }
 
+    /// Asks the work task to bring back a device stopped by a caller that
+    /// may not wait (never refused).
+    pub fn request_bring_back(&mut self) {
+        self.bring_back = true;
+    }
+
     /// Whether nothing is queued.
     pub fn is_empty(&self) -> bool {
-        self.slots.iter().all(Option::is_none)
+        !self.bring_back && self.slots.iter().all(Option::is_none)
     }
 
     /// Takes every queued request, leaving the list empty.
@@ -500,19 +542,77 @@ impl VioScsi {
     }
 
     /// Cuts command `cmd` loose from its packet (torn down while in
-    /// flight) and makes sure the device no longer uses its buffers: the
-    /// recovery ladder, ending in a device reset if need be. Bounded; does
-    /// not sleep (the context is the target driver's).
+    /// flight) and makes sure the device no longer uses its buffers.
     ///
-    /// When this returns, the framework frees the packet, and with it the
-    /// command (its HBA private area): under a DEBUG kernel's kmem the
-    /// destructor runs and the memory is filled with 0xdeadbeef
+    /// When this returns, the framework unbinds the packet's DMA and frees
+    /// the packet, and with it the command (its HBA private area):
+    /// scsi_destroy_pkt(9F) -> `scsi_free_cache_pkt` calls
+    /// tran_teardown_pkt, then `scsi_dmafree_attr` (ddi_dma_unbind_handle)
+    /// and `kmem_cache_free` (usr/src/uts/common/io/scsi/impl/
+    /// scsi_resource.c). Under a DEBUG kernel's kmem the destructor runs
+    /// then and the memory is filled with 0xdeadbeef
     /// (kmem_cache_free_debug), and any cache may be reaped at any time. So
-    /// nothing of the HBA may still hold the command then: it must be idle,
-    /// not merely marked abandoned on some list.
+    /// the device must have stopped using the command's buffers, and
+    /// nothing of the HBA may still hold the command: it must be idle, not
+    /// merely marked abandoned on some list.
+    ///
+    /// - A caller that may wait (thread context; a panic): the recovery
+    ///   ladder (ABORT TASK, LUN reset, I_T nexus reset, device reset),
+    ///   bounded, by spinning.
+    /// - A caller that may not wait ([`Caller::MayNotWait`]): interrupt
+    ///   context (sd destroys packets from its completion routine, which
+    ///   runs in the HBA's interrupt handler: scsi_hba_pkt_comp calls
+    ///   pkt_comp directly, scsi_hba.c), or a completion routine the
+    ///   driver runs from its own work task or watchdog. No TMF
+    ///   (it waits for the device, holding the control-queue lock, which
+    ///   has no interrupt priority). If the device already returned the
+    ///   command, it is ended here. Otherwise the device is reset without
+    ///   waiting for more than a few microseconds
+    ///   ([`StopWait::Briefly`]), every outstanding command is taken back
+    ///   onto its queue's parked list, this one is ended, and the work
+    ///   task brings the device back and completes the others `CMD_RESET`
+    ///   (`run_task_requests` -> [`Self::bring_back`]).
     pub(crate) fn abandon_cmd(&self, cmd: &Cmd) {
-        let mut found = None;
+        let may_not_wait = self.caller() == Caller::MayNotWait;
+        if let Some(e) = self.cut_loose(cmd) {
+            if may_not_wait {
+                self.take_back_without_waiting(&e);
+            } else {
+                self.recover(e, false, Reaper::Poller);
+            }
+        }
+        // Out of the device now (or never found in it): done by it, or
+        // taken back by a reset, it may be parked on a queue's list, or a
+        // thread may be finishing it. Take it off the list, or wait
+        // (briefly if the caller may not wait) for that thread to let go.
+        let limit_us = if may_not_wait {
+            INTERRUPT_LET_GO_US
+        } else {
+            STEP_WAIT_US
+        };
+        let start = time::hrtime();
+        let mut spins = 0u32;
+        loop {
+            if cmd.state() == IDLE || self.unpark(cmd) {
+                return;
+            }
+            if (time::hrtime() - start) / 1000 >= limit_us {
+                dev_warn!(
+                    self.dip,
+                    "a torn-down packet's command could not be taken back (state {})",
+                    cmd.state()
+                );
+                return;
+            }
+            time::poll_pause(&mut spins, false);
+        }
+    }
+
+    /// Finds `cmd` in the request rings and cuts it loose from its packet
+    /// (it will be completed to nobody); where it is, if it is there.
+    fn cut_loose(&self, cmd: &Cmd) -> Option<Expired> {
         for (qi, q) in self.queues.iter().enumerate() {
+            let mut found = None;
             let mut g = q.ring.lock();
             g.ring.for_each_outstanding(|head, c| {
                 if c.is(cmd) {
@@ -530,32 +630,38 @@ impl VioScsi {
                 }
             });
             if found.is_some() {
-                break;
+                return found;
             }
         }
-        if let Some(e) = found {
-            self.recover(e, false, Reaper::Poller);
+        None
+    }
+
+    /// Interrupt context: gets the cut-loose command `e` out of the device
+    /// without waiting for it (see [`Self::abandon_cmd`]). Takes only the
+    /// request-queue and work locks, which have the interrupt priority.
+    fn take_back_without_waiting(&self, e: &Expired) {
+        // Returned by the device already: reaping its queue ends it.
+        self.reap_as(usize::from(e.queue), Reaper::Poller);
+        if !self.outstanding(e) {
+            return;
         }
-        // Out of the device now (or never found in it): done by it, or
-        // taken back by a reset, it may be parked on a queue's list, or a
-        // thread may be finishing it. Take it off the list, or wait for that
-        // thread to let go.
-        let start = time::hrtime();
-        let mut spins = 0u32;
-        loop {
-            if cmd.state() == IDLE || self.unpark(cmd) {
-                return;
-            }
-            if (time::hrtime() - start) / 1000 >= STEP_WAIT_US {
-                dev_warn!(
-                    self.dip,
-                    "a torn-down packet's command could not be taken back (state {})",
-                    cmd.state()
-                );
-                return;
-            }
-            time::poll_pause(&mut spins, false);
+        // Another thread resetting the device (state RESETTING) takes it
+        // back itself; abandon_cmd waits briefly for that.
+        let Some(stopped) = self.stop_and_reclaim(
+            "a packet was torn down in flight in interrupt context",
+            StopWait::Briefly,
+        ) else {
+            return;
+        };
+        if stopped.is_err() {
+            // Nothing more can be done here without waiting: the work
+            // task's bring-back waits for the reset (renegotiate).
+            dev_warn!(
+                self.dip,
+                "the device did not read back a finished reset within {RESET_CONFIRM_READS} reads: it may still use the buffers of the torn-down packet"
+            );
         }
+        self.schedule(|w| w.task_requests.request_bring_back());
     }
 
     /// Takes `cmd` off the parked list of its queue, if it is there, and
@@ -703,6 +809,11 @@ impl VioScsi {
     /// command in flight), failed or being reset (the reset ended, or
     /// ends, every command the rest concerned).
     pub(crate) fn run_task_requests(&self, requests: TaskRequests) {
+        if requests.bring_back && self.state() == state::RESETTING {
+            // Stopped and taken back by abandon_cmd, which could not wait;
+            // renegotiate() waits for the reset to finish.
+            self.bring_back(Ok(()), Reaper::Free);
+        }
         for r in requests.slots.iter().flatten() {
             if self.state() != state::RUNNING {
                 return;
@@ -756,6 +867,21 @@ impl VioScsi {
     /// brought back up is reset again, so that it stops using the rings
     /// the teardown is about to free.
     pub(crate) fn reset_device_as(&self, why: &str, who: Reaper) -> bool {
+        match self.stop_and_reclaim(why, StopWait::UntilStopped) {
+            Some(stopped) => self.bring_back(stopped, who),
+            None => false,
+        }
+    }
+
+    /// The first half of a device reset: RUNNING -> RESETTING (`None` if
+    /// the HBA was not running: another reset is under way, or it failed
+    /// or stopped), the device reset (`wait`: how long to wait for it to
+    /// finish), and every outstanding request-queue command taken back
+    /// onto its queue's parked list. Takes no lock without the interrupt
+    /// priority (callable in interrupt context with
+    /// [`StopWait::Briefly`]). The result says whether the device is known
+    /// to have stopped.
+    fn stop_and_reclaim(&self, why: &str, wait: StopWait) -> Option<Result<(), TransportError>> {
         if self
             .state
             .compare_exchange(
@@ -766,13 +892,20 @@ impl VioScsi {
             )
             .is_err()
         {
-            return false;
+            return None;
         }
         Stats::bump(&self.stats.resets);
         dev_warn!(self.dip, "resetting the device: {why}");
-        let stopped = self.transport.reset();
-        // The device no longer touches the rings: take everything back,
-        // onto each queue's parked list, under its lock, ended by the reset.
+        let stopped = match wait {
+            StopWait::UntilStopped => self.transport.reset(),
+            StopWait::Briefly if self.transport.reset_confirmed_briefly() => Ok(()),
+            StopWait::Briefly => Err(TransportError::ResetTimeout),
+        };
+        // The device no longer touches the rings (if it did not say so in
+        // time, the bring-back waits for its reset or fails it; nothing of
+        // the HBA may keep a command of a packet torn down meanwhile): take
+        // everything back, onto each queue's parked list, under its lock,
+        // ended by the reset.
         // Not onto a list of this thread: while the device is brought back
         // and the commands are completed, a target driver may tear down one
         // of their packets (from another thread, or from the completion
@@ -788,6 +921,17 @@ impl VioScsi {
             });
             r.kick_pending = false;
         }
+        Some(stopped)
+    }
+
+    /// The second half of a device reset (state RESETTING, the commands
+    /// taken back by [`Self::stop_and_reclaim`]; thread context: it takes
+    /// the control-queue lock and waits for the device): the control and
+    /// event queues emptied, the device renegotiated and activated, the
+    /// state RUNNING (or FAILED; or still STOPPED if a teardown came
+    /// meanwhile), the parked commands completed as `who` may. True if the
+    /// device came back.
+    pub(crate) fn bring_back(&self, stopped: Result<(), TransportError>, who: Reaper) -> bool {
         {
             let mut c = self.ctl.lock();
             c.ring.reclaim_all(|()| {});
@@ -905,5 +1049,23 @@ mod tests {
         assert_eq!(d.push(TaskRequest::DeviceReset), Queued::Slot);
         assert_eq!(d.push(TaskRequest::TargetReset(lun(2))), Queued::Covered);
         assert_eq!(d.slots.iter().flatten().count(), 1);
+    }
+
+    #[test]
+    fn a_bring_back_request_is_never_refused_and_taken_with_the_rest() {
+        let mut d = TaskRequests::default();
+        for t in 0..MAX_TASK_REQUESTS as u8 {
+            assert_eq!(d.push(TaskRequest::TargetReset(lun(t))), Queued::Slot);
+        }
+        d.request_bring_back();
+        // Full: the list collapses into one device reset, the bring-back
+        // stays requested.
+        assert_eq!(d.push(TaskRequest::DeviceReset), Queued::Collapsed);
+        let taken = d.take();
+        assert!(taken.bring_back && !taken.is_empty());
+        assert!(d.is_empty() && !d.bring_back);
+        let mut only = TaskRequests::default();
+        only.request_bring_back();
+        assert!(!only.is_empty(), "the work task is dispatched for it alone");
     }
 }

@@ -16,6 +16,10 @@ use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 /// "No MSI-X vector" (`VIRTIO_MSI_NO_VECTOR`, §4.1.5.1.2).
 pub const NO_VECTOR: u16 = 0xffff;
 
+/// Status reads [`Transport::reset_confirmed_briefly`] makes, a
+/// microsecond apart, before it gives up on seeing the reset finish.
+pub const RESET_CONFIRM_READS: u32 = 4;
+
 /// Why the transport could not be set up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TransportError {
@@ -324,6 +328,36 @@ impl Transport {
     /// Resets without waiting: for quiesce(9E), which must not block.
     pub fn reset_nowait(&self) {
         self.set_status(Status::empty());
+    }
+
+    /// Resets and reads the status back at most [`RESET_CONFIRM_READS`]
+    /// times, a microsecond apart (a few microseconds in all: fit for
+    /// interrupt context); true once it read 0, i.e. the device is known
+    /// to have stopped using the rings and buffers.
+    ///
+    /// virtio 1.2 §2.4 and §4.1.4.3.2: after writing 0 to device_status
+    /// the driver must wait for a read of it to return 0; until then it
+    /// cannot assume the device stopped. The first read also pushes the
+    /// (posted) status write to the device (PCI ordering: a read does not
+    /// pass a posted write). On a hypervisor the write is not posted to an
+    /// asynchronous engine: it traps to the VMM, which runs the reset in
+    /// that exit before the vCPU resumes (QEMU: `virtio_pci_common_write`,
+    /// modern, and `virtio_ioport_write`, legacy, both call
+    /// `virtio_pci_reset` -> `virtio_bus_reset` -> `virtio_reset` when the
+    /// status becomes 0, in hw/virtio/virtio-pci.c), so the first read
+    /// already returns 0. A device that has not read back 0 within this
+    /// bound is left to [`Self::reset`], from a context that may wait.
+    pub fn reset_confirmed_briefly(&self) -> bool {
+        self.set_status(Status::empty());
+        for i in 0..RESET_CONFIRM_READS {
+            if self.status().is_empty() {
+                return true;
+            }
+            if i + 1 < RESET_CONFIRM_READS {
+                time::usec_wait(1);
+            }
+        }
+        false
     }
 
     /// The features the device offers.
