@@ -390,7 +390,9 @@ impl VioScsi {
     /// whose completions this CPU is delivering, if any (the doorbell then
     /// joins that pass's), else the CPU's own (as Linux's virtio_scsi
     /// spreads them): commands from different CPUs meet on different
-    /// locks and rings, and each queue interrupts on its own vector.
+    /// locks and rings, and, where the system grants a vector per request
+    /// queue (MSI-X with interrupt resource management), each queue
+    /// interrupts on its own vector (see `vectors.rs` for the layouts).
     fn queue_for_this_cpu(&self) -> u16 {
         let n = self.queues.len().max(1) as u32;
         let cpu = crate::ddi::cpu::current_seqid();
