@@ -381,6 +381,16 @@ mod tests {
     use proptest::prelude::*;
     use std::format;
 
+    #[test]
+    fn a_lun_number_converts_to_its_own_value() {
+        // The DTrace probes take the LUN as a usize, the wire as u16.
+        for n in [0u16, 1, 255, 256, 300, MAX_SINGLE_LEVEL_LUN] {
+            let l = LunNumber::new(n).expect("a single-level LUN");
+            assert_eq!(u16::from(l), n);
+            assert_eq!(usize::from(l), usize::from(n));
+        }
+    }
+
     /// `scsi_lun_to_lun64` (devid_scsi.c), restated from its source.
     fn illumos_lun_to_lun64(l: [u8; 8]) -> u64 {
         if l[2..].iter().all(|&b| b == 0) && l[0] & AM_MASK == AM_PERIPHERAL {
