@@ -430,3 +430,57 @@ impl VioScsi {
         self.tgtmap.lock().is_some()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scsa::addr::LunNumber;
+
+    fn expired() -> Expired {
+        Expired {
+            queue: 0,
+            head: 0,
+            tag: 1,
+            pkt: 0,
+            target: 0,
+            lun: LunNumber::ZERO,
+        }
+    }
+
+    #[test]
+    fn work_is_pending_for_each_kind_of_work_and_only_then() {
+        let idle = Work::default();
+        assert!(!idle.pending(), "nothing to do");
+        let each: [fn(&mut Work); 6] = [
+            |w| w.discover = true,
+            |w| w.scan[1] = 1 << 3,
+            |w| w.reset = true,
+            |w| w.reap_queues = crate::vioscsi::io::queue_bit(2),
+            |w| w.task_requests.request_bring_back(),
+            |w| w.push_expired(expired()),
+        ];
+        for (n, set) in each.iter().enumerate() {
+            let mut w = Work::default();
+            set(&mut w);
+            assert!(w.pending(), "work kind {n} is pending");
+        }
+        // A stopped discovery keeps what it had for later, but asks for
+        // no task now; a reset or a reap still does.
+        let mut w = Work {
+            discovery_stopped: true,
+            discover: true,
+            ..Work::default()
+        };
+        w.scan[0] = 1;
+        assert!(!w.pending(), "discovery stopped");
+        w.reset = true;
+        assert!(w.pending(), "a reset while discovery is stopped");
+        // Scheduling state and the delivery mark are not work.
+        let marks = Work {
+            scheduled: true,
+            own_deliveries: 2,
+            ..Work::default()
+        };
+        assert!(!marks.pending());
+    }
+}

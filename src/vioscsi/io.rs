@@ -986,3 +986,44 @@ impl VioScsi {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_request_queue_has_its_own_hand_off_bit() {
+        for qi in 0..super::super::config::MAX_REQUEST_QUEUES as usize {
+            assert_eq!(queue_bit(qi), 1u64 << qi, "queue {qi}");
+        }
+    }
+
+    #[test]
+    fn a_deferred_doorbell_is_rung_by_the_pass_that_ends_and_a_lone_one_at_once() {
+        let k = PassKicks::new();
+        // No pass runs: the caller rings itself, and nothing is left over.
+        assert!(!k.defer(3));
+        k.enter();
+        assert_eq!(k.leave(), 0, "nothing was deferred");
+        // During a pass: deferred, rung (once) when it ends.
+        k.enter();
+        assert!(k.defer(0));
+        assert!(k.defer(5));
+        assert!(k.defer(5), "a second command on the queue joins the first");
+        assert_eq!(k.leave(), 1 | 1 << 5);
+        assert!(!k.defer(5), "the pass is over");
+        // Nested passes: the first to end takes what was deferred.
+        k.enter();
+        k.enter();
+        assert!(k.defer(1));
+        assert_eq!(k.leave(), 1 << 1);
+        assert_eq!(k.leave(), 0);
+        // The last deferrable queue, and the first one past it.
+        k.enter();
+        assert!(k.defer(DEFERRABLE_QUEUES - 1));
+        assert!(!k.defer(DEFERRABLE_QUEUES), "rings at once");
+        assert_eq!(k.leave(), 1 << (DEFERRABLE_QUEUES - 1));
+        assert_eq!(DEFERRABLE_QUEUES, 48);
+        assert_eq!(PASS_DEPTH_MASK, 0xffff);
+    }
+}
