@@ -388,6 +388,7 @@ mod tests {
             let l = LunNumber::new(n).expect("a single-level LUN");
             assert_eq!(u16::from(l), n);
             assert_eq!(usize::from(l), usize::from(n));
+            assert_eq!(format!("{l}"), format!("{n}"), "logged as its number");
         }
     }
 

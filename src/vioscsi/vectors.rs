@@ -129,6 +129,10 @@ mod tests {
         assert_eq!(l.config_vector(), l.event_vector());
         for w in 1..l.vectors() as u16 {
             assert!(
+                !l.serves_config_and_events(w),
+                "{vectors}/{queues}: vector {w} is a request queue's only"
+            );
+            assert!(
                 l.queues_of(w).next().is_some(),
                 "{vectors}/{queues}: vector {w} idle"
             );
