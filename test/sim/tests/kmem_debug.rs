@@ -30,6 +30,14 @@ fn kmem_mode(mode: KmemMode) -> MutexGuard<'static, ()> {
     g
 }
 
+/// DEBUG kmem with no random reaps (the scenario decides what is freed).
+fn debug_kmem_without_reaps() -> MutexGuard<'static, ()> {
+    kmem_mode(KmemMode {
+        reap_one_in: 0,
+        ..KmemMode::debug(kmem::DEFAULT_SEED)
+    })
+}
+
 fn rig() -> Rig {
     Rig::start(RigConfig {
         images: vec![(4096, 0, 0)],
@@ -61,6 +69,13 @@ fn read_pkt(dev: &Arc<Device>, lba: u32, buf: Arc<DataBuf>) -> Packet {
     p
 }
 
+/// LUN 0 of the recorder, its unit attention consumed.
+fn ready_device(rig: &Rig) -> Arc<Device> {
+    let dev = rig.recorder.devices().remove(0);
+    clear_unit_attention(&dev);
+    dev
+}
+
 /// Reads 8 blocks at `lba` and checks the data against the image.
 fn read_and_check(rig: &Rig, dev: &Arc<Device>, lba: u32) {
     let buf = Arc::new(DataBuf::new(4096, 0, true));
@@ -76,13 +91,9 @@ fn read_and_check(rig: &Rig, dev: &Arc<Device>, lba: u32) {
 
 #[test]
 fn debug_kmem_constructs_at_every_allocation_and_catches_a_write_to_a_freed_packet() {
-    let _mode = kmem_mode(KmemMode {
-        reap_one_in: 0,
-        ..KmemMode::debug(kmem::DEFAULT_SEED)
-    });
+    let _mode = debug_kmem_without_reaps();
     let rig = rig();
-    let dev = rig.recorder.devices().remove(0);
-    clear_unit_attention(&dev);
+    let dev = ready_device(&rig);
     let c = cache(&dev);
     assert!(c.mode().debug);
     let (c0, d0, _) = rig.bed().cache_counts().expect("cache");
@@ -131,8 +142,7 @@ fn debug_kmem_constructs_at_every_allocation_and_catches_a_write_to_a_freed_pack
 fn io_across_random_reaps(mode: KmemMode) {
     let _mode = kmem_mode(mode);
     let rig = rig();
-    let dev = rig.recorder.devices().remove(0);
-    clear_unit_attention(&dev);
+    let dev = ready_device(&rig);
     let c = cache(&dev);
     // Several packets at a time, so that there are free constructed
     // objects for the reaps to take.
@@ -203,6 +213,11 @@ fn two_held(rig: &Rig, dev: &Arc<Device>) -> [Arc<Mutex<Option<Packet>>>; 2] {
     slots
 }
 
+/// The address of the packet in `slot` (0 once it is taken).
+fn pkt_address(slot: &Mutex<Option<Packet>>) -> u64 {
+    slot.lock().unwrap().as_ref().map_or(0, |p| p.pkt() as u64)
+}
+
 fn take(slot: &Mutex<Option<Packet>>) -> Option<Packet> {
     slot.lock().unwrap_or_else(|p| p.into_inner()).take()
 }
@@ -242,19 +257,13 @@ fn after_the_reset(rig: Rig, dev: &Arc<Device>, first: Packet, torn_down_pkt: u6
 /// holds 0xdeadbeef.
 #[test]
 fn a_packet_destroyed_by_a_completion_during_a_device_reset_is_not_touched_again() {
-    let _mode = kmem_mode(KmemMode {
-        reap_one_in: 0,
-        ..KmemMode::debug(kmem::DEFAULT_SEED)
-    });
+    let _mode = debug_kmem_without_reaps();
     let rig = rig();
-    let dev = rig.recorder.devices().remove(0);
-    clear_unit_attention(&dev);
+    let dev = ready_device(&rig);
     let m = rig.bed().machine.clone();
     let seen = m.probes.firings("rvscsi-cmd-done").len();
     let slots = two_held(&rig, &dev);
-    let pkts = slots
-        .each_ref()
-        .map(|s| s.lock().unwrap().as_ref().map_or(0, |p| p.pkt() as u64));
+    let pkts = slots.each_ref().map(|s| pkt_address(s));
     // Whichever completes first destroys the other.
     let first = Arc::new(Mutex::new(None::<usize>));
     for (i, slot) in slots.iter().enumerate() {
@@ -287,19 +296,13 @@ fn a_packet_destroyed_by_a_completion_during_a_device_reset_is_not_touched_again
 /// the first completion, a target driver thread destroys the other packet.
 #[test]
 fn a_packet_destroyed_by_another_thread_during_a_device_reset_is_not_touched_again() {
-    let _mode = kmem_mode(KmemMode {
-        reap_one_in: 0,
-        ..KmemMode::debug(kmem::DEFAULT_SEED)
-    });
+    let _mode = debug_kmem_without_reaps();
     let rig = rig();
-    let dev = rig.recorder.devices().remove(0);
-    clear_unit_attention(&dev);
+    let dev = ready_device(&rig);
     let m = rig.bed().machine.clone();
     let seen = m.probes.firings("rvscsi-cmd-done").len();
     let slots = two_held(&rig, &dev);
-    let pkts = slots
-        .each_ref()
-        .map(|s| s.lock().unwrap().as_ref().map_or(0, |p| p.pkt() as u64));
+    let pkts = slots.each_ref().map(|s| pkt_address(s));
     let (started_tx, started_rx) = mpsc::channel::<usize>();
     let (destroyed_tx, destroyed_rx) = mpsc::channel::<()>();
     let destroyed_rx = Arc::new(Mutex::new(destroyed_rx));
