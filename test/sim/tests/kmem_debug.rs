@@ -196,9 +196,12 @@ fn debug_kmem_io_across_random_reaps() {
     });
 }
 
+/// A packet the scenarios can take from another thread.
+type Slot = Arc<Mutex<Option<Packet>>>;
+
 /// Two READs held by the device (their completions withheld), in their
 /// slots.
-fn two_held(rig: &Rig, dev: &Arc<Device>) -> [Arc<Mutex<Option<Packet>>>; 2] {
+fn two_held(rig: &Rig, dev: &Arc<Device>) -> [Slot; 2] {
     let m = rig.bed().machine.clone();
     m.faults.arm(Fault::Withhold(Match::Lba(200)));
     m.faults.arm(Fault::Withhold(Match::Lba(208)));
@@ -216,6 +219,15 @@ fn two_held(rig: &Rig, dev: &Arc<Device>) -> [Arc<Mutex<Option<Packet>>>; 2] {
 /// The address of the packet in `slot` (0 once it is taken).
 fn pkt_address(slot: &Mutex<Option<Packet>>) -> u64 {
     slot.lock().unwrap().as_ref().map_or(0, |p| p.pkt() as u64)
+}
+
+/// The `rvscsi-cmd-done` firings so far, then [`two_held`]'s two slots
+/// and their packets' addresses.
+fn completions_then_two_held(rig: &Rig, dev: &Arc<Device>) -> (usize, [Slot; 2], [u64; 2]) {
+    let seen = rig.bed().machine.probes.firings("rvscsi-cmd-done").len();
+    let slots = two_held(rig, dev);
+    let pkts = slots.each_ref().map(|s| pkt_address(s));
+    (seen, slots, pkts)
 }
 
 fn take(slot: &Mutex<Option<Packet>>) -> Option<Packet> {
@@ -260,10 +272,7 @@ fn a_packet_destroyed_by_a_completion_during_a_device_reset_is_not_touched_again
     let _mode = debug_kmem_without_reaps();
     let rig = rig();
     let dev = ready_device(&rig);
-    let m = rig.bed().machine.clone();
-    let seen = m.probes.firings("rvscsi-cmd-done").len();
-    let slots = two_held(&rig, &dev);
-    let pkts = slots.each_ref().map(|s| pkt_address(s));
+    let (seen, slots, pkts) = completions_then_two_held(&rig, &dev);
     // Whichever completes first destroys the other.
     let first = Arc::new(Mutex::new(None::<usize>));
     for (i, slot) in slots.iter().enumerate() {
@@ -299,10 +308,7 @@ fn a_packet_destroyed_by_another_thread_during_a_device_reset_is_not_touched_aga
     let _mode = debug_kmem_without_reaps();
     let rig = rig();
     let dev = ready_device(&rig);
-    let m = rig.bed().machine.clone();
-    let seen = m.probes.firings("rvscsi-cmd-done").len();
-    let slots = two_held(&rig, &dev);
-    let pkts = slots.each_ref().map(|s| pkt_address(s));
+    let (seen, slots, pkts) = completions_then_two_held(&rig, &dev);
     let (started_tx, started_rx) = mpsc::channel::<usize>();
     let (destroyed_tx, destroyed_rx) = mpsc::channel::<()>();
     let destroyed_rx = Arc::new(Mutex::new(destroyed_rx));
