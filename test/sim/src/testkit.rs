@@ -544,6 +544,16 @@ pub fn test_unit_ready(dev: &Arc<rvscsi_emu::Device>) -> rvscsi_emu::Packet {
     p
 }
 
+/// The packet cache of `dev`'s HBA (made at attach).
+pub fn packet_cache(dev: &Arc<rvscsi_emu::Device>) -> Arc<rvscsi_emu::scsa::hba::PktCache> {
+    dev.hba
+        .cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .expect("the HBA's packet cache")
+}
+
 /// The `rvscsi-reset` probe firings so far: (level, target, lun, done).
 pub fn reset_firings(rig: &Rig) -> Vec<Vec<u64>> {
     rig.bed()

@@ -9,9 +9,8 @@
 use rvscsi::ffi;
 use rvscsi_emu::ddi::kmem::{self, KmemMode};
 use rvscsi_emu::faults::{Fault, Match};
-use rvscsi_emu::scsa::hba::PktCache;
 use rvscsi_emu::{DataBuf, Device, InitArgs, Packet};
-use rvscsi_sim::testkit::{Driver, Rig, RigConfig, clear_unit_attention, wait_until};
+use rvscsi_sim::testkit::{Driver, Rig, RigConfig, clear_unit_attention, packet_cache, wait_until};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::Duration;
@@ -44,15 +43,6 @@ fn rig() -> Rig {
         driver: Driver::Recorder,
         ..RigConfig::default()
     })
-}
-
-fn cache(dev: &Arc<Device>) -> Arc<PktCache> {
-    dev.hba
-        .cache
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone()
-        .expect("the HBA's packet cache")
 }
 
 fn read10(lba: u32, blocks: u16) -> [u8; 10] {
@@ -94,7 +84,7 @@ fn debug_kmem_constructs_at_every_allocation_and_catches_a_write_to_a_freed_pack
     let _mode = debug_kmem_without_reaps();
     let rig = rig();
     let dev = ready_device(&rig);
-    let c = cache(&dev);
+    let c = packet_cache(&dev);
     assert!(c.mode().debug);
     let (c0, d0, _) = rig.bed().cache_counts().expect("cache");
     assert_eq!(c0, d0, "no packet allocated: every object destroyed");
@@ -143,7 +133,7 @@ fn io_across_random_reaps(mode: KmemMode) {
     let _mode = kmem_mode(mode);
     let rig = rig();
     let dev = ready_device(&rig);
-    let c = cache(&dev);
+    let c = packet_cache(&dev);
     // Several packets at a time, so that there are free constructed
     // objects for the reaps to take.
     for round in 0..40u32 {
@@ -256,7 +246,7 @@ fn after_the_reset(rig: Rig, dev: &Arc<Device>, first: Packet, torn_down_pkt: u6
     );
     clear_unit_attention(dev);
     read_and_check(&rig, dev, 64);
-    assert_eq!(cache(dev).modified.load(Ordering::Acquire), 0);
+    assert_eq!(packet_cache(dev).modified.load(Ordering::Acquire), 0);
     rig.finish_clean();
 }
 

@@ -26,10 +26,10 @@ use rvscsi::ffi;
 use rvscsi::scsa::PktStatistics;
 use rvscsi_emu::ddi::kmem::{self, KmemMode};
 use rvscsi_emu::faults::{Fault, Match};
-use rvscsi_emu::scsa::hba::PktCache;
 use rvscsi_emu::{DataBuf, Device, InitArgs, Packet};
 use rvscsi_sim::testkit::{
-    Driver, Rig, RigConfig, clear_unit_attention, reset_firings, test_unit_ready, wait_until,
+    Driver, Rig, RigConfig, clear_unit_attention, packet_cache, reset_firings, test_unit_ready,
+    wait_until,
 };
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -62,15 +62,6 @@ fn read_pkt(dev: &Arc<Device>, lba: u32) -> Packet {
         .expect("a READ packet");
     p.cdb_mut().copy_from_slice(&read10(lba, 8));
     p
-}
-
-fn cache(dev: &Arc<Device>) -> Arc<PktCache> {
-    dev.hba
-        .cache
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone()
-        .expect("the HBA's packet cache")
 }
 
 fn teardown_from_a_completion_callback(mode: Option<KmemMode>, transport: &str) {
@@ -178,7 +169,7 @@ fn teardown_from_a_completion_callback(mode: Option<KmemMode>, transport: &str) 
     }
     if mode.is_some_and(|m| m.debug) {
         assert_eq!(
-            cache(&dev).modified.load(Ordering::Acquire),
+            packet_cache(&dev).modified.load(Ordering::Acquire),
             0,
             "nothing wrote into a freed packet"
         );
