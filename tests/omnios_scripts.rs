@@ -230,6 +230,14 @@ impl Sys {
         c
     }
 
+    /// `add_drv -u rvscsi`: the driver installed, no alias of its own.
+    fn add_rvscsi(&self) {
+        self.command("add_drv")
+            .args(["-u", "rvscsi"])
+            .output()
+            .unwrap();
+    }
+
     fn rvscsiadm(&self, args: &[&str]) -> (i32, String) {
         let out = self
             .command("sh")
@@ -259,6 +267,15 @@ impl Sys {
     }
 
     /// The driver each virtio-scsi alias has in driver_aliases.
+    /// The calls since the last look that move aliases or rebuild the
+    /// boot archive (`update_drv`, `bootadm`), in order.
+    fn take_handover_calls(&self) -> Vec<String> {
+        self.take_calls()
+            .into_iter()
+            .filter(|c| c.starts_with("update_drv") || c.starts_with("bootadm"))
+            .collect()
+    }
+
     fn alias_owner(&self, alias: &str) -> Option<String> {
         let want = format!("\"{alias}\"");
         self.read("etc/driver_aliases")
@@ -608,11 +625,7 @@ fn rvscsiadm_take_and_release_move_attached_controllers_at_the_next_boot() {
 
     let (rc, out) = sys.rvscsiadm(&["take"]);
     assert_eq!(rc, 0, "{out}");
-    let calls = sys.take_calls();
-    let handover: Vec<&String> = calls
-        .iter()
-        .filter(|c| c.starts_with("update_drv") || c.starts_with("bootadm"))
-        .collect();
+    let handover = sys.take_handover_calls();
     assert_eq!(
         handover,
         [
@@ -652,11 +665,7 @@ fn rvscsiadm_take_and_release_move_attached_controllers_at_the_next_boot() {
 
     let (rc, out) = sys.rvscsiadm(&["release"]);
     assert_eq!(rc, 0, "{out}");
-    let calls = sys.take_calls();
-    let handover: Vec<&String> = calls
-        .iter()
-        .filter(|c| c.starts_with("update_drv") || c.starts_with("bootadm"))
-        .collect();
+    let handover = sys.take_handover_calls();
     assert_eq!(
         handover,
         [
@@ -688,10 +697,7 @@ fn rvscsiadm_gives_both_aliases_back_when_vioscsi_had_both() {
             ..SysOptions::default()
         },
     );
-    sys.command("add_drv")
-        .args(["-u", "rvscsi"])
-        .output()
-        .unwrap();
+    sys.add_rvscsi();
     write(&sys.path("kernel/drv/amd64/rvscsi"), "module\n");
     let (rc, out) = sys.rvscsiadm(&["take"]);
     assert_eq!(rc, 0, "{out}");
@@ -720,10 +726,7 @@ fn rvscsiadm_gives_both_aliases_back_when_vioscsi_had_both() {
 #[test]
 fn rvscsiadm_take_puts_the_aliases_back_when_rvscsi_cannot_have_them() {
     let sys = Sys::new("rollback", SysOptions::default());
-    sys.command("add_drv")
-        .args(["-u", "rvscsi"])
-        .output()
-        .unwrap();
+    sys.add_rvscsi();
     sys.take_calls();
     let out = sys
         .command("sh")
@@ -761,10 +764,7 @@ fn rvscsiadm_refuses_to_take_the_root_pool_controller_without_force() {
             ..SysOptions::default()
         },
     );
-    sys.command("add_drv")
-        .args(["-u", "rvscsi"])
-        .output()
-        .unwrap();
+    sys.add_rvscsi();
     sys.take_calls();
     let (rc, out) = sys.rvscsiadm(&["take"]);
     assert_eq!(rc, 1, "{out}");
@@ -792,10 +792,7 @@ fn rvscsiadm_refuses_what_it_cannot_check_or_should_not_touch() {
             ..SysOptions::default()
         },
     );
-    sys.command("add_drv")
-        .args(["-u", "rvscsi"])
-        .output()
-        .unwrap();
+    sys.add_rvscsi();
     let (rc, out) = sys.rvscsiadm(&["take"]);
     assert_eq!(rc, 1, "{out}");
     assert!(out.contains("cannot tell where the root pool is"), "{out}");
@@ -807,10 +804,7 @@ fn rvscsiadm_refuses_what_it_cannot_check_or_should_not_touch() {
     assert!(out.contains("driver rvscsi is not installed"), "{out}");
     // An alias owned by a third driver is left alone.
     let sys = Sys::new("third", SysOptions::default());
-    sys.command("add_drv")
-        .args(["-u", "rvscsi"])
-        .output()
-        .unwrap();
+    sys.add_rvscsi();
     write(
         &sys.path("etc/driver_aliases"),
         "vioscsi \"pci1af4,1004\"\nother \"pci1af4,1048,p\"\n",
@@ -954,9 +948,7 @@ fn the_runbook_runs_in_four_phases_with_a_reboot_between_them() {
     );
 
     // Run again before rebooting: it says so and changes nothing.
-    let (rc, out, calls) = runbook(&sys, &archive);
-    assert_eq!(rc, 1, "{out}");
-    assert!(out.contains("FAIL  reboot"), "{out}");
+    let (out, calls) = runbook_waiting_for_reboot(&sys, &archive);
     assert!(out.contains("next: reboot, then run again"), "{out}");
     assert!(
         !calls
@@ -968,9 +960,7 @@ fn the_runbook_runs_in_four_phases_with_a_reboot_between_them() {
     // Phase 2 after a plain reboot: the data, then the whole teardown on
     // the kernel (modunload detaches every instance), the attach again
     // and the same disks, then the release.
-    sys.boot(false);
-    let (rc, out, calls) = runbook(&sys, &archive);
-    assert_eq!(rc, 0, "{out}");
+    let (out, calls) = runbook_after_a_plain_reboot(&sys, &archive);
     passes(
         &out,
         &[
@@ -1007,9 +997,7 @@ fn the_runbook_runs_in_four_phases_with_a_reboot_between_them() {
 
     // Phase 3 after the next reboot: vioscsi again, and the package goes,
     // into a new boot environment: the running system keeps rvscsi.
-    sys.boot(false);
-    let (rc, out, calls) = runbook(&sys, &archive);
-    assert_eq!(rc, 0, "{out}");
+    let (out, calls) = runbook_after_a_plain_reboot(&sys, &archive);
     passes(
         &out,
         &["environment", "not-loaded", "vioscsi-again", "uninstall"],
@@ -1041,18 +1029,14 @@ fn the_runbook_runs_in_four_phases_with_a_reboot_between_them() {
     );
 
     // Before that reboot: it says so, and does not uninstall again.
-    let (rc, out, calls) = runbook(&sys, &archive);
-    assert_eq!(rc, 1, "{out}");
-    assert!(out.contains("FAIL  reboot"), "{out}");
+    let (_, calls) = runbook_waiting_for_reboot(&sys, &archive);
     assert!(
         !calls.iter().any(|c| c.starts_with("pkg uninstall")),
         "{calls:#?}"
     );
 
     // Phase 4 in the new BE: rvscsi is gone, vioscsi has its controller.
-    sys.boot(false);
-    let (rc, out, _) = runbook(&sys, &archive);
-    assert_eq!(rc, 0, "{out}");
+    let (out, _) = runbook_after_a_plain_reboot(&sys, &archive);
     passes(&out, &["environment", "uninstalled", "vioscsi-final"]);
     assert_eq!(
         boot_environments(&sys),
@@ -1067,6 +1051,24 @@ fn the_runbook_runs_in_four_phases_with_a_reboot_between_them() {
         "the record is gone: a new run starts at phase 1"
     );
     let _ = std::fs::remove_file(&archive);
+}
+
+/// Runs the runbook before the reboot it asked for: it fails the `reboot`
+/// step. Returns its output and calls.
+fn runbook_waiting_for_reboot(sys: &Sys, archive: &Path) -> (String, Vec<String>) {
+    let (rc, out, calls) = runbook(sys, archive);
+    assert_eq!(rc, 1, "{out}");
+    assert!(out.contains("FAIL  reboot"), "{out}");
+    (out, calls)
+}
+
+/// Boots (no reconfiguration) and runs the next phase of the runbook,
+/// which succeeds. Returns its output and calls.
+fn runbook_after_a_plain_reboot(sys: &Sys, archive: &Path) -> (String, Vec<String>) {
+    sys.boot(false);
+    let (rc, out, calls) = runbook(sys, archive);
+    assert_eq!(rc, 0, "{out}");
+    (out, calls)
 }
 
 /// The runbook up to phase 2, run after the boot that take asked for.
@@ -1157,14 +1159,10 @@ fn the_runbook_reboots_into_the_new_be_when_the_install_is_an_update() {
         "module\n"
     );
     // Run again before the reboot: no second BE.
-    let (rc, out, calls) = runbook(&sys, &archive);
-    assert_eq!(rc, 1, "{out}");
-    assert!(out.contains("FAIL  reboot"), "{out}");
+    let (_, calls) = runbook_waiting_for_reboot(&sys, &archive);
     assert!(!calls.iter().any(|c| c.starts_with("pkg install")));
     // In the new BE the install is nothing to do, and phase 1 goes on.
-    sys.boot(false);
-    let (rc, out, _) = runbook(&sys, &archive);
-    assert_eq!(rc, 0, "{out}");
+    let (out, _) = runbook_after_a_plain_reboot(&sys, &archive);
     passes(&out, &["install", "installed", "controllers", "take"]);
     let _ = std::fs::remove_file(&archive);
     let _ = std::fs::remove_file(&old);

@@ -528,6 +528,56 @@ pub fn read_block(dev: &Arc<rvscsi_emu::Device>, lba: u32) -> rvscsi_emu::Packet
     p
 }
 
+/// A TEST UNIT READY packet (SPC-4 §6.47: a 6-byte CDB of zeros, no
+/// data), not started.
+pub fn test_unit_ready(dev: &Arc<rvscsi_emu::Device>) -> rvscsi_emu::Packet {
+    let mut p = dev
+        .init_pkt(
+            None,
+            rvscsi_emu::InitArgs {
+                cmdlen: 6,
+                ..rvscsi_emu::InitArgs::default()
+            },
+        )
+        .expect("packet");
+    p.cdb_mut().fill(0);
+    p
+}
+
+/// The packet cache of `dev`'s HBA (made at attach).
+pub fn packet_cache(dev: &Arc<rvscsi_emu::Device>) -> Arc<rvscsi_emu::scsa::hba::PktCache> {
+    dev.hba
+        .cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .expect("the HBA's packet cache")
+}
+
+/// The `rvscsi-reset` probe firings so far: (level, target, lun, done).
+pub fn reset_firings(rig: &Rig) -> Vec<Vec<u64>> {
+    rig.bed()
+        .machine
+        .probes
+        .firings("rvscsi-reset")
+        .iter()
+        .map(|f| f.args.clone())
+        .collect()
+}
+
+/// Polls `cond` every 10 ms until it holds or `limit` passed; returns
+/// whether it held (the caller asserts, naming what it waited for).
+pub fn wait_for(limit: std::time::Duration, cond: impl Fn() -> bool) -> bool {
+    let end = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    cond()
+}
+
 /// Polls `done` every 50 ms; panics naming `what` after `limit`.
 pub fn wait_until(what: &str, limit: std::time::Duration, mut done: impl FnMut() -> bool) {
     let t0 = std::time::Instant::now();

@@ -16,14 +16,14 @@
 
 use rvscsi::ffi;
 use rvscsi::scsa::PktStatistics;
-use rvscsi_emu::InitArgs;
 use rvscsi_emu::faults::{Fault, Match};
 use rvscsi_sim::testkit::{
-    Binding, Driver, Qemu, Rig, RigConfig, clear_unit_attention, read_block,
+    Binding, Driver, Qemu, Rig, RigConfig, clear_unit_attention, read_block, reset_firings,
+    test_unit_ready, wait_for,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// virtio-scsi response codes (virtio 1.2 §5.6.6.1).
 const VIRTIO_SCSI_S_OK: u8 = 0;
@@ -75,29 +75,6 @@ fn release_after_tmf(rig: &Rig) -> std::thread::JoinHandle<()> {
     })
 }
 
-/// Polls `cond` until it holds or `limit` passed.
-fn wait_for(limit: Duration, cond: impl Fn() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    cond()
-}
-
-/// The `rvscsi-reset` firings: (level, target, lun, done).
-fn resets(rig: &Rig) -> Vec<Vec<u64>> {
-    rig.bed()
-        .machine
-        .probes
-        .firings("rvscsi-reset")
-        .iter()
-        .map(|f| f.args.clone())
-        .collect()
-}
-
 #[test]
 fn with_reset_lun_a_transport_error_makes_sd_reset_the_lun_from_its_interrupt() {
     transport_error_then_reset(Binding::Library, true);
@@ -143,14 +120,10 @@ fn transport_error_then_reset(binding: Binding, reset_lun: bool) {
     }
     // The reset is done later, by the work task, and works.
     assert!(
-        wait_for(Duration::from_secs(10), || resets(&rig).contains(&vec![
-            level as u64,
-            0,
-            0,
-            1
-        ])),
+        wait_for(Duration::from_secs(10), || reset_firings(&rig)
+            .contains(&vec![level as u64, 0, 0, 1])),
         "{:?}",
-        resets(&rig)
+        reset_firings(&rig)
     );
     // I/O goes on.
     let more = disk.read(200, 8192).expect("later I/O");
@@ -198,14 +171,10 @@ fn a_timeout_makes_sd_reset_the_lun_from_its_interrupt_and_io_goes_on() {
     let probes = &rig.bed().machine.probes;
     assert_eq!(probes.count("rvscsi-cmd-timeout"), 1);
     assert!(
-        wait_for(Duration::from_secs(10), || resets(&rig).contains(&vec![
-            ffi::RESET_LUN as u64,
-            0,
-            0,
-            1
-        ])),
+        wait_for(Duration::from_secs(10), || reset_firings(&rig)
+            .contains(&vec![ffi::RESET_LUN as u64, 0, 0, 1])),
         "{:?}",
-        resets(&rig)
+        reset_firings(&rig)
     );
     disk.set_io_time(rvscsi_sim::sd::IO_TIME);
     let more = disk.read(20, 4096).expect("later I/O");
@@ -255,12 +224,12 @@ fn reset_all_from_sds_interrupt_resets_the_device_on_the_task_queue() {
     assert_eq!(held.comp_calls(), 1);
     held.destroy();
     assert!(
-        resets(&rig).contains(&vec![ffi::RESET_ALL as u64, 0, 0, 1]),
+        reset_firings(&rig).contains(&vec![ffi::RESET_ALL as u64, 0, 0, 1]),
         "{:?}",
-        resets(&rig)
+        reset_firings(&rig)
     );
     assert_eq!(
-        resets(&rig)
+        reset_firings(&rig)
             .iter()
             .filter(|f| f[0] == ffi::RESET_ALL as u64)
             .count(),
@@ -285,16 +254,7 @@ fn scsi_abort_from_a_completion_callback_aborts_the_held_command_later() {
     assert!(!held.is_done(), "held by blkdebug");
     // A TEST UNIT READY whose completion callback (interrupt context)
     // aborts the held command, as scsi_abort(9F) allows there.
-    let mut tur = dev
-        .init_pkt(
-            None,
-            InitArgs {
-                cmdlen: 6,
-                ..InitArgs::default()
-            },
-        )
-        .expect("packet");
-    tur.cdb_mut().fill(0);
+    let tur = test_unit_ready(&dev);
     let rc = Arc::new(AtomicI32::new(-1));
     let in_interrupt = Arc::new(AtomicI32::new(-1));
     {

@@ -100,19 +100,29 @@ unsafe extern "C" fn accept_everything(
     ffi::DDI_SUCCESS
 }
 
-fn register(dip: *mut ffi::dev_info_t) -> ffi::ddi_cb_handle_t {
+/// ddi_cb_register(9F) of an IRM callback `cb` for `dip`: its return
+/// code and the handle it gave out.
+fn try_register(
+    dip: *mut ffi::dev_info_t,
+    cb: Option<ffi::ddi_cb_func_t>,
+) -> (c_int, ffi::ddi_cb_handle_t) {
     let mut hdl = std::ptr::null_mut();
     // SAFETY: a node of the machine, kernel context, out-pointer.
     let rc = unsafe {
         emu_intr::ddi_cb_register(
             dip,
             ffi::DDI_CB_FLAG_INTR,
-            Some(accept_everything),
+            cb,
             std::ptr::null_mut(),
             std::ptr::null_mut(),
             &mut hdl,
         )
     };
+    (rc, hdl)
+}
+
+fn register(dip: *mut ffi::dev_info_t) -> ffi::ddi_cb_handle_t {
+    let (rc, hdl) = try_register(dip, Some(accept_everything));
     assert_eq!(rc, ffi::DDI_SUCCESS);
     hdl
 }
@@ -184,31 +194,9 @@ fn the_pool_reduces_an_irm_driver_and_one_that_keeps_the_excess_is_caught() {
     let (m, dip) = machine_with_pool(Psm::Apix, 12, Some(16));
     let _g = set_current(&m);
     assert_eq!(emu_intr::irm_pool(&m), Some((16, 8)));
-    let mut hdl = std::ptr::null_mut();
-    // SAFETY: a node of the machine, kernel context, out-pointer.
-    let rc = unsafe {
-        emu_intr::ddi_cb_register(
-            dip,
-            ffi::DDI_CB_FLAG_INTR,
-            Some(record_and_keep),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            &mut hdl,
-        )
-    };
+    let (rc, hdl) = try_register(dip, Some(record_and_keep));
     assert_eq!(rc, ffi::DDI_SUCCESS);
-    let mut again = std::ptr::null_mut();
-    // SAFETY: as above.
-    let rc = unsafe {
-        emu_intr::ddi_cb_register(
-            dip,
-            ffi::DDI_CB_FLAG_INTR,
-            Some(record_and_keep),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            &mut again,
-        )
-    };
+    let (rc, _) = try_register(dip, Some(record_and_keep));
     assert_eq!(rc, ffi::DDI_EALREADY, "one registration per node");
     let (rc, h) = alloc(dip, 0, 14, ffi::DDI_INTR_ALLOC_NORMAL);
     assert_eq!((rc, h.len()), (ffi::DDI_SUCCESS, 14));

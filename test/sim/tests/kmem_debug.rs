@@ -9,9 +9,8 @@
 use rvscsi::ffi;
 use rvscsi_emu::ddi::kmem::{self, KmemMode};
 use rvscsi_emu::faults::{Fault, Match};
-use rvscsi_emu::scsa::hba::PktCache;
 use rvscsi_emu::{DataBuf, Device, InitArgs, Packet};
-use rvscsi_sim::testkit::{Driver, Rig, RigConfig, clear_unit_attention, wait_until};
+use rvscsi_sim::testkit::{Driver, Rig, RigConfig, clear_unit_attention, packet_cache, wait_until};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::Duration;
@@ -30,21 +29,20 @@ fn kmem_mode(mode: KmemMode) -> MutexGuard<'static, ()> {
     g
 }
 
+/// DEBUG kmem with no random reaps (the scenario decides what is freed).
+fn debug_kmem_without_reaps() -> MutexGuard<'static, ()> {
+    kmem_mode(KmemMode {
+        reap_one_in: 0,
+        ..KmemMode::debug(kmem::DEFAULT_SEED)
+    })
+}
+
 fn rig() -> Rig {
     Rig::start(RigConfig {
         images: vec![(4096, 0, 0)],
         driver: Driver::Recorder,
         ..RigConfig::default()
     })
-}
-
-fn cache(dev: &Arc<Device>) -> Arc<PktCache> {
-    dev.hba
-        .cache
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone()
-        .expect("the HBA's packet cache")
 }
 
 fn read10(lba: u32, blocks: u16) -> [u8; 10] {
@@ -59,6 +57,13 @@ fn read_pkt(dev: &Arc<Device>, lba: u32, buf: Arc<DataBuf>) -> Packet {
         .expect("a READ packet");
     p.cdb_mut().copy_from_slice(&read10(lba, 8));
     p
+}
+
+/// LUN 0 of the recorder, its unit attention consumed.
+fn ready_device(rig: &Rig) -> Arc<Device> {
+    let dev = rig.recorder.devices().remove(0);
+    clear_unit_attention(&dev);
+    dev
 }
 
 /// Reads 8 blocks at `lba` and checks the data against the image.
@@ -76,14 +81,10 @@ fn read_and_check(rig: &Rig, dev: &Arc<Device>, lba: u32) {
 
 #[test]
 fn debug_kmem_constructs_at_every_allocation_and_catches_a_write_to_a_freed_packet() {
-    let _mode = kmem_mode(KmemMode {
-        reap_one_in: 0,
-        ..KmemMode::debug(kmem::DEFAULT_SEED)
-    });
+    let _mode = debug_kmem_without_reaps();
     let rig = rig();
-    let dev = rig.recorder.devices().remove(0);
-    clear_unit_attention(&dev);
-    let c = cache(&dev);
+    let dev = ready_device(&rig);
+    let c = packet_cache(&dev);
     assert!(c.mode().debug);
     let (c0, d0, _) = rig.bed().cache_counts().expect("cache");
     assert_eq!(c0, d0, "no packet allocated: every object destroyed");
@@ -131,9 +132,8 @@ fn debug_kmem_constructs_at_every_allocation_and_catches_a_write_to_a_freed_pack
 fn io_across_random_reaps(mode: KmemMode) {
     let _mode = kmem_mode(mode);
     let rig = rig();
-    let dev = rig.recorder.devices().remove(0);
-    clear_unit_attention(&dev);
-    let c = cache(&dev);
+    let dev = ready_device(&rig);
+    let c = packet_cache(&dev);
     // Several packets at a time, so that there are free constructed
     // objects for the reaps to take.
     for round in 0..40u32 {
@@ -186,9 +186,12 @@ fn debug_kmem_io_across_random_reaps() {
     });
 }
 
+/// A packet the scenarios can take from another thread.
+type Slot = Arc<Mutex<Option<Packet>>>;
+
 /// Two READs held by the device (their completions withheld), in their
 /// slots.
-fn two_held(rig: &Rig, dev: &Arc<Device>) -> [Arc<Mutex<Option<Packet>>>; 2] {
+fn two_held(rig: &Rig, dev: &Arc<Device>) -> [Slot; 2] {
     let m = rig.bed().machine.clone();
     m.faults.arm(Fault::Withhold(Match::Lba(200)));
     m.faults.arm(Fault::Withhold(Match::Lba(208)));
@@ -201,6 +204,20 @@ fn two_held(rig: &Rig, dev: &Arc<Device>) -> [Arc<Mutex<Option<Packet>>>; 2] {
         m.faults.withheld() == 2
     });
     slots
+}
+
+/// The address of the packet in `slot` (0 once it is taken).
+fn pkt_address(slot: &Mutex<Option<Packet>>) -> u64 {
+    slot.lock().unwrap().as_ref().map_or(0, |p| p.pkt() as u64)
+}
+
+/// The `rvscsi-cmd-done` firings so far, then [`two_held`]'s two slots
+/// and their packets' addresses.
+fn completions_then_two_held(rig: &Rig, dev: &Arc<Device>) -> (usize, [Slot; 2], [u64; 2]) {
+    let seen = rig.bed().machine.probes.firings("rvscsi-cmd-done").len();
+    let slots = two_held(rig, dev);
+    let pkts = slots.each_ref().map(|s| pkt_address(s));
+    (seen, slots, pkts)
 }
 
 fn take(slot: &Mutex<Option<Packet>>) -> Option<Packet> {
@@ -229,7 +246,7 @@ fn after_the_reset(rig: Rig, dev: &Arc<Device>, first: Packet, torn_down_pkt: u6
     );
     clear_unit_attention(dev);
     read_and_check(&rig, dev, 64);
-    assert_eq!(cache(dev).modified.load(Ordering::Acquire), 0);
+    assert_eq!(packet_cache(dev).modified.load(Ordering::Acquire), 0);
     rig.finish_clean();
 }
 
@@ -242,19 +259,10 @@ fn after_the_reset(rig: Rig, dev: &Arc<Device>, first: Packet, torn_down_pkt: u6
 /// holds 0xdeadbeef.
 #[test]
 fn a_packet_destroyed_by_a_completion_during_a_device_reset_is_not_touched_again() {
-    let _mode = kmem_mode(KmemMode {
-        reap_one_in: 0,
-        ..KmemMode::debug(kmem::DEFAULT_SEED)
-    });
+    let _mode = debug_kmem_without_reaps();
     let rig = rig();
-    let dev = rig.recorder.devices().remove(0);
-    clear_unit_attention(&dev);
-    let m = rig.bed().machine.clone();
-    let seen = m.probes.firings("rvscsi-cmd-done").len();
-    let slots = two_held(&rig, &dev);
-    let pkts = slots
-        .each_ref()
-        .map(|s| s.lock().unwrap().as_ref().map_or(0, |p| p.pkt() as u64));
+    let dev = ready_device(&rig);
+    let (seen, slots, pkts) = completions_then_two_held(&rig, &dev);
     // Whichever completes first destroys the other.
     let first = Arc::new(Mutex::new(None::<usize>));
     for (i, slot) in slots.iter().enumerate() {
@@ -287,19 +295,10 @@ fn a_packet_destroyed_by_a_completion_during_a_device_reset_is_not_touched_again
 /// the first completion, a target driver thread destroys the other packet.
 #[test]
 fn a_packet_destroyed_by_another_thread_during_a_device_reset_is_not_touched_again() {
-    let _mode = kmem_mode(KmemMode {
-        reap_one_in: 0,
-        ..KmemMode::debug(kmem::DEFAULT_SEED)
-    });
+    let _mode = debug_kmem_without_reaps();
     let rig = rig();
-    let dev = rig.recorder.devices().remove(0);
-    clear_unit_attention(&dev);
-    let m = rig.bed().machine.clone();
-    let seen = m.probes.firings("rvscsi-cmd-done").len();
-    let slots = two_held(&rig, &dev);
-    let pkts = slots
-        .each_ref()
-        .map(|s| s.lock().unwrap().as_ref().map_or(0, |p| p.pkt() as u64));
+    let dev = ready_device(&rig);
+    let (seen, slots, pkts) = completions_then_two_held(&rig, &dev);
     let (started_tx, started_rx) = mpsc::channel::<usize>();
     let (destroyed_tx, destroyed_rx) = mpsc::channel::<()>();
     let destroyed_rx = Arc::new(Mutex::new(destroyed_rx));

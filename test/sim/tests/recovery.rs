@@ -11,8 +11,7 @@
 
 use rvscsi::ffi;
 use rvscsi::scsa::PktStatistics;
-use rvscsi_emu::InitArgs;
-use rvscsi_sim::testkit::{Driver, Qemu, Rig, RigConfig, read_block};
+use rvscsi_sim::testkit::{Driver, Qemu, Rig, RigConfig, read_block, test_unit_ready, wait_for};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,16 +46,7 @@ fn release_later(rig: &Rig, after: Duration) -> std::thread::JoinHandle<()> {
 
 fn ready(dev: &Arc<rvscsi_emu::Device>) {
     for _ in 0..4 {
-        let mut p = dev
-            .init_pkt(
-                None,
-                InitArgs {
-                    cmdlen: 6,
-                    ..InitArgs::default()
-                },
-            )
-            .expect("packet");
-        p.cdb_mut().fill(0);
+        let p = test_unit_ready(dev);
         assert_eq!(p.transport(), ffi::TRAN_ACCEPT);
         assert!(p.wait(Duration::from_secs(20)));
         let good = p.result().status() == 0;
@@ -66,18 +56,6 @@ fn ready(dev: &Arc<rvscsi_emu::Device>) {
         }
     }
     panic!("not ready");
-}
-
-/// Polls `cond` until it holds or `limit` passed.
-fn wait_for(limit: Duration, cond: impl Fn() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    cond()
 }
 
 #[test]

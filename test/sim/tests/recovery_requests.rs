@@ -11,15 +11,18 @@
 use rvscsi::ffi;
 use rvscsi::vioscsi::VioScsi;
 use rvscsi::vioscsi::hba::state;
+use rvscsi_emu::Backend;
 use rvscsi_emu::ddi::sync::{enter_interrupt_context, leave_interrupt_context};
 use rvscsi_emu::ddi::{panic, taskq};
 use rvscsi_emu::faults::{Fault, Match};
 use rvscsi_emu::memdev::{AsyncCompletions, Completions, MemoryMachine};
-use rvscsi_emu::{Backend, InitArgs};
-use rvscsi_sim::testkit::{Driver, Rig, RigConfig, clear_unit_attention, read_block};
+use rvscsi_sim::testkit::{
+    Driver, Rig, RigConfig, clear_unit_attention, read_block, reset_firings, test_unit_ready,
+    wait_for,
+};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// `VIRTIO_SCSI_S_FUNCTION_REJECTED` (virtio 1.2 §5.6.6.2).
 const FUNCTION_REJECTED: u8 = 11;
@@ -89,31 +92,36 @@ fn in_interrupt<T>(rig: &Rig, f: impl FnOnce() -> T) -> T {
     r
 }
 
-/// Polls `cond` until it holds or `limit` passed.
-fn wait_for(limit: Duration, cond: impl Fn() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    cond()
-}
-
-/// The `rvscsi-reset` firings: (level, target, lun, done).
-fn resets(rig: &Rig) -> Vec<Vec<u64>> {
-    rig.bed()
-        .machine
-        .probes
-        .firings("rvscsi-reset")
-        .iter()
-        .map(|f| f.args.clone())
-        .collect()
-}
-
 fn firing(level: i32, done: bool) -> Vec<u64> {
     vec![level as u64, 0, 0, u64::from(done)]
+}
+
+/// Asserts that the `rvscsi-reset` probe reports a done reset at `level`
+/// within 20 s.
+fn wait_for_reset_done(rig: &Rig, level: i32) {
+    assert!(
+        wait_for(Duration::from_secs(20), || reset_firings(rig)
+            .contains(&firing(level, true))),
+        "{:?}",
+        reset_firings(rig)
+    );
+}
+
+/// Asserts that the HBA enters RESETTING within 20 s (`what` names the
+/// reset).
+fn wait_until_resetting(rig: &Rig, what: &str) {
+    assert!(
+        wait_for(Duration::from_secs(20), || hba(rig).state()
+            == state::RESETTING),
+        "{what}"
+    );
+}
+
+/// LUN 0 of the recorder, its unit attention consumed.
+fn ready_device(rig: &Rig) -> Arc<rvscsi_emu::Device> {
+    let dev = rig.recorder.devices().remove(0);
+    clear_unit_attention(&dev);
+    dev
 }
 
 /// Waits until the work task is idle (no task queued or running).
@@ -149,15 +157,10 @@ fn a_full_request_list_becomes_one_device_reset_and_nothing_is_refused() {
     taskq::hold_tasks(&m, false);
     // 18 different requests, 16 slots: the 17th and 18th are accepted too.
     assert_eq!(rcs, vec![1; 18]);
-    assert!(
-        wait_for(Duration::from_secs(20), || resets(&rig)
-            .contains(&firing(ffi::RESET_ALL, true))),
-        "{:?}",
-        resets(&rig)
-    );
+    wait_for_reset_done(&rig, ffi::RESET_ALL);
     tasks_idle(&rig);
     // The list became that one reset: nothing else was sent.
-    assert_eq!(resets(&rig), vec![firing(ffi::RESET_ALL, true)]);
+    assert_eq!(reset_firings(&rig), vec![firing(ffi::RESET_ALL, true)]);
     assert_eq!(m.probes.count("rvscsi-cmd-abort"), 0);
     for d in &devs {
         clear_unit_attention(d);
@@ -168,18 +171,13 @@ fn a_full_request_list_becomes_one_device_reset_and_nothing_is_refused() {
 #[test]
 fn requests_made_while_the_device_is_being_reset_are_accepted_and_covered_by_it() {
     let rig = recorder_rig(1, "msix");
-    let dev = rig.recorder.devices().remove(0);
-    clear_unit_attention(&dev);
+    let dev = ready_device(&rig);
     let m = rig.bed().machine.clone();
     // The device takes its time to finish the reset: the HBA stays
     // RESETTING until the fault is cleared.
     m.faults.arm(Fault::ResetStuck);
     assert_eq!(in_interrupt(&rig, || dev.reset(ffi::RESET_ALL)), 1);
-    assert!(
-        wait_for(Duration::from_secs(20), || hba(&rig).state()
-            == state::RESETTING),
-        "the device reset began"
-    );
+    wait_until_resetting(&rig, "the device reset began");
     let (target, abort) = in_interrupt(&rig, || (dev.reset(ffi::RESET_TARGET), dev.abort(None)));
     assert_eq!(
         hba(&rig).state(),
@@ -188,15 +186,10 @@ fn requests_made_while_the_device_is_being_reset_are_accepted_and_covered_by_it(
     );
     m.faults.disarm_all();
     assert_eq!((target, abort), (1, 1), "covered by the reset under way");
-    assert!(
-        wait_for(Duration::from_secs(20), || resets(&rig)
-            .contains(&firing(ffi::RESET_ALL, true))),
-        "{:?}",
-        resets(&rig)
-    );
+    wait_for_reset_done(&rig, ffi::RESET_ALL);
     tasks_idle(&rig);
     // Covered, not queued: no TMF followed the reset.
-    assert_eq!(resets(&rig), vec![firing(ffi::RESET_ALL, true)]);
+    assert_eq!(reset_firings(&rig), vec![firing(ffi::RESET_ALL, true)]);
     assert_eq!(m.probes.count("rvscsi-cmd-abort"), 0);
     clear_unit_attention(&dev);
     rig.finish_clean();
@@ -211,6 +204,21 @@ struct AskedFromCallback {
     rc: AtomicI32,
     /// `rvscsi-reset` firings during the call (a reset done inside it).
     fired_during: AtomicU64,
+}
+
+impl AskedFromCallback {
+    /// Asserts the routine ran in thread context (`delivered_from` says
+    /// which thread), had its reset accepted, and that no reset ran inside
+    /// it (`not_nested`).
+    fn assert_accepted_from_thread_not_nested(&self, delivered_from: &str, not_nested: &str) {
+        assert_eq!(
+            self.in_interrupt.load(Ordering::Relaxed),
+            0,
+            "{delivered_from}"
+        );
+        assert_eq!(self.rc.load(Ordering::Relaxed), 1, "accepted");
+        assert_eq!(self.fired_during.load(Ordering::Relaxed), 0, "{not_nested}");
+    }
 }
 
 fn asking_callback(asked: &Arc<AskedFromCallback>) -> rvscsi_emu::scsa::packet::Callback {
@@ -234,8 +242,7 @@ fn asking_callback(asked: &Arc<AskedFromCallback>) -> rvscsi_emu::scsa::packet::
 #[test]
 fn a_completion_the_work_task_delivers_asks_for_a_reset_that_runs_later_not_nested() {
     let rig = memory_rig();
-    let dev = rig.recorder.devices().remove(0);
-    clear_unit_attention(&dev);
+    let dev = ready_device(&rig);
     // A command outstanding through a device reset: the reset, on the work
     // task, completes it, and its completion routine asks for a reset.
     let memdev = never_completing(&rig);
@@ -247,24 +254,12 @@ fn a_completion_the_work_task_delivers_asks_for_a_reset_that_runs_later_not_nest
     assert!(held.wait(Duration::from_secs(20)), "the reset ended it");
     memdev.set_completions(Completions::Inline);
     assert_eq!(held.result().reason, ffi::CMD_RESET);
-    assert_eq!(
-        asked.in_interrupt.load(Ordering::Relaxed),
-        0,
-        "delivered from the work task, a kernel thread"
-    );
-    assert_eq!(asked.rc.load(Ordering::Relaxed), 1, "accepted");
-    assert_eq!(
-        asked.fired_during.load(Ordering::Relaxed),
-        0,
-        "no TMF or reset ran inside the completion routine"
+    asked.assert_accepted_from_thread_not_nested(
+        "delivered from the work task, a kernel thread",
+        "no TMF or reset ran inside the completion routine",
     );
     // The work task did it afterwards.
-    assert!(
-        wait_for(Duration::from_secs(20), || resets(&rig)
-            .contains(&firing(ffi::RESET_TARGET, true))),
-        "{:?}",
-        resets(&rig)
-    );
+    wait_for_reset_done(&rig, ffi::RESET_TARGET);
     held.set_callback(None);
     held.destroy();
     tasks_idle(&rig);
@@ -277,41 +272,19 @@ fn a_completion_the_watchdog_delivers_asks_for_a_reset_that_runs_on_the_task_que
     // Polled mode: the watchdog (ddi_periodic, level 0) delivers every
     // completion.
     let rig = recorder_rig(1, "poll");
-    let dev = rig.recorder.devices().remove(0);
-    clear_unit_attention(&dev);
-    let mut tur = dev
-        .init_pkt(
-            None,
-            InitArgs {
-                cmdlen: 6,
-                ..InitArgs::default()
-            },
-        )
-        .expect("packet");
-    tur.cdb_mut().fill(0);
+    let dev = ready_device(&rig);
+    let tur = test_unit_ready(&dev);
     let asked = Arc::new(AskedFromCallback::default());
     tur.set_callback(Some(asking_callback(&asked)));
     assert_eq!(tur.transport(), ffi::TRAN_ACCEPT);
     assert!(tur.wait(Duration::from_secs(20)));
     tur.set_callback(None);
     tur.destroy();
-    assert_eq!(
-        asked.in_interrupt.load(Ordering::Relaxed),
-        0,
-        "the watchdog"
+    asked.assert_accepted_from_thread_not_nested(
+        "the watchdog",
+        "no TMF ran inside the watchdog's completion",
     );
-    assert_eq!(asked.rc.load(Ordering::Relaxed), 1, "accepted");
-    assert_eq!(
-        asked.fired_during.load(Ordering::Relaxed),
-        0,
-        "no TMF ran inside the watchdog's completion"
-    );
-    assert!(
-        wait_for(Duration::from_secs(20), || resets(&rig)
-            .contains(&firing(ffi::RESET_TARGET, true))),
-        "{:?}",
-        resets(&rig)
-    );
+    wait_for_reset_done(&rig, ffi::RESET_TARGET);
     tasks_idle(&rig);
     rig.finish_clean();
 }
@@ -319,8 +292,7 @@ fn a_completion_the_watchdog_delivers_asks_for_a_reset_that_runs_on_the_task_que
 #[test]
 fn during_a_panic_a_reset_from_interrupt_context_is_done_before_it_returns() {
     let rig = recorder_rig(1, "msix");
-    let dev = rig.recorder.devices().remove(0);
-    clear_unit_attention(&dev);
+    let dev = ready_device(&rig);
     let m = rig.bed().machine.clone();
     tasks_idle(&rig);
     // A panic on an interrupt thread, then the dump's scsi_reset(RESET_ALL)
@@ -328,7 +300,7 @@ fn during_a_panic_a_reset_from_interrupt_context_is_done_before_it_returns() {
     panic::set_panicking(&m, true);
     taskq::hold_tasks(&m, true);
     let rc = in_interrupt(&rig, || dev.reset(ffi::RESET_ALL));
-    let done_by_then = resets(&rig);
+    let done_by_then = reset_firings(&rig);
     taskq::hold_tasks(&m, false);
     panic::set_panicking(&m, false);
     assert_eq!(rc, 1);
@@ -340,15 +312,14 @@ fn during_a_panic_a_reset_from_interrupt_context_is_done_before_it_returns() {
     assert_eq!(hba(&rig).state(), state::RUNNING);
     tasks_idle(&rig);
     clear_unit_attention(&dev);
-    assert_eq!(resets(&rig).len(), 1, "and not a second time later");
+    assert_eq!(reset_firings(&rig).len(), 1, "and not a second time later");
     rig.finish_clean();
 }
 
 #[test]
 fn a_device_reset_that_ends_after_quiesce_leaves_the_hba_and_the_device_stopped() {
     let rig = recorder_rig(1, "msix");
-    let dev = rig.recorder.devices().remove(0);
-    clear_unit_attention(&dev);
+    let dev = ready_device(&rig);
     let m = rig.bed().machine.clone();
     tasks_idle(&rig);
     taskq::hold_tasks(&m, true);
@@ -363,21 +334,17 @@ fn a_device_reset_that_ends_after_quiesce_leaves_the_hba_and_the_device_stopped(
     });
     m.faults.arm(Fault::ResetStuck);
     taskq::hold_tasks(&m, false);
-    assert!(
-        wait_for(Duration::from_secs(20), || hba(&rig).state()
-            == state::RESETTING),
-        "the escalated device reset began"
-    );
+    wait_until_resetting(&rig, "the escalated device reset began");
     let tmfs_sent = m.faults.stats().control_notifies;
     // Fast reboot meanwhile.
     assert_eq!(rig.bed().quiesce(), ffi::DDI_SUCCESS);
     m.faults.disarm_all();
     assert!(
-        wait_for(Duration::from_secs(20), || resets(&rig)
+        wait_for(Duration::from_secs(20), || reset_firings(&rig)
             .iter()
             .any(|f| f[0] == ffi::RESET_ALL as u64)),
         "{:?}",
-        resets(&rig)
+        reset_firings(&rig)
     );
     tasks_idle(&rig);
     assert_eq!(
@@ -403,8 +370,7 @@ fn a_device_reset_that_ends_after_quiesce_leaves_the_hba_and_the_device_stopped(
 #[test]
 fn a_reset_the_device_refuses_climbs_the_ladder_on_the_task_queue() {
     let rig = recorder_rig(1, "msix");
-    let dev = rig.recorder.devices().remove(0);
-    clear_unit_attention(&dev);
+    let dev = ready_device(&rig);
     let m = rig.bed().machine.clone();
     // A LUN reset, refused, then the target reset, refused: the device.
     m.faults.arm(Fault::TmfResponse {
@@ -413,12 +379,12 @@ fn a_reset_the_device_refuses_climbs_the_ladder_on_the_task_queue() {
     });
     assert_eq!(in_interrupt(&rig, || dev.reset(ffi::RESET_LUN)), 1);
     assert!(
-        wait_for(Duration::from_secs(20), || resets(&rig).len() == 3),
+        wait_for(Duration::from_secs(20), || reset_firings(&rig).len() == 3),
         "{:?}",
-        resets(&rig)
+        reset_firings(&rig)
     );
     assert_eq!(
-        resets(&rig),
+        reset_firings(&rig),
         vec![
             firing(ffi::RESET_LUN, false),
             firing(ffi::RESET_TARGET, false),
@@ -435,12 +401,12 @@ fn a_reset_the_device_refuses_climbs_the_ladder_on_the_task_queue() {
     });
     assert_eq!(in_interrupt(&rig, || dev.reset(ffi::RESET_TARGET)), 1);
     assert!(
-        wait_for(Duration::from_secs(20), || resets(&rig).len() == 5),
+        wait_for(Duration::from_secs(20), || reset_firings(&rig).len() == 5),
         "{:?}",
-        resets(&rig)
+        reset_firings(&rig)
     );
     assert_eq!(
-        resets(&rig)[3..],
+        reset_firings(&rig)[3..],
         [
             firing(ffi::RESET_TARGET, false),
             firing(ffi::RESET_ALL, true)
@@ -460,7 +426,11 @@ fn a_reset_the_device_refuses_climbs_the_ladder_on_the_task_queue() {
         m.probes.firings("rvscsi-cmd-abort")
     );
     tasks_idle(&rig);
-    assert_eq!(resets(&rig).len(), 5, "no reset for a successful abort");
+    assert_eq!(
+        reset_firings(&rig).len(),
+        5,
+        "no reset for a successful abort"
+    );
     rig.finish_clean();
 }
 
@@ -517,14 +487,9 @@ fn a_busy_device_makes_sd_reset_and_a_full_request_list_does_not_fail_the_io_wit
     );
     assert_eq!(rec.resets_at(ffi::RESET_LUN), (0, 0), "not enabled");
     assert_eq!(rec.busy_failures.load(Ordering::Relaxed), 0);
-    assert!(
-        wait_for(Duration::from_secs(20), || resets(&rig)
-            .contains(&firing(ffi::RESET_ALL, true))),
-        "{:?}",
-        resets(&rig)
-    );
+    wait_for_reset_done(&rig, ffi::RESET_ALL);
     tasks_idle(&rig);
-    assert_eq!(resets(&rig), vec![firing(ffi::RESET_ALL, true)]);
+    assert_eq!(reset_firings(&rig), vec![firing(ffi::RESET_ALL, true)]);
     for d in &disks {
         let more = d.read(10, 4096).expect("later I/O");
         assert_eq!(more.len(), 4096);
@@ -535,8 +500,7 @@ fn a_busy_device_makes_sd_reset_and_a_full_request_list_does_not_fail_the_io_wit
 #[test]
 fn completions_a_device_reset_in_thread_context_delivers_ask_for_resets_that_run_later() {
     let rig = memory_rig();
-    let dev = rig.recorder.devices().remove(0);
-    clear_unit_attention(&dev);
+    let dev = ready_device(&rig);
     let memdev = never_completing(&rig);
     let held = read_block(&dev, 50);
     let asked = Arc::new(AskedFromCallback::default());
@@ -550,23 +514,15 @@ fn completions_a_device_reset_in_thread_context_delivers_ask_for_resets_that_run
     // and the reset completes the held command from inside the call.
     assert_eq!(dev.reset(ffi::RESET_ALL), 1);
     memdev.set_completions(Completions::Inline);
-    assert_eq!(resets(&rig), vec![firing(ffi::RESET_ALL, true)]);
+    assert_eq!(reset_firings(&rig), vec![firing(ffi::RESET_ALL, true)]);
     assert!(held.is_done(), "the reset ended it");
     assert_eq!(held.result().reason, ffi::CMD_RESET);
-    assert_eq!(asked.in_interrupt.load(Ordering::Relaxed), 0);
-    assert_eq!(asked.rc.load(Ordering::Relaxed), 1, "accepted");
-    assert_eq!(
-        asked.fired_during.load(Ordering::Relaxed),
-        0,
-        "no TMF ran nested inside the reset's completion"
+    asked.assert_accepted_from_thread_not_nested(
+        "delivered from the resetting thread",
+        "no TMF ran nested inside the reset's completion",
     );
     taskq::hold_tasks(&m, false);
-    assert!(
-        wait_for(Duration::from_secs(20), || resets(&rig)
-            .contains(&firing(ffi::RESET_TARGET, true))),
-        "{:?}",
-        resets(&rig)
-    );
+    wait_for_reset_done(&rig, ffi::RESET_TARGET);
     held.set_callback(None);
     held.destroy();
     tasks_idle(&rig);

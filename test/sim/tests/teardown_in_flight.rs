@@ -26,9 +26,11 @@ use rvscsi::ffi;
 use rvscsi::scsa::PktStatistics;
 use rvscsi_emu::ddi::kmem::{self, KmemMode};
 use rvscsi_emu::faults::{Fault, Match};
-use rvscsi_emu::scsa::hba::PktCache;
 use rvscsi_emu::{DataBuf, Device, InitArgs, Packet};
-use rvscsi_sim::testkit::{Driver, Rig, RigConfig, clear_unit_attention, wait_until};
+use rvscsi_sim::testkit::{
+    Driver, Rig, RigConfig, clear_unit_attention, packet_cache, reset_firings, test_unit_ready,
+    wait_until,
+};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -62,26 +64,6 @@ fn read_pkt(dev: &Arc<Device>, lba: u32) -> Packet {
     p
 }
 
-fn cache(dev: &Arc<Device>) -> Arc<PktCache> {
-    dev.hba
-        .cache
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone()
-        .expect("the HBA's packet cache")
-}
-
-/// The `rvscsi-reset` firings: (level, target, lun, done).
-fn resets(rig: &Rig) -> Vec<Vec<u64>> {
-    rig.bed()
-        .machine
-        .probes
-        .firings("rvscsi-reset")
-        .iter()
-        .map(|f| f.args.clone())
-        .collect()
-}
-
 fn teardown_from_a_completion_callback(mode: Option<KmemMode>, transport: &str) {
     let _mode = kmem_mode(mode);
     let rig = Rig::start(RigConfig {
@@ -94,7 +76,7 @@ fn teardown_from_a_completion_callback(mode: Option<KmemMode>, transport: &str) 
     clear_unit_attention(&dev);
     let m = rig.bed().machine.clone();
     let done_before = m.probes.firings("rvscsi-cmd-done").len();
-    let resets_before = resets(&rig).len();
+    let resets_before = reset_firings(&rig).len();
 
     // Two READs the device holds: one to be torn down, one that only the
     // device reset can end.
@@ -117,16 +99,7 @@ fn teardown_from_a_completion_callback(mode: Option<KmemMode>, transport: &str) 
     let doomed = Arc::new(Mutex::new(Some(doomed)));
     let in_interrupt = Arc::new(AtomicI32::new(-1));
     for _ in 0..20 {
-        let mut tur = dev
-            .init_pkt(
-                None,
-                InitArgs {
-                    cmdlen: 6,
-                    ..InitArgs::default()
-                },
-            )
-            .expect("packet");
-        tur.cdb_mut().fill(0);
+        let tur = test_unit_ready(&dev);
         {
             let (doomed, in_interrupt) = (doomed.clone(), in_interrupt.clone());
             tur.set_callback(Some(Arc::new(move |_: &Packet| {
@@ -164,18 +137,18 @@ fn teardown_from_a_completion_callback(mode: Option<KmemMode>, transport: &str) 
     assert_eq!(other.comp_calls(), 1);
     other.destroy();
     wait_until("the device to come back", WAIT, || {
-        resets(&rig)[resets_before..]
+        reset_firings(&rig)[resets_before..]
             .iter()
             .any(|f| f[0] == ffi::RESET_ALL as u64 && f[3] == 1)
     });
     assert_eq!(
-        resets(&rig)[resets_before..]
+        reset_firings(&rig)[resets_before..]
             .iter()
             .filter(|f| f[0] == ffi::RESET_ALL as u64)
             .count(),
         1,
         "one device reset: {:?}",
-        resets(&rig)
+        reset_firings(&rig)
     );
     assert!(
         m.probes.firings("rvscsi-cmd-done")[done_before..]
@@ -196,7 +169,7 @@ fn teardown_from_a_completion_callback(mode: Option<KmemMode>, transport: &str) 
     }
     if mode.is_some_and(|m| m.debug) {
         assert_eq!(
-            cache(&dev).modified.load(Ordering::Acquire),
+            packet_cache(&dev).modified.load(Ordering::Acquire),
             0,
             "nothing wrote into a freed packet"
         );

@@ -301,6 +301,15 @@ impl TgtMap {
     pub fn hold(&self) {
         let mut s = lock(&self.state);
         s.held = true;
+        drop(self.until_not_busy(s));
+    }
+
+    /// Waits, on `s`, until no configuration work runs (the worker and
+    /// the direct callers notify `cv` when they end theirs).
+    fn until_not_busy<'a>(
+        &'a self,
+        mut s: std::sync::MutexGuard<'a, MapState>,
+    ) -> std::sync::MutexGuard<'a, MapState> {
         while s.busy {
             s = self
                 .cv
@@ -308,6 +317,14 @@ impl TgtMap {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+        s
+    }
+
+    /// Waits for configuration work under way to end, then marks the
+    /// caller's own as under way (clear `busy` and notify `cv` after).
+    fn claim_configuration(&self) {
+        let mut s = self.until_not_busy(lock(&self.state));
+        s.busy = true;
     }
 
     /// Lets configuration work run again after a refused detach.
@@ -343,17 +360,7 @@ impl TgtMap {
     /// many are still kept.
     pub fn unconfig_removed(&self) -> usize {
         let _g = set_current(&self.hba.machine);
-        {
-            let mut s = lock(&self.state);
-            while s.busy {
-                s = self
-                    .cv
-                    .wait_timeout(s, Duration::from_millis(50))
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-            }
-            s.busy = true;
-        }
+        self.claim_configuration();
         let kept = std::mem::take(&mut lock(&self.state).removed);
         let mut still = Vec::new();
         for l in kept {
@@ -750,17 +757,7 @@ impl TgtMap {
     /// properties (maxluns is the default, from LUN 0's INQUIRY version).
     pub fn config_one(&self, addr: &str) -> bool {
         let _g = set_current(&self.hba.machine);
-        {
-            let mut s = lock(&self.state);
-            while s.busy {
-                s = self
-                    .cv
-                    .wait_timeout(s, Duration::from_millis(50))
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-            }
-            s.busy = true;
-        }
+        self.claim_configuration();
         let done = self.config_one_now(addr);
         lock(&self.state).busy = false;
         self.cv.notify_all();
