@@ -46,7 +46,9 @@ unsafe fn hba_of_tran<'a>(tran: *const scsi_hba_tran) -> Option<&'a VioScsi> {
     }
     // SAFETY: guaranteed by the caller.
     let p = unsafe { (*tran).tran_hba_private } as *const VioScsi;
-    // SAFETY: as above: null or a live HBA.
+    // SAFETY: the caller guarantees tran_hba_private is null or an HBA made
+    // by rvscsi_hba_attach and not yet detached, so `p` is null or points
+    // at a live VioScsi for as long as the framework uses this tran.
     unsafe { p.as_ref() }
 }
 
@@ -609,7 +611,8 @@ pub unsafe extern "C" fn rvscsi_tran_getcap(
     let Some(hba) = (unsafe { hba_of_addr(ap) }) else {
         return -1;
     };
-    // SAFETY: as above.
+    // SAFETY: the framework passes a NUL-terminated capability name
+    // (tran_getcap(9E)), which is all lookup_cap reads.
     cap::getcap(&hba.caps(), unsafe { lookup_cap(cap) })
 }
 
@@ -628,7 +631,8 @@ pub unsafe extern "C" fn rvscsi_tran_setcap(
     if unsafe { hba_of_addr(ap) }.is_none() {
         return -1;
     }
-    // SAFETY: as above.
+    // SAFETY: the framework passes a NUL-terminated capability name
+    // (tran_setcap(9E)), which is all lookup_cap reads.
     cap::setcap(unsafe { lookup_cap(cap) }, value)
 }
 

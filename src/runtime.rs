@@ -88,7 +88,8 @@ unsafe impl GlobalAlloc for KmemAllocator {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as above.
+        // SAFETY: the GlobalAlloc contract gives alloc_zeroed a non-zero
+        // size too, which is all `allocate` requires.
         unsafe { Self::allocate(layout, true) }
     }
 

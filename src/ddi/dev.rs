@@ -12,7 +12,8 @@ pub struct Dip(NonNull<ffi::dev_info_t>);
 // SAFETY: a dev_info_t pointer is a kernel object reference valid for the
 // attach lifetime; DDI calls on it are thread safe.
 unsafe impl Send for Dip {}
-// SAFETY: as above.
+// SAFETY: Dip is a Copy pointer with no interior state of its own; sharing
+// it only lets threads make the same thread-safe DDI calls on the node.
 unsafe impl Sync for Dip {}
 
 impl Dip {

@@ -218,7 +218,8 @@ impl Interrupts {
         if rc != ffi::DDI_SUCCESS || nintrs < 1 {
             return Err(DdiError::new("ddi_intr_get_nintrs", rc));
         }
-        // SAFETY: as above.
+        // SAFETY: `dip` is the attached node (Dip's invariant) and `navail`
+        // a live local the call writes once.
         let rc = unsafe { ffi::ddi_intr_get_navail(dip.as_ptr(), typ, &mut navail) };
         if rc != ffi::DDI_SUCCESS || navail < 1 {
             return Err(DdiError::new("ddi_intr_get_navail", rc));
@@ -267,7 +268,8 @@ impl Interrupts {
         }
         me.pri = pri;
         let mut cap = 0;
-        // SAFETY: as above.
+        // SAFETY: handles[0] was allocated above and is not freed before
+        // `me` drops; `cap` is a live local the call writes once.
         if unsafe { ffi::ddi_intr_get_cap(me.handles[0], &mut cap) } == ffi::DDI_SUCCESS {
             me.block = cap & ffi::DDI_INTR_FLAG_BLOCK != 0;
         }

@@ -10,7 +10,9 @@ pub struct PciConfig {
 
 // SAFETY: configuration accesses through the handle are thread safe.
 unsafe impl Send for PciConfig {}
-// SAFETY: as above.
+// SAFETY: every method takes `&self` and calls pci_config_get*/put*(9F)
+// on the handle, which the DDI allows from several threads at once;
+// PciConfig holds no other state.
 unsafe impl Sync for PciConfig {}
 
 impl PciConfig {

@@ -16,7 +16,9 @@ pub struct RegMap {
 // SAFETY: register accesses through an access handle are thread safe; the
 // device logic serializes the ones that must be ordered.
 unsafe impl Send for RegMap {}
-// SAFETY: as above.
+// SAFETY: every method takes `&self` and goes through ddi_get*/ddi_put*
+// on the access handle, which the DDI allows from several threads at once;
+// RegMap itself holds no state that such calls change.
 unsafe impl Sync for RegMap {}
 
 impl RegMap {

@@ -20,7 +20,9 @@ pub struct KMutex<T> {
 
 // SAFETY: access to `data` is serialized by the kernel mutex.
 unsafe impl<T: Send> Send for KMutex<T> {}
-// SAFETY: as above; the guard gives one thread at a time `&mut T`.
+// SAFETY: `&KMutex<T>` reaches `data` only through a guard, which holds
+// the kernel mutex: one thread at a time gets `&mut T`, so sharing the
+// KMutex across threads needs only `T: Send`.
 unsafe impl<T: Send> Sync for KMutex<T> {}
 
 impl<T> KMutex<T> {
@@ -145,7 +147,8 @@ pub struct KCondvar {
 
 // SAFETY: condition variables are designed for cross-thread use.
 unsafe impl Send for KCondvar {}
-// SAFETY: as above.
+// SAFETY: cv_wait/cv_signal/cv_broadcast(9F) are meant to be called on
+// one kcondvar_t from several threads at once; KCondvar has no other state.
 unsafe impl Sync for KCondvar {}
 
 /// `cv_reltimedwait(9F)` resolution argument `TR_CLOCK_TICK`.

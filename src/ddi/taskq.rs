@@ -31,7 +31,8 @@ pub struct TaskQueue {
 // SAFETY: task queues are designed for dispatch from any thread; `closed`
 // is atomic.
 unsafe impl Send for TaskQueue {}
-// SAFETY: as above.
+// SAFETY: `&TaskQueue` allows only ddi_taskq_dispatch/wait(9F), which
+// illumos serializes on the queue's own lock, and the atomic `closed`.
 unsafe impl Sync for TaskQueue {}
 
 impl TaskQueue {

@@ -146,8 +146,9 @@ pub struct Cmd {
 // `state` is atomic; `magic` is written only by the constructor and
 // destructor, which have exclusive access.
 unsafe impl Sync for Cmd {}
-// SAFETY: as above; a command may be created and destroyed on different
-// threads (kmem cache constructor and destructor).
+// SAFETY: a Cmd holds no thread-bound state (no guard, no thread id):
+// `fields` moves with the unique OwnedCmd token, and the kmem cache may run
+// the constructor and the destructor on different threads.
 unsafe impl Send for Cmd {}
 
 // The framework aligns the HBA private area to 8 bytes (the packet cache is

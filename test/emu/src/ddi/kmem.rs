@@ -483,12 +483,12 @@ mod tests {
         let mut b = [0u8; 37];
         // SAFETY: b has 37 bytes.
         unsafe { fill_pattern(b.as_mut_ptr(), b.len(), FREE_PATTERN) };
-        // SAFETY: as above.
+        // SAFETY: reads b's 37 bytes, which the slice owns.
         let intact = unsafe { find_modified(b.as_ptr(), b.len(), FREE_PATTERN) };
         assert_eq!(intact, None);
         assert_eq!(&b[..4], &0xdeadbeef_u32.to_ne_bytes());
         b[19] = 0;
-        // SAFETY: as above.
+        // SAFETY: reads b's 37 bytes again (no borrow of b is live).
         let (off, word) = unsafe { find_modified(b.as_ptr(), b.len(), FREE_PATTERN) }.unwrap();
         assert_eq!(off, 19);
         assert_ne!(word, FREE_PATTERN);

@@ -50,7 +50,8 @@ pub struct DataBuf {
 // SAFETY: the memory is owned; concurrent access follows the DMA rules
 // (the device side only touches it through the DDI's copies).
 unsafe impl Send for DataBuf {}
-// SAFETY: as above.
+// SAFETY: the owned memory is written through `&self` only before a bind
+// (bytes_mut) or by the DDI's copies, which follow the DMA rules.
 unsafe impl Sync for DataBuf {}
 
 impl DataBuf {
@@ -110,7 +111,9 @@ impl DataBuf {
     /// The bytes, to fill before a write.
     #[allow(clippy::mut_from_ref)]
     pub fn bytes_mut(&self) -> &mut [u8] {
-        // SAFETY: as above; callers fill buffers before binding them.
+        // SAFETY: `mem + offset .. + len` is the owned allocation (made in
+        // new); callers fill buffers before binding them, so no DMA copy
+        // runs at the same time.
         unsafe { std::slice::from_raw_parts_mut(self.mem.add(self.offset), self.len) }
     }
 

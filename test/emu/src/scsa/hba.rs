@@ -30,7 +30,8 @@ pub struct HbaState {
 // SAFETY: the raw pointers name framework objects whose lifetime the
 // framework manages; access is serialized by the framework's flows.
 unsafe impl Send for HbaState {}
-// SAFETY: as above.
+// SAFETY: shared references only read the pointers; the framework's
+// flows (attach, detach, bus config) serialize what they change.
 unsafe impl Sync for HbaState {}
 
 static HBAS: Mutex<Option<HashMap<usize, Arc<HbaState>>>> = Mutex::new(None);
@@ -442,7 +443,8 @@ struct ReaperState {
 // SAFETY: raw pointers name framework objects (node, tran) that outlive
 // the cache; object lists are under locks.
 unsafe impl Send for PktCache {}
-// SAFETY: as above.
+// SAFETY: the object lists are under locks, and the node and tran
+// pointers are only read.
 unsafe impl Sync for PktCache {}
 
 /// Bytes of the framework's part of each object.

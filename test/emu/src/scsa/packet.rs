@@ -246,7 +246,8 @@ pub struct Device {
 // SAFETY: raw pointers name framework objects the framework keeps alive
 // while the device exists.
 unsafe impl Send for Device {}
-// SAFETY: as above.
+// SAFETY: `&Device` only reads the pointers (never writes through them
+// without the framework's locks), and what they name outlives the device.
 unsafe impl Sync for Device {}
 
 /// Why `scsi_init_pkt` returned NULL.
@@ -576,7 +577,8 @@ pub struct Packet {
 // SAFETY: a packet is used by one target-driver thread at a time; the
 // framework's own state in it is behind locks.
 unsafe impl Send for Packet {}
-// SAFETY: as above.
+// SAFETY: shared references reach the framework's state only through its
+// locks; the target-driver side is used by one thread at a time.
 unsafe impl Sync for Packet {}
 
 impl Packet {

@@ -116,7 +116,8 @@ pub struct TgtMap {
 // SAFETY: raw pointers name the iport and its tran, which outlive the map
 // (iport detach destroys the map first).
 unsafe impl Send for TgtMap {}
-// SAFETY: as above; state is under a lock.
+// SAFETY: the map's state is under its lock and the iport and tran
+// pointers are only read, and what they name outlives the map.
 unsafe impl Sync for TgtMap {}
 
 static MAPS: Mutex<Option<HashMap<usize, Arc<TgtMap>>>> = Mutex::new(None);
