@@ -418,6 +418,15 @@ impl Rig {
         self.bed.as_ref().expect("attached")
     }
 
+    /// The in-process device of a rig on the memory back end.
+    pub fn memdev(&self) -> Arc<rvscsi_emu::memdev::MemoryMachine> {
+        self.bed()
+            .machine
+            .memdev
+            .clone()
+            .expect("the in-memory device (Backend::Memory)")
+    }
+
     /// The first disk (target/LUN of the first image).
     pub fn disk0(&self) -> Arc<crate::sd::Disk> {
         self.sd.disks().into_iter().next().expect("a disk attached")

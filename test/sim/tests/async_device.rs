@@ -48,11 +48,7 @@ fn memory_rig_with(num_queues: u32, props: Vec<(String, i32)>) -> Rig {
 }
 
 fn device(rig: &Rig) -> Arc<MemoryMachine> {
-    rig.bed()
-        .machine
-        .memdev
-        .clone()
-        .expect("the in-memory device")
+    rig.memdev()
 }
 
 /// The driver's counters.

@@ -54,12 +54,7 @@ fn read_packet(lun: &rvscsi_sim::load::Lun, lba: u8) -> Packet {
 fn commands_started_on_four_queues_during_a_completion_pass_ring_each_doorbell_once() {
     let rig = rig();
     let lun = rig.load_luns().first().expect("a LUN").clone();
-    let dev = rig
-        .bed()
-        .machine
-        .memdev
-        .clone()
-        .expect("the in-memory device");
+    let dev = rig.memdev();
     // Two commands for every request queue, started from the CPUs whose
     // queues they go to while the completion pass of `trigger` runs (its
     // completion routine waits for them): sd issuing from other CPUs

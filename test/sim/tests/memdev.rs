@@ -21,12 +21,7 @@ fn memory_rig(num_queues: u32) -> Rig {
 
 /// The rig's in-memory device, checked to have found nothing malformed.
 fn device_without_errors(rig: &Rig) -> std::sync::Arc<rvscsi_emu::memdev::MemoryMachine> {
-    let dev = rig
-        .bed()
-        .machine
-        .memdev
-        .clone()
-        .expect("the in-memory device");
+    let dev = rig.memdev();
     assert!(dev.errors().is_empty(), "device errors: {:?}", dev.errors());
     dev
 }

@@ -56,12 +56,7 @@ fn memory_rig() -> Rig {
 /// reaper that looks between the reset and the driver's reclaim may still
 /// find it), nothing is ever in the used ring.
 fn never_completing(rig: &Rig) -> Arc<MemoryMachine> {
-    let dev = rig
-        .bed()
-        .machine
-        .memdev
-        .clone()
-        .expect("the in-memory device");
+    let dev = rig.memdev();
     dev.set_completions(Completions::Async(AsyncCompletions {
         tick: Duration::from_secs(3600),
         per_tick: 0,

@@ -141,29 +141,27 @@ standin_be_current() {
 	cat "$standin_sys/.be/current"
 }
 
-# Copies the top-level entries of BE root $1 to directory $2.
-standin_be_copy_tree() {
-	local from=$1 to=$2 e n
+# Copies (cp -a) or moves (mv) the top-level BE entries of directory $2
+# to directory $3: $1 is the command. The excluded entries stay.
+standin_be_transfer_tree() {
+	local verb=$1 from=$2 to=$3 e n
 	mkdir -p "$to"
 	for e in "$from"/* "$from"/.[!.]*; do
 		[ -e "$e" ] || [ -L "$e" ] || continue
 		n=$(basename "$e")
 		case "$standin_be_excluded" in *" $n "*) continue ;; esac
-		cp -a "$e" "$to/"
+		case "$verb" in
+		copy) cp -a "$e" "$to/" ;;
+		move) mv "$e" "$to/" ;;
+		esac
 	done
 }
 
+# Copies the top-level entries of BE root $1 to directory $2.
+standin_be_copy_tree() { standin_be_transfer_tree copy "$@"; }
+
 # Moves the top-level BE entries of directory $1 to directory $2.
-standin_be_move_tree() {
-	local from=$1 to=$2 e n
-	mkdir -p "$to"
-	for e in "$from"/* "$from"/.[!.]*; do
-		[ -e "$e" ] || [ -L "$e" ] || continue
-		n=$(basename "$e")
-		case "$standin_be_excluded" in *" $n "*) continue ;; esac
-		mv "$e" "$to/"
-	done
-}
+standin_be_move_tree() { standin_be_transfer_tree move "$@"; }
 
 # The name libbe's beCopy() gives a clone of the booted BE when pkg names
 # none: the booted BE's name with the next free "-N" (be_auto_be_name in
