@@ -459,6 +459,9 @@ pub struct Machine {
     /// Held by the delivery thread while a handler runs (ddi_intr_disable
     /// takes it to wait for a running handler).
     pub dispatch: Mutex<()>,
+    /// Set by the delivery thread from its look at the mailbox (or the
+    /// lines) until the handlers it found have returned.
+    delivering: AtomicBool,
     wake: (Mutex<bool>, Condvar),
     stop: AtomicBool,
     pump: Mutex<Option<JoinHandle<()>>>,
@@ -559,6 +562,7 @@ impl Machine {
             irm: Mutex::new(crate::ddi::intr::Irm::new(&config)),
             irm_pool_lock: Mutex::new(()),
             dispatch: Mutex::new(()),
+            delivering: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
             stop: AtomicBool::new(false),
             pump: Mutex::new(None),
@@ -603,6 +607,45 @@ impl Machine {
     }
 
     /// Records a broken rule of the DDI (the test fails on it).
+    /// Waits until no interrupt is on its way: no MSI message waiting in
+    /// the mailbox (no INTx line asserted) and no handler running, on
+    /// three looks in a row. A message the device sent just before an I/O
+    /// finished (a completion the handler had already reaped by polling)
+    /// is then counted in the window it belongs to. False if that did not
+    /// happen within `limit`.
+    pub fn wait_interrupts_quiet(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut quiet = 0;
+        while quiet < 3 {
+            if Instant::now() > deadline {
+                return false;
+            }
+            let idle = !self.delivering.load(Ordering::Acquire) && !self.message_waiting();
+            quiet = if idle { quiet + 1 } else { 0 };
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    /// True if an interrupt is waiting for the delivery thread.
+    fn message_waiting(&self) -> bool {
+        let (kind, vectors, mailbox) = {
+            let s = lock(&self.intr);
+            (s.kind, s.vectors.len(), s.mailbox)
+        };
+        match kind {
+            IntrType::MsiX | IntrType::Msi => {
+                let mut words = vec![0u8; 4 * vectors.min(64)];
+                // An unreadable mailbox is a dead device: nothing will come.
+                self.qt.read_mem(mailbox, &mut words).is_ok() && words.iter().any(|&b| b != 0)
+            }
+            IntrType::Fixed => {
+                self.qt.sync_irqs().is_ok() && INTX_GSIS.clone().any(|g| self.qt.irq_level(g))
+            }
+            IntrType::None => false,
+        }
+    }
+
     pub fn violation(&self, what: impl Into<String>) {
         let what = what.into();
         eprintln!("rvscsi-emu: VIOLATION: {what}");
@@ -731,7 +774,10 @@ fn interrupt_pump(weak: std::sync::Weak<Machine>) {
         let delivered = {
             // Handlers run "on" this machine (probes, logging find it).
             let _g = set_current(&m);
-            deliver_once(&m)
+            m.delivering.store(true, Ordering::Release);
+            let ran = deliver_once(&m);
+            m.delivering.store(false, Ordering::Release);
+            ran
         };
         if delivered {
             last_activity = Instant::now();

@@ -614,6 +614,19 @@ impl Rig {
             .collect()
     }
 
+    /// Interrupts delivered per vector once none is on its way (see
+    /// `Machine::wait_interrupts_quiet`): the count to compare across an
+    /// I/O window. Panics if the interrupts never quiet down.
+    pub fn per_vector_quiet(&self) -> Vec<u64> {
+        assert!(
+            self.bed()
+                .machine
+                .wait_interrupts_quiet(std::time::Duration::from_secs(10)),
+            "interrupts still arriving after 10 s"
+        );
+        self.per_vector()
+    }
+
     /// Runs a QMP command on the machine's QEMU; panics if it fails.
     pub fn qmp(&self, cmd: &str, args: rvscsi_qtest::Value) {
         self.bed()

@@ -261,7 +261,7 @@ fn the_driver_gets_a_vector_per_request_queue_through_irm_and_io_works() {
         assert_eq!(emu_intr::allocated(&m, rig.bed().hba), vectors);
         let disk = rig.disk0();
         for on in 0..4usize {
-            let before = rig.per_vector();
+            let before = rig.per_vector_quiet();
             let d = disk.clone();
             std::thread::spawn(move || {
                 rvscsi_emu::ddi::cpu::run_on(on);
@@ -271,7 +271,7 @@ fn the_driver_gets_a_vector_per_request_queue_through_irm_and_io_works() {
             })
             .join()
             .expect("I/O thread");
-            let after = rig.per_vector();
+            let after = rig.per_vector_quiet();
             let fired: Vec<usize> = (1..vectors).filter(|&v| after[v] > before[v]).collect();
             let own = if vectors == 2 { 1 } else { request_vector(on) };
             assert_eq!(
@@ -287,7 +287,7 @@ fn the_driver_gets_a_vector_per_request_queue_through_irm_and_io_works() {
 /// Writes and reads back 32 KiB from a thread on CPU `on`; the MSI-X
 /// vectors (past 0) that fired meanwhile.
 fn io_and_vectors_fired(rig: &Rig, on: usize) -> Vec<usize> {
-    let before = rig.per_vector();
+    let before = rig.per_vector_quiet();
     let d = rig.disk0();
     std::thread::spawn(move || {
         rvscsi_emu::ddi::cpu::run_on(on);
@@ -297,7 +297,7 @@ fn io_and_vectors_fired(rig: &Rig, on: usize) -> Vec<usize> {
     })
     .join()
     .expect("I/O thread");
-    let after = rig.per_vector();
+    let after = rig.per_vector_quiet();
     (1..after.len()).filter(|&v| after[v] > before[v]).collect()
 }
 

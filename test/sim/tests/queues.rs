@@ -51,12 +51,12 @@ fn each_cpu_uses_its_own_queue_and_each_queue_interrupts_on_its_own_vector() {
     let disk = rig.disk0();
     // One CPU at a time: only its queue's vector fires.
     for on in 0..4 {
-        let before = rig.per_vector();
+        let before = rig.per_vector_quiet();
         let d = disk.clone();
         std::thread::spawn(move || io_on_cpu(&d, on))
             .join()
             .expect("I/O thread");
-        let after = rig.per_vector();
+        let after = rig.per_vector_quiet();
         for n in 0..4 {
             let fired = after[request_vector(n)] - before[request_vector(n)];
             if n == on {
@@ -67,12 +67,12 @@ fn each_cpu_uses_its_own_queue_and_each_queue_interrupts_on_its_own_vector() {
         }
     }
     // CPUs beyond the number of queues wrap around: CPU 5 uses queue 1.
-    let before = rig.per_vector();
+    let before = rig.per_vector_quiet();
     let d = disk.clone();
     std::thread::spawn(move || io_on_cpu(&d, 5))
         .join()
         .expect("I/O thread");
-    let after = rig.per_vector();
+    let after = rig.per_vector_quiet();
     assert!(after[request_vector(1)] > before[request_vector(1)]);
     // All at once: every queue busy, data intact.
     io_on_cpus(&disk, 0..4);
@@ -91,13 +91,13 @@ fn the_request_queues_tunable_caps_the_queues_used() {
     let line = attach_line(&rig);
     assert!(line.contains("2 request queue(s)"), "{line}");
     let disk = rig.disk0();
-    let before = rig.per_vector();
+    let before = rig.per_vector_quiet();
     let d = disk.clone();
     std::thread::spawn(move || io_on_cpu(&d, 3))
         .join()
         .expect("I/O thread");
     // CPU 3 of 2 queues: queue 1.
-    let v = rig.per_vector();
+    let v = rig.per_vector_quiet();
     assert!(v[request_vector(1)] > before[request_vector(1)]);
     assert_eq!(v[request_vector(0)], before[request_vector(0)]);
     assert_eq!(v[request_vector(2)], 0, "there is no third queue");
@@ -128,7 +128,7 @@ fn four_queues_work_on_one_shared_vector_and_on_fixed_interrupts() {
         );
         let disk = rig.disk0();
         io_on_cpus(&disk, 0..4);
-        let v = rig.per_vector();
+        let v = rig.per_vector_quiet();
         if expect == "MSI-X" {
             // Two vectors: configuration and events on 0, every request
             // queue on 1.
