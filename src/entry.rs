@@ -16,23 +16,61 @@ use crate::dev_warn;
 use crate::ffi::{
     self, caddr_t, dev_info_t, scsi_address, scsi_device, scsi_hba_tran, scsi_pkt, uint_t,
 };
+use crate::hba::cmd::Cmd;
+use crate::hba::family::{Claim, Family, FamilyId, IrmAnswer};
+use crate::hba::io::StartError;
+use crate::hba::recovery::ResetLevel;
+use crate::hba::{Callbacks, Hba, Lun, OwnedHba};
 use crate::scsa::addr::{ReportedUnitAddresses, SingleLevelLun, child_of_unit_address};
 use crate::scsa::cap::{self, Cap};
 use crate::scsa::pkt::Pkt;
-use crate::vioscsi::cmd::Cmd;
-use crate::vioscsi::hba::{Callbacks, OwnedHba, VectorRole};
-use crate::vioscsi::recovery::ResetLevel;
-use crate::vioscsi::{Lun, VioScsi};
+use crate::vioscsi::VioScsi;
 use alloc::boxed::Box;
 use core::ffi::{CStr, c_char, c_int, c_uint, c_void};
 
-fn callbacks() -> Callbacks {
+/// The kernel callbacks of family `F`'s HBAs.
+fn callbacks<F: Family>() -> Callbacks {
     Callbacks {
-        intr: rvscsi_intr,
-        irm: rvscsi_irm,
-        work: rvscsi_work,
-        watchdog: rvscsi_watchdog,
+        intr: rvscsi_intr::<F>,
+        irm: rvscsi_irm::<F>,
+        work: rvscsi_work::<F>,
+        watchdog: rvscsi_watchdog::<F>,
     }
+}
+
+/// An HBA of some family, as the entry points shared by every family
+/// find it behind a `tran_hba_private`.
+#[derive(Clone, Copy)]
+enum AnyHba<'a> {
+    VirtioScsi(&'a Hba<VioScsi>),
+}
+
+/// Runs `$body` with `$h` bound to the HBA of whatever family `$any` is.
+macro_rules! on_hba {
+    ($any:expr, $h:ident => $body:expr) => {
+        match $any {
+            AnyHba::VirtioScsi($h) => $body,
+        }
+    };
+}
+
+/// The HBA at `p` (an HBA's address as attach gave it out), of its family.
+///
+/// # Safety
+/// `p` must be null or the address of a live HBA made by
+/// [`rvscsi_hba_attach`] and not yet detached, valid for `'a`.
+unsafe fn any_hba<'a>(p: *const c_void) -> Option<AnyHba<'a>> {
+    if p.is_null() || !p.cast::<u32>().is_aligned() {
+        return None;
+    }
+    // SAFETY: a live HBA (caller), non-null and aligned (checked).
+    let family = unsafe { crate::hba::family_at(p) }?;
+    Some(match family {
+        // SAFETY: the word says the HBA at `p` is a virtio-scsi one
+        // (`Hba::attach` wrote it; only `Hba<VioScsi>` carries it), live
+        // for 'a (caller); only shared references are made from it.
+        FamilyId::VirtioScsi => AnyHba::VirtioScsi(unsafe { &*p.cast::<Hba<VioScsi>>() }),
+    })
 }
 
 /// The HBA behind a `scsi_hba_tran`.
@@ -40,16 +78,16 @@ fn callbacks() -> Callbacks {
 /// # Safety
 /// `tran` must be null or a valid `scsi_hba_tran` whose `tran_hba_private`
 /// is null or an HBA made by [`rvscsi_hba_attach`] and not yet detached.
-unsafe fn hba_of_tran<'a>(tran: *const scsi_hba_tran) -> Option<&'a VioScsi> {
+unsafe fn hba_of_tran<'a>(tran: *const scsi_hba_tran) -> Option<AnyHba<'a>> {
     if tran.is_null() {
         return None;
     }
-    // SAFETY: guaranteed by the caller.
-    let p = unsafe { (*tran).tran_hba_private } as *const VioScsi;
+    // SAFETY: a valid tran (caller).
+    let p = unsafe { (*tran).tran_hba_private } as *const c_void;
     // SAFETY: the caller guarantees tran_hba_private is null or an HBA made
     // by rvscsi_hba_attach and not yet detached, so `p` is null or points
-    // at a live VioScsi for as long as the framework uses this tran.
-    unsafe { p.as_ref() }
+    // at a live HBA for as long as the framework uses this tran.
+    unsafe { any_hba(p) }
 }
 
 /// The HBA behind a `scsi_address`.
@@ -57,11 +95,11 @@ unsafe fn hba_of_tran<'a>(tran: *const scsi_hba_tran) -> Option<&'a VioScsi> {
 /// # Safety
 /// `ap` must be null or a valid address whose `a_hba_tran` satisfies
 /// [`hba_of_tran`].
-unsafe fn hba_of_addr<'a>(ap: *const scsi_address) -> Option<&'a VioScsi> {
+unsafe fn hba_of_addr<'a>(ap: *const scsi_address) -> Option<AnyHba<'a>> {
     if ap.is_null() {
         return None;
     }
-    // SAFETY: guaranteed by the caller.
+    // SAFETY: a valid address (caller), whose tran satisfies hba_of_tran.
     unsafe { hba_of_tran((*ap).a_hba_tran) }
 }
 
@@ -85,25 +123,48 @@ unsafe fn lun_of_addr(ap: *mut scsi_address) -> Option<Lun> {
     unsafe { p.as_ref().copied() }
 }
 
-/// The command state in a packet's HBA private area.
+/// The command state in a packet's HBA private area, for family `F`.
 ///
 /// # Safety
-/// `pkt` must be null or a valid packet of our packet cache (one the
-/// framework made with this HBA's `tran_hba_len`), alive for `'a`, whose
-/// `pkt_ha_private` (set by the framework) points at those bytes.
-unsafe fn cmd_of_pkt<'a>(pkt: *const scsi_pkt) -> Option<&'a Cmd> {
+/// `pkt` must be null or a valid packet of the packet cache of an HBA of
+/// family `F` (one the framework made with that HBA's `tran_hba_len`),
+/// alive for `'a`, whose `pkt_ha_private` (set by the framework) points at
+/// those bytes.
+unsafe fn cmd_of_pkt<'a, F: Family>(pkt: *const scsi_pkt) -> Option<&'a Cmd<F::CmdExt>> {
     if pkt.is_null() {
         return None;
     }
     // SAFETY: valid packet (caller).
-    let p = unsafe { (*pkt).pkt_ha_private } as *const Cmd;
-    // SAFETY: a packet of our cache (caller): pkt_ha_private is its
-    // tran_hba_len bytes, which our constructor initialized as a Cmd and
-    // which stay allocated with the packet, so from_raw's contract holds.
-    // Soundness rests on that promise; the magic word from_raw checks only
-    // catches a corrupted or destroyed command, it does not validate
-    // arbitrary memory.
+    let p = unsafe { (*pkt).pkt_ha_private } as *const Cmd<F::CmdExt>;
+    // SAFETY: a packet of an F HBA's cache (caller): pkt_ha_private is its
+    // tran_hba_len bytes, which our constructor initialized as a
+    // Cmd<F::CmdExt> and which stay allocated with the packet, so
+    // from_raw's contract holds. Soundness rests on that promise; the
+    // magic word from_raw checks only catches a corrupted or destroyed
+    // command, it does not validate arbitrary memory.
     unsafe { Cmd::from_raw(p) }
+}
+
+/// [`cmd_of_pkt`] for the family of `_hba`.
+///
+/// # Safety
+/// As [`cmd_of_pkt`], for a packet of `_hba`'s cache.
+unsafe fn cmd_of_pkt_on<'a, F: Family>(
+    _hba: &Hba<F>,
+    pkt: *const scsi_pkt,
+) -> Option<&'a Cmd<F::CmdExt>> {
+    // SAFETY: a packet of this F HBA's cache (caller).
+    unsafe { cmd_of_pkt::<F>(pkt) }
+}
+
+/// `tran_start(9E)`'s answer.
+fn tran_code(r: Result<(), StartError>) -> c_int {
+    match r {
+        Ok(()) => ffi::TRAN_ACCEPT,
+        Err(StartError::Busy) => ffi::TRAN_BUSY,
+        Err(StartError::Fatal) => ffi::TRAN_FATAL_ERROR,
+        Err(StartError::Invalid) => ffi::TRAN_BADPKT,
+    }
 }
 
 // ---- attach / detach (called by the shim's dev_ops) ----------------------
@@ -118,7 +179,8 @@ pub unsafe extern "C" fn rvscsi_hba_attach(dip: *mut dev_info_t) -> *mut c_void 
     let Some(dip) = Dip::new(dip) else {
         return core::ptr::null_mut();
     };
-    match VioScsi::attach(dip, callbacks()) {
+    // One family today; a second one is chosen here by its PCI IDs.
+    match Hba::<VioScsi>::attach(dip, callbacks::<VioScsi>()) {
         // The shim keeps the address (tran_hba_private) until
         // rvscsi_hba_detach takes ownership back.
         Ok(hba) => hba.into_raw().cast(),
@@ -139,20 +201,20 @@ pub unsafe extern "C" fn rvscsi_hba_dma_attr(
     hba: *const c_void,
     attr: *mut ffi::ddi_dma_attr_t,
 ) -> c_int {
-    // SAFETY: guaranteed by the caller.
-    let (Some(hba), Some(attr)) = (unsafe { hba.cast::<VioScsi>().as_ref() }, unsafe {
-        attr.as_mut()
-    }) else {
+    // SAFETY: `hba` from rvscsi_hba_attach (caller): a live HBA; `attr`
+    // valid for writing (caller).
+    let (Some(hba), Some(attr)) = (unsafe { any_hba(hba) }, unsafe { attr.as_mut() }) else {
         return ffi::DDI_FAILURE;
     };
-    *attr = hba.data_dma_attr();
+    *attr = on_hba!(hba, h => h.dev.data_dma_attr());
     ffi::DDI_SUCCESS
 }
 
 /// `tran_hba_len` (a `uint_t`): the HBA private bytes each packet needs.
 #[unsafe(no_mangle)]
 pub extern "C" fn rvscsi_pkt_private_len() -> c_uint {
-    const LEN: usize = VioScsi::pkt_private_len();
+    // The largest of every family's (one family today).
+    const LEN: usize = Hba::<VioScsi>::pkt_private_len();
     const _: () = assert!(LEN <= u32::MAX as usize);
     LEN as c_uint
 }
@@ -172,8 +234,8 @@ pub extern "C" fn rvscsi_interconnect_type() -> c_int {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn rvscsi_hba_detach_ready(hba: *const c_void) -> c_int {
     // SAFETY: from rvscsi_hba_attach (caller), or null.
-    match unsafe { hba.cast::<VioScsi>().as_ref() } {
-        Some(hba) if hba.detach_ready() => ffi::DDI_SUCCESS,
+    match unsafe { any_hba(hba) } {
+        Some(hba) if on_hba!(hba, h => h.detach_ready()) => ffi::DDI_SUCCESS,
         _ => ffi::DDI_FAILURE,
     }
 }
@@ -198,7 +260,21 @@ pub unsafe extern "C" fn rvscsi_hba_detach(hba: *mut c_void) -> c_int {
     // to the HBA is made here: the owner stops it through a shared
     // reference (interrupt handlers, the IRM callback, the watchdog and the
     // work task may still be using it) and frees it only after.
-    let Some(hba) = (unsafe { OwnedHba::from_raw(hba.cast::<VioScsi>()) }) else {
+    // Which family it is is read first, through the raw pointer.
+    match unsafe { crate::hba::family_at(hba) } {
+        Some(FamilyId::VirtioScsi) => {
+            // SAFETY: the word says it is an Hba<VioScsi>, made by
+            // OwnedHba::into_raw in rvscsi_hba_attach and not taken back
+            // since (caller): this is its one owner.
+            detach_owned(unsafe { OwnedHba::<VioScsi>::from_raw(hba.cast()) })
+        }
+        None => ffi::DDI_FAILURE,
+    }
+}
+
+/// [`rvscsi_hba_detach`] for the owner of an HBA of family `F`.
+fn detach_owned<F: Family>(hba: Option<OwnedHba<F>>) -> c_int {
+    let Some(hba) = hba else {
         return ffi::DDI_FAILURE;
     };
     match hba.detach() {
@@ -215,7 +291,7 @@ pub unsafe extern "C" fn rvscsi_hba_detach(hba: *mut c_void) -> c_int {
 ///
 /// # Safety
 /// `dip` must be an attached HBA node of this driver.
-unsafe fn hba_of_node<'a>(dip: *mut dev_info_t) -> Option<&'a VioScsi> {
+unsafe fn hba_of_node<'a>(dip: *mut dev_info_t) -> Option<AnyHba<'a>> {
     if dip.is_null() {
         return None;
     }
@@ -256,8 +332,10 @@ pub unsafe extern "C" fn rvscsi_iport_attach(dip: *mut dev_info_t) -> c_int {
         return ffi::DDI_FAILURE;
     }
     // SAFETY: valid tran of the iport being attached; nothing else uses it yet.
-    unsafe { (*tran).tran_hba_private = (hba as *const VioScsi).cast_mut().cast() };
-    if hba.iport_attach(idip) {
+    let hba_addr = on_hba!(hba, h => h.callback_arg());
+    // SAFETY: valid tran of the iport being attached; nothing else uses it yet.
+    unsafe { (*tran).tran_hba_private = hba_addr };
+    if on_hba!(hba, h => h.iport_attach(idip)) {
         ffi::DDI_SUCCESS
     } else {
         ffi::DDI_FAILURE
@@ -279,6 +357,11 @@ pub unsafe extern "C" fn rvscsi_iport_detach(dip: *mut dev_info_t) -> c_int {
     let Some(hba) = (unsafe { hba_of_tran(tran) }) else {
         return ffi::DDI_FAILURE;
     };
+    on_hba!(hba, h => iport_detach(h))
+}
+
+/// [`rvscsi_iport_detach`] on an HBA of family `F`.
+fn iport_detach<F: Family>(hba: &Hba<F>) -> c_int {
     // The driver's own discovery commands end with the discovery; its
     // targets' commands would complete to devices that are gone.
     hba.stop_discovery();
@@ -299,7 +382,7 @@ pub unsafe extern "C" fn rvscsi_quiesce(dip: *mut dev_info_t) -> c_int {
     // SAFETY: guaranteed by the caller.
     match unsafe { hba_of_node(dip) } {
         Some(hba) => {
-            hba.quiesce();
+            on_hba!(hba, h => h.quiesce());
             ffi::DDI_SUCCESS
         }
         None => ffi::DDI_FAILURE,
@@ -369,24 +452,24 @@ pub unsafe extern "C" fn rvscsi_tran_tgt_init(
     // SAFETY: NUL-terminated string owned by the framework.
     let ua = unsafe { CStr::from_ptr(ua) }.to_bytes();
     let shown = core::str::from_utf8(ua).unwrap_or("?");
-    let limits = hba.limits();
+    let (dip, limits, caps) = on_hba!(hba, h => (h.dip(), *h.limits(), h.caps()));
     let (target, lun) = match child_of_unit_address(ua, limits.max_target, limits.max_lun) {
         Ok(child) => child,
         Err(e) => {
             if TGT_INIT_WARNED.first(hba_dip as usize, WARNED_REFUSED, ua) {
-                dev_warn!(hba.dip, "not configuring @{shown}: {e}");
+                dev_warn!(dip, "not configuring @{shown}: {e}");
             }
             return ffi::DDI_FAILURE;
         }
     };
     if let SingleLevelLun::Flat(n) = lun
-        && hba.caps().interconnect == ffi::INTERCONNECT_PARALLEL
+        && caps.interconnect == ffi::INTERCONNECT_PARALLEL
         && TGT_INIT_WARNED.first(hba_dip as usize, WARNED_DEVFSADM_NAME, ua)
     {
         // At most 200 bytes are logged (`ddi::log::MAX_MESSAGE`): this
         // fits with the longest unit addresses (255,7fff000000000000).
         dev_warn!(
-            hba.dip,
+            dip,
             "@{shown}: LUN {n} (flat space) gets LUN 0's /dev/dsk name c#t{target}d{} \
              from devfsadm on a parallel SCSI HBA; use /devices/.../iport@{}/disk@{shown}",
             lun.devfsadm_chan_lun(),
@@ -442,15 +525,27 @@ pub unsafe extern "C" fn rvscsi_tran_pkt_constructor(
     let (Some(hba), false) = (unsafe { hba_of_tran(tran) }, pkt.is_null()) else {
         return -1;
     };
+    // SAFETY: a valid, zeroed packet of this HBA's cache (caller).
+    on_hba!(hba, h => unsafe { construct(h, pkt, Sleep::from_kmflag(kmflag)) })
+}
+
+/// [`rvscsi_tran_pkt_constructor`] for an HBA of family `F`.
+///
+/// # Safety
+/// `pkt` is a valid packet of `hba`'s cache being constructed, whose
+/// `pkt_ha_private` points at `tran_hba_len` (`Hba::<F>::pkt_private_len`)
+/// bytes holding no live value.
+unsafe fn construct<F: Family>(hba: &Hba<F>, pkt: *mut scsi_pkt, sleep: Sleep) -> c_int {
     // SAFETY: valid packet (caller).
-    let area = unsafe { (*pkt).pkt_ha_private } as *mut Cmd;
+    let area = unsafe { (*pkt).pkt_ha_private } as *mut Cmd<F::CmdExt>;
     if area.is_null() || !area.is_aligned() {
         return -1;
     }
-    match hba.construct_cmd(Sleep::from_kmflag(kmflag)) {
+    match hba.construct_cmd(sleep) {
         Ok(cmd) => {
-            // SAFETY: the area is tran_hba_len = size_of::<Cmd>() bytes,
-            // aligned (checked), and holds no live value (a fresh object).
+            // SAFETY: the area is tran_hba_len >= size_of::<Cmd<F::CmdExt>>()
+            // bytes, aligned (checked), and holds no live value (a fresh
+            // object: caller).
             unsafe { area.write(cmd) };
             0
         }
@@ -464,12 +559,26 @@ pub unsafe extern "C" fn rvscsi_tran_pkt_constructor(
 /// Called by the packet cache destructor for a packet whose constructor
 /// succeeded.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn rvscsi_tran_pkt_destructor(pkt: *mut scsi_pkt, _tran: *mut scsi_hba_tran) {
-    // SAFETY: a packet of our cache (caller).
-    if unsafe { cmd_of_pkt(pkt) }.is_some() {
-        // SAFETY: the area holds the Cmd our constructor wrote; the cache
-        // destroys each object once.
-        unsafe { core::ptr::drop_in_place((*pkt).pkt_ha_private.cast::<Cmd>()) };
+pub unsafe extern "C" fn rvscsi_tran_pkt_destructor(pkt: *mut scsi_pkt, tran: *mut scsi_hba_tran) {
+    // SAFETY: the HBA's tran (the cache's argument).
+    if let Some(hba) = unsafe { hba_of_tran(tran) } {
+        // SAFETY: a packet of this HBA's cache whose constructor succeeded
+        // (caller).
+        on_hba!(hba, h => unsafe { destruct(h, pkt) });
+    }
+}
+
+/// [`rvscsi_tran_pkt_destructor`] for an HBA of family `F`.
+///
+/// # Safety
+/// `pkt` is a packet of `_hba`'s cache whose constructor succeeded, being
+/// destroyed (once).
+unsafe fn destruct<F: Family>(_hba: &Hba<F>, pkt: *mut scsi_pkt) {
+    // SAFETY: a packet of an F HBA's cache (caller).
+    if unsafe { cmd_of_pkt::<F>(pkt) }.is_some() {
+        // SAFETY: the area holds the Cmd our constructor wrote (its magic
+        // checked just now); the cache destroys each object once.
+        unsafe { core::ptr::drop_in_place((*pkt).pkt_ha_private.cast::<Cmd<F::CmdExt>>()) };
     }
 }
 
@@ -483,19 +592,33 @@ pub unsafe extern "C" fn rvscsi_tran_setup_pkt(
     _callback: ffi::ddi_waitfp_t,
     _arg: caddr_t,
 ) -> c_int {
-    // SAFETY: a packet of our cache (caller).
-    let Some(cmd) = (unsafe { cmd_of_pkt(pkt) }) else {
+    if pkt.is_null() {
         return -1;
-    };
-    // SAFETY: valid packet; its address names our (iport's) tran.
+    }
+    // SAFETY: valid packet (caller); its address names our (iport's) tran.
     let Some(hba) = (unsafe { hba_of_addr(&(*pkt).pkt_address) }) else {
         return -1;
     };
-    // SAFETY: the framework hands us the packet for this call.
-    let Some(p) = (unsafe { Pkt::from_raw(pkt) }) else {
-        return -1;
+    // SAFETY: a packet of this HBA's cache (caller), handed to us for this
+    // call.
+    let ok = on_hba!(hba, h => unsafe { setup(h, pkt) });
+    if ok { 0 } else { -1 }
+}
+
+/// [`rvscsi_tran_setup_pkt`] on an HBA of family `F`.
+///
+/// # Safety
+/// `pkt` is a valid packet of `hba`'s cache, handed to the HBA for the call.
+unsafe fn setup<F: Family>(hba: &Hba<F>, pkt: *mut scsi_pkt) -> bool {
+    // SAFETY: a packet of an F HBA's cache (caller).
+    let Some(cmd) = (unsafe { cmd_of_pkt::<F>(pkt) }) else {
+        return false;
     };
-    if hba.setup_pkt(&p, cmd) { 0 } else { -1 }
+    // SAFETY: the framework hands us the packet for this call (caller).
+    let Some(p) = (unsafe { Pkt::from_raw(pkt) }) else {
+        return false;
+    };
+    hba.setup_pkt(&p, cmd)
 }
 
 /// tran_teardown_pkt(9E)
@@ -504,11 +627,15 @@ pub unsafe extern "C" fn rvscsi_tran_setup_pkt(
 /// Called by the framework for a packet of our cache.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn rvscsi_tran_teardown_pkt(pkt: *mut scsi_pkt) {
-    // SAFETY: as in setup.
-    if let (Some(cmd), Some(hba)) = (unsafe { cmd_of_pkt(pkt) }, unsafe {
-        hba_of_addr(&(*pkt).pkt_address)
-    }) {
-        hba.teardown_pkt(cmd);
+    if pkt.is_null() {
+        return;
+    }
+    // SAFETY: valid packet (caller); its address names our (iport's) tran.
+    if let Some(hba) = unsafe { hba_of_addr(&(*pkt).pkt_address) } {
+        // SAFETY: a packet of this HBA's cache (caller).
+        on_hba!(hba, h => if let Some(cmd) = unsafe { cmd_of_pkt_on(h, pkt) } {
+            h.teardown_pkt(cmd)
+        });
     }
 }
 
@@ -523,16 +650,27 @@ pub unsafe extern "C" fn rvscsi_tran_start(ap: *mut scsi_address, pkt: *mut scsi
     let (Some(hba), Some(lun)) = (unsafe { hba_of_addr(ap) }, unsafe { lun_of_addr(ap) }) else {
         return ffi::TRAN_FATAL_ERROR;
     };
-    // SAFETY: a packet of our cache (caller).
-    let Some(cmd) = (unsafe { cmd_of_pkt(pkt) }) else {
+    // SAFETY: a packet of this HBA's cache that the target driver hands
+    // to the HBA (caller).
+    on_hba!(hba, h => unsafe { start(h, lun, pkt) })
+}
+
+/// [`rvscsi_tran_start`] on an HBA of family `F`.
+///
+/// # Safety
+/// `pkt` is null or a packet of `hba`'s cache, handed to the HBA until it
+/// completes it or returns an error.
+unsafe fn start<F: Family>(hba: &Hba<F>, lun: Lun, pkt: *mut scsi_pkt) -> c_int {
+    // SAFETY: a packet of an F HBA's cache (caller).
+    let Some(cmd) = (unsafe { cmd_of_pkt::<F>(pkt) }) else {
         return ffi::TRAN_BADPKT;
     };
     // SAFETY: the target driver hands us the packet until we complete it
-    // or return an error.
+    // or return an error (caller).
     let Some(p) = (unsafe { Pkt::from_raw(pkt) }) else {
         return ffi::TRAN_BADPKT;
     };
-    hba.tran_start(lun, cmd, p)
+    tran_code(hba.tran_start(lun, cmd, p))
 }
 
 /// tran_abort(9E): 1 if the command (or, without one, every command of the
@@ -540,7 +678,7 @@ pub unsafe extern "C" fn rvscsi_tran_start(ap: *mut scsi_address, pkt: *mut scsi
 /// as scsi_abort(9F) allows, or a completion routine the driver runs from
 /// its own task or watchdog), if the abort was accepted for the work task:
 /// the command then completes `CMD_ABORTED` (or `CMD_RESET`) later (see
-/// `vioscsi::recovery`). 0 on failure.
+/// `hba::recovery`). 0 on failure.
 ///
 /// # Safety
 /// Called by the framework with a valid address and, optionally, a packet.
@@ -551,13 +689,13 @@ pub unsafe extern "C" fn rvscsi_tran_abort(ap: *mut scsi_address, pkt: *mut scsi
         return 0;
     };
     let ok = if pkt.is_null() {
-        hba.abort_lun(lun)
+        on_hba!(hba, h => h.abort_lun(lun))
     } else {
-        // SAFETY: a packet of our cache (caller).
-        match unsafe { cmd_of_pkt(pkt) } {
-            Some(cmd) => hba.abort_cmd(cmd),
+        // SAFETY: a packet of this HBA's cache (caller).
+        on_hba!(hba, h => match unsafe { cmd_of_pkt_on(h, pkt) } {
+            Some(cmd) => h.abort_cmd(cmd),
             None => false,
-        }
+        })
     };
     c_int::from(ok)
 }
@@ -565,7 +703,7 @@ pub unsafe extern "C" fn rvscsi_tran_abort(ap: *mut scsi_address, pkt: *mut scsi
 /// tran_reset(9E): 1 on success, or, called where it may not wait (sd
 /// resets from its completion routine: interrupt context, or the driver's
 /// own task or watchdog), if the reset was accepted for the work task (see
-/// `vioscsi::recovery`); during a panic it is done at once, polled. 0 on
+/// `hba::recovery`); during a panic it is done at once, polled. 0 on
 /// failure or an unknown level.
 ///
 /// # Safety
@@ -582,7 +720,7 @@ pub unsafe extern "C" fn rvscsi_tran_reset(ap: *mut scsi_address, level: c_int) 
         ffi::RESET_ALL | ffi::RESET_BUS => ResetLevel::All,
         _ => return 0,
     };
-    c_int::from(hba.reset(lun, level))
+    c_int::from(on_hba!(hba, h => h.reset(lun, level)))
 }
 
 /// Looks a capability name up (`scsi_hba_lookup_capstr(9F)`).
@@ -613,7 +751,7 @@ pub unsafe extern "C" fn rvscsi_tran_getcap(
     };
     // SAFETY: the framework passes a NUL-terminated capability name
     // (tran_getcap(9E)), which is all lookup_cap reads.
-    cap::getcap(&hba.caps(), unsafe { lookup_cap(cap) })
+    cap::getcap(&on_hba!(hba, h => h.caps()), unsafe { lookup_cap(cap) })
 }
 
 /// tran_setcap(9E): 1 set, 0 not settable (to that value), -1 unknown.
@@ -637,23 +775,30 @@ pub unsafe extern "C" fn rvscsi_tran_setcap(
 }
 
 // ---- callbacks the driver registers --------------------------------------
+//
+// One instance per family: each is given only to the kernel for HBAs of
+// its family, so its argument is known to be an `Hba<F>`.
 
 /// The interrupt handler (`ddi_intr_handler_t`): arg1 the HBA, arg2 the
-/// vector's role.
-unsafe extern "C" fn rvscsi_intr(arg1: caddr_t, arg2: caddr_t) -> uint_t {
-    // SAFETY: arg1 is the HBA registered in VioScsi::attach (its
-    // OwnedHba address); the teardown removes the handlers (waiting for a
-    // running one) before the HBA is freed. Only a shared reference is
-    // made: other handlers and the teardown use the HBA at the same time.
-    match unsafe { arg1.cast::<VioScsi>().as_ref() } {
-        Some(hba) => hba.interrupt(VectorRole::decode(arg2 as usize)),
+/// family's vector argument.
+unsafe extern "C" fn rvscsi_intr<F: Family>(arg1: caddr_t, arg2: caddr_t) -> uint_t {
+    // SAFETY: arg1 is the HBA (an Hba<F>: this instance is registered only
+    // for HBAs of family F) registered by F::start (its OwnedHba address);
+    // the teardown removes the handlers (waiting for a running one) before
+    // the HBA is freed. Only a shared reference is made: other handlers and
+    // the teardown use the HBA at the same time.
+    match unsafe { arg1.cast::<Hba<F>>().as_ref() } {
+        Some(hba) => match F::interrupt(hba, arg2 as usize) {
+            Claim::Claimed => ffi::DDI_INTR_CLAIMED,
+            Claim::Unclaimed => ffi::DDI_INTR_UNCLAIMED,
+        },
         None => ffi::DDI_INTR_UNCLAIMED,
     }
 }
 
 /// The IRM callback (`ddi_cb_func_t`, ddi_cb_register(9F)): arg1 the
 /// `IrmLink` of the HBA's interrupts, whose owner is the HBA once it exists.
-unsafe extern "C" fn rvscsi_irm(
+unsafe extern "C" fn rvscsi_irm<F: Family>(
     _dip: *mut ffi::dev_info_t,
     action: c_int,
     cbarg: *mut c_void,
@@ -669,11 +814,16 @@ unsafe extern "C" fn rvscsi_irm(
     let Some(link) = (unsafe { arg1.cast::<crate::ddi::intr::IrmLink>().as_ref() }) else {
         return ffi::DDI_FAILURE;
     };
-    // SAFETY: the owner is the HBA (its OwnedHba address), set after it was
-    // built and valid until the teardown has unregistered the callback,
-    // before it is freed; only a shared reference is made.
-    match unsafe { link.owner().cast::<VioScsi>().as_ref() } {
-        Some(hba) => hba.irm_changed(change),
+    // SAFETY: the owner is the HBA (an Hba<F>, its OwnedHba address), set
+    // by F::start after it was built and valid until the teardown has
+    // unregistered the callback, before it is freed; only a shared
+    // reference is made.
+    match unsafe { link.owner().cast::<Hba<F>>().as_ref() } {
+        Some(hba) => match F::irm_changed(hba, change) {
+            IrmAnswer::Followed => ffi::DDI_SUCCESS,
+            IrmAnswer::Failed => ffi::DDI_FAILURE,
+            IrmAnswer::NotSupported => ffi::DDI_ENOTSUP,
+        },
         // Still attaching: an ADD need not be taken; a REMOVE cannot be
         // followed yet (the kernel then leaves the vectors, with a warning).
         None => match change {
@@ -684,18 +834,19 @@ unsafe extern "C" fn rvscsi_irm(
 }
 
 /// The work task (ddi_taskq_dispatch(9F)): arg the HBA.
-unsafe extern "C" fn rvscsi_work(arg: *mut c_void) {
-    // SAFETY: the HBA dispatched it; detach waits for the task queue.
-    if let Some(hba) = unsafe { arg.cast::<VioScsi>().as_ref() } {
+unsafe extern "C" fn rvscsi_work<F: Family>(arg: *mut c_void) {
+    // SAFETY: the HBA (an Hba<F>) dispatched it; the teardown waits for
+    // the task queue before the HBA is freed.
+    if let Some(hba) = unsafe { arg.cast::<Hba<F>>().as_ref() } {
         hba.run_work();
     }
 }
 
 /// The watchdog (ddi_periodic_add(9F)): arg the HBA.
-unsafe extern "C" fn rvscsi_watchdog(arg: *mut c_void) {
-    // SAFETY: the HBA started it; detach deletes it (waiting for a running
-    // tick) before freeing the HBA.
-    if let Some(hba) = unsafe { arg.cast::<VioScsi>().as_ref() } {
+unsafe extern "C" fn rvscsi_watchdog<F: Family>(arg: *mut c_void) {
+    // SAFETY: the HBA (an Hba<F>) started it; the teardown deletes it
+    // (waiting for a running tick) before freeing the HBA.
+    if let Some(hba) = unsafe { arg.cast::<Hba<F>>().as_ref() } {
         hba.watchdog();
     }
 }

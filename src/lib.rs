@@ -10,8 +10,12 @@
 //!   virtqueue, the virtio-pci transports.
 //! - [`scsa`]: the SCSA packet layer (flags, states, reasons, capabilities,
 //!   auto request sense, unit addresses), independent of the device behind it.
-//! - `vioscsi`: the virtio-scsi HBA: queues, commands, task management,
-//!   events, discovery, timeouts.
+//! - [`hba`]: the device-independent HBA core: packet life cycle,
+//!   `tran_start` checks, completion, polling, timeouts and the recovery
+//!   ladder, the work task, discovery, statistics; and the `Family` trait
+//!   a device family implements.
+//! - [`vioscsi`]: the virtio-scsi family (its wire formats, rings, task
+//!   management, events, interrupt routing).
 //! - `entry`: the `extern "C"` entry points the C shim installs in
 //!   `scsi_hba_tran(9S)` and `dev_ops(9S)`; [`contract`] proves at compile
 //!   time that they match the shim's header (`c-shim/rvscsi.h`).
@@ -29,6 +33,7 @@ pub mod contract;
 pub mod ddi;
 pub mod entry;
 pub mod ffi;
+pub mod hba;
 pub mod probes;
 pub mod runtime;
 pub mod scsa;

@@ -84,7 +84,7 @@ pub const MIN_SENSE: u32 = 32;
 /// buffers per chain (VIRTQUEUE_MAX_SIZE), two of which are headers.
 pub const MAX_SEGMENTS: u32 = 1022;
 /// Most request queues used.
-pub const MAX_REQUEST_QUEUES: u32 = 64;
+pub const MAX_REQUEST_QUEUES: u32 = crate::hba::io::MAX_REQUEST_QUEUES;
 /// max_sectors used when the device reports 0.
 pub const DEFAULT_MAX_SECTORS: u32 = 0xffff;
 /// Largest event the driver reads.
@@ -146,6 +146,20 @@ impl Limits {
             max_target: cfg.max_target.min(255) as u8,
             max_lun: cfg.max_lun.min(u32::from(super::proto::MAX_LUN)) as u16,
         })
+    }
+}
+
+impl Limits {
+    /// What SCSA sees of them (the core's limits).
+    pub fn scsa(&self) -> crate::hba::Limits {
+        crate::hba::Limits {
+            segments: self.segments,
+            max_xfer: self.max_xfer,
+            cdb_size: self.cdb_size,
+            sense_size: self.sense_size,
+            max_target: self.max_target,
+            max_lun: self.max_lun,
+        }
     }
 }
 

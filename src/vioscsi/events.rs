@@ -1,31 +1,18 @@
-//! The event queue (virtio 1.2 §5.6.6.3), target discovery through the
-//! SCSA target map, and the work task that runs what may block.
-//!
-//! Discovery follows the in-tree drivers: one iport ("iport0") with a
-//! full-set target map; each target that answers on LUN 0 is reported by
-//! its hexadecimal address, and the framework finds the LUNs behind it
-//! (REPORT LUNS) and names the children "target,lun64", the LUN in
-//! illumos' `lun64` form (LUN 256 is `4100000000000000`; see
-//! `scsa::addr`), which `tran_tgt_init` decodes. The probe is an
-//! INQUIRY with an allocation length of 0: it moves no data and, unlike
-//! TEST UNIT READY, does not consume a pending unit attention (SPC), so
-//! the target driver still sees the power-on or reset unit attention.
+//! The event queue (virtio 1.2 §5.6.6.3): buffers kept posted for the
+//! device's events, and what each event asks of the core (a discovery, a
+//! LUN rescan).
 
-use super::hba::{AttachError, Stats, VioScsi, state};
-use super::io::Reaper;
+use super::device::VioScsi;
 use super::proto::{self, EVENT_QUEUE, Event};
-use super::recovery::{Expired, TaskRequests};
 use crate::ddi::dma::{DmaBuffer, DmaMode};
-use crate::ddi::tgtmap::TargetMap;
 use crate::ddi::{Dip, Sleep};
+use crate::hba::{AttachError, Hba, Stats};
 use crate::shmem::SharedMem;
 use crate::virtio::ring::{Segment, SplitQueue};
-use crate::{dev_note, dev_warn, ffi};
+use crate::{dev_note, dev_warn};
 
 /// Event buffers kept posted.
 pub const EVENT_BUFFERS: u16 = 16;
-/// Timed-out commands the work task can hold.
-pub const MAX_EXPIRED: usize = 16;
 
 /// The event queue and its buffers.
 pub struct EventQueue {
@@ -86,401 +73,97 @@ impl EventQueue {
     }
 }
 
-/// Work for the task queue: what was found in interrupt or watchdog
-/// context and needs a thread.
-#[derive(Default)]
-pub struct Work {
-    /// A task is queued or running.
-    pub scheduled: bool,
-    /// Run a full target discovery.
-    pub discover: bool,
-    /// Targets whose LUNs must be rescanned (bit per target).
-    pub scan: [u64; 4],
-    /// Reset the device.
-    pub reset: bool,
-    /// Request queues to reap (bit per queue, `io::queue_bit`): their
-    /// completion pass ran out of passes with completions waiting (see
-    /// `VioScsi::reap_as`).
-    pub reap_queues: u64,
-    /// The iport is being detached: no discovery may start, one under way
-    /// stops at the next target (its commands would hold the detach off).
-    pub discovery_stopped: bool,
-    /// Task management accepted for the work task (`tran_abort`,
-    /// `tran_reset` from interrupt context or the driver's own delivery).
-    pub task_requests: TaskRequests,
-    /// Completion deliveries from the driver's own contexts under way
-    /// (`VioScsi::own_delivery`).
-    pub own_deliveries: u32,
-    expired: [Option<Expired>; MAX_EXPIRED],
-}
-
-impl Work {
-    /// Free slots for timed-out commands.
-    pub fn expired_room(&self) -> usize {
-        self.expired.iter().filter(|e| e.is_none()).count()
-    }
-
-    /// Records a timed-out command (dropped if full: the caller checked).
-    pub fn push_expired(&mut self, e: Expired) {
-        if let Some(slot) = self.expired.iter_mut().find(|s| s.is_none()) {
-            *slot = Some(e);
-        }
-    }
-
-    fn pending(&self) -> bool {
-        let discovery =
-            !self.discovery_stopped && (self.discover || self.scan.iter().any(|&b| b != 0));
-        discovery
-            || self.reset
-            || self.reap_queues != 0
-            || !self.task_requests.is_empty()
-            || self.expired.iter().any(Option::is_some)
-    }
-}
-
-fn set_bit(map: &mut [u64; 4], t: u8) {
-    map[usize::from(t / 64)] |= 1 << (t % 64);
-}
-
-fn bit(map: &[u64; 4], t: u8) -> bool {
-    map[usize::from(t / 64)] & (1 << (t % 64)) != 0
-}
-
-impl VioScsi {
-    /// Queues work for the task (safe from interrupt context).
-    pub(crate) fn schedule(&self, f: impl FnOnce(&mut Work)) {
-        let dispatch = {
-            let mut w = self.work.lock();
-            f(&mut w);
-            let d = !w.scheduled && w.pending();
-            if d {
-                w.scheduled = true;
-            }
-            d
-        };
-        if dispatch {
-            let queued = self.taskq.as_ref().is_some_and(|tq| {
-                let me = self as *const VioScsi as *mut core::ffi::c_void;
-                // SAFETY: detach waits for the task queue before freeing.
-                unsafe { tq.dispatch(self.callbacks.work, me) }
-            });
-            if !queued {
-                // Try again from the next watchdog tick.
-                self.work.lock().scheduled = false;
-            }
-        }
-    }
-
-    /// The work task (runs on the task queue): resets, recoveries,
-    /// discovery. Bounded: at most a few rounds, then it requeues itself.
-    /// Everything it completes to the target drivers is the driver's own
-    /// delivery: their completion routines' resets and aborts come back
-    /// here, queued, instead of running nested inside (`own_delivery`).
-    pub fn run_work(&self) {
-        let _delivering = self.own_delivery();
-        for _ in 0..8 {
-            let work = {
-                let mut w = self.work.lock();
-                if !w.pending() || self.state() == state::STOPPED {
-                    w.scheduled = false;
-                    return;
-                }
-                let taken = if w.discovery_stopped {
-                    // Left queued for when the iport attaches again.
-                    (w.reset, false, [0; 4], w.expired)
-                } else {
-                    let t = (w.reset, w.discover, w.scan, w.expired);
-                    w.discover = false;
-                    w.scan = [0; 4];
-                    t
-                };
-                w.reset = false;
-                w.expired = [None; MAX_EXPIRED];
-                (
-                    taken,
-                    w.task_requests.take(),
-                    core::mem::take(&mut w.reap_queues),
-                )
-            };
-            let ((reset, discover, scan, expired), task_requests, reap_queues) = work;
-            if reap_queues != 0 {
-                self.reap_handed_off(reap_queues);
-            }
-            if reset {
-                self.reset_device("the device asked for it");
-            }
-            self.run_task_requests(task_requests);
-            for e in expired.iter().flatten() {
-                self.recover(*e, true, Reaper::Free);
-            }
-            let present = if discover { self.discover() } else { None };
-            for t in 0..=self.limits.max_target {
-                // Targets a discovery just found absent have no LUNs left.
-                if bit(&scan, t) && present.is_none_or(|p| bit(&p, t)) {
-                    self.scan_luns(t);
-                }
-            }
-        }
-        self.work.lock().scheduled = false;
-        self.schedule(|_| {});
-    }
-
-    /// Reads and re-posts every event the device returned, then hands
-    /// what needs a thread to the work task. Like [`Self::reap`], it looks
-    /// again when events arrived while interrupts were being re-armed
-    /// (virtio 1.2 §2.7.10: otherwise they would wait for an interrupt
-    /// that never comes), a bounded number of times.
-    pub(crate) fn service_events(&self) {
-        for _pass in 0..4 {
-            let mut events = [(Event::None, false); EVENT_BUFFERS as usize];
-            let mut n = 0;
-            let (kick, more) = {
-                let mut e = self.evt.lock();
-                for _ in 0..e.count {
-                    match e.ring.pop_used() {
-                        None => break,
-                        Some(Ok(u)) => {
-                            let i = u.token;
-                            let off = usize::from(i) * e.size;
-                            e.bufs.sync_for_cpu(off, proto::EVENT_LEN);
-                            let mut b = [0u8; proto::EVENT_LEN];
-                            e.bufs.read_bytes(off, &mut b);
-                            if n < events.len() {
-                                events[n] = proto::parse_event(&b);
-                                n += 1;
-                            }
-                            e.post(i);
+/// Reads and re-posts every event the device returned, then hands
+/// what needs a thread to the work task. Like the core's reap, it looks
+/// again when events arrived while interrupts were being re-armed
+/// (virtio 1.2 §2.7.10: otherwise they would wait for an interrupt
+/// that never comes), a bounded number of times.
+pub(crate) fn service_events(hba: &Hba<VioScsi>) {
+    let dev = &hba.dev;
+    for _pass in 0..4 {
+        let mut events = [(Event::None, false); EVENT_BUFFERS as usize];
+        let mut n = 0;
+        let (kick, more) = {
+            let mut e = dev.evt.lock();
+            for _ in 0..e.count {
+                match e.ring.pop_used() {
+                    None => break,
+                    Some(Ok(u)) => {
+                        let i = u.token;
+                        let off = usize::from(i) * e.size;
+                        e.bufs.sync_for_cpu(off, proto::EVENT_LEN);
+                        let mut b = [0u8; proto::EVENT_LEN];
+                        e.bufs.read_bytes(off, &mut b);
+                        if n < events.len() {
+                            events[n] = proto::parse_event(&b);
+                            n += 1;
                         }
-                        Some(Err(err)) => {
-                            dev_warn!(self.dip, "event queue: bad used element {err:?}")
-                        }
+                        e.post(i);
+                    }
+                    Some(Err(err)) => {
+                        dev_warn!(dev.dip, "event queue: bad used element {err:?}")
                     }
                 }
-                let kick = e.ring.publish();
-                let more = self.mode.interrupts() && e.ring.enable_interrupts();
-                (kick, more)
-            };
-            if kick {
-                self.transport.notify(EVENT_QUEUE);
             }
-            for &(ev, missed) in &events[..n] {
-                Stats::bump(&self.stats.events);
-                self.handle_event(ev, missed);
-            }
-            if !more {
-                return;
-            }
-        }
-    }
-
-    fn handle_event(&self, ev: Event, missed: bool) {
-        match ev {
-            Event::TransportReset { addr, reason } => {
-                let what = match reason {
-                    proto::event::RESET_RESCAN => "appeared",
-                    proto::event::RESET_REMOVED => "removed",
-                    _ => "reset",
-                };
-                match addr {
-                    Some((t, l)) => dev_note!(self.dip, "target {t} lun {l} {what}"),
-                    None => dev_note!(self.dip, "a target {what}"),
-                }
-                if reason == proto::event::RESET_RESCAN || reason == proto::event::RESET_REMOVED {
-                    // A full-set discovery adds and drops targets; a LUN
-                    // rescan finds LUN changes behind a known target.
-                    self.schedule(|w| {
-                        w.discover = true;
-                        if let Some((t, _)) = addr {
-                            set_bit(&mut w.scan, t);
-                        }
-                    });
-                }
-            }
-            Event::ParamChange { addr, asc, ascq } => {
-                // The LUN reports the change as a unit attention on its next
-                // command; the target driver handles it (e.g. sd re-reads the
-                // capacity after 2A/09).
-                let (t, l) = addr.unwrap_or((0, crate::scsa::addr::LunNumber::ZERO));
-                dev_note!(
-                    self.dip,
-                    "target {t} lun {l}: parameters changed (asc {asc:#x} ascq {ascq:#x})"
-                );
-            }
-            Event::None => {}
-            Event::Other(code) => dev_note!(self.dip, "ignoring event {code:#x}"),
-        }
-        if missed {
-            dev_warn!(self.dip, "events were lost: rediscovering every target");
-            self.schedule(|w| {
-                w.discover = true;
-                w.scan = [u64::MAX; 4];
-            });
-        }
-    }
-
-    /// Whether `target` answers on LUN 0: `Some(true)` present,
-    /// `Some(false)` absent, `None` the device failed to say.
-    fn probe_target(&self, target: u8) -> Option<bool> {
-        // INQUIRY, allocation length 0 (see the module docs).
-        let cdb = [0x12, 0, 0, 0, 0, 0];
-        let r = self.internal_command(target, crate::scsa::addr::LunNumber::ZERO, &cdb, 10)?;
-        match r.response {
-            proto::response::OK => Some(true),
-            proto::response::BAD_TARGET | proto::response::INCORRECT_LUN => Some(false),
-            _ => None,
-        }
-    }
-
-    /// A full-set discovery of every target; returns which answered, or
-    /// `None` when it could not complete (the previous set stands).
-    fn discover(&self) -> Option<[u64; 4]> {
-        let guard = self.tgtmap.lock();
-        let map = guard.as_ref()?;
-        let mut obs = match map.begin() {
-            Ok(o) => o,
-            Err(e) => {
-                dev_warn!(self.dip, "discovery: {e}");
-                return None;
-            }
+            let kick = e.ring.publish();
+            let more = dev.mode.interrupts() && e.ring.enable_interrupts();
+            (kick, more)
         };
-        let mut present = [0u64; 4];
-        for t in 0..=self.limits.max_target {
-            if !matches!(self.state(), state::RUNNING | state::RESETTING)
-                || self.work.lock().discovery_stopped
-            {
-                return None; // the observation is flushed on drop
+        if kick {
+            dev.transport.notify(EVENT_QUEUE);
+        }
+        for &(ev, missed) in &events[..n] {
+            Stats::bump(&hba.stats.events);
+            handle_event(hba, ev, missed);
+        }
+        if !more {
+            return;
+        }
+    }
+}
+
+fn handle_event(hba: &Hba<VioScsi>, ev: Event, missed: bool) {
+    let dip = hba.dip();
+    match ev {
+        Event::TransportReset { addr, reason } => {
+            let what = match reason {
+                proto::event::RESET_RESCAN => "appeared",
+                proto::event::RESET_REMOVED => "removed",
+                _ => "reset",
+            };
+            match addr {
+                Some((t, l)) => dev_note!(dip, "target {t} lun {l} {what}"),
+                None => dev_note!(dip, "a target {what}"),
             }
-            match self.probe_target(t) {
-                Some(true) => {
-                    set_bit(&mut present, t);
-                    if let Err(e) = obs.add(u32::from(t)) {
-                        dev_warn!(self.dip, "discovery: target {t}: {e}");
+            if reason == proto::event::RESET_RESCAN || reason == proto::event::RESET_REMOVED {
+                // A full-set discovery adds and drops targets; a LUN
+                // rescan finds LUN changes behind a known target.
+                hba.schedule(|w| {
+                    w.discover = true;
+                    if let Some((t, _)) = addr {
+                        w.rescan_target(t);
                     }
-                }
-                Some(false) => {}
-                None => {
-                    dev_warn!(
-                        self.dip,
-                        "discovery: target {t} did not answer; keeping the previous set"
-                    );
-                    return None;
-                }
+                });
             }
         }
-        if let Err(e) = obs.end() {
-            dev_warn!(self.dip, "discovery: {e}");
+        Event::ParamChange { addr, asc, ascq } => {
+            // The LUN reports the change as a unit attention on its next
+            // command; the target driver handles it (e.g. sd re-reads the
+            // capacity after 2A/09).
+            let (t, l) = addr.unwrap_or((0, crate::scsa::addr::LunNumber::ZERO));
+            dev_note!(
+                dip,
+                "target {t} lun {l}: parameters changed (asc {asc:#x} ascq {ascq:#x})"
+            );
         }
-        Some(present)
+        Event::None => {}
+        Event::Other(code) => dev_note!(dip, "ignoring event {code:#x}"),
     }
-
-    fn scan_luns(&self, target: u8) {
-        if let Some(map) = self.tgtmap.lock().as_ref() {
-            map.scan_luns(u32::from(target));
-        }
-    }
-
-    /// attach(9E) of the iport node: the target map (settle times as the
-    /// in-tree drivers: 1 s sync, 2 s settle), then a discovery.
-    pub fn iport_attach(&self, iport: Dip) -> bool {
-        match TargetMap::create_fullset(iport, ffi::MICROSEC as i32, 2 * ffi::MICROSEC as i32) {
-            Ok(map) => {
-                *self.tgtmap.lock() = Some(map);
-                self.resume_discovery();
-                true
-            }
-            Err(e) => {
-                dev_warn!(self.dip, "iport attach: {e}");
-                false
-            }
-        }
-    }
-
-    /// First half of detach(9E) of the iport node: stops discovery and
-    /// waits for the work task, so the driver's own probe commands are no
-    /// longer in flight when the caller checks for commands. Undo with
-    /// [`Self::resume_discovery`] if the detach is refused.
-    pub fn stop_discovery(&self) {
-        self.work.lock().discovery_stopped = true;
-        if let Some(tq) = &self.taskq {
-            tq.wait();
-        }
-    }
-
-    /// Lets discovery run and schedules a full one: at iport attach, and
-    /// when a detach is refused after all (a full discovery makes up for
-    /// anything a stopped one missed).
-    pub fn resume_discovery(&self) {
-        self.schedule(|w| {
-            w.discovery_stopped = false;
+    if missed {
+        dev_warn!(dip, "events were lost: rediscovering every target");
+        hba.schedule(|w| {
             w.discover = true;
+            w.scan = [u64::MAX; 4];
         });
-    }
-
-    /// detach(9E) of the iport node, after [`Self::stop_discovery`]:
-    /// destroys the map.
-    pub fn iport_detach(&self) {
-        if let Some(tq) = &self.taskq {
-            tq.wait();
-        }
-        drop(self.tgtmap.lock().take());
-    }
-
-    /// Whether the iport's target map exists.
-    pub fn has_tgtmap(&self) -> bool {
-        self.tgtmap.lock().is_some()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::scsa::addr::LunNumber;
-
-    fn expired() -> Expired {
-        Expired {
-            queue: 0,
-            head: 0,
-            tag: 1,
-            pkt: 0,
-            target: 0,
-            lun: LunNumber::ZERO,
-        }
-    }
-
-    #[test]
-    fn work_is_pending_for_each_kind_of_work_and_only_then() {
-        let idle = Work::default();
-        assert!(!idle.pending(), "nothing to do");
-        let each: [fn(&mut Work); 6] = [
-            |w| w.discover = true,
-            |w| w.scan[1] = 1 << 3,
-            |w| w.reset = true,
-            |w| w.reap_queues = crate::vioscsi::io::queue_bit(2),
-            |w| w.task_requests.request_bring_back(),
-            |w| w.push_expired(expired()),
-        ];
-        for (n, set) in each.iter().enumerate() {
-            let mut w = Work::default();
-            set(&mut w);
-            assert!(w.pending(), "work kind {n} is pending");
-        }
-        // A stopped discovery keeps what it had for later, but asks for
-        // no task now; a reset or a reap still does.
-        let mut w = Work {
-            discovery_stopped: true,
-            discover: true,
-            ..Work::default()
-        };
-        w.scan[0] = 1;
-        assert!(!w.pending(), "discovery stopped");
-        w.reset = true;
-        assert!(w.pending(), "a reset while discovery is stopped");
-        // Scheduling state and the delivery mark are not work.
-        let marks = Work {
-            scheduled: true,
-            own_deliveries: 2,
-            ..Work::default()
-        };
-        assert!(!marks.pending());
     }
 }

@@ -1,31 +1,32 @@
-//! The virtio-scsi HBA (virtio 1.2 §5.6) on the SCSA packet layer.
+//! The virtio-scsi device family (virtio 1.2 §5.6) on the HBA core
+//! (`crate::hba`).
 //!
 //! - [`proto`]: wire formats and the response -> SCSA mapping.
 //! - [`config`]: device configuration and the limits derived from it.
-//! - [`cmd`]: per-packet state and its ownership protocol.
-//! - [`hba`]: attach, device (re)initialization, detach, quiesce.
-//! - [`io`]: submission, completion, polling.
-//! - [`recovery`]: task management, timeouts, device reset.
-//! - [`events`]: the event queue, discovery and the work task.
+//! - [`cmd`]: the virtio-scsi part of each command (request header,
+//!   response, indirect table) and how it is written and read.
+//! - [`ring`]: a request queue's split virtqueue on the core.
+//! - [`device`]: attach, device (re)initialization, interrupts and their
+//!   routing, and the `Family` implementation.
+//! - [`vectors`]: which MSI-X vector serves which source.
+//! - [`tmf`]: task management on the control queue.
+//! - [`events`]: the event queue and what its events ask of the core.
 //!
 //! # Locks and contexts
 //!
-//! Each request queue has its own lock (interrupt priority), held only
-//! while its ring is touched: never across a device notification, a DMA
-//! sync of command memory, or `scsi_hba_pkt_comp(9F)`. The control queue
-//! lock serializes task management (thread context only; it polls). The
-//! event queue lock and the work lock are taken from interrupt context.
-//! `tran_start(9E)` may be called from interrupt context (a target
-//! driver's completion routine), so nothing on the I/O path sleeps or
-//! allocates.
+//! The request-queue locks are the core's. The control queue lock
+//! serializes task management (thread context only; it polls, and is held
+//! across the seconds a TMF may take, so nothing reachable from an
+//! interrupt handler takes it). The event queue lock has the interrupt
+//! priority (the handler of vector 0 services events).
 
 pub mod cmd;
 pub mod config;
+pub mod device;
 pub mod events;
-pub mod hba;
-pub mod io;
 pub mod proto;
-pub mod recovery;
+pub mod ring;
+pub mod tmf;
 pub mod vectors;
 
-pub use hba::{Lun, VioScsi};
+pub use device::VioScsi;

@@ -197,18 +197,9 @@ impl Response {
     }
 }
 
-/// What the driver knows about a command besides the device's response.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CmdFacts {
-    /// Bytes of data this command was to move.
-    pub xfer: usize,
-    /// Direction of the data.
-    pub dir: DataDir,
-    /// The watchdog timed it out (pkt_time passed).
-    pub timed_out: bool,
-    /// Statistics bits of the recovery it went through.
-    pub recovery: PktStatistics,
-}
+/// What the driver knows about a command besides the device's response
+/// (the core's).
+pub use crate::hba::family::CmdFacts;
 
 /// How many sense bytes of a response to copy: what the device says it
 /// wrote (`sense_len`, a device-written value nothing trusts), never more

@@ -710,8 +710,8 @@ impl<M: SharedMem, T> Drop for ChainWriter<'_, M, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hba::io::{AfterPass, REAP_PASSES, ReapPasses};
     use crate::shmem::host::HostMem;
-    use crate::vioscsi::io::{AfterPass, REAP_PASSES, ReapPasses};
     use proptest::prelude::*;
     use std::collections::{HashMap, VecDeque};
     use std::vec;

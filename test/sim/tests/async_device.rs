@@ -52,19 +52,19 @@ fn device(rig: &Rig) -> Arc<MemoryMachine> {
 }
 
 /// The driver's counters.
-fn driver_stats(rig: &Rig) -> &rvscsi::vioscsi::hba::Stats {
+fn driver_stats(rig: &Rig) -> &rvscsi::hba::Stats {
     let dip = rig.bed().hba;
     let tran =
         rvscsi_emu::ddi::devinfo::ddi_get_driver_private(dip).cast::<rvscsi::ffi::scsi_hba_tran>();
     assert!(!tran.is_null(), "the HBA node has its transport");
     // SAFETY: the attached HBA node's driver-private pointer is the
     // framework's scsi_hba_tran, whose tran_hba_private is the driver's
-    // VioScsi (entry::rvscsi_hba_attach); it lives until detach, which
+    // Hba<VioScsi> (entry::rvscsi_hba_attach); it lives until detach, which
     // `rig` (borrowed for the result's lifetime) has not done.
     unsafe {
         let hba = (*tran)
             .tran_hba_private
-            .cast::<rvscsi::vioscsi::hba::VioScsi>();
+            .cast::<rvscsi::hba::Hba<rvscsi::vioscsi::VioScsi>>();
         &(*hba.cast_const()).stats
     }
 }

@@ -9,8 +9,8 @@
 //! and dropped once the HBA is stopped.
 
 use rvscsi::ffi;
+use rvscsi::hba::{Hba, HbaState};
 use rvscsi::vioscsi::VioScsi;
-use rvscsi::vioscsi::hba::state;
 use rvscsi_emu::Backend;
 use rvscsi_emu::ddi::sync::{enter_interrupt_context, leave_interrupt_context};
 use rvscsi_emu::ddi::{panic, taskq};
@@ -67,16 +67,16 @@ fn never_completing(rig: &Rig) -> Arc<MemoryMachine> {
 }
 
 /// The attached HBA.
-fn hba(rig: &Rig) -> &VioScsi {
+fn hba(rig: &Rig) -> &Hba<VioScsi> {
     let dip = rig.bed().hba;
     let tran =
         rvscsi_emu::ddi::devinfo::ddi_get_driver_private(dip).cast::<rvscsi::ffi::scsi_hba_tran>();
     assert!(!tran.is_null(), "the HBA node has its transport");
     // SAFETY: the attached HBA node's driver-private pointer is the
     // framework's scsi_hba_tran, whose tran_hba_private is the driver's
-    // VioScsi (entry::rvscsi_hba_attach); it lives until detach, which
+    // Hba<VioScsi> (entry::rvscsi_hba_attach); it lives until detach, which
     // `rig` (borrowed for the result's lifetime) has not done.
-    unsafe { &*(*tran).tran_hba_private.cast::<VioScsi>().cast_const() }
+    unsafe { &*(*tran).tran_hba_private.cast::<Hba<VioScsi>>().cast_const() }
 }
 
 /// Runs `f` on this thread as an interrupt handler would.
@@ -107,7 +107,7 @@ fn wait_for_reset_done(rig: &Rig, level: i32) {
 fn wait_until_resetting(rig: &Rig, what: &str) {
     assert!(
         wait_for(Duration::from_secs(20), || hba(rig).state()
-            == state::RESETTING),
+            == HbaState::Resetting),
         "{what}"
     );
 }
@@ -176,7 +176,7 @@ fn requests_made_while_the_device_is_being_reset_are_accepted_and_covered_by_it(
     let (target, abort) = in_interrupt(&rig, || (dev.reset(ffi::RESET_TARGET), dev.abort(None)));
     assert_eq!(
         hba(&rig).state(),
-        state::RESETTING,
+        HbaState::Resetting,
         "the requests were made during the reset"
     );
     m.faults.disarm_all();
@@ -304,7 +304,7 @@ fn during_a_panic_a_reset_from_interrupt_context_is_done_before_it_returns() {
         vec![firing(ffi::RESET_ALL, true)],
         "the reset was done when scsi_reset returned"
     );
-    assert_eq!(hba(&rig).state(), state::RUNNING);
+    assert_eq!(hba(&rig).state(), HbaState::Running);
     tasks_idle(&rig);
     clear_unit_attention(&dev);
     assert_eq!(reset_firings(&rig).len(), 1, "and not a second time later");
@@ -344,7 +344,7 @@ fn a_device_reset_that_ends_after_quiesce_leaves_the_hba_and_the_device_stopped(
     tasks_idle(&rig);
     assert_eq!(
         hba(&rig).state(),
-        state::STOPPED,
+        HbaState::Stopped,
         "quiesce's STOPPED stands"
     );
     let common = m.faults.layout().common.expect("modern interface");

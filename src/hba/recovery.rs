@@ -1,9 +1,10 @@
-//! Task management (virtio 1.2 §5.6.6.2), command timeouts and the
-//! recovery ladder, device reset.
+//! Task management, command timeouts and the recovery ladder, device
+//! reset, for every family (each performs the steps on its device:
+//! [`Family::task_mgmt`], [`Family::stop`], [`Family::restart`]).
 //!
 //! A command past its `pkt_time` is aborted (ABORT TASK); if it does not
-//! come back, its LUN is reset, then its target (I_T NEXUS RESET), then the
-//! whole device, which ends every outstanding command. Each step that
+//! come back, its LUN is reset, then its target (I_T NEXUS RESET or the
+//! family's nearest), then the whole device, which ends every outstanding command. Each step that
 //! touched the command adds its statistics bit (`STAT_DEV_RESET`,
 //! `STAT_BUS_RESET`); the command completes `CMD_TIMEOUT` +
 //! `STAT_TIMEOUT` however it finally ends.
@@ -26,7 +27,7 @@
 //! runs from its own work task or watchdog: kernel threads, where
 //! servicing_interrupt() is 0, but a TMF of seconds or a device reset
 //! nested there would stall every completion behind it
-//! ([`VioScsi::own_delivery`]). During a panic (a crash dump: sddump
+//! ([`Hba::own_delivery`]). During a panic (a crash dump: sddump
 //! resets with RESET_ALL and fails the dump on 0, sd.c) no task queue runs
 //! any more, so the request is done at once, polled (ddi_in_panic(9F)).
 //!
@@ -51,39 +52,23 @@
 //! waiting (one status read-back, a few microseconds), takes every command
 //! back onto the parked lists, and leaves the bring-back (renegotiation,
 //! activation, the others completing `CMD_RESET` + `STAT_BUS_RESET`) to
-//! the work task. Nothing reachable from an interrupt handler takes the
-//! control-queue lock (`ctl`, no interrupt priority: it is held across the
-//! seconds a TMF may take), except a FLAG_NOINTR command polled in
-//! interrupt context (`poll_to_completion`, whose recovery runs inline).
+//! the work task. Nothing reachable from an interrupt handler performs
+//! task management (a family may hold a lock without interrupt priority
+//! across the seconds a TMF may take: virtio's control queue), except a
+//! FLAG_NOINTR command polled in interrupt context (`poll_to_completion`,
+//! whose recovery runs inline).
 
-use super::cmd::{Cmd, IDLE};
-use super::hba::{AttachError, Lun, Stats, VioScsi, state};
+use super::cmd::{Cmd, CmdState};
+use super::family::{DeviceRing, Family, StopError, StopWait, TaskMgmt, TmAddress, TmAnswer};
 use super::io::Reaper;
-use super::proto::{self, CONTROL_QUEUE, Tmf};
-use crate::ddi::dma::{DmaBuffer, DmaMode};
-use crate::ddi::{Dip, Sleep, cpu, time};
+use super::{AttachError, Hba, HbaState, Lun, Stats};
+use crate::ddi::{cpu, time};
 use crate::dev_warn;
 use crate::ffi;
 use crate::probes;
 use crate::scsa::PktStatistics;
 use crate::scsa::addr::LunNumber;
-use crate::shmem::SharedMem;
-use crate::virtio::pci::{RESET_CONFIRM_READS, TransportError};
-use crate::virtio::ring::{Segment, SplitQueue};
-use core::sync::atomic::Ordering;
 
-/// How [`VioScsi::stop_and_reclaim`] resets the device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum StopWait {
-    /// Waits (up to a second) until the device reads back status 0.
-    UntilStopped,
-    /// Interrupt context: writes 0 and reads the status back a few times
-    /// within microseconds ([`crate::virtio::pci::Transport::reset_confirmed_briefly`]).
-    Briefly,
-}
-
-/// How long a TMF may take before the device is considered unresponsive.
-const TMF_TIMEOUT_US: i64 = 5 * ffi::MICROSEC;
 /// How long a recovery step waits for the command to come back.
 const STEP_WAIT_US: i64 = ffi::MICROSEC;
 /// How long `abandon_cmd` in interrupt context waits for another thread to
@@ -92,39 +77,13 @@ const STEP_WAIT_US: i64 = ffi::MICROSEC;
 /// back). Well within the millisecond of busy waiting an interrupt may do
 /// in all (test/emu/src/ddi/time.rs INTERRUPT_SPIN_LIMIT_US).
 const INTERRUPT_LET_GO_US: i64 = 200;
-/// Offset of the TMF response in the control buffer.
-const TMF_RESP_OFF: usize = 32;
-
-/// The control queue and the buffer of the one TMF in flight.
-pub struct ControlQueue {
-    /// The ring (chains carry no token: one TMF at a time).
-    pub ring: SplitQueue<DmaBuffer, ()>,
-    buf: DmaBuffer,
-    /// False after a TMF never came back (its buffer still belongs to the
-    /// device); a device reset makes it usable again.
-    pub usable: bool,
-}
-
-impl ControlQueue {
-    /// The control queue in `mem`, with its request buffer.
-    pub fn new(dip: Dip, mem: DmaBuffer, size: u16, event_idx: bool) -> Result<Self, AttachError> {
-        let ring = SplitQueue::new(mem, size, event_idx)
-            .ok_or(AttachError::Device("control queue memory"))?;
-        let buf = DmaBuffer::alloc(dip, 64, 64, u64::MAX, DmaMode::Streaming, Sleep::Yes)?;
-        Ok(Self {
-            ring,
-            buf,
-            usable: true,
-        })
-    }
-}
 
 /// Task-management requests the work task can hold at once.
 pub const MAX_TASK_REQUESTS: usize = 16;
 
 /// A `tran_abort(9E)` or `tran_reset(9E)` request: performed at once in
 /// thread context, or handed to the work task (see the module
-/// documentation and [`VioScsi::caller`]).
+/// documentation and [`Hba::caller`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TaskRequest {
     /// ABORT TASK of this command (if it is still outstanding then).
@@ -171,7 +130,7 @@ pub enum Queued {
 pub struct TaskRequests {
     slots: [Option<TaskRequest>; MAX_TASK_REQUESTS],
     /// The device was stopped and its commands taken back by a caller
-    /// that may not wait (see [`VioScsi::abandon_cmd`]); the work task
+    /// that may not wait (see [`Hba::abandon_cmd`]); the work task
     /// brings it back. A flag, not a slot: never refused, never collapsed.
     bring_back: bool,
 }
@@ -239,14 +198,25 @@ enum Caller {
     Panic,
 }
 
-/// The mark [`VioScsi::own_delivery`] leaves while the driver delivers
+/// The mark [`Hba::own_delivery`] leaves while the driver delivers
 /// completions from a context of its own; dropping it removes the mark.
-pub(crate) struct OwnDelivery<'a>(&'a VioScsi);
+pub(crate) struct OwnDelivery<'a, F: Family>(&'a Hba<F>);
 
-impl Drop for OwnDelivery<'_> {
+impl<F: Family> Drop for OwnDelivery<'_, F> {
     fn drop(&mut self) {
         let mut w = self.0.work.lock();
         w.own_deliveries = w.own_deliveries.saturating_sub(1);
+    }
+}
+
+/// Task management about a whole LUN (or its target).
+fn lun_address(l: Lun) -> TmAddress {
+    TmAddress {
+        target: l.target,
+        lun: l.lun,
+        tag: 0,
+        queue: 0,
+        slot: 0,
     }
 }
 
@@ -257,8 +227,8 @@ pub struct Expired {
     /// Request queue.
     pub queue: u16,
     /// Head descriptor in that ring.
-    pub head: u16,
-    /// Its tag: the head may be reused by another command.
+    pub slot: u16,
+    /// Its tag: the slot may be reused by another command.
     pub tag: u64,
     /// The packet's address, for tracing only (0 for none).
     pub pkt: crate::probes::PktAddr,
@@ -268,118 +238,71 @@ pub struct Expired {
     pub lun: LunNumber,
 }
 
-impl VioScsi {
-    /// Sends a TMF and polls the control queue for its response; `None` if
-    /// the device did not answer in time or cannot take a TMF now.
-    pub(crate) fn tmf(
-        &self,
-        tmf: Tmf,
-        target: u8,
-        lun: LunNumber,
-        tag: u64,
-        can_sleep: bool,
-    ) -> Option<u8> {
-        if self.state() != state::RUNNING {
-            return None;
-        }
-        let mut c = self.ctl.lock();
-        if !c.usable {
-            return None;
-        }
-        Stats::bump(&self.stats.tmfs);
-        c.buf
-            .write_bytes(0, &proto::tmf_request(tmf, target, lun, tag));
-        c.buf.write_bytes(TMF_RESP_OFF, &[0xff]);
-        c.buf.sync_for_device(0, TMF_RESP_OFF + 1);
-        let base = c.buf.device_addr();
-        let chain = [
-            Segment {
-                addr: base,
-                len: proto::TMF_REQ_LEN as u32,
-                device_writes: false,
-            },
-            Segment {
-                addr: base + TMF_RESP_OFF as u64,
-                len: 1,
-                device_writes: true,
-            },
-        ];
-        if c.ring.add_chain(chain, ()).is_err() {
-            return None;
-        }
-        if c.ring.publish() {
-            self.transport.notify(CONTROL_QUEUE);
-        }
-        let start = time::hrtime();
-        let mut spins = 0u32;
-        loop {
-            match c.ring.pop_used() {
-                Some(Ok(_)) => {
-                    c.buf.sync_for_cpu(TMF_RESP_OFF, 1);
-                    let mut r = [0u8];
-                    c.buf.read_bytes(TMF_RESP_OFF, &mut r);
-                    return Some(r[0]);
-                }
-                Some(Err(e)) => {
-                    dev_warn!(self.dip, "control queue: bad used element {e:?}");
-                }
-                None => {}
-            }
-            if (time::hrtime() - start) / 1000 >= TMF_TIMEOUT_US {
-                dev_warn!(
-                    self.dip,
-                    "{} (target {target} lun {lun}): no answer from the device",
-                    tmf.name()
-                );
-                c.usable = false;
-                return None;
-            }
-            time::poll_pause(&mut spins, can_sleep);
+impl Expired {
+    /// Whom ABORT TASK of this command is about.
+    fn address(&self) -> TmAddress {
+        TmAddress {
+            target: self.target,
+            lun: self.lun,
+            tag: self.tag,
+            queue: self.queue,
+            slot: self.slot,
         }
     }
+}
 
+impl<F: Family> Hba<F> {
     /// Sends `tmf` (about packet `pkt`, if any, for tracing) and tells
     /// whether the device performed it.
-    fn tmf_ok(
-        &self,
-        tmf: Tmf,
-        pkt: probes::PktAddr,
-        target: u8,
-        lun: LunNumber,
-        tag: u64,
-        can_sleep: bool,
-    ) -> bool {
-        let done = match self.tmf(tmf, target, lun, tag, can_sleep) {
-            Some(r) if proto::tmf_succeeded(r) => true,
-            Some(r) => {
+    fn tmf_ok(&self, tm: TaskMgmt, pkt: probes::PktAddr, at: TmAddress, can_sleep: bool) -> bool {
+        let (target, lun) = (at.target, at.lun);
+        let answer = if self.state() == HbaState::Running {
+            Stats::bump(&self.stats.tmfs);
+            self.dev.task_mgmt(tm, &at, can_sleep)
+        } else {
+            TmAnswer::Unavailable
+        };
+        let done = match answer {
+            TmAnswer::Done => true,
+            TmAnswer::Refused(r) => {
                 dev_warn!(
                     self.dip,
                     "{} (target {target} lun {lun}) failed: response {r}",
-                    tmf.name()
+                    self.dev.task_mgmt_name(tm)
                 );
                 false
             }
-            None => false,
+            TmAnswer::NoAnswer => {
+                dev_warn!(
+                    self.dip,
+                    "{} (target {target} lun {lun}): no answer from the device",
+                    self.dev.task_mgmt_name(tm)
+                );
+                false
+            }
+            TmAnswer::Unavailable => false,
         };
-        match tmf {
-            Tmf::AbortTask | Tmf::AbortTaskSet => probes::cmd_abort(pkt, target, lun, done),
-            Tmf::LogicalUnitReset => probes::reset(ffi::RESET_LUN, target, lun, done),
-            Tmf::ItNexusReset => probes::reset(ffi::RESET_TARGET, target, lun, done),
+        match tm {
+            TaskMgmt::AbortTask | TaskMgmt::AbortTaskSet => {
+                probes::cmd_abort(pkt, target, lun, done)
+            }
+            TaskMgmt::LunReset => probes::reset(ffi::RESET_LUN, target, lun, done),
+            TaskMgmt::TargetReset => probes::reset(ffi::RESET_TARGET, target, lun, done),
         }
         done
     }
 
     /// Finds command `cmd` in the request rings.
-    fn locate(&self, cmd: &Cmd) -> Option<Expired> {
+    fn locate(&self, cmd: &Cmd<F::CmdExt>) -> Option<Expired> {
         for (qi, q) in self.queues.iter().enumerate() {
             let mut g = q.ring.lock();
             let mut found = None;
-            g.ring.for_each_outstanding(|head, c| {
+            g.ring.for_each_outstanding(&mut |slot, c| {
                 if c.is(cmd) {
                     let f = c.fields_ref();
                     found = Some(Expired {
                         queue: qi as u16,
-                        head,
+                        slot,
                         tag: f.tag,
                         pkt: f.pkt.as_ref().map_or(0, |p| p.as_ptr() as usize),
                         target: f.target,
@@ -401,7 +324,7 @@ impl VioScsi {
             return false;
         };
         let mut g = q.ring.lock();
-        match g.ring.token_mut(e.head) {
+        match g.ring.get_mut(e.slot) {
             Some(c) if c.fields_ref().tag == e.tag => {
                 let f = c.fields();
                 f.recovery |= stat;
@@ -427,7 +350,7 @@ impl VioScsi {
     fn wait_gone(&self, e: &Expired, limit_us: i64, can_sleep: bool, who: Reaper) -> bool {
         let start = time::hrtime();
         let mut spins = 0u32;
-        let reap = who == Reaper::Poller || !self.mode.interrupts();
+        let reap = who == Reaper::Poller || !self.dev.interrupts();
         loop {
             if reap {
                 self.reap_as(usize::from(e.queue), who);
@@ -446,15 +369,15 @@ impl VioScsi {
     /// caller may hold driver locks).
     pub(crate) fn recover(&self, e: Expired, can_sleep: bool, who: Reaper) {
         let steps = [
-            (Tmf::AbortTask, PktStatistics::empty()),
-            (Tmf::LogicalUnitReset, PktStatistics::DEV_RESET),
-            (Tmf::ItNexusReset, PktStatistics::DEV_RESET),
+            (TaskMgmt::AbortTask, PktStatistics::empty()),
+            (TaskMgmt::LunReset, PktStatistics::DEV_RESET),
+            (TaskMgmt::TargetReset, PktStatistics::DEV_RESET),
         ];
         for (tmf, stat) in steps {
             if !self.mark(&e, stat, true) {
                 return;
             }
-            if self.tmf_ok(tmf, e.pkt, e.target, e.lun, e.tag, can_sleep)
+            if self.tmf_ok(tmf, e.pkt, e.address(), can_sleep)
                 && self.wait_gone(&e, STEP_WAIT_US, can_sleep, who)
             {
                 return;
@@ -467,7 +390,7 @@ impl VioScsi {
 
     /// Recovery of a polled command past its time (called by its poller).
     /// `limit_s` is the time it was given.
-    pub(crate) fn recover_polled(&self, cmd: &Cmd, limit_s: i64, can_sleep: bool) {
+    pub(crate) fn recover_polled(&self, cmd: &Cmd<F::CmdExt>, limit_s: i64, can_sleep: bool) {
         if let Some(e) = self.locate(cmd) {
             probes::cmd_timeout(
                 e.pkt,
@@ -496,11 +419,11 @@ impl VioScsi {
             return;
         }
         let now = time::lbolt();
-        let mut found = [None::<Expired>; super::events::MAX_EXPIRED];
+        let mut found = [None::<Expired>; super::work::MAX_EXPIRED];
         let mut n = 0;
         for (qi, q) in self.queues.iter().enumerate() {
             let mut g = q.ring.lock();
-            g.ring.for_each_outstanding(|head, c| {
+            g.ring.for_each_outstanding(&mut |slot, c| {
                 let f = c.fields();
                 if n < room && !f.polled && f.deadline != 0 && now - f.deadline >= 0 && !f.timed_out
                 {
@@ -514,7 +437,7 @@ impl VioScsi {
                     );
                     found[n] = Some(Expired {
                         queue: qi as u16,
-                        head,
+                        slot,
                         tag: f.tag,
                         pkt: pkt.map_or(0, |p| p.as_ptr() as usize),
                         target: f.target,
@@ -572,7 +495,7 @@ impl VioScsi {
     ///   onto its queue's parked list, this one is ended, and the work
     ///   task brings the device back and completes the others `CMD_RESET`
     ///   (`run_task_requests` -> [`Self::bring_back`]).
-    pub(crate) fn abandon_cmd(&self, cmd: &Cmd) {
+    pub(crate) fn abandon_cmd(&self, cmd: &Cmd<F::CmdExt>) {
         let may_not_wait = self.caller() == Caller::MayNotWait;
         if let Some(e) = self.cut_loose(cmd) {
             if may_not_wait {
@@ -593,13 +516,13 @@ impl VioScsi {
         let start = time::hrtime();
         let mut spins = 0u32;
         loop {
-            if cmd.state() == IDLE || self.unpark(cmd) {
+            if cmd.state() == CmdState::Idle || self.unpark(cmd) {
                 return;
             }
             if (time::hrtime() - start) / 1000 >= limit_us {
                 dev_warn!(
                     self.dip,
-                    "a torn-down packet's command could not be taken back (state {})",
+                    "a torn-down packet's command could not be taken back (state {:?})",
                     cmd.state()
                 );
                 return;
@@ -610,18 +533,18 @@ impl VioScsi {
 
     /// Finds `cmd` in the request rings and cuts it loose from its packet
     /// (it will be completed to nobody); where it is, if it is there.
-    fn cut_loose(&self, cmd: &Cmd) -> Option<Expired> {
+    fn cut_loose(&self, cmd: &Cmd<F::CmdExt>) -> Option<Expired> {
         for (qi, q) in self.queues.iter().enumerate() {
             let mut found = None;
             let mut g = q.ring.lock();
-            g.ring.for_each_outstanding(|head, c| {
+            g.ring.for_each_outstanding(&mut |slot, c| {
                 if c.is(cmd) {
                     let f = c.fields();
                     f.pkt = None;
                     f.abandoned = true;
                     found = Some(Expired {
                         queue: qi as u16,
-                        head,
+                        slot,
                         tag: f.tag,
                         pkt: 0,
                         target: f.target,
@@ -658,7 +581,7 @@ impl VioScsi {
             // task's bring-back waits for the reset (renegotiate).
             dev_warn!(
                 self.dip,
-                "the device did not read back a finished reset within {RESET_CONFIRM_READS} reads: it may still use the buffers of the torn-down packet"
+                "the device did not confirm a finished reset within microseconds: it may still use the buffers of the torn-down packet"
             );
         }
         self.schedule(|w| w.task_requests.request_bring_back());
@@ -667,14 +590,14 @@ impl VioScsi {
     /// Takes `cmd` off the parked list of its queue, if it is there, and
     /// ends it without a packet (the device no longer has it: it returned
     /// it, or a reset took it back). True if it was there.
-    fn unpark(&self, cmd: &Cmd) -> bool {
+    fn unpark(&self, cmd: &Cmd<F::CmdExt>) -> bool {
         for q in self.queues.iter() {
             let taken = q.ring.lock().deferred.remove_first(|c| c.is(cmd));
             if let Some(mut c) = taken {
                 let f = c.fields();
                 f.pkt = None;
                 f.abandoned = true;
-                c.release(IDLE);
+                c.release(CmdState::Idle);
                 return true;
             }
         }
@@ -708,7 +631,7 @@ impl VioScsi {
     /// while it is set is served by the work task too, which tran_reset(9E)
     /// allows (1 means accepted; the in-tree pvscsi always works this way).
     /// Nesting is counted.
-    pub(crate) fn own_delivery(&self) -> OwnDelivery<'_> {
+    pub(crate) fn own_delivery(&self) -> OwnDelivery<'_, F> {
         let mut w = self.work.lock();
         w.own_deliveries = w.own_deliveries.saturating_add(1);
         drop(w);
@@ -718,7 +641,7 @@ impl VioScsi {
     /// `tran_abort(9E)` of one packet: ABORT TASK. True if the device
     /// performed it (the command then completes `CMD_ABORTED`), or, when
     /// the caller may not wait, if the work task will send it.
-    pub fn abort_cmd(&self, cmd: &Cmd) -> bool {
+    pub fn abort_cmd(&self, cmd: &Cmd<F::CmdExt>) -> bool {
         let Some(e) = self.locate(cmd) else {
             return false;
         };
@@ -757,26 +680,26 @@ impl VioScsi {
     /// over, and a TMF, which needs a running device, fails (sd then asks
     /// for RESET_ALL).
     fn perform(&self, r: TaskRequest, can_sleep: bool) -> bool {
-        if self.state() == state::RESETTING {
+        if self.state() == HbaState::Resetting {
             if can_sleep {
                 return true;
             }
             return r == TaskRequest::DeviceReset
-                && self.leave_resetting(state::RUNNING)
+                && self.leave_resetting(HbaState::Running)
                 && self.reset_device("crash dump: a reset the panic interrupted, done again");
         }
         match r {
             TaskRequest::AbortTask(e) => {
-                self.tmf_ok(Tmf::AbortTask, e.pkt, e.target, e.lun, e.tag, can_sleep)
+                self.tmf_ok(TaskMgmt::AbortTask, e.pkt, e.address(), can_sleep)
             }
             TaskRequest::AbortTaskSet(l) => {
-                self.tmf_ok(Tmf::AbortTaskSet, 0, l.target, l.lun, 0, can_sleep)
+                self.tmf_ok(TaskMgmt::AbortTaskSet, 0, lun_address(l), can_sleep)
             }
             TaskRequest::LunReset(l) => {
-                self.tmf_ok(Tmf::LogicalUnitReset, 0, l.target, l.lun, 0, can_sleep)
+                self.tmf_ok(TaskMgmt::LunReset, 0, lun_address(l), can_sleep)
             }
             TaskRequest::TargetReset(l) => {
-                self.tmf_ok(Tmf::ItNexusReset, 0, l.target, l.lun, 0, can_sleep)
+                self.tmf_ok(TaskMgmt::TargetReset, 0, lun_address(l), can_sleep)
             }
             // Never sleeps: the same in a panic.
             TaskRequest::DeviceReset => self.reset_device("reset requested"),
@@ -790,13 +713,13 @@ impl VioScsi {
     /// be done.
     fn queue_task_request(&self, r: TaskRequest) -> bool {
         match self.state() {
-            state::RUNNING => {
+            HbaState::Running => {
                 self.schedule(|w| {
                     w.task_requests.push(r);
                 });
                 true
             }
-            state::RESETTING => true,
+            HbaState::Resetting => true,
             _ => false,
         }
     }
@@ -809,13 +732,13 @@ impl VioScsi {
     /// command in flight), failed or being reset (the reset ended, or
     /// ends, every command the rest concerned).
     pub(crate) fn run_task_requests(&self, requests: TaskRequests) {
-        if requests.bring_back && self.state() == state::RESETTING {
+        if requests.bring_back && self.state() == HbaState::Resetting {
             // Stopped and taken back by abandon_cmd, which could not wait;
             // renegotiate() waits for the reset to finish.
             self.bring_back(Ok(()), Reaper::Free);
         }
         for r in requests.slots.iter().flatten() {
-            if self.state() != state::RUNNING {
+            if self.state() != HbaState::Running {
                 return;
             }
             match *r {
@@ -823,21 +746,21 @@ impl VioScsi {
                     // Done meanwhile: nothing to abort (its tag names no
                     // other command: tags are not reused).
                     if self.outstanding(&e) {
-                        self.tmf_ok(Tmf::AbortTask, e.pkt, e.target, e.lun, e.tag, true);
+                        self.tmf_ok(TaskMgmt::AbortTask, e.pkt, e.address(), true);
                     }
                 }
                 TaskRequest::AbortTaskSet(l) => {
-                    self.tmf_ok(Tmf::AbortTaskSet, 0, l.target, l.lun, 0, true);
+                    self.tmf_ok(TaskMgmt::AbortTaskSet, 0, lun_address(l), true);
                 }
                 TaskRequest::LunReset(l) => {
-                    if !self.tmf_ok(Tmf::LogicalUnitReset, 0, l.target, l.lun, 0, true)
-                        && !self.tmf_ok(Tmf::ItNexusReset, 0, l.target, l.lun, 0, true)
+                    if !self.tmf_ok(TaskMgmt::LunReset, 0, lun_address(l), true)
+                        && !self.tmf_ok(TaskMgmt::TargetReset, 0, lun_address(l), true)
                     {
                         self.reset_device("a LUN reset accepted for the work task failed");
                     }
                 }
                 TaskRequest::TargetReset(l) => {
-                    if !self.tmf_ok(Tmf::ItNexusReset, 0, l.target, l.lun, 0, true) {
+                    if !self.tmf_ok(TaskMgmt::TargetReset, 0, lun_address(l), true) {
                         self.reset_device("a target reset accepted for the work task failed");
                     }
                 }
@@ -867,7 +790,7 @@ impl VioScsi {
     /// brought back up is reset again, so that it stops using the rings
     /// the teardown is about to free.
     pub(crate) fn reset_device_as(&self, why: &str, who: Reaper) -> bool {
-        match self.stop_and_reclaim(why, StopWait::UntilStopped) {
+        match self.stop_and_reclaim(why, StopWait::Spinning) {
             Some(stopped) => self.bring_back(stopped, who),
             None => false,
         }
@@ -881,26 +804,16 @@ impl VioScsi {
     /// priority (callable in interrupt context with
     /// [`StopWait::Briefly`]). The result says whether the device is known
     /// to have stopped.
-    fn stop_and_reclaim(&self, why: &str, wait: StopWait) -> Option<Result<(), TransportError>> {
-        if self
+    fn stop_and_reclaim(&self, why: &str, wait: StopWait) -> Option<Result<(), StopError>> {
+        if !self
             .state
-            .compare_exchange(
-                state::RUNNING,
-                state::RESETTING,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            )
-            .is_err()
+            .transition(HbaState::Running, HbaState::Resetting)
         {
             return None;
         }
         Stats::bump(&self.stats.resets);
         dev_warn!(self.dip, "resetting the device: {why}");
-        let stopped = match wait {
-            StopWait::UntilStopped => self.transport.reset(),
-            StopWait::Briefly if self.transport.reset_confirmed_briefly() => Ok(()),
-            StopWait::Briefly => Err(TransportError::ResetTimeout),
-        };
+        let stopped = self.dev.stop(wait);
         // The device no longer touches the rings (if it did not say so in
         // time, the bring-back waits for its reset or fails it; nothing of
         // the HBA may keep a command of a packet torn down meanwhile): take
@@ -914,10 +827,11 @@ impl VioScsi {
         for q in self.queues.iter() {
             let mut g = q.ring.lock();
             let r = &mut *g;
-            r.ring.reclaim_all(|mut c| {
+            let deferred = &mut r.deferred;
+            r.ring.reclaim_all(&mut |mut c| {
                 c.mark_owned();
                 c.fields().reset_forced = true;
-                r.deferred.push(c);
+                deferred.push(c);
             });
             r.kick_pending = false;
         }
@@ -931,38 +845,31 @@ impl VioScsi {
     /// state RUNNING (or FAILED; or still STOPPED if a teardown came
     /// meanwhile), the parked commands completed as `who` may. True if the
     /// device came back.
-    pub(crate) fn bring_back(&self, stopped: Result<(), TransportError>, who: Reaper) -> bool {
-        {
-            let mut c = self.ctl.lock();
-            c.ring.reclaim_all(|()| {});
-            c.usable = true;
-        }
-        self.evt.lock().ring.reclaim_all(|_| {});
+    pub(crate) fn bring_back(&self, stopped: Result<(), StopError>, who: Reaper) -> bool {
         let up = stopped
             .map_err(AttachError::from)
-            .and_then(|()| self.renegotiate())
-            .and_then(|()| self.activate());
+            .and_then(|()| F::restart(self));
         let ok = match up {
             Ok(()) => {
-                let back = self.leave_resetting(state::RUNNING);
+                let back = self.leave_resetting(HbaState::Running);
                 if !back {
                     // Stopped meanwhile: stop the device again (a
                     // teardown's own reset may have come before ours).
-                    if let Err(e) = self.transport.reset() {
+                    if let Err(e) = self.dev.stop(StopWait::Spinning) {
                         dev_warn!(self.dip, "stopping the device after its reset: {e}");
                         // The device may still use the rings: a teardown
                         // waiting for this task must know. Its step 6 stops
                         // the device itself when the state is no longer
                         // STOPPED, and keeps the memory if that fails too.
-                        self.state.store(state::FAILED, Ordering::Release);
+                        self.state.store(HbaState::Failed);
                     }
                 }
                 back
             }
             Err(e) => {
                 dev_warn!(self.dip, "device did not come back after reset: {e}");
-                self.transport.fail();
-                self.leave_resetting(state::FAILED);
+                self.dev.fail();
+                self.leave_resetting(HbaState::Failed);
                 false
             }
         };
@@ -995,10 +902,8 @@ impl VioScsi {
 
     /// RESETTING -> `to`, unless the state changed meanwhile (to STOPPED:
     /// a teardown or quiesce); whether it did.
-    fn leave_resetting(&self, to: u8) -> bool {
-        self.state
-            .compare_exchange(state::RESETTING, to, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+    fn leave_resetting(&self, to: HbaState) -> bool {
+        self.state.transition(HbaState::Resetting, to)
     }
 
     /// Asks the work task to reset the device (from interrupt context).

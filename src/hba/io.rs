@@ -1,35 +1,39 @@
 //! The I/O path: `tran_start(9E)` and friends, submission to a request
-//! queue, completion (interrupt, poll, watchdog), polled commands.
+//! queue, completion (interrupt, poll, watchdog), polled commands,
+//! internal commands.
 //!
 //! Nothing here allocates, sleeps (except an internal command's poll from
 //! thread context) or loops without a bound.
 
-use super::cmd::{Cmd, CmdList, DONE, IDLE, OwnedCmd};
-use super::hba::{Lun, Stats, VioScsi, state};
-use super::proto::{self, CmdFacts, Response};
-use crate::ddi::{DdiError, Sleep, time};
+use super::cmd::{Cmd, CmdList, CmdState, OwnedCmd};
+use super::family::{
+    AddError, BadCompletion, CmdFacts, DeviceRing, Family, Presence, Request, TaskAttr,
+};
+use super::{Hba, HbaState, Lun, REAP_HINTS, Stats};
+use crate::ddi::time;
 use crate::dev_warn;
 use crate::ffi;
 use crate::probes;
 use crate::scsa::flags::DataDir;
 use crate::scsa::pkt::Pkt;
 use crate::scsa::{Outcome, PktFlags, PktState, PktStatistics};
-use crate::shmem::SharedMem;
-use crate::virtio::ring::{AddError, DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE, Segment, UsedError};
 use core::sync::atomic::{AtomicU64, Ordering};
 
 /// `SCSI_POLL_TIMEOUT`: seconds a polled command without `pkt_time` may take.
 const POLL_TIMEOUT_S: i64 = 60;
 
+/// Request queues an HBA may have: one bit each in a hand-off map.
+pub const MAX_REQUEST_QUEUES: u32 = 64;
+
 /// Completion passes one reap makes before it hands the queue on: each
-/// pass empties the used ring (at most a ring's worth) and re-arms, and
+/// pass empties the ring (at most a ring's worth) and re-arms, and
 /// completions that keep landing meanwhile would otherwise hold an
 /// interrupt handler without bound.
 pub(crate) const REAP_PASSES: u32 = 4;
 
-/// What a bounded reap does after a pass (see [`VioScsi::reap_as`]).
+/// What a bounded reap does after a pass (see [`Hba::reap_as`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum AfterPass {
+pub enum AfterPass {
     /// The re-arm's re-check found nothing: the device will interrupt for
     /// the next completion. Done.
     Settled,
@@ -44,13 +48,13 @@ pub(crate) enum AfterPass {
 /// (`crate::virtio::ring`, `a_bounded_reap_with_hand_off_strands_nothing`)
 /// run the driver's own rule against an adversarial device.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct ReapPasses {
+pub struct ReapPasses {
     left: u32,
 }
 
 impl ReapPasses {
     /// A budget of `passes` passes (at least one).
-    pub(crate) const fn new(passes: u32) -> Self {
+    pub const fn new(passes: u32) -> Self {
         Self {
             left: if passes == 0 { 1 } else { passes },
         }
@@ -60,7 +64,7 @@ impl ReapPasses {
     /// (`rearm_found_more`) or not. Returns [`AfterPass::Again`] at most
     /// `passes - 1` times: a loop that runs until anything else comes back
     /// is bounded by the budget.
-    pub(crate) fn after_pass(&mut self, rearm_found_more: bool) -> AfterPass {
+    pub fn after_pass(&mut self, rearm_found_more: bool) -> AfterPass {
         if !rearm_found_more {
             return AfterPass::Settled;
         }
@@ -74,9 +78,9 @@ impl ReapPasses {
 }
 
 /// The bit of request queue `qi` in a hand-off map (`Work::reap_queues`).
-/// Every request queue has one: `MAX_REQUEST_QUEUES` fits the map.
-pub(crate) const fn queue_bit(qi: usize) -> u64 {
-    const _: () = assert!(super::config::MAX_REQUEST_QUEUES <= u64::BITS);
+/// Every request queue has one: [`MAX_REQUEST_QUEUES`] fits the map.
+pub const fn queue_bit(qi: usize) -> u64 {
+    const _: () = assert!(MAX_REQUEST_QUEUES <= u64::BITS);
     1 << (qi % u64::BITS as usize)
 }
 
@@ -139,7 +143,7 @@ impl PassKicks {
 
 /// Who reaps a ring, and so what it may do with what it finds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Reaper {
+pub enum Reaper {
     /// No driver lock held: completes to the target drivers.
     Free,
     /// Waits for a command of its own, possibly under driver locks.
@@ -149,66 +153,43 @@ pub(crate) enum Reaper {
 /// Why a command could not be started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StartError {
-    /// The ring is full (or the device is being reset): try again.
+    /// The ring is full (or the device is being reset): try again
+    /// (TRAN_BUSY).
     Busy,
-    /// The HBA cannot send anything (failed or stopped).
+    /// The HBA cannot send anything: failed or stopped (TRAN_FATAL_ERROR).
     Fatal,
-    /// This command can never be sent.
+    /// This packet can never be sent: not ours, already in flight, or
+    /// beyond what the device takes (TRAN_BADPKT).
     Invalid,
 }
 
-/// What a command asks of the device.
-pub struct Request<'a> {
-    /// Target.
-    pub target: u8,
-    /// LUN.
-    pub lun: crate::scsa::addr::LunNumber,
-    /// The CDB.
-    pub cdb: &'a [u8],
-    /// Data buffers.
-    pub cookies: &'a [ffi::ddi_dma_cookie_t],
-    /// Their direction.
-    pub dir: DataDir,
-    /// virtio-scsi task attribute.
-    pub task_attr: u8,
-    /// Poll for completion (no `scsi_hba_pkt_comp`).
-    pub polled: bool,
-    /// Timeout in seconds (0: none).
-    pub time_s: i32,
-}
-
-/// How a command ended without a response from the device.
+/// How a command ended without an answer from the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Forced {
     /// The device was reset with the command outstanding.
     DeviceReset,
 }
 
-fn task_attr(flags: PktFlags) -> u8 {
+/// The SAM task attribute a packet's flags ask for.
+pub fn task_attr(flags: PktFlags) -> TaskAttr {
     if flags.intersects(PktFlags::HTAG | PktFlags::HEAD) {
-        proto::TASK_ATTR_HEAD
+        TaskAttr::HeadOfQueue
     } else if flags.contains(PktFlags::OTAG) {
-        proto::TASK_ATTR_ORDERED
+        TaskAttr::Ordered
     } else if flags.contains(PktFlags::ACA) {
-        proto::TASK_ATTR_ACA
+        TaskAttr::Aca
     } else {
-        proto::TASK_ATTR_SIMPLE
+        TaskAttr::Simple
     }
 }
 
-impl VioScsi {
-    /// `tran_pkt_constructor(9E)`: the command state of a new packet, with
-    /// its DMA memory.
-    pub fn construct_cmd(&self, sleep: Sleep) -> Result<Cmd, DdiError> {
-        Cmd::new(self.dip, &self.layout, sleep)
-    }
-
+impl<F: Family> Hba<F> {
     /// `tran_setup_pkt(9E)`: checks what the packet asks for against what
     /// the device takes. False (the framework frees the packet): a CDB
-    /// longer than the device's `cdb_size` or empty, no status byte, or a
-    /// packet that is not ours.
-    pub fn setup_pkt(&self, pkt: &Pkt, cmd: &Cmd) -> bool {
-        if !cmd.is_valid() || cmd.state() != IDLE {
+    /// longer than the device's or empty, no status byte, or a packet that
+    /// is not ours.
+    pub fn setup_pkt(&self, pkt: &Pkt, cmd: &Cmd<F::CmdExt>) -> bool {
+        if !cmd.is_valid() || cmd.state() != CmdState::Idle {
             return false;
         }
         let cdblen = pkt.cdblen();
@@ -220,39 +201,45 @@ impl VioScsi {
     /// the command is cut loose from the packet (it will never be
     /// completed to anyone) and taken out of the device before the
     /// framework unbinds its buffers.
-    pub fn teardown_pkt(&self, cmd: &Cmd) {
-        if cmd.is_valid() && cmd.state() != IDLE {
+    pub fn teardown_pkt(&self, cmd: &Cmd<F::CmdExt>) {
+        if cmd.is_valid() && cmd.state() != CmdState::Idle {
             dev_warn!(
                 self.dip,
-                "packet torn down while in flight (state {}): aborting its command",
+                "packet torn down while in flight (state {:?}): aborting its command",
                 cmd.state()
             );
             self.abandon_cmd(cmd);
         }
     }
 
-    /// `tran_start(9E)`.
-    pub fn tran_start(&self, lun: Lun, cmd: &Cmd, mut pkt: Pkt) -> i32 {
+    /// `tran_start(9E)`: Ok when the packet was accepted (a polled one has
+    /// completed by then, its outcome in the packet).
+    pub fn tran_start(
+        &self,
+        lun: Lun,
+        cmd: &Cmd<F::CmdExt>,
+        mut pkt: Pkt,
+    ) -> Result<(), StartError> {
         if !cmd.is_valid() {
-            return ffi::TRAN_BADPKT;
+            return Err(StartError::Invalid);
         }
         let Some(mut c) = OwnedCmd::claim(cmd) else {
             // Already in flight: started twice.
-            return ffi::TRAN_BADPKT;
+            return Err(StartError::Invalid);
         };
         let flags = pkt.flags();
         let cookies = pkt.cookies();
         let Some(dir) = pkt.data_dir() else {
-            c.release(IDLE);
-            return ffi::TRAN_BADPKT;
+            c.release(CmdState::Idle);
+            return Err(StartError::Invalid);
         };
         let cdb = pkt.cdb();
         if cdb.is_empty()
             || cdb.len() > self.limits.cdb_size as usize
             || cookies.len() > self.limits.segments as usize
         {
-            c.release(IDLE);
-            return ffi::TRAN_BADPKT;
+            c.release(CmdState::Idle);
+            return Err(StartError::Invalid);
         }
         let req = Request {
             target: lun.target,
@@ -263,27 +250,21 @@ impl VioScsi {
             task_attr: task_attr(flags),
             polled: flags.contains(PktFlags::NOINTR),
             time_s: pkt.time(),
+            tag: self.next_tag.fetch_add(1, Ordering::Relaxed),
         };
         self.prepare(&mut c, &req);
         let (polled, time_s) = (req.polled, req.time_s);
         let queue = c.fields_ref().queue;
         pkt.reset_results();
         c.fields().pkt = Some(pkt);
-        match self.submit(c) {
-            Ok(()) => {}
-            Err((mut c, e)) => {
-                // The packet goes back to the target driver untouched.
-                let _ = c.fields().pkt.take();
-                c.release(IDLE);
-                return match e {
-                    StartError::Busy => {
-                        Stats::bump(&self.stats.busy);
-                        ffi::TRAN_BUSY
-                    }
-                    StartError::Fatal => ffi::TRAN_FATAL_ERROR,
-                    StartError::Invalid => ffi::TRAN_BADPKT,
-                };
+        if let Err((mut c, e)) = self.submit(c) {
+            // The packet goes back to the target driver untouched.
+            let _ = c.fields().pkt.take();
+            c.release(CmdState::Idle);
+            if e == StartError::Busy {
+                Stats::bump(&self.stats.busy);
             }
+            return Err(e);
         }
         if polled {
             // FLAG_NOINTR (tran_start(9E)): run to completion here, in
@@ -296,94 +277,32 @@ impl VioScsi {
             let mut c = self.poll_to_completion(cmd, queue, limit, false);
             // The outcome is in the packet; hand it back by returning.
             let _ = c.fields().pkt.take();
-            c.release(IDLE);
+            c.release(CmdState::Idle);
         }
-        ffi::TRAN_ACCEPT
+        Ok(())
     }
 
-    /// Writes the request header (and the indirect table) of `req` into
-    /// the command's DMA memory and records what completion needs.
-    pub(crate) fn prepare(&self, c: &mut OwnedCmd, req: &Request<'_>) {
-        let layout = self.layout;
-        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+    /// Records what completion needs of `req` and has the family write
+    /// what its device reads.
+    pub(crate) fn prepare(&self, c: &mut OwnedCmd<F::CmdExt>, req: &Request<'_>) {
         let xfer: usize = req.cookies.iter().map(|k| k.dmac_size).sum();
         let deadline = if req.time_s > 0 && !req.polled {
             time::lbolt() + time::usec_to_ticks(i64::from(req.time_s) * ffi::MICROSEC)
         } else {
             0
         };
+        let queue = self.queue_for_this_cpu();
         let f = c.fields();
         f.reset_for_start();
         f.polled = req.polled;
         f.target = req.target;
         f.lun = req.lun;
-        f.tag = tag;
+        f.tag = req.tag;
         f.xfer = xfer;
         f.dir = req.dir;
         f.deadline = deadline;
-        f.queue = self.queue_for_this_cpu();
-
-        let dma = &f.dma;
-        // struct virtio_scsi_req_cmd (§5.6.6.1).
-        dma.write_bytes(proto::REQ_LUN, &proto::lun_bytes(req.target, req.lun));
-        dma.write_u64(proto::REQ_ID, tag);
-        dma.write_bytes(proto::REQ_TASK_ATTR, &[req.task_attr, 0, 0]); // task_attr, prio, crn
-        let cdb_room = layout.req_len - proto::REQ_CDB;
-        let n = req.cdb.len().min(cdb_room);
-        dma.write_bytes(proto::REQ_CDB, &req.cdb[..n]);
-        let zeros = [0u8; 32];
-        let mut at = proto::REQ_CDB + n;
-        while at < layout.req_len {
-            let k = (layout.req_len - at).min(zeros.len());
-            dma.write_bytes(at, &zeros[..k]);
-            at += k;
-        }
-        // Response header: a response code no device sends, so a command
-        // the device "completes" without writing its response is not
-        // mistaken for a success.
-        dma.write_bytes(layout.resp_off, &[0u8; proto::RESP_HEADER_LEN]);
-        dma.write_bytes(layout.resp_off + proto::RESP_RESPONSE, &[0xff]);
-        // What the device reads (and the response header it must
-        // overwrite) is synced in one call once everything is written:
-        // just the headers, or up to the end of the indirect table
-        // (the response's sense bytes in between, which the driver has
-        // not written and reads only after a sync for the CPU, go along).
-        let mut synced = layout.resp_off + proto::RESP_HEADER_LEN;
-
-        if self.indirect {
-            // [request][data-out...][response][data-in...] (§5.6.6.1: the
-            // device-readable parts first).
-            let base = dma.device_addr();
-            let mut i = 0usize;
-            let total = 2 + req.cookies.len();
-            let mut put = |addr: u64, len: u32, writes: bool| {
-                let off = layout.table_off + i * DESC_SIZE;
-                let last = i + 1 == total;
-                let mut flags = if writes { DESC_F_WRITE } else { 0 };
-                if !last {
-                    flags |= DESC_F_NEXT;
-                }
-                dma.write_u64(off, addr);
-                dma.write_u32(off + 8, len);
-                dma.write_u16(off + 12, flags);
-                dma.write_u16(off + 14, if last { 0 } else { (i + 1) as u16 });
-                i += 1;
-            };
-            put(base, layout.req_len as u32, false);
-            if req.dir == DataDir::Out {
-                for k in req.cookies {
-                    put(k.dmac_laddress, k.dmac_size as u32, false);
-                }
-            }
-            put(base + layout.resp_off as u64, layout.resp_len as u32, true);
-            if req.dir == DataDir::In {
-                for k in req.cookies {
-                    put(k.dmac_laddress, k.dmac_size as u32, true);
-                }
-            }
-            synced = layout.table_off + total * DESC_SIZE;
-        }
-        dma.sync_for_device(0, synced);
+        f.queue = queue;
+        self.dev.prepare(f, req);
     }
 
     /// The request queue for a command started on this CPU: the queue
@@ -392,11 +311,11 @@ impl VioScsi {
     /// spreads them): commands from different CPUs meet on different
     /// locks and rings, and, where the system grants a vector per request
     /// queue (MSI-X with interrupt resource management), each queue
-    /// interrupts on its own vector (see `vectors.rs` for the layouts).
+    /// interrupts on its own vector.
     fn queue_for_this_cpu(&self) -> u16 {
         let n = self.queues.len().max(1) as u32;
         let cpu = crate::ddi::cpu::current_seqid();
-        let hint = self.reaping[cpu as usize % super::hba::REAP_HINTS].load(Ordering::Relaxed);
+        let hint = self.reaping[cpu as usize % REAP_HINTS].load(Ordering::Relaxed);
         match u32::from(hint) {
             h @ 1.. if h <= n => (h - 1) as u16,
             _ => (cpu % n) as u16,
@@ -405,42 +324,29 @@ impl VioScsi {
 
     /// Puts a prepared command in its ring and notifies the device if it
     /// wants to be. On error the command comes back with the reason.
-    pub(crate) fn submit(&self, c: OwnedCmd) -> Result<(), (OwnedCmd, StartError)> {
+    pub(crate) fn submit(
+        &self,
+        c: OwnedCmd<F::CmdExt>,
+    ) -> Result<(), (OwnedCmd<F::CmdExt>, StartError)> {
         match self.state() {
-            state::RUNNING => {}
-            state::RESETTING => return Err((c, StartError::Busy)),
+            HbaState::Running => {}
+            HbaState::Resetting => return Err((c, StartError::Busy)),
             _ => return Err((c, StartError::Fatal)),
         }
         let qi = usize::from(c.fields_ref().queue);
         let Some(q) = self.queues.get(qi) else {
             return Err((c, StartError::Fatal));
         };
-        let layout = self.layout;
         let kick = {
             let mut g = q.ring.lock();
-            let f = c.fields_ref();
-            let writable = layout.resp_len as u64
-                + if f.dir == DataDir::In {
-                    f.xfer as u64
-                } else {
-                    0
-                };
-            let nseg = f.pkt.as_ref().map_or(0, |p| p.cookies().len());
-            let added = if self.indirect {
-                let table = f.dma.device_addr() + layout.table_off as u64;
-                let entries = (2 + nseg) as u16;
-                g.ring.add_indirect(table, entries, writable, c)
-            } else {
-                Self::add_direct(&mut g.ring, c, &layout)
-            };
-            let head = match added {
-                Ok(h) => h,
+            let slot = match self.dev.add(&mut g.ring, c) {
+                Ok(s) => s,
                 Err((c, AddError::Full)) => return Err((c, StartError::Busy)),
                 Err((c, AddError::Invalid)) => return Err((c, StartError::Invalid)),
             };
-            if let Some(t) = g.ring.token_mut(head) {
+            if let Some(t) = g.ring.get_mut(slot) {
                 let f = t.fields();
-                f.head = head;
+                f.slot = slot;
                 if let Some(p) = &f.pkt {
                     // Under the queue lock: before any completion of it.
                     probes::cmd_start(p.as_ptr() as usize, f.target, f.lun, f.queue);
@@ -448,7 +354,7 @@ impl VioScsi {
                 t.mark_queued();
             }
             let mut kick = g.ring.publish();
-            if kick && self.notify_batching {
+            if kick && self.dev.notify_batching() {
                 if g.completing > 0 {
                     // This queue's completion pass is running: it notifies
                     // once at its end.
@@ -464,56 +370,9 @@ impl VioScsi {
         Stats::bump(&self.stats.started);
         if kick {
             Stats::bump(&self.stats.notifies);
-            self.transport.notify(q.index);
+            self.dev.notify(qi);
         }
         Ok(())
-    }
-
-    fn add_direct(
-        ring: &mut crate::virtio::ring::SplitQueue<crate::ddi::dma::DmaBuffer, OwnedCmd>,
-        c: OwnedCmd,
-        layout: &super::cmd::CmdLayout,
-    ) -> Result<u16, (OwnedCmd, AddError)> {
-        // The segments are read from the command (its packet's cookies)
-        // while the chain is written, and the command becomes the chain's
-        // token at commit.
-        let written = {
-            let f = c.fields_ref();
-            let cookies = f.pkt.as_ref().map_or(&[][..], |p| p.cookies());
-            let base = f.dma.device_addr();
-            let data = |k: &ffi::ddi_dma_cookie_t, writes| Segment {
-                addr: k.dmac_laddress,
-                len: k.dmac_size as u32,
-                device_writes: writes,
-            };
-            ring.begin_chain(2 + cookies.len()).and_then(|mut w| {
-                w.push(Segment {
-                    addr: base,
-                    len: layout.req_len as u32,
-                    device_writes: false,
-                })?;
-                if f.dir == DataDir::Out {
-                    for k in cookies {
-                        w.push(data(k, false))?;
-                    }
-                }
-                w.push(Segment {
-                    addr: base + layout.resp_off as u64,
-                    len: layout.resp_len as u32,
-                    device_writes: true,
-                })?;
-                if f.dir == DataDir::In {
-                    for k in cookies {
-                        w.push(data(k, true))?;
-                    }
-                }
-                Ok(w)
-            })
-        };
-        match written {
-            Ok(w) => w.commit(c),
-            Err(e) => Err((c, e)),
-        }
     }
 
     /// Completes everything the device returned on request queue `qi`,
@@ -522,7 +381,7 @@ impl VioScsi {
     /// with the lock dropped, re-arms the interrupt and looks again, for
     /// at most [`REAP_PASSES`] passes (see [`Self::reap_as`] for what
     /// happens to completions still waiting after the last one).
-    pub(crate) fn reap(&self, qi: usize) {
+    pub fn reap(&self, qi: usize) {
         self.reap_as(qi, Reaper::Free);
     }
 
@@ -556,7 +415,7 @@ impl VioScsi {
         for (n, q) in self.queues.iter().enumerate() {
             let waiting = {
                 let mut g = q.ring.lock();
-                let stalled = g.ring.used_waiting_since_last_look();
+                let stalled = g.ring.stalled_since_last_look();
                 stalled && g.completing == 0
             };
             if !waiting {
@@ -604,22 +463,19 @@ impl VioScsi {
     /// drivers' commands instead of completing them (`scsi_hba_pkt_comp`
     /// is never called under a driver lock).
     ///
-    /// Each pass ends by re-arming: `used_event` := the driver's own next
-    /// used index, a full fence, and a re-read of the device's used index
-    /// ([`SplitQueue::enable_interrupts`], virtio 1.2 §2.7.10). If that
+    /// Each pass ends by re-arming ([`DeviceRing::rearm`]: for virtio,
+    /// `used_event` := the driver's own next used index, a full fence, and
+    /// a re-read of the device's used index, virtio 1.2 §2.7.10). If that
     /// re-read finds more, they may have landed before the device saw the
-    /// new `used_event`: with EVENT_IDX the device interrupts only when
-    /// its used index moves past `used_event` (§2.7.7.2; QEMU's
-    /// virtio_split_should_notify, hw/virtio/virtio.c), and it has already
-    /// moved past, so no interrupt will come for this queue, ever, until
-    /// the driver catches up. So the next pass runs; and when the last
-    /// pass still finds more (completions landing in every re-arm window,
-    /// under load), the queue is handed to the work task, which reaps it
-    /// from thread context and hands it on again while that lasts (counted
-    /// in `rearm_handoffs`). The watchdog's [`Self::watchdog_reap`] is the
-    /// safety net under both.
-    ///
-    /// [`SplitQueue::enable_interrupts`]: crate::virtio::ring::SplitQueue::enable_interrupts
+    /// re-arm, and no interrupt will come for this queue, ever, until the
+    /// driver catches up (with EVENT_IDX the device interrupts only when
+    /// its used index moves past `used_event`: §2.7.7.2; QEMU's
+    /// virtio_split_should_notify, hw/virtio/virtio.c). So the next pass
+    /// runs; and when the last pass still finds more (completions landing
+    /// in every re-arm window, under load), the queue is handed to the
+    /// work task, which reaps it from thread context and hands it on again
+    /// while that lasts (counted in `rearm_handoffs`). The watchdog's
+    /// [`Self::watchdog_reap`] is the safety net under both.
     ///
     /// The target drivers' commands go onto the parked list in any case,
     /// not onto a list of this thread, and a free reaper completes them
@@ -642,11 +498,10 @@ impl VioScsi {
             let (more, first, parked) = {
                 let mut g = q.ring.lock();
                 g.completing += 1;
-                for _ in 0..g.ring.size() {
-                    match g.ring.pop_used() {
+                for _ in 0..g.ring.capacity() {
+                    match g.ring.pop() {
                         None => break,
-                        Some(Ok(u)) => {
-                            let c = u.token;
+                        Some(Ok(c)) => {
                             c.mark_owned();
                             let f = c.fields_ref();
                             if f.pkt.is_some() && !f.polled {
@@ -655,11 +510,11 @@ impl VioScsi {
                                 own.push(c);
                             }
                         }
-                        Some(Err(UsedError::UnknownId { id })) => {
+                        Some(Err(BadCompletion::Unknown { id })) => {
                             Stats::bump(&self.stats.bad_used);
                             dev_warn!(self.dip, "device returned unknown command id {id}: dropped");
                         }
-                        Some(Err(UsedError::IndexRunaway {
+                        Some(Err(BadCompletion::Runaway {
                             device_idx,
                             expected,
                         })) => {
@@ -672,7 +527,7 @@ impl VioScsi {
                         }
                     }
                 }
-                let more = !runaway && self.mode.interrupts() && g.ring.enable_interrupts();
+                let more = !runaway && self.dev.interrupts() && g.ring.rearm();
                 // The first to complete comes off the list under this
                 // lock already (it is completed right away); the others
                 // are taken one at a time.
@@ -691,8 +546,7 @@ impl VioScsi {
                 self.pass_kicks.enter();
             }
             if first.is_some() || !own.is_empty() {
-                let hint = &self.reaping
-                    [crate::ddi::cpu::current_seqid() as usize % super::hba::REAP_HINTS];
+                let hint = &self.reaping[crate::ddi::cpu::current_seqid() as usize % REAP_HINTS];
                 let outer = hint.swap(qi as u16 + 1, Ordering::Relaxed);
                 while let Some(c) = own.pop() {
                     self.finish(c, None);
@@ -727,7 +581,7 @@ impl VioScsi {
             }
             if kick {
                 Stats::bump(&self.stats.notifies);
-                self.transport.notify(q.index);
+                self.dev.notify(qi);
             }
             self.ring_deferred(due);
             if runaway {
@@ -753,46 +607,33 @@ impl VioScsi {
         while due != 0 {
             let n = due.trailing_zeros() as usize;
             due &= due - 1;
-            if let Some(q) = self.queues.get(n) {
+            if n < self.queues.len() {
                 Stats::bump(&self.stats.notifies);
-                self.transport.notify(q.index);
+                self.dev.notify(n);
             }
         }
     }
 
     /// Ends a command the device returned (or that a reset took back):
-    /// decodes the response, writes the outcome into the packet, and gives
-    /// the command to its poller or the packet to the framework.
-    pub(crate) fn finish(&self, mut c: OwnedCmd, forced: Option<Forced>) {
+    /// has the family decode the answer, writes the outcome into the
+    /// packet, and gives the command to its poller or the packet to the
+    /// framework.
+    pub(crate) fn finish(&self, mut c: OwnedCmd<F::CmdExt>, forced: Option<Forced>) {
         Stats::bump(&self.stats.completed);
-        let layout = self.layout;
         let f = c.fields();
         let forced = forced.or(f.reset_forced.then_some(Forced::DeviceReset));
-        let resp = match forced {
-            None => {
-                f.dma.sync_for_cpu(layout.resp_off, proto::RESP_HEADER_LEN);
-                let mut hdr = [0u8; proto::RESP_HEADER_LEN];
-                f.dma.read_bytes(layout.resp_off, &mut hdr);
-                Some(Response::parse(&hdr))
-            }
-            Some(Forced::DeviceReset) => None,
-        };
         let facts = CmdFacts {
             xfer: f.xfer,
             dir: f.dir,
             timed_out: f.timed_out,
             recovery: f.recovery,
         };
-        let outcome = match resp {
-            Some(r) => {
-                f.response = r;
-                proto::outcome(&r, &facts)
-            }
-            None => {
-                f.response = Response {
-                    response: proto::response::RESET,
-                    ..Response::default()
-                };
+        let outcome = match forced {
+            None => self.dev.decode(f, &facts),
+            Some(Forced::DeviceReset) => {
+                // No answer: the reset ended it. An internal command's
+                // poller sees `reset_forced` (presence unknown).
+                f.reset_forced = true;
                 let mut o = Outcome {
                     reason: if facts.timed_out {
                         ffi::CMD_TIMEOUT
@@ -814,25 +655,19 @@ impl VioScsi {
         let Some(mut pkt) = f.pkt.take() else {
             if f.abandoned {
                 // Its packet was torn down: nobody waits for it.
-                c.release(IDLE);
+                c.release(CmdState::Idle);
             } else {
-                // An internal command: its poller reads `response`.
-                c.release(DONE);
+                // An internal command: its poller reads the answer.
+                c.release(CmdState::Done);
             }
             return;
         };
-        if outcome.is_check_condition() {
+        if outcome.is_check_condition() && forced.is_none() {
             // The sense buffer only where there is sense (zeroing it costs
             // every good command some 30 instructions).
             let mut sense = [0u8; ffi::MAX_SENSE_LENGTH];
-            let r = f.response;
-            let n = proto::sense_to_copy(&r, self.limits.sense_size);
-            if n > 0 {
-                let at = layout.resp_off + proto::RESP_SENSE;
-                f.dma.sync_for_cpu(at, n);
-                f.dma.read_bytes(at, &mut sense[..n]);
-            }
-            pkt.set_outcome(&outcome, &sense[..n]);
+            let n = self.dev.copy_sense(f, &mut sense);
+            pkt.set_outcome(&outcome, &sense[..n.min(sense.len())]);
         } else {
             pkt.set_outcome(&outcome, &[]);
         }
@@ -847,9 +682,9 @@ impl VioScsi {
             // The poller owns the packet again (and hands it back by
             // returning from tran_start).
             f.pkt = Some(pkt);
-            c.release(DONE);
+            c.release(CmdState::Done);
         } else {
-            c.release(IDLE);
+            c.release(CmdState::Idle);
             pkt.complete();
         }
     }
@@ -860,11 +695,11 @@ impl VioScsi {
     /// between polls instead of spinning.
     pub(crate) fn poll_to_completion(
         &self,
-        cmd: &Cmd,
+        cmd: &Cmd<F::CmdExt>,
         qi: u16,
         limit_s: i64,
         can_sleep: bool,
-    ) -> OwnedCmd {
+    ) -> OwnedCmd<F::CmdExt> {
         if let Some(c) = self.poll_for(cmd, qi, limit_s * ffi::MICROSEC, can_sleep) {
             return c;
         }
@@ -877,12 +712,12 @@ impl VioScsi {
                 return c;
             }
             match self.state() {
-                state::RUNNING => {
+                HbaState::Running => {
                     self.reset_device_as("a polled command did not complete", Reaper::Poller);
                 }
                 // Another thread is resetting the device: it will end the
                 // command.
-                state::RESETTING => {}
+                HbaState::Resetting => {}
                 // The device is stopped (quiesced, failed): nothing will
                 // ever come back from it.
                 _ => self.abandon_queue(qi),
@@ -893,11 +728,11 @@ impl VioScsi {
     /// Polls for up to `limit_us`; the command if it is done.
     pub(crate) fn poll_for(
         &self,
-        cmd: &Cmd,
+        cmd: &Cmd<F::CmdExt>,
         qi: u16,
         limit_us: i64,
         can_sleep: bool,
-    ) -> Option<OwnedCmd> {
+    ) -> Option<OwnedCmd<F::CmdExt>> {
         let start = time::hrtime();
         let mut spins = 0u32;
         loop {
@@ -926,7 +761,7 @@ impl VioScsi {
         let mut returned = CmdList::new();
         {
             let mut g = q.ring.lock();
-            g.ring.reclaim_all(|c| taken.push(c));
+            g.ring.reclaim_all(&mut |c| taken.push(c));
             while let Some(c) = g.deferred.pop() {
                 returned.push(c);
             }
@@ -941,49 +776,57 @@ impl VioScsi {
     }
 
     /// Runs a command of the driver's own (discovery) on `target`/`lun`,
-    /// polled from thread context; returns the device's response.
+    /// polled from thread context; whether the target is there.
     pub(crate) fn internal_command(
         &self,
         target: u8,
         lun: crate::scsa::addr::LunNumber,
         cdb: &[u8],
         time_s: i32,
-    ) -> Option<Response> {
+    ) -> Presence {
         let guard = self.probe.lock();
-        let cmd: &Cmd = &guard;
-        let req = Request {
-            target,
-            lun,
-            cdb,
-            cookies: &[],
-            dir: DataDir::None,
-            task_attr: proto::TASK_ATTR_SIMPLE,
-            polled: true,
-            time_s,
-        };
+        let cmd: &Cmd<F::CmdExt> = &guard;
         // A full ring or a reset in progress: retry for a while.
         for _ in 0..100 {
-            let mut c = OwnedCmd::claim(cmd)?;
+            let req = Request {
+                target,
+                lun,
+                cdb,
+                cookies: &[],
+                dir: DataDir::None,
+                task_attr: TaskAttr::Simple,
+                polled: true,
+                time_s,
+                tag: self.next_tag.fetch_add(1, Ordering::Relaxed),
+            };
+            let Some(mut c) = OwnedCmd::claim(cmd) else {
+                return Presence::Unknown;
+            };
             self.prepare(&mut c, &req);
             let queue = c.fields_ref().queue;
             match self.submit(c) {
                 Ok(()) => {
                     let c = self.poll_to_completion(cmd, queue, i64::from(time_s), true);
-                    let r = c.fields_ref().response;
-                    c.release(IDLE);
-                    return Some(r);
+                    let f = c.fields_ref();
+                    let p = if f.reset_forced {
+                        Presence::Unknown
+                    } else {
+                        self.dev.presence(f)
+                    };
+                    c.release(CmdState::Idle);
+                    return p;
                 }
                 Err((c, StartError::Busy)) => {
-                    c.release(IDLE);
+                    c.release(CmdState::Idle);
                     time::delay_ticks(1);
                 }
                 Err((c, _)) => {
-                    c.release(IDLE);
-                    return None;
+                    c.release(CmdState::Idle);
+                    return Presence::Unknown;
                 }
             }
         }
-        None
+        Presence::Unknown
     }
 }
 
@@ -993,7 +836,7 @@ mod tests {
 
     #[test]
     fn every_request_queue_has_its_own_hand_off_bit() {
-        for qi in 0..super::super::config::MAX_REQUEST_QUEUES as usize {
+        for qi in 0..MAX_REQUEST_QUEUES as usize {
             assert_eq!(queue_bit(qi), 1u64 << qi, "queue {qi}");
         }
     }
@@ -1025,5 +868,29 @@ mod tests {
         assert_eq!(k.leave(), 1 << (DEFERRABLE_QUEUES - 1));
         assert_eq!(DEFERRABLE_QUEUES, 48);
         assert_eq!(PASS_DEPTH_MASK, 0xffff);
+    }
+
+    #[test]
+    fn packet_flags_choose_the_task_attribute() {
+        assert_eq!(task_attr(PktFlags::empty()), TaskAttr::Simple);
+        assert_eq!(task_attr(PktFlags::HTAG), TaskAttr::HeadOfQueue);
+        assert_eq!(task_attr(PktFlags::HEAD), TaskAttr::HeadOfQueue);
+        assert_eq!(task_attr(PktFlags::OTAG), TaskAttr::Ordered);
+        assert_eq!(task_attr(PktFlags::ACA), TaskAttr::Aca);
+        assert_eq!(
+            task_attr(PktFlags::OTAG | PktFlags::HTAG),
+            TaskAttr::HeadOfQueue
+        );
+    }
+
+    #[test]
+    fn a_bounded_reap_settles_or_hands_off_within_its_passes() {
+        let mut p = ReapPasses::new(3);
+        assert_eq!(p.after_pass(true), AfterPass::Again);
+        assert_eq!(p.after_pass(true), AfterPass::Again);
+        assert_eq!(p.after_pass(true), AfterPass::HandOff);
+        let mut q = ReapPasses::new(3);
+        assert_eq!(q.after_pass(false), AfterPass::Settled);
+        assert_eq!(ReapPasses::new(0).after_pass(true), AfterPass::HandOff);
     }
 }
