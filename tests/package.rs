@@ -334,7 +334,7 @@ fn the_man_page_is_lint_clean_and_documents_tunables_and_probes() {
     let text = std::fs::read_to_string(&page).unwrap();
     let conf = std::fs::read_to_string(root().join("pkg/rvscsi.conf")).unwrap();
     // Every tunable the driver reads is documented in both places.
-    let src = std::fs::read_to_string(root().join("src/vioscsi/hba.rs")).unwrap();
+    let src = std::fs::read_to_string(root().join("src/vioscsi/device.rs")).unwrap();
     let mut tunables = Vec::new();
     for piece in src.split("prop_").skip(1) {
         if let Some(name) = piece.split("c\"").nth(1).and_then(|s| s.split('"').next()) {
