@@ -30,6 +30,7 @@ pub mod ddi;
 pub mod entry;
 pub mod ffi;
 pub mod probes;
+pub mod pvscsi;
 pub mod runtime;
 pub mod scsa;
 pub mod shmem;
