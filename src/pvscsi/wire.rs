@@ -856,6 +856,76 @@ mod tests {
         );
     }
 
+    /// HostMem that records the byte range every write touched.
+    struct Recording {
+        mem: HostMem,
+        writes: core::cell::RefCell<std::vec::Vec<(usize, usize)>>,
+    }
+    impl SharedMem for Recording {
+        fn len(&self) -> usize {
+            self.mem.len()
+        }
+        fn device_addr(&self) -> u64 {
+            self.mem.device_addr()
+        }
+        fn read_bytes(&self, off: usize, dst: &mut [u8]) {
+            self.mem.read_bytes(off, dst)
+        }
+        fn write_bytes(&self, off: usize, src: &[u8]) {
+            self.writes.borrow_mut().push((off, off + src.len()));
+            self.mem.write_bytes(off, src)
+        }
+        fn sync_for_device(&self, _: usize, _: usize) {}
+        fn sync_for_cpu(&self, _: usize, _: usize) {}
+    }
+
+    proptest::proptest! {
+        /// Whatever the CDB, direction and segment count: the direction
+        /// flag is the DMA direction's and only it, never a contradiction
+        /// of a READ/WRITE opcode, the SG flag iff more than one segment,
+        /// and no byte is written outside the SG area's page, or at all
+        /// when the request is refused.
+        #[test]
+        fn encoder_flags_and_bounds(
+            opcode in proptest::prelude::any::<u8>(),
+            dir in 0u8..3,
+            nseg in 0usize..200,
+            off_elems in 0usize..520,
+        ) {
+            let dir = [DataDir::None, DataDir::In, DataDir::Out][dir as usize];
+            let mem = Recording {
+                mem: HostMem::new(2 * PAGE_SIZE, 0x40_0000),
+                writes: Default::default(),
+            };
+            let off = off_elems * SG_ELEMENT_SIZE;
+            let sg = SgArea { mem: &mem, off };
+            let segs: std::vec::Vec<Segment> = (0..nseg)
+                .map(|i| Segment { addr: 0x100_0000 + 4096 * i as u64, len: 512 })
+                .collect();
+            let cdb = [opcode, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+            let r = encode_request(&req(&cdb, dir, &segs), &sg);
+            let writes = mem.writes.borrow().clone();
+            match r {
+                Ok(d) => {
+                    let flags = le32(&d, 36);
+                    let dirs = flags & (FLAG_DIR_NONE | FLAG_DIR_TOHOST | FLAG_DIR_TODEVICE);
+                    proptest::prop_assert_eq!(dirs, dir_flag(dir));
+                    if let Some(want) = cdb_direction(opcode) {
+                        proptest::prop_assert!(dir == DataDir::None || dir == want);
+                    }
+                    proptest::prop_assert_eq!(flags & FLAG_WITH_SG_LIST != 0, nseg > 1);
+                    proptest::prop_assert_eq!(le64(&d, 16), 512 * nseg as u64);
+                    let page_end = (off / PAGE_SIZE + 1) * PAGE_SIZE;
+                    let limit = page_end.min(off + MAX_SG_ENTRIES * SG_ELEMENT_SIZE);
+                    for (a, b) in writes {
+                        proptest::prop_assert!(a >= off && b <= limit, "write {}..{} outside {}..{}", a, b, off, limit);
+                    }
+                }
+                Err(_) => proptest::prop_assert!(writes.is_empty()),
+            }
+        }
+    }
+
     #[test]
     fn tags() {
         assert_eq!(tag_for(PktFlags::empty()), TAG_SIMPLE);

@@ -5,11 +5,12 @@
 //! encoders and every answer goes through its decoders. If an offset in
 //! those were wrong, QEMU would not answer as asserted here.
 
+use rvscsi::pvscsi::msg::{self, Message};
 use rvscsi::pvscsi::probe::{self, TargetSource, ThresholdMode};
 use rvscsi::pvscsi::regs::{
     self, BAR_SIZE, Command, CommandNumber, CommandStatus, Reg32, Regs, doorbell_for,
 };
-use rvscsi::pvscsi::ring::{Geometry, Reap, Reaped, Rings};
+use rvscsi::pvscsi::ring::{Geometry, MsgWindow, Reap, Reaped, Rings};
 use rvscsi::pvscsi::status::{self, CmdFacts, btstat};
 use rvscsi::pvscsi::wire::{self, Request, Segment, SenseBuffer, SgArea, rs};
 use rvscsi::scsa::addr::LunNumber;
@@ -405,6 +406,73 @@ fn pvscsi_wire_formats_match_qemu() {
     );
     assert_eq!(over.reaped.completion.host_status, btstat::DATARUN);
     assert_eq!(over.mapped.outcome.reason, rvscsi::ffi::CMD_DATA_OVR);
+
+    // Hot-unplug target 64: DEV_REMOVED in the message ring (MSG_0), then
+    // its commands end SELTIMEO.
+    hba.regs.ack_intr(regs::INTR_ALL_SUPPORTED);
+    let qmp = |cmd: &str, args: rvscsi_qtest::Value| {
+        m.with_qemu(|q| q.qmp(cmd, args))
+            .expect("QEMU")
+            .unwrap_or_else(|e| panic!("{cmd}: {e}"))
+    };
+    qmp("device_del", rvscsi_qtest::json!({"id": "hd1"}));
+    m.with_qemu(|q| q.wait_qmp_event("DEVICE_DELETED", Duration::from_secs(10)))
+        .expect("QEMU")
+        .expect("DEVICE_DELETED");
+    assert_eq!(hba.regs.intr_status() & regs::INTR_MSG_0, regs::INTR_MSG_0);
+    let w = hba.rings.msg_window().expect("a message ring");
+    assert_eq!(
+        w,
+        MsgWindow::Available {
+            n: 1,
+            maybe_lost: false
+        }
+    );
+    assert!(!msg::rescan_needed(w));
+    let removed = Message::decode(&hba.rings.next_message().expect("a message"));
+    assert_eq!(
+        removed,
+        Message::Removed {
+            target: 64,
+            lun: LunNumber::ZERO
+        }
+    );
+    assert_eq!(msg::action(removed), msg::Action::RemoveTarget(64));
+    assert_eq!(state.read_u32(rs::MSG_CONS), 1, "consumed");
+    let tur = hba.run("tur-removed", 64, &[0; 6], DataDir::None, &[]);
+    assert_eq!(tur.mapped.outcome.reason, rvscsi::ffi::CMD_DEV_GONE);
+
+    // Hot-plug a disk at target 17 (beyond the 16 Linux and FreeBSD scan):
+    // DEV_ADDED.
+    let img = dir.join("t17.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    qmp(
+        "blockdev-add",
+        rvscsi_qtest::json!({"driver": "raw", "node-name": "n17",
+            "file": {"driver": "file", "filename": img.display().to_string()}}),
+    );
+    qmp(
+        "device_add",
+        rvscsi_qtest::json!({"driver": "scsi-hd", "id": "hd17", "bus": "hba0.0",
+            "drive": "n17", "scsi-id": 17, "lun": 0}),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let added = loop {
+        if let Some(raw) = hba.rings.next_message() {
+            break Message::decode(&raw);
+        }
+        assert!(Instant::now() < deadline, "no DEV_ADDED");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!(msg::action(added), msg::Action::AddTarget(17));
+    let inq = hba.run(
+        "inquiry17",
+        17,
+        &[0x12, 0, 0, 0, 36, 0],
+        DataDir::In,
+        &[seg(&data, 0, 36)],
+    );
+    assert_eq!(inq.reaped.completion.host_status, btstat::SUCCESS);
 
     assert_eq!(hba.rings.outstanding(), 0);
     assert_eq!(
