@@ -362,24 +362,24 @@ pub fn doorbell_for(cdb: &[u8]) -> Doorbell {
     }
 }
 
-/// Whether the doorbell must be written after publishing `req_prod`:
-/// the non-R/W one always; the R/W one unless threshold mode is on and
-/// fewer than `threshold` requests wait (Linux/FreeBSD `pvscsi_kick_io`).
-/// `req_cons` and `threshold` are device-written: a consumer index ahead
-/// of the producer, or a zero threshold, means "kick".
+/// Whether the doorbell must be written after a publish: the non-R/W one
+/// always; the R/W one unless threshold mode is on and fewer than
+/// `threshold` requests wait (Linux/FreeBSD `pvscsi_kick_io`). `pending`
+/// is [`Rings::device_pending_requests`] (`None` when the device-written
+/// consumer index is impossible) and `threshold` the device-written
+/// reqCallThreshold: an impossible index or a zero threshold means "kick".
+///
+/// [`Rings::device_pending_requests`]: super::ring::Rings::device_pending_requests
 pub fn kick_needed(
     bell: Doorbell,
     threshold_mode: bool,
-    req_prod: u32,
-    req_cons: u32,
+    pending: Option<u32>,
     threshold: u32,
 ) -> bool {
     if bell == Doorbell::NonReadWrite || !threshold_mode || threshold == 0 {
         return true;
     }
-    let waiting = req_prod.wrapping_sub(req_cons);
-    // A consumer ahead of the producer (waiting "negative") is a lie: kick.
-    waiting > (1 << 16) || waiting >= threshold
+    pending.is_none_or(|waiting| waiting >= threshold)
 }
 
 /// 32-bit register access: what the typed accessor needs from the
@@ -695,26 +695,22 @@ mod tests {
 
     #[test]
     fn threshold_kick_decisions() {
-        assert!(kick_needed(Doorbell::NonReadWrite, true, 10, 9, 8));
-        assert!(kick_needed(Doorbell::ReadWrite, false, 10, 9, 8));
+        assert!(kick_needed(Doorbell::NonReadWrite, true, Some(1), 8));
+        assert!(kick_needed(Doorbell::ReadWrite, false, Some(1), 8));
         assert!(
-            !kick_needed(Doorbell::ReadWrite, true, 10, 9, 8),
+            !kick_needed(Doorbell::ReadWrite, true, Some(1), 8),
             "1 waiting < 8"
         );
         assert!(
-            kick_needed(Doorbell::ReadWrite, true, 17, 9, 8),
+            kick_needed(Doorbell::ReadWrite, true, Some(8), 8),
             "8 waiting"
         );
         assert!(
-            kick_needed(Doorbell::ReadWrite, true, 3, u32::MAX - 4, 8),
-            "wrap: 8 waiting"
+            kick_needed(Doorbell::ReadWrite, true, None, 8),
+            "impossible index"
         );
         assert!(
-            kick_needed(Doorbell::ReadWrite, true, 10, 11, 8),
-            "consumer ahead: a lie"
-        );
-        assert!(
-            kick_needed(Doorbell::ReadWrite, true, 10, 9, 0),
+            kick_needed(Doorbell::ReadWrite, true, Some(1), 0),
             "no threshold written"
         );
     }

@@ -613,7 +613,7 @@ impl<M: SharedMem, T> Rings<M, T> {
                 let Slot::Outstanding { token, .. } = core::mem::replace(slot, Slot::Reaped) else {
                     return Err(out_of_range);
                 };
-                self.published_outstanding -= 1;
+                self.published_outstanding = self.published_outstanding.saturating_sub(1);
                 self.free.push(idx);
                 Ok((Context(idx), token))
             }
@@ -626,22 +626,23 @@ impl<M: SharedMem, T> Rings<M, T> {
     /// driver's indices for a new SETUP_RINGS (which zeroes the device's).
     /// The caller completes each with CMD_RESET.
     pub fn reclaim_one(&mut self) -> Option<(Context, T)> {
-        for i in 0..self.slots.len() {
-            if matches!(self.slots[i], Slot::Outstanding { .. }) {
-                let Slot::Outstanding { token, published } =
-                    core::mem::replace(&mut self.slots[i], Slot::Reaped)
-                else {
-                    continue;
-                };
-                if published {
-                    self.published_outstanding -= 1;
-                }
-                self.free.push(i as u16);
-                return Some((Context(i as u16), token));
-            }
+        let found = self
+            .slots
+            .iter()
+            .position(|s| matches!(s, Slot::Outstanding { .. }));
+        let Some(i) = found else {
+            self.reset_indices();
+            return None;
+        };
+        let slot = self.slots.get_mut(i)?;
+        let Slot::Outstanding { token, published } = core::mem::replace(slot, Slot::Reaped) else {
+            return None;
+        };
+        if published {
+            self.published_outstanding = self.published_outstanding.saturating_sub(1);
         }
-        self.reset_indices();
-        None
+        self.free.push(i as u16);
+        Some((Context(i as u16), token))
     }
 
     fn reset_indices(&mut self) {
