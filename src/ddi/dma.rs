@@ -188,7 +188,7 @@ impl Word for u64 {}
 impl DmaBuffer {
     /// The DMA handle, for `ddi_fm_dma_err_get(9F)`
     /// ([`super::fm::Fma::check_dma`]).
-    pub(crate) fn dma_handle(&self) -> ffi::ddi_dma_handle_t {
+    pub fn dma_handle(&self) -> ffi::ddi_dma_handle_t {
         self.handle
     }
 

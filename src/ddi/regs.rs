@@ -71,7 +71,7 @@ impl RegMap {
 
     /// The access handle, for `ddi_fm_acc_err_get(9F)`
     /// ([`super::fm::Fma::check_regs`]).
-    pub(crate) fn acc_handle(&self) -> ffi::ddi_acc_handle_t {
+    pub fn acc_handle(&self) -> ffi::ddi_acc_handle_t {
         self.acc
     }
 
