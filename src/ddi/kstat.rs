@@ -445,17 +445,15 @@ mod tests {
         ks.ks_private = core::ptr::from_ref(&c).cast_mut().cast();
         ks.ks_data = data.as_mut_ptr().cast();
         ks.ks_ndata = QUEUE_STATS as u32;
-        // SAFETY: a kstat set up as Published::create does.
-        assert_eq!(
-            unsafe { update::<QUEUE_STATS>(&mut ks, ffi::KSTAT_WRITE) },
-            ffi::EACCES
-        );
-        // SAFETY: as above.
-        assert_eq!(
-            unsafe { update::<QUEUE_STATS>(&mut ks, ffi::KSTAT_READ) },
-            0
-        );
-        // SAFETY: the update wrote ui64 of every entry.
+        // SAFETY: ks is set up as Published::create does: ks_private is
+        // our live Counters, ks_data our QUEUE_STATS entries.
+        let refused = unsafe { update::<QUEUE_STATS>(&mut ks, ffi::KSTAT_WRITE) };
+        assert_eq!(refused, ffi::EACCES);
+        // SAFETY: the same kstat, still pointing at c and data (both live).
+        let read = unsafe { update::<QUEUE_STATS>(&mut ks, ffi::KSTAT_READ) };
+        assert_eq!(read, 0);
+        // SAFETY: every entry is zeroed plain data, so ui64 is initialized
+        // (and the update wrote it).
         let v = |s: QueueStat| unsafe { data[s.index()].value.ui64 };
         assert_eq!(v(QueueStat::Completed), 42);
         assert_eq!(v(QueueStat::WriteBytes), 4096);

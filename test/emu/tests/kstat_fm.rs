@@ -464,3 +464,27 @@ fn unsafe_zeroed() -> ffi::ddi_fm_error_t {
     // SAFETY: plain data; zero is a valid value of every member.
     unsafe { std::mem::zeroed() }
 }
+
+#[test]
+fn the_module_loader_resolves_every_kstat_and_fm_import() {
+    // The loader binds a module's imports through this table (built from
+    // test/abi/kernel-imports.tsv), so a module calling these loads.
+    for name in [
+        "kstat_create",
+        "kstat_install",
+        "kstat_delete",
+        "kstat_named_init",
+        "ddi_fm_init",
+        "ddi_fm_fini",
+        "ddi_fm_capable",
+        "ddi_fm_service_impact",
+        "ddi_fm_ereport_post",
+        "ddi_fm_acc_err_get",
+        "ddi_fm_dma_err_get",
+        "fm_ena_generate",
+    ] {
+        let s = rvscsi_emu::ddi::symbols::lookup(name)
+            .unwrap_or_else(|| panic!("{name} is not exported"));
+        assert!(!s.data && s.addr != 0, "{name}");
+    }
+}

@@ -488,8 +488,9 @@ pub unsafe extern "C" fn rvscsi_emu_ereport_post(
                 ));
                 return;
             }
-            // SAFETY: a non-NULL NUL-terminated string.
             ffi::DATA_TYPE_STRING => {
+                // SAFETY: checked non-NULL above; NUL-terminated (the
+                // caller's contract).
                 Payload::Str(unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned())
             }
             1 => Payload::Flag,

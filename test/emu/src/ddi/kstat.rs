@@ -441,7 +441,8 @@ pub unsafe extern "C" fn kstat_install(ksp: *mut kstat_t) {
         }
         if ks.ks_flags & KSTAT_FLAG_LONGSTRINGS != 0
             && ks.ks_flags & ffi::KSTAT_FLAG_WRITABLE != 0
-            && ks.ks_snapshot.map(|f| f as usize) == Some(default_snapshot as ffi::ks_snapshot_fn as usize)
+            && ks.ks_snapshot.map(|f| f as usize)
+                == Some(default_snapshot as ffi::ks_snapshot_fn as usize)
         {
             violation(format!(
                 "{what}: writable KSTAT_DATA_STRING kstat with the default snapshot (illumos panics)"
@@ -491,10 +492,9 @@ pub(crate) fn delete(ksp: *mut kstat_t, by_kernel: bool) {
     }
     // kstat_hold_bykid: wait for a reader.
     let _held = lock(&hold);
-    if let Some(e) = lock(&KSTATS).remove(&(ksp as usize)) {
-        if let Some(m) = e.machine.upgrade() {
-            bump(&m.live.kstats, -1);
-        }
+    let removed = lock(&KSTATS).remove(&(ksp as usize));
+    if let Some(m) = removed.and_then(|e| e.machine.upgrade()) {
+        bump(&m.live.kstats, -1);
     }
 }
 
