@@ -278,6 +278,10 @@ pub struct Live {
     pub condvars: AtomicI64,
     /// `ddi_cb_register(9F)` callbacks not unregistered.
     pub callbacks: AtomicI64,
+    /// kstats created (`kstat_create(9F)`) and not deleted.
+    pub kstats: AtomicI64,
+    /// FM handles (`ddi_fm_init(9F)`) not finalized (`ddi_fm_fini(9F)`).
+    pub fm_handles: AtomicI64,
 }
 
 impl Live {
@@ -298,6 +302,8 @@ impl Live {
             ("mutexes", l(&self.mutexes)),
             ("condition variables", l(&self.condvars)),
             ("DDI callbacks", l(&self.callbacks)),
+            ("kstats", l(&self.kstats)),
+            ("FM handles", l(&self.fm_handles)),
         ]
     }
 
