@@ -103,7 +103,9 @@ fn abi_asserts() -> String {
          #include <sys/ksynch.h>\n#include <sys/modctl.h>\n#include <sys/devops.h>\n\
          #include <sys/ddi.h>\n#include <sys/sunddi.h>\n#include <sys/ddi_intr.h>\n\
          #include <sys/pci.h>\n#include <sys/time.h>\n#include <sys/scsi/scsi.h>\n\
-         #include <sys/cpuvar.h>\n\
+         #include <sys/cpuvar.h>\n#include <sys/errno.h>\n#include <sys/kstat.h>\n\
+         #include <sys/nvpair.h>\n#include <sys/ddifm.h>\n#include <sys/fm/protocol.h>\n\
+         #include <sys/fm/io/ddi.h>\n\
          #endif\n\n",
     );
     let mut open: Option<&str> = None;

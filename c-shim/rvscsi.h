@@ -141,9 +141,29 @@ rvscsi_tran_setcap_fn_t rvscsi_tran_setcap;
 /*
  * ---- Implemented in C, called by Rust.
  *
- * Nothing yet: everything the library needs from the kernel is a public
- * DDI function it declares itself (src/ffi/funcs.rs). What only C can
- * reach (a macro over kernel internals) would be wrapped here.
+ * Everything else the library needs from the kernel is a public DDI
+ * function it declares itself (src/ffi/funcs.rs). Here are what only C
+ * can call safely: the variadic ddi_fm_ereport_post(9F), whose argument
+ * list (name, DATA_TYPE_*, value triples ended by NULL) no compiler
+ * checks, is called here with a fixed list, so that Rust never calls a C
+ * variadic function.
  */
+
+/*
+ * Posts the ereport "ereport.io.<class>" (ddi_fm_ereport_post(9F) adds
+ * "io."; class is e.g. "device.no_response", sys/fm/io/ddi.h) for dip
+ * with the ENA ena (0: the DDI generates one), always DDI_NOSLEEP, so it
+ * may be called from any context including a high-level interrupt
+ * (ddi_fm_ereport_post(9F), CONTEXT). Payload, in order: "version"
+ * (DATA_TYPE_UINT8, FM_EREPORT_VERS0, which the DDI requires first;
+ * uts/common/os/ddifm.c fm_dev_ereport_postv), then "detail"
+ * (DATA_TYPE_STRING) if detail is not NULL, then name1 = value1 and
+ * name2 = value2 (DATA_TYPE_UINT64) for each name that is not NULL.
+ * The caller must have been granted DDI_FM_EREPORT_CAPABLE by
+ * ddi_fm_init(9F); without it the DDI drops the report.
+ */
+void rvscsi_shim_ereport_post(dev_info_t *dip, const char *class_name,
+    unsigned long ena, const char *detail, const char *name1,
+    unsigned long value1, const char *name2, unsigned long value2);
 
 #endif	/* RVSCSI_H */

@@ -26,6 +26,9 @@
 #include <sys/ddi.h>
 #include <sys/sunddi.h>
 #include <sys/scsi/scsi.h>
+#include <sys/ddifm.h>
+#include <sys/nvpair.h>
+#include <sys/fm/protocol.h>
 #endif
 
 #include "rvscsi.h"
@@ -160,6 +163,55 @@ rvscsi_quiesce_node(dev_info_t *dip)
 	if (scsi_hba_iport_unit_address(dip) != NULL)
 		return (DDI_SUCCESS);
 	return (rvscsi_quiesce(dip));
+}
+
+/*
+ * rvscsi_shim_ereport_post (rvscsi.h): the one place the variadic
+ * ddi_fm_ereport_post(9F) is called, with each optional member either
+ * present or absent, so that every argument list here is fixed and
+ * ends with NULL.
+ */
+void
+rvscsi_shim_ereport_post(dev_info_t *dip, const char *class_name,
+    unsigned long ena, const char *detail, const char *name1,
+    unsigned long value1, const char *name2, unsigned long value2)
+{
+	/* Absent members are moved forward: no NULL name before the end. */
+	if (name1 == NULL) {
+		name1 = name2;
+		value1 = value2;
+		name2 = NULL;
+	}
+	if (detail != NULL) {
+		if (name2 != NULL) {
+			ddi_fm_ereport_post(dip, class_name, ena, DDI_NOSLEEP,
+			    FM_VERSION, DATA_TYPE_UINT8, FM_EREPORT_VERS0,
+			    "detail", DATA_TYPE_STRING, detail,
+			    name1, DATA_TYPE_UINT64, (uint64_t)value1,
+			    name2, DATA_TYPE_UINT64, (uint64_t)value2, NULL);
+		} else if (name1 != NULL) {
+			ddi_fm_ereport_post(dip, class_name, ena, DDI_NOSLEEP,
+			    FM_VERSION, DATA_TYPE_UINT8, FM_EREPORT_VERS0,
+			    "detail", DATA_TYPE_STRING, detail,
+			    name1, DATA_TYPE_UINT64, (uint64_t)value1, NULL);
+		} else {
+			ddi_fm_ereport_post(dip, class_name, ena, DDI_NOSLEEP,
+			    FM_VERSION, DATA_TYPE_UINT8, FM_EREPORT_VERS0,
+			    "detail", DATA_TYPE_STRING, detail, NULL);
+		}
+	} else if (name2 != NULL) {
+		ddi_fm_ereport_post(dip, class_name, ena, DDI_NOSLEEP,
+		    FM_VERSION, DATA_TYPE_UINT8, FM_EREPORT_VERS0,
+		    name1, DATA_TYPE_UINT64, (uint64_t)value1,
+		    name2, DATA_TYPE_UINT64, (uint64_t)value2, NULL);
+	} else if (name1 != NULL) {
+		ddi_fm_ereport_post(dip, class_name, ena, DDI_NOSLEEP,
+		    FM_VERSION, DATA_TYPE_UINT8, FM_EREPORT_VERS0,
+		    name1, DATA_TYPE_UINT64, (uint64_t)value1, NULL);
+	} else {
+		ddi_fm_ereport_post(dip, class_name, ena, DDI_NOSLEEP,
+		    FM_VERSION, DATA_TYPE_UINT8, FM_EREPORT_VERS0, NULL);
+	}
 }
 
 static struct dev_ops rvscsi_dev_ops = {

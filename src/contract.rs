@@ -22,3 +22,10 @@ mod header {
 
 /// The functions `c-shim/rvscsi.h` declares, in its order.
 pub const DECLARED: &[&str] = header::DECLARED;
+
+/// What the C shim implements for Rust (`c-shim/rvscsi.h`, "Implemented in
+/// C, called by Rust"), declared by bindgen from the header, so the Rust
+/// side calls it with exactly the header's types.
+pub mod shim {
+    pub use super::header::rvscsi_shim_ereport_post;
+}

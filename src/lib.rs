@@ -35,6 +35,7 @@ pub mod entry;
 pub mod ffi;
 pub mod hba;
 pub mod probes;
+pub mod pvscsi;
 pub mod runtime;
 pub mod scsa;
 pub mod shmem;

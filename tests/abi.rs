@@ -1,7 +1,7 @@
 //! The driver's mirrors, constants and DDI declarations against the
 //! measured illumos ABI (`test/abi/*.tsv`).
 
-use rvscsi::ffi::{ABI_CONSTANTS, ABI_LAYOUT, AbiFact};
+use rvscsi::ffi::{ABI_CONSTANTS, ABI_LAYOUT, ABI_STRINGS, AbiFact};
 use std::collections::HashMap;
 
 fn table(name: &str) -> Vec<Vec<String>> {
@@ -44,7 +44,11 @@ fn every_mirror_offset_and_size_matches_the_measured_headers() {
 #[test]
 fn every_constant_matches_the_measured_headers() {
     let mut measured: HashMap<String, i128> = HashMap::new();
-    for r in table("illumos-amd64-abi.tsv") {
+    // The provided table, and what measure-shim-abi.sh measured from the
+    // same headers (kstat.h, ddifm.h, fm/protocol.h, nvpair.h).
+    let mut rows = table("illumos-amd64-abi.tsv");
+    rows.extend(table("rvscsi-shim-abi.tsv"));
+    for r in rows {
         if r.len() >= 3 && r[0] == "const" {
             measured.insert(r[1].clone(), r[2].parse().unwrap_or(i128::MIN));
         }
@@ -60,6 +64,23 @@ fn every_constant_matches_the_measured_headers() {
             i128::from(value)
         };
         assert_eq!(*m, ours, "{name}");
+    }
+}
+
+#[test]
+fn every_string_constant_matches_the_macro_of_the_measured_headers() {
+    let mut measured: HashMap<String, String> = HashMap::new();
+    for r in table("rvscsi-shim-abi.tsv") {
+        if r.len() >= 3 && r[0] == "str" {
+            measured.insert(r[1].clone(), r[2].clone());
+        }
+    }
+    assert!(ABI_STRINGS.len() >= 10, "the class names are listed");
+    for &(name, value) in ABI_STRINGS {
+        let m = measured
+            .get(name)
+            .unwrap_or_else(|| panic!("string {name} is not in the measured table"));
+        assert_eq!(m, value, "{name}");
     }
 }
 

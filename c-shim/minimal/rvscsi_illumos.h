@@ -45,6 +45,26 @@ typedef void			*opaque_t;
 /* sunddi.h return values */
 #define	DDI_SUCCESS		0
 #define	DDI_FAILURE		(-1)
+#define	DDI_NOSLEEP		1
+
+/*
+ * ddi_fm_ereport_post(9F) (sys/ddifm.h) and its payload: the ereport
+ * version (sys/fm/protocol.h) and the nvpair types (sys/nvpair.h, an enum
+ * there, whose enumerators the shim passes as ints through the variadic
+ * list, as with the real enum; marked for rvscsi_abi_asserts.h).
+ */
+#define	FM_VERSION		"version"
+#define	FM_EREPORT_VERS0	0
+enum {
+	DATA_TYPE_UINT32 = 6,
+	DATA_TYPE_UINT64 = 8,
+	DATA_TYPE_STRING = 9,
+	DATA_TYPE_UINT8 = 23
+};
+#define	RVSCSI_MINIMAL_ENUMERATOR_DATA_TYPE_UINT32	1
+#define	RVSCSI_MINIMAL_ENUMERATOR_DATA_TYPE_UINT64	1
+#define	RVSCSI_MINIMAL_ENUMERATOR_DATA_TYPE_STRING	1
+#define	RVSCSI_MINIMAL_ENUMERATOR_DATA_TYPE_UINT8	1
 
 /*
  * devops.h: the getinfo(9E), attach(9E), detach(9E) and reset commands,
@@ -245,5 +265,7 @@ extern int scsi_hba_attach_setup(dev_info_t *, ddi_dma_attr_t *,
 extern int scsi_hba_detach(dev_info_t *);
 extern char *scsi_hba_iport_unit_address(dev_info_t *);
 extern int scsi_hba_iport_register(dev_info_t *, char *);
+extern void ddi_fm_ereport_post(dev_info_t *, const char *, uint64_t, int,
+    ...);
 
 #endif	/* RVSCSI_ILLUMOS_H */

@@ -186,6 +186,12 @@ impl Word for u32 {}
 impl Word for u64 {}
 
 impl DmaBuffer {
+    /// The DMA handle, for `ddi_fm_dma_err_get(9F)`
+    /// ([`super::fm::Fma::check_dma`]).
+    pub fn dma_handle(&self) -> ffi::ddi_dma_handle_t {
+        self.handle
+    }
+
     fn load<W: Word>(&self, off: usize) -> W {
         let size = core::mem::size_of::<W>();
         if !in_bounds(off, size, self.len) || off % size != 0 {

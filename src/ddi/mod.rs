@@ -8,7 +8,9 @@
 pub mod cpu;
 pub mod dev;
 pub mod dma;
+pub mod fm;
 pub mod intr;
+pub mod kstat;
 pub mod log;
 pub mod pci;
 pub mod regs;

@@ -69,6 +69,12 @@ impl RegMap {
         self.len == 0
     }
 
+    /// The access handle, for `ddi_fm_acc_err_get(9F)`
+    /// ([`super::fm::Fma::check_regs`]).
+    pub fn acc_handle(&self) -> ffi::ddi_acc_handle_t {
+        self.acc
+    }
+
     fn addr<T>(&self, off: usize) -> Option<*mut T> {
         let size = core::mem::size_of::<T>();
         if crate::shmem::in_bounds(off, size, self.len) {

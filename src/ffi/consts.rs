@@ -198,6 +198,92 @@ abi_constants! {
     // default pkt sizes (sys/scsi/scsi_pkt.h)
     DEFAULT_CDBLEN: usize = 16;
     DEFAULT_SCBLEN: usize = 32;
+
+    // kstat_create(9F), kstat(9S), kstat_named(9S) (sys/kstat.h); measured
+    // into test/abi/rvscsi-shim-abi.tsv
+    KSTAT_STRLEN: usize = 31;
+    KSTAT_TYPE_RAW: u8 = 0;
+    KSTAT_TYPE_NAMED: u8 = 1;
+    KSTAT_FLAG_VIRTUAL: u8 = 0x01;
+    KSTAT_FLAG_VAR_SIZE: u8 = 0x02;
+    KSTAT_FLAG_WRITABLE: u8 = 0x04;
+    KSTAT_FLAG_PERSISTENT: u8 = 0x08;
+    KSTAT_FLAG_DORMANT: u8 = 0x10;
+    KSTAT_FLAG_INVALID: u8 = 0x20;
+    KSTAT_READ: c_int = 0;
+    KSTAT_WRITE: c_int = 1;
+    KSTAT_DATA_UINT32: u8 = 2;
+    KSTAT_DATA_UINT64: u8 = 4;
+    KSTAT_DATA_STRING: u8 = 9;
+    // ks_update's return codes besides 0 (sys/kstat.h; sys/errno.h)
+    EACCES: c_int = 13;
+    EIO: c_int = 5;
+
+    // ddi_fm_init(9F) capabilities and ddi_fm_error(9S) (sys/ddifm.h)
+    DDI_FM_NOT_CAPABLE: c_int = 0;
+    DDI_FM_EREPORT_CAPABLE: c_int = 0x1;
+    DDI_FM_ACCCHK_CAPABLE: c_int = 0x2;
+    DDI_FM_DMACHK_CAPABLE: c_int = 0x4;
+    DDI_FM_ERRCB_CAPABLE: c_int = 0x8;
+    DDI_FM_OK: c_int = 0;
+    DDI_FM_FATAL: c_int = -1;
+    DDI_FM_NONFATAL: c_int = -2;
+    DDI_FM_UNKNOWN: c_int = -3;
+    DDI_FM_ERR_UNEXPECTED: c_int = 0;
+    DDI_FM_ERR_EXPECTED: c_int = 1;
+    DDI_FME_VER0: c_int = 0;
+    DDI_FME_VER1: c_int = 1;
+    DDI_FME_VERSION: c_int = 1;
+    // ddi_fm_service_impact(9F): ddi_fault_impact_t (sys/sunddi.h enum)
+    DDI_SERVICE_LOST: c_int = -32;
+    DDI_SERVICE_DEGRADED: c_int = -16;
+    DDI_SERVICE_UNAFFECTED: c_int = 0;
+    DDI_SERVICE_RESTORED: c_int = 16;
+    // handles whose faults the framework flags (ddi_device_acc_attr(9S),
+    // ddi_dma_attr(9S)): what ddi_fm_acc_err_get/ddi_fm_dma_err_get report on
+    DDI_FLAGERR_ACC: u8 = 0x02;
+    DDI_DMA_FLAGERR: u32 = 0x200;
+    // fm_ena_generate(9F) format, the ereport version (sys/fm/protocol.h)
+    FM_ENA_FMT1: u8 = 1;
+    FM_EREPORT_VERS0: u8 = 0;
+    // nvpair data types of an ereport payload (sys/nvpair.h data_type_t)
+    DATA_TYPE_UINT8: c_int = 23;
+    DATA_TYPE_UINT32: c_int = 6;
+    DATA_TYPE_UINT64: c_int = 8;
+    DATA_TYPE_STRING: c_int = 9;
+}
+
+/// Declares string constants (the ereport class and payload names of
+/// sys/fm/io/ddi.h and sys/fm/protocol.h) and records them in
+/// [`ABI_STRINGS`].
+macro_rules! abi_strings {
+    ($( $(#[$m:meta])* $name:ident = $v:literal; )*) => {
+        $( $(#[$m])* pub const $name: &str = $v; )*
+        /// Every string constant above, by C name (what the macro expands
+        /// to, measured into test/abi/rvscsi-shim-abi.tsv as `str` rows).
+        pub const ABI_STRINGS: &[(&str, &str)] = &[ $( (stringify!($name), $name), )* ];
+    };
+}
+
+abi_strings! {
+    FM_VERSION = "version";
+    FM_EREPORT_CLASS = "ereport";
+    DDI_IO_CLASS = "io";
+    DDI_FM_DEVICE = "device";
+    DDI_FM_DEVICE_INVAL_STATE = "inval_state";
+    DDI_FM_DEVICE_NO_RESPONSE = "no_response";
+    DDI_FM_DEVICE_STALL = "stall";
+    DDI_FM_DEVICE_BADINT_LIMIT = "badint_limit";
+    DDI_FM_DEVICE_INTERN_CORR = "intern_corr";
+    DDI_FM_DEVICE_INTERN_UNCORR = "intern_uncorr";
+    DDI_FM_SERVICE_IMPACT = "service";
+    DDI_FM_SERVICE_LOST = "lost";
+    DDI_FM_SERVICE_DEGRADED = "degraded";
+    DDI_FM_SERVICE_RESTORED = "restored";
+    DDI_FM_SERVICE_UNAFFECTED = "unaffected";
+    DVR_ERPT = "ddi.";
+    DVR_ECONTEXT = "context";
+    DVR_EVER = "version";
 }
 
 /// `NULL_FUNC`: do not wait for resources.

@@ -255,6 +255,34 @@ unsafe extern "C" {
     pub fn scsi_hba_tgtmap_set_flush(tgtmap: *mut scsi_hba_tgtmap_t) -> c_int;
     pub fn scsi_hba_tgtmap_scan_luns(tgtmap: *mut scsi_hba_tgtmap_t, tgt_addr: *mut c_char);
 
+    // ---- named kernel statistics: kstat_create(9F) and friends (sys/kstat.h)
+    pub fn kstat_create(
+        ks_module: *const c_char,
+        ks_instance: c_int,
+        ks_name: *const c_char,
+        ks_class: *const c_char,
+        ks_type: uchar_t,
+        ks_ndata: c_uint,
+        ks_flags: uchar_t,
+    ) -> *mut kstat_t;
+    pub fn kstat_install(ksp: *mut kstat_t);
+    pub fn kstat_delete(ksp: *mut kstat_t);
+    pub fn kstat_named_init(knp: *mut kstat_named_t, name: *const c_char, data_type: uchar_t);
+
+    // ---- fault management: ddi_fm_init(9F) and friends (sys/ddifm.h). The
+    // variadic ddi_fm_ereport_post(9F) is called by the C shim only
+    // (rvscsi_shim_ereport_post, c-shim/rvscsi.h): Rust never calls a C
+    // variadic function whose argument list it cannot type-check.
+    pub fn ddi_fm_init(dip: *mut dev_info_t, fmcap: *mut c_int, ibcp: *mut ddi_iblock_cookie_t);
+    pub fn ddi_fm_fini(dip: *mut dev_info_t);
+    pub fn ddi_fm_capable(dip: *mut dev_info_t) -> c_int;
+    pub fn ddi_fm_service_impact(dip: *mut dev_info_t, svc_impact: c_int);
+    pub fn ddi_fm_acc_err_get(handle: ddi_acc_handle_t, de: *mut ddi_fm_error_t, version: c_int);
+    pub fn ddi_fm_dma_err_get(handle: ddi_dma_handle_t, de: *mut ddi_fm_error_t, version: c_int);
+    /// `uint64_t fm_ena_generate(uint64_t timestamp, uchar_t format)`
+    /// (sys/fm/protocol.h; uts/common/os/fm.c).
+    pub fn fm_ena_generate(timestamp: u64, format: uchar_t) -> u64;
+
     // ---- the end of the line: panic(9F) (used by the kernel panic handler) --
     pub fn panic(fmt: *const c_char, ...) -> !;
 }

@@ -88,6 +88,10 @@ opaque_types! {
     cb_ops;
     /// `struct bus_ops` (the framework supplies an HBA's).
     bus_ops;
+    /// `struct __ddi_iblock_cookie`, behind `ddi_iblock_cookie_t`
+    /// (sys/dditypes.h): what `ddi_fm_init(9F)` returns as the error
+    /// handling priority.
+    __ddi_iblock_cookie;
 }
 
 // The illumos handle typedefs, spelled as illumos declares them, so that
@@ -104,6 +108,8 @@ pub type ddi_acc_handle_t = *mut __ddi_acc_handle;
 pub type ddi_dma_handle_t = *mut __ddi_dma_handle;
 /// `ddi_intr_handle_t`: `struct __ddi_intr_handle *` (sys/ddi_intr.h).
 pub type ddi_intr_handle_t = *mut __ddi_intr_handle;
+/// `ddi_iblock_cookie_t`: `struct __ddi_iblock_cookie *` (sys/dditypes.h).
+pub type ddi_iblock_cookie_t = *mut __ddi_iblock_cookie;
 /// `ddi_periodic_t`: `struct __ddi_periodic *` (sys/dditypes.h).
 pub type ddi_periodic_t = *mut __ddi_periodic;
 /// `scsi_hba_tgtmap_t`: `struct __scsi_tgtmap` (sys/scsi/impl/transport.h).
@@ -425,7 +431,100 @@ pub struct dev_ops {
     pub devo_quiesce: Option<devo_dip_fn>,
 }
 
-use super::consts::SENSE_LENGTH;
+// ---- Named kernel statistics: kstat_create(9F), kstat(9S), kstat_named(9S)
+
+/// `kid_t` (sys/kstat.h): a kstat's unique id.
+pub type kid_t = c_int;
+
+/// `ks_update`: `int (*)(struct kstat *, int rw)` (sys/kstat.h).
+pub type ks_update_fn = unsafe extern "C" fn(*mut kstat, c_int) -> c_int;
+/// `ks_snapshot`: `int (*)(struct kstat *, void *buf, int rw)`.
+pub type ks_snapshot_fn = unsafe extern "C" fn(*mut kstat, *mut c_void, c_int) -> c_int;
+
+/// `struct kstat` (kstat(9S)), every member: the test bed's emulation
+/// allocates them as `kstat_create(9F)` does; the driver sets only
+/// `ks_update`, `ks_private` (and would set `ks_lock`) between
+/// `kstat_create` and `kstat_install`, and reads `ks_data`.
+#[repr(C)]
+pub struct kstat {
+    pub ks_crtime: hrtime_t,
+    pub ks_next: *mut kstat,
+    pub ks_kid: kid_t,
+    pub ks_module: [c_char; KSTAT_STRLEN],
+    pub ks_resv: uchar_t,
+    pub ks_instance: c_int,
+    pub ks_name: [c_char; KSTAT_STRLEN],
+    pub ks_type: uchar_t,
+    pub ks_class: [c_char; KSTAT_STRLEN],
+    pub ks_flags: uchar_t,
+    pub ks_data: *mut c_void,
+    pub ks_ndata: uint_t,
+    pub ks_data_size: usize,
+    pub ks_snaptime: hrtime_t,
+    pub ks_update: Option<ks_update_fn>,
+    pub ks_private: *mut c_void,
+    pub ks_snapshot: Option<ks_snapshot_fn>,
+    /// Really a `kmutex_t *` (sys/kstat.h says so), declared `void *`.
+    pub ks_lock: *mut c_void,
+}
+
+/// `kstat_t`: `struct kstat` (sys/kstat.h).
+pub type kstat_t = kstat;
+
+/// The `str` member of `kstat_named_t`'s value union.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct kstat_named_str {
+    /// `addr.ptr` (a union with 8 bytes of padding on amd64).
+    pub ptr: *mut c_char,
+    /// `len`: bytes of the string with its NUL.
+    pub len: u32,
+}
+
+/// The value union of `kstat_named_t` (`value`), 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub union kstat_named_value {
+    pub c: [c_char; 16],
+    pub i32: i32,
+    pub ui32: u32,
+    pub str: kstat_named_str,
+    pub i64: i64,
+    pub ui64: u64,
+}
+
+/// `struct kstat_named` (kstat_named(9S)).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct kstat_named {
+    pub name: [c_char; KSTAT_STRLEN],
+    pub data_type: uchar_t,
+    pub value: kstat_named_value,
+}
+
+/// `kstat_named_t`: `struct kstat_named` (sys/kstat.h).
+pub type kstat_named_t = kstat_named;
+
+// ---- Fault management: ddi_fm_init(9F), ddi_fm_acc_err_get(9F)
+
+/// `struct ddi_fm_error` (ddi_fm_error(9S)).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ddi_fm_error {
+    pub fme_version: c_int,
+    pub fme_status: c_int,
+    pub fme_flag: c_int,
+    pub fme_ena: u64,
+    pub fme_acc_handle: ddi_acc_handle_t,
+    pub fme_dma_handle: ddi_dma_handle_t,
+    pub fme_bus_specific: *mut c_void,
+    pub fme_bus_type: c_int,
+}
+
+/// `ddi_fm_error_t`: `struct ddi_fm_error` (sys/ddifm.h).
+pub type ddi_fm_error_t = ddi_fm_error;
+
+use super::consts::{KSTAT_STRLEN, SENSE_LENGTH};
 
 /// `struct scsi_arq_status` (scsi_arq_status(9S)). The two `struct
 /// scsi_status` members are single bit-field bytes; they are kept as raw
@@ -553,4 +652,19 @@ abi_layout! {
     } size 88;
     // Measured into test/abi/rvscsi-shim-abi.tsv too; a prefix, no size.
     cpu as "struct cpu" { cpu_id @ 0, cpu_seqid @ 4 };
+    // Measured into test/abi/rvscsi-shim-abi.tsv by measure-shim-abi.sh.
+    kstat as "kstat_t" {
+        ks_crtime @ 0, ks_next @ 8, ks_kid @ 16, ks_module @ 20, ks_resv @ 51,
+        ks_instance @ 52, ks_name @ 56, ks_type @ 87, ks_class @ 88, ks_flags @ 119,
+        ks_data @ 120, ks_ndata @ 128, ks_data_size @ 136, ks_snaptime @ 144,
+        ks_update @ 152, ks_private @ 160, ks_snapshot @ 168, ks_lock @ 176,
+    } size 184;
+    kstat_named as "kstat_named_t" {
+        name @ 0, data_type @ 31, value @ 32, value.ui64 @ 32,
+    } size 48;
+    ddi_fm_error as "ddi_fm_error_t" {
+        fme_version @ 0, fme_status @ 4, fme_flag @ 8, fme_ena @ 16,
+        fme_acc_handle @ 24, fme_dma_handle @ 32, fme_bus_specific @ 40,
+        fme_bus_type @ 48,
+    } size 56;
 }

@@ -8,7 +8,7 @@
 //! iport).
 
 use crate::ddi::acc;
-use crate::ddi::devinfo::{DevInfo, NodeKind, Prop};
+use crate::ddi::devinfo::{DevInfo, NodeKind, NodeState, Prop};
 use crate::machine::{Machine, MachineConfig, MachineError, lock, set_current};
 use crate::scsa::hba::{self, hba_state};
 use crate::scsa::packet::Device;
@@ -382,6 +382,16 @@ impl Bed {
     /// [`Bed::attach`], reporting on failure what the driver left behind
     /// (a failed attach must give everything back).
     pub fn try_attach(config: BedConfig) -> Result<Bed, AttachFailure> {
+        if config.machine.family != crate::machine::HbaFamily::VirtioScsi {
+            // NOT IMPLEMENTED: the driver has no pvscsi attach yet (issue 13).
+            return Err(AttachFailure {
+                message: format!(
+                    "the driver cannot attach to a {:?} HBA yet",
+                    config.machine.family
+                ),
+                report: DetachReport::default(),
+            });
+        }
         let machine = Machine::launch(config.machine).map_err(|e| AttachFailure {
             message: e.0,
             report: DetachReport::default(),
@@ -440,8 +450,11 @@ impl Bed {
             node.set_prop(k, v.clone());
         }
         tgtmap::set_target_driver(hba, self.target_driver.clone());
+        node.set_state(NodeState::Attaching);
         // SAFETY: the HBA node just created, in attach context.
-        if unsafe { self.binding.attach(hba) } != ffi::DDI_SUCCESS {
+        let attached = unsafe { self.binding.attach(hba) };
+        node.set_state(NodeState::Idle);
+        if attached != ffi::DDI_SUCCESS {
             let log: Vec<String> = machine.log().into_iter().map(|l| l.text).collect();
             // SAFETY: the node is unused after a failed attach.
             unsafe { DevInfo::destroy(hba) };
@@ -470,8 +483,13 @@ impl Bed {
         unsafe { &*iport.cast::<DevInfo>() }
             .driver_private
             .store(tran.cast(), Ordering::Release);
+        // SAFETY: just created.
+        let iport_node = unsafe { &*iport.cast::<DevInfo>() };
+        iport_node.set_state(NodeState::Attaching);
         // SAFETY: the iport node just created, in attach context.
-        if unsafe { self.binding.attach(iport) } != ffi::DDI_SUCCESS {
+        let attached = unsafe { self.binding.attach(iport) };
+        iport_node.set_state(NodeState::Idle);
+        if attached != ffi::DDI_SUCCESS {
             hba::free_iport_tran(tran);
             // SAFETY: unused after the failed attach.
             unsafe { DevInfo::destroy(iport) };
@@ -585,8 +603,16 @@ impl Bed {
             if let Some(map) = &map {
                 map.hold();
             }
+            let iport_node = crate::ddi::devinfo::node(iport, "detach");
+            if let Some(n) = iport_node {
+                n.set_state(NodeState::Detaching);
+            }
             // SAFETY: the attached iport; its children went with its map.
-            if unsafe { self.binding.detach(iport) } != ffi::DDI_SUCCESS {
+            let detached = unsafe { self.binding.detach(iport) };
+            if let Some(n) = iport_node {
+                n.set_state(NodeState::Idle);
+            }
+            if detached != ffi::DDI_SUCCESS {
                 if let Some(map) = &map {
                     map.release();
                 }
@@ -601,8 +627,16 @@ impl Bed {
             unsafe { DevInfo::destroy(iport) };
             self.iport = None;
         }
+        let hba_node = crate::ddi::devinfo::node(self.hba, "detach");
+        if let Some(n) = hba_node {
+            n.set_state(NodeState::Detaching);
+        }
         // SAFETY: the attached HBA node, its iport detached above.
-        if unsafe { self.binding.detach(self.hba) } != ffi::DDI_SUCCESS {
+        let detached = unsafe { self.binding.detach(self.hba) };
+        if let Some(n) = hba_node {
+            n.set_state(NodeState::Idle);
+        }
+        if detached != ffi::DDI_SUCCESS {
             return Err(BedError("detach of the HBA failed".into()));
         }
         self.detached = true;

@@ -25,7 +25,7 @@ pub mod meter;
 pub mod scsa;
 
 pub use bed::{Bed, BedConfig, BedError, DetachReport, DriverBinding, LibraryBinding};
-pub use machine::{Backend, Disk, Machine, MachineConfig, VirtioPci};
+pub use machine::{Backend, Disk, HbaFamily, Machine, MachineConfig, VirtioPci};
 pub use scsa::buf::DataBuf;
 pub use scsa::packet::{Device, InitArgs, Packet, PktResult};
 pub use scsa::tgtmap::{TargetDriver, TargetInstance};

@@ -36,6 +36,34 @@ pub enum VirtioPci {
     ModernOnly,
 }
 
+/// Which HBA device family QEMU plays (Backend::Qemu only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum HbaFamily {
+    /// `virtio-scsi-pci` (the reference, and the only family the driver
+    /// attaches to so far).
+    #[default]
+    VirtioScsi,
+    /// VMware PVSCSI (`-device pvscsi`, PCI 15ad:07c0): one 32 KiB memory
+    /// BAR, MSI with one vector, no MSI-X; targets 0..=64, LUN 0 only
+    /// (QEMU 10.0 `hw/scsi/vmw_pvscsi.c`, shared/notes/pvscsi.md §2).
+    Pvscsi,
+}
+
+impl HbaFamily {
+    /// Whether `(vendor, device)` is this family's PCI function: virtio-scsi
+    /// transitional 1af4:1004 or modern 1af4:1048 (virtio 1.2 §4.1.2.1),
+    /// pvscsi 15ad:07c0.
+    pub fn matches(self, vendor: u16, device: u16) -> bool {
+        match self {
+            HbaFamily::VirtioScsi => vendor == 0x1af4 && (device == 0x1004 || device == 0x1048),
+            HbaFamily::Pvscsi => {
+                vendor == rvscsi::pvscsi::PCI_VENDOR_VMWARE
+                    && device == rvscsi::pvscsi::PCI_DEVICE_PVSCSI
+            }
+        }
+    }
+}
+
 /// What plays the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Backend {
@@ -76,6 +104,8 @@ pub struct MachineConfig {
     pub device_props: Vec<String>,
     /// What plays the device.
     pub backend: Backend,
+    /// Which HBA family (virtio-scsi unless [`MachineConfig::pvscsi`]).
+    pub family: HbaFamily,
     /// The interrupt platform: which x86 PSM the emulated kernel runs
     /// (see [`crate::ddi::intr::Psm`]).
     pub psm: crate::ddi::intr::Psm,
@@ -95,23 +125,53 @@ impl MachineConfig {
             msix_vectors: None,
             device_props: Vec::new(),
             backend: Backend::Qemu,
+            family: HbaFamily::VirtioScsi,
             psm: crate::ddi::intr::Psm::default(),
             apix_system_max_vectors: None,
         }
     }
 
-    fn qemu_args(&self) -> Vec<String> {
+    /// QEMU's VMware PVSCSI HBA with the same `disks` (same drive and
+    /// scsi-hd lines as [`MachineConfig::virtio_scsi`]). Nothing of the
+    /// driver attaches to it yet: it is for tests that drive the device
+    /// themselves over qtest.
+    pub fn pvscsi(disks: Vec<Disk>) -> Self {
+        MachineConfig {
+            family: HbaFamily::Pvscsi,
+            ..Self::virtio_scsi(disks)
+        }
+    }
+
+    fn qemu_args(&self) -> Result<Vec<String>, MachineError> {
         let mut args = Vec::new();
-        let mut dev = format!("virtio-scsi-pci,id=hba0,addr={HBA_SLOT:02x}.0");
-        if self.virtio == VirtioPci::ModernOnly {
-            dev.push_str(",disable-legacy=on,disable-modern=off");
-        }
-        if let Some(n) = self.num_queues {
-            dev.push_str(&format!(",num_queues={n}"));
-        }
-        if let Some(v) = self.msix_vectors {
-            dev.push_str(&format!(",vectors={v}"));
-        }
+        let mut dev = match self.family {
+            HbaFamily::VirtioScsi => {
+                let mut dev = format!("virtio-scsi-pci,id=hba0,addr={HBA_SLOT:02x}.0");
+                if self.virtio == VirtioPci::ModernOnly {
+                    dev.push_str(",disable-legacy=on,disable-modern=off");
+                }
+                if let Some(n) = self.num_queues {
+                    dev.push_str(&format!(",num_queues={n}"));
+                }
+                if let Some(v) = self.msix_vectors {
+                    dev.push_str(&format!(",vectors={v}"));
+                }
+                dev
+            }
+            HbaFamily::Pvscsi => {
+                // Knobs of virtio-scsi that pvscsi has no equivalent of are
+                // refused rather than silently dropped.
+                if self.virtio != VirtioPci::Transitional
+                    || self.num_queues.is_some()
+                    || self.msix_vectors.is_some()
+                {
+                    return Err(MachineError(
+                        "pvscsi has no virtio interface, queue count or MSI-X vectors".into(),
+                    ));
+                }
+                format!("pvscsi,id=hba0,addr={HBA_SLOT:02x}.0")
+            }
+        };
         for p in &self.device_props {
             dev.push(',');
             dev.push_str(p);
@@ -132,7 +192,7 @@ impl MachineConfig {
                 d.target, d.lun
             ));
         }
-        args
+        Ok(args)
     }
 }
 
@@ -218,6 +278,10 @@ pub struct Live {
     pub condvars: AtomicI64,
     /// `ddi_cb_register(9F)` callbacks not unregistered.
     pub callbacks: AtomicI64,
+    /// kstats created (`kstat_create(9F)`) and not deleted.
+    pub kstats: AtomicI64,
+    /// FM handles (`ddi_fm_init(9F)`) not finalized (`ddi_fm_fini(9F)`).
+    pub fm_handles: AtomicI64,
 }
 
 impl Live {
@@ -238,6 +302,8 @@ impl Live {
             ("mutexes", l(&self.mutexes)),
             ("condition variables", l(&self.condvars)),
             ("DDI callbacks", l(&self.callbacks)),
+            ("kstats", l(&self.kstats)),
+            ("FM handles", l(&self.fm_handles)),
         ]
     }
 
@@ -265,6 +331,11 @@ pub struct StatsSnapshot {
 
 /// The in-process device for `config` (its disks read into RAM).
 fn memory_device(config: &MachineConfig) -> Result<crate::memdev::MemoryMachine, MachineError> {
+    if config.family != HbaFamily::VirtioScsi {
+        return Err(MachineError(
+            "the in-memory device is virtio-scsi only".into(),
+        ));
+    }
     if config.virtio != VirtioPci::ModernOnly {
         return Err(MachineError(
             "the in-memory device is modern-only: use VirtioPci::ModernOnly".into(),
@@ -506,7 +577,7 @@ impl Machine {
         let (qemu, qt, memdev): (Option<Qemu>, Arc<dyn Bus>, _) = match config.backend {
             Backend::Qemu => {
                 let mut qc = config.qemu.clone();
-                qc.args.extend(config.qemu_args());
+                qc.args.extend(config.qemu_args()?);
                 let qemu = Qemu::launch(qc)?;
                 let qt = qemu.qtest_handle();
                 // INTx: have QEMU report the I/O APIC's input lines.
@@ -523,6 +594,12 @@ impl Machine {
         let f = pci
             .probe(bdf)?
             .ok_or_else(|| MachineError(format!("no PCI function at {bdf}")))?;
+        if !config.family.matches(f.vendor, f.device) {
+            return Err(MachineError(format!(
+                "{bdf} is {:04x}:{:04x}, not a {:?} HBA",
+                f.vendor, f.device, config.family
+            )));
+        }
         let assigned = pci.assign_bars(bdf, MEM_BAR_BASE, IO_BAR_BASE)?;
         let bars: Vec<BarInfo> = assigned
             .iter()
@@ -535,7 +612,13 @@ impl Machine {
             })
             .collect();
         let faults = crate::faults::Faults::default();
-        faults.set_layout(virtio_layout(&pci, bdf, &bars)?, qt.clone());
+        let layout = match config.family {
+            HbaFamily::VirtioScsi => virtio_layout(&pci, bdf, &bars)?,
+            // The hostile-device layer knows only virtqueues: with pvscsi
+            // it has nothing to follow (no fault can be armed usefully).
+            HbaFamily::Pvscsi => crate::faults::VirtioLayout::default(),
+        };
+        faults.set_layout(layout, qt.clone());
         let mem_bytes = u64::from(config.qemu.memory_mib) << 20;
         let ram = PageAllocator::new(mem_bytes);
         let ram_pages = ram.free.len();

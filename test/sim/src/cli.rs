@@ -25,6 +25,9 @@ pub struct SimOptions {
     /// `--module PATH`: run the kernel module object instead of the
     /// library linked into this program.
     pub module: Option<String>,
+    /// `--stats`: after the command, print the driver's kstats (`kstat -p
+    /// rvscsi` form) and the ereports it posted (`fmdump -eV` form).
+    pub stats: bool,
 }
 
 impl Default for SimOptions {
@@ -36,6 +39,7 @@ impl Default for SimOptions {
             disks: Vec::new(),
             qemu: None,
             module: None,
+            stats: false,
         }
     }
 }
@@ -63,6 +67,8 @@ options:
                                 built by pkg/build.sh) under the illumos loader's rules
                                 and drive the disks through it, instead of the library
                                 linked into rvscsi-sim
+  --stats                       after the command, print the driver's kstats
+                                (kstat -p rvscsi) and ereports (fmdump -eV) to stdout
 ";
 
 /// Parses options and disk arguments; returns the options and the rest.
@@ -104,6 +110,7 @@ pub fn parse_options(args: &[String]) -> Result<(SimOptions, Vec<String>), Strin
             }
             "--qemu" => o.qemu = Some(value("--qemu")?),
             "--module" => o.module = Some(value("--module")?),
+            "--stats" => o.stats = true,
             _ => rest.extend(args[i..].iter().cloned()),
         }
         if !rest.is_empty() {
@@ -530,6 +537,9 @@ pub fn run(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             }
         }
     }
+    if o.stats {
+        let _ = write!(out, "{}", stats_report(&bed));
+    }
     drop(sd);
     match bed.detach() {
         Ok(r) if r.is_clean() => {}
@@ -550,6 +560,21 @@ pub fn run(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         code = 3;
     }
     code
+}
+
+/// The driver's kstats in `kstat -p rvscsi` form, then its ereports in
+/// `fmdump -eV` form (each read through the emulation's readers:
+/// `ks_update` runs for every kstat read).
+pub fn stats_report(bed: &Bed) -> String {
+    let mut s = String::from("# kstat -p rvscsi\n");
+    s.push_str(&rvscsi_emu::ddi::kstat::kstat_p(
+        &bed.machine,
+        "rvscsi",
+        None,
+    ));
+    s.push_str("# fmdump -eV\n");
+    s.push_str(&rvscsi_emu::ddi::fm::fmdump_e(&bed.machine));
+    s
 }
 
 /// modload: loads the module object at `path` into the emulated kernel,

@@ -63,6 +63,14 @@ fn get<'a>(h: ddi_acc_handle_t, func: &str) -> Option<&'a AccHandle> {
     Some(unsafe { &*h.cast::<AccHandle>() })
 }
 
+/// Whether `h` is a live access handle (no violation when it is not).
+pub fn is_live(h: ddi_acc_handle_t) -> bool {
+    !h.is_null()
+        && lock(&HANDLES)
+            .get_or_insert_with(HashSet::new)
+            .contains(&(h as usize))
+}
+
 fn unregister(hp: *mut ddi_acc_handle_t, func: &str) {
     if hp.is_null() {
         violation(format!("{func}(NULL)"));

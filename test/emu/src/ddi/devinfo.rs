@@ -4,7 +4,7 @@ use crate::machine::{Machine, bump, lock};
 use rvscsi::ffi::{self, dev_info_t};
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, c_char, c_int, c_uint, c_void};
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// A property value.
@@ -49,6 +49,23 @@ pub struct DevInfo {
     pub props: Mutex<HashMap<String, Prop>>,
     /// `ddi_set_driver_private` / the framework's tran.
     pub driver_private: AtomicPtr<c_void>,
+    /// Where the framework is with the node ([`NodeState`] as a u8): what
+    /// `DEVI_IS_ATTACHING`/`DEVI_IS_DETACHING` test (sys/ddi_impldefs.h),
+    /// which `ddi_fm_init(9F)`/`ddi_fm_fini(9F)` require.
+    pub state: AtomicU8,
+}
+
+/// The framework's phase of a node (the bed sets it around attach(9E) and
+/// detach(9E)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum NodeState {
+    /// Neither attaching nor detaching (attached, or not yet).
+    Idle = 0,
+    /// Inside attach(9E) (`DEVI_IS_ATTACHING`).
+    Attaching = 1,
+    /// Inside detach(9E) (`DEVI_IS_DETACHING`).
+    Detaching = 2,
 }
 
 // SAFETY: the raw parent pointer names another registered node; nodes are
@@ -77,6 +94,7 @@ impl DevInfo {
             driver: CString::new("rvscsi").unwrap_or_default(),
             props: Mutex::new(HashMap::new()),
             driver_private: AtomicPtr::new(std::ptr::null_mut()),
+            state: AtomicU8::new(NodeState::Idle as u8),
         });
         let p = Box::into_raw(node);
         lock(&NODES)
@@ -96,6 +114,20 @@ impl DevInfo {
         {
             // SAFETY: registered, so made by Box::into_raw in create().
             drop(unsafe { Box::from_raw(dip.cast::<DevInfo>()) });
+        }
+    }
+
+    /// Enters `state` (the bed, around attach(9E) and detach(9E)).
+    pub fn set_state(&self, state: NodeState) {
+        self.state.store(state as u8, Ordering::Release);
+    }
+
+    /// The framework's phase of the node.
+    pub fn node_state(&self) -> NodeState {
+        match self.state.load(Ordering::Acquire) {
+            1 => NodeState::Attaching,
+            2 => NodeState::Detaching,
+            _ => NodeState::Idle,
         }
     }
 

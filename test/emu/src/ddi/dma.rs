@@ -285,6 +285,14 @@ pub struct DmaHandle {
 
 static HANDLES: Mutex<Option<HashSet<usize>>> = Mutex::new(None);
 
+/// Whether `h` is a live DMA handle (no violation when it is not).
+pub fn is_live(h: ddi_dma_handle_t) -> bool {
+    !h.is_null()
+        && lock(&HANDLES)
+            .get_or_insert_with(HashSet::new)
+            .contains(&(h as usize))
+}
+
 fn handle<'a>(h: ddi_dma_handle_t, func: &str) -> Option<&'a DmaHandle> {
     if h.is_null()
         || !lock(&HANDLES)
