@@ -138,7 +138,7 @@ FACTS
 	i=0
 	while IFS=$'\t' read -r kind _name expr _hdr; do
 		if [ "$kind" = str ]; then
-			echo "const char rvscsi_fact_$i[] = $expr;"
+			echo "const char rvscsi_fact_${i}[] = $expr;"
 		else
 			echo "const long rvscsi_fact_$i = $expr;"
 		fi
