@@ -370,6 +370,8 @@ fn iport_detach<F: Family>(hba: &Hba<F>) -> c_int {
         return ffi::DDI_FAILURE;
     }
     hba.iport_detach();
+    // The iport's dip (the table's key) may be reused by the next attach.
+    TGT_INIT_WARNED.forget_all();
     ffi::DDI_SUCCESS
 }
 

@@ -394,14 +394,21 @@ mod tests {
     #[test]
     fn the_state_word_moves_only_along_the_ownership_protocol() {
         let cmd = Box::new(Cmd::new(7u32));
+        let other = Box::new(Cmd::new(8u32));
+        assert!(cmd.is_valid());
         assert_eq!(cmd.state(), CmdState::Idle);
         assert!(OwnedCmd::reclaim_done(&cmd).is_none(), "not done");
         let c = OwnedCmd::claim(&cmd).expect("idle");
         assert_eq!(cmd.state(), CmdState::Owned);
         assert!(OwnedCmd::claim(&cmd).is_none(), "claimed twice");
+        assert!(
+            c.is(&cmd) && !c.is(&other),
+            "a token names its command only"
+        );
         c.mark_queued();
         assert_eq!(cmd.state(), CmdState::Queued);
         c.mark_owned();
+        assert_eq!(cmd.state(), CmdState::Owned);
         c.release(CmdState::Done);
         assert_eq!(cmd.state(), CmdState::Done);
         assert!(
@@ -412,6 +419,21 @@ mod tests {
         assert_eq!(c.fields().dev, 7);
         c.release(CmdState::Idle);
         assert_eq!(cmd.state(), CmdState::Idle);
+    }
+
+    #[test]
+    fn a_new_start_clears_what_the_previous_one_left() {
+        let cmd = Box::new(Cmd::new(()));
+        let mut c = OwnedCmd::claim(&cmd).expect("idle");
+        let f = c.fields();
+        f.timed_out = true;
+        f.recovery = PktStatistics::TIMEOUT;
+        f.reset_forced = true;
+        f.abandoned = true;
+        f.reset_for_start();
+        assert!(!f.timed_out && !f.reset_forced && !f.abandoned);
+        assert!(f.recovery.is_empty());
+        c.release(CmdState::Idle);
     }
 
     #[test]
@@ -438,6 +460,7 @@ mod tests {
             l.push(OwnedCmd::claim(c).expect("idle"));
         }
         assert_eq!(l.len(), 5);
+        assert!(!l.is_empty());
         let two = l.remove_first(|c| c.fields_ref().dev == 2).expect("there");
         assert_eq!(two.fields_ref().dev, 2);
         assert!(l.remove_first(|c| c.fields_ref().dev == 2).is_none());

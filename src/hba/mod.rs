@@ -738,6 +738,8 @@ mod tests {
         assert_eq!(a.load(), HbaState::Resetting);
         assert_eq!(a.swap(HbaState::Stopped), HbaState::Resetting);
         assert_eq!(a.load(), HbaState::Stopped);
+        a.store(HbaState::Failed);
+        assert_eq!(a.load(), HbaState::Failed);
     }
 
     #[test]

@@ -253,6 +253,18 @@ impl<const N: usize> ReportedUnitAddresses<N> {
     }
 }
 
+impl<const N: usize> ReportedUnitAddresses<N> {
+    /// Forgets every message given: after a detach the node addresses the
+    /// keys were made of may be reused by the next attach (kmem hands out
+    /// a freed dev_info again), whose children must be told about anew.
+    /// Other HBAs' messages may then be given once more, never lost.
+    pub fn forget_all(&self) {
+        for k in &self.keys {
+            k.store(0, core::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 impl<const N: usize> Default for ReportedUnitAddresses<N> {
     fn default() -> Self {
         Self::new()
@@ -662,6 +674,18 @@ mod reported_tests {
         assert!(t.first(1, 0, b"0"));
         assert!(t.first(1, 0, b"0,00"));
         assert!(ReportedUnitAddresses::<0>::new().first(1, 0, b"0"));
+    }
+
+    #[test]
+    fn a_detach_forgets_what_was_reported() {
+        let t = ReportedUnitAddresses::<4>::new();
+        assert!(t.first(7, 0, b"1,4100000000000000"));
+        assert!(!t.first(7, 0, b"1,4100000000000000"));
+        t.forget_all();
+        assert!(
+            t.first(7, 0, b"1,4100000000000000"),
+            "a node at a reused address is told again"
+        );
     }
 
     #[test]
