@@ -9,6 +9,8 @@
 //! - [`scsa`]: the SCSA framework around the HBA and the target-driver API.
 //! - [`memdev`]: an in-process virtio-scsi device on RAM disks, for
 //!   measuring the driver's own CPU cost.
+//! - [`msi`]: MSI/MSI-X messages counted one by one (QEMU's APIC trace,
+//!   the in-process device's own count).
 //! - [`meter`]: the driver's own CPU time and instructions, apart from
 //!   the emulated kernel's.
 //! - [`bed`]: attach/detach orchestration and the leak check.
@@ -22,6 +24,7 @@ pub mod faults;
 pub mod machine;
 pub mod memdev;
 pub mod meter;
+pub mod msi;
 pub mod scsa;
 
 pub use bed::{Bed, BedConfig, BedError, DetachReport, DriverBinding, LibraryBinding};

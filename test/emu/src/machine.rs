@@ -24,8 +24,6 @@ const IO_BAR_BASE: u16 = 0xC000;
 pub const HBA_SLOT: u8 = 1;
 /// q35 routes PCI INTx through PIRQ A-H to GSI 16-23.
 pub const INTX_GSIS: std::ops::RangeInclusive<u32> = 16..=23;
-/// What the emulated MSI/MSI-X messages write: `MSG_MAGIC | vector`.
-pub const MSG_MAGIC: u32 = 0x5e00_0000;
 
 /// Which virtio-pci interface the device offers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -224,8 +222,15 @@ pub struct MachineStats {
     pub syncs_for_dev: AtomicU64,
     /// `ddi_dma_sync(FORCPU/FORKERNEL)` calls.
     pub syncs_for_cpu: AtomicU64,
-    /// Interrupts delivered to handlers.
+    /// Interrupts delivered to handlers: on MSI/MSI-X one per message the
+    /// device sent, whatever the handler then found.
     pub interrupts: AtomicU64,
+    /// Of those, the ones whose handler returned `DDI_INTR_UNCLAIMED`.
+    pub unclaimed: AtomicU64,
+    /// MSI/MSI-X messages that arrived at a vector with no enabled handler
+    /// (sent just before a disable masked the vector): taken by the CPU as
+    /// spurious, never delivered.
+    pub stray_messages: AtomicU64,
     /// Reads of the virtio ISR status register (each a VM exit, and on
     /// MSI-X never needed).
     pub isr_reads: AtomicU64,
@@ -242,6 +247,8 @@ impl Default for MachineStats {
             syncs_for_dev: AtomicU64::new(0),
             syncs_for_cpu: AtomicU64::new(0),
             interrupts: AtomicU64::new(0),
+            unclaimed: AtomicU64::new(0),
+            stray_messages: AtomicU64::new(0),
             isr_reads: AtomicU64::new(0),
             per_vector: [const { AtomicU64::new(0) }; 64],
         }
@@ -327,6 +334,16 @@ pub struct StatsSnapshot {
     pub reg_writes: u64,
     /// Interrupts delivered.
     pub interrupts: u64,
+}
+
+/// Interrupts held off ([`Machine::hold_interrupts`]) until dropped.
+pub struct InterruptHold(Arc<Machine>);
+
+impl Drop for InterruptHold {
+    fn drop(&mut self) {
+        self.0.held.store(false, Ordering::SeqCst);
+        self.0.kick();
+    }
 }
 
 /// The in-process device for `config` (its disks read into RAM).
@@ -479,8 +496,6 @@ pub struct IntrState {
     pub kind: IntrType,
     /// Vectors (index = inum).
     pub vectors: Vec<VectorSlot>,
-    /// Guest address of the message mailbox (one u32 per vector).
-    pub mailbox: u64,
 }
 
 /// A line the driver logged.
@@ -530,9 +545,17 @@ pub struct Machine {
     /// Held by the delivery thread while a handler runs (ddi_intr_disable
     /// takes it to wait for a running handler).
     pub dispatch: Mutex<()>,
-    /// Set by the delivery thread from its look at the mailbox (or the
+    /// Set by the delivery thread from its look at the messages (or the
     /// lines) until the handlers it found have returned.
     delivering: AtomicBool,
+    /// MSI/MSI-X messages the device sent, per APIC vector ([`crate::msi`]).
+    pub messages: Arc<crate::msi::MessageCounts>,
+    /// Messages the delivery thread has taken, per APIC vector.
+    taken: [AtomicU64; 256],
+    /// The reader of QEMU's APIC trace (QEMU back end).
+    apic_trace: Mutex<Option<crate::msi::QemuApicTrace>>,
+    /// Set while a test holds interrupts off ([`Machine::hold_interrupts`]).
+    held: AtomicBool,
     wake: (Mutex<bool>, Condvar),
     stop: AtomicBool,
     pump: Mutex<Option<JoinHandle<()>>>,
@@ -574,21 +597,30 @@ impl Machine {
     /// Starts QEMU with the HBA and its disks, finds the HBA, assigns its
     /// BARs, and starts the interrupt delivery thread.
     pub fn launch(config: MachineConfig) -> Result<Arc<Machine>, MachineError> {
-        let (qemu, qt, memdev): (Option<Qemu>, Arc<dyn Bus>, _) = match config.backend {
-            Backend::Qemu => {
-                let mut qc = config.qemu.clone();
-                qc.args.extend(config.qemu_args()?);
-                let qemu = Qemu::launch(qc)?;
-                let qt = qemu.qtest_handle();
-                // INTx: have QEMU report the I/O APIC's input lines.
-                qt.irq_intercept_in("ioapic")?;
-                (Some(qemu), qt, None)
-            }
-            Backend::Memory => {
-                let dev = Arc::new(memory_device(&config)?);
-                (None, dev.clone(), Some(dev))
-            }
-        };
+        let (qemu, qt, memdev, messages, apic_trace): (Option<Qemu>, Arc<dyn Bus>, _, _, _) =
+            match config.backend {
+                Backend::Qemu => {
+                    // Every MSI/MSI-X message is counted from QEMU's APIC
+                    // trace (see crate::msi for why that is exact).
+                    let messages = Arc::new(crate::msi::MessageCounts::default());
+                    let trace =
+                        crate::msi::QemuApicTrace::start(messages.clone()).map_err(MachineError)?;
+                    let mut qc = config.qemu.clone();
+                    qc.args.extend(config.qemu_args()?);
+                    qc.args.extend(trace.qemu_args());
+                    let qemu = Qemu::launch(qc)?;
+                    let qt = qemu.qtest_handle();
+                    trace.verify(&*qt).map_err(MachineError)?;
+                    // INTx: have QEMU report the I/O APIC's input lines.
+                    qt.irq_intercept_in("ioapic")?;
+                    (Some(qemu), qt, None, messages, Some(trace))
+                }
+                Backend::Memory => {
+                    let dev = Arc::new(memory_device(&config)?);
+                    let messages = dev.messages.clone();
+                    (None, dev.clone(), Some(dev), messages, None)
+                }
+            };
         let pci = Pci::new(&*qt);
         let bdf = Bdf::new(0, HBA_SLOT, 0);
         let f = pci
@@ -640,12 +672,15 @@ impl Machine {
             intr: Mutex::new(IntrState {
                 kind: IntrType::None,
                 vectors: Vec::new(),
-                mailbox: 0,
             }),
             irm: Mutex::new(crate::ddi::intr::Irm::new(&config)),
             irm_pool_lock: Mutex::new(()),
             dispatch: Mutex::new(()),
             delivering: AtomicBool::new(false),
+            messages,
+            taken: [const { AtomicU64::new(0) }; 256],
+            apic_trace: Mutex::new(apic_trace),
+            held: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
             stop: AtomicBool::new(false),
             pump: Mutex::new(None),
@@ -653,12 +688,13 @@ impl Machine {
             dead: AtomicBool::new(false),
             config,
         });
-        // The mailbox page for MSI/MSI-X messages.
-        let mailbox = m
-            .alloc_contig(1, 1)
-            .ok_or_else(|| MachineError("no guest RAM for the MSI mailbox".into()))?;
-        m.qt.memset(mailbox, PAGE, 0)?;
-        lock(&m.intr).mailbox = mailbox;
+        // A message wakes the delivery thread at once.
+        let waker = Arc::downgrade(&m);
+        m.messages.set_waker(Box::new(move || {
+            if let Some(m) = waker.upgrade() {
+                m.kick();
+            }
+        }));
         let weak = Arc::downgrade(&m);
         let handle = std::thread::Builder::new()
             .name("emu-intr".into())
@@ -687,15 +723,15 @@ impl Machine {
             let _ = h.join();
         }
         drop(lock(&self.qemu).take());
+        drop(lock(&self.apic_trace).take());
     }
 
-    /// Records a broken rule of the DDI (the test fails on it).
-    /// Waits until no interrupt is on its way: no MSI message waiting in
-    /// the mailbox (no INTx line asserted) and no handler running, on
-    /// three looks in a row. A message the device sent just before an I/O
-    /// finished (a completion the handler had already reaped by polling)
-    /// is then counted in the window it belongs to. False if that did not
-    /// happen within `limit`.
+    /// Waits until no interrupt is on its way: no MSI message the delivery
+    /// thread has not taken (no INTx line asserted) and no handler running,
+    /// on three looks in a row. A message the device sent just before an
+    /// I/O finished (a completion the handler had already reaped by
+    /// polling) is then counted in the window it belongs to. False if that
+    /// did not happen within `limit`.
     pub fn wait_interrupts_quiet(&self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         let mut quiet = 0;
@@ -712,16 +748,9 @@ impl Machine {
 
     /// True if an interrupt is waiting for the delivery thread.
     fn message_waiting(&self) -> bool {
-        let (kind, vectors, mailbox) = {
-            let s = lock(&self.intr);
-            (s.kind, s.vectors.len(), s.mailbox)
-        };
+        let kind = lock(&self.intr).kind;
         match kind {
-            IntrType::MsiX | IntrType::Msi => {
-                let mut words = vec![0u8; 4 * vectors.min(64)];
-                // An unreadable mailbox is a dead device: nothing will come.
-                self.qt.read_mem(mailbox, &mut words).is_ok() && words.iter().any(|&b| b != 0)
-            }
+            IntrType::MsiX | IntrType::Msi => (0..=u8::MAX).any(|v| self.messages_untaken(v) > 0),
             IntrType::Fixed => {
                 self.qt.sync_irqs().is_ok() && INTX_GSIS.clone().any(|g| self.qt.irq_level(g))
             }
@@ -729,6 +758,33 @@ impl Machine {
         }
     }
 
+    /// Messages to `apic_vector` the delivery thread has not taken yet.
+    fn messages_untaken(&self, apic_vector: u8) -> u64 {
+        let taken = self.taken[usize::from(apic_vector)].load(Ordering::Acquire);
+        self.messages.sent(apic_vector).saturating_sub(taken)
+    }
+
+    /// MSI/MSI-X messages the device has sent to vector `inum` so far.
+    pub fn messages_sent(&self, inum: usize) -> u64 {
+        self.messages.sent_to_inum(inum)
+    }
+
+    /// Holds interrupt delivery off until the guard is dropped, as a CPU
+    /// with interrupts blocked: messages the device sends meanwhile wait
+    /// (each still one interrupt, taken when the guard goes). For tests
+    /// that need several messages between two looks of the delivery
+    /// thread. A handler already running finishes first.
+    pub fn hold_interrupts(self: &Arc<Self>) -> InterruptHold {
+        // SeqCst with the delivery thread's store of `delivering` and load
+        // of `held`: one of the two sees the other's store.
+        self.held.store(true, Ordering::SeqCst);
+        while self.delivering.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        InterruptHold(self.clone())
+    }
+
+    /// Records a broken rule of the DDI (the test fails on it).
     pub fn violation(&self, what: impl Into<String>) {
         let what = what.into();
         eprintln!("rvscsi-emu: VIOLATION: {what}");
@@ -835,6 +891,7 @@ impl Drop for Machine {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
         drop(lock(&self.qemu).take());
+        drop(lock(&self.apic_trace).take());
     }
 }
 
@@ -844,9 +901,11 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The interrupt delivery thread: watches the MSI mailbox or the INTx
-/// lines and calls the driver's handlers, as a CPU taking interrupts
-/// would. Polls fast while the device is busy, slowly when idle.
+/// The interrupt delivery thread: watches the MSI/MSI-X message counts or
+/// the INTx lines and calls the driver's handlers, as a CPU taking
+/// interrupts would. Polls fast while the device is busy, slowly when
+/// idle; a message wakes it at once. Only this thread calls handlers, so
+/// a vector's handler never runs concurrently with itself.
 fn interrupt_pump(weak: std::sync::Weak<Machine>) {
     let mut last_activity = Instant::now();
     loop {
@@ -857,9 +916,10 @@ fn interrupt_pump(weak: std::sync::Weak<Machine>) {
         let delivered = {
             // Handlers run "on" this machine (probes, logging find it).
             let _g = set_current(&m);
-            m.delivering.store(true, Ordering::Release);
-            let ran = deliver_once(&m);
-            m.delivering.store(false, Ordering::Release);
+            // SeqCst against Machine::hold_interrupts (see there).
+            m.delivering.store(true, Ordering::SeqCst);
+            let ran = !m.held.load(Ordering::SeqCst) && deliver_once(&m);
+            m.delivering.store(false, Ordering::SeqCst);
             ran
         };
         if delivered {
@@ -890,75 +950,109 @@ fn interrupt_pump(weak: std::sync::Weak<Machine>) {
     }
 }
 
+/// What became of one interrupt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Delivery {
+    /// No enabled handler on the vector (checked under the dispatch lock):
+    /// not delivered.
+    NoHandler,
+    /// The handler ran and claimed it.
+    Claimed,
+    /// The handler ran and found nothing (`DDI_INTR_UNCLAIMED`).
+    Unclaimed,
+}
+
 /// One look for pending interrupts; true if a handler ran.
 fn deliver_once(m: &Machine) -> bool {
-    let (kind, vectors, mailbox) = {
-        let s = lock(&m.intr);
-        (s.kind, s.vectors.clone(), s.mailbox)
-    };
-    let any_enabled = vectors.iter().any(|v| v.enabled && v.handler.is_some());
-    if !any_enabled {
-        return false;
-    }
-    let mut ran = false;
+    let kind = lock(&m.intr).kind;
     match kind {
-        IntrType::MsiX | IntrType::Msi => {
-            let n = vectors.len().min(64);
-            let mut words = vec![0u8; 4 * n];
-            if let Err(e) = m.qt.read_mem(mailbox, &mut words) {
-                m.device_failed("MSI mailbox read", &e);
-                return false;
-            }
-            for i in 0..n {
-                let w = u32::from_le_bytes(words[4 * i..4 * i + 4].try_into().unwrap_or([0; 4]));
-                if w == 0 {
-                    continue;
-                }
-                if w != MSG_MAGIC | i as u32 {
-                    m.violation(format!("MSI message {w:#x} in the slot of vector {i}"));
-                }
-                // Consume the message, then run the handler (a message
-                // that arrives meanwhile is seen on the next look).
-                if let Err(e) = m.qt.writel(mailbox + 4 * i as u64, 0) {
-                    m.device_failed("MSI mailbox clear", &e);
-                    return ran;
-                }
-                ran |= call_handler(m, &vectors, i);
-            }
-        }
+        IntrType::MsiX | IntrType::Msi => deliver_messages(m),
         IntrType::Fixed => {
+            let vectors = {
+                let s = lock(&m.intr);
+                if !s.vectors.iter().any(|v| v.enabled && v.handler.is_some()) {
+                    return false;
+                }
+                s.vectors.len()
+            };
             if let Err(e) = m.qt.sync_irqs() {
                 m.device_failed("INTx poll", &e);
                 return false;
             }
             let asserted = INTX_GSIS.clone().any(|g| m.qt.irq_level(g));
+            let mut ran = false;
             if asserted {
                 // A level-triggered, possibly shared line: every handler
                 // gets a look until one claims it.
-                for i in 0..vectors.len() {
-                    if call_handler(m, &vectors, i) {
-                        ran = true;
-                        break;
+                for i in 0..vectors {
+                    match call_handler(m, i) {
+                        Delivery::Claimed => {
+                            ran = true;
+                            break;
+                        }
+                        Delivery::Unclaimed => ran = true,
+                        Delivery::NoHandler => {}
                     }
                 }
             }
+            ran
         }
-        IntrType::None => {}
+        IntrType::None => {
+            // Nothing allocated: a message now (sent before the free) has
+            // no handler; take it, so that it never reaches a later one.
+            deliver_messages(m)
+        }
+    }
+}
+
+/// Takes every MSI/MSI-X message that arrived since the last look, one
+/// interrupt each: the vectors in turn, one message per vector per round,
+/// as long as any of the messages counted at the start of the look is
+/// left. A message for a vector without an enabled handler is dropped
+/// (counted in `stray_messages`). True if a handler ran.
+fn deliver_messages(m: &Machine) -> bool {
+    let mut pending = [0u64; 256];
+    for (v, p) in pending.iter_mut().enumerate() {
+        *p = m.messages_untaken(v as u8);
+    }
+    let mut ran = false;
+    while pending.iter().any(|&p| p > 0) {
+        for (v, p) in pending.iter_mut().enumerate() {
+            if *p == 0 {
+                continue;
+            }
+            *p -= 1;
+            // Taken before the handler runs: a message that arrives while
+            // it runs is a new interrupt.
+            m.taken[v].fetch_add(1, Ordering::AcqRel);
+            // Vectors outside the device's range (QEMU's own at reset, the
+            // launch probe) are nobody's: taken and forgotten.
+            let Some(inum) = crate::msi::inum_of(v as u8) else {
+                continue;
+            };
+            match call_handler(m, inum) {
+                Delivery::NoHandler => {
+                    m.stats.stray_messages.fetch_add(1, Ordering::Relaxed);
+                }
+                Delivery::Claimed | Delivery::Unclaimed => ran = true,
+            }
+        }
     }
     ran
 }
 
-/// Calls vector `i`'s handler; true if it claimed the interrupt.
-fn call_handler(m: &Machine, _vectors: &[VectorSlot], i: usize) -> bool {
+/// Calls vector `i`'s handler, if it has an enabled one.
+fn call_handler(m: &Machine, i: usize) -> Delivery {
     let _dispatch = lock(&m.dispatch);
-    // Re-check under the dispatch lock: disable may have just happened.
+    // Checked under the dispatch lock, which ddi_intr_disable and
+    // ddi_intr_remove_handler take: never a call after either returned.
     let slot = { lock(&m.intr).vectors.get(i).copied() };
     let Some(VectorSlot {
         handler: Some((f, a1, a2)),
         enabled: true,
     }) = slot
     else {
-        return false;
+        return Delivery::NoHandler;
     };
     m.stats.interrupts.fetch_add(1, Ordering::Relaxed);
     if let Some(c) = m.stats.per_vector.get(i) {
@@ -976,7 +1070,12 @@ fn call_handler(m: &Machine, _vectors: &[VectorSlot], i: usize) -> bool {
         unsafe { f(a1 as *mut i8, a2 as *mut i8) }
     };
     crate::ddi::sync::leave_interrupt_context(m);
-    r == rvscsi::ffi::DDI_INTR_CLAIMED
+    if r == rvscsi::ffi::DDI_INTR_CLAIMED {
+        Delivery::Claimed
+    } else {
+        m.stats.unclaimed.fetch_add(1, Ordering::Relaxed);
+        Delivery::Unclaimed
+    }
 }
 
 thread_local! {

@@ -5,10 +5,12 @@
 //! `DDI_CB_INTR_REMOVE` callbacks.
 //!
 //! MSI-X vectors are programmed in the device's MSI-X table (in its BAR)
-//! to write `MSG_MAGIC | vector` into a mailbox page of guest RAM; MSI the
-//! same through the MSI capability; fixed interrupts are the INTx line
-//! QEMU reports through the intercepted I/O APIC. The machine's delivery
-//! thread turns either into handler calls.
+//! with a message to the local APIC, as x86 programs them (address in the
+//! MSI window, data an APIC vector per `inum`: [`crate::msi`], which
+//! counts every message); MSI the same through the MSI capability; fixed
+//! interrupts are the INTx line QEMU reports through the intercepted I/O
+//! APIC. The machine's delivery thread turns either into handler calls,
+//! one per MSI/MSI-X message.
 //!
 //! # What the kernel grants (illumos-gate 01d4d8e7)
 //!
@@ -52,7 +54,7 @@
 
 use super::devinfo::{Prop, node};
 use super::violation;
-use crate::machine::{IntrType, MSG_MAGIC, Machine, MachineConfig, VectorSlot, bump, lock};
+use crate::machine::{IntrType, Machine, MachineConfig, VectorSlot, bump, lock};
 use rvscsi::ffi::{
     self, ddi_cb_func_t, ddi_cb_handle_t, ddi_intr_handle_t, ddi_intr_handler_t, dev_info_t,
 };
@@ -1371,9 +1373,10 @@ pub extern "C" fn ddi_intr_remove_handler(h: ddi_intr_handle_t) -> c_int {
 fn program(m: &Machine, kind: IntrType, inum: usize, on: bool) {
     let c = caps(m);
     let pci = Pci::new(&*m.qt);
-    let mailbox = lock(&m.intr).mailbox;
-    let msg_addr = mailbox + 4 * inum as u64;
-    let data = MSG_MAGIC | inum as u32;
+    let Some((msg_addr, data)) = crate::msi::message_for(inum) else {
+        violation(format!("no APIC vector for interrupt {inum}"));
+        return;
+    };
     let r: Result<(), rvscsi_qtest::Error> = (|| {
         match kind {
             IntrType::MsiX => {

@@ -120,6 +120,9 @@ pub struct MemoryMachine {
     slot: u8,
     /// Counters.
     pub stats: DeviceStats,
+    /// The MSI-X messages it sent to the local APIC's window, per APIC
+    /// vector: counted here, at the source, one per message.
+    pub messages: Arc<crate::msi::MessageCounts>,
     errors: Mutex<Vec<String>>,
     /// The asynchronous mode's publishing thread.
     completion_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -165,6 +168,7 @@ impl MemoryMachine {
             dev: Mutex::new(virtio::Device::new(&c)),
             slot: c.slot,
             stats: DeviceStats::default(),
+            messages: Arc::new(crate::msi::MessageCounts::default()),
             errors: Mutex::new(Vec::new()),
             completion_thread: Mutex::new(None),
             generation: AtomicU64::new(0),
@@ -386,8 +390,16 @@ impl MemoryMachine {
     }
 
     /// Delivers MSI-X messages: a DWORD write of the data to the address.
+    /// A write into the local APIC's MSI window is an interrupt to the
+    /// vector in its data's low byte (Intel SDM vol. 3 §11.11.2), counted;
+    /// any other lands in RAM, as a bus-master write does.
     fn send(&self, messages: &[(u64, u32)]) {
+        use crate::msi::{MSI_WINDOW, MSI_WINDOW_SIZE};
         for &(addr, data) in messages {
+            if (MSI_WINDOW..MSI_WINDOW + MSI_WINDOW_SIZE).contains(&addr) {
+                self.messages.record(data as u8);
+                continue;
+            }
             if self.ram_write(addr, &data.to_le_bytes()).is_err() {
                 self.error(format!("MSI-X message to {addr:#x}, outside guest RAM"));
             }
