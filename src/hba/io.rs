@@ -634,21 +634,14 @@ impl<F: Family> Hba<F> {
                 // No answer: the reset ended it. An internal command's
                 // poller sees `reset_forced` (presence unknown).
                 f.reset_forced = true;
-                let mut o = Outcome {
-                    reason: if facts.timed_out {
-                        ffi::CMD_TIMEOUT
-                    } else {
-                        ffi::CMD_RESET
-                    },
+                Outcome {
+                    reason: ffi::CMD_RESET,
                     state: PktState::GOT_BUS | PktState::GOT_TARGET | PktState::SENT_CMD,
                     statistics: facts.recovery | PktStatistics::BUS_RESET,
                     resid: facts.xfer,
                     status: 0,
-                };
-                if facts.timed_out {
-                    o.statistics |= PktStatistics::TIMEOUT;
                 }
-                o
+                .timed_out(facts.timed_out)
             }
         };
         let polled = f.polled;

@@ -421,11 +421,6 @@ impl<F: Family> Hba<F> {
         self.caps
     }
 
-    /// Number of request queues.
-    pub fn queue_count(&self) -> usize {
-        self.queues.len()
-    }
-
     /// Bytes of HBA-private area each packet needs (`tran_hba_len`).
     pub const fn pkt_private_len() -> usize {
         core::mem::size_of::<Cmd<F::CmdExt>>()

@@ -217,12 +217,7 @@ pub fn map_completion(c: &Completion, f: &CmdFacts) -> Mapped {
             o.state = PktState::empty();
         }
     }
-    if f.timed_out {
-        // However the device ended it, the target driver learns that its
-        // deadline passed, plus what the recovery did.
-        o.reason = ffi::CMD_TIMEOUT;
-        o.statistics |= PktStatistics::TIMEOUT;
-    }
+    o = o.timed_out(f.timed_out);
     let check = got_status && o.status & ffi::STATUS_MASK == ffi::STATUS_CHECK;
     let (sense_len, sense_clamped) = if check {
         let n = c.sense_len.min(f.sense_offered) as usize;

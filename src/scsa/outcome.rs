@@ -44,6 +44,19 @@ impl Outcome {
         }
     }
 
+    /// The outcome of a command whose deadline passed (`timed_out`):
+    /// however the device or a reset ended it, the target driver learns
+    /// `CMD_TIMEOUT` + `STAT_TIMEOUT`, with the recovery's statistics kept.
+    /// Unchanged otherwise. Every family's mapping and the core's reset
+    /// ending go through this one rule.
+    pub fn timed_out(mut self, timed_out: bool) -> Self {
+        if timed_out {
+            self.reason = ffi::CMD_TIMEOUT;
+            self.statistics |= PktStatistics::TIMEOUT;
+        }
+        self
+    }
+
     /// Whether the target returned CHECK CONDITION.
     pub fn is_check_condition(&self) -> bool {
         self.reason == ffi::CMD_CMPLT

@@ -278,12 +278,7 @@ pub fn outcome(r: &Response, f: &CmdFacts) -> Outcome {
             o.state = PktState::empty();
         }
     }
-    if f.timed_out {
-        // However the device ended it, the target driver learns that its
-        // deadline passed, plus what the recovery did.
-        o.reason = ffi::CMD_TIMEOUT;
-        o.statistics |= PktStatistics::TIMEOUT;
-    }
+    o = o.timed_out(f.timed_out);
     o
 }
 
