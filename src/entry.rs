@@ -21,6 +21,7 @@ use crate::hba::family::{Claim, Family, FamilyId, IrmAnswer};
 use crate::hba::io::StartError;
 use crate::hba::recovery::ResetLevel;
 use crate::hba::{Callbacks, Hba, Lun, OwnedHba};
+use crate::pvscsi::Pvscsi;
 use crate::scsa::addr::{ReportedUnitAddresses, SingleLevelLun, child_of_unit_address};
 use crate::scsa::cap::{self, Cap};
 use crate::scsa::pkt::Pkt;
@@ -43,6 +44,7 @@ fn callbacks<F: Family>() -> Callbacks {
 #[derive(Clone, Copy)]
 enum AnyHba<'a> {
     VirtioScsi(&'a Hba<VioScsi>),
+    Pvscsi(&'a Hba<Pvscsi>),
 }
 
 /// Runs `$body` with `$h` bound to the HBA of whatever family `$any` is.
@@ -50,6 +52,7 @@ macro_rules! on_hba {
     ($any:expr, $h:ident => $body:expr) => {
         match $any {
             AnyHba::VirtioScsi($h) => $body,
+            AnyHba::Pvscsi($h) => $body,
         }
     };
 }
@@ -70,6 +73,10 @@ unsafe fn any_hba<'a>(p: *const c_void) -> Option<AnyHba<'a>> {
         // (`Hba::attach` wrote it; only `Hba<VioScsi>` carries it), live
         // for 'a (caller); only shared references are made from it.
         FamilyId::VirtioScsi => AnyHba::VirtioScsi(unsafe { &*p.cast::<Hba<VioScsi>>() }),
+        // SAFETY: the word says the HBA at `p` is a pvscsi one (only
+        // `Hba<Pvscsi>` carries it), live for 'a (caller); only shared
+        // references are made from it.
+        FamilyId::Pvscsi => AnyHba::Pvscsi(unsafe { &*p.cast::<Hba<Pvscsi>>() }),
     })
 }
 
@@ -179,16 +186,33 @@ pub unsafe extern "C" fn rvscsi_hba_attach(dip: *mut dev_info_t) -> *mut c_void 
     let Some(dip) = Dip::new(dip) else {
         return core::ptr::null_mut();
     };
-    // One family today; a second one is chosen here by its PCI IDs.
-    match Hba::<VioScsi>::attach(dip, callbacks::<VioScsi>()) {
+    // The family is chosen by the PCI IDs (the virtio attach checks the
+    // virtio ones and refuses anything else).
+    let attached = if is_pvscsi(dip) {
+        Hba::<Pvscsi>::attach(dip, callbacks::<Pvscsi>()).map(|h| h.into_raw().cast())
+    } else {
+        Hba::<VioScsi>::attach(dip, callbacks::<VioScsi>()).map(|h| h.into_raw().cast())
+    };
+    match attached {
         // The shim keeps the address (tran_hba_private) until
         // rvscsi_hba_detach takes ownership back.
-        Ok(hba) => hba.into_raw().cast(),
+        Ok(hba) => hba,
         Err(e) => {
             dev_warn!(dip, "attach failed: {e}");
             core::ptr::null_mut()
         }
     }
+}
+
+/// Whether the node is a VMware PVSCSI function (15ad:07c0).
+fn is_pvscsi(dip: Dip) -> bool {
+    crate::ddi::pci::PciConfig::open(dip).is_ok_and(|pci| {
+        pci.ids()
+            == (
+                crate::pvscsi::PCI_VENDOR_VMWARE,
+                crate::pvscsi::PCI_DEVICE_PVSCSI,
+            )
+    })
 }
 
 /// Fills `attr` with the DMA attributes of data buffers (for
@@ -213,8 +237,11 @@ pub unsafe extern "C" fn rvscsi_hba_dma_attr(
 /// `tran_hba_len` (a `uint_t`): the HBA private bytes each packet needs.
 #[unsafe(no_mangle)]
 pub extern "C" fn rvscsi_pkt_private_len() -> c_uint {
-    // The largest of every family's (one family today).
-    const LEN: usize = Hba::<VioScsi>::pkt_private_len();
+    // The largest of every family's: one packet cache serves whichever
+    // family the instance is.
+    const VIO: usize = Hba::<VioScsi>::pkt_private_len();
+    const PV: usize = Hba::<Pvscsi>::pkt_private_len();
+    const LEN: usize = if VIO > PV { VIO } else { PV };
     const _: () = assert!(LEN <= u32::MAX as usize);
     LEN as c_uint
 }
@@ -267,6 +294,12 @@ pub unsafe extern "C" fn rvscsi_hba_detach(hba: *mut c_void) -> c_int {
             // OwnedHba::into_raw in rvscsi_hba_attach and not taken back
             // since (caller): this is its one owner.
             detach_owned(unsafe { OwnedHba::<VioScsi>::from_raw(hba.cast()) })
+        }
+        Some(FamilyId::Pvscsi) => {
+            // SAFETY: the word says it is an Hba<Pvscsi>, made by
+            // OwnedHba::into_raw in rvscsi_hba_attach and not taken back
+            // since (caller): this is its one owner.
+            detach_owned(unsafe { OwnedHba::<Pvscsi>::from_raw(hba.cast()) })
         }
         None => ffi::DDI_FAILURE,
     }

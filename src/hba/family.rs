@@ -30,12 +30,16 @@ use alloc::vec::Vec;
 pub enum FamilyId {
     /// virtio-scsi (`crate::vioscsi`).
     VirtioScsi = 0x7669_6f73,
+    /// VMware PVSCSI (`crate::pvscsi`).
+    Pvscsi = 0x7076_7363,
 }
 
 impl FamilyId {
     /// The family whose word is `w`.
     pub fn from_word(w: u32) -> Option<FamilyId> {
-        [FamilyId::VirtioScsi].into_iter().find(|f| *f as u32 == w)
+        [FamilyId::VirtioScsi, FamilyId::Pvscsi]
+            .into_iter()
+            .find(|f| *f as u32 == w)
     }
 }
 
@@ -326,8 +330,10 @@ pub trait Family: Sized + Send + Sync + 'static {
         tm.name()
     }
     /// Performs task management (thread context, or a panic: may wait
-    /// `can_sleep`, or spin).
-    fn task_mgmt(&self, tm: TaskMgmt, at: &TmAddress, can_sleep: bool) -> TmAnswer;
+    /// `can_sleep`, or spin). No driver lock is held: the family may take
+    /// a queue's lock (e.g. to check that the slot it names to the device
+    /// still holds the command `at.tag` names).
+    fn task_mgmt(hba: &Hba<Self>, tm: TaskMgmt, at: &TmAddress, can_sleep: bool) -> TmAnswer;
     /// Resets the device so that it stops using the rings.
     fn stop(&self, wait: StopWait) -> Result<(), StopError>;
     /// Brings a stopped device back with the same settings (thread

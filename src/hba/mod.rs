@@ -27,6 +27,7 @@
 
 pub mod cmd;
 pub mod family;
+pub mod intr;
 pub mod io;
 pub mod recovery;
 pub mod work;

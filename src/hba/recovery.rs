@@ -258,7 +258,7 @@ impl<F: Family> Hba<F> {
         let (target, lun) = (at.target, at.lun);
         let answer = if self.state() == HbaState::Running {
             Stats::bump(&self.stats.tmfs);
-            self.dev.task_mgmt(tm, &at, can_sleep)
+            F::task_mgmt(self, tm, &at, can_sleep)
         } else {
             TmAnswer::Unavailable
         };

@@ -42,12 +42,17 @@
 //! `shared/reference/qtest-probes/pvscsi_probe*.py`. Choices that differ
 //! from the other drivers are argued where they are made.
 
+pub mod cmd;
+pub mod device;
 pub mod msg;
 pub mod probe;
+pub mod queue;
 pub mod regs;
 pub mod ring;
 pub mod status;
 pub mod wire;
+
+pub use device::Pvscsi;
 
 /// PCI vendor ID (VMware).
 pub const PCI_VENDOR_VMWARE: u16 = 0x15AD;

@@ -429,9 +429,16 @@ impl<M: SharedMem, T> Rings<M, T> {
         }
     }
 
-    /// After SETUP_RINGS (which zeroes the device's indices): checks the
-    /// log2 fields the device wrote against the driver's geometry.
+    /// After SETUP_RINGS (which zeroes the device's indices) and
+    /// SETUP_MSG_RING: checks the log2 fields the device wrote against the
+    /// driver's geometry.
     pub fn check_device_geometry(&self) -> Result<(), GeometryMismatch> {
+        self.check_device_geometry_of(true)
+    }
+
+    /// [`Self::check_device_geometry`], the message ring's field only when
+    /// `msg` (the device took SETUP_MSG_RING).
+    pub fn check_device_geometry_of(&self, msg: bool) -> Result<(), GeometryMismatch> {
         self.state.sync_for_cpu(0, PAGE_SIZE);
         let mut checks = [
             (RingKind::Request, rs::REQ_LOG2, self.geometry.req_entries()),
@@ -440,7 +447,11 @@ impl<M: SharedMem, T> Rings<M, T> {
                 rs::CMP_LOG2,
                 self.geometry.cmp_entries(),
             ),
-            (RingKind::Message, rs::MSG_LOG2, self.geometry.msg_entries()),
+            (
+                RingKind::Message,
+                rs::MSG_LOG2,
+                if msg { self.geometry.msg_entries() } else { 0 },
+            ),
         ]
         .into_iter();
         checks.try_for_each(|(ring, off, entries)| {
@@ -660,6 +671,50 @@ impl<M: SharedMem, T> Rings<M, T> {
             self.state.write_u32(off, 0);
         }
         self.state.sync_for_device(0, PAGE_SIZE);
+    }
+
+    /// The command in flight under context index `index` (the core's
+    /// slot), if any.
+    pub fn token_mut(&mut self, index: u16) -> Option<&mut T> {
+        match self.slots.get_mut(usize::from(index)) {
+            Some(Slot::Outstanding { token, .. }) => Some(token),
+            _ => None,
+        }
+    }
+
+    /// Calls `f` on every command in flight, with its context index.
+    pub fn for_each_outstanding(&mut self, f: &mut dyn FnMut(u16, &mut T)) {
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            if let Slot::Outstanding { token, .. } = s {
+                f(i as u16, token);
+            }
+        }
+    }
+
+    /// After ADAPTER_RESET: takes back every command still outstanding
+    /// (in one pass over the table, whatever the completion ring holds:
+    /// the reset's BUSRESET completions are not read) and resets the
+    /// driver's indices for a new SETUP_RINGS, which zeroes the device's.
+    /// The caller ends each command as reset.
+    pub fn reclaim_all(&mut self, f: &mut dyn FnMut(T)) {
+        for s in &mut self.slots {
+            if let Slot::Outstanding { token, .. } = core::mem::replace(s, Slot::Free) {
+                f(token);
+            }
+        }
+        self.reset_indices();
+    }
+
+    /// Whether the device has produced completions the driver has not
+    /// consumed (one read of `cmpProdIdx`).
+    pub fn completions_waiting(&self) -> bool {
+        self.state.sync_for_cpu(rs::CMP_PROD, 4);
+        self.state.read_u32(rs::CMP_PROD) != self.cmp_cons
+    }
+
+    /// The driver's completion consumer index.
+    pub fn completions_consumed(&self) -> u32 {
+        self.cmp_cons
     }
 
     /// One look at the message ring.

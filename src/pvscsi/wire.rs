@@ -352,6 +352,36 @@ pub struct Segment {
     pub len: u32,
 }
 
+/// A data segment as a descriptor carries it: a DMA cookie of the
+/// packet's binding, or a plain [`Segment`].
+pub trait DataSegment {
+    /// Bus address.
+    fn bus_addr(&self) -> u64;
+    /// Bytes.
+    fn byte_len(&self) -> u32;
+}
+
+impl DataSegment for Segment {
+    fn bus_addr(&self) -> u64 {
+        self.addr
+    }
+    fn byte_len(&self) -> u32 {
+        self.len
+    }
+}
+
+impl DataSegment for crate::ffi::ddi_dma_cookie_t {
+    fn bus_addr(&self) -> u64 {
+        self.dmac_laddress
+    }
+    /// The family's DMA attributes cap a cookie at `dma_attr_count_max`
+    /// 0xFFFF_FFFF (ddi_dma_attr(9S)), so the size fits the element's
+    /// 32-bit length.
+    fn byte_len(&self) -> u32 {
+        self.dmac_size as u32
+    }
+}
+
 /// The per-command area the SG list is written to: `mem[off..]`, whose
 /// device address is `mem.device_addr() + off`.
 pub struct SgArea<'a, M: SharedMem> {
@@ -393,7 +423,7 @@ pub struct SenseBuffer {
 
 /// Everything a request descriptor says.
 #[derive(Clone, Copy, Debug)]
-pub struct Request<'a> {
+pub struct Request<'a, S: DataSegment = Segment> {
     /// The context ([`super::ring::Context`]).
     pub context: u64,
     /// The CDB, 1..=16 bytes.
@@ -407,7 +437,7 @@ pub struct Request<'a> {
     /// Direction of the DMA binding.
     pub dir: DataDir,
     /// The data segments (cookies), empty for no data.
-    pub segments: &'a [Segment],
+    pub segments: &'a [S],
     /// Sense buffer.
     pub sense: SenseBuffer,
     /// The submitting CPU.
@@ -441,8 +471,8 @@ pub enum EncodeError {
 /// Encodes a request descriptor; with more than one segment, writes the SG
 /// list into `sg` first (never past its [`SgArea::capacity`]). Syncing
 /// the SG area for the device is the caller's, together with the ring.
-pub fn encode_request<M: SharedMem>(
-    req: &Request<'_>,
+pub fn encode_request<M: SharedMem, S: DataSegment>(
+    req: &Request<'_, S>,
     sg: &SgArea<'_, M>,
 ) -> Result<[u8; REQ_DESC_SIZE], EncodeError> {
     if req.context == 0 || req.context > u64::from(u32::MAX) {
@@ -463,11 +493,11 @@ pub fn encode_request<M: SharedMem>(
     {
         return Err(EncodeError::DirectionContradictsCdb);
     }
-    let total: u64 = req.segments.iter().map(|s| u64::from(s.len)).sum();
+    let total: u64 = req.segments.iter().map(|s| u64::from(s.byte_len())).sum();
     let mut flags = dir_flag(req.dir);
     let data_addr = match req.segments {
         [] => 0,
-        [one] => one.addr,
+        [one] => one.bus_addr(),
         many => {
             let capacity = sg.capacity();
             if many.len() > capacity {
@@ -478,8 +508,9 @@ pub fn encode_request<M: SharedMem>(
             }
             for (i, s) in many.iter().enumerate() {
                 let mut e = [0u8; SG_ELEMENT_SIZE];
-                e[offset_of!(SgElement, addr)..][..8].copy_from_slice(&s.addr.to_le_bytes());
-                e[offset_of!(SgElement, length)..][..4].copy_from_slice(&s.len.to_le_bytes());
+                e[offset_of!(SgElement, addr)..][..8].copy_from_slice(&s.bus_addr().to_le_bytes());
+                e[offset_of!(SgElement, length)..][..4]
+                    .copy_from_slice(&s.byte_len().to_le_bytes());
                 sg.mem.write_bytes(sg.off + i * SG_ELEMENT_SIZE, &e);
             }
             flags |= FLAG_WITH_SG_LIST;

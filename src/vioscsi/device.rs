@@ -20,6 +20,7 @@ use crate::hba::family::{
     AddError, Attached, Claim, CmdFacts, Family, FamilyId, IrmAnswer, Presence, Request, StopError,
     StopWait, TaskMgmt, TmAddress, TmAnswer,
 };
+use crate::hba::intr::Shown;
 use crate::hba::{AttachError, Callbacks, Hba, HbaState, Stats};
 use crate::scsa::Outcome;
 use crate::scsa::cap::HbaCaps;
@@ -38,37 +39,7 @@ pub const MAX_RING: u16 = 1024;
 /// Legacy rings are located by a 32-bit page number: below 2^44.
 const LEGACY_RING_ADDR_HI: u64 = (1 << 44) - 1;
 
-/// How completions are signalled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IntrMode {
-    /// MSI-X, routed as [`MsixLayout`] says for the vectors held (which an
-    /// IRM callback may change while the driver runs).
-    MsiX,
-    /// One MSI vector; the ISR register says why.
-    Msi,
-    /// The fixed (INTx) line, possibly shared; the ISR says whether it was us.
-    Fixed,
-    /// No interrupts: completions are polled (the `interrupt-type=poll`
-    /// tunable).
-    Poll,
-}
-
-impl IntrMode {
-    /// Whether the device interrupts at all.
-    pub fn interrupts(self) -> bool {
-        self != IntrMode::Poll
-    }
-
-    /// Short name.
-    pub fn name(self) -> &'static str {
-        match self {
-            IntrMode::MsiX => "MSI-X",
-            IntrMode::Msi => "MSI",
-            IntrMode::Fixed => "fixed",
-            IntrMode::Poll => "polled",
-        }
-    }
-}
+pub use crate::hba::intr::IntrMode;
 
 /// What an interrupt vector serves (the handler's second argument).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,46 +109,15 @@ impl Tunables {
                 TransportChoice::Auto
             }
         };
-        let mut buf = [0u8; 32];
-        let (intr, poll): (&'static [IntrKind], bool) =
-            match dip.prop_string(c"interrupt-type", &mut buf) {
-                StrProp::Value("msix") => (&[IntrKind::MsiX], false),
-                StrProp::Value("msi") => (&[IntrKind::Msi, IntrKind::Fixed], false),
-                StrProp::Value("fixed") => (&[IntrKind::Fixed], false),
-                StrProp::Value("poll") => (&[], true),
-                StrProp::Absent | StrProp::Value("auto") => {
-                    (&[IntrKind::MsiX, IntrKind::Msi, IntrKind::Fixed], false)
-                }
-                other => {
-                    dev_warn!(
-                        dip,
-                        "interrupt-type {} is not auto, msix, msi, fixed or poll: using auto",
-                        Shown(other)
-                    );
-                    (&[IntrKind::MsiX, IntrKind::Msi, IntrKind::Fixed], false)
-                }
-            };
+        let intr = crate::hba::intr::interrupt_choice(dip);
         Tunables {
             transport,
             indirect: dip.prop_int(c"virtio-indirect", 1) != 0,
             event_idx: dip.prop_int(c"virtio-event-idx", 1) != 0,
-            intr,
-            poll,
+            intr: intr.kinds,
+            poll: intr.poll,
             request_queues: u32::try_from(dip.prop_int(c"request-queues", 0)).unwrap_or(0),
             notify_batching: dip.prop_int(c"virtio-notify-batching", 1) != 0,
-        }
-    }
-}
-
-/// A string property value for a message.
-struct Shown<'a>(StrProp<'a>);
-
-impl core::fmt::Display for Shown<'_> {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self.0 {
-            StrProp::Value(v) => write!(f, "\"{v}\""),
-            StrProp::Unusable => f.write_str("(too long or not text)"),
-            StrProp::Absent => f.write_str("(unset)"),
         }
     }
 }
@@ -550,33 +490,13 @@ impl Family for VioScsi {
         } else {
             let want = MsixLayout::wanted(nreq);
             let mut i = Interrupts::alloc(dip, tun.intr, want, Some(callbacks.irm))?;
-            let mode = match i.kind() {
-                IntrKind::MsiX => IntrMode::MsiX,
-                IntrKind::Msi => IntrMode::Msi,
-                IntrKind::Fixed => IntrMode::Fixed,
-            };
+            let mode = IntrMode::of(i.kind());
             i.keep(want);
             (Some(i), mode)
         };
         let pri = interrupts.as_ref().map_or(0, |i| i.priority());
-        // A high-level interrupt (above LOCK_LEVEL, e.g. from an
-        // `interrupt-priorities` property in a .conf) would make the locks
-        // its handlers take spin locks and run scsi_hba_pkt_comp(9F) and
-        // everything it calls above the scheduler, where blocking kernel
-        // services must not be used (ddi_intr_get_hilevel_pri(9F)). The
-        // driver has no soft-interrupt stage for that: refuse.
-        // SAFETY: no arguments; callable from attach context.
-        let hilevel = unsafe { ffi::ddi_intr_get_hilevel_pri() };
-        if interrupts.is_some() && pri >= hilevel {
-            dev_warn!(
-                dip,
-                "interrupt priority {pri} is high-level (at or above {hilevel}, \
-                 ddi_intr_get_hilevel_pri): not supported, attach refused; remove \
-                 interrupt-priorities from rvscsi.conf or set it below {hilevel}"
-            );
-            return Err(AttachError::Device(
-                "high-level interrupt priority is not supported",
-            ));
+        if interrupts.is_some() {
+            crate::hba::intr::refuse_high_level(dip, pri)?;
         }
         let msix_vectors = match (&interrupts, mode) {
             (Some(i), IntrMode::MsiX) => MsixLayout::new(i.count(), nreq).vectors() as u16,
@@ -748,8 +668,8 @@ impl Family for VioScsi {
         tmf_of(tm).name()
     }
 
-    fn task_mgmt(&self, tm: TaskMgmt, at: &TmAddress, can_sleep: bool) -> TmAnswer {
-        super::tmf::send(self, tmf_of(tm), at.target, at.lun, at.tag, can_sleep)
+    fn task_mgmt(hba: &Hba<Self>, tm: TaskMgmt, at: &TmAddress, can_sleep: bool) -> TmAnswer {
+        super::tmf::send(&hba.dev, tmf_of(tm), at.target, at.lun, at.tag, can_sleep)
     }
 
     fn stop(&self, wait: StopWait) -> Result<(), StopError> {
@@ -975,9 +895,7 @@ mod tests {
     }
 
     #[test]
-    fn interrupt_modes_say_whether_the_device_interrupts() {
-        assert!(IntrMode::MsiX.interrupts() && IntrMode::Msi.interrupts());
-        assert!(IntrMode::Fixed.interrupts() && !IntrMode::Poll.interrupts());
+    fn the_attach_line_counts_vectors() {
         assert_eq!(VectorCount(0).to_string_for_test(), "");
         assert_eq!(VectorCount(1).to_string_for_test(), " (1 vector)");
         assert_eq!(VectorCount(5).to_string_for_test(), " (5 vectors)");

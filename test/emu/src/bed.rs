@@ -382,16 +382,6 @@ impl Bed {
     /// [`Bed::attach`], reporting on failure what the driver left behind
     /// (a failed attach must give everything back).
     pub fn try_attach(config: BedConfig) -> Result<Bed, AttachFailure> {
-        if config.machine.family != crate::machine::HbaFamily::VirtioScsi {
-            // NOT IMPLEMENTED: the driver has no pvscsi attach yet (issue 13).
-            return Err(AttachFailure {
-                message: format!(
-                    "the driver cannot attach to a {:?} HBA yet",
-                    config.machine.family
-                ),
-                report: DetachReport::default(),
-            });
-        }
         let machine = Machine::launch(config.machine).map_err(|e| AttachFailure {
             message: e.0,
             report: DetachReport::default(),

@@ -270,6 +270,14 @@ pub struct RigConfig {
     pub blank_images: bool,
     /// The emulated kernel's interrupt platform (apix, or pcplusmp).
     pub psm: rvscsi_emu::ddi::intr::Psm,
+    /// Which HBA QEMU plays (virtio-scsi unless said otherwise).
+    pub family: rvscsi_emu::HbaFamily,
+    /// Disks that hold nothing and answer every read and write after this
+    /// many nanoseconds (QEMU's `null-co` with `latency-ns`, reads zeroes):
+    /// I/O held in the device without blkdebug, which QEMU's pvscsi cannot
+    /// abort or reset around (shared/notes/pvscsi.md §2). The images are
+    /// still made (blank), for their sizes.
+    pub null_latency_ns: Option<u64>,
     /// The `apix_system_max_vectors` tunable: the IRM pool's size.
     pub apix_system_max_vectors: Option<u32>,
 }
@@ -295,6 +303,21 @@ impl Default for RigConfig {
             blank_images: false,
             psm: rvscsi_emu::ddi::intr::Psm::default(),
             apix_system_max_vectors: None,
+            family: rvscsi_emu::HbaFamily::VirtioScsi,
+            null_latency_ns: None,
+        }
+    }
+}
+
+impl RigConfig {
+    /// QEMU's VMware PVSCSI with `images` (blocks, target, lun), interrupts
+    /// as the driver chooses them (QEMU offers MSI and INTx, no MSI-X).
+    pub fn pvscsi(images: Vec<(u64, u8, u16)>) -> RigConfig {
+        RigConfig {
+            images,
+            interrupts: "auto".into(),
+            family: rvscsi_emu::HbaFamily::Pvscsi,
+            ..RigConfig::default()
         }
     }
 }
@@ -343,7 +366,13 @@ impl Rig {
                 Image::patterned(&path, 0x1000 + i as u64, blocks)
             };
             let prefix = cfg.blkdebug.get(i).cloned().flatten().unwrap_or_default();
-            let mut file = format!("{prefix}{}", img.path.display());
+            let mut file = match cfg.null_latency_ns {
+                None => format!("{prefix}{}", img.path.display()),
+                Some(ns) => format!(
+                    "null-co://,file.size={},file.latency-ns={ns},file.read-zeroes=on",
+                    blocks * 512
+                ),
+            };
             for o in &cfg.drive_opts {
                 file.push(',');
                 file.push_str(o);
@@ -351,11 +380,17 @@ impl Rig {
             disks.push(MachineDisk { file, target, lun });
             images.push(img);
         }
-        let mut mc = MachineConfig::virtio_scsi(disks);
-        mc.virtio = if cfg.transport == "legacy" {
-            VirtioPci::Transitional
-        } else {
-            VirtioPci::ModernOnly
+        let mut mc = match cfg.family {
+            rvscsi_emu::HbaFamily::VirtioScsi => {
+                let mut mc = MachineConfig::virtio_scsi(disks);
+                mc.virtio = if cfg.transport == "legacy" {
+                    VirtioPci::Transitional
+                } else {
+                    VirtioPci::ModernOnly
+                };
+                mc
+            }
+            rvscsi_emu::HbaFamily::Pvscsi => MachineConfig::pvscsi(disks),
         };
         mc.num_queues = cfg.num_queues;
         mc.msix_vectors = cfg.msix_vectors;
