@@ -59,6 +59,10 @@ pub struct Pvscsi {
     threshold: ThresholdMode,
     /// SETUP_MSG_RING took effect at the last activation.
     msg_ring: AtomicBool,
+    /// See [`Family::notify_batching`]: the `pvscsi-notify-batching`
+    /// tunable (1, the default; 0 rings for every command, as the in-tree
+    /// driver does, for comparison and debugging).
+    notify_batching: bool,
     /// A non-READ/WRITE command was published since the last doorbell:
     /// ring KICK_NON_RW_IO (which makes the device process the whole ring).
     nonrw_pending: AtomicBool,
@@ -395,6 +399,7 @@ impl Family for Pvscsi {
                 geometry,
                 threshold,
                 msg_ring: AtomicBool::new(false),
+                notify_batching: dip.prop_int(c"pvscsi-notify-batching", 1) != 0,
                 nonrw_pending: AtomicBool::new(false),
             },
             rings: ring_list,
@@ -449,7 +454,7 @@ impl Family for Pvscsi {
     }
 
     fn notify_batching(&self) -> bool {
-        true
+        self.notify_batching
     }
 
     /// Any 64-bit address; segments of up to 4 GiB - 1 (the SG element's

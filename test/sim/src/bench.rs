@@ -49,6 +49,7 @@
 //! (`virtio-event-idx=0`, `virtio-notify-batching=0`), which is what a
 //! driver without notification suppression does.
 
+pub use crate::cli::HbaDevice;
 use crate::load::Lun;
 use crate::testkit::{Binding, Driver, Rig, RigConfig};
 use rvscsi::ffi;
@@ -63,7 +64,7 @@ use std::time::{Duration, Instant};
 
 /// Usage text of `bench`.
 pub const USAGE: &str = "\
-usage: rvscsi-sim bench [--json] [--commands N] [--repeat N] [--qd LIST]
+usage: rvscsi-sim bench [--json] [--device LIST] [--commands N] [--repeat N] [--qd LIST]
                         [--queues LIST] [--mix LIST] [--backend LIST]
                         [--lifecycle LIST] [--no-instructions] [--module PATH]
                         [--psm NAME]
@@ -79,6 +80,10 @@ The driver's share includes tran_setup_pkt and tran_teardown_pkt; the
 framework's packet cache and the DMA bind and unbind are not the driver's.
 
   --json             one JSON object per row instead of the table
+  --device LIST      virtio-scsi, pvscsi (default virtio-scsi); pvscsi runs on
+                     QEMU with one request queue, its comparison row
+                     (in-tree-like) rings a doorbell for every command at
+                     queue depth 3, as the in-tree pvscsi driver does
   --commands N       commands per run (default 4000)
   --repeat N         runs per row, for min/median/max time (default 3)
   --qd LIST          queue depths (default 1,8,32,128)
@@ -158,13 +163,38 @@ pub enum Variant {
     Rvscsi,
     /// rvscsi without EVENT_IDX and with a doorbell per command.
     NotifyEveryCommand,
+    /// pvscsi as the in-tree illumos driver runs it: a doorbell for every
+    /// command and at most 3 commands in flight (sd's throttle once the
+    /// in-tree driver's setcap tagged-qing returns 0, shared/notes/pvscsi.md
+    /// §3 defect 1).
+    InTreeLike,
 }
+
+/// sd's throttle under the in-tree pvscsi driver.
+pub const IN_TREE_DEPTH: u32 = 3;
 
 impl Variant {
     fn name(self) -> &'static str {
         match self {
             Variant::Rvscsi => "rvscsi",
             Variant::NotifyEveryCommand => "notify-every-cmd",
+            Variant::InTreeLike => "in-tree-like",
+        }
+    }
+
+    /// The variants each device family is measured with.
+    fn of(device: HbaDevice) -> [Variant; 2] {
+        match device {
+            HbaDevice::VirtioScsi => [Variant::Rvscsi, Variant::NotifyEveryCommand],
+            HbaDevice::Pvscsi => [Variant::Rvscsi, Variant::InTreeLike],
+        }
+    }
+
+    /// The queue depth a run of this variant at `qd` really has.
+    fn depth(self, qd: u32) -> u32 {
+        match self {
+            Variant::InTreeLike => qd.min(IN_TREE_DEPTH),
+            _ => qd,
         }
     }
 
@@ -175,6 +205,7 @@ impl Variant {
                 ("virtio-event-idx".into(), 0),
                 ("virtio-notify-batching".into(), 0),
             ],
+            Variant::InTreeLike => vec![("pvscsi-notify-batching".into(), 0)],
         }
     }
 }
@@ -184,6 +215,8 @@ impl Variant {
 pub struct BenchOptions {
     /// JSON rows.
     pub json: bool,
+    /// HBA families (QEMU's models; the memory back end is virtio-scsi's).
+    pub devices: Vec<HbaDevice>,
     /// Commands per run.
     pub commands: u64,
     /// Runs per row.
@@ -216,6 +249,7 @@ impl Default for BenchOptions {
     fn default() -> Self {
         BenchOptions {
             json: false,
+            devices: vec![HbaDevice::VirtioScsi],
             commands: 4000,
             repeat: 3,
             qds: vec![1, 8, 32, 128],
@@ -253,6 +287,9 @@ pub fn parse(args: &[String]) -> Result<BenchOptions, String> {
         match a {
             "--help" | "-h" => return Err("bench: usage".into()),
             "--json" => o.json = true,
+            "--device" => {
+                o.devices = list(&value()?, |s| HbaDevice::parse(s).ok())?;
+            }
             "--commands" => {
                 o.commands = value()?
                     .parse()
@@ -328,6 +365,8 @@ pub fn parse(args: &[String]) -> Result<BenchOptions, String> {
 /// One measured row.
 #[derive(Clone, Debug)]
 pub struct Row {
+    /// Which HBA family.
+    pub device: HbaDevice,
     /// What played the device.
     pub backend: Backend,
     /// Workload.
@@ -372,6 +411,7 @@ pub struct Row {
 impl Row {
     fn key(&self) -> String {
         row_key(
+            self.device,
             self.backend,
             (self.mix, self.lifecycle),
             self.qd,
@@ -383,6 +423,7 @@ impl Row {
     /// The row as one JSON object (the fields the README documents).
     pub fn json(&self) -> String {
         rvscsi_qtest::json!({
+            "device": self.device.name(),
             "backend": backend_name(self.backend),
             "mix": self.mix.name(),
             "lifecycle": self.lifecycle.name(),
@@ -407,6 +448,7 @@ impl Row {
 }
 
 fn row_key(
+    device: HbaDevice,
     backend: Backend,
     (mix, life): (Mix, Lifecycle),
     qd: u32,
@@ -414,7 +456,8 @@ fn row_key(
     v: Variant,
 ) -> String {
     format!(
-        "{}/{}/{}/qd{qd}/q{queues}/{}",
+        "{}/{}/{}/{}/qd{qd}/q{queues}/{}",
+        device.name(),
         backend_name(backend),
         mix.name(),
         life.name(),
@@ -425,7 +468,8 @@ fn row_key(
 /// Table header.
 pub fn table_header() -> String {
     format!(
-        "{:<7} {:<13} {:<7} {:>4} {:>6} {:>7} {:<17} {:>9} {:>8} {:>7} {:>9} {:>10} {:>10} {:>20} {:>10} {:>9}",
+        "{:<11} {:<7} {:<13} {:<7} {:>4} {:>6} {:>7} {:<17} {:>9} {:>8} {:>7} {:>9} {:>10} {:>10} {:>20} {:>10} {:>9}",
+        "device",
         "backend",
         "mix",
         "life",
@@ -448,7 +492,8 @@ pub fn table_header() -> String {
 /// One table line.
 pub fn table_line(r: &Row) -> String {
     format!(
-        "{:<7} {:<13} {:<7} {:>4} {:>6} {:>7} {:<17} {:>9.3} {:>8.3} {:>7.3} {:>9.3} {:>10.1} {:>10.1} {:>20} {:>10} {:>9.0}",
+        "{:<11} {:<7} {:<13} {:<7} {:>4} {:>6} {:>7} {:<17} {:>9.3} {:>8.3} {:>7.3} {:>9.3} {:>10.1} {:>10.1} {:>20} {:>10} {:>9.0}",
+        r.device.name(),
         backend_name(r.backend),
         r.mix.name(),
         r.lifecycle.name(),
@@ -764,6 +809,7 @@ fn counters(m: &rvscsi_emu::Machine) -> (u64, u64, u64, u64) {
 
 /// What one row is measured on.
 struct Setup<'a> {
+    device: HbaDevice,
     rig: &'a Rig,
     lun: &'a Lun,
     backend: Backend,
@@ -797,7 +843,14 @@ fn measure(
             let switches = samples.last().map_or(0, |x: &Sample| x.meter.switches);
             dump_callgrind(&format!(
                 "{} switches={switches}",
-                row_key(s.backend, (mix, lifecycle), qd, s.queues, s.variant)
+                row_key(
+                    s.device,
+                    s.backend,
+                    (mix, lifecycle),
+                    qd,
+                    s.queues,
+                    s.variant
+                )
             ))?;
         }
     }
@@ -808,6 +861,7 @@ fn measure(
     samples.sort_by(|a, b| driver_ns(a).total_cmp(&driver_ns(b)));
     let med = &samples[samples.len() / 2];
     Ok(Row {
+        device: s.device,
         backend: s.backend,
         mix,
         lifecycle,
@@ -991,55 +1045,96 @@ pub fn run(o: &BenchOptions, out: &mut dyn Write, err: &mut dyn Write) -> Result
         let _ = writeln!(out, "{}", table_header());
     }
     let mut rows = Vec::new();
-    for &backend in &o.backends {
-        for &queues in &o.queues {
-            for variant in [Variant::Rvscsi, Variant::NotifyEveryCommand] {
-                let rig = Rig::try_start(RigConfig {
-                    // 32 MiB: room for sequential 128 KiB writes to wrap.
-                    images: vec![(65_536, 0, 0)],
-                    transport: "modern".into(),
-                    interrupts: "msix".into(),
-                    num_queues: Some(queues),
-                    props: variant.props(),
-                    driver: Driver::Recorder,
-                    binding,
-                    backend,
-                    blank_images: true,
-                    psm: o.psm,
-                    ..RigConfig::default()
-                })?;
-                let luns = rig.load_luns();
-                let lun = luns.first().ok_or("no LUN was configured")?.clone();
-                let setup = Setup {
-                    rig: &rig,
-                    lun: &lun,
-                    backend,
-                    queues,
-                    vectors: rvscsi_emu::ddi::intr::allocated(&rig.bed().machine, rig.bed().hba),
-                    variant,
-                    switch_ns,
-                };
-                for &lifecycle in &o.lifecycles {
-                    for &mix in &o.mixes {
-                        for &qd in &o.qds {
-                            let mut row = measure(&setup, o, (mix, lifecycle), qd)?;
-                            row.insns_per_cmd = insns.get(&row.key()).copied();
-                            let line = if o.json { row.json() } else { table_line(&row) };
-                            let _ = writeln!(out, "{line}");
-                            let _ = out.flush();
-                            rows.push(row);
+    for &device in &o.devices {
+        for &backend in &o.backends {
+            if device == HbaDevice::Pvscsi && backend != Backend::Qemu {
+                let _ = writeln!(
+                    err,
+                    "bench: pvscsi runs on QEMU only (the in-process model is virtio-scsi): no {} rows",
+                    backend_name(backend)
+                );
+                continue;
+            }
+            for &queues in &o.queues {
+                if device == HbaDevice::Pvscsi && queues != 1 {
+                    let _ = writeln!(
+                        err,
+                        "bench: pvscsi has one request queue: no rows for {queues} queues"
+                    );
+                    continue;
+                }
+                for variant in Variant::of(device) {
+                    let rig = Rig::try_start(match device {
+                        HbaDevice::VirtioScsi => RigConfig {
+                            images: vec![(65_536, 0, 0)],
+                            transport: "modern".into(),
+                            interrupts: "msix".into(),
+                            num_queues: Some(queues),
+                            props: variant.props(),
+                            driver: Driver::Recorder,
+                            binding,
+                            backend,
+                            blank_images: true,
+                            psm: o.psm,
+                            ..RigConfig::default()
+                        },
+                        HbaDevice::Pvscsi => RigConfig {
+                            props: variant.props(),
+                            driver: Driver::Recorder,
+                            binding,
+                            blank_images: true,
+                            psm: o.psm,
+                            ..RigConfig::pvscsi(vec![(65_536, 0, 0)])
+                        },
+                    })?;
+                    let luns = rig.load_luns();
+                    let lun = luns.first().ok_or("no LUN was configured")?.clone();
+                    let setup = Setup {
+                        device,
+                        rig: &rig,
+                        lun: &lun,
+                        backend,
+                        queues,
+                        vectors: rvscsi_emu::ddi::intr::allocated(
+                            &rig.bed().machine,
+                            rig.bed().hba,
+                        ),
+                        variant,
+                        switch_ns,
+                    };
+                    for &lifecycle in &o.lifecycles {
+                        for &mix in &o.mixes {
+                            for &qd in &o.qds {
+                                let qd = variant.depth(qd);
+                                if rows.iter().any(|r: &Row| {
+                                    r.device == device
+                                        && r.backend == backend
+                                        && r.queues == queues
+                                        && r.variant == variant
+                                        && (r.mix, r.lifecycle, r.qd) == (mix, lifecycle, qd)
+                                }) {
+                                    // The in-tree-like depth is capped: one row each.
+                                    continue;
+                                }
+                                let mut row = measure(&setup, o, (mix, lifecycle), qd)?;
+                                row.insns_per_cmd = insns.get(&row.key()).copied();
+                                let line = if o.json { row.json() } else { table_line(&row) };
+                                let _ = writeln!(out, "{line}");
+                                let _ = out.flush();
+                                rows.push(row);
+                            }
                         }
                     }
-                }
-                if let Some(dev) = &rig.bed().machine.memdev {
-                    let errors = dev.errors();
-                    if !errors.is_empty() {
-                        return Err(format!("the in-memory device found faults: {errors:?}"));
+                    if let Some(dev) = &rig.bed().machine.memdev {
+                        let errors = dev.errors();
+                        if !errors.is_empty() {
+                            return Err(format!("the in-memory device found faults: {errors:?}"));
+                        }
                     }
-                }
-                let report = rig.finish();
-                if !report.is_clean() {
-                    return Err(format!("detach after the bench was not clean: {report:?}"));
+                    let report = rig.finish();
+                    if !report.is_clean() {
+                        return Err(format!("detach after the bench was not clean: {report:?}"));
+                    }
                 }
             }
         }

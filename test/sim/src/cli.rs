@@ -12,6 +12,8 @@ use std::time::Instant;
 /// What to run the driver on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SimOptions {
+    /// `--device virtio-scsi|pvscsi`: which HBA QEMU plays.
+    pub device: HbaDevice,
     /// `--transport legacy|modern`
     pub transport: String,
     /// `--interrupts msix|msi|intx|poll`
@@ -33,6 +35,7 @@ pub struct SimOptions {
 impl Default for SimOptions {
     fn default() -> Self {
         SimOptions {
+            device: HbaDevice::VirtioScsi,
             transport: "modern".into(),
             interrupts: "msix".into(),
             num_queues: None,
@@ -44,24 +47,64 @@ impl Default for SimOptions {
     }
 }
 
+/// The HBA families `--device` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HbaDevice {
+    /// `virtio-scsi` (QEMU `virtio-scsi-pci`), the default.
+    VirtioScsi,
+    /// `pvscsi` (QEMU `pvscsi`, VMware PVSCSI).
+    Pvscsi,
+}
+
+impl HbaDevice {
+    /// Parses a `--device` value.
+    pub fn parse(v: &str) -> Result<HbaDevice, String> {
+        match v {
+            "virtio-scsi" => Ok(HbaDevice::VirtioScsi),
+            "pvscsi" => Ok(HbaDevice::Pvscsi),
+            _ => Err(format!("--device: '{v}' is neither virtio-scsi nor pvscsi")),
+        }
+    }
+
+    /// Its `--device` name (and the bench rows' `device` field).
+    pub fn name(self) -> &'static str {
+        match self {
+            HbaDevice::VirtioScsi => "virtio-scsi",
+            HbaDevice::Pvscsi => "pvscsi",
+        }
+    }
+
+    /// The machine with `disks` behind this HBA.
+    pub fn machine(self, disks: Vec<MachineDisk>) -> MachineConfig {
+        match self {
+            HbaDevice::VirtioScsi => MachineConfig::virtio_scsi(disks),
+            HbaDevice::Pvscsi => MachineConfig::pvscsi(disks),
+        }
+    }
+}
+
 /// Usage text.
 pub const USAGE: &str = "\
 usage: rvscsi-sim [options] format DISK...
        rvscsi-sim [options] dd DISK... -- if=FILE of=FILE [bs=N] [count=N] [skip=N] [seek=N]
        rvscsi-sim bench [bench options]   (rvscsi-sim bench --help)
 
-Attaches the rvscsi driver (virtio-scsi) to QEMU's device model over the
-given disk images and runs an illumos-style command on the disks it finds.
+Attaches the rvscsi driver to QEMU's device model (virtio-scsi, or VMware
+PVSCSI with --device pvscsi) over the given disk images and runs an
+illumos-style command on the disks it finds.
 
 DISK is a QEMU block filename (a raw image, or e.g. blkdebug:rules.conf:disk.img),
 optionally followed by ,target=T and ,lun=L (default: the Nth disk is target N, LUN 0).
 A dd operand naming a disk is /dev/rdsk/cTdL (or cTdL, with T and L in hex).
 
 options:
-  --transport legacy|modern     virtio-pci interface (default modern)
+  --device virtio-scsi|pvscsi   the HBA QEMU plays (default virtio-scsi)
+  --transport legacy|modern     virtio-pci interface (default modern; virtio-scsi only)
   --interrupts msix|msi|intx|poll
-                                interrupt type the driver is told to use (default msix)
-  --num-queues N                virtio-scsi request queues of the device
+                                interrupt type the driver is told to use (default msix;
+                                with --device pvscsi, whatever the driver finds: QEMU's
+                                pvscsi has MSI and INTx, no MSI-X)
+  --num-queues N                virtio-scsi request queues of the device (virtio-scsi only)
   --qemu PATH                   the qemu-system-x86_64 to run
   --module PATH                 load this kernel module object (kernel/drv/amd64/rvscsi,
                                 built by pkg/build.sh) under the illumos loader's rules
@@ -74,6 +117,7 @@ options:
 /// Parses options and disk arguments; returns the options and the rest.
 pub fn parse_options(args: &[String]) -> Result<(SimOptions, Vec<String>), String> {
     let mut o = SimOptions::default();
+    let mut interrupts_given = false;
     let mut rest = Vec::new();
     let mut i = 0;
     while i < args.len() {
@@ -85,6 +129,7 @@ pub fn parse_options(args: &[String]) -> Result<(SimOptions, Vec<String>), Strin
                 .ok_or_else(|| format!("{name} needs a value"))
         };
         match a.as_str() {
+            "--device" => o.device = HbaDevice::parse(&value("--device")?)?,
             "--transport" => {
                 let v = value("--transport")?;
                 if v != "legacy" && v != "modern" {
@@ -100,6 +145,7 @@ pub fn parse_options(args: &[String]) -> Result<(SimOptions, Vec<String>), Strin
                     ));
                 }
                 o.interrupts = v;
+                interrupts_given = true;
             }
             "--num-queues" => {
                 let v = value("--num-queues")?;
@@ -117,6 +163,16 @@ pub fn parse_options(args: &[String]) -> Result<(SimOptions, Vec<String>), Strin
             break;
         }
         i += 1;
+    }
+    if o.device == HbaDevice::Pvscsi {
+        if o.transport != "modern" || o.num_queues.is_some() {
+            return Err(
+                "--transport and --num-queues are virtio-scsi's: pvscsi has neither".into(),
+            );
+        }
+        if !interrupts_given {
+            o.interrupts = "auto".into();
+        }
     }
     Ok((o, rest))
 }
@@ -163,13 +219,15 @@ pub fn attach(
             lun: *l,
         })
         .collect();
-    let mut mc = MachineConfig::virtio_scsi(disks);
-    mc.virtio = if o.transport == "legacy" {
-        VirtioPci::Transitional
-    } else {
-        VirtioPci::ModernOnly
-    };
-    mc.num_queues = o.num_queues;
+    let mut mc = o.device.machine(disks);
+    if o.device == HbaDevice::VirtioScsi {
+        mc.virtio = if o.transport == "legacy" {
+            VirtioPci::Transitional
+        } else {
+            VirtioPci::ModernOnly
+        };
+        mc.num_queues = o.num_queues;
+    }
     if let Some(q) = &o.qemu {
         mc.qemu.binary = q.into();
     }

@@ -177,7 +177,39 @@ fn json_rows_carry_the_documented_fields_on_every_queue_count() {
         assert_eq!(v["lifecycle"], "sd", "sd's life cycle is the default");
         assert_eq!(v["mix"], "seqwrite128k");
         assert_eq!(v["backend"], "qemu");
+        assert_eq!(v["device"], "virtio-scsi", "the default device");
     }
+}
+
+#[test]
+fn pvscsi_rows_and_their_in_tree_like_comparison_ring_a_doorbell_per_command_at_depth_3() {
+    let (rows, out) = run(BenchOptions {
+        json: true,
+        devices: vec![bench::HbaDevice::Pvscsi],
+        commands: 400,
+        repeat: 1,
+        qds: vec![32],
+        queues: vec![1, 4],
+        mixes: vec![Mix::RandRead4k],
+        backends: vec![Backend::Qemu, Backend::Memory],
+        instructions: false,
+        ..BenchOptions::default()
+    });
+    // One queue on QEMU only: rvscsi at 32, the comparison at 3.
+    assert_eq!(rows.len(), 2, "{out}");
+    let ours = row(&rows, Variant::Rvscsi, 32, 1);
+    let theirs = row(&rows, Variant::InTreeLike, bench::IN_TREE_DEPTH, 1);
+    for l in out.lines() {
+        let v: rvscsi_qtest::Value = rvscsi_qtest::from_str(l).expect("JSON");
+        assert_eq!(v["device"], "pvscsi", "{l}");
+    }
+    assert!(
+        (theirs.exits_per_cmd - 1.0).abs() < 0.01,
+        "a doorbell for every command: {theirs:?}"
+    );
+    assert_eq!(theirs.isr_reads_per_cmd, 0.0, "MSI: no INTR_STATUS read");
+    one_doorbell_per_pass(ours, 400);
+    assert_eq!(ours.allocs_per_cmd, 0.0, "the I/O path allocates nothing");
 }
 
 #[test]

@@ -45,6 +45,65 @@ fn format_lists_every_disk_with_its_geometry() {
 }
 
 #[test]
+fn device_pvscsi_formats_and_copies_through_vmware_pvscsi() {
+    let dir = TempDir::new("cli-pvscsi");
+    let a = Image::patterned(&dir.path("a.img"), 7, 4096);
+    let b = Image::patterned(&dir.path("b.img"), 8, 8192);
+    let disks = [
+        a.path.display().to_string(),
+        format!("{},target=40", b.path.display()),
+    ];
+    let (code, out, err) = sim(&["--device", "pvscsi", "format", &disks[0], &disks[1]]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        "c0t0d0 QEMU QEMU HARDDISK 4096 x 512\nc0t40d0 QEMU QEMU HARDDISK 8192 x 512\n"
+    );
+    let pattern = random_bytes(43, 2 << 20);
+    let pfile = dir.path("p.bin");
+    std::fs::write(&pfile, &pattern).unwrap();
+    let (code, _, err) = sim(&[
+        "--device",
+        "pvscsi",
+        "dd",
+        &disks[0],
+        &disks[1],
+        "--",
+        &format!("if={}", pfile.display()),
+        "of=/dev/rdsk/c0t40d0",
+        "bs=1m",
+        "seek=1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.starts_with("2+0 records in\n2+0 records out\n"),
+        "{err}"
+    );
+    assert!(
+        b.read(1 << 20, 2 << 20) == pattern,
+        "target 40 holds it"
+    );
+    assert!(
+        a.read(0, 4096) == a.expected(0, 8),
+        "the other disk is untouched"
+    );
+    // virtio-scsi's knobs are refused for pvscsi, and unknown devices.
+    let (code, _, err) = sim(&[
+        "--device",
+        "pvscsi",
+        "--num-queues",
+        "2",
+        "format",
+        &disks[0],
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("pvscsi has neither"), "{err}");
+    let (code, _, err) = sim(&["--device", "lsi", "format", &disks[0]]);
+    assert_eq!(code, 2);
+    assert!(err.contains("neither virtio-scsi nor pvscsi"), "{err}");
+}
+
+#[test]
 fn dd_writes_a_file_to_the_raw_disk_and_reads_it_back() {
     let dir = TempDir::new("cli-dd");
     let img = Image::patterned(&dir.path("d.img"), 3, 8192);
@@ -297,6 +356,21 @@ fn with_module_format_and_dd_run_through_the_kernel_object() {
     ]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(std::fs::read(&back).unwrap(), pattern);
+    // The same kernel object binds VMware PVSCSI.
+    let (code, out, err) = sim(&[
+        "--module",
+        &module,
+        "--device",
+        "pvscsi",
+        "format",
+        a.path.to_str().unwrap(),
+        &format!("{},target=20", b.path.display()),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        "c0t0d0 QEMU QEMU HARDDISK 8192 x 512\nc0t20d0 QEMU QEMU HARDDISK 4096 x 512\n"
+    );
 }
 
 #[test]
