@@ -24,7 +24,7 @@ while [ $# -gt 0 ]; do
         *) targets+=("$1"); shift ;;
     esac
 done
-[ ${#targets[@]} -gt 0 ] || targets=(ring response control config)
+[ ${#targets[@]} -gt 0 ] || targets=(ring response control config pvscsi_rings pvscsi_completion)
 
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
     echo "fuzz: installing cargo-fuzz"

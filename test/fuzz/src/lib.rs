@@ -12,6 +12,9 @@
 //!   the transfer;
 //! - limits stay within what the driver can represent.
 //!
+//! pvscsi's harnesses do the same for its completion and message rings
+//! and its completion mapping.
+//!
 //! libFuzzer runs them through `cargo fuzz` (`test/fuzz/fuzz/`); the tests
 //! of this crate run them on a fixed set of generated inputs.
 
@@ -286,12 +289,264 @@ pub fn config(data: &[u8]) {
     }
 }
 
+/// Host memory one side (the "driver's" rings) and the other (the input
+/// playing the device) both reach.
+#[derive(Clone)]
+struct Shared(std::rc::Rc<HostMem>);
+
+impl Shared {
+    fn new(len: usize, base: u64) -> Self {
+        Shared(std::rc::Rc::new(HostMem::new(len, base)))
+    }
+}
+
+impl SharedMem for Shared {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn device_addr(&self) -> u64 {
+        self.0.device_addr()
+    }
+    fn read_bytes(&self, off: usize, dst: &mut [u8]) {
+        self.0.read_bytes(off, dst)
+    }
+    fn write_bytes(&self, off: usize, src: &[u8]) {
+        self.0.write_bytes(off, src)
+    }
+    fn sync_for_device(&self, _: usize, _: usize) {}
+    fn sync_for_cpu(&self, _: usize, _: usize) {}
+}
+
+/// Commands [`pvscsi_rings`] saw complete (so that a test can tell the
+/// harness reaches completions at all).
+pub static COMPLETED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// pvscsi's rings against a device that writes whatever the input says
+/// into the completion ring, the message ring and the device's indices
+/// of the rings-state page (cmpProdIdx, msgProdIdx, reqConsIdx), while
+/// the driver submits, publishes, reaps (bounded by the ring, as a pass
+/// is), consumes messages, and finally takes everything back as an
+/// adapter reset does. A command completes at most once, only while it
+/// is outstanding, and exactly once counting what the reset takes back.
+pub fn pvscsi_rings(data: &[u8]) {
+    use rvscsi::pvscsi::ring::{Geometry, MsgRingPages, Reap, RingPages, Rings};
+    use rvscsi::pvscsi::wire::{CMP_DESC_SIZE, Completion, MSG_DESC_SIZE, PAGE_SIZE, rs};
+    let mut inp = Input::new(data);
+    let pages = 1u32 << (inp.u8() % 2);
+    let geometry = Geometry {
+        req_pages: RingPages::new(pages).expect("1 or 2 pages"),
+        cmp_pages: RingPages::new(pages).expect("1 or 2 pages"),
+        msg_pages: MsgRingPages::new(1),
+    };
+    let page = PAGE_SIZE as u64;
+    let state = Shared::new(PAGE_SIZE, page);
+    let cmp = Shared::new(pages as usize * PAGE_SIZE, 0x100 * page);
+    let msg = Shared::new(PAGE_SIZE, 0x200 * page);
+    let Ok(mut r) = Rings::<Shared, u32>::new(
+        geometry,
+        state.clone(),
+        Shared::new(pages as usize * PAGE_SIZE, 0x10 * page),
+        cmp.clone(),
+        Some(msg.clone()),
+    ) else {
+        panic!("rings over page-aligned memory");
+    };
+    let mut outstanding: HashSet<u32> = HashSet::new();
+    let mut published: HashSet<u32> = HashSet::new();
+    let mut contexts: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
+    let mut done: HashSet<u32> = HashSet::new();
+    let mut next_token = 0u32;
+    let mut steps = 0;
+    while inp.more() && steps < 4096 {
+        steps += 1;
+        match inp.u8() % 11 {
+            0 | 9 => {
+                let t = next_token;
+                next_token += 1;
+                if let Ok(ctx) = r.submit(t, |ctx| Ok::<_, ()>([ctx as u8; 128])) {
+                    outstanding.insert(t);
+                    contexts.insert(t, ctx.value());
+                }
+            }
+            1 => {
+                r.publish();
+                published.extend(outstanding.iter().copied());
+            }
+            2 | 10 => {
+                // The device completes something: mostly a context it
+                // could have been given, sometimes any; at its producer
+                // slot (advancing cmpProdIdx) or anywhere.
+                let pick = inp.u8();
+                let mut given: Vec<u64> = published
+                    .intersection(&outstanding)
+                    .filter_map(|t| contexts.get(t).copied())
+                    .collect();
+                given.sort_unstable();
+                let context = match (pick % 4, given.len()) {
+                    (0, _) => u64::from(inp.u32()),
+                    (1, _) => u64::from(pick % (geometry.req_entries() as u8 + 2)),
+                    (_, 0) => u64::from(pick),
+                    (_, n) => given[usize::from(pick) % n],
+                };
+                let c = Completion {
+                    context,
+                    data_len: u64::from(inp.u16()),
+                    sense_len: u32::from(inp.u16()),
+                    host_status: u16::from(inp.u8()),
+                    scsi_status: inp.u16() % 0x180,
+                };
+                let slots = cmp.len() / CMP_DESC_SIZE;
+                let prod = state.read_u32(rs::CMP_PROD);
+                let owed = published.intersection(&outstanding).count() as u32;
+                let waiting = prod.wrapping_sub(r.completions_consumed());
+                match inp.u8() % 8 {
+                    7 => {
+                        // Anywhere in the ring, the index untouched.
+                        let slot = usize::from(inp.u16()) % slots;
+                        cmp.write_bytes(slot * CMP_DESC_SIZE, &c.to_bytes());
+                    }
+                    // A sane device completes only what it was given; a
+                    // hostile one (6) produces more.
+                    k if k == 6 || waiting < owed => {
+                        let slot = prod as usize % (geometry.cmp_entries() as usize);
+                        cmp.write_bytes(slot * CMP_DESC_SIZE, &c.to_bytes());
+                        state.write_u32(rs::CMP_PROD, prod.wrapping_add(1));
+                    }
+                    _ => {}
+                }
+            }
+            3 if inp.u8().is_multiple_of(4) => {
+                let off = [rs::CMP_PROD, rs::MSG_PROD, rs::REQ_CONS][usize::from(inp.u8() % 3)];
+                let now = state.read_u32(off);
+                let v = match inp.u8() % 3 {
+                    0 => now.wrapping_add(1),
+                    1 => now.wrapping_add(u32::from(inp.u8())),
+                    _ => inp.u32(),
+                };
+                state.write_u32(off, v);
+            }
+            4 => {
+                for _ in 0..=geometry.cmp_entries() {
+                    match r.reap() {
+                        Reap::Empty | Reap::Runaway { .. } => break,
+                        Reap::Dropped(_) => {}
+                        Reap::Done(d) => {
+                            COMPLETED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            assert!(
+                                outstanding.remove(&d.token),
+                                "completed twice or never issued"
+                            );
+                            assert!(
+                                published.contains(&d.token),
+                                "completed before the device could see it"
+                            );
+                            assert!(done.insert(d.token));
+                        }
+                    }
+                }
+            }
+            5 => {
+                let m: [u8; MSG_DESC_SIZE] = inp.bytes();
+                let slot = usize::from(inp.u8()) % (msg.len() / MSG_DESC_SIZE);
+                msg.write_bytes(slot * MSG_DESC_SIZE, &m);
+            }
+            6 => {
+                let _ = r.msg_window();
+                for _ in 0..=geometry.msg_entries() {
+                    let Some(raw) = r.next_message() else {
+                        break;
+                    };
+                    let _ = rvscsi::pvscsi::msg::action(rvscsi::pvscsi::msg::Message::decode(&raw));
+                }
+                if inp.u8() & 1 == 1 {
+                    r.skip_messages();
+                }
+            }
+            7 => {
+                // An adapter reset: everything outstanding taken back once;
+                // SETUP_RINGS zeroes the device's indices.
+                let mut taken = HashSet::new();
+                r.reclaim_all(&mut |t| assert!(taken.insert(t), "taken back twice"));
+                assert_eq!(
+                    taken, outstanding,
+                    "the reset takes back what is outstanding"
+                );
+                assert!(taken.is_disjoint(&done));
+                done.extend(taken);
+                outstanding.clear();
+                published.clear();
+                for off in [rs::CMP_PROD, rs::MSG_PROD, rs::REQ_CONS] {
+                    state.write_u32(off, 0);
+                }
+            }
+            _ => {
+                let _ = r.device_pending_requests();
+                let _ = r.completions_waiting();
+                assert_eq!(r.outstanding(), outstanding.len());
+            }
+        }
+    }
+    let mut taken = HashSet::new();
+    r.reclaim_all(&mut |t| assert!(taken.insert(t), "taken back twice"));
+    assert_eq!(
+        taken, outstanding,
+        "the reset takes back exactly what is outstanding"
+    );
+    assert!(
+        taken.is_disjoint(&done),
+        "a command both completed and taken back"
+    );
+    assert_eq!(r.outstanding(), 0);
+    assert_eq!(r.free_contexts(), geometry.req_entries() as usize);
+}
+
+/// A pvscsi completion as a device could write it, mapped to the SCSA
+/// outcome as the family's decode does: the residual never exceeds the
+/// transfer, valid sense never exceeds what was offered, and a status
+/// wider than a byte is never a completed command.
+pub fn pvscsi_completion(data: &[u8]) {
+    use rvscsi::pvscsi::status::{self, MAX_SENSE_OFFER};
+    use rvscsi::pvscsi::wire::{CMP_DESC_SIZE, Completion};
+    let mut inp = Input::new(data);
+    let c = Completion::parse(&inp.bytes::<CMP_DESC_SIZE>());
+    let xfer = usize::from(inp.u16()) * 8;
+    let dir = match (xfer, inp.u8() % 2) {
+        (0, _) => DataDir::None,
+        (_, 0) => DataDir::In,
+        _ => DataDir::Out,
+    };
+    let facts = status::CmdFacts {
+        xfer,
+        dir,
+        opcode: inp.u8(),
+        sense_offered: MAX_SENSE_OFFER,
+        timed_out: inp.u8() & 1 == 1,
+        recovery: PktStatistics::from_bits_truncate(u32::from(inp.u16())),
+    };
+    let m = status::map_completion(&c, &facts);
+    assert!(
+        m.outcome.resid <= xfer,
+        "resid {} beyond {xfer}",
+        m.outcome.resid
+    );
+    assert!(
+        m.sense_len <= MAX_SENSE_OFFER as usize,
+        "sense {}",
+        m.sense_len
+    );
+    if c.scsi_status > 0xFF {
+        assert_ne!(m.outcome.reason, rvscsi::ffi::CMD_CMPLT, "{c:?}");
+    }
+}
+
 /// Runs every harness on `data` (what the generated-input test does).
 pub fn all(data: &[u8]) {
     ring(data);
     response(data);
     control(data);
     config(data);
+    pvscsi_rings(data);
+    pvscsi_completion(data);
 }
 
 #[cfg(test)]
@@ -321,5 +576,10 @@ mod tests {
         }
         all(&[]);
         all(&[0xff; 1024]);
+        let completed = COMPLETED.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            completed > 200,
+            "pvscsi_rings completed only {completed} commands"
+        );
     }
 }

@@ -1,0 +1,4 @@
+//! libFuzzer target: [`rvscsi_fuzz::pvscsi_rings`] (the input plays the device).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| rvscsi_fuzz::pvscsi_rings(data));
