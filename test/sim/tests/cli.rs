@@ -79,10 +79,7 @@ fn device_pvscsi_formats_and_copies_through_vmware_pvscsi() {
         err.starts_with("2+0 records in\n2+0 records out\n"),
         "{err}"
     );
-    assert!(
-        b.read(1 << 20, 2 << 20) == pattern,
-        "target 40 holds it"
-    );
+    assert!(b.read(1 << 20, 2 << 20) == pattern, "target 40 holds it");
     assert!(
         a.read(0, 4096) == a.expected(0, 8),
         "the other disk is untouched"
