@@ -2,7 +2,9 @@
 //! random places across LUNs, with media errors and device misbehaviour
 //! switched on and off, resets now and then; every read checked against a
 //! model of the disk. Its length is RVSCSI_SOAK_SECONDS (default 20: CI);
-//! it prints what it ran and what it saw.
+//! it prints what it ran and what it saw. It runs on virtio-scsi (with the
+//! hostile-device layer's misbehaviour) and on VMware PVSCSI (media errors
+//! and resets: the hostile layer's pvscsi faults are its own tests').
 //!
 //!     RVSCSI_SOAK_SECONDS=600 cargo test -p rvscsi-sim --test soak -- --nocapture
 
@@ -29,6 +31,18 @@ fn acceptable(c: &Completion) -> Result<(), String> {
 
 #[test]
 fn soak() {
+    soak_on(RigConfig::default(), true);
+}
+
+#[test]
+fn soak_pvscsi() {
+    soak_on(RigConfig::pvscsi(Vec::new()), false);
+}
+
+/// The soak on the HBA of `base`, with the hostile-device layer's faults
+/// if `device_faults`.
+fn soak_on(base: RigConfig, device_faults: bool) {
+    let family = format!("{:?}", base.family);
     let seconds: u64 = std::env::var("RVSCSI_SOAK_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -45,10 +59,15 @@ fn soak() {
     }
     std::fs::write(&rules, text).unwrap();
     let rig = Rig::start(RigConfig {
-        images: vec![(8192, 0, 0), (8192, 0, 1), (8192, 2, 0)],
+        // QEMU's pvscsi has LUN 0 only (max_lun 0): a second target there.
+        images: if device_faults {
+            vec![(8192, 0, 0), (8192, 0, 1), (8192, 2, 0)]
+        } else {
+            vec![(8192, 0, 0), (8192, 1, 0), (8192, 2, 0)]
+        },
         blkdebug: vec![Some(format!("blkdebug:{}:", rules.display())), None, None],
         driver: Driver::Recorder,
-        ..RigConfig::default()
+        ..base
     });
     let luns = rig.load_luns();
     let m = rig.bed().machine.clone();
@@ -76,7 +95,11 @@ fn soak() {
             }
             next_event = p.elapsed + Duration::from_millis(200 + rng.below(600));
             // One misbehaviour or one reset at a time, at random.
-            match rng.below(12) {
+            let pick = rng.below(12);
+            if !device_faults && pick < 8 {
+                return;
+            }
+            match pick {
                 0 => m.faults.arm(Fault::Duplicate(Match::Any)),
                 1 => m
                     .faults
@@ -118,7 +141,7 @@ fn soak() {
         .filter(|p| p.contains("read back wrong"))
         .count();
     println!(
-        "soak: {seconds} s, {} commands ({} good), {resets} resets, by reason {:?}, sense {:?}",
+        "soak ({family}): {seconds} s, {} commands ({} good), {resets} resets, by reason {:?}, sense {:?}",
         r.completed, r.good, r.by_reason, r.sense
     );
     println!("soak: device faults {st:?}");
