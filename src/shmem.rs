@@ -125,3 +125,52 @@ pub mod host {
         fn sync_for_cpu(&self, _off: usize, _len: usize) {}
     }
 }
+
+/// Host memory that two owners share (a ring's "driver" and a test
+/// playing the device) and that may move between threads, for unit tests.
+#[cfg(test)]
+pub mod shared {
+    use super::{SharedMem, in_bounds};
+    use std::sync::{Arc, Mutex};
+    use std::vec;
+    use std::vec::Vec;
+
+    /// `len` zeroed bytes at bus address `base`; clones share them.
+    #[derive(Clone)]
+    pub struct SharedHostMem {
+        bytes: Arc<Mutex<Vec<u8>>>,
+        base: u64,
+    }
+
+    impl SharedHostMem {
+        /// `len` zeroed bytes at bus address `base`.
+        pub fn new(len: usize, base: u64) -> Self {
+            SharedHostMem {
+                bytes: Arc::new(Mutex::new(vec![0; len])),
+                base,
+            }
+        }
+    }
+
+    impl SharedMem for SharedHostMem {
+        fn len(&self) -> usize {
+            self.bytes.lock().unwrap().len()
+        }
+        fn device_addr(&self) -> u64 {
+            self.base
+        }
+        fn read_bytes(&self, off: usize, dst: &mut [u8]) {
+            let b = self.bytes.lock().unwrap();
+            assert!(in_bounds(off, dst.len(), b.len()), "read out of bounds");
+            dst.copy_from_slice(&b[off..off + dst.len()]);
+        }
+        fn write_bytes(&self, off: usize, src: &[u8]) {
+            let mut b = self.bytes.lock().unwrap();
+            let n = b.len();
+            assert!(in_bounds(off, src.len(), n), "write out of bounds");
+            b[off..off + src.len()].copy_from_slice(src);
+        }
+        fn sync_for_device(&self, _off: usize, _len: usize) {}
+        fn sync_for_cpu(&self, _off: usize, _len: usize) {}
+    }
+}

@@ -40,10 +40,11 @@ const NO_COMPLETION: Completion = Completion {
     scsi_status: 0xFFFF,
 };
 
-/// The pvscsi part of a command.
-pub struct PvCmd {
+/// The pvscsi part of a command (its memory `M`: DMA memory in the
+/// driver, host memory in unit tests).
+pub struct PvCmd<M = DmaBuffer> {
     /// SG list and sense buffer.
-    pub mem: DmaBuffer,
+    pub mem: M,
     /// The request descriptor, context still to be filled in.
     pub desc: [u8; REQ_DESC_SIZE],
     /// Whether the request could be encoded (TRAN_BADPKT if not).
@@ -58,7 +59,7 @@ pub struct PvCmd {
     pub sense_valid: usize,
 }
 
-impl PvCmd {
+impl PvCmd<DmaBuffer> {
     /// A command's pvscsi part with its DMA memory allocated.
     pub fn new(dip: Dip, sleep: Sleep) -> Result<PvCmd, DdiError> {
         let mem = DmaBuffer::alloc(
@@ -69,7 +70,15 @@ impl PvCmd {
             DmaMode::Streaming,
             sleep,
         )?;
-        Ok(PvCmd {
+        Ok(PvCmd::over(mem))
+    }
+}
+
+impl<M> PvCmd<M> {
+    /// A command's pvscsi part over `mem` ([`CMD_MEM_LEN`] bytes, its
+    /// start page-aligned).
+    pub fn over(mem: M) -> PvCmd<M> {
+        PvCmd {
             mem,
             desc: [0; REQ_DESC_SIZE],
             encoded: Err(EncodeError::BadContext),
@@ -77,7 +86,13 @@ impl PvCmd {
             bell: Doorbell::NonReadWrite,
             completion: NO_COMPLETION,
             sense_valid: 0,
-        })
+        }
+    }
+
+    /// The descriptor for `context` (what [`Self::descriptor_from`] makes
+    /// of this command's).
+    pub fn descriptor_from_self(&self, context: u64) -> [u8; REQ_DESC_SIZE] {
+        Self::descriptor_from(self.desc)(context)
     }
 
     /// A maker of the descriptor `desc` with the context the ring gives
@@ -104,9 +119,9 @@ pub fn tag_byte(a: TaskAttr) -> u8 {
 }
 
 /// Encodes `req` into the command's descriptor and SG list (synced for
-/// the device); an impossible request is remembered and refused at
-/// submission.
-pub fn prepare(f: &mut CmdFields<PvCmd>, req: &Request<'_>) {
+/// the device), `vcpu_hint` the submitting CPU; an impossible request is
+/// remembered and refused at submission.
+pub fn prepare<M: SharedMem>(f: &mut CmdFields<PvCmd<M>>, req: &Request<'_>, vcpu_hint: u8) {
     let x = &mut f.dev;
     x.completion = NO_COMPLETION;
     x.sense_valid = 0;
@@ -128,7 +143,7 @@ pub fn prepare(f: &mut CmdFields<PvCmd>, req: &Request<'_>) {
         dir: req.dir,
         segments: req.cookies,
         sense,
-        vcpu_hint: crate::ddi::cpu::current_seqid() as u8,
+        vcpu_hint,
     };
     let sg = SgArea {
         mem: &x.mem,
@@ -142,7 +157,7 @@ pub fn prepare(f: &mut CmdFields<PvCmd>, req: &Request<'_>) {
 }
 
 /// The outcome of the completion the command holds.
-pub fn decode(f: &mut CmdFields<PvCmd>, facts: &CmdFacts) -> Outcome {
+pub fn decode<M>(f: &mut CmdFields<PvCmd<M>>, facts: &CmdFacts) -> Outcome {
     let x = &mut f.dev;
     let m = status::map_completion(
         &x.completion,
@@ -160,7 +175,7 @@ pub fn decode(f: &mut CmdFields<PvCmd>, facts: &CmdFacts) -> Outcome {
 }
 
 /// Copies the valid sense bytes into `out`; bytes copied.
-pub fn copy_sense(f: &CmdFields<PvCmd>, out: &mut [u8]) -> usize {
+pub fn copy_sense<M: SharedMem>(f: &CmdFields<PvCmd<M>>, out: &mut [u8]) -> usize {
     let x = &f.dev;
     let n = x.sense_valid.min(out.len()).min(SENSE_BUFFER_SIZE);
     if n > 0 {
@@ -174,7 +189,7 @@ pub fn copy_sense(f: &CmdFields<PvCmd>, out: &mut [u8]) -> usize {
 /// (QEMU: no device at that id, `pvscsi_device_find`) or a LUN mismatch
 /// means absent; a completed command with a real status means present;
 /// anything else is no answer.
-pub fn presence(f: &CmdFields<PvCmd>) -> Presence {
+pub fn presence<M>(f: &CmdFields<PvCmd<M>>) -> Presence {
     let c = &f.dev.completion;
     let status_byte = c.scsi_status <= 0xFF;
     match c.host_status {
@@ -189,5 +204,258 @@ pub fn presence(f: &CmdFields<PvCmd>) -> Presence {
             Presence::Present
         }
         _ => Presence::Unknown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ffi;
+    use crate::hba::cmd::{Cmd, OwnedCmd};
+    use crate::hba::family::Request;
+    use crate::pvscsi::wire::{
+        FLAG_DIR_NONE, FLAG_DIR_TODEVICE, FLAG_DIR_TOHOST, FLAG_WITH_SG_LIST,
+    };
+    use crate::scsa::addr::LunNumber;
+    use crate::scsa::flags::DataDir;
+    use crate::scsa::{PktStatistics, outcome::STATE_COMPLETED};
+    use crate::shmem::shared::SharedHostMem;
+    use std::boxed::Box;
+
+    const BASE: u64 = 0x7000_0000;
+
+    fn cmd() -> Box<Cmd<PvCmd<SharedHostMem>>> {
+        Box::new(Cmd::new(PvCmd::over(SharedHostMem::new(CMD_MEM_LEN, BASE))))
+    }
+
+    fn cookie(addr: u64, size: usize) -> ffi::ddi_dma_cookie_t {
+        ffi::ddi_dma_cookie_t {
+            dmac_laddress: addr,
+            dmac_size: size,
+            dmac_type: 0,
+        }
+    }
+
+    fn req<'a>(cdb: &'a [u8], cookies: &'a [ffi::ddi_dma_cookie_t], dir: DataDir) -> Request<'a> {
+        Request {
+            target: 17,
+            lun: LunNumber::new(3).unwrap(),
+            cdb,
+            cookies,
+            dir,
+            task_attr: TaskAttr::Ordered,
+            polled: false,
+            time_s: 0,
+            tag: 9,
+        }
+    }
+
+    fn le64(d: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(d[off..off + 8].try_into().unwrap())
+    }
+    fn le32(d: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(d[off..off + 4].try_into().unwrap())
+    }
+
+    #[test]
+    fn a_one_cookie_read_is_described_in_the_descriptor_itself() {
+        let c = cmd();
+        let mut o = OwnedCmd::claim(&c).unwrap();
+        let cdb = [0x28, 0, 0, 0, 0, 8, 0, 0, 8, 0];
+        let k = [cookie(0x1234_5000, 4096)];
+        prepare(o.fields(), &req(&cdb, &k, DataDir::In), 5);
+        let x = &o.fields_ref().dev;
+        assert_eq!(x.encoded, Ok(()));
+        assert_eq!((x.opcode, x.bell), (0x28, Doorbell::ReadWrite));
+        assert_eq!(x.completion, NO_COMPLETION);
+        let d = x.descriptor_from_self(77);
+        assert_eq!(le64(&d, offset_of!(ReqDesc, context)), 77);
+        assert_eq!(le64(&d, offset_of!(ReqDesc, data_addr)), 0x1234_5000);
+        assert_eq!(le64(&d, offset_of!(ReqDesc, data_len)), 4096);
+        assert_eq!(
+            le64(&d, offset_of!(ReqDesc, sense_addr)),
+            BASE + SENSE_OFF as u64
+        );
+        assert_eq!(le32(&d, offset_of!(ReqDesc, sense_len)), MAX_SENSE_OFFER);
+        assert_eq!(le32(&d, offset_of!(ReqDesc, flags)), FLAG_DIR_TOHOST);
+        assert_eq!(&d[offset_of!(ReqDesc, cdb)..][..10], &cdb);
+        assert_eq!(d[offset_of!(ReqDesc, cdb_len)], 10);
+        assert_eq!(
+            &d[offset_of!(ReqDesc, lun)..][..8],
+            &[0, 3, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(d[offset_of!(ReqDesc, tag)], wire::TAG_ORDERED);
+        assert_eq!(d[offset_of!(ReqDesc, target)], 17);
+        assert_eq!(d[offset_of!(ReqDesc, vcpu_hint)], 5);
+        o.release(crate::hba::cmd::CmdState::Idle);
+    }
+
+    #[test]
+    fn several_cookies_go_through_the_sg_list_in_the_commands_page() {
+        let c = cmd();
+        let mut o = OwnedCmd::claim(&c).unwrap();
+        let cdb = [0x2a, 0, 0, 0, 0, 8, 0, 0, 24, 0];
+        let k = [
+            cookie(0x10_0000, 4096),
+            cookie(0x20_0000, 4096),
+            cookie(0x30_0000, 4096),
+        ];
+        prepare(o.fields(), &req(&cdb, &k, DataDir::Out), 0);
+        let x = &o.fields_ref().dev;
+        let d = x.descriptor_from_self(1);
+        assert_eq!(
+            le32(&d, offset_of!(ReqDesc, flags)),
+            FLAG_DIR_TODEVICE | FLAG_WITH_SG_LIST
+        );
+        assert_eq!(
+            le64(&d, offset_of!(ReqDesc, data_addr)),
+            BASE + SG_OFF as u64
+        );
+        assert_eq!(le64(&d, offset_of!(ReqDesc, data_len)), 3 * 4096);
+        for (i, k) in k.iter().enumerate() {
+            assert_eq!(
+                x.mem.read_u64(SG_OFF + i * SG_ELEMENT_SIZE),
+                k.dmac_laddress
+            );
+            assert_eq!(x.mem.read_u32(SG_OFF + i * SG_ELEMENT_SIZE + 8), 4096);
+        }
+        o.release(crate::hba::cmd::CmdState::Idle);
+    }
+
+    #[test]
+    fn impossible_requests_are_remembered_for_submission_to_refuse() {
+        let c = cmd();
+        let mut o = OwnedCmd::claim(&c).unwrap();
+        // READ(10) into a buffer the device is to read: QEMU would lose it.
+        let k = [cookie(0x1000, 512)];
+        prepare(
+            o.fields(),
+            &req(&[0x28, 0, 0, 0, 0, 1, 0, 0, 1, 0], &k, DataDir::Out),
+            0,
+        );
+        assert_eq!(
+            o.fields_ref().dev.encoded,
+            Err(EncodeError::DirectionContradictsCdb)
+        );
+        // TEST UNIT READY: no data, the non-READ/WRITE doorbell.
+        prepare(o.fields(), &req(&[0; 6], &[], DataDir::None), 0);
+        let x = &o.fields_ref().dev;
+        assert_eq!((x.encoded, x.bell), (Ok(()), Doorbell::NonReadWrite));
+        assert_eq!(
+            le32(&x.descriptor_from_self(1), offset_of!(ReqDesc, flags)),
+            FLAG_DIR_NONE
+        );
+        // A LUN lun[1] cannot carry.
+        let mut r = req(&[0; 6], &[], DataDir::None);
+        r.lun = LunNumber::new(300).unwrap();
+        prepare(o.fields(), &r, 0);
+        assert_eq!(o.fields_ref().dev.encoded, Err(EncodeError::LunOutOfRange));
+        o.release(crate::hba::cmd::CmdState::Idle);
+    }
+
+    #[test]
+    fn task_attributes_map_to_tag_bytes() {
+        assert_eq!(tag_byte(TaskAttr::Simple), wire::TAG_SIMPLE);
+        assert_eq!(tag_byte(TaskAttr::Aca), wire::TAG_SIMPLE);
+        assert_eq!(tag_byte(TaskAttr::Ordered), wire::TAG_ORDERED);
+        assert_eq!(tag_byte(TaskAttr::HeadOfQueue), wire::TAG_HEAD);
+    }
+
+    fn facts(xfer: usize) -> CmdFacts {
+        CmdFacts {
+            xfer,
+            dir: DataDir::In,
+            timed_out: false,
+            recovery: PktStatistics::empty(),
+        }
+    }
+
+    #[test]
+    fn completions_decode_to_outcomes_and_sense_is_what_the_device_said() {
+        let c = cmd();
+        let mut o = OwnedCmd::claim(&c).unwrap();
+        let k = [cookie(0x1000, 4096)];
+        prepare(
+            o.fields(),
+            &req(&[0x28, 0, 0, 0, 0, 1, 0, 0, 8, 0], &k, DataDir::In),
+            0,
+        );
+        // Nothing reaped: never a success.
+        let none = decode(o.fields(), &facts(4096));
+        assert_ne!(none.reason, ffi::CMD_CMPLT);
+        // Good, dataLen 0 (QEMU): no residual.
+        o.fields().dev.completion = Completion {
+            host_status: btstat::SUCCESS,
+            scsi_status: 0,
+            ..Completion::default()
+        };
+        let good = decode(o.fields(), &facts(4096));
+        assert_eq!(
+            (good.reason, good.status, good.resid),
+            (ffi::CMD_CMPLT, 0, 0)
+        );
+        assert!(good.state.contains(STATE_COMPLETED));
+        assert_eq!(o.fields_ref().dev.sense_valid, 0);
+        // CHECK CONDITION with 18 bytes of sense in the buffer.
+        let sense: [u8; 18] = core::array::from_fn(|i| 0x70 + i as u8);
+        o.fields_ref().dev.mem.write_bytes(SENSE_OFF, &sense);
+        o.fields().dev.completion = Completion {
+            host_status: btstat::SUCCESS,
+            scsi_status: u16::from(ffi::STATUS_CHECK),
+            sense_len: 18,
+            ..Completion::default()
+        };
+        let check = decode(o.fields(), &facts(4096));
+        assert!(check.is_check_condition());
+        assert_eq!(o.fields_ref().dev.sense_valid, 18);
+        let mut out = [0u8; 32];
+        assert_eq!(copy_sense(o.fields_ref(), &mut out), 18);
+        assert_eq!(&out[..18], &sense);
+        let mut short = [0u8; 8];
+        assert_eq!(
+            copy_sense(o.fields_ref(), &mut short),
+            8,
+            "never past the caller's room"
+        );
+        assert_eq!(short, sense[..8]);
+        o.release(crate::hba::cmd::CmdState::Idle);
+    }
+
+    #[test]
+    fn a_probe_reads_presence_from_the_host_status() {
+        let c = cmd();
+        let mut o = OwnedCmd::claim(&c).unwrap();
+        let mut at = |host_status: u16, scsi_status: u16| {
+            o.fields().dev.completion = Completion {
+                host_status,
+                scsi_status,
+                ..Completion::default()
+            };
+            presence(o.fields_ref())
+        };
+        assert_eq!(at(btstat::SELTIMEO, 0), Presence::Absent);
+        assert_eq!(at(btstat::LUNMISMATCH, 0), Presence::Absent);
+        assert_eq!(at(btstat::SUCCESS, 0), Presence::Present);
+        assert_eq!(
+            at(btstat::SUCCESS, 2),
+            Presence::Present,
+            "a CHECK is an answer"
+        );
+        assert_eq!(at(btstat::LINKED_COMMAND_COMPLETED, 0), Presence::Present);
+        assert_eq!(
+            at(btstat::LINKED_COMMAND_COMPLETED_WITH_FLAG, 0),
+            Presence::Present
+        );
+        assert_eq!(at(btstat::DATA_UNDERRUN, 0), Presence::Present);
+        assert_eq!(at(btstat::DATARUN, 0), Presence::Present);
+        assert_eq!(
+            at(btstat::SUCCESS, 0x100),
+            Presence::Unknown,
+            "no such status"
+        );
+        assert_eq!(at(btstat::SUCCESS, 0xFF), Presence::Present);
+        assert_eq!(at(btstat::BUSRESET, 0), Presence::Unknown);
+        assert_eq!(at(btstat::HASOFTWARE, 0xFFFF), Presence::Unknown);
+        o.release(crate::hba::cmd::CmdState::Idle);
     }
 }

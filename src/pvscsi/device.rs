@@ -483,7 +483,8 @@ impl Family for Pvscsi {
     }
 
     fn prepare(&self, f: &mut CmdFields<PvCmd>, req: &Request<'_>) {
-        cmd::prepare(f, req);
+        // The submitting CPU steers the completion (notes §5.3); a hint.
+        cmd::prepare(f, req, crate::ddi::cpu::current_seqid() as u8);
     }
 
     fn add(
@@ -654,5 +655,45 @@ impl Family for Pvscsi {
     unsafe fn free_device_memory(&mut self) {
         // Every ring the device uses lives in the request queue (freed by
         // the core after the device stopped); the rest is the commands'.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_management_answers_follow_command_status() {
+        assert_eq!(tm_answer(CommandStatus::Done(0)), TmAnswer::Done);
+        assert_eq!(tm_answer(CommandStatus::Done(7)), TmAnswer::Done);
+        assert_eq!(
+            tm_answer(CommandStatus::Failed),
+            TmAnswer::Refused(u32::MAX)
+        );
+        assert_eq!(tm_answer(CommandStatus::AwaitingData), TmAnswer::NoAnswer);
+    }
+
+    #[test]
+    fn the_largest_transfer_fits_the_sg_list_whatever_its_alignment() {
+        // An unaligned buffer of MAX_XFER bytes touches at most 128 pages.
+        let worst_pages = (MAX_XFER as usize).div_ceil(PAGE_SIZE) + 1;
+        assert_eq!(worst_pages, MAX_SG_ENTRIES);
+        assert_eq!(MAX_XFER, 508 * 1024);
+    }
+
+    #[test]
+    fn command_and_ring_errors_keep_their_meaning_in_attach() {
+        assert_eq!(
+            AttachError::from(CommandError::BadPageCount { pages: 3 }),
+            AttachError::Layout("ring page count")
+        );
+        assert_eq!(
+            AttachError::from(CommandError::LunOutOfRange),
+            AttachError::Layout("LUN out of range")
+        );
+        assert_eq!(
+            AttachError::from(RingSetupError::BadStatePage),
+            AttachError::Layout("ring memory is not page-aligned or too small")
+        );
     }
 }
