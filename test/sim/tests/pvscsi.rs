@@ -306,3 +306,42 @@ fn a_hot_plugged_disk_appears_and_a_removed_one_goes_from_the_message_ring() {
     );
     rig.finish_clean();
 }
+
+#[test]
+fn detach_waits_for_a_command_out_then_the_hba_attaches_again_and_quiesce_masks_the_device() {
+    let mut rig = slow_rig(Duration::from_millis(1500));
+    let dev = rig.recorder.devices().remove(0);
+    clear_unit_attention(&dev);
+    let held = read_block(&dev, 7);
+    assert_eq!(held.start_async(), ffi::TRAN_ACCEPT);
+    let bed = rig.bed.as_mut().expect("attached");
+    let e = bed.detach_nodes().expect_err("detach with a command out");
+    assert!(e.0.contains("detach of iport0 failed"), "{e}");
+    assert!(held.wait(Duration::from_secs(20)), "the command completes");
+    assert_eq!(
+        (held.result().reason, held.result().status()),
+        (ffi::CMD_CMPLT, 0)
+    );
+    assert_eq!(held.comp_calls(), 1);
+    held.destroy();
+    let bed = rig.bed.as_mut().expect("attached");
+    let report = bed.detach_nodes().expect("detach once idle");
+    assert!(report.is_clean(), "{report:?}");
+    // The same device again: a new instance with its rings set up anew.
+    bed.reattach().expect("re-attach");
+    let dev = rig.recorder.devices().pop().expect("the LUN again");
+    clear_unit_attention(&dev);
+    let p = read_block(&dev, 8);
+    assert_eq!(p.start_async(), ffi::TRAN_ACCEPT);
+    assert!(p.wait(Duration::from_secs(20)));
+    assert_eq!(p.result().reason, ffi::CMD_CMPLT);
+    p.destroy();
+    // quiesce(9E): ADAPTER_RESET and every interrupt masked.
+    let m = rig.bed().machine.clone();
+    let bar0 = m.bar(0).expect("BAR 0");
+    let mask = || m.qt.readl(bar0.addr + 0x2010).expect("INTR_MASK");
+    assert_ne!(mask(), 0, "interrupts enabled while running");
+    assert_eq!(rig.bed().quiesce(), ffi::DDI_SUCCESS);
+    assert_eq!(mask(), 0, "masked by quiesce");
+    rig.finish_clean();
+}
