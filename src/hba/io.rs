@@ -17,7 +17,65 @@ use crate::probes;
 use crate::scsa::flags::DataDir;
 use crate::scsa::pkt::Pkt;
 use crate::scsa::{Outcome, PktFlags, PktState, PktStatistics};
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+/// Deadlines without a kernel call per command: the clock (`lbolt`) as the
+/// watchdog last read it, and the clock rate read once. sd gives every
+/// command a pkt_time (sd.c `sd_setup_rw_pkt`: `un_cmd_timeout`, 60 s by
+/// default), so `ddi_get_lbolt64(9F)` and `drv_usectohz(9F)` per command
+/// would be two kernel calls on every I/O. The clock read is at most one
+/// watchdog interval old (1 s; 10 ms polled), so a deadline is that
+/// interval later than the command's start plus its pkt_time: never
+/// earlier (pkt_time is the least a command is given), and the watchdog,
+/// which compares against a fresh `lbolt` once a tick, already sees a
+/// deadline only to within its interval. A periodic the system runs late
+/// (ddi_periodic_add(9F) promises no more than its interval) leaves the
+/// reading older than that; a deadline set meanwhile is earlier by the
+/// lateness, seconds against sd's 60.
+pub struct DeadlineClock {
+    /// `ddi_get_lbolt64()` at the last watchdog tick (or attach).
+    now: AtomicI64,
+    /// Ticks per second (`drv_usectohz(MICROSEC)`).
+    hz: i64,
+    /// Ticks per watchdog interval, at most (a second).
+    slack: i64,
+}
+
+impl DeadlineClock {
+    /// The clock, read now (attach: thread context).
+    pub fn start() -> DeadlineClock {
+        let hz = time::usec_to_ticks(ffi::MICROSEC).max(1);
+        DeadlineClock {
+            now: AtomicI64::new(time::lbolt()),
+            hz,
+            slack: hz,
+        }
+    }
+
+    /// Reads the clock again (the watchdog tick).
+    pub fn tick(&self) {
+        self.now.store(time::lbolt(), Ordering::Relaxed);
+    }
+
+    /// The deadline of a command of `time_s` seconds started now.
+    pub fn deadline(&self, time_s: i32) -> i64 {
+        deadline_after(
+            self.now.load(Ordering::Relaxed),
+            self.hz,
+            self.slack,
+            time_s,
+        )
+    }
+}
+
+/// `time_s` seconds of `hz` ticks after `now`, plus `slack` ticks for the
+/// age of `now`; never 0 (0 means "no deadline") and never wrapped.
+fn deadline_after(now: i64, hz: i64, slack: i64, time_s: i32) -> i64 {
+    let d = now
+        .saturating_add(hz.saturating_mul(i64::from(time_s)))
+        .saturating_add(slack);
+    if d == 0 { 1 } else { d }
+}
 
 /// `SCSI_POLL_TIMEOUT`: seconds a polled command without `pkt_time` may take.
 const POLL_TIMEOUT_S: i64 = 60;
@@ -287,7 +345,7 @@ impl<F: Family> Hba<F> {
     pub(crate) fn prepare(&self, c: &mut OwnedCmd<F::CmdExt>, req: &Request<'_>) {
         let xfer: usize = req.cookies.iter().map(|k| k.dmac_size).sum();
         let deadline = if req.time_s > 0 && !req.polled {
-            time::lbolt() + time::usec_to_ticks(i64::from(req.time_s) * ffi::MICROSEC)
+            self.clock.deadline(req.time_s)
         } else {
             0
         };
@@ -826,6 +884,26 @@ impl<F: Family> Hba<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deadline_is_pkt_time_plus_the_clocks_age_after_the_last_reading() {
+        assert_eq!(deadline_after(1000, 100, 100, 60), 1000 + 6000 + 100);
+        assert_eq!(
+            deadline_after(-5000, 1000, 1000, 1),
+            -3000,
+            "lbolt may be anywhere"
+        );
+        assert_eq!(
+            deadline_after(i64::MAX - 10, 100, 100, 60),
+            i64::MAX,
+            "saturates"
+        );
+        assert_eq!(
+            deadline_after(-101, 1, 100, 1),
+            1,
+            "never 0, which means none"
+        );
+    }
 
     #[test]
     fn every_request_queue_has_its_own_hand_off_bit() {

@@ -303,6 +303,8 @@ pub struct Hba<F: Family> {
     /// Doorbells deferred to the end of the completion passes running.
     pub(crate) pass_kicks: io::PassKicks,
     pub(crate) next_tag: AtomicU64,
+    /// The deadline clock (see [`io::DeadlineClock`]).
+    pub(crate) clock: io::DeadlineClock,
     pub(crate) state: AtomicHbaState,
     pub(crate) work: KMutex<Work>,
     pub(crate) taskq: Option<TaskQueue>,
@@ -355,6 +357,7 @@ impl<F: Family> Hba<F> {
             reaping: [const { AtomicU16::new(0) }; REAP_HINTS],
             pass_kicks: io::PassKicks::new(),
             next_tag: AtomicU64::new(1),
+            clock: io::DeadlineClock::start(),
             state: AtomicHbaState::new(HbaState::Attaching),
             work: KMutex::new(Work::default(), pri),
             taskq: Some(taskq),
@@ -435,6 +438,7 @@ impl<F: Family> Hba<F> {
         // 0), but what it completes must not recover synchronously from
         // inside this tick: the driver's own delivery (`own_delivery`).
         let _delivering = self.own_delivery();
+        self.clock.tick();
         // Completions a poller parked since the last interrupt, in any
         // state: after a failed reset no interrupt will come for them.
         for n in 0..self.queues.len() {

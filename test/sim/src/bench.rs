@@ -517,6 +517,10 @@ pub fn table_line(r: &Row) -> String {
     )
 }
 
+/// sd's default command timeout (`SD_IO_TIME`, uts/common/sys/scsi/targets/sddef.h; sd.c `sd_setup_rw_pkt` sets it as pkt_time), the pkt_time of every
+/// I/O it starts.
+pub const SD_IO_TIME: i32 = 60;
+
 /// The closed loop of one run.
 struct Stream {
     mix: Mix,
@@ -595,10 +599,13 @@ impl Stream {
             ..InitArgs::default()
         };
         let buf = self.bufs[slot].clone();
-        let p = self
+        let mut p = self
             .dev
             .init_pkt(Some(buf), args)
             .map_err(|e| format!("scsi_init_pkt: {e:?}"))?;
+        // sd gives every I/O a pkt_time (sd_setup_rw_pkt: un_cmd_timeout,
+        // SD_IO_TIME 60 s by default): the HBA pays for its deadline.
+        p.set_time(SD_IO_TIME);
         self.set_cdb(&p);
         let s = self.clone();
         p.set_restart(Some(Arc::new(move |p: &Packet| s.on_complete(slot, p))));
