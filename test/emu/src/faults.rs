@@ -152,6 +152,15 @@ pub enum Fault {
     /// pvscsi: with the next message the device posts, msgProdIdx jumps
     /// this many entries more (more than the ring: an overflow).
     MsgProdOverflow(u32),
+    /// pvscsi: the rings-state page's log2 field of a ring (offset 8
+    /// request, 20 completion, 136 message) reads as this value, as long
+    /// as the fault is armed (a device that misread SETUP_RINGS).
+    RingLog2 {
+        /// The field's offset in the rings-state page.
+        offset: u64,
+        /// What it reads as.
+        value: u32,
+    },
 }
 
 /// What the layer did.

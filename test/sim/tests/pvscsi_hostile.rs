@@ -702,3 +702,39 @@ fn a_message_ring_overflow_leads_to_a_full_rediscovery() {
     assert!(rig.log().iter().any(|l| l.contains("target 10 appeared")));
     rig.finish_clean();
 }
+
+#[test]
+fn ring_sizes_the_device_misread_fail_attach_cleanly() {
+    // With 65 targets the driver sets up 32 request pages (1024 entries:
+    // log2 10), 32 completion pages (4096: log2 12) and one message page
+    // (32: log2 5); the device says otherwise.
+    for (what, offset, value) in [
+        ("request ring", 8u64, 8u32),
+        ("completion ring", 20, 7),
+        ("message ring", 136, 4),
+    ] {
+        let f = match Rig::try_attach(RigConfig {
+            faults: vec![Fault::RingLog2 { offset, value }],
+            ..RigConfig::pvscsi(vec![(2048, 0, 0)])
+        }) {
+            Ok(rig) => {
+                let log = rig.log();
+                rig.finish_clean();
+                panic!("{what}: attached although the device misread the rings: {log:?}");
+            }
+            Err(f) => f,
+        };
+        assert!(
+            f.report.is_clean(),
+            "{what}: a failed attach left {:?} (pages {}), violations {:?}",
+            f.report.leaks,
+            f.report.pages_leaked,
+            f.report.violations
+        );
+        assert!(
+            f.message.contains("attach of the HBA failed"),
+            "{what}: {}",
+            f.message
+        );
+    }
+}

@@ -55,6 +55,9 @@
 //!   `msgProdIdx` jumps `n` more (a device that kept posting into a full
 //!   ring, overwriting what the driver had not read: more than a ring
 //!   ahead means messages were lost).
+//! - [`Fault::RingLog2`]: a log2 field of the rings-state page reads
+//!   wrong while armed (a device that misread SETUP_RINGS, or QEMU's own
+//!   wrong log2 for page counts that are not a power of two).
 
 use super::{Fault, FaultStats, Reg};
 use crate::machine::lock;
@@ -95,6 +98,9 @@ const MSG_PER_PAGE: usize = PAGE as usize / MSG_DESC;
 
 // Rings-state page offsets (`PVSCSIRingsState`).
 const RS_REQ_PROD: u64 = 0;
+const RS_REQ_LOG2: u64 = 8;
+const RS_CMP_LOG2: u64 = 20;
+const RS_MSG_LOG2: u64 = 136;
 const RS_CMP_PROD: u64 = 12;
 const RS_CMP_CONS: u64 = 16;
 const RS_MSG_PROD: u64 = 128;
@@ -469,6 +475,22 @@ impl PvFaults {
         let mut s = lock(&self.state);
         let Some(r) = s.rings.clone() else { return };
         let len = buf.len();
+        let log2: Vec<(u64, u32)> = s
+            .faults
+            .iter()
+            .filter_map(|f| match f {
+                Fault::RingLog2 { offset, value } => Some((*offset, *value)),
+                _ => None,
+            })
+            .collect();
+        for (offset, value) in log2 {
+            if matches!(offset, RS_REQ_LOG2 | RS_CMP_LOG2 | RS_MSG_LOG2)
+                && overlaps(gpa, len, r.state + offset, 4)
+            {
+                patch(buf, gpa, r.state + offset, &value.to_le_bytes());
+                s.stats.config_reads += 1;
+            }
+        }
         if overlaps(gpa, len, r.state + RS_CMP_PROD, 4) {
             advance_cmp(&mut s, qt, &r);
             if let Some(v) = &s.cmp {
@@ -867,21 +889,6 @@ fn advance_msg(s: &mut State, qt: &dyn Bus, r: &RingsInfo) {
         v.push(m);
         v.visible = v.visible.wrapping_add(jump);
     }
-}
-
-/// Whether `f` is a fault of this layer.
-pub fn is_pvscsi_fault(f: &Fault) -> bool {
-    matches!(
-        f,
-        Fault::Withhold(_)
-            | Fault::Duplicate(_)
-            | Fault::BogusContext(..)
-            | Fault::Completion(..)
-            | Fault::CmpProdRunaway(..)
-            | Fault::Message(_)
-            | Fault::ExtraMessages(_)
-            | Fault::MsgProdOverflow(_)
-    )
 }
 
 #[cfg(test)]
