@@ -16,6 +16,11 @@
 //!
 //! Faults are armed by a test ([`Faults::arm`]); until then the layer only
 //! watches register writes and changes nothing.
+//!
+//! On a pvscsi machine every hook goes to [`pvscsi::PvFaults`] instead,
+//! which knows that device's rings (see there).
+
+pub mod pvscsi;
 
 use crate::machine::lock;
 use rvscsi_qtest::Bus;
@@ -130,6 +135,32 @@ pub enum Fault {
     /// and the device is taken to keep the rings it had (the layer does
     /// not forget them), until cleared.
     ResetStuck,
+    /// pvscsi: before a matching completion, one naming this bogus
+    /// context is delivered (see [`pvscsi::BogusContext`]).
+    BogusContext(Match, pvscsi::BogusContext),
+    /// pvscsi: a matching completion's fields are replaced.
+    Completion(Match, pvscsi::CmpEdit),
+    /// pvscsi: with a matching completion, cmpProdIdx runs this many
+    /// entries ahead of what the device wrote, until ADAPTER_RESET.
+    CmpProdRunaway(Match, u32),
+    /// pvscsi: the next message the device posts reads as edited
+    /// ([`pvscsi::MsgEdit::garbage`]: an unknown kind with junk addresses).
+    Message(pvscsi::MsgEdit),
+    /// pvscsi: before the next message the device posts, these edits of
+    /// it are delivered too.
+    ExtraMessages(Vec<pvscsi::MsgEdit>),
+    /// pvscsi: with the next message the device posts, msgProdIdx jumps
+    /// this many entries more (more than the ring: an overflow).
+    MsgProdOverflow(u32),
+    /// pvscsi: the rings-state page's log2 field of a ring (offset 8
+    /// request, 20 completion, 136 message) reads as this value, as long
+    /// as the fault is armed (a device that misread SETUP_RINGS).
+    RingLog2 {
+        /// The field's offset in the rings-state page.
+        offset: u64,
+        /// What it reads as.
+        value: u32,
+    },
 }
 
 /// What the layer did.
@@ -156,6 +187,22 @@ pub struct FaultStats {
     /// Notifications of the control queue: task management requests the
     /// driver sent (counted whether or not a fault is armed).
     pub control_notifies: u64,
+    /// pvscsi: completions whose fields were replaced.
+    pub completion_edits: u64,
+    /// pvscsi: runaway completion producer indices shown.
+    pub runaways: u64,
+    /// pvscsi: messages invented ([`Fault::ExtraMessages`]).
+    pub messages_injected: u64,
+    /// pvscsi: message producer jumps ([`Fault::MsgProdOverflow`]).
+    pub msg_overflows: u64,
+    /// pvscsi: ADAPTER_RESET commands the driver sent (always counted).
+    pub adapter_resets: u64,
+    /// pvscsi: RESET_BUS commands (always counted).
+    pub bus_resets: u64,
+    /// pvscsi: RESET_DEVICE commands (always counted).
+    pub device_resets: u64,
+    /// pvscsi: ABORT_CMD commands (always counted).
+    pub abort_cmds: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -215,6 +262,8 @@ pub struct Faults {
     armed: AtomicBool,
     /// The machine's qtest connection (raw device memory access).
     qt: std::sync::OnceLock<std::sync::Arc<dyn Bus>>,
+    /// The pvscsi layer (in charge when the machine is a pvscsi one).
+    pub pv: pvscsi::PvFaults,
 }
 
 const VIRTQ_DESC_F_NEXT: u16 = 1;
@@ -240,6 +289,13 @@ impl Faults {
         let _ = self.qt.set(qt);
     }
 
+    /// Makes this a pvscsi machine's layer (BAR 0 at `bar0`): every hook
+    /// goes to [`pvscsi::PvFaults`].
+    pub fn set_pvscsi(&self, bar0: u64, qt: std::sync::Arc<dyn Bus>) {
+        let _ = self.qt.set(qt);
+        self.pv.set_bar0(bar0);
+    }
+
     /// The layout in use.
     pub fn layout(&self) -> VirtioLayout {
         lock(&self.state).layout
@@ -249,6 +305,12 @@ impl Faults {
     /// running queue is followed from where the device is now, so that the
     /// very next completion can be touched.
     pub fn arm(&self, fault: Fault) {
+        if self.pv.active() {
+            if let Some(qt) = self.qt.get() {
+                self.pv.arm(&**qt, fault);
+            }
+            return;
+        }
         self.armed.store(true, Ordering::Release);
         let mut s = lock(&self.state);
         s.faults.push_back(fault);
@@ -268,11 +330,15 @@ impl Faults {
     /// Disarms every fault not used yet (withheld completions stay
     /// withheld; configuration overrides end).
     pub fn disarm_all(&self) {
+        self.pv.disarm_all();
         lock(&self.state).faults.clear();
     }
 
     /// Faults armed and not used yet.
     pub fn pending(&self) -> usize {
+        if self.pv.active() {
+            return self.pv.pending();
+        }
         lock(&self.state).faults.len()
     }
 
@@ -288,6 +354,9 @@ impl Faults {
 
     /// What the layer did so far.
     pub fn stats(&self) -> FaultStats {
+        if self.pv.active() {
+            return self.pv.stats();
+        }
         lock(&self.state).stats
     }
 
@@ -325,6 +394,7 @@ impl Faults {
     /// Completions withheld so far, now delivered (they appear at the
     /// driver's next look at the ring).
     pub fn release_withheld(&self) {
+        self.pv.release_withheld();
         let mut s = lock(&self.state);
         for v in s.views.values_mut() {
             let held: Vec<[u8; 8]> = v.withheld.drain(..).collect();
@@ -336,6 +406,9 @@ impl Faults {
 
     /// Completions withheld and not released.
     pub fn withheld(&self) -> usize {
+        if self.pv.active() {
+            return self.pv.withheld();
+        }
         lock(&self.state)
             .views
             .values()
@@ -345,6 +418,12 @@ impl Faults {
 
     /// A register write by the driver.
     pub fn on_reg_write(&self, reg: Reg, size: usize, value: u64) {
+        if self.pv.active() {
+            if let Some(qt) = self.qt.get() {
+                self.pv.on_reg_write(&**qt, reg, value);
+            }
+            return;
+        }
         let mut s = lock(&self.state);
         let layout = s.layout;
         // The control queue's doorbell (queue 0: QEMU's queue_notify_off
@@ -388,6 +467,10 @@ impl Faults {
 
     /// A register read by the driver; returns what the driver sees.
     pub fn on_reg_read(&self, reg: Reg, size: usize, value: u64) -> u64 {
+        if self.pv.active() {
+            // Nothing of pvscsi's registers is rewritten (yet).
+            return value;
+        }
         let mut s = lock(&self.state);
         let layout = s.layout;
         match reg {
@@ -448,6 +531,9 @@ impl Faults {
     /// Device memory the driver is about to see (a FORCPU copy of
     /// `[gpa, gpa+buf.len())`): rewrites its view of faulty used rings.
     pub fn filter_read(&self, qt: &dyn Bus, gpa: u64, buf: &mut [u8]) {
+        if self.pv.active() {
+            return self.pv.filter_read(qt, gpa, buf);
+        }
         if !self.armed.load(Ordering::Acquire) {
             return;
         }
@@ -490,6 +576,9 @@ impl Faults {
     /// the device's numbering of a rewritten used ring, or when the event
     /// queue is starved.
     pub fn filter_write(&self, gpa: u64, data: &[u8]) -> Option<Vec<u8>> {
+        if self.pv.active() {
+            return self.pv.filter_write(gpa, data);
+        }
         if !self.armed.load(Ordering::Acquire) {
             return None;
         }

@@ -644,13 +644,18 @@ impl Machine {
             })
             .collect();
         let faults = crate::faults::Faults::default();
-        let layout = match config.family {
-            HbaFamily::VirtioScsi => virtio_layout(&pci, bdf, &bars)?,
-            // The hostile-device layer knows only virtqueues: with pvscsi
-            // it has nothing to follow (no fault can be armed usefully).
-            HbaFamily::Pvscsi => crate::faults::VirtioLayout::default(),
-        };
-        faults.set_layout(layout, qt.clone());
+        match config.family {
+            HbaFamily::VirtioScsi => {
+                faults.set_layout(virtio_layout(&pci, bdf, &bars)?, qt.clone())
+            }
+            // The registers are BAR 0, memory (notes/pvscsi.md §1).
+            HbaFamily::Pvscsi => {
+                let bar0 = bars.iter().find(|b| b.index == 0 && !b.io).map(|b| b.addr);
+                let bar0 =
+                    bar0.ok_or_else(|| MachineError("pvscsi without a memory BAR 0".into()))?;
+                faults.set_pvscsi(bar0, qt.clone());
+            }
+        }
         let mem_bytes = u64::from(config.qemu.memory_mib) << 20;
         let ram = PageAllocator::new(mem_bytes);
         let ram_pages = ram.free.len();
