@@ -51,6 +51,9 @@ fn copy_tree(from: &Path, to: &Path) {
 const TRANSITIONAL: &str = "/pci@0,0/pci1af4,8@4";
 const MODERN: &str = "/pci@0,0/pci8086,29c0@1/pci1af4,1100@0";
 const ROOT_BLK: &str = "/pci@0,0/pci1af4,2@3";
+/// The VMware PVSCSI controller (QEMU's `-device pvscsi`, PCI 15ad:07c0;
+/// QEMU gives it subsystem 1af4:1000, hence the node name).
+const PVSCSI: &str = "/pci@0,0/pci1af4,1000@5";
 
 /// A scratch OmniOS system: binding files, the running kernel's device
 /// tree and bindings, installed packages, the illumos link editor, strip
@@ -66,6 +69,12 @@ struct SysOptions {
     vioscsi_has_modern: bool,
     /// The root pool's disk is behind this controller.
     root_controller: Option<&'static str>,
+    /// The in-tree pvscsi driver is installed and holds its alias
+    /// (driver_aliases `pvscsi "pci15ad,7c0"`, name_to_major, its module
+    /// and package).
+    pvscsi: bool,
+    /// The machine has a PVSCSI controller (`PVSCSI`) with a disk, c4t0d0.
+    pvscsi_controller: bool,
 }
 
 impl Default for SysOptions {
@@ -73,6 +82,8 @@ impl Default for SysOptions {
         SysOptions {
             vioscsi_has_modern: false,
             root_controller: Some(ROOT_BLK),
+            pvscsi: false,
+            pvscsi_controller: false,
         }
     }
 }
@@ -87,34 +98,49 @@ impl Sys {
         if opts.vioscsi_has_modern {
             aliases.push_str("vioscsi \"pci1af4,1048,p\"\n");
         }
+        let mut majors = String::from("sd 32\nvioblk 287\nvioscsi 286\n");
+        let mut modules = vec!["vioblk", "vioscsi", "sd"];
+        let mut packages = String::from("driver/storage/vioscsi\n");
+        if opts.pvscsi {
+            // As the gate's manifest declares it
+            // (usr/src/pkg/manifests/driver-storage-pvscsi.p5m).
+            aliases.push_str("pvscsi \"pci15ad,7c0\"\n");
+            majors.push_str("pvscsi 285\n");
+            modules.push("pvscsi");
+            packages.push_str("driver/storage/pvscsi\n");
+        }
         write(&dir.join("etc/driver_aliases"), &aliases);
-        write(
-            &dir.join("etc/name_to_major"),
-            "sd 32\nvioblk 287\nvioscsi 286\n",
-        );
+        write(&dir.join("etc/name_to_major"), &majors);
         write(&dir.join("etc/path_to_inst"), "");
         write(
             &dir.join("etc/release"),
             "  OmniOS v11 r151054\n  Copyright (c) 2012-2017 OmniTI Computer Consulting, Inc.\n",
         );
-        for drv in ["vioblk", "vioscsi", "sd"] {
+        for drv in modules {
             write(&dir.join(format!("kernel/drv/amd64/{drv}")), "module\n");
         }
-        write(
-            &dir.join(".kernel/nodes"),
-            &format!(
-                "{ROOT_BLK} pci1af4,2 pci1af4,1001 - 0 0\n\
-                 {TRANSITIONAL} pci1af4,8 pci1af4,1004 - 0 0\n\
-                 {MODERN} pci1af4,1100 pci1af4,1048,p - 0 0\n"
-            ),
+        let mut nodes = format!(
+            "{ROOT_BLK} pci1af4,2 pci1af4,1001 - 0 0\n\
+             {TRANSITIONAL} pci1af4,8 pci1af4,1004 - 0 0\n\
+             {MODERN} pci1af4,1100 pci1af4,1048,p - 0 0\n"
         );
+        if opts.pvscsi_controller {
+            nodes.push_str(&format!("{PVSCSI} pci1af4,1000 pci15ad,7c0 - 0 0\n"));
+        }
+        write(&dir.join(".kernel/nodes"), &nodes);
         write(&dir.join(".kernel/aliases"), "");
         write(&dir.join(".kernel/modules"), "");
         write(
             &dir.join(".kernel/description.rvscsi"),
             "rvscsi virtio-scsi HBA 0.1.0\n",
         );
-        write(&dir.join("var/pkg/installed"), "driver/storage/vioscsi\n");
+        write(&dir.join("var/pkg/installed"), &packages);
+        if opts.pvscsi {
+            write(
+                &dir.join("var/pkg/actions/driver_storage_pvscsi.driver"),
+                "pvscsi scsi-self-identifying pci15ad,7c0\n",
+            );
+        }
         write(
             &dir.join("var/pkg/actions/driver_storage_vioscsi.driver"),
             if opts.vioscsi_has_modern {
@@ -152,14 +178,15 @@ impl Sys {
         if opts.root_controller.is_none() {
             std::fs::remove_file(dir.join(".config/rootfs")).unwrap();
         }
-        write(
-            &dir.join(".config/disks"),
-            &format!(
-                "c1t0d0 {root_phys}\n\
-                 c2t0d0 {TRANSITIONAL}/iport@iport0/disk@0,0\n\
-                 c3t0d0 {MODERN}/iport@iport0/disk@0,0\n"
-            ),
+        let mut disks = format!(
+            "c1t0d0 {root_phys}\n\
+             c2t0d0 {TRANSITIONAL}/iport@iport0/disk@0,0\n\
+             c3t0d0 {MODERN}/iport@iport0/disk@0,0\n"
         );
+        if opts.pvscsi_controller {
+            disks.push_str(&format!("c4t0d0 {PVSCSI}/iport@iport0/disk@0,0\n"));
+        }
+        write(&dir.join(".config/disks"), &disks);
         std::fs::create_dir_all(dir.join("dev/dsk")).unwrap();
         std::os::unix::fs::symlink(
             format!("../../devices{root_phys}:a"),
@@ -167,7 +194,7 @@ impl Sys {
         )
         .unwrap();
         std::fs::create_dir_all(dir.join("dev/rdsk")).unwrap();
-        for d in ["c2t0d0p0", "c3t0d0p0"] {
+        for d in ["c2t0d0p0", "c3t0d0p0", "c4t0d0p0"] {
             let f = std::fs::File::create(dir.join("dev/rdsk").join(d)).unwrap();
             f.set_len(16 << 20).unwrap();
         }
@@ -621,7 +648,7 @@ fn rvscsiadm_take_and_release_move_attached_controllers_at_the_next_boot() {
 
     let (rc, out) = sys.rvscsiadm(&["status"]);
     assert_eq!(rc, 0, "{out}");
-    assert!(out.contains("state: vioscsi\n"), "{out}");
+    assert!(out.contains("state: in-tree\n"), "{out}");
 
     let (rc, out) = sys.rvscsiadm(&["take"]);
     assert_eq!(rc, 0, "{out}");
@@ -630,7 +657,7 @@ fn rvscsiadm_take_and_release_move_attached_controllers_at_the_next_boot() {
         handover,
         [
             "update_drv -f -d -i '\"pci1af4,1004\"' vioscsi",
-            "update_drv -a -i '\"pci1af4,1004\" \"pci1af4,1048,p\"' rvscsi",
+            "update_drv -a -i '\"pci1af4,1004\" \"pci1af4,1048,p\" \"pci15ad,7c0\"' rvscsi",
             "bootadm update-archive",
         ],
         "{out}"
@@ -669,7 +696,7 @@ fn rvscsiadm_take_and_release_move_attached_controllers_at_the_next_boot() {
     assert_eq!(
         handover,
         [
-            "update_drv -f -d -i '\"pci1af4,1004\" \"pci1af4,1048,p\"' rvscsi",
+            "update_drv -f -d -i '\"pci1af4,1004\" \"pci1af4,1048,p\" \"pci15ad,7c0\"' rvscsi",
             "update_drv -a -i '\"pci1af4,1004\"' vioscsi",
             "bootadm update-archive",
         ],
@@ -677,12 +704,14 @@ fn rvscsiadm_take_and_release_move_attached_controllers_at_the_next_boot() {
     );
     assert_eq!(sys.alias_owner("pci1af4,1004").as_deref(), Some("vioscsi"));
     assert_eq!(sys.alias_owner("pci1af4,1048,p"), None);
-    assert!(out.contains("state: vioscsi-after-reboot"), "{out}");
+    // pvscsi is not installed here: its alias goes back to nobody.
+    assert_eq!(sys.alias_owner("pci15ad,7c0"), None);
+    assert!(out.contains("state: in-tree-after-reboot"), "{out}");
     sys.boot(false);
     assert_eq!(sys.node(TRANSITIONAL), ("vioscsi".into(), true));
     assert_eq!(sys.node(MODERN), ("-".into(), false));
     let (_, out) = sys.rvscsiadm(&["status"]);
-    assert!(out.contains("state: vioscsi\n"), "{out}");
+    assert!(out.contains("state: in-tree\n"), "{out}");
     // The unrelated aliases are untouched.
     let db = sys.read("etc/driver_aliases");
     assert!(db.contains("vioblk \"pci1af4,1001\"") && db.contains("sd \"scsiclass,00\""));
@@ -734,13 +763,13 @@ fn rvscsiadm_take_puts_the_aliases_back_when_rvscsi_cannot_have_them() {
         .arg("take")
         .env(
             "STANDIN_FAIL",
-            "update_drv -a -i '\"pci1af4,1004\" \"pci1af4,1048,p\"' rvscsi",
+            "update_drv -a -i '\"pci1af4,1004\" \"pci1af4,1048,p\" \"pci15ad,7c0\"' rvscsi",
         )
         .output()
         .unwrap();
     let msg = text(&out);
     assert_eq!(out.status.code(), Some(1), "{msg}");
-    assert!(msg.contains("vioscsi keeps them"), "{msg}");
+    assert!(msg.contains("; vioscsi keeps pci1af4,1004\n"), "{msg}");
     assert_eq!(
         sys.alias_owner("pci1af4,1004").as_deref(),
         Some("vioscsi"),
@@ -769,7 +798,9 @@ fn rvscsiadm_refuses_to_take_the_root_pool_controller_without_force() {
     let (rc, out) = sys.rvscsiadm(&["take"]);
     assert_eq!(rc, 1, "{out}");
     assert!(
-        out.contains("root pool is on a virtio-scsi controller"),
+        out.contains(&format!(
+            "the root pool is on {TRANSITIONAL}, a controller of vioscsi:"
+        )),
         "{out}"
     );
     assert_eq!(sys.alias_owner("pci1af4,1004").as_deref(), Some("vioscsi"));
@@ -821,6 +852,334 @@ fn rvscsiadm_refuses_what_it_cannot_check_or_should_not_touch() {
     assert_eq!(sys.rvscsiadm(&["frob"]).0, 2);
     assert_eq!(sys.rvscsiadm(&["take", "-x"]).0, 2);
     assert_eq!(sys.rvscsiadm(&["take", "extra"]).0, 2);
+}
+
+// ---- pkg/rvscsiadm with a VMware PVSCSI controller ----------------------
+
+/// Both families: the in-tree vioscsi and pvscsi drivers installed, a
+/// PVSCSI controller beside the virtio-scsi ones, rvscsi installed with its
+/// module.
+fn both_families(name: &str, opts: SysOptions) -> Sys {
+    let sys = Sys::new(
+        name,
+        SysOptions {
+            pvscsi: true,
+            pvscsi_controller: true,
+            ..opts
+        },
+    );
+    sys.add_rvscsi();
+    write(&sys.path("kernel/drv/amd64/rvscsi"), "module\n");
+    sys.take_calls();
+    sys
+}
+
+#[test]
+fn rvscsiadm_takes_the_pvscsi_alias_with_the_virtio_scsi_ones_and_gives_each_back_to_its_driver() {
+    let sys = both_families("pv-handover", SysOptions::default());
+    assert_eq!(sys.node(PVSCSI), ("pvscsi".into(), true), "booted on pvscsi");
+
+    let (rc, out) = sys.rvscsiadm(&["status"]);
+    assert_eq!(rc, 0, "{out}");
+    for line in [
+        "pci1af4,1004     vioscsi\n",
+        "pci1af4,1048,p   (no driver)\n",
+        "pci15ad,7c0      pvscsi\n",
+        "rvscsi           0 controller(s) bound in the running system\n",
+        "vioscsi          1 controller(s) bound in the running system\n",
+        "pvscsi           1 controller(s) bound in the running system\n",
+        "state: in-tree\n",
+    ] {
+        assert!(out.contains(line), "{line:?}: {out}");
+    }
+
+    let (rc, out) = sys.rvscsiadm(&["take"]);
+    assert_eq!(rc, 0, "{out}");
+    assert_eq!(
+        sys.take_handover_calls(),
+        [
+            "update_drv -f -d -i '\"pci1af4,1004\"' vioscsi",
+            "update_drv -f -d -i '\"pci15ad,7c0\"' pvscsi",
+            "update_drv -a -i '\"pci1af4,1004\" \"pci1af4,1048,p\" \"pci15ad,7c0\"' rvscsi",
+            "bootadm update-archive",
+        ],
+        "{out}"
+    );
+    assert_eq!(sys.alias_owner("pci15ad,7c0").as_deref(), Some("rvscsi"));
+    assert_eq!(
+        sys.read("etc/rvscsiadm.taken"),
+        "pci1af4,1004 vioscsi\npci1af4,1048,p -\npci15ad,7c0 pvscsi\n",
+        "what was taken, from whom"
+    );
+    // The attached PVSCSI controller stays with pvscsi until the boot.
+    assert_eq!(sys.node(PVSCSI), ("pvscsi".into(), true));
+    assert!(
+        out.contains("1 controller(s) still bound to pvscsi move to rvscsi at the next boot: reboot\n"),
+        "{out}"
+    );
+    assert!(out.contains("pci15ad,7c0      rvscsi (taken from pvscsi)\n"), "{out}");
+    assert!(out.contains("state: rvscsi-after-reboot\n"), "{out}");
+
+    sys.boot(false);
+    assert_eq!(sys.node(PVSCSI), ("rvscsi".into(), true));
+    assert_eq!(sys.node(TRANSITIONAL), ("rvscsi".into(), true));
+    let (_, out) = sys.rvscsiadm(&["status"]);
+    assert!(out.contains("state: rvscsi\n"), "{out}");
+
+    let (rc, out) = sys.rvscsiadm(&["release"]);
+    assert_eq!(rc, 0, "{out}");
+    assert_eq!(
+        sys.take_handover_calls(),
+        [
+            "update_drv -f -d -i '\"pci1af4,1004\" \"pci1af4,1048,p\" \"pci15ad,7c0\"' rvscsi",
+            "update_drv -a -i '\"pci1af4,1004\"' vioscsi",
+            "update_drv -a -i '\"pci15ad,7c0\"' pvscsi",
+            "bootadm update-archive",
+        ],
+        "each alias to the driver it came from, and only there: {out}"
+    );
+    assert_eq!(sys.alias_owner("pci1af4,1004").as_deref(), Some("vioscsi"));
+    assert_eq!(sys.alias_owner("pci1af4,1048,p"), None);
+    assert_eq!(sys.alias_owner("pci15ad,7c0").as_deref(), Some("pvscsi"));
+    assert!(!sys.path("etc/rvscsiadm.taken").exists());
+    assert!(out.contains("state: in-tree-after-reboot\n"), "{out}");
+    sys.boot(false);
+    assert_eq!(sys.node(PVSCSI), ("pvscsi".into(), true));
+    assert_eq!(sys.node(TRANSITIONAL), ("vioscsi".into(), true));
+    let (_, out) = sys.rvscsiadm(&["status"]);
+    assert!(out.contains("state: in-tree\n"), "{out}");
+}
+
+#[test]
+fn rvscsiadm_waits_for_the_reboot_while_only_the_pvscsi_controller_keeps_its_driver() {
+    // vioscsi had both virtio-scsi aliases but no module to attach with,
+    // so its controllers are free: take gives them to rvscsi at once, and
+    // only the PVSCSI controller is still an in-tree driver's.
+    let sys = both_families(
+        "pv-wait",
+        SysOptions {
+            vioscsi_has_modern: true,
+            ..SysOptions::default()
+        },
+    );
+    std::fs::remove_file(sys.path("kernel/drv/amd64/vioscsi")).unwrap();
+    sys.boot(false);
+    assert_eq!(sys.node(TRANSITIONAL), ("vioscsi".into(), false));
+    let (rc, out) = sys.rvscsiadm(&["take"]);
+    assert_eq!(rc, 0, "{out}");
+    assert!(
+        has_call(
+            &sys.take_calls(),
+            "update_drv -f -d -i '\"pci1af4,1004\" \"pci1af4,1048,p\"' vioscsi"
+        ),
+        "{out}"
+    );
+    assert_eq!(sys.node(TRANSITIONAL), ("rvscsi".into(), true));
+    assert_eq!(sys.node(MODERN), ("rvscsi".into(), true));
+    assert_eq!(sys.node(PVSCSI), ("pvscsi".into(), true));
+    assert!(out.contains("state: rvscsi-after-reboot\n"), "{out}");
+    assert!(!out.contains("still bound to vioscsi"), "{out}");
+    sys.boot(false);
+    let (_, out) = sys.rvscsiadm(&["status"]);
+    assert!(out.contains("state: rvscsi\n"), "{out}");
+    let (rc, out) = sys.rvscsiadm(&["release"]);
+    assert_eq!(rc, 0, "{out}");
+    assert!(
+        has_call(
+            &sys.take_calls(),
+            "update_drv -a -i '\"pci1af4,1004\" \"pci1af4,1048,p\"' vioscsi"
+        ),
+        "{out}"
+    );
+    assert_eq!(sys.alias_owner("pci15ad,7c0").as_deref(), Some("pvscsi"));
+    assert!(out.contains("state: in-tree-after-reboot\n"), "{out}");
+}
+
+#[test]
+fn rvscsiadm_refuses_to_take_a_root_pool_on_a_pvscsi_controller_without_force() {
+    let sys = both_families(
+        "pv-root",
+        SysOptions {
+            root_controller: Some(PVSCSI),
+            ..SysOptions::default()
+        },
+    );
+    let (rc, out) = sys.rvscsiadm(&["take"]);
+    assert_eq!(rc, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "the root pool is on {PVSCSI}, a controller of pvscsi:"
+        )) && out.contains("in which pvscsi still owns its aliases"),
+        "{out}"
+    );
+    assert!(
+        !sys.take_calls().iter().any(|c| c.starts_with("update_drv")),
+        "nothing moved"
+    );
+    assert_eq!(sys.alias_owner("pci15ad,7c0").as_deref(), Some("pvscsi"));
+    assert_eq!(sys.alias_owner("pci1af4,1004").as_deref(), Some("vioscsi"));
+    let (rc, out) = sys.rvscsiadm(&["take", "-f"]);
+    assert_eq!(rc, 0, "{out}");
+    assert_eq!(sys.alias_owner("pci15ad,7c0").as_deref(), Some("rvscsi"));
+    // Once rvscsi drives it, it is still the root pool's controller.
+    sys.boot(false);
+    let (rc, _) = sys.rvscsiadm(&["release"]);
+    assert_eq!(rc, 0);
+    let (rc, out) = sys.rvscsiadm(&["take"]);
+    assert_eq!(rc, 1, "{out}");
+    assert!(
+        out.contains(&format!("the root pool is on {PVSCSI}, a controller of rvscsi:")),
+        "{out}"
+    );
+}
+
+#[test]
+fn rvscsiadm_without_the_pvscsi_driver_takes_its_alias_as_nobodys_and_gives_it_to_nobody() {
+    let sys = Sys::new(
+        "pv-absent",
+        SysOptions {
+            pvscsi_controller: true,
+            ..SysOptions::default()
+        },
+    );
+    sys.add_rvscsi();
+    write(&sys.path("kernel/drv/amd64/rvscsi"), "module\n");
+    sys.take_calls();
+    assert_eq!(sys.node(PVSCSI), ("-".into(), false));
+    let (rc, out) = sys.rvscsiadm(&["status"]);
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.contains("pci15ad,7c0      (no driver)\n"), "{out}");
+    assert!(
+        out.contains(
+            "pvscsi           0 controller(s) bound in the running system (driver not installed)\n"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("state: in-tree\n"), "{out}");
+
+    let (rc, out) = sys.rvscsiadm(&["take"]);
+    assert_eq!(rc, 0, "{out}");
+    assert_eq!(
+        sys.take_handover_calls(),
+        [
+            "update_drv -f -d -i '\"pci1af4,1004\"' vioscsi",
+            "update_drv -a -i '\"pci1af4,1004\" \"pci1af4,1048,p\" \"pci15ad,7c0\"' rvscsi",
+            "bootadm update-archive",
+        ],
+        "{out}"
+    );
+    // A free controller: rvscsi has it at once.
+    assert_eq!(sys.node(PVSCSI), ("rvscsi".into(), true));
+    assert!(out.contains("pci15ad,7c0      rvscsi (taken from no driver)\n"), "{out}");
+    sys.boot(false);
+    let (rc, out) = sys.rvscsiadm(&["release"]);
+    assert_eq!(rc, 0, "{out}");
+    assert_eq!(
+        sys.take_handover_calls(),
+        [
+            "update_drv -f -d -i '\"pci1af4,1004\" \"pci1af4,1048,p\" \"pci15ad,7c0\"' rvscsi",
+            "update_drv -a -i '\"pci1af4,1004\"' vioscsi",
+            "bootadm update-archive",
+        ],
+        "{out}"
+    );
+    assert_eq!(sys.alias_owner("pci15ad,7c0"), None);
+    sys.boot(false);
+    assert_eq!(sys.node(PVSCSI), ("-".into(), false));
+    let (_, out) = sys.rvscsiadm(&["status"]);
+    assert!(out.contains("state: in-tree\n"), "{out}");
+}
+
+#[test]
+fn rvscsiadm_undoes_a_hand_over_of_both_families_that_fails_half_way() {
+    // take: vioscsi gave its alias, then pvscsi's update_drv fails: vioscsi
+    // gets it back and the error names pvscsi.
+    let sys = both_families("pv-undo", SysOptions::default());
+    let out = sys
+        .command("sh")
+        .arg(root().join("pkg/rvscsiadm"))
+        .arg("take")
+        .env("STANDIN_FAIL", "update_drv -f -d -i '\"pci15ad,7c0\"' pvscsi")
+        .output()
+        .unwrap();
+    let msg = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{msg}");
+    assert!(
+        msg.contains("could not remove pci15ad,7c0 from pvscsi")
+            && msg.contains("vioscsi keeps pci1af4,1004, pvscsi keeps pci15ad,7c0\n"),
+        "{msg}"
+    );
+    assert_eq!(sys.alias_owner("pci1af4,1004").as_deref(), Some("vioscsi"));
+    assert_eq!(sys.alias_owner("pci15ad,7c0").as_deref(), Some("pvscsi"));
+    assert!(
+        has_call(&sys.take_calls(), "update_drv -a -i '\"pci1af4,1004\"' vioscsi"),
+        "{msg}"
+    );
+
+    // release: vioscsi had its alias back, then pvscsi's update_drv fails:
+    // rvscsi gets all of them back, vioscsi's included.
+    let (rc, out) = sys.rvscsiadm(&["take"]);
+    assert_eq!(rc, 0, "{out}");
+    sys.boot(false);
+    sys.take_calls();
+    let out = sys
+        .command("sh")
+        .arg(root().join("pkg/rvscsiadm"))
+        .arg("release")
+        .env("STANDIN_FAIL", "update_drv -a -i '\"pci15ad,7c0\"' pvscsi")
+        .output()
+        .unwrap();
+    let msg = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{msg}");
+    assert!(msg.contains("rvscsi keeps them"), "{msg}");
+    for a in ["pci1af4,1004", "pci1af4,1048,p", "pci15ad,7c0"] {
+        assert_eq!(sys.alias_owner(a).as_deref(), Some("rvscsi"), "{a}: {msg}");
+    }
+    assert!(
+        has_call(&sys.take_calls(), "update_drv -f -d -i '\"pci1af4,1004\"' vioscsi"),
+        "{msg}"
+    );
+    // What was taken is still known: a release that works gives it back.
+    let (rc, out) = sys.rvscsiadm(&["release"]);
+    assert_eq!(rc, 0, "{out}");
+    assert_eq!(sys.alias_owner("pci15ad,7c0").as_deref(), Some("pvscsi"));
+    assert_eq!(sys.alias_owner("pci1af4,1004").as_deref(), Some("vioscsi"));
+}
+
+#[test]
+fn rvscsiadm_leaves_the_pvscsi_alias_alone_when_another_driver_has_it_or_its_driver_is_gone() {
+    // Held by a driver that is not pvscsi (vioscsi here): refused.
+    let sys = both_families("pv-other", SysOptions::default());
+    write(
+        &sys.path("etc/driver_aliases"),
+        "vioscsi \"pci1af4,1004\"\nvioscsi \"pci15ad,7c0\"\n",
+    );
+    let (rc, out) = sys.rvscsiadm(&["take"]);
+    assert_eq!(rc, 1, "{out}");
+    assert!(
+        out.contains("alias pci15ad,7c0 belongs to vioscsi, not pvscsi: not touching it"),
+        "{out}"
+    );
+    assert!(!sys.take_calls().iter().any(|c| c.starts_with("update_drv")));
+    let (_, out) = sys.rvscsiadm(&["status"]);
+    assert!(out.contains("state: mixed\n"), "{out}");
+
+    // Taken from pvscsi, which is then removed: release refuses, naming
+    // it, and changes nothing.
+    let sys = both_families("pv-gone", SysOptions::default());
+    let (rc, out) = sys.rvscsiadm(&["take"]);
+    assert_eq!(rc, 0, "{out}");
+    let n2m = sys.read("etc/name_to_major").replace("pvscsi 285\n", "");
+    write(&sys.path("etc/name_to_major"), &n2m);
+    sys.take_calls();
+    let (rc, out) = sys.rvscsiadm(&["release"]);
+    assert_eq!(rc, 1, "{out}");
+    assert!(
+        out.contains("alias pci15ad,7c0 was taken from pvscsi, which is not installed now"),
+        "{out}"
+    );
+    assert!(!sys.take_calls().iter().any(|c| c.starts_with("update_drv")));
+    assert_eq!(sys.alias_owner("pci1af4,1004").as_deref(), Some("rvscsi"));
 }
 
 // ---- test/omnios/runbook.sh ---------------------------------------------
@@ -936,7 +1295,8 @@ fn the_runbook_runs_in_four_phases_with_a_reboot_between_them() {
         "bootadm update-archive -R /".to_string(),
         "pkg verify -v driver/storage/rvscsi".to_string(),
         "update_drv -f -d -i '\"pci1af4,1004\"' vioscsi".to_string(),
-        "update_drv -a -i '\"pci1af4,1004\" \"pci1af4,1048,p\"' rvscsi".to_string(),
+        "update_drv -a -i '\"pci1af4,1004\" \"pci1af4,1048,p\" \"pci15ad,7c0\"' rvscsi"
+            .to_string(),
     ] {
         assert!(has_call(&calls, &want), "{want}: {calls:#?}");
     }
@@ -991,7 +1351,7 @@ fn the_runbook_runs_in_four_phases_with_a_reboot_between_them() {
     );
     assert!(
         pos("devfsadm -i rvscsi")
-            < pos("update_drv -f -d -i '\"pci1af4,1004\" \"pci1af4,1048,p\"' rvscsi"),
+            < pos("update_drv -f -d -i '\"pci1af4,1004\" \"pci1af4,1048,p\" \"pci15ad,7c0\"' rvscsi"),
         "{calls:#?}"
     );
 

@@ -1,8 +1,9 @@
 //! The IPS package as `pkg/build.sh` leaves it where the IPS tools are
 //! absent: the proto area and the filled manifest (`target/pkg/`), the man
 //! page and the configuration file. `rvscsiadm`, which hands virtio-scsi
-//! controllers from vioscsi to rvscsi and back, is run against a scratch
-//! illumos system in tests/omnios_scripts.rs.
+//! controllers from vioscsi and VMware PVSCSI controllers from pvscsi to
+//! rvscsi and back, is run against a scratch illumos system in
+//! tests/omnios_scripts.rs.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -244,17 +245,22 @@ fn every_file_action_points_at_a_built_file_with_its_attributes() {
     );
 }
 
-/// The virtio-scsi PCI aliases rvscsiadm moves, from the script itself.
-fn rvscsiadm_aliases() -> Vec<String> {
+/// The aliases rvscsiadm moves and the in-tree driver each is taken from,
+/// from the script's own table (`HANDOVER`, one "ALIAS DRIVER" a line).
+fn rvscsiadm_handover() -> Vec<(String, String)> {
     let script = std::fs::read_to_string(root().join("pkg/rvscsiadm")).unwrap();
-    let line = script
+    let start = script
+        .find("\nHANDOVER=\"")
+        .expect("HANDOVER=\" in rvscsiadm")
+        + "\nHANDOVER=\"".len();
+    let len = script[start..].find('"').expect("the table's closing quote");
+    script[start..start + len]
         .lines()
-        .find(|l| l.starts_with("ALIASES="))
-        .expect("ALIASES= in rvscsiadm");
-    line.trim_start_matches("ALIASES=")
-        .trim_matches('"')
-        .split_whitespace()
-        .map(str::to_string)
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(f.len(), 2, "HANDOVER line {l:?}");
+            (f[0].to_string(), f[1].to_string())
+        })
         .collect()
 }
 
@@ -275,36 +281,54 @@ fn is_pci_alias(a: &str) -> bool {
 }
 
 #[test]
-fn the_driver_action_and_the_virtio_scsi_aliases_are_well_formed_and_do_not_collide() {
+fn the_driver_action_and_the_handed_over_aliases_are_well_formed_and_do_not_collide() {
     let (actions, _) = built_package();
     let drivers: Vec<&Action> = actions.iter().filter(|a| a.kind == "driver").collect();
     assert_eq!(drivers.len(), 1);
     let d = drivers[0];
     assert_eq!(d.get("name"), Some("rvscsi"));
     assert_eq!(d.get("class"), Some("scsi-self-identifying"));
+    // The aliases rvscsiadm moves: virtio-scsi's, transitional and modern
+    // (virtio 1.2 4.1.2: 0x1040 + device id 8; transitional 0x1004), from
+    // vioscsi; VMware PVSCSI's, from pvscsi (the gate's
+    // driver-storage-pvscsi.p5m declares pci15ad,7c0).
+    let handover = rvscsiadm_handover();
+    let pairs: Vec<(&str, &str)> = handover
+        .iter()
+        .map(|(a, d)| (a.as_str(), d.as_str()))
+        .collect();
+    assert_eq!(
+        pairs,
+        [
+            ("pci1af4,1004", "vioscsi"),
+            ("pci1af4,1048,p", "vioscsi"),
+            ("pci15ad,7c0", "pvscsi"),
+        ]
+    );
     // Every alias a driver action carries must be well formed, and none
-    // may be one of vioscsi's: pkg(1) refuses to install two drivers that
-    // share an alias.
-    let aliases = rvscsiadm_aliases();
+    // may be one that vioscsi or pvscsi declares: pkg(1) refuses to
+    // install two drivers that share an alias.
     for a in d.all("alias") {
         assert!(is_pci_alias(a), "driver alias {a}");
-        assert!(
-            !aliases.iter().any(|x| x == a),
-            "{a} is vioscsi's: pkg would refuse"
-        );
+        if let Some((_, owner)) = handover.iter().find(|(x, _)| x == a) {
+            panic!("{a} is {owner}'s: pkg would refuse");
+        }
     }
-    // The aliases rvscsiadm moves are virtio-scsi's, transitional and
-    // modern (virtio 1.2 §4.1.2: 0x1040 + device id 8; transitional 0x1004).
-    assert_eq!(aliases, ["pci1af4,1004", "pci1af4,1048,p"]);
-    for a in &aliases {
+    for (a, _) in &handover {
         assert!(is_pci_alias(a), "{a}");
         let ids = a.trim_start_matches("pci").trim_end_matches(",p");
         let (v, dev) = ids.split_once(',').unwrap();
-        assert_eq!(
-            u16::from_str_radix(v, 16).unwrap(),
-            rvscsi::virtio::VIRTIO_PCI_VENDOR
-        );
+        let v = u16::from_str_radix(v, 16).unwrap();
         let dev = u16::from_str_radix(dev, 16).unwrap();
+        if v == rvscsi::pvscsi::PCI_VENDOR_VMWARE {
+            assert_eq!(
+                dev,
+                rvscsi::pvscsi::PCI_DEVICE_PVSCSI,
+                "{a} names the PVSCSI device the driver attaches"
+            );
+            continue;
+        }
+        assert_eq!(v, rvscsi::virtio::VIRTIO_PCI_VENDOR, "{a}");
         assert!(
             dev == rvscsi::virtio::VIRTIO_PCI_MODERN_BASE + rvscsi::vioscsi::proto::VIRTIO_ID_SCSI
                 || rvscsi::virtio::VIRTIO_PCI_TRANSITIONAL_RANGE.contains(&dev),

@@ -189,7 +189,7 @@ check_installed() {
 
 find_controllers() {
 	"$rvscsiadm" status || return 1
-	[ "$(handover_state)" = vioscsi ] || { echo "vioscsi does not hold the aliases"; return 1; }
+	[ "$(handover_state)" = in-tree ] || { echo "vioscsi does not hold the aliases"; return 1; }
 	[ "$(attached_to vioscsi)" -gt 0 ] || {
 		echo "no virtio-scsi controller attached to vioscsi"
 		return 1
@@ -290,7 +290,7 @@ dtrace_probes() {
 release_controllers() {
 	"$rvscsiadm" release || return 1
 	case "$(handover_state)" in
-	vioscsi | vioscsi-after-reboot) ;;
+	in-tree | in-tree-after-reboot) ;;
 	*) echo "rvscsiadm release left the state at $(handover_state)"; return 1 ;;
 	esac
 	echo released >"$record"
@@ -380,7 +380,7 @@ check_not_loaded() {
 
 back_to_vioscsi() {
 	"$rvscsiadm" status
-	[ "$(handover_state)" = vioscsi ] || { echo "vioscsi does not hold the aliases"; return 1; }
+	[ "$(handover_state)" = in-tree ] || { echo "vioscsi does not hold the aliases"; return 1; }
 	[ "$(attached_to vioscsi)" -gt 0 ] || {
 		echo "vioscsi has not attached again"
 		return 1
@@ -490,7 +490,7 @@ fi
 
 state=$(handover_state)
 case "$state" in
-rvscsi-after-reboot | vioscsi-after-reboot)
+rvscsi-after-reboot | in-tree-after-reboot)
 	echo "the hand-over waits for a reboot ($state)"
 	waiting_for_reboot "$state"
 	;;
@@ -542,7 +542,7 @@ if [ "$state" = rvscsi ]; then
 	# rvscsi must be attached for release to leave it something to give
 	# back at the reboot; a failed reattach still releases.
 	step release release_controllers || finish
-	if [ "$(handover_state)" != vioscsi ]; then
+	if [ "$(handover_state)" != in-tree ]; then
 		finish "reboot, then run again: $again"
 	fi
 fi
