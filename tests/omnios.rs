@@ -93,6 +93,16 @@ fn the_installing_boot_shows_the_vga_console_and_later_boots_use_ttya() {
     assert!(!cmd.contains("-display"), "{cmd}");
     let (_, cmd) = qemu_omnios(&["--dry-run", "--vga"]);
     assert!(cmd.contains(" -display curses "), "{cmd}");
+    // Both families for the runbook: the two virtio-scsi controllers and
+    // a PVSCSI one, each with a scratch disk.
+    for dev in [
+        " -device virtio-scsi-pci,id=vscsi0 ",
+        " -device virtio-scsi-pci,id=vscsi1,bus=rp1,disable-legacy=on ",
+        " -device pvscsi,id=pvscsi0 ",
+        " -device scsi-hd,bus=pvscsi0.0,channel=0,scsi-id=0,lun=0,drive=scratch2 ",
+    ] {
+        assert!(cmd.contains(dev), "{dev:?}: {cmd}");
+    }
     // The installer's choices are documented in the script's own help.
     let (_, help) = qemu_omnios(&["--help"]);
     for choice in [

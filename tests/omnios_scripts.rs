@@ -532,14 +532,14 @@ fn the_build_on_omnios_uses_llvm_libclang_the_illumos_link_editor_and_no_install
 
 /// A scratch system with what the build needs installed.
 fn build_host(name: &str) -> Sys {
-    let sys = Sys::new(name, SysOptions::default());
+    let sys = vm(name);
     write(
         &sys.path("var/pkg/publishers"),
         "extra.omnios origin online F https://pkg.omnios.org/r151054/extra/\n",
     );
     write(
         &sys.path("var/pkg/installed"),
-        "driver/storage/vioscsi\nooce/developer/clang-19\nsystem/header\n",
+        "driver/storage/vioscsi\ndriver/storage/pvscsi\nooce/developer/clang-19\nsystem/header\n",
     );
     write(&sys.path("opt/ooce/llvm-19/lib/libclang.so"), "");
     write(&sys.path("usr/include/sys/scsi/scsi.h"), "");
@@ -877,7 +877,11 @@ fn both_families(name: &str, opts: SysOptions) -> Sys {
 #[test]
 fn rvscsiadm_takes_the_pvscsi_alias_with_the_virtio_scsi_ones_and_gives_each_back_to_its_driver() {
     let sys = both_families("pv-handover", SysOptions::default());
-    assert_eq!(sys.node(PVSCSI), ("pvscsi".into(), true), "booted on pvscsi");
+    assert_eq!(
+        sys.node(PVSCSI),
+        ("pvscsi".into(), true),
+        "booted on pvscsi"
+    );
 
     let (rc, out) = sys.rvscsiadm(&["status"]);
     assert_eq!(rc, 0, "{out}");
@@ -914,10 +918,15 @@ fn rvscsiadm_takes_the_pvscsi_alias_with_the_virtio_scsi_ones_and_gives_each_bac
     // The attached PVSCSI controller stays with pvscsi until the boot.
     assert_eq!(sys.node(PVSCSI), ("pvscsi".into(), true));
     assert!(
-        out.contains("1 controller(s) still bound to pvscsi move to rvscsi at the next boot: reboot\n"),
+        out.contains(
+            "1 controller(s) still bound to pvscsi move to rvscsi at the next boot: reboot\n"
+        ),
         "{out}"
     );
-    assert!(out.contains("pci15ad,7c0      rvscsi (taken from pvscsi)\n"), "{out}");
+    assert!(
+        out.contains("pci15ad,7c0      rvscsi (taken from pvscsi)\n"),
+        "{out}"
+    );
     assert!(out.contains("state: rvscsi-after-reboot\n"), "{out}");
 
     sys.boot(false);
@@ -1028,7 +1037,9 @@ fn rvscsiadm_refuses_to_take_a_root_pool_on_a_pvscsi_controller_without_force() 
     let (rc, out) = sys.rvscsiadm(&["take"]);
     assert_eq!(rc, 1, "{out}");
     assert!(
-        out.contains(&format!("the root pool is on {PVSCSI}, a controller of rvscsi:")),
+        out.contains(&format!(
+            "the root pool is on {PVSCSI}, a controller of rvscsi:"
+        )),
         "{out}"
     );
 }
@@ -1070,7 +1081,10 @@ fn rvscsiadm_without_the_pvscsi_driver_takes_its_alias_as_nobodys_and_gives_it_t
     );
     // A free controller: rvscsi has it at once.
     assert_eq!(sys.node(PVSCSI), ("rvscsi".into(), true));
-    assert!(out.contains("pci15ad,7c0      rvscsi (taken from no driver)\n"), "{out}");
+    assert!(
+        out.contains("pci15ad,7c0      rvscsi (taken from no driver)\n"),
+        "{out}"
+    );
     sys.boot(false);
     let (rc, out) = sys.rvscsiadm(&["release"]);
     assert_eq!(rc, 0, "{out}");
@@ -1099,7 +1113,10 @@ fn rvscsiadm_undoes_a_hand_over_of_both_families_that_fails_half_way() {
         .command("sh")
         .arg(root().join("pkg/rvscsiadm"))
         .arg("take")
-        .env("STANDIN_FAIL", "update_drv -f -d -i '\"pci15ad,7c0\"' pvscsi")
+        .env(
+            "STANDIN_FAIL",
+            "update_drv -f -d -i '\"pci15ad,7c0\"' pvscsi",
+        )
         .output()
         .unwrap();
     let msg = text(&out);
@@ -1112,7 +1129,10 @@ fn rvscsiadm_undoes_a_hand_over_of_both_families_that_fails_half_way() {
     assert_eq!(sys.alias_owner("pci1af4,1004").as_deref(), Some("vioscsi"));
     assert_eq!(sys.alias_owner("pci15ad,7c0").as_deref(), Some("pvscsi"));
     assert!(
-        has_call(&sys.take_calls(), "update_drv -a -i '\"pci1af4,1004\"' vioscsi"),
+        has_call(
+            &sys.take_calls(),
+            "update_drv -a -i '\"pci1af4,1004\"' vioscsi"
+        ),
         "{msg}"
     );
 
@@ -1136,7 +1156,10 @@ fn rvscsiadm_undoes_a_hand_over_of_both_families_that_fails_half_way() {
         assert_eq!(sys.alias_owner(a).as_deref(), Some("rvscsi"), "{a}: {msg}");
     }
     assert!(
-        has_call(&sys.take_calls(), "update_drv -f -d -i '\"pci1af4,1004\"' vioscsi"),
+        has_call(
+            &sys.take_calls(),
+            "update_drv -f -d -i '\"pci1af4,1004\"' vioscsi"
+        ),
         "{msg}"
     );
     // What was taken is still known: a release that works gives it back.
@@ -1183,6 +1206,19 @@ fn rvscsiadm_leaves_the_pvscsi_alias_alone_when_another_driver_has_it_or_its_dri
 }
 
 // ---- test/omnios/runbook.sh ---------------------------------------------
+
+/// The OmniOS VM of test/omnios/qemu-omnios.sh: the virtio-scsi
+/// controllers, a PVSCSI one, and the in-tree vioscsi and pvscsi drivers.
+fn vm(name: &str) -> Sys {
+    Sys::new(
+        name,
+        SysOptions {
+            pvscsi: true,
+            pvscsi_controller: true,
+            ..SysOptions::default()
+        },
+    )
+}
 
 /// The package archive the runbook installs: here a tar of the proto area
 /// laid out from the sources, with the filled manifest (the pkg stand-in
@@ -1274,7 +1310,7 @@ fn boot_environments(sys: &Sys) -> (String, String) {
 
 #[test]
 fn the_runbook_runs_in_four_phases_with_a_reboot_between_them() {
-    let sys = Sys::new("runbook", SysOptions::default());
+    let sys = vm("runbook");
     let archive = package_archive(&sys);
 
     // Phase 1: install, take, then the reboot it asks for.
@@ -1295,11 +1331,17 @@ fn the_runbook_runs_in_four_phases_with_a_reboot_between_them() {
         "bootadm update-archive -R /".to_string(),
         "pkg verify -v driver/storage/rvscsi".to_string(),
         "update_drv -f -d -i '\"pci1af4,1004\"' vioscsi".to_string(),
-        "update_drv -a -i '\"pci1af4,1004\" \"pci1af4,1048,p\" \"pci15ad,7c0\"' rvscsi"
-            .to_string(),
+        "update_drv -f -d -i '\"pci15ad,7c0\"' pvscsi".to_string(),
+        "update_drv -a -i '\"pci1af4,1004\" \"pci1af4,1048,p\" \"pci15ad,7c0\"' rvscsi".to_string(),
     ] {
         assert!(has_call(&calls, &want), "{want}: {calls:#?}");
     }
+    // The controllers step recorded each in-tree driver's controller.
+    assert_eq!(
+        sys.read("var/tmp/rvscsi-runbook.controllers"),
+        format!("vioscsi {TRANSITIONAL}\npvscsi {PVSCSI}\n"),
+        "{out}"
+    );
     // A new install of a reboot-needed file is done in place.
     assert!(out.contains("PASS  install"), "{out}");
     assert_eq!(
@@ -1329,6 +1371,8 @@ fn the_runbook_runs_in_four_phases_with_a_reboot_between_them() {
             "disks",
             "choose-disk",
             "dd-write-read",
+            "choose-disk-pvscsi",
+            "dd-write-read-pvscsi",
             "dtrace",
             "detach",
             "reattach",
@@ -1338,6 +1382,32 @@ fn the_runbook_runs_in_four_phases_with_a_reboot_between_them() {
     );
     assert!(out.contains("next: reboot, then run again"), "{out}");
     assert!(!out.contains("PASS  install"), "{out}");
+    let attach = std::fs::read_to_string(format!("{}/attach.log", logs_of(&out))).unwrap();
+    for want in [
+        format!("the vioscsi controller {TRANSITIONAL} is attached to rvscsi"),
+        format!("the pvscsi controller {PVSCSI} is attached to rvscsi"),
+    ] {
+        assert!(attach.contains(&want), "{want}: {attach}");
+    }
+    // A disk of each family written and read back: the virtio-scsi one
+    // behind the transitional controller, the PVSCSI one.
+    for d in ["c2t0d0", "c4t0d0"] {
+        assert!(
+            has_call(
+                &calls,
+                &format!(
+                    "dd if={}/pattern.{d} of=/dev/rdsk/{d}p0 bs=1024k seek=1 count=8",
+                    logs_of(&out)
+                )
+            ),
+            "{d}: {calls:#?}"
+        );
+        let on_disk = std::fs::read(sys.path(&format!("dev/rdsk/{d}p0"))).unwrap();
+        assert!(
+            on_disk[1 << 20..9 << 20].iter().any(|&b| b != 0),
+            "{d} holds the pattern"
+        );
+    }
     let pos = |want: &str| {
         calls
             .iter()
@@ -1351,7 +1421,9 @@ fn the_runbook_runs_in_four_phases_with_a_reboot_between_them() {
     );
     assert!(
         pos("devfsadm -i rvscsi")
-            < pos("update_drv -f -d -i '\"pci1af4,1004\" \"pci1af4,1048,p\" \"pci15ad,7c0\"' rvscsi"),
+            < pos(
+                "update_drv -f -d -i '\"pci1af4,1004\" \"pci1af4,1048,p\" \"pci15ad,7c0\"' rvscsi"
+            ),
         "{calls:#?}"
     );
 
@@ -1360,7 +1432,7 @@ fn the_runbook_runs_in_four_phases_with_a_reboot_between_them() {
     let (out, calls) = runbook_after_a_plain_reboot(&sys, &archive);
     passes(
         &out,
-        &["environment", "not-loaded", "vioscsi-again", "uninstall"],
+        &["environment", "not-loaded", "in-tree-again", "uninstall"],
     );
     let clone = sys.path(".be/mnt/omnios-r151054-1");
     assert!(
@@ -1397,20 +1469,32 @@ fn the_runbook_runs_in_four_phases_with_a_reboot_between_them() {
 
     // Phase 4 in the new BE: rvscsi is gone, vioscsi has its controller.
     let (out, _) = runbook_after_a_plain_reboot(&sys, &archive);
-    passes(&out, &["environment", "uninstalled", "vioscsi-final"]);
+    passes(&out, &["environment", "uninstalled", "in-tree-final"]);
     assert_eq!(
         boot_environments(&sys),
         ("omnios-r151054-1".into(), "omnios-r151054-1".into())
     );
     assert_eq!(sys.alias_owner("pci1af4,1004").as_deref(), Some("vioscsi"));
+    assert_eq!(sys.alias_owner("pci15ad,7c0").as_deref(), Some("pvscsi"));
     assert!(!sys.read("etc/name_to_major").contains("rvscsi"));
     assert!(!sys.path("kernel/drv/amd64/rvscsi").exists());
     assert_eq!(sys.node(TRANSITIONAL), ("vioscsi".into(), true));
-    assert!(
-        !sys.path("var/tmp/rvscsi-runbook.state").exists(),
-        "the record is gone: a new run starts at phase 1"
-    );
+    assert_eq!(sys.node(PVSCSI), ("pvscsi".into(), true));
+    for f in ["rvscsi-runbook.state", "rvscsi-runbook.controllers"] {
+        assert!(
+            !sys.path(&format!("var/tmp/{f}")).exists(),
+            "{f} is gone: a new run starts at phase 1"
+        );
+    }
     let _ = std::fs::remove_file(&archive);
+}
+
+/// The directory of the runbook's logs, from its first line.
+fn logs_of(out: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix("rvscsi runbook; logs in "))
+        .unwrap_or_else(|| panic!("no logs line: {out}"))
+        .to_string()
 }
 
 /// Runs the runbook before the reboot it asked for: it fails the `reboot`
@@ -1440,7 +1524,7 @@ fn runbook_to_phase_2(sys: &Sys, archive: &Path) {
 
 #[test]
 fn the_runbook_fails_the_detach_when_rvscsi_warns_while_detaching() {
-    let sys = Sys::new("detach-warn", SysOptions::default());
+    let sys = vm("detach-warn");
     let archive = package_archive(&sys);
     runbook_to_phase_2(&sys, &archive);
     // What the driver's dev_err(9F) puts in /var/adm/messages when the
@@ -1460,7 +1544,7 @@ fn the_runbook_fails_the_detach_when_rvscsi_warns_while_detaching() {
 
 #[test]
 fn the_runbook_fails_the_detach_while_a_disk_behind_rvscsi_is_open() {
-    let sys = Sys::new("detach-busy", SysOptions::default());
+    let sys = vm("detach-busy");
     let archive = package_archive(&sys);
     runbook_to_phase_2(&sys, &archive);
     // A disk behind the transitional controller is open (in a pool, say).
@@ -1482,8 +1566,86 @@ fn the_runbook_fails_the_detach_while_a_disk_behind_rvscsi_is_open() {
 }
 
 #[test]
+fn the_runbook_fails_when_a_controller_is_not_back_with_its_in_tree_driver() {
+    let sys = vm("pv-not-back");
+    let archive = package_archive(&sys);
+    runbook_to_phase_2(&sys, &archive);
+    let (rc, out, _) = runbook(&sys, &archive);
+    assert_eq!(rc, 0, "{out}");
+    // pvscsi's module is gone: after the reboot its controller is bound
+    // to it but not attached.
+    std::fs::remove_file(sys.path("kernel/drv/amd64/pvscsi")).unwrap();
+    sys.boot(false);
+    assert_eq!(sys.node(PVSCSI), ("pvscsi".into(), false));
+    let (rc, out, calls) = runbook(&sys, &archive);
+    assert_eq!(rc, 1, "{out}");
+    assert!(out.contains("FAIL  in-tree-again"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "the pvscsi controller {PVSCSI} is not attached to pvscsi"
+        )),
+        "{out}"
+    );
+    assert!(
+        !calls.iter().any(|c| c.starts_with("pkg uninstall")),
+        "no uninstall: {calls:#?}"
+    );
+    let _ = std::fs::remove_file(&archive);
+}
+
+#[test]
+fn the_runbook_fails_the_final_check_when_a_controller_is_not_with_its_driver_in_the_new_be() {
+    let sys = vm("pv-final");
+    let archive = package_archive(&sys);
+    runbook_to_phase_2(&sys, &archive);
+    let (rc, out, _) = runbook(&sys, &archive);
+    assert_eq!(rc, 0, "{out}");
+    let (out, _) = runbook_after_a_plain_reboot(&sys, &archive);
+    assert!(out.contains("PASS  uninstall"), "{out}");
+    // The boot environment the uninstall made has lost pvscsi's module.
+    std::fs::remove_file(sys.path(".be/root/omnios-r151054-1/kernel/drv/amd64/pvscsi")).unwrap();
+    sys.boot(false);
+    let (rc, out, _) = runbook(&sys, &archive);
+    assert_eq!(rc, 1, "{out}");
+    assert!(out.contains("FAIL  in-tree-final"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "the pvscsi controller {PVSCSI} is not attached to pvscsi"
+        )),
+        "{out}"
+    );
+    let _ = std::fs::remove_file(&archive);
+}
+
+#[test]
+fn the_runbook_needs_a_pvscsi_controller_driven_by_pvscsi_to_start() {
+    // The PVSCSI controller is there but the in-tree pvscsi driver is not.
+    let sys = Sys::new(
+        "pv-no-driver",
+        SysOptions {
+            pvscsi_controller: true,
+            ..SysOptions::default()
+        },
+    );
+    let archive = package_archive(&sys);
+    let (rc, out, calls) = runbook(&sys, &archive);
+    assert_eq!(rc, 1, "{out}");
+    assert!(out.contains("FAIL  controllers"), "{out}");
+    assert!(
+        out.contains("no PVSCSI controller attached to pvscsi"),
+        "{out}"
+    );
+    assert!(
+        !calls.iter().any(|c| c.starts_with("update_drv")),
+        "nothing taken: {calls:#?}"
+    );
+    assert!(!sys.path("var/tmp/rvscsi-runbook.controllers").exists());
+    let _ = std::fs::remove_file(&archive);
+}
+
+#[test]
 fn the_runbook_reboots_into_the_new_be_when_the_install_is_an_update() {
-    let sys = Sys::new("update", SysOptions::default());
+    let sys = vm("update");
     let old = package_archive_version(&sys, "0.0.9", "old module\n");
     let out = sys
         .command("pkg")
@@ -1530,7 +1692,7 @@ fn the_runbook_reboots_into_the_new_be_when_the_install_is_an_update() {
 
 #[test]
 fn the_runbook_accepts_a_package_that_is_installed_already() {
-    let sys = Sys::new("reinstall", SysOptions::default());
+    let sys = vm("reinstall");
     let archive = package_archive(&sys);
     let out = sys
         .command("pkg")

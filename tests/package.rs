@@ -253,7 +253,9 @@ fn rvscsiadm_handover() -> Vec<(String, String)> {
         .find("\nHANDOVER=\"")
         .expect("HANDOVER=\" in rvscsiadm")
         + "\nHANDOVER=\"".len();
-    let len = script[start..].find('"').expect("the table's closing quote");
+    let len = script[start..]
+        .find('"')
+        .expect("the table's closing quote");
     script[start..start + len]
         .lines()
         .map(|l| {

@@ -2,12 +2,16 @@
 #
 # Boots an OmniOS virtual machine laid out for the rvscsi runbook
 # (test/omnios/runbook.sh):
-#   - the root disk on virtio-blk, so that no virtio-scsi controller holds
-#     the root pool (rvscsiadm refuses to take one that does);
+#   - the root disk on virtio-blk, so that no virtio-scsi or PVSCSI
+#     controller holds the root pool (rvscsiadm refuses to take one that
+#     does);
 #   - a transitional virtio-scsi controller (PCI 1af4:1004, vioscsi's alias
 #     pci1af4,1004) with a 1 GiB scratch disk at target 0, LUN 0;
 #   - a modern-only virtio-scsi controller (1af4:1048) behind a PCI Express
 #     root port (alias pci1af4,1048,p) with a 512 MiB scratch disk;
+#   - a VMware PVSCSI controller (PCI 15ad:07c0, pvscsi's alias
+#     pci15ad,7c0; QEMU's model has LUN 0 only) with a 256 MiB scratch disk
+#     at target 0;
 #   - user networking with the guest's ssh on 127.0.0.1 port 10022 of the
 #     host (--ssh-port to change it), to copy the source tree or the .p5p in.
 #
@@ -78,6 +82,7 @@ if [ $dry = 0 ]; then
 	[ -f "$dir/root.qcow2" ] || qemu-img create -f qcow2 "$dir/root.qcow2" 20G
 	[ -f "$dir/scratch0.img" ] || qemu-img create -f raw "$dir/scratch0.img" 1G
 	[ -f "$dir/scratch1.img" ] || qemu-img create -f raw "$dir/scratch1.img" 512M
+	[ -f "$dir/scratch2.img" ] || qemu-img create -f raw "$dir/scratch2.img" 256M
 fi
 
 if [ $check = 1 ]; then
@@ -127,6 +132,9 @@ $run qemu-system-x86_64 \
 	-device virtio-scsi-pci,id=vscsi1,bus=rp1,disable-legacy=on \
 	-drive if=none,id=scratch1,file="$dir/scratch1.img",format=raw,cache=none,rerror=report,werror=report \
 	-device scsi-hd,bus=vscsi1.0,channel=0,scsi-id=0,lun=0,drive=scratch1 \
+	-device pvscsi,id=pvscsi0 \
+	-drive if=none,id=scratch2,file="$dir/scratch2.img",format=raw,cache=none,rerror=report,werror=report \
+	-device scsi-hd,bus=pvscsi0.0,channel=0,scsi-id=0,lun=0,drive=scratch2 \
 	-netdev user,id=net0,hostfwd=tcp:127.0.0.1:"$ssh_port"-:22 \
 	-device virtio-net-pci,netdev=net0 \
 	$boot \

@@ -2,22 +2,29 @@
 #
 # The rvscsi runbook: run as root inside an OmniOS virtual machine (see
 # test/omnios/qemu-omnios.sh for one laid out for it) to install rvscsi,
-# hand it the virtio-scsi controllers, use a disk behind one, detach and
-# attach the driver again, give the controllers back and uninstall it.
+# hand it the virtio-scsi controllers (from vioscsi) and the VMware PVSCSI
+# controllers (from pvscsi), use a disk behind one of each family, detach
+# and attach the driver again, give the controllers back to the in-tree
+# drivers and uninstall it.
 # Prints PASS or FAIL for every step (with its log) and exits non-zero
 # when one failed.
 #
 # Usage:
-#   runbook.sh (--p5p FILE | --source DIR) [--disk cXtYdZ] [--yes]
+#   runbook.sh (--p5p FILE | --source DIR) [--disk cXtYdZ]
+#              [--pvscsi-disk cXtYdZ] [--yes]
 #
 #   --p5p FILE    install this package archive (made by pkg/build.sh on
 #                 illumos: target/pkg/rvscsi-<version>.p5p)
 #   --source DIR  build it first from the rvscsi tree in DIR
 #                 (DIR/pkg/build.sh --no-demo; needs network for rustup and
 #                 the Rust crates)
-#   --disk D      the scratch disk to use (default: the first disk behind
-#                 an rvscsi controller)
-#   --yes         allow writing to that disk: 8 MiB at offset 1 MiB are
+#   --disk D      the scratch disk to use behind a virtio-scsi controller
+#                 (default: the first disk behind an rvscsi controller that
+#                 was not pvscsi's)
+#   --pvscsi-disk D  the scratch disk to use behind a PVSCSI controller
+#                 (default: the first disk behind an rvscsi controller that
+#                 was pvscsi's)
+#   --yes         allow writing to those disks: 8 MiB at offset 1 MiB are
 #                 overwritten. Without it the data steps are skipped
 #                 (reported as FAIL, so that an unattended run cannot pass
 #                 without them).
@@ -32,16 +39,23 @@
 # and says what to do next:
 #   1. environment, build (with --source), install, installed, controllers,
 #      take                                   then: reboot
-#   2. environment, attach, disks, choose-disk, dd-write-read, dtrace,
-#      detach, reattach, disks-again, release
+#   2. environment, attach, disks, choose-disk, dd-write-read,
+#      choose-disk-pvscsi, dd-write-read-pvscsi, dtrace, detach, reattach,
+#      disks-again, release
 #                                             then: reboot
-#   3. environment, not-loaded, vioscsi-again, uninstall
+#   3. environment, not-loaded, in-tree-again, uninstall
 #                                             then: reboot (into the new BE)
-#   4. environment, uninstalled, vioscsi-final
+#   4. environment, uninstalled, in-tree-final
+#
+# The controllers step records which controller each in-tree driver had
+# (its physical path) in /var/tmp/rvscsi-runbook.controllers: the later
+# phases check each of them, and tell the families apart by it (a PCI
+# node's name comes from its subsystem IDs, which QEMU sets to its own for
+# the PVSCSI device, so the name does not say).
 #
 # Logs of every step are kept in ${TMPDIR:-/var/tmp}/rvscsi-runbook.<time>/;
 # the record of the phases in /var/tmp/rvscsi-runbook.state (on disk, so
-# it outlives the reboots). A record written after pkg(1) cloned the boot
+# it outlives the reboots), beside the record of the controllers. A record written after pkg(1) cloned the boot
 # environment is not in the clone, so what a record says about a new BE is
 # checked against the BE that is booted (beadm list). RUNBOOK_ROOT
 # (default /) is the root of the system whose files are read, for the
@@ -52,6 +66,7 @@ set -u
 p5p=""
 src=""
 disk=""
+pvdisk=""
 yes=0
 args=("$@")
 while [ $# -gt 0 ]; do
@@ -59,6 +74,7 @@ while [ $# -gt 0 ]; do
 	--p5p) p5p=${2:?--p5p needs a file}; shift 2 ;;
 	--source) src=${2:?--source needs a directory}; shift 2 ;;
 	--disk) disk=${2:?--disk needs a disk}; shift 2 ;;
+	--pvscsi-disk) pvdisk=${2:?--pvscsi-disk needs a disk}; shift 2 ;;
 	--yes) yes=1; shift ;;
 	-h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1 && !/shellcheck/' "$0"; exit 0 ;;
 	*) echo "runbook: unknown argument $1" >&2; exit 2 ;;
@@ -73,6 +89,9 @@ R=${RUNBOOK_ROOT:-}
 export RVSCSIADM_ROOT=$R
 rvscsiadm=$R/usr/sbin/rvscsiadm
 record=$R/var/tmp/rvscsi-runbook.state
+controllers=$R/var/tmp/rvscsi-runbook.controllers
+# The in-tree drivers whose controllers rvscsi takes (rvscsiadm's table).
+intree="vioscsi pvscsi"
 logs=${TMPDIR:-/var/tmp}/rvscsi-runbook.$(date +%Y%m%d-%H%M%S)
 mkdir -p "$logs"
 passed=0
@@ -121,6 +140,41 @@ attached_to() {
 	paste -d '|' <(prtconf) <(prtconf -D) |
 	    awk -F'|' -v d="(driver name: $1)" \
 	    'index($2, d) && $1 !~ /driver not attached/ { n++ } END { print n + 0 }'
+}
+
+# The physical paths of the instances of driver $1 (path_to_inst(5)).
+instances_of() {
+	awk -v d="\"$1\"" '$3 == d { gsub(/"/, "", $1); print $1 }' "$R/etc/path_to_inst"
+}
+
+# Whether the node at physical path $1 is bound to driver $2 and attached:
+# its instance of $2 (path_to_inst) in prtconf's lines, as attached_to.
+attached_at() {
+	local inst
+	inst=$(awk -v p="\"$1\"" -v d="\"$2\"" '$1 == p && $3 == d { print $2; exit }' \
+	    "$R/etc/path_to_inst")
+	[ -n "$inst" ] || return 1
+	paste -d '|' <(prtconf) <(prtconf -D) |
+	    awk -F'|' -v w="instance #$inst (driver name: $2)" \
+	    'index($2, w) && $1 !~ /driver not attached/ { f = 1 } END { exit !f }'
+}
+
+# Checks that every recorded controller ("DRIVER PATH" lines of
+# $controllers) is attached to driver $1, or to its own driver when $1 is
+# empty.
+recorded_attached() {
+	local d p want bad=0
+	[ -s "$controllers" ] || { echo "no record of the controllers ($controllers)"; return 1; }
+	while read -r d p; do
+		want=${1:-$d}
+		if attached_at "$p" "$want"; then
+			echo "the $d controller $p is attached to $want"
+		else
+			echo "the $d controller $p is not attached to $want"
+			bad=1
+		fi
+	done <"$controllers"
+	[ "$bad" = 0 ]
 }
 
 # ---- the steps -----------------------------------------------------------
@@ -187,13 +241,31 @@ check_installed() {
 	pkg verify -v driver/storage/rvscsi
 }
 
+# The controllers of each in-tree driver, attached, recorded for the later
+# phases: one of each family at least.
 find_controllers() {
 	"$rvscsiadm" status || return 1
-	[ "$(handover_state)" = in-tree ] || { echo "vioscsi does not hold the aliases"; return 1; }
-	[ "$(attached_to vioscsi)" -gt 0 ] || {
-		echo "no virtio-scsi controller attached to vioscsi"
-		return 1
-	}
+	[ "$(handover_state)" = in-tree ] || { echo "the in-tree drivers do not hold the aliases"; return 1; }
+	local d p bad=0
+	: >"$controllers.new"
+	for d in $intree; do
+		for p in $(instances_of "$d"); do
+			if attached_at "$p" "$d"; then
+				echo "$d $p" >>"$controllers.new"
+			fi
+		done
+		if ! grep -q "^$d " "$controllers.new"; then
+			case "$d" in
+			vioscsi) echo "no virtio-scsi controller attached to vioscsi" ;;
+			pvscsi) echo "no PVSCSI controller attached to pvscsi (the VM needs one, and the" \
+			    "in-tree driver/storage/pvscsi package to drive it first)" ;;
+			esac
+			bad=1
+		fi
+	done
+	cat "$controllers.new"
+	[ "$bad" = 0 ] || { rm -f "$controllers.new"; return 1; }
+	mv "$controllers.new" "$controllers"
 }
 
 take_controllers() {
@@ -217,6 +289,7 @@ check_attached() {
 		return 1
 	}
 	prtconf -D | grep 'driver name: rvscsi'
+	recorded_attached rvscsi || return 1
 	modinfo | grep -w rvscsi || { echo "rvscsi is not loaded"; return 1; }
 	modinfo | grep -w rvscsi | grep -q 'virtio-scsi HBA' ||
 		{ echo "unexpected module description"; return 1; }
@@ -234,37 +307,67 @@ list_disks() {
 			/^ *[0-9]+\. c[0-9]/ { d = $2; next }
 			index($0, c) && d != "" { print d; d = "" }' \
 			"$logs/format.out"
-	done >"$logs/rvscsi-disks"
+	done | sort -u >"$logs/rvscsi-disks"
+	# Those behind the controllers that were pvscsi's.
+	local p
+	awk '$1 == "pvscsi" { print $2 }' "$controllers" 2>/dev/null | while read -r p; do
+		awk -v c="$p/" '
+			/^ *[0-9]+\. c[0-9]/ { d = $2; next }
+			index($0, c) && d != "" { print d; d = "" }' \
+			"$logs/format.out"
+	done | sort -u >"$logs/pvscsi-disks"
 	echo "disks behind rvscsi:"
 	cat "$logs/rvscsi-disks"
+	echo "of which behind a PVSCSI controller:"
+	cat "$logs/pvscsi-disks"
 	[ -s "$logs/rvscsi-disks" ]
 }
 
-choose_disk() {
-	[ -n "$disk" ] || disk=$(head -n 1 "$logs/rvscsi-disks")
-	[ -n "$disk" ] || { echo "no disk to use"; return 1; }
-	grep -qx "$disk" "$logs/rvscsi-disks" ||
-		{ echo "$disk is not behind an rvscsi controller"; return 1; }
-	if zpool status -P 2>/dev/null | grep -q "/dev/dsk/$disk"; then
-		echo "$disk is part of a ZFS pool: refusing to write to it"
+# usable_disk D: D is behind rvscsi, in no pool, not mounted, and --yes
+# allows writing to it.
+usable_disk() {
+	local d=$1
+	grep -qx "$d" "$logs/rvscsi-disks" ||
+		{ echo "$d is not behind an rvscsi controller"; return 1; }
+	if zpool status -P 2>/dev/null | grep -q "/dev/dsk/$d"; then
+		echo "$d is part of a ZFS pool: refusing to write to it"
 		return 1
 	fi
-	if mount | grep -q "/dev/dsk/$disk"; then
-		echo "$disk has a mounted file system: refusing to write to it"
+	if mount | grep -q "/dev/dsk/$d"; then
+		echo "$d has a mounted file system: refusing to write to it"
 		return 1
 	fi
-	[ "$yes" = 1 ] || { echo "pass --yes to allow writing 8 MiB to $disk"; return 1; }
-	echo "using $disk"
+	[ "$yes" = 1 ] || { echo "pass --yes to allow writing 8 MiB to $d"; return 1; }
+	echo "using $d"
 }
 
+# A disk behind a virtio-scsi controller: one not behind a PVSCSI one.
+choose_disk() {
+	[ -n "$disk" ] || disk=$(grep -vxF -f "$logs/pvscsi-disks" "$logs/rvscsi-disks" | head -n 1)
+	[ -n "$disk" ] || { echo "no disk behind a virtio-scsi controller to use"; return 1; }
+	! grep -qx "$disk" "$logs/pvscsi-disks" ||
+		{ echo "$disk is behind a PVSCSI controller"; return 1; }
+	usable_disk "$disk"
+}
+
+choose_pvscsi_disk() {
+	[ -n "$pvdisk" ] || pvdisk=$(head -n 1 "$logs/pvscsi-disks")
+	[ -n "$pvdisk" ] || { echo "no disk behind a PVSCSI controller to use"; return 1; }
+	grep -qx "$pvdisk" "$logs/pvscsi-disks" ||
+		{ echo "$pvdisk is not behind a PVSCSI controller"; return 1; }
+	usable_disk "$pvdisk"
+}
+
+# dd_pattern D: 8 MiB of random data written to disk D at offset 1 MiB and
+# read back.
 dd_pattern() {
-	local raw=/dev/rdsk/${disk}p0
-	dd if=/dev/urandom of="$logs/pattern" bs=1024k count=8 || return 1
-	dd if="$logs/pattern" of="$raw" bs=1024k seek=1 count=8 || return 1
-	dd if="$raw" of="$logs/readback" bs=1024k skip=1 count=8 || return 1
+	local raw=/dev/rdsk/${1}p0
+	dd if=/dev/urandom of="$logs/pattern.$1" bs=1024k count=8 || return 1
+	dd if="$logs/pattern.$1" of="$raw" bs=1024k seek=1 count=8 || return 1
+	dd if="$raw" of="$logs/readback.$1" bs=1024k skip=1 count=8 || return 1
 	local a b
-	a=$(digest -a sha256 "$logs/pattern")
-	b=$(digest -a sha256 "$logs/readback")
+	a=$(digest -a sha256 "$logs/pattern.$1")
+	b=$(digest -a sha256 "$logs/readback.$1")
 	echo "written  $a"
 	echo "read     $b"
 	[ "$a" = "$b" ]
@@ -378,14 +481,12 @@ check_not_loaded() {
 	echo "rvscsi is not loaded"
 }
 
-back_to_vioscsi() {
+# Each controller is its in-tree driver's again.
+back_to_in_tree() {
 	"$rvscsiadm" status
-	[ "$(handover_state)" = in-tree ] || { echo "vioscsi does not hold the aliases"; return 1; }
-	[ "$(attached_to vioscsi)" -gt 0 ] || {
-		echo "vioscsi has not attached again"
-		return 1
-	}
-	prtconf -D | grep 'driver name: vioscsi'
+	[ "$(handover_state)" = in-tree ] || { echo "the in-tree drivers do not hold the aliases"; return 1; }
+	recorded_attached || return 1
+	prtconf -D | grep -e 'driver name: vioscsi' -e 'driver name: pvscsi'
 }
 
 # pkg uninstall removes the module, a reboot-needed file, so it runs in a
@@ -437,11 +538,15 @@ check_uninstalled() {
 }
 
 # The package's driver action ran rem_drv, which would have dropped any
-# alias rvscsi still held: vioscsi must have its own and its controller.
-check_vioscsi_final() {
-	grep '^vioscsi ' "$R/etc/driver_aliases" || { echo "vioscsi has lost its aliases"; return 1; }
-	[ "$(attached_to vioscsi)" -gt 0 ] || { echo "no controller attached to vioscsi"; return 1; }
-	prtconf -D | grep 'driver name: vioscsi'
+# alias rvscsi still held: vioscsi and pvscsi must have their own and their
+# controllers.
+check_in_tree_final() {
+	local d
+	for d in $intree; do
+		grep "^$d " "$R/etc/driver_aliases" || { echo "$d has lost its aliases"; return 1; }
+	done
+	recorded_attached || return 1
+	prtconf -D | grep -e 'driver name: vioscsi' -e 'driver name: pvscsi'
 }
 
 # ---- the run -------------------------------------------------------------
@@ -483,8 +588,8 @@ if ! pkg list -q driver/storage/rvscsi 2>/dev/null &&
     { [ "$phase_record" = uninstalling ] || [ "$phase_record" = uninstalled ]; }; then
 	echo "== phase 4: after the uninstall"
 	step uninstalled check_uninstalled
-	step vioscsi-final check_vioscsi_final
-	[ "$failed" -ne 0 ] || rm -f "$record"
+	step in-tree-final check_in_tree_final
+	[ "$failed" -ne 0 ] || rm -f "$record" "$controllers"
 	finish
 fi
 
@@ -526,13 +631,22 @@ if [ "$state" = rvscsi ]; then
 	echo "== phase 2: use the disks, detach and attach again, release"
 	step attach check_attached
 	data=0
-	if step disks list_disks && step choose-disk choose_disk; then
-		data=1
-		step dd-write-read dd_pattern
-	fi
-	if [ "$data" = 0 ]; then
+	if step disks list_disks; then
+		if step choose-disk choose_disk; then
+			data=$((data + 1))
+			step dd-write-read dd_pattern "$disk"
+		else
+			disk=""
+		fi
+		if step choose-disk-pvscsi choose_pvscsi_disk; then
+			data=$((data + 1))
+			step dd-write-read-pvscsi dd_pattern "$pvdisk"
+		fi
+	else
 		disk=""
-		results+=("FAIL  data  (the data steps did not run)")
+	fi
+	if [ "$data" != 2 ]; then
+		results+=("FAIL  data  (the data steps did not run for both families)")
 		failed=$((failed + 1))
 	fi
 	step dtrace dtrace_probes
@@ -547,8 +661,8 @@ if [ "$state" = rvscsi ]; then
 	fi
 fi
 
-echo "== phase 3: back to vioscsi, uninstall"
+echo "== phase 3: back to the in-tree drivers, uninstall"
 step not-loaded check_not_loaded
-step vioscsi-again back_to_vioscsi || finish
+step in-tree-again back_to_in_tree || finish
 step uninstall uninstall_package || finish
 finish "reboot (into the boot environment $(next_be)), then run again: $again"
