@@ -152,6 +152,10 @@ fn the_manifest_names_the_package_as_omnios_packages_do() {
             sets.get(name).is_some_and(|v| v[0].len() > 20),
             "{name} says something"
         );
+        // It drives both families.
+        for family in ["virtio-scsi", "PVSCSI"] {
+            assert!(sets[name][0].contains(family), "{name} names {family}");
+        }
     }
     assert_eq!(
         sets["info.classification"],
