@@ -363,8 +363,16 @@ fn the_man_page_is_lint_clean_and_documents_tunables_and_probes() {
     assert!(messages.is_empty(), "mandoc -T lint: {messages:#?}");
     let text = std::fs::read_to_string(&page).unwrap();
     let conf = std::fs::read_to_string(root().join("pkg/rvscsi.conf")).unwrap();
-    // Every tunable the driver reads is documented in both places.
-    let src = std::fs::read_to_string(root().join("src/vioscsi/device.rs")).unwrap();
+    // Every tunable the driver reads, of either family or of the shared
+    // core, is documented in both places.
+    let src: String = [
+        "src/vioscsi/device.rs",
+        "src/pvscsi/device.rs",
+        "src/hba/intr.rs",
+    ]
+    .iter()
+    .map(|f| std::fs::read_to_string(root().join(f)).unwrap())
+    .collect();
     let mut tunables = Vec::new();
     for piece in src.split("prop_").skip(1) {
         if let Some(name) = piece.split("c\"").nth(1).and_then(|s| s.split('"').next()) {
@@ -495,12 +503,59 @@ fn the_man_page_covers_uninstalling_and_what_pkg_verify_reports() {
         flat_all.contains("2 MSI-X vectors under pcplusmp"),
         "the man page says what pcplusmp grants"
     );
+    // Binding: both families' aliases and in-tree drivers, and every
+    // state rvscsiadm's status can print (from the script's state()).
+    let binding = section("Binding to a controller");
+    for needle in [
+        "pci1af4,1004",
+        "pci1af4,1048,p",
+        "pci15ad,7c0",
+        ".Xr vioscsi 4D",
+        ".Xr pvscsi 4D",
+    ] {
+        assert!(binding.contains(needle), "{needle:?}:\n{binding}");
+    }
+    let script = std::fs::read_to_string(root().join("pkg/rvscsiadm")).unwrap();
+    let state_fn = &script[script.find("\nstate() {").expect("state() in rvscsiadm")..];
+    let state_fn = &state_fn[..state_fn.find("\n}\n").unwrap()];
+    let mut states: Vec<&str> = state_fn
+        .split("echo ")
+        .skip(1)
+        .map(|w| {
+            w.split(|c: char| c == ';' || c.is_whitespace())
+                .next()
+                .unwrap()
+        })
+        .collect();
+    states.sort_unstable();
+    states.dedup();
+    assert_eq!(
+        states,
+        [
+            "in-tree",
+            "in-tree-after-reboot",
+            "mixed",
+            "rvscsi",
+            "rvscsi-after-reboot"
+        ]
+    );
+    for st in states {
+        assert!(
+            binding.contains(&format!(".It Sy {st}\n")),
+            "state {st} documented:\n{binding}"
+        );
+    }
+    assert!(
+        uninstall.contains(".Sy in-tree\n"),
+        "Uninstalling waits for in-tree:\n{uninstall}"
+    );
     let verify = section("Package verification");
     for needle in [
         "extra alias",
         "found in etc/driver_aliases",
         "missing from etc/driver_aliases",
         "vioscsi",
+        "pvscsi",
     ] {
         assert!(verify.contains(needle), "{needle:?}:\n{verify}");
     }
