@@ -135,11 +135,17 @@ pub mod shared {
     use std::vec;
     use std::vec::Vec;
 
-    /// `len` zeroed bytes at bus address `base`; clones share them.
+    /// A sync the memory was asked for: for the device (true) or the CPU,
+    /// offset, length.
+    pub type Sync = (bool, usize, usize);
+
+    /// `len` zeroed bytes at bus address `base`; clones share them (and
+    /// the record of syncs).
     #[derive(Clone)]
     pub struct SharedHostMem {
         bytes: Arc<Mutex<Vec<u8>>>,
         base: u64,
+        syncs: Arc<Mutex<Vec<Sync>>>,
     }
 
     impl SharedHostMem {
@@ -148,7 +154,13 @@ pub mod shared {
             SharedHostMem {
                 bytes: Arc::new(Mutex::new(vec![0; len])),
                 base,
+                syncs: Arc::new(Mutex::new(Vec::new())),
             }
+        }
+
+        /// The syncs asked for since the last call, in order.
+        pub fn take_syncs(&self) -> Vec<Sync> {
+            core::mem::take(&mut *self.syncs.lock().unwrap())
         }
     }
 
@@ -170,7 +182,11 @@ pub mod shared {
             assert!(in_bounds(off, src.len(), n), "write out of bounds");
             b[off..off + src.len()].copy_from_slice(src);
         }
-        fn sync_for_device(&self, _off: usize, _len: usize) {}
-        fn sync_for_cpu(&self, _off: usize, _len: usize) {}
+        fn sync_for_device(&self, off: usize, len: usize) {
+            self.syncs.lock().unwrap().push((true, off, len));
+        }
+        fn sync_for_cpu(&self, off: usize, len: usize) {
+            self.syncs.lock().unwrap().push((false, off, len));
+        }
     }
 }

@@ -287,7 +287,15 @@ mod tests {
         assert_eq!(d[offset_of!(ReqDesc, tag)], wire::TAG_ORDERED);
         assert_eq!(d[offset_of!(ReqDesc, target)], 17);
         assert_eq!(d[offset_of!(ReqDesc, vcpu_hint)], 5);
+        assert_eq!(x.mem.take_syncs(), [], "no SG list to sync");
         o.release(crate::hba::cmd::CmdState::Idle);
+    }
+
+    #[test]
+    fn the_sense_buffer_follows_room_for_every_sg_element() {
+        // 128 elements of 16 bytes: the SG list fills the first half page.
+        assert_eq!(SENSE_OFF, 2048);
+        assert_eq!(CMD_MEM_LEN, 2048 + SENSE_BUFFER_SIZE);
     }
 
     #[test]
@@ -319,6 +327,11 @@ mod tests {
             );
             assert_eq!(x.mem.read_u32(SG_OFF + i * SG_ELEMENT_SIZE + 8), 4096);
         }
+        assert_eq!(
+            x.mem.take_syncs(),
+            [(true, SG_OFF, 3 * SG_ELEMENT_SIZE)],
+            "the list, once, for the device"
+        );
         o.release(crate::hba::cmd::CmdState::Idle);
     }
 
@@ -327,15 +340,20 @@ mod tests {
         let c = cmd();
         let mut o = OwnedCmd::claim(&c).unwrap();
         // READ(10) into a buffer the device is to read: QEMU would lose it.
-        let k = [cookie(0x1000, 512)];
+        let k = [cookie(0x1000, 512), cookie(0x3000, 512)];
         prepare(
             o.fields(),
-            &req(&[0x28, 0, 0, 0, 0, 1, 0, 0, 1, 0], &k, DataDir::Out),
+            &req(&[0x28, 0, 0, 0, 0, 1, 0, 0, 2, 0], &k, DataDir::Out),
             0,
         );
         assert_eq!(
             o.fields_ref().dev.encoded,
             Err(EncodeError::DirectionContradictsCdb)
+        );
+        assert_eq!(
+            o.fields_ref().dev.mem.take_syncs(),
+            [],
+            "nothing of a refused command goes to the device"
         );
         // TEST UNIT READY: no data, the non-READ/WRITE doorbell.
         prepare(o.fields(), &req(&[0; 6], &[], DataDir::None), 0);
@@ -396,6 +414,9 @@ mod tests {
         );
         assert!(good.state.contains(STATE_COMPLETED));
         assert_eq!(o.fields_ref().dev.sense_valid, 0);
+        o.fields_ref().dev.mem.take_syncs();
+        assert_eq!(copy_sense(o.fields_ref(), &mut [0u8; 32]), 0);
+        assert_eq!(o.fields_ref().dev.mem.take_syncs(), [], "no sense, no sync");
         // CHECK CONDITION with 18 bytes of sense in the buffer.
         let sense: [u8; 18] = core::array::from_fn(|i| 0x70 + i as u8);
         o.fields_ref().dev.mem.write_bytes(SENSE_OFF, &sense);
@@ -409,8 +430,14 @@ mod tests {
         assert!(check.is_check_condition());
         assert_eq!(o.fields_ref().dev.sense_valid, 18);
         let mut out = [0u8; 32];
+        o.fields_ref().dev.mem.take_syncs();
         assert_eq!(copy_sense(o.fields_ref(), &mut out), 18);
         assert_eq!(&out[..18], &sense);
+        assert_eq!(
+            o.fields_ref().dev.mem.take_syncs(),
+            [(false, SENSE_OFF, 18)],
+            "what the device wrote, for the CPU"
+        );
         let mut short = [0u8; 8];
         assert_eq!(
             copy_sense(o.fields_ref(), &mut short),
