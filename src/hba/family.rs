@@ -141,9 +141,14 @@ pub trait DeviceRing<X>: Send {
     /// true if completions landed meanwhile (the device may not interrupt
     /// for them).
     fn rearm(&mut self) -> bool;
-    /// Makes what was added visible to the device; true if it must be
-    /// notified.
-    fn publish(&mut self) -> bool;
+    /// Makes what was added visible to the device (no notification
+    /// decision: a batch of publishes gets one, [`Self::notify_needed`]).
+    fn publish(&mut self);
+    /// Whether what was published since the last call needs the device
+    /// notified now (false when nothing was). One call decides for a
+    /// whole batch, so that a completion pass that starts many commands
+    /// reads the device's suppression state once, not per command.
+    fn notify_needed(&mut self) -> bool;
     /// The command in flight in `slot`.
     fn get_mut(&mut self, slot: u16) -> Option<&mut OwnedCmd<X>>;
     /// Calls `f` on every command in flight (with its slot).

@@ -372,6 +372,10 @@ impl<F: Family> Hba<F> {
     /// interrupts on its own vector.
     fn queue_for_this_cpu(&self) -> u16 {
         let n = self.queues.len().max(1) as u32;
+        if n == 1 {
+            // No choice to make: no CPU lookup (a kernel call) per command.
+            return 0;
+        }
         let cpu = crate::ddi::cpu::current_seqid();
         let hint = self.reaping[cpu as usize % REAP_HINTS].load(Ordering::Relaxed);
         match u32::from(hint) {
@@ -411,19 +415,23 @@ impl<F: Family> Hba<F> {
                 }
                 t.mark_queued();
             }
-            let mut kick = g.ring.publish();
-            if kick && self.dev.notify_batching() {
-                if g.completing > 0 {
-                    // This queue's completion pass is running: it notifies
-                    // once at its end.
-                    g.kick_pending = true;
-                    kick = false;
-                } else if self.pass_kicks.defer(qi) {
-                    // Another queue's pass runs: the first to end notifies.
-                    kick = false;
-                }
+            // Visible to the device at once; whether it needs a doorbell
+            // is decided once for the batch when a pass runs (reading the
+            // device's suppression state is a sync per decision).
+            g.ring.publish();
+            if !self.dev.notify_batching() {
+                g.ring.notify_needed()
+            } else if g.completing > 0 {
+                // This queue's completion pass is running: it decides and
+                // notifies once at its end.
+                g.kick_pending = true;
+                false
+            } else if self.pass_kicks.defer(qi) {
+                // Another queue's pass runs: the first to end decides.
+                false
+            } else {
+                g.ring.notify_needed()
             }
-            kick
         };
         Stats::bump(&self.stats.started);
         if kick {
@@ -604,8 +612,13 @@ impl<F: Family> Hba<F> {
                 self.pass_kicks.enter();
             }
             if first.is_some() || !own.is_empty() {
-                let hint = &self.reaping[crate::ddi::cpu::current_seqid() as usize % REAP_HINTS];
-                let outer = hint.swap(qi as u16 + 1, Ordering::Relaxed);
+                // The hint steers commands started from these completions
+                // to this queue (`queue_for_this_cpu`); with one queue
+                // there is nothing to steer, and no CPU lookup to pay.
+                let hint = (self.queues.len() > 1).then(|| {
+                    let h = &self.reaping[crate::ddi::cpu::current_seqid() as usize % REAP_HINTS];
+                    (h, h.swap(qi as u16 + 1, Ordering::Relaxed))
+                });
                 while let Some(c) = own.pop() {
                     self.finish(c, None);
                 }
@@ -613,30 +626,34 @@ impl<F: Family> Hba<F> {
                     self.finish(c, None);
                     self.complete_parked_upto(qi, parked);
                 }
-                hint.store(outer, Ordering::Relaxed);
-            }
-            let mut kick = {
-                let mut g = q.ring.lock();
-                g.completing -= 1;
-                let k = g.completing == 0 && g.kick_pending;
-                if k {
-                    g.kick_pending = false;
+                if let Some((h, outer)) = hint {
+                    h.store(outer, Ordering::Relaxed);
                 }
-                k
-            };
+            }
             // What was deferred to this pass is taken before its own
-            // doorbell rings, so that one doorbell covers both; a command
-            // started after the taking finds the pass gone (and rings, or
-            // defers to another pass).
+            // queue's decision, so that one doorbell covers both; a command
+            // started on another queue after the taking finds the pass
+            // gone (and decides itself, or defers to another pass), one
+            // started on this queue before the lock below is still in
+            // this pass (`completing`) and is decided below.
             let mut due = if callbacks {
                 self.pass_kicks.leave()
             } else {
                 0
             };
-            if qi < DEFERRABLE_QUEUES && due & (1u64 << qi) != 0 {
+            let deferred_here = qi < DEFERRABLE_QUEUES && due & (1u64 << qi) != 0;
+            if deferred_here {
                 due &= !(1u64 << qi);
-                kick = true;
             }
+            let kick = {
+                let mut g = q.ring.lock();
+                g.completing -= 1;
+                let pending = g.completing == 0 && g.kick_pending;
+                if pending {
+                    g.kick_pending = false;
+                }
+                (pending || deferred_here) && g.ring.notify_needed()
+            };
             if kick {
                 Stats::bump(&self.stats.notifies);
                 self.dev.notify(qi);
@@ -658,14 +675,17 @@ impl<F: Family> Hba<F> {
         self.schedule(|w| w.reap_queues |= queue_bit(qi));
     }
 
-    /// Rings the doorbells of the request queues in `due` (bit n: queue
-    /// n).
+    /// Decides for the request queues in `due` (bit n: queue n) whose
+    /// commands deferred to a pass, and rings those that need it.
     fn ring_deferred(&self, mut due: u64) {
         // At most one bit per request queue: bounded.
         while due != 0 {
             let n = due.trailing_zeros() as usize;
             due &= due - 1;
-            if n < self.queues.len() {
+            let Some(q) = self.queues.get(n) else {
+                continue;
+            };
+            if q.ring.lock().ring.notify_needed() {
                 Stats::bump(&self.stats.notifies);
                 self.dev.notify(n);
             }
@@ -884,6 +904,18 @@ impl<F: Family> Hba<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_clock_gives_deadlines_from_its_last_reading() {
+        let c = DeadlineClock {
+            now: AtomicI64::new(5000),
+            hz: 100,
+            slack: 100,
+        };
+        assert_eq!(c.deadline(60), 5000 + 6000 + 100);
+        c.now.store(-300, Ordering::Relaxed);
+        assert_eq!(c.deadline(1), -300 + 100 + 100);
+    }
 
     #[test]
     fn a_deadline_is_pkt_time_plus_the_clocks_age_after_the_last_reading() {

@@ -15,7 +15,8 @@ use crate::shmem::SharedMem;
 pub struct PvRing<M: SharedMem = DmaBuffer> {
     /// The rings.
     pub rings: Rings<M, OwnedCmd<PvCmd<M>>>,
-    /// The doorbell the commands added since the last publish need.
+    /// The doorbell the commands added since the last notification
+    /// decision need (None: nothing added since).
     batch_bell: Option<Doorbell>,
     /// The device coalesces READ/WRITE doorbells (request-call threshold
     /// mode on).
@@ -103,11 +104,16 @@ impl<M: SharedMem + Send> DeviceRing<PvCmd<M>> for PvRing<M> {
         self.rings.completions_waiting()
     }
 
-    fn publish(&mut self) -> bool {
-        if self.rings.publish() == 0 {
+    fn publish(&mut self) {
+        self.rings.publish();
+    }
+
+    fn notify_needed(&mut self) -> bool {
+        // The batch's doorbell, set by `add` and taken by the decision:
+        // none if nothing was added since the last one.
+        let Some(bell) = self.batch_bell.take() else {
             return false;
-        }
-        let bell = self.batch_bell.take().unwrap_or(Doorbell::NonReadWrite);
+        };
         if !self.coalescing {
             return true;
         }
@@ -255,24 +261,60 @@ mod tests {
     #[test]
     fn publish_asks_for_a_doorbell_unless_the_device_coalesces_read_write() {
         let (mut r, dev) = ring(false);
-        assert!(!r.publish(), "nothing new");
-        let cs = cmds(3);
+        r.publish();
+        assert!(!r.notify_needed(), "nothing new");
+        let cs = cmds(4);
         r.add(owned(&cs[0])).map_err(|(_, e)| e).unwrap();
-        assert!(r.publish());
-        assert_eq!(dev.state.read_u32(rs::REQ_PROD), 1);
-        assert!(!r.publish(), "published already");
+        r.publish();
+        assert_eq!(dev.state.read_u32(rs::REQ_PROD), 1, "visible at once");
+        assert!(r.notify_needed());
+        r.publish();
+        assert!(!r.notify_needed(), "decided already");
         // Threshold mode: READ/WRITE waits for the device's threshold.
         let (mut r, dev) = ring(true);
         dev.state.write_u32(rs::REQ_CALL_THRESHOLD, 4);
         r.add(owned(&cs[1])).map_err(|(_, e)| e).unwrap();
-        assert!(!r.publish(), "1 waiting, threshold 4");
-        let mut c = owned(&cs[2]);
+        r.publish();
+        assert!(!r.notify_needed(), "1 waiting, threshold 4");
+        // One decision for a batch: a non-READ/WRITE command among
+        // READ/WRITEs rings for all of them (NonReadWrite's doorbell
+        // makes the device process the whole ring: `Doorbell::merge`).
+        r.add(owned(&cs[2])).map_err(|(_, e)| e).unwrap();
+        r.publish();
+        let mut c = owned(&cs[3]);
         c.fields().dev.bell = Doorbell::NonReadWrite;
         r.add(c).map_err(|(_, e)| e).unwrap();
-        assert!(r.publish(), "a non-READ/WRITE command always rings");
+        r.publish();
+        assert_eq!(dev.state.read_u32(rs::REQ_PROD), 3);
+        assert!(
+            r.notify_needed(),
+            "a non-READ/WRITE command in the batch always rings"
+        );
+        assert!(!r.notify_needed(), "the batch was decided");
         let mut all = Vec::new();
         r.reclaim_all(&mut |c| all.push(c));
         all.into_iter().for_each(done);
+    }
+
+    #[test]
+    fn a_ring_consumed_from_since_the_last_look_is_not_stalled() {
+        let (mut r, dev) = ring(false);
+        let cs = cmds(2);
+        for c in &cs {
+            r.add(owned(c)).map_err(|(_, e)| e).unwrap();
+        }
+        r.publish();
+        dev.complete(1, btstat::SUCCESS);
+        dev.complete(2, btstat::SUCCESS);
+        assert!(!r.stalled_since_last_look(), "first look");
+        done(r.pop().unwrap().map_err(|_| ()).unwrap());
+        assert!(
+            !r.stalled_since_last_look(),
+            "one was consumed since: the other waits, but nothing is stuck"
+        );
+        assert!(r.stalled_since_last_look(), "nothing consumed since");
+        done(r.pop().unwrap().map_err(|_| ()).unwrap());
+        assert!(!r.stalled_since_last_look(), "nothing waits");
     }
 
     #[test]

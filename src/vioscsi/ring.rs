@@ -124,8 +124,12 @@ impl DeviceRing<VioCmd> for ReqRing {
         self.ring.enable_interrupts()
     }
 
-    fn publish(&mut self) -> bool {
-        self.ring.publish()
+    fn publish(&mut self) {
+        self.ring.expose();
+    }
+
+    fn notify_needed(&mut self) -> bool {
+        self.ring.notify_needed()
     }
 
     fn get_mut(&mut self, slot: u16) -> Option<&mut OwnedCmd<VioCmd>> {

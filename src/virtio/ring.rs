@@ -391,6 +391,14 @@ impl<M: SharedMem, T> SplitQueue<M, T> {
     /// and returns whether the device wants to be notified (§2.7.13.3:
     /// `avail_event` with EVENT_IDX, else `VIRTQ_USED_F_NO_NOTIFY`).
     pub fn publish(&mut self) -> bool {
+        self.expose() && self.notify_needed()
+    }
+
+    /// Makes every chain added since the last call visible to the device
+    /// without deciding about a notification (that is
+    /// [`Self::notify_needed`]'s, once for a batch); true if there was
+    /// anything new.
+    pub fn expose(&mut self) -> bool {
         let new = self.avail_idx;
         let old = self.published_idx;
         if new == old {
@@ -430,13 +438,19 @@ impl<M: SharedMem, T> SplitQueue<M, T> {
         // The index store must be visible before we read the device's
         // suppression state (a store-load ordering).
         fence(Ordering::SeqCst);
-        self.notify_needed()
+        true
     }
 
-    /// Whether chains published since the last notification need one now.
-    fn notify_needed(&mut self) -> bool {
+    /// Whether the chains exposed since the last notification decision
+    /// need a notification now: one decision over the whole batch, as
+    /// §2.7.10.2 allows (with EVENT_IDX, whether `avail_event` lies among
+    /// them). False when nothing was exposed since.
+    pub fn notify_needed(&mut self) -> bool {
         let new = self.published_idx;
         let old = self.notified_idx;
+        if new == old {
+            return false;
+        }
         self.notified_idx = new;
         if self.event_idx {
             let off = self.layout.avail_event();
@@ -959,6 +973,51 @@ mod tests {
         q.mem().write_u16(l.used_flags(), USED_F_NO_NOTIFY);
         q.add_indirect(0x1000, 2, 0, 1).unwrap();
         assert!(!q.publish());
+    }
+
+    #[test]
+    fn one_notification_decision_covers_every_chain_exposed_since_the_last() {
+        let mut q = queue(16, true);
+        let mut dev = FakeDevice::new(16, true);
+        let l = Layout::new(16).unwrap();
+        assert!(!q.notify_needed(), "nothing exposed, nothing to tell");
+        // Three chains exposed one by one, decided once: avail_event (1)
+        // lies among them, so one notification covers them all.
+        q.mem().write_u16(l.avail_event(), 1);
+        for i in 0..3 {
+            q.add_indirect(0x1000, 2, 0, i).unwrap();
+            assert!(q.expose());
+            assert_eq!(
+                q.mem().read_u16(l.avail_idx()),
+                i as u16 + 1,
+                "visible at once"
+            );
+        }
+        assert!(!q.expose(), "nothing new");
+        assert!(q.notify_needed());
+        assert!(!q.notify_needed(), "decided already");
+        assert_eq!(dev.take_avail(q.mem()).len(), 3);
+        // The device asks about index 9: a batch ending at 5 does not
+        // reach it, one ending at 10 does.
+        q.mem().write_u16(l.avail_event(), 9);
+        for i in 3..5 {
+            q.add_indirect(0x1000, 2, 0, i).unwrap();
+            q.expose();
+        }
+        assert!(!q.notify_needed());
+        for i in 5..10 {
+            q.add_indirect(0x1000, 2, 0, i).unwrap();
+            q.expose();
+        }
+        assert!(q.notify_needed());
+        // Without EVENT_IDX: NO_NOTIFY clear asks for one per batch, and
+        // never for an empty one.
+        let mut q = queue(16, false);
+        q.add_indirect(0x1000, 2, 0, 1).unwrap();
+        q.add_indirect(0x1000, 2, 0, 2).unwrap();
+        assert!(q.expose());
+        assert!(q.notify_needed());
+        assert!(!q.notify_needed(), "an empty batch needs none");
     }
 
     #[test]
