@@ -3,6 +3,7 @@
 //! request is written there (virtio 1.2 §5.6.6.1) and how the response
 //! reads back.
 
+use super::config::MAX_CDB_SIZE;
 use super::proto::{self, Response};
 use crate::ddi::dma::{DmaBuffer, DmaMode};
 use crate::ddi::{DdiError, Dip, Sleep};
@@ -80,37 +81,69 @@ pub fn task_attr(a: TaskAttr) -> u8 {
     }
 }
 
+/// The most header bytes a command writes: the request header with the
+/// largest CDB a device may ask for, padded to the response, and the
+/// response header.
+const HEADERS_MAX: usize =
+    (proto::REQ_CDB + MAX_CDB_SIZE as usize).next_multiple_of(8) + proto::RESP_HEADER_LEN;
+
+/// Header bytes that fit a CDB of up to 45 bytes (QEMU's is 32).
+const HEADERS_SMALL: usize = 80;
+
+/// The bytes of the request header of `req` and the response header, as
+/// they go into a command's DMA memory from offset 0, into `out` (zeroed,
+/// at least [`proto::REQ_CDB`] long); their length (`resp_off` + the
+/// response header, or less if `out` is shorter).
+fn headers(layout: &CmdLayout, req: &Request<'_>, out: &mut [u8]) -> usize {
+    let end = (layout.resp_off + proto::RESP_HEADER_LEN).min(out.len());
+    if end < proto::REQ_CDB {
+        return 0;
+    }
+    // struct virtio_scsi_req_cmd (§5.6.6.1); `out` is zeroed, so the
+    // CDB's unused bytes and the padding after it are too (the device
+    // reads all `cdb_size` bytes).
+    out[proto::REQ_LUN..proto::REQ_LUN + 8].copy_from_slice(&proto::lun_bytes(req.target, req.lun));
+    out[proto::REQ_ID..proto::REQ_ID + 8].copy_from_slice(&req.tag.to_le_bytes());
+    // task_attr; prio and crn stay 0.
+    out[proto::REQ_TASK_ATTR] = task_attr(req.task_attr);
+    let cdb_room = layout.req_len.min(end).saturating_sub(proto::REQ_CDB);
+    let n = req.cdb.len().min(cdb_room);
+    out[proto::REQ_CDB..proto::REQ_CDB + n].copy_from_slice(&req.cdb[..n]);
+    // Response header: a response code no device sends, so a command the
+    // device "completes" without writing its response is not mistaken
+    // for a success.
+    if let Some(b) = out.get_mut(layout.resp_off + proto::RESP_RESPONSE) {
+        *b = 0xff;
+    }
+    end
+}
+
 /// Writes the request header (and the indirect table) of `req` into the
 /// command's DMA memory.
 pub fn prepare(layout: &CmdLayout, indirect: bool, f: &mut CmdFields<VioCmd>, req: &Request<'_>) {
     f.dev.response = Response::default();
     let dma = &f.dev.dma;
-    // struct virtio_scsi_req_cmd (§5.6.6.1).
-    dma.write_bytes(proto::REQ_LUN, &proto::lun_bytes(req.target, req.lun));
-    dma.write_u64(proto::REQ_ID, req.tag);
-    // task_attr, prio, crn
-    dma.write_bytes(proto::REQ_TASK_ATTR, &[task_attr(req.task_attr), 0, 0]);
-    let cdb_room = layout.req_len - proto::REQ_CDB;
-    let n = req.cdb.len().min(cdb_room);
-    dma.write_bytes(proto::REQ_CDB, &req.cdb[..n]);
-    let zeros = [0u8; 32];
-    let mut at = proto::REQ_CDB + n;
-    while at < layout.req_len {
-        let k = (layout.req_len - at).min(zeros.len());
-        dma.write_bytes(at, &zeros[..k]);
-        at += k;
-    }
-    // Response header: a response code no device sends, so a command
-    // the device "completes" without writing its response is not
-    // mistaken for a success.
-    dma.write_bytes(layout.resp_off, &[0u8; proto::RESP_HEADER_LEN]);
-    dma.write_bytes(layout.resp_off + proto::RESP_RESPONSE, &[0xff]);
+    // The headers are built on the stack and copied in one go: one bounds
+    // check and one copy instead of one per field. The buffer is zeroed
+    // whole: a small one for the CDB sizes devices offer (QEMU: 32), the
+    // largest only when the device asks for it.
+    let hdr_len = if layout.resp_off + proto::RESP_HEADER_LEN <= HEADERS_SMALL {
+        let mut hdr = [0u8; HEADERS_SMALL];
+        let n = headers(layout, req, &mut hdr);
+        dma.write_bytes(0, &hdr[..n]);
+        n
+    } else {
+        let mut hdr = [0u8; HEADERS_MAX];
+        let n = headers(layout, req, &mut hdr);
+        dma.write_bytes(0, &hdr[..n]);
+        n
+    };
     // What the device reads (and the response header it must
     // overwrite) is synced in one call once everything is written:
     // just the headers, or up to the end of the indirect table
     // (the response's sense bytes in between, which the driver has
     // not written and reads only after a sync for the CPU, go along).
-    let mut synced = layout.resp_off + proto::RESP_HEADER_LEN;
+    let mut synced = hdr_len;
 
     if indirect {
         // [request][data-out...][response][data-in...] (§5.6.6.1: the
@@ -119,16 +152,19 @@ pub fn prepare(layout: &CmdLayout, indirect: bool, f: &mut CmdFields<VioCmd>, re
         let mut i = 0usize;
         let total = 2 + req.cookies.len();
         let mut put = |addr: u64, len: u32, writes: bool| {
-            let off = layout.table_off + i * DESC_SIZE;
             let last = i + 1 == total;
             let mut flags = if writes { DESC_F_WRITE } else { 0 };
             if !last {
                 flags |= DESC_F_NEXT;
             }
-            dma.write_u64(off, addr);
-            dma.write_u32(off + 8, len);
-            dma.write_u16(off + 12, flags);
-            dma.write_u16(off + 14, if last { 0 } else { (i + 1) as u16 });
+            let next = if last { 0 } else { (i + 1) as u16 };
+            // struct virtq_desc (§2.7.5), little-endian, in one write.
+            let mut d = [0u8; DESC_SIZE];
+            d[0..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..16].copy_from_slice(&next.to_le_bytes());
+            dma.write_bytes(layout.table_off + i * DESC_SIZE, &d);
             i += 1;
         };
         put(base, layout.req_len as u32, false);
@@ -191,5 +227,66 @@ mod tests {
         assert_eq!(l.table_entries, 256);
         assert_eq!(l.total, 176 + 16 * 256);
         assert_eq!(CmdLayout::new(32, 96, 254, false).total, 176);
+    }
+
+    fn request<'a>(cdb: &'a [u8]) -> Request<'a> {
+        Request {
+            target: 5,
+            lun: crate::scsa::addr::LunNumber::new(300).unwrap(),
+            cdb,
+            cookies: &[],
+            dir: DataDir::None,
+            task_attr: TaskAttr::Ordered,
+            polled: false,
+            time_s: 0,
+            tag: 0x1122_3344_5566_7788,
+        }
+    }
+
+    #[test]
+    fn the_headers_are_the_request_then_a_response_no_device_sends() {
+        let l = CmdLayout::new(32, 96, 4, true);
+        // Stale bytes from an earlier, longer command must not survive.
+        let mut out = [0u8; HEADERS_MAX];
+        let n = headers(&l, &request(&[0x28, 1, 2, 3, 4, 5, 6, 7, 8, 9]), &mut out);
+        assert_eq!(n, 56 + 12, "up to the end of the response header");
+        assert_eq!(
+            &out[0..8],
+            &[1, 5, 0x41, 0x2c, 0, 0, 0, 0],
+            "LUN 300 of target 5"
+        );
+        assert_eq!(&out[8..16], &0x1122_3344_5566_7788u64.to_le_bytes());
+        assert_eq!(&out[16..19], &[proto::TASK_ATTR_ORDERED, 0, 0]);
+        assert_eq!(&out[19..29], &[0x28, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        assert!(
+            out[29..56].iter().all(|&b| b == 0),
+            "CDB room and padding zero"
+        );
+        assert_eq!(&out[56..67], &[0; 11]);
+        assert_eq!(out[67], 0xff, "response code no device sends");
+        assert!(
+            out[68..].iter().all(|&b| b == 0),
+            "nothing past the headers"
+        );
+        // The small buffer prepare uses for such a layout gives the same.
+        let mut small = [0u8; HEADERS_SMALL];
+        let cdb = [0x28, 1, 2, 3, 4, 5, 6, 7, 8, 9];
+        assert_eq!(headers(&l, &request(&cdb), &mut small), n);
+        assert_eq!(&small[..n], &out[..n]);
+        assert!(CmdLayout::new(45, 96, 4, true).resp_off + 12 <= HEADERS_SMALL);
+        assert!(CmdLayout::new(46, 96, 4, true).resp_off + 12 > HEADERS_SMALL);
+        // A CDB longer than the device's room is cut to it.
+        let l = CmdLayout::new(6, 96, 4, true);
+        let mut out = [0u8; HEADERS_MAX];
+        let n = headers(&l, &request(&[0xaa; 16]), &mut out);
+        assert_eq!((l.req_len, l.resp_off, n), (25, 32, 44));
+        assert_eq!(&out[19..25], &[0xaa; 6]);
+        assert!(out[25..43].iter().all(|&b| b == 0));
+        assert_eq!(out[43], 0xff);
+        // The largest CDB a device may ask for fits.
+        let l = CmdLayout::new(MAX_CDB_SIZE, 96, 4, true);
+        let mut out = [0u8; HEADERS_MAX];
+        assert_eq!(headers(&l, &request(&[1; 16]), &mut out), HEADERS_MAX);
+        assert_eq!(out[HEADERS_MAX - 1], 0xff);
     }
 }
