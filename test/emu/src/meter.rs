@@ -34,6 +34,12 @@ static DRIVER_ENTRIES: AtomicU64 = AtomicU64::new(0);
 static KERNEL_CALLS: AtomicU64 = AtomicU64::new(0);
 static PROBE_CALLS: AtomicU64 = AtomicU64::new(0);
 static SWITCHES: AtomicU64 = AtomicU64::new(0);
+/// Count kernel calls per call site too ([`sites`]).
+static BY_SITE: AtomicBool = AtomicBool::new(false);
+/// Kernel calls per call site (the emulated function's `meter::kernel()`
+/// line), while [`count_sites`] is on.
+static SITES: std::sync::Mutex<std::collections::BTreeMap<(&'static str, u32), u64>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
 
 /// Which side a frame belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,8 +121,45 @@ pub fn driver() -> Frame {
 
 /// Opens a kernel frame: a DDI or SCSA function the driver called.
 #[inline(always)]
+#[track_caller]
 pub fn kernel() -> Frame {
-    open(Side::Kernel)
+    let f = open(Side::Kernel);
+    if f.pushed && BY_SITE.load(Ordering::Relaxed) {
+        count_site(std::panic::Location::caller());
+    }
+    f
+}
+
+/// Counts kernel calls per call site as well (slow: a lock per call; for
+/// finding out which calls a command makes, not for timing).
+pub fn count_sites(on: bool) {
+    BY_SITE.store(on, Ordering::SeqCst);
+}
+
+/// Whether [`count_sites`] is on.
+pub fn counting_sites() -> bool {
+    BY_SITE.load(Ordering::SeqCst)
+}
+
+/// The kernel calls per call site (file, line of the emulated function's
+/// frame) since the last call, and zeroes them: calls from driver frames
+/// only, as [`Reading::kernel_calls`] counts them.
+pub fn sites() -> Vec<((&'static str, u32), u64)> {
+    let mut m = SITES.lock().unwrap_or_else(|e| e.into_inner());
+    std::mem::take(&mut *m).into_iter().collect()
+}
+
+#[inline(never)]
+fn count_site(at: &'static std::panic::Location<'static>) {
+    let from_driver = STACK.with(|s| {
+        let s = s.borrow();
+        let n = s.sides.len();
+        n >= 2 && s.sides[n - 2] == Side::Driver
+    });
+    if from_driver {
+        let mut m = SITES.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry((at.file(), at.line())).or_default() += 1;
+    }
 }
 
 /// Opens a probe frame: the driver passed a DTrace probe site (an `sdt`
@@ -230,23 +273,58 @@ fn charge(s: &mut Stack, from: Option<Side>, to: Option<Side>) {
     s.since = now;
 }
 
-/// The cost of the meter itself: `n` empty kernel calls from inside a
-/// driver frame (2n switches), armed. Natively, the driver time this
-/// charged divided by the switches is what each switch adds to the
-/// driver's share; under callgrind, the instructions collected meanwhile
-/// (dump them right after) divided by the switches are the same for
-/// instructions. Leaves the counters zeroed and the meter disarmed.
-pub fn calibrate(n: u32) -> Reading {
+/// An empty kernel function shaped as the emulated DDI functions are: a
+/// C-ABI function whose kernel frame opens in its body, so that its own
+/// entry and exit (before the frame opens and after it closes, which
+/// illumos's function would spend in the kernel) are measured with the
+/// meter's.
+#[inline(never)]
+extern "C" fn empty_kernel_call(a: usize, b: isize, c: usize, d: u32) -> i32 {
+    let _k = kernel();
+    std::hint::black_box((a, b, c, d));
+    0
+}
+
+/// [`empty_kernel_call`] without the frame: what calling it costs the
+/// caller (which the driver pays on illumos too).
+#[inline(never)]
+extern "C" fn empty_plain_call(a: usize, b: isize, c: usize, d: u32) -> i32 {
+    std::hint::black_box((a, b, c, d));
+    0
+}
+
+type EmptyCall = extern "C" fn(usize, isize, usize, u32) -> i32;
+
+fn calls_in_a_driver_frame(f: EmptyCall, n: u32) -> Reading {
     let _ = take();
     arm(true);
     {
         let _d = driver();
-        for _ in 0..n {
-            let _k = std::hint::black_box(kernel());
+        let f = std::hint::black_box(f);
+        for i in 0..n {
+            std::hint::black_box(f(i as usize, 1, 2, 3));
         }
     }
     arm(false);
     take()
+}
+
+/// The cost of the meter itself: `n` calls of an empty kernel function
+/// from inside a driver frame (2n switches, plus the frame's own two),
+/// armed. Natively, the driver time this charged, less that of
+/// [`calibrate_bare`] (the same calls without kernel frames: the
+/// caller's share of a call), divided by the difference in switches is
+/// what each switch adds to the driver's share; under callgrind, the
+/// instructions collected meanwhile (dump them right after) are the same
+/// for instructions. Leaves the counters zeroed and the meter disarmed.
+pub fn calibrate(n: u32) -> Reading {
+    calls_in_a_driver_frame(empty_kernel_call, n)
+}
+
+/// [`calibrate`]'s baseline: the same calls, to a function without a
+/// kernel frame.
+pub fn calibrate_bare(n: u32) -> Reading {
+    calls_in_a_driver_frame(empty_plain_call, n)
 }
 
 /// Valgrind client requests (valgrind.h, callgrind.h): a no-op sequence

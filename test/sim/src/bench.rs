@@ -94,6 +94,8 @@ framework's packet cache and the DMA bind and unbind are not the driver's.
                      every command, as sd does (the default); restart: one
                      packet per slot started again from its completion
   --no-instructions  skip the callgrind run (insns_per_cmd stays null)
+  --kcall-sites      print, for each run, the driver's kernel calls per
+                     command by the emulated function called (stderr)
   --module PATH      bench the kernel module object instead of the library
   --psm NAME         the emulated kernel's interrupt platform: apix (default,
                      what illumos runs on QEMU/KVM: an IRM pool, a vector per
@@ -243,6 +245,8 @@ pub struct BenchOptions {
     /// Set in the child that runs under callgrind: dump callgrind's
     /// counters after each run.
     pub callgrind_child: bool,
+    /// Print the driver's kernel calls per command by call site.
+    pub kcall_sites: bool,
 }
 
 impl Default for BenchOptions {
@@ -262,6 +266,7 @@ impl Default for BenchOptions {
             psm: rvscsi_emu::ddi::intr::Psm::default(),
             exe: None,
             callgrind_child: false,
+            kcall_sites: false,
         }
     }
 }
@@ -346,6 +351,7 @@ pub fn parse(args: &[String]) -> Result<BenchOptions, String> {
                 }
             }
             "--callgrind-child" => o.callgrind_child = true,
+            "--kcall-sites" => o.kcall_sites = true,
             "--module" => o.module = Some(value()?),
             other => return Err(format!("bench: unknown argument '{other}'")),
         }
@@ -694,6 +700,24 @@ struct Sample {
     meter: meter::Reading,
 }
 
+/// The kernel calls per command of the run just measured, by the emulated
+/// function called (the file and line of its meter frame), most first.
+fn print_kcall_sites(mix: Mix, lifecycle: Lifecycle, (qd, queues): (u32, u32), commands: u64) {
+    let mut sites = meter::sites();
+    sites.sort_by(|a, b| b.1.cmp(&a.1));
+    let total: u64 = sites.iter().map(|s| s.1).sum();
+    let per = |n: u64| n as f64 / commands.max(1) as f64;
+    eprintln!(
+        "kernel calls per command, {} {} qd {qd} queues {queues}: {:.2}",
+        mix.name(),
+        lifecycle.name(),
+        per(total)
+    );
+    for ((file, line), n) in sites {
+        eprintln!("  {:7.3}  {file}:{line}", per(n));
+    }
+}
+
 /// One run of `commands` at depth `qd` on `lun`.
 fn run_once(
     rig: &Rig,
@@ -777,6 +801,9 @@ fn run_once(
     let wall_ns = t0.elapsed().as_nanos();
     meter::arm(false);
     let reading = meter::take();
+    if meter::counting_sites() {
+        print_kcall_sites(mix, lifecycle, (qd, queues), commands);
+    }
     waited?;
     let after = counters(m);
     // Restart's packets (and any a refused start left in its slot).
@@ -994,15 +1021,18 @@ fn count_instructions(o: &BenchOptions) -> Result<HashMap<String, f64>, String> 
             dumps.push((key, switches, total));
         }
     }
-    let per_switch = dumps
-        .iter()
-        .find(|d| d.0 == "calibration")
-        .filter(|d| d.1 > 0)
-        .map(|d| d.2 as f64 / d.1 as f64)
-        .ok_or("callgrind produced no calibration dump")?;
+    let dump = |key: &str| dumps.iter().find(|d| d.0 == key).map(|d| (d.1, d.2));
+    let per_switch = match (dump("calibration"), dump("calibration-bare")) {
+        (Some((switches, total)), Some((bare_switches, bare_total)))
+            if switches > bare_switches =>
+        {
+            total.saturating_sub(bare_total) as f64 / (switches - bare_switches) as f64
+        }
+        _ => return Err("callgrind produced no calibration dumps".into()),
+    };
     let counts: HashMap<String, f64> = dumps
         .into_iter()
-        .filter(|d| d.0 != "calibration")
+        .filter(|d| !d.0.starts_with("calibration"))
         .map(|(key, switches, total)| {
             let own = (total as f64 - switches as f64 * per_switch).max(0.0);
             (key, own / commands as f64)
@@ -1043,11 +1073,21 @@ pub fn run(o: &BenchOptions, out: &mut dyn Write, err: &mut dyn Write) -> Result
         Some(m) => Binding::DevOps(m.dev_ops().ok_or("the module installed no dev_ops")?),
         None => Binding::Library,
     };
+    // The meter's cost per side switch: calls of an empty kernel function
+    // less the same calls without its kernel frame (what a call costs the
+    // caller stays the driver's).
+    meter::valgrind::zero_stats();
+    let bare = meter::calibrate_bare(CALIBRATION_CALLS);
+    if o.callgrind_child {
+        dump_callgrind(&format!("calibration-bare switches={}", bare.switches))?;
+    }
     let calibration = meter::calibrate(CALIBRATION_CALLS);
     if o.callgrind_child {
         dump_callgrind(&format!("calibration switches={}", calibration.switches))?;
     }
-    let switch_ns = calibration.driver_ns as f64 / calibration.switches.max(1) as f64;
+    let switch_ns = calibration.driver_ns.saturating_sub(bare.driver_ns) as f64
+        / calibration.switches.saturating_sub(bare.switches).max(1) as f64;
+    meter::count_sites(o.kcall_sites);
     if !o.json {
         let _ = writeln!(out, "{}", table_header());
     }
