@@ -229,9 +229,18 @@ static struct dev_ops rvscsi_dev_ops = {
 	.devo_quiesce =		rvscsi_quiesce_node,
 };
 
+/*
+ * What modinfo(8) shows: both device families. The kernel keeps at most
+ * MODMAXLINKINFOLEN bytes of it, NUL included (modconf.c mod_info copies
+ * that many with strncpy: a longer name loses its NUL), so it must fit.
+ */
+#define	RVSCSI_LINKINFO	"rvscsi virtio/pvscsi HBA " RVSCSI_VERSION
+_Static_assert(sizeof (RVSCSI_LINKINFO) <= MODMAXLINKINFOLEN,
+    "modinfo would cut the linkage name");
+
 static struct modldrv rvscsi_modldrv = {
 	.drv_modops =		&mod_driverops,
-	.drv_linkinfo =		"rvscsi virtio-scsi HBA " RVSCSI_VERSION,
+	.drv_linkinfo =		RVSCSI_LINKINFO,
 	.drv_dev_ops =		&rvscsi_dev_ops,
 };
 

@@ -132,7 +132,7 @@ impl Sys {
         write(&dir.join(".kernel/modules"), "");
         write(
             &dir.join(".kernel/description.rvscsi"),
-            "rvscsi virtio-scsi HBA 0.1.0\n",
+            "rvscsi virtio/pvscsi HBA 0.1.0\n",
         );
         write(&dir.join("var/pkg/installed"), &packages);
         if opts.pvscsi {

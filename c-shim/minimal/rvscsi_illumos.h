@@ -96,6 +96,7 @@ typedef enum {
 
 /* modctl.h */
 #define	MODREV_1		1
+#define	MODMAXLINKINFOLEN	32
 
 /* scsi/impl/transport.h: scsi_hba_attach_setup(9F), scsi_hba_tran_alloc(9F) */
 #define	SCSI_HBA_TRAN_CDB	0x04

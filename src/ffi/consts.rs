@@ -194,6 +194,8 @@ abi_constants! {
     // module linkage (modlinkage(9S), dev_ops(9S)), for the C shim
     MODREV_1: c_int = 1;
     DEVO_REV: c_int = 4;
+    // modctl.h: the most of drv_linkinfo modinfo(8) keeps, NUL included
+    MODMAXLINKINFOLEN: usize = 32;
 
     // default pkt sizes (sys/scsi/scsi_pkt.h)
     DEFAULT_CDBLEN: usize = 16;

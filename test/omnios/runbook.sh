@@ -291,7 +291,7 @@ check_attached() {
 	prtconf -D | grep 'driver name: rvscsi'
 	recorded_attached rvscsi || return 1
 	modinfo | grep -w rvscsi || { echo "rvscsi is not loaded"; return 1; }
-	modinfo | grep -w rvscsi | grep -q 'virtio-scsi HBA' ||
+	modinfo | grep -w rvscsi | grep -q 'virtio/pvscsi HBA' ||
 		{ echo "unexpected module description"; return 1; }
 	dmesg | grep -i rvscsi | tail -n 20
 	return 0
