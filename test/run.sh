@@ -37,11 +37,11 @@ echo "== integration tests under DEBUG-kernel kmem (a representative set)"
 # they run from their package's directory, as cargo runs them.
 kmem_seed=${RVSCSI_KMEM_SEED:-0x$(git -C "$top" rev-parse --short=8 HEAD 2>/dev/null || echo 5eed)}
 echo "RVSCSI_KMEM_DEBUG=1 RVSCSI_KMEM_SEED=$kmem_seed"
-kmem_set='packets|bad_input|recovery|faults|io|hostile|queues|lifecycle|shim|pvscsi'
+kmem_set='packets|bad_input|recovery|faults|io|hostile|queues|lifecycle|shim|pvscsi|pvscsi_hostile'
 mapfile -t kmem_tests < <(cargo test --workspace --locked --no-run 2>&1 |
     sed -En "s#^ *Executable tests/($kmem_set)\.rs \((.*)\)\$#\2#p")
-if [ "${#kmem_tests[@]}" -ne 10 ]; then
-    echo "expected the 10 test binaries of $kmem_set, found: ${kmem_tests[*]}" >&2
+if [ "${#kmem_tests[@]}" -ne 11 ]; then
+    echo "expected the 11 test binaries of $kmem_set, found: ${kmem_tests[*]}" >&2
     exit 1
 fi
 for t in "${kmem_tests[@]}"; do

@@ -171,7 +171,9 @@ fn a_command_past_pkt_time_is_aborted_with_abort_cmd_and_ends_cmd_timeout() {
 
 #[test]
 fn reset_all_resets_the_adapter_ends_what_was_in_flight_and_io_goes_on() {
-    let rig = slow_rig(Duration::from_secs(1));
+    // The held reads must still be in the device when each reset comes: 1 s
+    // was once not enough on a loaded machine (two cores, a build beside).
+    let rig = slow_rig(Duration::from_secs(3));
     let dev = rig.recorder.devices().remove(0);
     clear_unit_attention(&dev);
     let held: Vec<_> = (0..4).map(|i| read_block(&dev, i)).collect();
