@@ -285,10 +285,14 @@ impl<M: SharedMem, T> SplitQueue<M, T> {
     fn write_desc(&mut self, i: u16, d: Desc) {
         self.shadow[usize::from(i)] = d;
         let off = self.layout.desc(i);
-        self.mem.write_u64(off, d.addr);
-        self.mem.write_u32(off + 8, d.len);
-        self.mem.write_u16(off + 12, d.flags);
-        self.mem.write_u16(off + 14, d.next);
+        // struct virtq_desc (§2.7.5), little-endian, in one write (one
+        // bounds check rather than four).
+        let mut b = [0u8; DESC_SIZE];
+        b[0..8].copy_from_slice(&d.addr.to_le_bytes());
+        b[8..12].copy_from_slice(&d.len.to_le_bytes());
+        b[12..14].copy_from_slice(&d.flags.to_le_bytes());
+        b[14..16].copy_from_slice(&d.next.to_le_bytes());
+        self.mem.write_bytes(off, &b);
         // Synced by publish(), with the ring entries, in one call.
         self.desc_dirty_from = Some(self.desc_dirty_from.map_or(off, |lo| lo.min(off)));
     }
