@@ -935,9 +935,73 @@ const CALIBRATION_CALLS: u32 = 20_000;
 /// vary from command to command; callgrind runs some 50 times slower).
 const CALLGRIND_COMMANDS: u64 = 400;
 
+/// Whether callgrind's function `name` is the driver's own code: the
+/// `rvscsi` crate (its entry points are `rvscsi_*`, the rest
+/// `rvscsi::...`), the `core` code it calls, the C library's memory
+/// copies its copies become, and code callgrind has no symbol for (the
+/// kernel module under `--module`, mapped by the loader). Not the
+/// driver's: the emulated kernel functions it calls (plain C names such
+/// as `ddi_dma_sync`, `mutex_enter`, `__dtrace_probe_*`), the test bed
+/// (`rvscsi_emu::`, `rvscsi_sim::`) and the standard library, whose
+/// instructions at the edges of a driver frame (an emulated function's
+/// own entry before its kernel frame opens, the framework's call into an
+/// entry point after the driver frame opened) callgrind collects too.
+pub fn is_driver_function(name: &str) -> bool {
+    if name.contains("::") {
+        let name = name.trim_start_matches('<');
+        return (name.starts_with("rvscsi::") || name.starts_with("core::"))
+            && !name.starts_with("rvscsi_emu")
+            && !name.starts_with("rvscsi_sim");
+    }
+    name.starts_with("rvscsi_")
+        || name.starts_with("0x")
+        || [
+            "__memcpy",
+            "__memmove",
+            "__memset",
+            "memcpy",
+            "memmove",
+            "memset",
+        ]
+        .iter()
+        .any(|m| name.starts_with(m))
+}
+
+/// The instructions of one callgrind dump (`--compress-strings=no`,
+/// `--dump-instr=no`) spent in the driver's own functions
+/// ([`is_driver_function`]): each function's self cost, that is its cost
+/// lines, not the inclusive cost that follows each `calls=` line.
+pub fn own_instructions(dump: &str) -> u64 {
+    let mut own = 0u64;
+    let mut driver = false;
+    let mut after_calls = false;
+    for l in dump.lines() {
+        if let Some(f) = l.strip_prefix("fn=") {
+            driver = is_driver_function(f.trim());
+            after_calls = false;
+        } else if l.starts_with("calls=") {
+            after_calls = true;
+        } else if l.starts_with(|c: char| c.is_ascii_digit() || matches!(c, '+' | '-' | '*')) {
+            if std::mem::take(&mut after_calls) {
+                continue;
+            }
+            if driver {
+                own += l
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    own
+}
+
 /// The driver's instructions per command for each memory row, counted by
 /// running this benchmark under callgrind with collection only inside
-/// driver frames (see `rvscsi_emu::meter`), one dump per row.
+/// driver frames (see `rvscsi_emu::meter`), one dump per row, and only
+/// the instructions of the driver's own functions
+/// ([`own_instructions`]).
 fn count_instructions(o: &BenchOptions) -> Result<HashMap<String, f64>, String> {
     let exe = match &o.exe {
         Some(p) => p.clone(),
@@ -999,45 +1063,21 @@ fn count_instructions(o: &BenchOptions) -> Result<HashMap<String, f64>, String> 
         ));
     }
     // Each dump: "desc: Trigger: Client Request: rvscsi-bench <key>
-    // switches=<n>" and "totals: <instructions>".
-    let mut dumps = Vec::new();
+    // switches=<n>", then the instructions per function.
+    let mut counts = HashMap::new();
     let entries = std::fs::read_dir(&dir.0).map_err(|e| format!("callgrind output: {e}"))?;
     for e in entries.flatten() {
         let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-        let label = text
+        let key = text
             .lines()
             .find_map(|l| l.strip_prefix("desc: Trigger: Client Request: rvscsi-bench "))
             .and_then(|l| l.trim().split_once(" switches="))
-            .and_then(|(k, n)| Some((k.to_string(), n.parse::<u64>().ok()?)));
-        let total = text
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("totals: ")
-                    .or_else(|| l.strip_prefix("summary: "))
-            })
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok());
-        if let (Some((key, switches)), Some(total)) = (label, total) {
-            dumps.push((key, switches, total));
+            .map(|(k, _)| k.to_string());
+        if let Some(key) = key.filter(|k| !k.starts_with("calibration")) {
+            let own = own_instructions(&text);
+            counts.insert(key, own as f64 / commands as f64);
         }
     }
-    let dump = |key: &str| dumps.iter().find(|d| d.0 == key).map(|d| (d.1, d.2));
-    let per_switch = match (dump("calibration"), dump("calibration-bare")) {
-        (Some((switches, total)), Some((bare_switches, bare_total)))
-            if switches > bare_switches =>
-        {
-            total.saturating_sub(bare_total) as f64 / (switches - bare_switches) as f64
-        }
-        _ => return Err("callgrind produced no calibration dumps".into()),
-    };
-    let counts: HashMap<String, f64> = dumps
-        .into_iter()
-        .filter(|d| !d.0.starts_with("calibration"))
-        .map(|(key, switches, total)| {
-            let own = (total as f64 - switches as f64 * per_switch).max(0.0);
-            (key, own / commands as f64)
-        })
-        .collect();
     let expected = o.qds.len() * o.queues.len() * o.mixes.len() * o.lifecycles.len() * 2;
     if counts.len() != expected {
         return Err(format!(
@@ -1076,15 +1116,11 @@ pub fn run(o: &BenchOptions, out: &mut dyn Write, err: &mut dyn Write) -> Result
     // The meter's cost per side switch: calls of an empty kernel function
     // less the same calls without its kernel frame (what a call costs the
     // caller stays the driver's).
-    meter::valgrind::zero_stats();
+    // (Under callgrind only the driver's own functions are counted, so no
+    // calibration is needed there: see `own_instructions`.)
     let bare = meter::calibrate_bare(CALIBRATION_CALLS);
-    if o.callgrind_child {
-        dump_callgrind(&format!("calibration-bare switches={}", bare.switches))?;
-    }
     let calibration = meter::calibrate(CALIBRATION_CALLS);
-    if o.callgrind_child {
-        dump_callgrind(&format!("calibration switches={}", calibration.switches))?;
-    }
+    meter::valgrind::zero_stats();
     let switch_ns = calibration.driver_ns.saturating_sub(bare.driver_ns) as f64
         / calibration.switches.saturating_sub(bare.switches).max(1) as f64;
     meter::count_sites(o.kcall_sites);

@@ -92,7 +92,7 @@ fn the_in_memory_back_end_reports_the_drivers_own_time_and_instructions() {
         // callgrind counted the driver's own instructions (valgrind is
         // installed by test/scripts/install-deps.sh): hundreds at least,
         // and bounded (unoptimized test builds run some ten times more
-        // instructions than the release build's 1,500 or so).
+        // instructions than the release build's 1,000 or so).
         let insns = r
             .insns_per_cmd
             .unwrap_or_else(|| panic!("no instruction count: {r:?}"));
@@ -306,4 +306,50 @@ fn the_sd_life_cycle_makes_and_destroys_a_packet_for_every_command() {
     assert_eq!(o.lifecycles, vec![Lifecycle::Restart, Lifecycle::Sd]);
     let e = bench::parse(&["--lifecycle".into(), "zfs".into()]).unwrap_err();
     assert!(e.contains("zfs"), "{e}");
+}
+
+#[test]
+fn only_the_drivers_own_functions_count_as_its_instructions() {
+    use bench::{is_driver_function, own_instructions};
+    for f in [
+        "rvscsi_tran_start",
+        "rvscsi::hba::io::<impl rvscsi::hba::Hba<F>>::submit",
+        "<rvscsi::vioscsi::ring::ReqRing as rvscsi::hba::family::DeviceRing<X>>::pop",
+        "core::slice::memchr::memchr_aligned",
+        "__memcpy_avx_unaligned_erms",
+        "0x0000000004a1b2c0",
+    ] {
+        assert!(is_driver_function(f), "{f}");
+    }
+    for f in [
+        "ddi_dma_sync",
+        "mutex_enter",
+        "__dtrace_probe_rvscsi__cmd__start",
+        "scsi_hba_pkt_comp",
+        "rvscsi_emu::scsa::packet::Packet::start",
+        "<rvscsi_emu::meter::Frame as core::ops::drop::Drop>::drop",
+        "rvscsi_sim::bench::run_once",
+        "std::sys::backtrace::__rust_begin_short_backtrace",
+        "(below main)",
+    ] {
+        assert!(!is_driver_function(f), "{f}");
+    }
+    // Self cost lines count; the inclusive cost after a calls= line (what
+    // the callee spent) does not, nor do other functions' lines.
+    let dump = "\
+events: Ir
+fl=/work/main/src/hba/io.rs
+fn=rvscsi::hba::io::<impl rvscsi::hba::Hba<F>>::submit
+10 7
++2 5
+cfn=ddi_dma_sync
+calls=1 0
+12 1000
+-1 3
+fn=ddi_dma_sync
+0 40
+fn=rvscsi_tran_start
+* 11
+";
+    assert_eq!(own_instructions(dump), 7 + 5 + 3 + 11);
 }
