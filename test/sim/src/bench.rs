@@ -704,7 +704,7 @@ struct Sample {
 /// function called (the file and line of its meter frame), most first.
 fn print_kcall_sites(mix: Mix, lifecycle: Lifecycle, (qd, queues): (u32, u32), commands: u64) {
     let mut sites = meter::sites();
-    sites.sort_by(|a, b| b.1.cmp(&a.1));
+    sites.sort_by_key(|s| std::cmp::Reverse(s.1));
     let total: u64 = sites.iter().map(|s| s.1).sum();
     let per = |n: u64| n as f64 / commands.max(1) as f64;
     eprintln!(
