@@ -122,7 +122,13 @@ fn headers(layout: &CmdLayout, req: &Request<'_>, out: &mut [u8]) -> usize {
 /// command's DMA memory.
 pub fn prepare(layout: &CmdLayout, indirect: bool, f: &mut CmdFields<VioCmd>, req: &Request<'_>) {
     f.dev.response = Response::default();
-    let dma = &f.dev.dma;
+    write_request(&f.dev.dma, layout, indirect, req);
+}
+
+/// Writes the headers of `req` (and, `indirect`, its descriptor table)
+/// into `dma` as `layout` places them, and syncs what the device reads
+/// for it in one call.
+fn write_request<M: SharedMem>(dma: &M, layout: &CmdLayout, indirect: bool, req: &Request<'_>) {
     // The headers are built on the stack and copied in one go: one bounds
     // check and one copy instead of one per field. The buffer is zeroed
     // whole: a small one for the CDB sizes devices offer (QEMU: 32), the
@@ -241,6 +247,91 @@ mod tests {
             time_s: 0,
             tag: 0x1122_3344_5566_7788,
         }
+    }
+
+    fn desc(
+        m: &crate::shmem::shared::SharedHostMem,
+        l: &CmdLayout,
+        i: usize,
+    ) -> (u64, u32, u16, u16) {
+        let off = l.table_off + i * DESC_SIZE;
+        (
+            m.read_u64(off),
+            m.read_u32(off + 8),
+            m.read_u16(off + 12),
+            m.read_u16(off + 14),
+        )
+    }
+
+    fn cookie(addr: u64, size: usize) -> crate::ffi::ddi_dma_cookie_t {
+        crate::ffi::ddi_dma_cookie_t {
+            dmac_laddress: addr,
+            dmac_size: size,
+            dmac_type: 0,
+        }
+    }
+
+    #[test]
+    fn the_indirect_table_puts_what_the_device_reads_first_and_ends_the_chain() {
+        use crate::shmem::shared::SharedHostMem;
+        const BASE: u64 = 0x8000;
+        let l = CmdLayout::new(32, 96, 4, true);
+        let k = [cookie(0x10_0000, 4096), cookie(0x20_0000, 512)];
+        // A read: [request][response][data in...].
+        let m = SharedHostMem::new(l.total, BASE);
+        let mut r = request(&[0x28, 0, 0, 0, 0, 0, 0, 0, 9, 0]);
+        r.cookies = &k;
+        r.dir = DataDir::In;
+        write_request(&m, &l, true, &r);
+        let (nf, w) = (DESC_F_NEXT, DESC_F_WRITE);
+        assert_eq!(desc(&m, &l, 0), (BASE, 51, nf, 1), "the request");
+        assert_eq!(desc(&m, &l, 1), (BASE + 56, 108, w | nf, 2), "the response");
+        assert_eq!(desc(&m, &l, 2), (0x10_0000, 4096, w | nf, 3));
+        assert_eq!(desc(&m, &l, 3), (0x20_0000, 512, w, 0), "the last ends it");
+        let mut code = [0u8];
+        m.read_bytes(67, &mut code);
+        assert_eq!(code, [0xff], "the headers are there too");
+        assert_eq!(
+            m.take_syncs(),
+            [(true, 0, l.table_off + 4 * DESC_SIZE)],
+            "one sync from the headers to the table's end"
+        );
+        // A write: [request][data out...][response].
+        let m = SharedHostMem::new(l.total, BASE);
+        r.cookies = &k[..1];
+        r.dir = DataDir::Out;
+        write_request(&m, &l, true, &r);
+        assert_eq!(desc(&m, &l, 0), (BASE, 51, nf, 1));
+        assert_eq!(desc(&m, &l, 1), (0x10_0000, 4096, nf, 2), "device-readable");
+        assert_eq!(desc(&m, &l, 2), (BASE + 56, 108, w, 0), "the response last");
+        assert_eq!(m.take_syncs(), [(true, 0, l.table_off + 3 * DESC_SIZE)]);
+        // No data, no indirect table: the headers only.
+        let m = SharedHostMem::new(l.total, BASE);
+        r.cookies = &[];
+        r.dir = DataDir::None;
+        write_request(&m, &l, false, &r);
+        assert_eq!(desc(&m, &l, 0), (0, 0, 0, 0), "no table written");
+        assert_eq!(m.take_syncs(), [(true, 0, 68)]);
+    }
+
+    #[test]
+    fn a_device_asking_for_long_cdbs_gets_whole_headers() {
+        use crate::shmem::shared::SharedHostMem;
+        // 100-byte CDBs: the headers do not fit the small buffer.
+        let l = CmdLayout::new(100, 96, 4, false);
+        let m = SharedHostMem::new(l.total, 0);
+        m.write_bytes(0, &[0xee; 140]);
+        write_request(&m, &l, false, &request(&[0x28; 10]));
+        let end = l.resp_off + 12;
+        assert!(end > HEADERS_SMALL);
+        let mut b = [0u8; 140];
+        m.read_bytes(0, &mut b);
+        assert!(
+            b[29..end - 1].iter().all(|&x| x == 0),
+            "stale bytes cleared"
+        );
+        assert_eq!(b[end - 1], 0xff, "the response code is in place");
+        assert_eq!(m.take_syncs(), [(true, 0, end)]);
     }
 
     #[test]
