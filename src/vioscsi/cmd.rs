@@ -210,11 +210,22 @@ pub fn copy_sense(
     f: &CmdFields<VioCmd>,
     out: &mut [u8],
 ) -> usize {
-    let n = proto::sense_to_copy(&f.dev.response, sense_size).min(out.len());
+    sense_from(&f.dev.dma, layout, &f.dev.response, sense_size, out)
+}
+
+/// [`copy_sense`] from `dma`, the response `r` read from it.
+fn sense_from<M: SharedMem>(
+    dma: &M,
+    layout: &CmdLayout,
+    r: &Response,
+    sense_size: u32,
+    out: &mut [u8],
+) -> usize {
+    let n = proto::sense_to_copy(r, sense_size).min(out.len());
     if n > 0 {
         let at = layout.resp_off + proto::RESP_SENSE;
-        f.dev.dma.sync_for_cpu(at, n);
-        f.dev.dma.read_bytes(at, &mut out[..n]);
+        dma.sync_for_cpu(at, n);
+        dma.read_bytes(at, &mut out[..n]);
     }
     n
 }
@@ -315,10 +326,45 @@ mod tests {
     }
 
     #[test]
+    fn sense_is_what_the_device_says_it_wrote_within_every_bound() {
+        use crate::shmem::shared::SharedHostMem;
+        let l = CmdLayout::new(32, 96, 4, true);
+        let m = SharedHostMem::new(l.total, 0);
+        let sense: [u8; 96] = core::array::from_fn(|i| i as u8 + 1);
+        m.write_bytes(l.resp_off + proto::RESP_SENSE, &sense);
+        let r = |sense_len| Response {
+            sense_len,
+            ..Response::default()
+        };
+        let mut out = [0u8; 64];
+        assert_eq!(sense_from(&m, &l, &r(18), 96, &mut out), 18);
+        assert_eq!(&out[..18], &sense[..18]);
+        assert_eq!(
+            m.take_syncs(),
+            [(false, l.resp_off + proto::RESP_SENSE, 18)],
+            "what the device wrote, for the CPU"
+        );
+        assert_eq!(sense_from(&m, &l, &r(200), 96, &mut out), 64, "out's room");
+        assert_eq!(out, sense[..64]);
+        m.take_syncs();
+        assert_eq!(sense_from(&m, &l, &r(0), 96, &mut out), 0);
+        assert_eq!(m.take_syncs(), [], "no sense, no sync");
+    }
+
+    #[test]
+    fn task_attributes_map_to_virtio_scsi_codes() {
+        assert_eq!(task_attr(TaskAttr::Simple), proto::TASK_ATTR_SIMPLE);
+        assert_eq!(task_attr(TaskAttr::Ordered), proto::TASK_ATTR_ORDERED);
+        assert_eq!(task_attr(TaskAttr::HeadOfQueue), proto::TASK_ATTR_HEAD);
+        assert_eq!(task_attr(TaskAttr::Aca), proto::TASK_ATTR_ACA);
+        assert_ne!(proto::TASK_ATTR_SIMPLE, proto::TASK_ATTR_ORDERED);
+    }
+
+    #[test]
     fn a_device_asking_for_long_cdbs_gets_whole_headers() {
         use crate::shmem::shared::SharedHostMem;
-        // 100-byte CDBs: the headers do not fit the small buffer.
-        let l = CmdLayout::new(100, 96, 4, false);
+        // 60-byte CDBs: the headers (92 bytes) do not fit the small buffer.
+        let l = CmdLayout::new(60, 96, 4, false);
         let m = SharedHostMem::new(l.total, 0);
         m.write_bytes(0, &[0xee; 140]);
         write_request(&m, &l, false, &request(&[0x28; 10]));
