@@ -12,7 +12,7 @@
 //! ([`DeviceRing`]).
 
 use super::cmd::{CmdFields, OwnedCmd};
-use super::{AttachError, Callbacks, Hba, Limits};
+use super::{AttachError, Callbacks, Hba, KstatFacts, Limits};
 use crate::ddi::intr::IrmChange;
 use crate::ddi::{DdiError, Dip, Sleep};
 use crate::ffi;
@@ -117,6 +117,19 @@ pub enum AddError {
 pub enum BadCompletion {
     /// It names no command the driver has outstanding.
     Unknown {
+        /// What it named.
+        id: u64,
+    },
+    /// It names a command already completed (a duplicate or stale
+    /// completion), where the family can tell.
+    Duplicate {
+        /// What it named.
+        id: u64,
+    },
+    /// It names something the device cannot have been given: an id out
+    /// of every range the driver uses, or a request the device cannot
+    /// have seen yet.
+    Impossible {
         /// What it named.
         id: u64,
     },
@@ -300,6 +313,9 @@ pub trait Family: Sized + Send + Sync + 'static {
     fn start(hba: &Hba<Self>) -> Result<(), AttachError>;
     /// Logs the attach line.
     fn announce(hba: &Hba<Self>);
+    /// The facts the HBA kstat shows: negotiated features, interrupt type
+    /// and vectors (thread context: attach, the IRM callback).
+    fn kstat_facts(&self) -> KstatFacts;
     /// Whether the device interrupts (false: completions are polled).
     fn interrupts(&self) -> bool;
     /// Whether a command started from a completion pass may have its

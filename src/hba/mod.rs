@@ -27,11 +27,16 @@
 
 pub mod cmd;
 pub mod family;
+pub mod fault;
 pub mod intr;
 pub mod io;
 pub mod recovery;
 pub mod work;
 
+use crate::ddi::fm::{FmCaps, Fma};
+use crate::ddi::kstat::{
+    Counters, HBA_STATS, HbaStat, KstatName, Published, QUEUE_STATS, QueueStat,
+};
 use crate::ddi::sync::KMutex;
 use crate::ddi::taskq::TaskQueue;
 use crate::ddi::tgtmap::TargetMap;
@@ -196,27 +201,11 @@ pub struct Callbacks {
     pub watchdog: unsafe extern "C" fn(*mut c_void),
 }
 
-/// Counters for tests and benchmarks (relaxed atomics; cheap).
+/// Internal counters of the completion machinery, for tests (relaxed
+/// atomics; cheap). What an administrator looks at is in the kstats
+/// ([`Hba::kstat`], [`Hba::queue_kstat`]).
 #[derive(Default)]
 pub struct Stats {
-    /// Commands accepted by `tran_start` (and internal ones).
-    pub started: AtomicU64,
-    /// Commands completed.
-    pub completed: AtomicU64,
-    /// `tran_start` returned TRAN_BUSY.
-    pub busy: AtomicU64,
-    /// Device notifications (doorbell writes).
-    pub notifies: AtomicU64,
-    /// Interrupt handler invocations.
-    pub interrupts: AtomicU64,
-    /// Completions the device returned that named no command.
-    pub bad_used: AtomicU64,
-    /// Device resets.
-    pub resets: AtomicU64,
-    /// Task management functions sent.
-    pub tmfs: AtomicU64,
-    /// Events received.
-    pub events: AtomicU64,
     /// Completion passes that ran out with completions still waiting (the
     /// device may never interrupt for them): the queue went to the work
     /// task.
@@ -238,6 +227,18 @@ impl Stats {
     pub fn bump(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// The facts about an HBA its kstat shows besides counts (set at attach,
+/// and again when they change: an IRM callback changes the vectors).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KstatFacts {
+    /// The negotiated feature bits (0 where the device has none).
+    pub features: u64,
+    /// `DDI_INTR_TYPE_*` in use, 0 when polled.
+    pub intr_type: u64,
+    /// Interrupt vectors held.
+    pub vectors: u64,
 }
 
 /// The per-target/LUN state attached to each `scsi_device` in
@@ -318,8 +319,19 @@ pub struct Hba<F: Family> {
     /// nothing able to bring it back: only then may `Drop` free the
     /// device-visible memory.
     device_stopped: AtomicBool,
-    /// Counters.
+    /// Internal counters (tests).
     pub stats: Stats,
+    /// `rvscsi:<instance>:hba` (kstat(9S)).
+    kstat: Published<HBA_STATS>,
+    /// `rvscsi:<instance>:queue<N>`, one per request queue (outside
+    /// `queues`, which may be kept for good: a kstat must go at detach).
+    queue_kstats: Vec<Published<QUEUE_STATS>>,
+    /// Fault management (ddi_fm_init(9F) at attach, ddi_fm_fini at
+    /// detach, on drop).
+    pub(crate) fma: Fma,
+    /// A fault reported the service lost or degraded since the device
+    /// last came back (its return is reported RESTORED).
+    impaired: AtomicBool,
 }
 
 impl<F: Family> Hba<F> {
@@ -329,6 +341,9 @@ impl<F: Family> Hba<F> {
     /// [`OwnedHba`].
     pub fn attach(dip: Dip, callbacks: Callbacks) -> Result<OwnedHba<F>, AttachError> {
         let () = Self::FAMILY_FIRST;
+        // First, while attaching (ddi_fm_init works only then, ddifm.c
+        // checks DEVI_IS_ATTACHING): ereports and the handle checks.
+        let fma = Fma::init(dip, FmCaps::WANTED);
         let a = F::attach(dip, &callbacks)?;
         let pri = a.pri;
         let mut queues = Vec::with_capacity(a.rings.len());
@@ -347,6 +362,14 @@ impl<F: Family> Hba<F> {
         }
         let probe = Box::new(Cmd::new(a.probe));
         let taskq = TaskQueue::create(dip, c"rvscsi_work")?;
+        // kstat_create(9F): user or kernel context, here attach(9E).
+        let kstat = Published::create::<HbaStat>(dip, &KstatName::hba());
+        let mut queue_kstats = Vec::with_capacity(queues.len());
+        for n in 0..queues.len() {
+            let n = u16::try_from(n).unwrap_or(u16::MAX);
+            queue_kstats.push(Published::create::<QueueStat>(dip, &KstatName::queue(n)));
+        }
+        kstat.counters().set(HbaStat::Queues, queues.len() as u64);
         let hba = OwnedHba::new(Hba {
             family: F::ID,
             dip,
@@ -367,6 +390,10 @@ impl<F: Family> Hba<F> {
             callbacks,
             device_stopped: AtomicBool::new(false),
             stats: Stats::default(),
+            kstat,
+            queue_kstats,
+            fma,
+            impaired: AtomicBool::new(false),
         });
         if let Err(e) = F::start(hba.get()) {
             // start() may have handed the rings to the device; interrupt
@@ -378,6 +405,7 @@ impl<F: Family> Hba<F> {
             return Err(e);
         }
         let h = hba.get();
+        h.update_facts();
         h.state.store(HbaState::Running);
         h.start_watchdog();
         F::announce(h);
@@ -398,6 +426,39 @@ impl<F: Family> Hba<F> {
         // for every tick.
         let p = unsafe { Periodic::start(self.callbacks.watchdog, me, interval) };
         *self.watchdog.lock() = Some(p);
+    }
+
+    /// The HBA's kstat counters (`rvscsi:<instance>:hba`).
+    pub fn kstat(&self) -> &Counters<HBA_STATS> {
+        self.kstat.counters()
+    }
+
+    /// The kstat counters of request queue `qi` (`queue<qi>`), if any.
+    pub fn queue_kstat(&self, qi: usize) -> Option<&Counters<QUEUE_STATS>> {
+        self.queue_kstats.get(qi).map(Published::counters)
+    }
+
+    /// Adds one to HBA statistic `s` (a relaxed atomic add, any context).
+    pub(crate) fn count(&self, s: HbaStat) {
+        self.kstat.counters().bump(s);
+    }
+
+    /// Adds one to statistic `s` of request queue `qi` (a relaxed atomic
+    /// add, any context).
+    pub(crate) fn count_queue(&self, qi: usize, s: QueueStat) {
+        if let Some(k) = self.queue_kstats.get(qi) {
+            k.counters().bump(s);
+        }
+    }
+
+    /// Copies what the family says about itself (features, interrupts)
+    /// into the HBA kstat (attach, and whenever it changes).
+    pub(crate) fn update_facts(&self) {
+        let f = self.dev.kstat_facts();
+        let c = self.kstat.counters();
+        c.set(HbaStat::Features, f.features);
+        c.set(HbaStat::IntrType, f.intr_type);
+        c.set(HbaStat::IntrVectors, f.vectors);
     }
 
     /// The HBA's address as the kernel callbacks' argument.
@@ -456,6 +517,15 @@ impl<F: Family> Hba<F> {
             self.service_all();
         }
         self.scan_timeouts();
+    }
+
+    /// [`Self::service_all`] for an interrupt that says "some queue"
+    /// (INTx, one MSI): each queue's `interrupts` counts it.
+    pub fn service_all_interrupted(&self) {
+        F::service_events(self);
+        for n in 0..self.queues.len() {
+            self.reap_interrupted(n);
+        }
     }
 
     /// Services the events and every request queue (shared vectors,

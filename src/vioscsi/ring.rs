@@ -109,6 +109,13 @@ impl DeviceRing<VioCmd> for ReqRing {
     fn pop(&mut self) -> Option<Result<OwnedCmd<VioCmd>, BadCompletion>> {
         Some(match self.ring.pop_used()? {
             Ok(u) => Ok(u.token),
+            // An id at or past the ring's size names no descriptor at
+            // all: the device cannot have been given it. One in range
+            // names no chain outstanding (never made available, or
+            // completed already: the ring keeps no history to tell).
+            Err(UsedError::UnknownId { id }) if id >= u32::from(self.ring.size()) => {
+                Err(BadCompletion::Impossible { id: u64::from(id) })
+            }
             Err(UsedError::UnknownId { id }) => Err(BadCompletion::Unknown { id: u64::from(id) }),
             Err(UsedError::IndexRunaway {
                 device_idx,
