@@ -219,6 +219,33 @@ fn a_completion_that_never_comes_goes_through_the_whole_recovery_ladder() {
     pkt.destroy();
     r.assert_clean("lost completion");
     assert_eq!(m.faults.stats().withheld, 1);
+    // What kstat(8) shows of it: one timeout, and each step of the ladder
+    // once: ABORT TASK, LUN reset, target reset (each "done", the command
+    // still there), then the device reset, which brought the device back.
+    for (stat, want) in [
+        ("timeouts", 1),
+        ("aborts_done", 1),
+        ("aborts_failed", 0),
+        ("lun_resets_done", 1),
+        ("lun_resets_failed", 0),
+        ("target_resets_done", 1),
+        ("target_resets_failed", 0),
+        ("device_resets", 1),
+        ("device_resets_failed", 0),
+        ("no_response", 1),
+    ] {
+        assert_eq!(rig.hba_stat(stat), want, "hba:{stat}");
+    }
+    // And fmdump -e: the device stopped answering, the service degraded
+    // while it was reset, then restored.
+    assert_eq!(
+        rig.ereport_classes(),
+        [
+            "ereport.io.device.no_response",
+            "ereport.io.service.degraded",
+            "ereport.io.service.restored",
+        ]
+    );
     let probes = &m.probes;
     assert!(probes.count("rvscsi-cmd-timeout") >= 1);
     let resets: Vec<u64> = probes
