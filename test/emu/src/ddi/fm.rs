@@ -302,8 +302,8 @@ pub unsafe extern "C" fn ddi_fm_init(
     // The FM handle's counters (ddifm.c ddifm_kstat_template).
     for (i, name) in [
         c"erpt_dropped",
-        c"fm_cache_miss",
         c"fm_cache_full",
+        c"fm_cache_grew",
         c"acc_err",
         c"dma_err",
     ]
