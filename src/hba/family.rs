@@ -13,6 +13,7 @@
 
 use super::cmd::{CmdFields, OwnedCmd};
 use super::{AttachError, Callbacks, Hba, KstatFacts, Limits};
+use crate::ddi::fm::{Fma, HandleHealth};
 use crate::ddi::intr::IrmChange;
 use crate::ddi::{DdiError, Dip, Sleep};
 use crate::ffi;
@@ -148,6 +149,11 @@ pub enum BadCompletion {
 pub trait DeviceRing<X>: Send {
     /// At most this many completions can be waiting (bounds a pass).
     fn capacity(&self) -> usize;
+    /// The worst fault the I/O framework reports on the DMA handles of
+    /// the ring's memory (thread context: the watchdog tick).
+    fn check_dma(&self, _fma: &Fma) -> HandleHealth {
+        HandleHealth::Ok
+    }
     /// The next completion the device returned, if any.
     fn pop(&mut self) -> Option<Result<OwnedCmd<X>, BadCompletion>>;
     /// Asks for an interrupt at the next completion and looks again:
@@ -316,6 +322,10 @@ pub trait Family: Sized + Send + Sync + 'static {
     /// The facts the HBA kstat shows: negotiated features, interrupt type
     /// and vectors (thread context: attach, the IRM callback).
     fn kstat_facts(&self) -> KstatFacts;
+    /// The first fault the I/O framework reports on the family's register
+    /// access handles (`ddi_fm_acc_err_get(9F)`), Ok if none (thread
+    /// context: the watchdog tick).
+    fn check_access(&self, fma: &Fma) -> HandleHealth;
     /// Whether the device interrupts (false: completions are polled).
     fn interrupts(&self) -> bool;
     /// Whether a command started from a completion pass may have its

@@ -13,6 +13,17 @@
 //!   `device-needs-reset`), DEGRADED;
 //! - a completion index more than a ring ahead (both families):
 //!   `device.intern_uncorr` (detail `ring-protocol-violation`), DEGRADED;
+//! - a fault the I/O framework reports on a register access handle or a
+//!   ring's DMA handle (`ddi_fm_acc_err_get(9F)`, `ddi_fm_dma_err_get`),
+//!   looked at once a watchdog tick: `device.intern_uncorr` (detail
+//!   `access-handle-fault` or `dma-handle-fault`, with the handle error's
+//!   ENA, which ties it to the nexus's own ereport), LOST: the work task
+//!   resets the device (so it stops DMA), ends every command in flight
+//!   `CMD_RESET` and leaves the HBA FAILED, so new commands get
+//!   TRAN_FATAL_ERROR: the affected commands fail, none hangs. The
+//!   handle's status stays faulted (the DDI keeps it until
+//!   `ddi_fm_acc_err_clear(9F)`, which the driver does not call), so the
+//!   controller is not brought back: detach and attach it again;
 //! - a device that came back from a reset after one of those: RESTORED.
 //!
 //! Each ereport carries one fresh ENA (`fm_ena_generate(0, FM_ENA_FMT1)`,
@@ -24,8 +35,9 @@
 //! CONTEXT: user, kernel or high-level interrupt; ddifm.c only takes the
 //! node's devi_lock and posts DDI_NOSLEEP). Nothing here allocates.
 
-use super::{Family, Hba};
-use crate::ddi::fm::{DeviceFault, ServiceImpact};
+use super::family::{DeviceRing, StopWait};
+use super::{Family, Hba, HbaState};
+use crate::ddi::fm::{DeviceFault, FmCaps, ServiceImpact};
 use crate::ddi::kstat::HbaStat;
 use crate::dev_warn;
 use core::sync::atomic::Ordering;
@@ -97,6 +109,75 @@ impl<F: Family> Hba<F> {
     pub(crate) fn device_back(&self) {
         if self.impaired.swap(false, Ordering::Relaxed) {
             self.fma.service_impact(ServiceImpact::Restored);
+        }
+    }
+
+    /// The watchdog's look at the handles' fault status (thread context,
+    /// once a tick, while running): the register access handles, then
+    /// each request ring's DMA handles. A fault is counted and reported
+    /// once, and the work task takes the controller out of service.
+    pub(crate) fn check_handles(&self) {
+        if !self.fma.caps().intersects(FmCaps::ACCCHK | FmCaps::DMACHK) {
+            return;
+        }
+        let mut found = None;
+        let acc = self.dev.check_access(&self.fma);
+        if acc.is_faulted() {
+            found = Some((DeviceFault::AccessHandle, acc));
+        } else {
+            for q in self.queues.iter() {
+                let h = q.ring.lock().ring.check_dma(&self.fma);
+                if h.is_faulted() {
+                    found = Some((DeviceFault::DmaHandle, h));
+                    break;
+                }
+            }
+        }
+        let Some((fault, h)) = found else {
+            return;
+        };
+        if self.handle_fault.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.count(HbaStat::HandleFaults);
+        dev_warn!(
+            self.dip,
+            "the I/O framework reports a fault on the device's {} handle ({h:?}): taking the controller out of service",
+            if fault == DeviceFault::AccessHandle {
+                "register"
+            } else {
+                "DMA"
+            }
+        );
+        // The handle error's ENA: the nexus's ereport and ours are one
+        // error (ddifm.c: the ENA "should be set if this error is a result
+        // of an error status returned from ddi_dma_err_check() or
+        // ddi_acc_err_check()").
+        self.fma
+            .report(fault, h.ena(), &[(c"fm-status", h.status() as i64 as u64)]);
+        self.schedule(|w| w.out_of_service = true);
+    }
+
+    /// The work task's part of a handle fault: the device is reset (it
+    /// stops DMA), every command in flight ends `CMD_RESET`, and the HBA
+    /// stays FAILED (new commands: TRAN_FATAL_ERROR); the service is
+    /// LOST. Nothing if the HBA is not running (stopping, or already
+    /// failed).
+    pub(crate) fn take_out_of_service(&self) {
+        let Some(stopped) = self.stop_and_reclaim("a fault on its handles", StopWait::Spinning)
+        else {
+            return;
+        };
+        if let Err(e) = stopped {
+            dev_warn!(self.dip, "the device did not finish its reset: {e}");
+        }
+        self.dev.fail();
+        if self.leave_resetting(HbaState::Failed) {
+            self.impaired.store(true, Ordering::Relaxed);
+            self.fma.service_impact(ServiceImpact::Lost);
+        }
+        for qi in 0..self.queues.len() {
+            self.complete_parked(qi);
         }
     }
 }

@@ -332,6 +332,9 @@ pub struct Hba<F: Family> {
     /// A fault reported the service lost or degraded since the device
     /// last came back (its return is reported RESTORED).
     impaired: AtomicBool,
+    /// A handle fault was found: the controller is being taken out of
+    /// service (reported once).
+    handle_fault: AtomicBool,
 }
 
 impl<F: Family> Hba<F> {
@@ -394,6 +397,7 @@ impl<F: Family> Hba<F> {
             queue_kstats,
             fma,
             impaired: AtomicBool::new(false),
+            handle_fault: AtomicBool::new(false),
         });
         if let Err(e) = F::start(hba.get()) {
             // start() may have handed the rings to the device; interrupt
@@ -517,6 +521,8 @@ impl<F: Family> Hba<F> {
             self.service_all();
         }
         self.scan_timeouts();
+        // Once a tick, not per command: the handles' fault status.
+        self.check_handles();
     }
 
     /// [`Self::service_all`] for an interrupt that says "some queue"

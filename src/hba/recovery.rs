@@ -817,7 +817,11 @@ impl<F: Family> Hba<F> {
     /// priority (callable in interrupt context with
     /// [`StopWait::Briefly`]). The result says whether the device is known
     /// to have stopped.
-    fn stop_and_reclaim(&self, why: &str, wait: StopWait) -> Option<Result<(), StopError>> {
+    pub(crate) fn stop_and_reclaim(
+        &self,
+        why: &str,
+        wait: StopWait,
+    ) -> Option<Result<(), StopError>> {
         if !self
             .state
             .transition(HbaState::Running, HbaState::Resetting)
@@ -918,7 +922,7 @@ impl<F: Family> Hba<F> {
 
     /// RESETTING -> `to`, unless the state changed meanwhile (to STOPPED:
     /// a teardown or quiesce); whether it did.
-    fn leave_resetting(&self, to: HbaState) -> bool {
+    pub(crate) fn leave_resetting(&self, to: HbaState) -> bool {
         self.state.transition(HbaState::Resetting, to)
     }
 

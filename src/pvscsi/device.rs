@@ -425,6 +425,10 @@ impl Family for Pvscsi {
     /// PVSCSI negotiates no feature bits; `features` shows what the
     /// driver found the device to take: bit 0 the message ring
     /// (SETUP_MSG_RING), bit 1 the request-call threshold.
+    fn check_access(&self, fma: &crate::ddi::fm::Fma) -> crate::ddi::fm::HandleHealth {
+        fma.check_regs(self.regs.map())
+    }
+
     fn kstat_facts(&self) -> KstatFacts {
         KstatFacts {
             features: u64::from(self.has_msg_ring()) | u64::from(self.threshold.coalescing()) << 1,

@@ -6,6 +6,7 @@ use super::cmd::PvCmd;
 use super::regs::{Doorbell, kick_needed};
 use super::ring::{self, Reap, Rings, SubmitError};
 use crate::ddi::dma::DmaBuffer;
+use crate::ddi::fm::{Fma, HandleHealth};
 use crate::hba::cmd::OwnedCmd;
 use crate::hba::family::{AddError, BadCompletion, DeviceRing};
 use crate::shmem::SharedMem;
@@ -66,6 +67,16 @@ impl<M: SharedMem> PvRing<M> {
 impl<M: SharedMem + Send> DeviceRing<PvCmd<M>> for PvRing<M> {
     fn capacity(&self) -> usize {
         self.rings.geometry().cmp_entries() as usize
+    }
+
+    fn check_dma(&self, fma: &Fma) -> HandleHealth {
+        self.rings
+            .memories()
+            .into_iter()
+            .flatten()
+            .map(|m| m.dma_health(fma))
+            .find(|h| h.is_faulted())
+            .unwrap_or(HandleHealth::Ok)
     }
 
     fn pop(&mut self) -> Option<Result<OwnedCmd<PvCmd<M>>, BadCompletion>> {

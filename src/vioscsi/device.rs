@@ -602,6 +602,10 @@ impl Family for VioScsi {
         );
     }
 
+    fn check_access(&self, fma: &crate::ddi::fm::Fma) -> crate::ddi::fm::HandleHealth {
+        self.transport.check_access(fma)
+    }
+
     fn kstat_facts(&self) -> KstatFacts {
         KstatFacts {
             features: self.features.bits(),

@@ -6,6 +6,7 @@
 
 use super::cmd::{CmdLayout, VioCmd};
 use crate::ddi::dma::DmaBuffer;
+use crate::ddi::fm::{Fma, HandleHealth};
 use crate::ffi;
 use crate::hba::cmd::OwnedCmd;
 use crate::hba::family::{AddError, BadCompletion, DeviceRing};
@@ -104,6 +105,10 @@ impl ReqRing {
 impl DeviceRing<VioCmd> for ReqRing {
     fn capacity(&self) -> usize {
         usize::from(self.ring.size())
+    }
+
+    fn check_dma(&self, fma: &Fma) -> HandleHealth {
+        self.ring.memory().dma_health(fma)
     }
 
     fn pop(&mut self) -> Option<Result<OwnedCmd<VioCmd>, BadCompletion>> {
