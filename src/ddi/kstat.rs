@@ -389,6 +389,16 @@ impl<const N: usize> Published<N> {
         &self.counters
     }
 
+    /// Deletes the kstat now (`kstat_delete(9F)`), keeping the counters
+    /// (for an owner that must outlive its kstat).
+    pub fn unpublish(&mut self) {
+        if let Some(ksp) = self.ksp.take() {
+            // SAFETY: as in Drop: our installed kstat, deleted once (the
+            // pointer is taken out); no update runs after kstat_delete.
+            unsafe { ffi::kstat_delete(ksp.as_ptr()) };
+        }
+    }
+
     /// Whether the kstat is visible to `kstat(8)`.
     pub fn is_published(&self) -> bool {
         self.ksp.is_some()
@@ -397,13 +407,10 @@ impl<const N: usize> Published<N> {
 
 impl<const N: usize> Drop for Published<N> {
     fn drop(&mut self) {
-        if let Some(ksp) = self.ksp.take() {
-            // SAFETY: our installed kstat, deleted once; ks_lock is NULL so
-            // we cannot hold it. kstat_delete waits for a reader inside
-            // update (kstat_hold_bykid), so after it returns no update
-            // runs and the counters (dropped after this) are unused.
-            unsafe { ffi::kstat_delete(ksp.as_ptr()) };
-        }
+        // ks_lock is NULL so we cannot hold it. kstat_delete waits for a
+        // reader inside update (kstat_hold_bykid), so after it returns no
+        // update runs and the counters (dropped after this) are unused.
+        self.unpublish();
     }
 }
 

@@ -408,7 +408,7 @@ impl<F: Family> Hba<F> {
             let slot = match self.dev.add(&mut g.ring, c) {
                 Ok(s) => s,
                 Err((c, AddError::Full)) => {
-                    self.count_queue(qi, QueueStat::RingFull);
+                    q.kstat.counters().bump(QueueStat::RingFull);
                     return Err((c, StartError::Busy));
                 }
                 Err((c, AddError::Invalid)) => return Err((c, StartError::Invalid)),
@@ -423,9 +423,7 @@ impl<F: Family> Hba<F> {
                 t.mark_queued();
             }
             // Under the queue lock, its only writer: no locked add.
-            if let Some(k) = self.queue_kstat(qi) {
-                k.add_exclusive(QueueStat::Commands, 1);
-            }
+            q.kstat.counters().add_exclusive(QueueStat::Commands, 1);
             // Visible to the device at once; whether it needs a doorbell
             // is decided once for the batch when a pass runs (reading the
             // device's suppression state is a sync per decision).
@@ -446,7 +444,7 @@ impl<F: Family> Hba<F> {
         };
         self.count(HbaStat::Started);
         if kick {
-            self.count_queue(qi, QueueStat::Doorbells);
+            q.kstat.counters().bump(QueueStat::Doorbells);
             self.dev.notify(qi);
         }
         Ok(())
@@ -626,9 +624,8 @@ impl<F: Family> Hba<F> {
                     }
                 }
                 // Under the queue lock: the only writer of both.
-                if batch > 0
-                    && let Some(k) = self.queue_kstat(qi)
-                {
+                if batch > 0 {
+                    let k = q.kstat.counters();
                     k.add_exclusive(QueueStat::Completions, batch);
                     k.raise_exclusive(QueueStat::BatchMax, batch);
                 }
@@ -694,7 +691,7 @@ impl<F: Family> Hba<F> {
                 (pending || deferred_here) && g.ring.notify_needed()
             };
             if kick {
-                self.count_queue(qi, QueueStat::Doorbells);
+                q.kstat.counters().bump(QueueStat::Doorbells);
                 self.dev.notify(qi);
             }
             self.ring_deferred(due);
@@ -726,7 +723,7 @@ impl<F: Family> Hba<F> {
                 continue;
             };
             if q.ring.lock().ring.notify_needed() {
-                self.count_queue(n, QueueStat::Doorbells);
+                q.kstat.counters().bump(QueueStat::Doorbells);
                 self.dev.notify(n);
             }
         }

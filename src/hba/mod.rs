@@ -271,6 +271,10 @@ pub struct QueueState<F: Family> {
 pub struct RequestQueue<F: Family> {
     /// Its ring and lists, under the queue lock.
     pub ring: KMutex<QueueState<F>>,
+    /// `rvscsi:<instance>:queue<N>` (kstat(9S)). The queue may be kept
+    /// for good (see `Hba::free_device_memory`); its kstat is deleted at
+    /// detach either way (`Hba::drop`).
+    pub(crate) kstat: Published<QUEUE_STATS>,
 }
 
 /// CPUs with a completion-queue hint of their own (see [`Hba::reaping`]);
@@ -323,9 +327,6 @@ pub struct Hba<F: Family> {
     pub stats: Stats,
     /// `rvscsi:<instance>:hba` (kstat(9S)).
     kstat: Published<HBA_STATS>,
-    /// `rvscsi:<instance>:queue<N>`, one per request queue (outside
-    /// `queues`, which may be kept for good: a kstat must go at detach).
-    queue_kstats: Vec<Published<QUEUE_STATS>>,
     /// Fault management (ddi_fm_init(9F) at attach, ddi_fm_fini at
     /// detach, on drop).
     pub(crate) fma: Fma,
@@ -350,8 +351,11 @@ impl<F: Family> Hba<F> {
         let a = F::attach(dip, &callbacks)?;
         let pri = a.pri;
         let mut queues = Vec::with_capacity(a.rings.len());
-        for ring in a.rings {
+        for (n, ring) in a.rings.into_iter().enumerate() {
+            let n = u16::try_from(n).unwrap_or(u16::MAX);
             queues.push(RequestQueue {
+                // kstat_create(9F): user or kernel context, here attach(9E).
+                kstat: Published::create::<QueueStat>(dip, &KstatName::queue(n)),
                 ring: KMutex::new(
                     QueueState {
                         ring,
@@ -365,13 +369,7 @@ impl<F: Family> Hba<F> {
         }
         let probe = Box::new(Cmd::new(a.probe));
         let taskq = TaskQueue::create(dip, c"rvscsi_work")?;
-        // kstat_create(9F): user or kernel context, here attach(9E).
         let kstat = Published::create::<HbaStat>(dip, &KstatName::hba());
-        let mut queue_kstats = Vec::with_capacity(queues.len());
-        for n in 0..queues.len() {
-            let n = u16::try_from(n).unwrap_or(u16::MAX);
-            queue_kstats.push(Published::create::<QueueStat>(dip, &KstatName::queue(n)));
-        }
         kstat.counters().set(HbaStat::Queues, queues.len() as u64);
         let hba = OwnedHba::new(Hba {
             family: F::ID,
@@ -394,7 +392,6 @@ impl<F: Family> Hba<F> {
             device_stopped: AtomicBool::new(false),
             stats: Stats::default(),
             kstat,
-            queue_kstats,
             fma,
             impaired: AtomicBool::new(false),
             handle_fault: AtomicBool::new(false),
@@ -439,7 +436,7 @@ impl<F: Family> Hba<F> {
 
     /// The kstat counters of request queue `qi` (`queue<qi>`), if any.
     pub fn queue_kstat(&self, qi: usize) -> Option<&Counters<QUEUE_STATS>> {
-        self.queue_kstats.get(qi).map(Published::counters)
+        self.queues.get(qi).map(|q| q.kstat.counters())
     }
 
     /// Adds one to HBA statistic `s` (a relaxed atomic add, any context).
@@ -450,8 +447,8 @@ impl<F: Family> Hba<F> {
     /// Adds one to statistic `s` of request queue `qi` (a relaxed atomic
     /// add, any context).
     pub(crate) fn count_queue(&self, qi: usize, s: QueueStat) {
-        if let Some(k) = self.queue_kstats.get(qi) {
-            k.counters().bump(s);
+        if let Some(q) = self.queues.get(qi) {
+            q.kstat.counters().bump(s);
         }
     }
 
@@ -708,10 +705,16 @@ impl<F: Family> Drop for Hba<F> {
             // SAFETY: once, here; the teardown found the device stopped;
             // `&mut self`: nobody else reaches the HBA.
             unsafe { self.free_device_memory() };
+        } else {
+            // The device may still write there: the rings, the probe and
+            // the family's device memory stay in their ManuallyDrop, never
+            // freed. Their kstats go all the same (kstat_delete(9F) at
+            // detach: none may outlive the module that provides its
+            // update).
+            for q in self.queues.iter_mut() {
+                q.kstat.unpublish();
+            }
         }
-        // Else the device may still write there: the rings, the probe and
-        // the family's device memory stay in their ManuallyDrop, never
-        // freed.
     }
 }
 
