@@ -409,3 +409,62 @@ fn device_needs_reset_at_run_time_is_reported_and_the_device_is_reset() {
     after.assert_clean("after DEVICE_NEEDS_RESET");
     rig.finish_clean();
 }
+
+#[test]
+fn a_runaway_used_index_resets_the_device_and_is_reported() {
+    let rig = rig(vec![(8192, 0, 0)]);
+    let luns = rig.load_luns();
+    let m = rig.bed().machine.clone();
+    // With the completion of the read at 555, the used index the driver
+    // sees jumps 1000 entries ahead: more than the ring (256), which no
+    // device writes legitimately. Nothing is consumed; the device is reset.
+    m.faults.arm(Fault::UsedIdxRunaway(Match::Lba(555), 1000));
+    let pkt = read_block(&luns[0].dev, 555);
+    assert_eq!(pkt.start_async(), ffi::TRAN_ACCEPT);
+    assert!(pkt.wait(Duration::from_secs(30)), "the read ends");
+    let r = pkt.result();
+    assert_eq!(pkt.comp_calls(), 1, "once");
+    assert!(
+        r.reason == ffi::CMD_RESET && r.statistics.contains(PktStatistics::BUS_RESET),
+        "ended by the reset: {r:?}"
+    );
+    pkt.destroy();
+    assert_eq!(m.faults.stats().runaways, 1);
+    assert!(
+        wait_for(Duration::from_secs(10), || rig
+            .ereports_of("ereport.io.service.restored")
+            == 1),
+        "{:?} {:?}",
+        rig.ereport_classes(),
+        rig.log()
+    );
+    assert!(logged(&rig, "more than a ring ahead"), "{:?}", rig.log());
+    assert_eq!(rig.hba_stat("ring_runaway"), 1);
+    assert_eq!(rig.hba_stat("device_resets"), 1);
+    assert_eq!(
+        rig.ereport_classes(),
+        [
+            "ereport.io.device.intern_uncorr",
+            "ereport.io.service.degraded",
+            "ereport.io.service.restored",
+        ]
+    );
+    let after = load::run(
+        &luns,
+        &LoadConfig {
+            commands: 40,
+            seed: 46,
+            ..LoadConfig::default()
+        },
+        &|c: &Completion| {
+            if c.good() || c.result.sense_key().is_some_and(|k| k.0 == 6) {
+                Ok(())
+            } else {
+                Err("after the reset".into())
+            }
+        },
+        &mut |_| {},
+    );
+    after.assert_clean("after the runaway index");
+    rig.finish_clean();
+}
