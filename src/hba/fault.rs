@@ -15,7 +15,7 @@
 //!   `device.intern_uncorr` (detail `ring-protocol-violation`), DEGRADED;
 //! - a fault the I/O framework reports on a register access handle or a
 //!   ring's DMA handle (`ddi_fm_acc_err_get(9F)`, `ddi_fm_dma_err_get`),
-//!   looked at once a watchdog tick: `device.intern_uncorr` (detail
+//!   looked at once a second by the watchdog: `device.intern_uncorr` (detail
 //!   `access-handle-fault` or `dma-handle-fault`, with the handle error's
 //!   ENA, which ties it to the nexus's own ereport), LOST: the work task
 //!   resets the device (so it stops DMA), ends every command in flight
@@ -113,13 +113,20 @@ impl<F: Family> Hba<F> {
     }
 
     /// The watchdog's look at the handles' fault status (thread context,
-    /// once a tick, while running): the register access handles, then
+    /// at most once a second, while running): the register access handles, then
     /// each request ring's DMA handles. A fault is counted and reported
     /// once, and the work task takes the controller out of service.
     pub(crate) fn check_handles(&self) {
         if !self.fma.caps().intersects(FmCaps::ACCCHK | FmCaps::DMACHK) {
             return;
         }
+        // Once a second (the watchdog alone calls this: no race).
+        let now = self.clock.now();
+        let last = self.handles_checked.load(Ordering::Relaxed);
+        if now.wrapping_sub(last) < self.clock.hz() && last != i64::MIN {
+            return;
+        }
+        self.handles_checked.store(now, Ordering::Relaxed);
         let mut found = None;
         let acc = self.dev.check_access(&self.fma);
         if acc.is_faulted() {

@@ -58,6 +58,16 @@ impl DeadlineClock {
         self.now.store(time::lbolt(), Ordering::Relaxed);
     }
 
+    /// The time of the last tick, in clock ticks.
+    pub fn now(&self) -> i64 {
+        self.now.load(Ordering::Relaxed)
+    }
+
+    /// Clock ticks per second.
+    pub fn hz(&self) -> i64 {
+        self.hz
+    }
+
     /// The deadline of a command of `time_s` seconds started now.
     pub fn deadline(&self, time_s: i32) -> i64 {
         deadline_after(

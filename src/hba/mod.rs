@@ -50,7 +50,7 @@ use cmd::{Cmd, CmdList};
 use core::ffi::c_void;
 use core::mem::ManuallyDrop;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU16, AtomicU64, Ordering};
 pub use family::{Family, FamilyId};
 use family::{StopError, StopWait};
 use work::Work;
@@ -336,6 +336,9 @@ pub struct Hba<F: Family> {
     /// A handle fault was found: the controller is being taken out of
     /// service (reported once).
     handle_fault: AtomicBool,
+    /// The deadline clock's time of the last look at the handles (once a
+    /// second, also when polled mode ticks a hundred times as often).
+    handles_checked: AtomicI64,
 }
 
 impl<F: Family> Hba<F> {
@@ -395,6 +398,7 @@ impl<F: Family> Hba<F> {
             fma,
             impaired: AtomicBool::new(false),
             handle_fault: AtomicBool::new(false),
+            handles_checked: AtomicI64::new(i64::MIN),
         });
         if let Err(e) = F::start(hba.get()) {
             // start() may have handed the rings to the device; interrupt
@@ -518,7 +522,8 @@ impl<F: Family> Hba<F> {
             self.service_all();
         }
         self.scan_timeouts();
-        // Once a tick, not per command: the handles' fault status.
+        // At most once a second, not per command: the handles' fault
+        // status.
         self.check_handles();
     }
 

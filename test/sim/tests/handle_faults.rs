@@ -116,3 +116,16 @@ fn a_ring_dma_handle_fault_fails_the_commands_cleanly_on_both_families() {
     a_handle_fault_fails_the_commands_cleanly(RigConfig::default(), Handle::Dma);
     a_handle_fault_fails_the_commands_cleanly(RigConfig::pvscsi(vec![(8192, 0, 0)]), Handle::Dma);
 }
+
+#[test]
+fn a_register_handle_fault_fails_the_commands_cleanly_when_polled() {
+    // Polled mode's watchdog ticks a hundred times a second; the handles
+    // are still looked at once a second, and the fault found.
+    a_handle_fault_fails_the_commands_cleanly(
+        RigConfig {
+            interrupts: "poll".into(),
+            ..RigConfig::default()
+        },
+        Handle::Access,
+    );
+}
