@@ -275,6 +275,19 @@ impl Sys {
         (out.status.code().unwrap_or(-1), text(&out))
     }
 
+    /// rvscsiadm with the stand-in command line `fail` failing
+    /// (`STANDIN_FAIL`).
+    fn rvscsiadm_failing(&self, args: &[&str], fail: &str) -> (i32, String) {
+        let out = self
+            .command("sh")
+            .arg(root().join("pkg/rvscsiadm"))
+            .args(args)
+            .env("STANDIN_FAIL", fail)
+            .output()
+            .expect("sh");
+        (out.status.code().unwrap_or(-1), text(&out))
+    }
+
     /// A reboot; `reconfigure` as reboot -- -r.
     fn boot(&self, reconfigure: bool) {
         let mut c = self.command("bash");
@@ -757,18 +770,11 @@ fn rvscsiadm_take_puts_the_aliases_back_when_rvscsi_cannot_have_them() {
     let sys = Sys::new("rollback", SysOptions::default());
     sys.add_rvscsi();
     sys.take_calls();
-    let out = sys
-        .command("sh")
-        .arg(root().join("pkg/rvscsiadm"))
-        .arg("take")
-        .env(
-            "STANDIN_FAIL",
-            "update_drv -a -i '\"pci1af4,1004\" \"pci1af4,1048,p\" \"pci15ad,7c0\"' rvscsi",
-        )
-        .output()
-        .unwrap();
-    let msg = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{msg}");
+    let (rc, msg) = sys.rvscsiadm_failing(
+        &["take"],
+        "update_drv -a -i '\"pci1af4,1004\" \"pci1af4,1048,p\" \"pci15ad,7c0\"' rvscsi",
+    );
+    assert_eq!(rc, 1, "{msg}");
     assert!(msg.contains("; vioscsi keeps pci1af4,1004\n"), "{msg}");
     assert_eq!(
         sys.alias_owner("pci1af4,1004").as_deref(),
@@ -1109,18 +1115,9 @@ fn rvscsiadm_undoes_a_hand_over_of_both_families_that_fails_half_way() {
     // take: vioscsi gave its alias, then pvscsi's update_drv fails: vioscsi
     // gets it back and the error names pvscsi.
     let sys = both_families("pv-undo", SysOptions::default());
-    let out = sys
-        .command("sh")
-        .arg(root().join("pkg/rvscsiadm"))
-        .arg("take")
-        .env(
-            "STANDIN_FAIL",
-            "update_drv -f -d -i '\"pci15ad,7c0\"' pvscsi",
-        )
-        .output()
-        .unwrap();
-    let msg = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{msg}");
+    let (rc, msg) =
+        sys.rvscsiadm_failing(&["take"], "update_drv -f -d -i '\"pci15ad,7c0\"' pvscsi");
+    assert_eq!(rc, 1, "{msg}");
     assert!(
         msg.contains("could not remove pci15ad,7c0 from pvscsi")
             && msg.contains("vioscsi keeps pci1af4,1004, pvscsi keeps pci15ad,7c0\n"),
@@ -1142,15 +1139,9 @@ fn rvscsiadm_undoes_a_hand_over_of_both_families_that_fails_half_way() {
     assert_eq!(rc, 0, "{out}");
     sys.boot(false);
     sys.take_calls();
-    let out = sys
-        .command("sh")
-        .arg(root().join("pkg/rvscsiadm"))
-        .arg("release")
-        .env("STANDIN_FAIL", "update_drv -a -i '\"pci15ad,7c0\"' pvscsi")
-        .output()
-        .unwrap();
-    let msg = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{msg}");
+    let (rc, msg) =
+        sys.rvscsiadm_failing(&["release"], "update_drv -a -i '\"pci15ad,7c0\"' pvscsi");
+    assert_eq!(rc, 1, "{msg}");
     assert!(msg.contains("rvscsi keeps them"), "{msg}");
     for a in ["pci1af4,1004", "pci1af4,1048,p", "pci15ad,7c0"] {
         assert_eq!(sys.alias_owner(a).as_deref(), Some("rvscsi"), "{a}: {msg}");

@@ -13,10 +13,20 @@ use rvscsi_sim::testkit::{Driver, Rig, RigConfig, read_block, wait_until};
 use std::time::Duration;
 
 fn rig(images: Vec<(u64, u8, u16)>, extra: impl FnOnce(&mut RigConfig)) -> Rig {
+    rig_on(
+        RigConfig {
+            images,
+            ..RigConfig::default()
+        },
+        extra,
+    )
+}
+
+/// A rig of `base` (its family and images) with the recorder driver.
+fn rig_on(base: RigConfig, extra: impl FnOnce(&mut RigConfig)) -> Rig {
     let mut c = RigConfig {
-        images,
         driver: Driver::Recorder,
-        ..RigConfig::default()
+        ..base
     };
     extra(&mut c);
     Rig::start(c)
@@ -24,7 +34,22 @@ fn rig(images: Vec<(u64, u8, u16)>, extra: impl FnOnce(&mut RigConfig)) -> Rig {
 
 #[test]
 fn a_clean_load_completes_every_command_once_with_the_right_data() {
-    let rig = rig(vec![(16_384, 0, 0), (16_384, 1, 0), (8192, 1, 2)], |_| {});
+    clean_load(rig(
+        vec![(16_384, 0, 0), (16_384, 1, 0), (8192, 1, 2)],
+        |_| {},
+    ));
+}
+
+#[test]
+fn on_pvscsi_a_clean_load_completes_every_command_once_with_the_right_data() {
+    // QEMU's pvscsi has LUN 0 only: three targets, one far up.
+    clean_load(rig_on(
+        RigConfig::pvscsi(vec![(16_384, 0, 0), (16_384, 1, 0), (8192, 40, 0)]),
+        |_| {},
+    ));
+}
+
+fn clean_load(rig: Rig) {
     let luns = rig.load_luns();
     let r = load::run(
         &luns,
@@ -73,9 +98,24 @@ fn media_rules(dir: &std::path::Path) -> String {
 
 #[test]
 fn media_errors_under_load_come_back_as_check_conditions_and_spare_the_neighbours() {
+    media_errors_under_load(RigConfig {
+        images: vec![(8192, 0, 0), (8192, 0, 1)],
+        ..RigConfig::default()
+    });
+}
+
+#[test]
+fn on_pvscsi_media_errors_under_load_come_back_as_check_conditions_and_spare_the_neighbours() {
+    // The faulty disk and its neighbour on two targets (LUN 0 only).
+    media_errors_under_load(RigConfig::pvscsi(vec![(8192, 0, 0), (8192, 1, 0)]));
+}
+
+/// Media errors on the first of `base`'s two disks (blkdebug), under load
+/// on both.
+fn media_errors_under_load(base: RigConfig) {
     let dir = rvscsi_sim::testkit::TempDir::new("faults-media");
     let prefix = media_rules(&dir.path(""));
-    let rig = rig(vec![(8192, 0, 0), (8192, 0, 1)], |c| {
+    let rig = rig_on(base, |c| {
         c.blkdebug = vec![Some(prefix.clone()), None];
     });
     let luns = rig.load_luns();

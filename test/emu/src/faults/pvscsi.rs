@@ -643,46 +643,34 @@ fn start_views(s: &mut State, qt: &dyn Bus) {
     if s.cmp.is_none()
         && let Some(prod) = read_u32(qt, r.state + RS_CMP_PROD)
     {
-        let mut entries = Vec::with_capacity(r.cmp_entries() as usize);
-        for &page in &r.cmp {
-            let mut b = vec![0u8; PAGE as usize];
-            if qt.read_mem(page, &mut b).is_err() {
-                return;
-            }
-            entries.extend(
-                b.chunks(CMP_DESC)
-                    .map(|c| <[u8; CMP_DESC]>::try_from(c).unwrap_or([0; CMP_DESC])),
-            );
-        }
-        s.cmp = Some(View {
-            device: prod,
-            visible: prod,
-            entries,
-            withheld: Vec::new(),
-        });
+        s.cmp = view_of(qt, &r.cmp, prod);
     }
     if s.msg.is_none()
         && !r.msg.is_empty()
         && let Some(prod) = read_u32(qt, r.state + RS_MSG_PROD)
     {
-        let mut entries = Vec::with_capacity(r.msg_entries() as usize);
-        for &page in &r.msg {
-            let mut b = vec![0u8; PAGE as usize];
-            if qt.read_mem(page, &mut b).is_err() {
-                return;
-            }
-            entries.extend(
-                b.chunks(MSG_DESC)
-                    .map(|c| <[u8; MSG_DESC]>::try_from(c).unwrap_or([0; MSG_DESC])),
-            );
-        }
-        s.msg = Some(View {
-            device: prod,
-            visible: prod,
-            entries,
-            withheld: Vec::new(),
-        });
+        s.msg = view_of(qt, &r.msg, prod);
     }
+}
+
+/// A view of the ring in `pages` of `N`-byte entries as the device left
+/// it, producer index `prod`; None if guest memory cannot be read.
+fn view_of<const N: usize>(qt: &dyn Bus, pages: &[u64], prod: u32) -> Option<View<N>> {
+    let mut entries = Vec::with_capacity(pages.len() * PAGE as usize / N);
+    for &page in pages {
+        let mut b = vec![0u8; PAGE as usize];
+        qt.read_mem(page, &mut b).ok()?;
+        entries.extend(
+            b.chunks(N)
+                .map(|c| <[u8; N]>::try_from(c).unwrap_or([0; N])),
+        );
+    }
+    Some(View {
+        device: prod,
+        visible: prod,
+        entries,
+        withheld: Vec::new(),
+    })
 }
 
 /// A bogus context of `kind` for a completion of `real` (None: none fits
