@@ -72,7 +72,42 @@ fn clean_load(rig: Rig) {
         m.check(0, blocks as u32, &on_disk)
             .expect("the image holds what the model says");
     }
+    // kstat(8): every command started came back, none went wrong, nothing
+    // for fmdump -e.
+    no_trouble(&rig, "clean load");
     rig.finish_clean();
+}
+
+/// The HBA kstat shows commands all completed and no recovery, bad
+/// completion or fault; no ereport was posted.
+fn no_trouble(rig: &Rig, what: &str) {
+    let hba = rig.kstat("hba");
+    assert!(hba.u64("commands_started").unwrap_or(0) > 0, "{what}");
+    assert_eq!(
+        hba.u64("commands_started"),
+        hba.u64("commands_completed"),
+        "{what}"
+    );
+    for stat in [
+        "timeouts",
+        "aborts_done",
+        "aborts_failed",
+        "device_resets",
+        "no_response",
+        "cmpl_unknown",
+        "cmpl_duplicate",
+        "cmpl_impossible",
+        "ring_runaway",
+        "handle_faults",
+        "tran_badpkt",
+    ] {
+        assert_eq!(hba.u64(stat), Some(0), "{what}: hba:{stat}");
+    }
+    assert!(
+        rig.ereport_classes().is_empty(),
+        "{what}: {:?}",
+        rig.ereport_classes()
+    );
 }
 
 /// blkdebug rules (QEMU's error injection) failing reads at sectors
@@ -188,6 +223,8 @@ fn media_errors_under_load(base: RigConfig) {
         );
     }
     assert!(r.good > 600, "most commands are unaffected: {}", r.good);
+    // Media errors are the target's answers, not the HBA's trouble.
+    no_trouble(&rig, "media errors");
     rig.finish_clean();
 }
 
