@@ -81,7 +81,7 @@ impl<F: Family> Hba<F> {
 
     /// The device set DEVICE_NEEDS_RESET: counted and reported; the
     /// caller schedules the reset.
-    pub fn device_needs_reset(&self) {
+    pub(crate) fn device_needs_reset(&self) {
         self.count(HbaStat::NeedsReset);
         self.report(DeviceFault::NeedsReset, ServiceImpact::Degraded, &[]);
     }
