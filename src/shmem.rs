@@ -21,6 +21,11 @@ pub trait SharedMem {
     }
     /// The device-visible (bus) address of byte 0.
     fn device_addr(&self) -> u64;
+    /// What the I/O framework knows of faults on the memory's DMA handle
+    /// (`ddi_fm_dma_err_get(9F)`); memory without one (tests) is healthy.
+    fn dma_health(&self, _fma: &crate::ddi::fm::Fma) -> crate::ddi::fm::HandleHealth {
+        crate::ddi::fm::HandleHealth::Ok
+    }
     /// Copies `dst.len()` bytes at `off` into `dst`.
     fn read_bytes(&self, off: usize, dst: &mut [u8]);
     /// Copies `src` to `off`.

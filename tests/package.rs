@@ -395,6 +395,31 @@ fn the_man_page_is_lint_clean_and_documents_tunables_and_probes() {
             "rvscsi.conf documents {t}"
         );
     }
+    // Every statistic of its kstats is documented (the names of the
+    // stat_set! blocks: `Variant = c"name",`).
+    let kstats = std::fs::read_to_string(root().join("src/ddi/kstat.rs")).unwrap();
+    let mut stats = Vec::new();
+    for block in kstats.split("stat_set! {").skip(1) {
+        let body = block.split("\n}\n").next().unwrap_or("");
+        for piece in body.split(" = c\"").skip(1) {
+            if let Some(name) = piece.split('"').next() {
+                stats.push(name.to_string());
+            }
+        }
+    }
+    assert!(stats.len() >= 20, "statistics found: {stats:?}");
+    let documented: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(".It Sy "))
+        .flat_map(|l| l.split(" , "))
+        .map(str::trim)
+        .collect();
+    for s in &stats {
+        assert!(
+            documented.contains(&s.as_str()),
+            "rvscsi.4D documents statistic {s}"
+        );
+    }
     // Every probe the driver fires is documented.
     let probes = std::fs::read_to_string(root().join("src/probes.rs")).unwrap();
     for name in probes

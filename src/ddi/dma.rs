@@ -67,7 +67,14 @@ impl DmaBuffer {
         sleep: Sleep,
     ) -> Result<Self, DdiError> {
         // Word accessors rely on 8-byte alignment of the whole buffer.
-        let attr = single_segment_attr(align.max(8), addr_hi);
+        let mut attr = single_segment_attr(align.max(8), addr_hi);
+        // With the DMA check granted, DDI_DMA_FLAGERR, so that faults on
+        // this handle are reported by ddi_fm_dma_err_get(9F) (ddifm.c:
+        // "driver must set the dma_attr_flags ... to DDI_DMA_FLAGERR").
+        // SAFETY: a valid node; any context.
+        if unsafe { ffi::ddi_fm_capable(dip.as_ptr()) } & ffi::DDI_FM_DMACHK_CAPABLE != 0 {
+            attr.dma_attr_flags |= ffi::DDI_DMA_FLAGERR;
+        }
         let acc_attr = ffi::ddi_device_acc_attr_t {
             devacc_attr_version: ffi::DDI_DEVICE_ATTR_V0,
             devacc_attr_endian_flags: ffi::DDI_NEVERSWAP_ACC,
@@ -215,6 +222,10 @@ impl DmaBuffer {
 }
 
 impl SharedMem for DmaBuffer {
+    fn dma_health(&self, fma: &super::fm::Fma) -> super::fm::HandleHealth {
+        fma.check_dma(self)
+    }
+
     fn len(&self) -> usize {
         self.len
     }

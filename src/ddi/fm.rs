@@ -91,6 +91,11 @@ pub enum DeviceFault {
     /// The device broke the ring protocol (a used id or length it cannot
     /// have written legitimately).
     RingProtocol,
+    /// The I/O framework reported a fault on a register access handle
+    /// (`ddi_fm_acc_err_get(9F)`).
+    AccessHandle,
+    /// ... on a DMA handle (`ddi_fm_dma_err_get(9F)`).
+    DmaHandle,
 }
 
 impl DeviceFault {
@@ -99,7 +104,9 @@ impl DeviceFault {
         match self {
             DeviceFault::NoResponse => EreportClass::NoResponse,
             DeviceFault::ResetFailed | DeviceFault::NeedsReset => EreportClass::InvalState,
-            DeviceFault::RingProtocol => EreportClass::InternalUncorrectable,
+            DeviceFault::RingProtocol | DeviceFault::AccessHandle | DeviceFault::DmaHandle => {
+                EreportClass::InternalUncorrectable
+            }
         }
     }
 
@@ -110,6 +117,8 @@ impl DeviceFault {
             DeviceFault::ResetFailed => c"reset-failed",
             DeviceFault::NeedsReset => c"device-needs-reset",
             DeviceFault::RingProtocol => c"ring-protocol-violation",
+            DeviceFault::AccessHandle => c"access-handle-fault",
+            DeviceFault::DmaHandle => c"dma-handle-fault",
         }
     }
 }
@@ -169,6 +178,24 @@ impl HandleHealth {
     /// Whether the handle saw a fault.
     pub fn is_faulted(self) -> bool {
         self != HandleHealth::Ok
+    }
+
+    /// The error's ENA (0 for Ok).
+    pub fn ena(self) -> u64 {
+        match self {
+            HandleHealth::Ok => 0,
+            HandleHealth::NonFatal(e) | HandleHealth::Fatal(e) | HandleHealth::Unknown(e) => e,
+        }
+    }
+
+    /// Its `DDI_FM_*` status.
+    pub fn status(self) -> c_int {
+        match self {
+            HandleHealth::Ok => ffi::DDI_FM_OK,
+            HandleHealth::NonFatal(_) => ffi::DDI_FM_NONFATAL,
+            HandleHealth::Fatal(_) => ffi::DDI_FM_FATAL,
+            HandleHealth::Unknown(_) => ffi::DDI_FM_UNKNOWN,
+        }
     }
 }
 
@@ -358,6 +385,8 @@ mod tests {
             DeviceFault::ResetFailed,
             DeviceFault::NeedsReset,
             DeviceFault::RingProtocol,
+            DeviceFault::AccessHandle,
+            DeviceFault::DmaHandle,
         ];
         assert_eq!(DeviceFault::NoResponse.class(), EreportClass::NoResponse);
         assert_eq!(DeviceFault::ResetFailed.class(), EreportClass::InvalState);

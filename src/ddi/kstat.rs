@@ -85,27 +85,62 @@ macro_rules! stat_set {
 stat_set! {
     /// The HBA-wide statistics (`rvscsi:<instance>:hba`).
     HbaStat, HBA_STATS {
-        /// Device resets the driver performed (recovery, bring-up again).
-        Resets = c"resets",
-        /// Resets after which the device did not come back.
-        ResetFailures = c"reset_failures",
+        /// Commands accepted by tran_start(9E) (and the driver's own).
+        Started = c"commands_started",
+        /// Commands completed (to SCSA, or to their poller).
+        Completed = c"commands_completed",
+        /// tran_start(9E) returned TRAN_BUSY (ring full, or a reset under
+        /// way).
+        TranBusy = c"tran_busy",
+        /// tran_start(9E) returned TRAN_BADPKT.
+        TranBadPkt = c"tran_badpkt",
+        /// Commands that ran past their pkt_time.
+        Timeouts = c"timeouts",
+        /// ABORT TASK / ABORT TASK SET the device performed.
+        AbortsDone = c"aborts_done",
+        /// ... that it refused, did not answer, or could not be sent.
+        AbortsFailed = c"aborts_failed",
+        /// LUN resets (LOGICAL UNIT RESET) the device performed.
+        LunResetsDone = c"lun_resets_done",
+        /// ... that failed.
+        LunResetsFailed = c"lun_resets_failed",
+        /// Target resets (I_T NEXUS RESET or the family's nearest) done.
+        TargetResetsDone = c"target_resets_done",
+        /// ... that failed.
+        TargetResetsFailed = c"target_resets_failed",
+        /// Device resets begun (recovery, RESET_ALL, a broken device).
+        DeviceResets = c"device_resets",
+        /// Device resets after which the device did not come back.
+        DeviceResetsFailed = c"device_resets_failed",
+        /// Interrupt handler invocations (claimed or not).
+        Interrupts = c"interrupts",
+        /// Timed-out commands whose whole recovery ladder short of a
+        /// device reset failed: the device stopped answering.
+        NoResponse = c"no_response",
         /// Times the device set DEVICE_NEEDS_RESET (virtio 1.2 §2.1.1).
         NeedsReset = c"device_needs_reset",
-        /// Times the device stopped answering (commands timed out with the
-        /// whole device silent).
-        NoResponse = c"no_response",
-        /// Ring protocol violations by the device (bad used id or length).
-        RingErrors = c"ring_errors",
-        /// Commands that timed out.
-        Timeouts = c"timeouts",
-        /// Commands aborted (tran_abort(9E), or in recovery).
-        Aborts = c"aborts",
-        /// Task management functions sent (LUN/target resets).
-        TaskManagement = c"task_mgmt",
-        /// Event-queue notifications the device dropped (events missed).
-        EventsMissed = c"events_missed",
-        /// Target rescans.
-        Rescans = c"rescans",
+        /// Events (virtio-scsi event queue, PVSCSI messages) received.
+        Events = c"events",
+        /// Completions naming a command already completed.
+        CmplDuplicate = c"cmpl_duplicate",
+        /// Completions naming no command the driver issued.
+        CmplUnknown = c"cmpl_unknown",
+        /// Completions the device cannot have written legitimately (an id
+        /// out of any range, a request it cannot have seen yet).
+        CmplImpossible = c"cmpl_impossible",
+        /// Completion indexes more than a ring ahead (the device is reset).
+        RingRunaway = c"ring_runaway",
+        /// Access or DMA handle faults found (ddi_fm_*_err_get(9F)).
+        HandleFaults = c"handle_faults",
+        /// The negotiated feature bits (virtio) or 0 (PVSCSI).
+        Features = c"features",
+        /// The interrupt type in use: DDI_INTR_TYPE_FIXED (1), MSI (2),
+        /// MSIX (4), or 0 when polled.
+        IntrType = c"intr_type",
+        /// Interrupt vectors held.
+        IntrVectors = c"intr_vectors",
+        /// Request queues.
+        Queues = c"queues",
     }
 }
 
@@ -113,24 +148,18 @@ stat_set! {
     /// The statistics of one request queue (`rvscsi:<instance>:queue<N>`).
     QueueStat, QUEUE_STATS {
         /// Commands placed on the ring.
-        Submitted = c"submitted",
-        /// Commands completed back to SCSA.
-        Completed = c"completed",
-        /// tran_start(9E) refused with TRAN_BUSY (ring full).
-        Busy = c"busy",
-        /// Commands completed with a transport error (pkt_reason not
-        /// CMD_CMPLT).
-        Errors = c"errors",
-        /// Interrupts that found this queue's completions.
-        Interrupts = c"interrupts",
+        Commands = c"commands",
         /// Doorbell writes (device notifications) for this queue.
-        Kicks = c"kicks",
-        /// The most commands ever in flight at once (a high-water mark).
-        InflightMax = c"inflight_max",
-        /// Bytes read (data in).
-        ReadBytes = c"read_bytes",
-        /// Bytes written (data out).
-        WriteBytes = c"write_bytes",
+        Doorbells = c"doorbells",
+        /// Interrupts that reaped this queue.
+        Interrupts = c"interrupts",
+        /// Completions the device returned on this ring.
+        Completions = c"completions",
+        /// The most completions one completion pass took (a high-water
+        /// mark, updated once per pass).
+        BatchMax = c"batch_max",
+        /// Commands refused because the ring was full (TRAN_BUSY).
+        RingFull = c"ring_full",
     }
 }
 
@@ -164,6 +193,34 @@ impl<const N: usize> Counters<N> {
     pub fn raise_to<S: Stat>(&self, s: S, v: u64) {
         if let Some(c) = self.values.get(s.index()) {
             c.fetch_max(v, Ordering::Relaxed);
+        }
+    }
+
+    /// Sets statistic `s` to `v` (a fact, not a count: the features, the
+    /// interrupt type).
+    pub fn set<S: Stat>(&self, s: S, v: u64) {
+        if let Some(c) = self.values.get(s.index()) {
+            c.store(v, Ordering::Relaxed);
+        }
+    }
+
+    /// Adds `n` to statistic `s` when the caller is its only writer (it
+    /// holds the lock every writer of `s` holds: a request queue's lock):
+    /// a relaxed load and store, no locked read-modify-write. Readers
+    /// (the kstat update) still see a whole value.
+    pub fn add_exclusive<S: Stat>(&self, s: S, n: u64) {
+        if let Some(c) = self.values.get(s.index()) {
+            c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+        }
+    }
+
+    /// [`Self::raise_to`] for the only writer of `s` (see
+    /// [`Self::add_exclusive`]).
+    pub fn raise_exclusive<S: Stat>(&self, s: S, v: u64) {
+        if let Some(c) = self.values.get(s.index())
+            && c.load(Ordering::Relaxed) < v
+        {
+            c.store(v, Ordering::Relaxed);
         }
     }
 
@@ -257,15 +314,17 @@ unsafe impl<const N: usize> Sync for Published<N> {}
 
 impl<const N: usize> Published<N> {
     /// Creates and installs `rvscsi:<instance of dip>:<name>` (class
-    /// [`CLASS`], `KSTAT_TYPE_NAMED`, one `KSTAT_DATA_UINT64` per entry of
-    /// `stats`, in order). If the kstat cannot be created the result still
+    /// [`CLASS`], `KSTAT_TYPE_NAMED`, one `KSTAT_DATA_UINT64` per
+    /// statistic of the set `S`, in order: `N` must be its size, checked
+    /// at compile time, so that a statistic's index is its named entry). If the kstat cannot be created the result still
     /// counts (its counters work) but publishes nothing, and a warning says
     /// so: statistics are not worth failing attach for.
     ///
     /// Call from attach(9E) (user or kernel context, kstat_create(9F)).
-    pub fn create<S: Stat>(dip: Dip, name: &KstatName, stats: &[S; N]) -> Self {
+    pub fn create<S: Stat>(dip: Dip, name: &KstatName) -> Self {
+        const { assert!(S::ALL.len() == N, "N is not the size of the statistic set") };
         let counters = Box::new(Counters::new());
-        match Self::install(dip, name, stats, &counters) {
+        match Self::install(dip, name, S::ALL, &counters) {
             Ok(ksp) => Self {
                 counters,
                 ksp: Some(ksp),
@@ -290,7 +349,7 @@ impl<const N: usize> Published<N> {
     fn install<S: Stat>(
         dip: Dip,
         name: &KstatName,
-        stats: &[S; N],
+        stats: &[S],
         counters: &Counters<N>,
     ) -> Result<NonNull<ffi::kstat_t>, KstatError> {
         let ndata = u32::try_from(N).map_err(|_| KstatError::TooMany)?;
@@ -315,7 +374,7 @@ impl<const N: usize> Published<N> {
         unsafe {
             let ks = ksp.as_ptr();
             let data = (*ks).ks_data.cast::<ffi::kstat_named_t>();
-            for (i, s) in stats.iter().enumerate() {
+            for (i, s) in stats.iter().take(N).enumerate() {
                 ffi::kstat_named_init(data.add(i), s.name().as_ptr(), ffi::KSTAT_DATA_UINT64);
             }
             (*ks).ks_private = core::ptr::from_ref(counters).cast_mut().cast();
@@ -330,6 +389,16 @@ impl<const N: usize> Published<N> {
         &self.counters
     }
 
+    /// Deletes the kstat now (`kstat_delete(9F)`), keeping the counters
+    /// (for an owner that must outlive its kstat).
+    pub fn unpublish(&mut self) {
+        if let Some(ksp) = self.ksp.take() {
+            // SAFETY: as in Drop: our installed kstat, deleted once (the
+            // pointer is taken out); no update runs after kstat_delete.
+            unsafe { ffi::kstat_delete(ksp.as_ptr()) };
+        }
+    }
+
     /// Whether the kstat is visible to `kstat(8)`.
     pub fn is_published(&self) -> bool {
         self.ksp.is_some()
@@ -338,13 +407,10 @@ impl<const N: usize> Published<N> {
 
 impl<const N: usize> Drop for Published<N> {
     fn drop(&mut self) {
-        if let Some(ksp) = self.ksp.take() {
-            // SAFETY: our installed kstat, deleted once; ks_lock is NULL so
-            // we cannot hold it. kstat_delete waits for a reader inside
-            // update (kstat_hold_bykid), so after it returns no update
-            // runs and the counters (dropped after this) are unused.
-            unsafe { ffi::kstat_delete(ksp.as_ptr()) };
-        }
+        // ks_lock is NULL so we cannot hold it. kstat_delete waits for a
+        // reader inside update (kstat_hold_bykid), so after it returns no
+        // update runs and the counters (dropped after this) are unused.
+        self.unpublish();
     }
 }
 
@@ -409,7 +475,7 @@ mod tests {
             assert_eq!(s.index(), i);
         }
         assert_eq!(HbaStat::NeedsReset.name(), c"device_needs_reset");
-        assert_eq!(QueueStat::InflightMax.name(), c"inflight_max");
+        assert_eq!(QueueStat::BatchMax.name(), c"batch_max");
     }
 
     #[test]
@@ -424,20 +490,26 @@ mod tests {
     #[test]
     fn counters_add_bump_and_keep_a_high_water_mark() {
         let c: Counters<QUEUE_STATS> = Counters::new();
-        c.bump(QueueStat::Submitted);
-        c.add(QueueStat::Submitted, 4);
-        c.raise_to(QueueStat::InflightMax, 9);
-        c.raise_to(QueueStat::InflightMax, 3);
-        assert_eq!(c.get(QueueStat::Submitted), 5);
-        assert_eq!(c.get(QueueStat::InflightMax), 9);
-        assert_eq!(c.get(QueueStat::Completed), 0);
+        c.bump(QueueStat::Commands);
+        c.add(QueueStat::Commands, 4);
+        c.add_exclusive(QueueStat::Commands, 2);
+        c.raise_to(QueueStat::BatchMax, 9);
+        c.raise_to(QueueStat::BatchMax, 3);
+        c.raise_exclusive(QueueStat::BatchMax, 8);
+        assert_eq!(c.get(QueueStat::Commands), 7);
+        assert_eq!(c.get(QueueStat::BatchMax), 9);
+        c.raise_exclusive(QueueStat::BatchMax, 10);
+        assert_eq!(c.get(QueueStat::BatchMax), 10);
+        c.set(QueueStat::RingFull, 3);
+        assert_eq!(c.get(QueueStat::RingFull), 3);
+        assert_eq!(c.get(QueueStat::Completions), 0);
     }
 
     #[test]
     fn the_update_copies_counters_on_read_and_refuses_writes() {
         let c: Counters<QUEUE_STATS> = Counters::new();
-        c.add(QueueStat::Completed, 42);
-        c.add(QueueStat::WriteBytes, 4096);
+        c.add(QueueStat::Completions, 42);
+        c.add(QueueStat::Doorbells, 4096);
         // SAFETY: kstat_named_t is plain data; all zero is a valid value.
         let mut data: [ffi::kstat_named_t; QUEUE_STATS] = unsafe { core::mem::zeroed() };
         // SAFETY: as above, for kstat_t (null pointers, no callbacks).
@@ -455,8 +527,8 @@ mod tests {
         // SAFETY: every entry is zeroed plain data, so ui64 is initialized
         // (and the update wrote it).
         let v = |s: QueueStat| unsafe { data[s.index()].value.ui64 };
-        assert_eq!(v(QueueStat::Completed), 42);
-        assert_eq!(v(QueueStat::WriteBytes), 4096);
-        assert_eq!(v(QueueStat::Busy), 0);
+        assert_eq!(v(QueueStat::Completions), 42);
+        assert_eq!(v(QueueStat::Doorbells), 4096);
+        assert_eq!(v(QueueStat::RingFull), 0);
     }
 }

@@ -29,11 +29,24 @@ impl RegMap {
         if len == 0 || offset.checked_add(len as u64).is_none_or(|end| end > size) {
             return Err(DdiError::new("ddi_regs_map_setup", ffi::DDI_EINVAL));
         }
+        // With the access check granted (ddi_fm_init(9F), before any
+        // mapping), the handle must say DDI_FLAGERR_ACC, in a version-1
+        // attribute: impl_acc_err_init (uts/i86pc/os/ddi_impl.c) ignores
+        // devacc_attr_access below DDI_DEVICE_ATTR_V1, and posts a driver
+        // defect (ddi.fmcap) for an ACCCHK-capable driver mapping with
+        // DDI_DEFAULT_ACC. Faults the nexus sees on a flagged handle are
+        // then reported by ddi_fm_acc_err_get(9F) (`Fma::check_regs`).
+        // SAFETY: a valid node; any context.
+        let caps = unsafe { ffi::ddi_fm_capable(dip.as_ptr()) };
         let attr = ffi::ddi_device_acc_attr_t {
-            devacc_attr_version: ffi::DDI_DEVICE_ATTR_V0,
+            devacc_attr_version: ffi::DDI_DEVICE_ATTR_V1,
             devacc_attr_endian_flags: ffi::DDI_STRUCTURE_LE_ACC,
             devacc_attr_dataorder: ffi::DDI_STRICTORDER_ACC,
-            devacc_attr_access: 0,
+            devacc_attr_access: if caps & ffi::DDI_FM_ACCCHK_CAPABLE != 0 {
+                ffi::DDI_FLAGERR_ACC
+            } else {
+                ffi::DDI_DEFAULT_ACC
+            },
         };
         let mut base: ffi::caddr_t = core::ptr::null_mut();
         let mut acc: ffi::ddi_acc_handle_t = core::ptr::null_mut();

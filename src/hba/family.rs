@@ -12,7 +12,8 @@
 //! ([`DeviceRing`]).
 
 use super::cmd::{CmdFields, OwnedCmd};
-use super::{AttachError, Callbacks, Hba, Limits};
+use super::{AttachError, Callbacks, Hba, KstatFacts, Limits};
+use crate::ddi::fm::{Fma, HandleHealth};
 use crate::ddi::intr::IrmChange;
 use crate::ddi::{DdiError, Dip, Sleep};
 use crate::ffi;
@@ -120,6 +121,19 @@ pub enum BadCompletion {
         /// What it named.
         id: u64,
     },
+    /// It names a command already completed (a duplicate or stale
+    /// completion), where the family can tell.
+    Duplicate {
+        /// What it named.
+        id: u64,
+    },
+    /// It names something the device cannot have been given: an id out
+    /// of every range the driver uses, or a request the device cannot
+    /// have seen yet.
+    Impossible {
+        /// What it named.
+        id: u64,
+    },
     /// The device's producer index is more than a ring ahead of the
     /// driver's consumer: the ring state is lost, the device is reset.
     Runaway {
@@ -135,6 +149,11 @@ pub enum BadCompletion {
 pub trait DeviceRing<X>: Send {
     /// At most this many completions can be waiting (bounds a pass).
     fn capacity(&self) -> usize;
+    /// The worst fault the I/O framework reports on the DMA handles of
+    /// the ring's memory (thread context: the watchdog tick).
+    fn check_dma(&self, _fma: &Fma) -> HandleHealth {
+        HandleHealth::Ok
+    }
     /// The next completion the device returned, if any.
     fn pop(&mut self) -> Option<Result<OwnedCmd<X>, BadCompletion>>;
     /// Asks for an interrupt at the next completion and looks again:
@@ -300,6 +319,13 @@ pub trait Family: Sized + Send + Sync + 'static {
     fn start(hba: &Hba<Self>) -> Result<(), AttachError>;
     /// Logs the attach line.
     fn announce(hba: &Hba<Self>);
+    /// The facts the HBA kstat shows: negotiated features, interrupt type
+    /// and vectors (thread context: attach, the IRM callback).
+    fn kstat_facts(&self) -> KstatFacts;
+    /// The first fault the I/O framework reports on the family's register
+    /// access handles (`ddi_fm_acc_err_get(9F)`), Ok if none (thread
+    /// context: the watchdog tick).
+    fn check_access(&self, fma: &Fma) -> HandleHealth;
     /// Whether the device interrupts (false: completions are polled).
     fn interrupts(&self) -> bool;
     /// Whether a command started from a completion pass may have its

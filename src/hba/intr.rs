@@ -38,6 +38,17 @@ impl IntrMode {
         }
     }
 
+    /// Its `DDI_INTR_TYPE_*` (ddi_intr_get_supported_types(9F)), 0 when
+    /// polled: what the HBA kstat's `intr_type` shows.
+    pub fn ddi_type(self) -> u64 {
+        match self {
+            IntrMode::MsiX => ffi::DDI_INTR_TYPE_MSIX as u64,
+            IntrMode::Msi => ffi::DDI_INTR_TYPE_MSI as u64,
+            IntrMode::Fixed => ffi::DDI_INTR_TYPE_FIXED as u64,
+            IntrMode::Poll => 0,
+        }
+    }
+
     /// The mode of interrupts of `kind`.
     pub fn of(kind: IntrKind) -> IntrMode {
         match kind {

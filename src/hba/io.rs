@@ -10,6 +10,7 @@ use super::family::{
     AddError, BadCompletion, CmdFacts, DeviceRing, Family, Presence, Request, TaskAttr,
 };
 use super::{Hba, HbaState, Lun, REAP_HINTS, Stats};
+use crate::ddi::kstat::{HbaStat, QueueStat};
 use crate::ddi::time;
 use crate::dev_warn;
 use crate::ffi;
@@ -55,6 +56,16 @@ impl DeadlineClock {
     /// Reads the clock again (the watchdog tick).
     pub fn tick(&self) {
         self.now.store(time::lbolt(), Ordering::Relaxed);
+    }
+
+    /// The time of the last tick, in clock ticks.
+    pub fn now(&self) -> i64 {
+        self.now.load(Ordering::Relaxed)
+    }
+
+    /// Clock ticks per second.
+    pub fn hz(&self) -> i64 {
+        self.hz
     }
 
     /// The deadline of a command of `time_s` seconds started now.
@@ -271,13 +282,19 @@ impl<F: Family> Hba<F> {
     }
 
     /// `tran_start(9E)`: Ok when the packet was accepted (a polled one has
-    /// completed by then, its outcome in the packet).
-    pub fn tran_start(
-        &self,
-        lun: Lun,
-        cmd: &Cmd<F::CmdExt>,
-        mut pkt: Pkt,
-    ) -> Result<(), StartError> {
+    /// completed by then, its outcome in the packet). TRAN_BUSY and
+    /// TRAN_BADPKT answers are counted in the HBA kstat.
+    pub fn tran_start(&self, lun: Lun, cmd: &Cmd<F::CmdExt>, pkt: Pkt) -> Result<(), StartError> {
+        let r = self.start_pkt(lun, cmd, pkt);
+        match r {
+            Err(StartError::Busy) => self.count(HbaStat::TranBusy),
+            Err(StartError::Invalid) => self.count(HbaStat::TranBadPkt),
+            _ => {}
+        }
+        r
+    }
+
+    fn start_pkt(&self, lun: Lun, cmd: &Cmd<F::CmdExt>, mut pkt: Pkt) -> Result<(), StartError> {
         if !cmd.is_valid() {
             return Err(StartError::Invalid);
         }
@@ -319,9 +336,6 @@ impl<F: Family> Hba<F> {
             // The packet goes back to the target driver untouched.
             let _ = c.fields().pkt.take();
             c.release(CmdState::Idle);
-            if e == StartError::Busy {
-                Stats::bump(&self.stats.busy);
-            }
             return Err(e);
         }
         if polled {
@@ -403,7 +417,10 @@ impl<F: Family> Hba<F> {
             let mut g = q.ring.lock();
             let slot = match self.dev.add(&mut g.ring, c) {
                 Ok(s) => s,
-                Err((c, AddError::Full)) => return Err((c, StartError::Busy)),
+                Err((c, AddError::Full)) => {
+                    q.kstat.counters().bump(QueueStat::RingFull);
+                    return Err((c, StartError::Busy));
+                }
                 Err((c, AddError::Invalid)) => return Err((c, StartError::Invalid)),
             };
             if let Some(t) = g.ring.get_mut(slot) {
@@ -415,6 +432,8 @@ impl<F: Family> Hba<F> {
                 }
                 t.mark_queued();
             }
+            // Under the queue lock, its only writer: no locked add.
+            q.kstat.counters().add_exclusive(QueueStat::Commands, 1);
             // Visible to the device at once; whether it needs a doorbell
             // is decided once for the batch when a pass runs (reading the
             // device's suppression state is a sync per decision).
@@ -433,9 +452,9 @@ impl<F: Family> Hba<F> {
                 g.ring.notify_needed()
             }
         };
-        Stats::bump(&self.stats.started);
+        self.count(HbaStat::Started);
         if kick {
-            Stats::bump(&self.stats.notifies);
+            q.kstat.counters().bump(QueueStat::Doorbells);
             self.dev.notify(qi);
         }
         Ok(())
@@ -448,6 +467,13 @@ impl<F: Family> Hba<F> {
     /// at most [`REAP_PASSES`] passes (see [`Self::reap_as`] for what
     /// happens to completions still waiting after the last one).
     pub fn reap(&self, qi: usize) {
+        self.reap_as(qi, Reaper::Free);
+    }
+
+    /// [`Self::reap`] from the interrupt handler of queue `qi`'s vector,
+    /// counted in the queue's `interrupts`.
+    pub fn reap_interrupted(&self, qi: usize) {
+        self.count_queue(qi, QueueStat::Interrupts);
         self.reap_as(qi, Reaper::Free);
     }
 
@@ -560,14 +586,16 @@ impl<F: Family> Hba<F> {
         // Bounded: `after_pass` ends it within REAP_PASSES passes.
         loop {
             let mut own = CmdList::new();
-            let mut runaway = false;
+            let mut runaway = None;
             let (more, first, parked) = {
                 let mut g = q.ring.lock();
                 g.completing += 1;
+                let mut batch = 0u64;
                 for _ in 0..g.ring.capacity() {
                     match g.ring.pop() {
                         None => break,
                         Some(Ok(c)) => {
+                            batch += 1;
                             c.mark_owned();
                             let f = c.fields_ref();
                             if f.pkt.is_some() && !f.polled {
@@ -576,24 +604,42 @@ impl<F: Family> Hba<F> {
                                 own.push(c);
                             }
                         }
-                        Some(Err(BadCompletion::Unknown { id })) => {
-                            Stats::bump(&self.stats.bad_used);
-                            dev_warn!(self.dip, "device returned unknown command id {id}: dropped");
-                        }
                         Some(Err(BadCompletion::Runaway {
                             device_idx,
                             expected,
                         })) => {
+                            runaway = Some((device_idx, expected));
+                            break;
+                        }
+                        Some(Err(b)) => {
+                            let (stat, id, what) = match b {
+                                BadCompletion::Duplicate { id } => {
+                                    (HbaStat::CmplDuplicate, id, "a duplicate")
+                                }
+                                BadCompletion::Impossible { id } => {
+                                    (HbaStat::CmplImpossible, id, "impossible")
+                                }
+                                BadCompletion::Unknown { id } => {
+                                    (HbaStat::CmplUnknown, id, "not outstanding")
+                                }
+                                // Matched above.
+                                BadCompletion::Runaway { .. } => (HbaStat::RingRunaway, 0, ""),
+                            };
+                            self.count(stat);
                             dev_warn!(
                                 self.dip,
-                                "device used index {device_idx} is more than a ring ahead of {expected}"
+                                "device returned unknown command id {id} ({what}): dropped"
                             );
-                            runaway = true;
-                            break;
                         }
                     }
                 }
-                let more = !runaway && self.dev.interrupts() && g.ring.rearm();
+                // Under the queue lock: the only writer of both.
+                if batch > 0 {
+                    let k = q.kstat.counters();
+                    k.add_exclusive(QueueStat::Completions, batch);
+                    k.raise_exclusive(QueueStat::BatchMax, batch);
+                }
+                let more = runaway.is_none() && self.dev.interrupts() && g.ring.rearm();
                 // The first to complete comes off the list under this
                 // lock already (it is completed right away); the others
                 // are taken one at a time.
@@ -655,11 +701,12 @@ impl<F: Family> Hba<F> {
                 (pending || deferred_here) && g.ring.notify_needed()
             };
             if kick {
-                Stats::bump(&self.stats.notifies);
+                q.kstat.counters().bump(QueueStat::Doorbells);
                 self.dev.notify(qi);
             }
             self.ring_deferred(due);
-            if runaway {
+            if let Some((device_idx, expected)) = runaway {
+                self.ring_runaway(qi, device_idx, expected);
                 self.schedule_reset();
                 return;
             }
@@ -686,7 +733,7 @@ impl<F: Family> Hba<F> {
                 continue;
             };
             if q.ring.lock().ring.notify_needed() {
-                Stats::bump(&self.stats.notifies);
+                q.kstat.counters().bump(QueueStat::Doorbells);
                 self.dev.notify(n);
             }
         }
@@ -697,7 +744,7 @@ impl<F: Family> Hba<F> {
     /// packet, and gives the command to its poller or the packet to the
     /// framework.
     pub(crate) fn finish(&self, mut c: OwnedCmd<F::CmdExt>, forced: Option<Forced>) {
-        Stats::bump(&self.stats.completed);
+        self.count(HbaStat::Completed);
         let f = c.fields();
         let forced = forced.or(f.reset_forced.then_some(Forced::DeviceReset));
         let facts = CmdFacts {

@@ -27,11 +27,16 @@
 
 pub mod cmd;
 pub mod family;
+pub mod fault;
 pub mod intr;
 pub mod io;
 pub mod recovery;
 pub mod work;
 
+use crate::ddi::fm::{FmCaps, Fma};
+use crate::ddi::kstat::{
+    Counters, HBA_STATS, HbaStat, KstatName, Published, QUEUE_STATS, QueueStat,
+};
 use crate::ddi::sync::KMutex;
 use crate::ddi::taskq::TaskQueue;
 use crate::ddi::tgtmap::TargetMap;
@@ -45,7 +50,7 @@ use cmd::{Cmd, CmdList};
 use core::ffi::c_void;
 use core::mem::ManuallyDrop;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU16, AtomicU64, Ordering};
 pub use family::{Family, FamilyId};
 use family::{StopError, StopWait};
 use work::Work;
@@ -196,27 +201,11 @@ pub struct Callbacks {
     pub watchdog: unsafe extern "C" fn(*mut c_void),
 }
 
-/// Counters for tests and benchmarks (relaxed atomics; cheap).
+/// Internal counters of the completion machinery, for tests (relaxed
+/// atomics; cheap). What an administrator looks at is in the kstats
+/// ([`Hba::kstat`], [`Hba::queue_kstat`]).
 #[derive(Default)]
 pub struct Stats {
-    /// Commands accepted by `tran_start` (and internal ones).
-    pub started: AtomicU64,
-    /// Commands completed.
-    pub completed: AtomicU64,
-    /// `tran_start` returned TRAN_BUSY.
-    pub busy: AtomicU64,
-    /// Device notifications (doorbell writes).
-    pub notifies: AtomicU64,
-    /// Interrupt handler invocations.
-    pub interrupts: AtomicU64,
-    /// Completions the device returned that named no command.
-    pub bad_used: AtomicU64,
-    /// Device resets.
-    pub resets: AtomicU64,
-    /// Task management functions sent.
-    pub tmfs: AtomicU64,
-    /// Events received.
-    pub events: AtomicU64,
     /// Completion passes that ran out with completions still waiting (the
     /// device may never interrupt for them): the queue went to the work
     /// task.
@@ -238,6 +227,18 @@ impl Stats {
     pub fn bump(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// The facts about an HBA its kstat shows besides counts (set at attach,
+/// and again when they change: an IRM callback changes the vectors).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KstatFacts {
+    /// The negotiated feature bits (0 where the device has none).
+    pub features: u64,
+    /// `DDI_INTR_TYPE_*` in use, 0 when polled.
+    pub intr_type: u64,
+    /// Interrupt vectors held.
+    pub vectors: u64,
 }
 
 /// The per-target/LUN state attached to each `scsi_device` in
@@ -270,6 +271,10 @@ pub struct QueueState<F: Family> {
 pub struct RequestQueue<F: Family> {
     /// Its ring and lists, under the queue lock.
     pub ring: KMutex<QueueState<F>>,
+    /// `rvscsi:<instance>:queue<N>` (kstat(9S)). The queue may be kept
+    /// for good (see `Hba::free_device_memory`); its kstat is deleted at
+    /// detach either way (`Hba::drop`).
+    pub(crate) kstat: Published<QUEUE_STATS>,
 }
 
 /// CPUs with a completion-queue hint of their own (see [`Hba::reaping`]);
@@ -318,8 +323,22 @@ pub struct Hba<F: Family> {
     /// nothing able to bring it back: only then may `Drop` free the
     /// device-visible memory.
     device_stopped: AtomicBool,
-    /// Counters.
+    /// Internal counters (tests).
     pub stats: Stats,
+    /// `rvscsi:<instance>:hba` (kstat(9S)).
+    kstat: Published<HBA_STATS>,
+    /// Fault management (ddi_fm_init(9F) at attach, ddi_fm_fini at
+    /// detach, on drop).
+    pub(crate) fma: Fma,
+    /// A fault reported the service lost or degraded since the device
+    /// last came back (its return is reported RESTORED).
+    impaired: AtomicBool,
+    /// A handle fault was found: the controller is being taken out of
+    /// service (reported once).
+    handle_fault: AtomicBool,
+    /// The deadline clock's time of the last look at the handles (once a
+    /// second, also when polled mode ticks a hundred times as often).
+    handles_checked: AtomicI64,
 }
 
 impl<F: Family> Hba<F> {
@@ -329,11 +348,17 @@ impl<F: Family> Hba<F> {
     /// [`OwnedHba`].
     pub fn attach(dip: Dip, callbacks: Callbacks) -> Result<OwnedHba<F>, AttachError> {
         let () = Self::FAMILY_FIRST;
+        // First, while attaching (ddi_fm_init works only then, ddifm.c
+        // checks DEVI_IS_ATTACHING): ereports and the handle checks.
+        let fma = Fma::init(dip, FmCaps::WANTED);
         let a = F::attach(dip, &callbacks)?;
         let pri = a.pri;
         let mut queues = Vec::with_capacity(a.rings.len());
-        for ring in a.rings {
+        for (n, ring) in a.rings.into_iter().enumerate() {
+            let n = u16::try_from(n).unwrap_or(u16::MAX);
             queues.push(RequestQueue {
+                // kstat_create(9F): user or kernel context, here attach(9E).
+                kstat: Published::create::<QueueStat>(dip, &KstatName::queue(n)),
                 ring: KMutex::new(
                     QueueState {
                         ring,
@@ -347,6 +372,8 @@ impl<F: Family> Hba<F> {
         }
         let probe = Box::new(Cmd::new(a.probe));
         let taskq = TaskQueue::create(dip, c"rvscsi_work")?;
+        let kstat = Published::create::<HbaStat>(dip, &KstatName::hba());
+        kstat.counters().set(HbaStat::Queues, queues.len() as u64);
         let hba = OwnedHba::new(Hba {
             family: F::ID,
             dip,
@@ -367,6 +394,11 @@ impl<F: Family> Hba<F> {
             callbacks,
             device_stopped: AtomicBool::new(false),
             stats: Stats::default(),
+            kstat,
+            fma,
+            impaired: AtomicBool::new(false),
+            handle_fault: AtomicBool::new(false),
+            handles_checked: AtomicI64::new(i64::MIN),
         });
         if let Err(e) = F::start(hba.get()) {
             // start() may have handed the rings to the device; interrupt
@@ -378,6 +410,7 @@ impl<F: Family> Hba<F> {
             return Err(e);
         }
         let h = hba.get();
+        h.update_facts();
         h.state.store(HbaState::Running);
         h.start_watchdog();
         F::announce(h);
@@ -398,6 +431,39 @@ impl<F: Family> Hba<F> {
         // for every tick.
         let p = unsafe { Periodic::start(self.callbacks.watchdog, me, interval) };
         *self.watchdog.lock() = Some(p);
+    }
+
+    /// The HBA's kstat counters (`rvscsi:<instance>:hba`).
+    pub fn kstat(&self) -> &Counters<HBA_STATS> {
+        self.kstat.counters()
+    }
+
+    /// The kstat counters of request queue `qi` (`queue<qi>`), if any.
+    pub fn queue_kstat(&self, qi: usize) -> Option<&Counters<QUEUE_STATS>> {
+        self.queues.get(qi).map(|q| q.kstat.counters())
+    }
+
+    /// Adds one to HBA statistic `s` (a relaxed atomic add, any context).
+    pub(crate) fn count(&self, s: HbaStat) {
+        self.kstat.counters().bump(s);
+    }
+
+    /// Adds one to statistic `s` of request queue `qi` (a relaxed atomic
+    /// add, any context).
+    pub(crate) fn count_queue(&self, qi: usize, s: QueueStat) {
+        if let Some(q) = self.queues.get(qi) {
+            q.kstat.counters().bump(s);
+        }
+    }
+
+    /// Copies what the family says about itself (features, interrupts)
+    /// into the HBA kstat (attach, and whenever it changes).
+    pub(crate) fn update_facts(&self) {
+        let f = self.dev.kstat_facts();
+        let c = self.kstat.counters();
+        c.set(HbaStat::Features, f.features);
+        c.set(HbaStat::IntrType, f.intr_type);
+        c.set(HbaStat::IntrVectors, f.vectors);
     }
 
     /// The HBA's address as the kernel callbacks' argument.
@@ -456,6 +522,18 @@ impl<F: Family> Hba<F> {
             self.service_all();
         }
         self.scan_timeouts();
+        // At most once a second, not per command: the handles' fault
+        // status.
+        self.check_handles();
+    }
+
+    /// [`Self::service_all`] for an interrupt that says "some queue"
+    /// (INTx, one MSI): each queue's `interrupts` counts it.
+    pub fn service_all_interrupted(&self) {
+        F::service_events(self);
+        for n in 0..self.queues.len() {
+            self.reap_interrupted(n);
+        }
     }
 
     /// Services the events and every request queue (shared vectors,
@@ -632,10 +710,16 @@ impl<F: Family> Drop for Hba<F> {
             // SAFETY: once, here; the teardown found the device stopped;
             // `&mut self`: nobody else reaches the HBA.
             unsafe { self.free_device_memory() };
+        } else {
+            // The device may still write there: the rings, the probe and
+            // the family's device memory stay in their ManuallyDrop, never
+            // freed. Their kstats go all the same (kstat_delete(9F) at
+            // detach: none may outlive the module that provides its
+            // update).
+            for q in self.queues.iter_mut() {
+                q.kstat.unpublish();
+            }
         }
-        // Else the device may still write there: the rings, the probe and
-        // the family's device memory stay in their ManuallyDrop, never
-        // freed.
     }
 }
 

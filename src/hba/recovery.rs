@@ -61,7 +61,8 @@
 use super::cmd::{Cmd, CmdState};
 use super::family::{DeviceRing, Family, StopError, StopWait, TaskMgmt, TmAddress, TmAnswer};
 use super::io::Reaper;
-use super::{AttachError, Hba, HbaState, Lun, Stats};
+use super::{AttachError, Hba, HbaState, Lun};
+use crate::ddi::kstat::HbaStat;
 use crate::ddi::{cpu, time};
 use crate::dev_warn;
 use crate::ffi;
@@ -257,7 +258,6 @@ impl<F: Family> Hba<F> {
     fn tmf_ok(&self, tm: TaskMgmt, pkt: probes::PktAddr, at: TmAddress, can_sleep: bool) -> bool {
         let (target, lun) = (at.target, at.lun);
         let answer = if self.state() == HbaState::Running {
-            Stats::bump(&self.stats.tmfs);
             F::task_mgmt(self, tm, &at, can_sleep)
         } else {
             TmAnswer::Unavailable
@@ -282,6 +282,14 @@ impl<F: Family> Hba<F> {
             }
             TmAnswer::Unavailable => false,
         };
+        self.count(match (tm, done) {
+            (TaskMgmt::AbortTask | TaskMgmt::AbortTaskSet, true) => HbaStat::AbortsDone,
+            (TaskMgmt::AbortTask | TaskMgmt::AbortTaskSet, false) => HbaStat::AbortsFailed,
+            (TaskMgmt::LunReset, true) => HbaStat::LunResetsDone,
+            (TaskMgmt::LunReset, false) => HbaStat::LunResetsFailed,
+            (TaskMgmt::TargetReset, true) => HbaStat::TargetResetsDone,
+            (TaskMgmt::TargetReset, false) => HbaStat::TargetResetsFailed,
+        });
         match tm {
             TaskMgmt::AbortTask | TaskMgmt::AbortTaskSet => {
                 probes::cmd_abort(pkt, target, lun, done)
@@ -384,6 +392,9 @@ impl<F: Family> Hba<F> {
             }
         }
         if self.mark(&e, PktStatistics::BUS_RESET, true) {
+            // Nothing short of a reset got an answer: the device stopped
+            // answering (ereport), and is reset.
+            self.no_response(e.target, e.lun.get());
             self.reset_device_as("command timeout recovery", who);
         }
     }
@@ -392,6 +403,7 @@ impl<F: Family> Hba<F> {
     /// `limit_s` is the time it was given.
     pub(crate) fn recover_polled(&self, cmd: &Cmd<F::CmdExt>, limit_s: i64, can_sleep: bool) {
         if let Some(e) = self.locate(cmd) {
+            self.count(HbaStat::Timeouts);
             probes::cmd_timeout(
                 e.pkt,
                 e.target,
@@ -428,6 +440,7 @@ impl<F: Family> Hba<F> {
                 if n < room && !f.polled && f.deadline != 0 && now - f.deadline >= 0 && !f.timed_out
                 {
                     f.timed_out = true;
+                    self.count(HbaStat::Timeouts);
                     let pkt = f.pkt.as_ref();
                     probes::cmd_timeout(
                         pkt.map_or(0, |p| p.as_ptr() as usize),
@@ -804,14 +817,18 @@ impl<F: Family> Hba<F> {
     /// priority (callable in interrupt context with
     /// [`StopWait::Briefly`]). The result says whether the device is known
     /// to have stopped.
-    fn stop_and_reclaim(&self, why: &str, wait: StopWait) -> Option<Result<(), StopError>> {
+    pub(crate) fn stop_and_reclaim(
+        &self,
+        why: &str,
+        wait: StopWait,
+    ) -> Option<Result<(), StopError>> {
         if !self
             .state
             .transition(HbaState::Running, HbaState::Resetting)
         {
             return None;
         }
-        Stats::bump(&self.stats.resets);
+        self.count(HbaStat::DeviceResets);
         dev_warn!(self.dip, "resetting the device: {why}");
         let stopped = self.dev.stop(wait);
         // The device no longer touches the rings (if it did not say so in
@@ -863,6 +880,8 @@ impl<F: Family> Hba<F> {
                         // STOPPED, and keeps the memory if that fails too.
                         self.state.store(HbaState::Failed);
                     }
+                } else {
+                    self.device_back();
                 }
                 back
             }
@@ -870,6 +889,7 @@ impl<F: Family> Hba<F> {
                 dev_warn!(self.dip, "device did not come back after reset: {e}");
                 self.dev.fail();
                 self.leave_resetting(HbaState::Failed);
+                self.reset_failed();
                 false
             }
         };
@@ -902,7 +922,7 @@ impl<F: Family> Hba<F> {
 
     /// RESETTING -> `to`, unless the state changed meanwhile (to STOPPED:
     /// a teardown or quiesce); whether it did.
-    fn leave_resetting(&self, to: HbaState) -> bool {
+    pub(crate) fn leave_resetting(&self, to: HbaState) -> bool {
         self.state.transition(HbaState::Resetting, to)
     }
 

@@ -34,6 +34,9 @@ pub struct Work {
     pub scan: [u64; 4],
     /// Reset the device.
     pub reset: bool,
+    /// The I/O framework reported a fault on the device's handles: take
+    /// the controller out of service (`Hba::take_out_of_service`).
+    pub out_of_service: bool,
     /// Request queues to reap (bit per queue, `io::queue_bit`): their
     /// completion pass ran out of passes with completions waiting (see
     /// `VioScsi::reap_as`).
@@ -73,6 +76,7 @@ impl Work {
             !self.discovery_stopped && (self.discover || self.scan.iter().any(|&b| b != 0));
         discovery
             || self.reset
+            || self.out_of_service
             || self.reap_queues != 0
             || !self.task_requests.is_empty()
             || self.expired.iter().any(Option::is_some)
@@ -141,9 +145,14 @@ impl<F: Family> Hba<F> {
                     taken,
                     w.task_requests.take(),
                     core::mem::take(&mut w.reap_queues),
+                    core::mem::take(&mut w.out_of_service),
                 )
             };
-            let ((reset, discover, scan, expired), task_requests, reap_queues) = work;
+            let ((reset, discover, scan, expired), task_requests, reap_queues, out) = work;
+            if out {
+                // Before anything else: nothing more goes to the device.
+                self.take_out_of_service();
+            }
             if reap_queues != 0 {
                 self.reap_handed_off(reap_queues);
             }

@@ -21,6 +21,7 @@ use super::wire::{CONFIG_PAGE_CONTROLLER_SIZE, MAX_SG_ENTRIES, PAGE_SIZE};
 use super::{PCI_DEVICE_PVSCSI, PCI_VENDOR_VMWARE};
 use crate::ddi::dma::{DmaBuffer, DmaMode};
 use crate::ddi::intr::{Interrupts, IrmChange};
+use crate::ddi::kstat::HbaStat;
 use crate::ddi::pci::PciConfig;
 use crate::ddi::regs::{self, RegMap};
 use crate::ddi::sync::KMutex;
@@ -31,7 +32,7 @@ use crate::hba::family::{
     StopWait, TaskMgmt, TmAddress, TmAnswer,
 };
 use crate::hba::intr::{IntrMode, interrupt_choice, refuse_high_level};
-use crate::hba::{AttachError, Callbacks, Hba, Limits, Stats};
+use crate::hba::{AttachError, Callbacks, Hba, KstatFacts, Limits};
 use crate::scsa::Outcome;
 use crate::scsa::addr::LunNumber;
 use crate::scsa::cap::HbaCaps;
@@ -251,7 +252,7 @@ impl Pvscsi {
         }
         let dip = hba.dip();
         for a in &actions[..n] {
-            Stats::bump(&hba.stats.events);
+            hba.count(HbaStat::Events);
             match *a {
                 Action::AddTarget(t) | Action::RemoveTarget(t) => {
                     let what = if matches!(a, Action::AddTarget(_)) {
@@ -419,6 +420,21 @@ impl Family for Pvscsi {
         // On failure the rings may be the device's: the caller's teardown
         // resets it (stop) before the memory goes.
         Self::activate(hba)
+    }
+
+    /// PVSCSI negotiates no feature bits; `features` shows what the
+    /// driver found the device to take: bit 0 the message ring
+    /// (SETUP_MSG_RING), bit 1 the request-call threshold.
+    fn check_access(&self, fma: &crate::ddi::fm::Fma) -> crate::ddi::fm::HandleHealth {
+        fma.check_regs(self.regs.map())
+    }
+
+    fn kstat_facts(&self) -> KstatFacts {
+        KstatFacts {
+            features: u64::from(self.has_msg_ring()) | u64::from(self.threshold.coalescing()) << 1,
+            intr_type: self.mode.ddi_type(),
+            vectors: self.intr.lock().as_ref().map_or(0, |i| i.count() as u64),
+        }
     }
 
     fn announce(hba: &Hba<Self>) {
@@ -621,7 +637,7 @@ impl Family for Pvscsi {
     /// are looked at, so that a completion after the look raises the line
     /// again.
     fn interrupt(hba: &Hba<Self>, _arg: usize) -> Claim {
-        Stats::bump(&hba.stats.interrupts);
+        hba.count(HbaStat::Interrupts);
         let d = &hba.dev;
         let (completions, messages) = match d.mode {
             IntrMode::Fixed => {
@@ -636,7 +652,7 @@ impl Family for Pvscsi {
             IntrMode::Poll => return Claim::Unclaimed,
         };
         if completions {
-            hba.reap(0);
+            hba.reap_interrupted(0);
         }
         if messages {
             Self::service_messages(hba);

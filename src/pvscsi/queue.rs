@@ -6,6 +6,7 @@ use super::cmd::PvCmd;
 use super::regs::{Doorbell, kick_needed};
 use super::ring::{self, Reap, Rings, SubmitError};
 use crate::ddi::dma::DmaBuffer;
+use crate::ddi::fm::{Fma, HandleHealth};
 use crate::hba::cmd::OwnedCmd;
 use crate::hba::family::{AddError, BadCompletion, DeviceRing};
 use crate::shmem::SharedMem;
@@ -27,16 +28,6 @@ pub struct PvRing<M: SharedMem = DmaBuffer> {
 
 /// A command the ring would not take, with the reason.
 pub type Refused<M> = (OwnedCmd<PvCmd<M>>, AddError);
-
-/// The id of a completion the rings dropped (its context as written).
-fn dropped_id(bad: ring::BadCompletion) -> u64 {
-    match bad {
-        ring::BadCompletion::ContextOutOfRange { context }
-        | ring::BadCompletion::NeverIssued { context }
-        | ring::BadCompletion::Duplicate { context }
-        | ring::BadCompletion::NotPublished { context } => context,
-    }
-}
 
 impl<M: SharedMem> PvRing<M> {
     /// Over `rings`; `coalescing` when the device's request-call threshold
@@ -78,6 +69,16 @@ impl<M: SharedMem + Send> DeviceRing<PvCmd<M>> for PvRing<M> {
         self.rings.geometry().cmp_entries() as usize
     }
 
+    fn check_dma(&self, fma: &Fma) -> HandleHealth {
+        self.rings
+            .memories()
+            .into_iter()
+            .flatten()
+            .map(|m| m.dma_health(fma))
+            .find(|h| h.is_faulted())
+            .unwrap_or(HandleHealth::Ok)
+    }
+
     fn pop(&mut self) -> Option<Result<OwnedCmd<PvCmd<M>>, BadCompletion>> {
         Some(match self.rings.reap() {
             Reap::Empty => return None,
@@ -86,8 +87,17 @@ impl<M: SharedMem + Send> DeviceRing<PvCmd<M>> for PvRing<M> {
                 c.fields().dev.completion = r.completion;
                 Ok(c)
             }
-            Reap::Dropped(bad) => Err(BadCompletion::Unknown {
-                id: dropped_id(bad),
+            Reap::Dropped(bad) => Err(match bad {
+                ring::BadCompletion::Duplicate { context } => {
+                    BadCompletion::Duplicate { id: context }
+                }
+                ring::BadCompletion::NeverIssued { context } => {
+                    BadCompletion::Unknown { id: context }
+                }
+                ring::BadCompletion::ContextOutOfRange { context }
+                | ring::BadCompletion::NotPublished { context } => {
+                    BadCompletion::Impossible { id: context }
+                }
             }),
             Reap::Runaway {
                 device_prod, cons, ..
@@ -342,13 +352,14 @@ mod tests {
         dev.complete(2, btstat::SUCCESS);
         assert_eq!(
             r.pop().unwrap().map(|_| ()).unwrap_err(),
-            BadCompletion::Unknown { id: 2 },
+            BadCompletion::Duplicate { id: 2 },
             "a duplicate"
         );
         dev.complete(0x9999, btstat::SUCCESS);
         assert_eq!(
             r.pop().unwrap().map(|_| ()).unwrap_err(),
-            BadCompletion::Unknown { id: 0x9999 }
+            BadCompletion::Impossible { id: 0x9999 },
+            "beyond the context table"
         );
         // More completions than commands: the ring state is lost.
         let prod = dev.state.read_u32(rs::CMP_PROD);

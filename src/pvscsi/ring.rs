@@ -348,6 +348,17 @@ fn page_aligned<M: SharedMem>(mem: &M, pages: u32) -> bool {
 }
 
 impl<M: SharedMem, T> Rings<M, T> {
+    /// The memory of the rings state, request, completion and (if any)
+    /// message rings (for their DMA handles' fault check).
+    pub fn memories(&self) -> [Option<&M>; 4] {
+        [
+            Some(&self.state),
+            Some(&self.req),
+            Some(&self.cmp),
+            self.msg.as_ref(),
+        ]
+    }
+
     /// Rings of `geometry` over the memory given (zeroed by the caller, as
     /// DmaBuffer::alloc does). `msg` is ignored without a message ring.
     pub fn new(

@@ -12,6 +12,7 @@ use super::vectors::MsixLayout;
 use crate::ddi::dev::StrProp;
 use crate::ddi::dma::{DmaBuffer, DmaMode};
 use crate::ddi::intr::{Interrupts, IntrKind, IrmChange};
+use crate::ddi::kstat::HbaStat;
 use crate::ddi::pci::PciConfig;
 use crate::ddi::sync::KMutex;
 use crate::ddi::{DdiError, Dip, Sleep};
@@ -21,7 +22,7 @@ use crate::hba::family::{
     StopWait, TaskMgmt, TmAddress, TmAnswer,
 };
 use crate::hba::intr::Shown;
-use crate::hba::{AttachError, Callbacks, Hba, HbaState, Stats};
+use crate::hba::{AttachError, Callbacks, Hba, HbaState, KstatFacts, Stats};
 use crate::scsa::Outcome;
 use crate::scsa::cap::HbaCaps;
 use crate::virtio::pci::{NO_VECTOR, Transport, TransportChoice, TransportError};
@@ -416,6 +417,7 @@ impl VioScsi {
             .contains(Status::DEVICE_NEEDS_RESET)
         {
             dev_warn!(hba.dip(), "device needs reset");
+            hba.device_needs_reset();
             hba.schedule_reset();
         }
     }
@@ -600,6 +602,22 @@ impl Family for VioScsi {
         );
     }
 
+    fn check_access(&self, fma: &crate::ddi::fm::Fma) -> crate::ddi::fm::HandleHealth {
+        self.transport.check_access(fma)
+    }
+
+    fn kstat_facts(&self) -> KstatFacts {
+        KstatFacts {
+            features: self.features.bits(),
+            intr_type: self.mode.ddi_type(),
+            vectors: match self.mode {
+                IntrMode::MsiX => self.msix_vectors() as u64,
+                IntrMode::Msi | IntrMode::Fixed => 1,
+                IntrMode::Poll => 0,
+            },
+        }
+    }
+
     fn interrupts(&self) -> bool {
         self.mode.interrupts()
     }
@@ -715,7 +733,7 @@ impl Family for VioScsi {
     }
 
     fn interrupt(hba: &Hba<Self>, arg: usize) -> Claim {
-        Stats::bump(&hba.stats.interrupts);
+        hba.count(HbaStat::Interrupts);
         let dev = &hba.dev;
         match dev.mode {
             IntrMode::Fixed | IntrMode::Msi => {
@@ -730,7 +748,7 @@ impl Family for VioScsi {
                     };
                 }
                 if isr & 1 != 0 {
-                    hba.service_all();
+                    hba.service_all_interrupted();
                 }
                 if isr & 2 != 0 {
                     Self::config_changed(hba);
@@ -747,7 +765,7 @@ impl Family for VioScsi {
                     Self::service_events(hba);
                 }
                 for q in layout.queues_of(v) {
-                    hba.reap(usize::from(q));
+                    hba.reap_interrupted(usize::from(q));
                 }
             }
             IntrMode::Poll => return Claim::Unclaimed,
@@ -812,6 +830,7 @@ impl Family for VioScsi {
         let now = intr.count();
         drop(g);
         Stats::bump(&hba.stats.irm_changes);
+        hba.update_facts();
         dev_note!(
             dev.dip,
             "IRM {}: {held} -> {now} MSI-X vector(s) for {nq} request queue(s)",

@@ -5,8 +5,9 @@
 use super::device::VioScsi;
 use super::proto::{self, EVENT_QUEUE, Event};
 use crate::ddi::dma::{DmaBuffer, DmaMode};
+use crate::ddi::kstat::HbaStat;
 use crate::ddi::{Dip, Sleep};
-use crate::hba::{AttachError, Hba, Stats};
+use crate::hba::{AttachError, Hba};
 use crate::shmem::SharedMem;
 use crate::virtio::ring::{Segment, SplitQueue};
 use crate::{dev_note, dev_warn};
@@ -113,7 +114,7 @@ pub(crate) fn service_events(hba: &Hba<VioScsi>) {
             dev.transport.notify(EVENT_QUEUE);
         }
         for &(ev, missed) in &events[..n] {
-            Stats::bump(&hba.stats.events);
+            hba.count(HbaStat::Events);
             handle_event(hba, ev, missed);
         }
         if !more {

@@ -6,6 +6,7 @@
 
 use super::cmd::{CmdLayout, VioCmd};
 use crate::ddi::dma::DmaBuffer;
+use crate::ddi::fm::{Fma, HandleHealth};
 use crate::ffi;
 use crate::hba::cmd::OwnedCmd;
 use crate::hba::family::{AddError, BadCompletion, DeviceRing};
@@ -106,9 +107,20 @@ impl DeviceRing<VioCmd> for ReqRing {
         usize::from(self.ring.size())
     }
 
+    fn check_dma(&self, fma: &Fma) -> HandleHealth {
+        self.ring.memory().dma_health(fma)
+    }
+
     fn pop(&mut self) -> Option<Result<OwnedCmd<VioCmd>, BadCompletion>> {
         Some(match self.ring.pop_used()? {
             Ok(u) => Ok(u.token),
+            // An id at or past the ring's size names no descriptor at
+            // all: the device cannot have been given it. One in range
+            // names no chain outstanding (never made available, or
+            // completed already: the ring keeps no history to tell).
+            Err(UsedError::UnknownId { id }) if id >= u32::from(self.ring.size()) => {
+                Err(BadCompletion::Impossible { id: u64::from(id) })
+            }
             Err(UsedError::UnknownId { id }) => Err(BadCompletion::Unknown { id: u64::from(id) }),
             Err(UsedError::IndexRunaway {
                 device_idx,

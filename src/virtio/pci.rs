@@ -195,6 +195,25 @@ fn map_region(
 }
 
 impl Transport {
+    /// The first fault the I/O framework reports on the transport's
+    /// register mappings (`ddi_fm_acc_err_get(9F)`), Ok if none.
+    pub fn check_access(&self, fma: &crate::ddi::fm::Fma) -> crate::ddi::fm::HandleHealth {
+        let maps: [Option<&RegMap>; 4] = match self {
+            Transport::Legacy(l) => [Some(&l.regs), None, None, None],
+            Transport::Modern(m) => [
+                Some(&m.common),
+                Some(&m.notify),
+                Some(&m.isr),
+                Some(&m.device),
+            ],
+        };
+        maps.into_iter()
+            .flatten()
+            .map(|r| fma.check_regs(r))
+            .find(|h| h.is_faulted())
+            .unwrap_or(crate::ddi::fm::HandleHealth::Ok)
+    }
+
     /// Sets up the transport of the device at `dip`; `device_config_len` is
     /// the size of the device-specific configuration the driver reads.
     pub fn open(

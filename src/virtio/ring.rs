@@ -209,6 +209,11 @@ pub struct SplitQueue<M, T> {
 }
 
 impl<M: SharedMem, T> SplitQueue<M, T> {
+    /// The memory the ring lives in (for its DMA handle's fault check).
+    pub fn memory(&self) -> &M {
+        &self.mem
+    }
+
     /// A queue of `size` entries in `mem` (zeroed, at least
     /// `Layout::new(size).total` bytes). `event_idx` says whether
     /// `VIRTIO_F_EVENT_IDX` was negotiated.

@@ -112,6 +112,10 @@ pub enum Fault {
     BogusUsedId(u32),
     /// A matching completion reports this used length.
     UsedLen(Match, u32),
+    /// With a matching completion, the used index the driver sees jumps
+    /// this many entries further (more than the ring: an index no device
+    /// can write legitimately, virtio 1.2 §2.7.8), until the device reset.
+    UsedIdxRunaway(Match, u16),
     /// The response header of a matching request is overwritten at these
     /// offsets (virtio 1.2 §5.6.6: sense_len 0, resid 4, status_qualifier
     /// 8, status 10, response 11, sense 12).
@@ -189,7 +193,8 @@ pub struct FaultStats {
     pub control_notifies: u64,
     /// pvscsi: completions whose fields were replaced.
     pub completion_edits: u64,
-    /// pvscsi: runaway completion producer indices shown.
+    /// Runaway used indices (virtio) or completion producer indices
+    /// (pvscsi) shown.
     pub runaways: u64,
     /// pvscsi: messages invented ([`Fault::ExtraMessages`]).
     pub messages_injected: u64,
@@ -833,6 +838,7 @@ fn advance_view(s: &mut State, qt: &dyn Bus, q: u16, r: &Rings) {
         let mut duplicate = false;
         let mut bogus = None;
         let mut new_len = None;
+        let mut runaway = None;
         let mut patches: Vec<(usize, Vec<u8>)> = Vec::new();
         // One fault of each kind per completion: the next of the same kind
         // waits for the next matching completion.
@@ -859,6 +865,10 @@ fn advance_view(s: &mut State, qt: &dyn Bus, q: u16, r: &Rings) {
                 }
                 Fault::UsedLen(m, l) if q >= 2 && m.matches(&cdb) => {
                     new_len = Some(*l);
+                    true
+                }
+                Fault::UsedIdxRunaway(m, n) if q >= 2 && m.matches(&cdb) => {
+                    runaway = Some(*n);
                     true
                 }
                 Fault::Response(m, p) if q >= 2 && m.matches(&cdb) => {
@@ -923,6 +933,10 @@ fn advance_view(s: &mut State, qt: &dyn Bus, q: u16, r: &Rings) {
         if duplicate {
             push_visible(v, e);
             s.stats.duplicated += 1;
+        }
+        if let Some(n) = runaway {
+            v.visible = v.visible.wrapping_add(n);
+            s.stats.runaways += 1;
         }
     }
 }

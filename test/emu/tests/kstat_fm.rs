@@ -10,7 +10,7 @@ use rvscsi::ddi::Dip;
 use rvscsi::ddi::Sleep;
 use rvscsi::ddi::dma::{DmaBuffer, DmaMode};
 use rvscsi::ddi::fm::{DeviceFault, FmCaps, Fma, HandleHealth, ServiceImpact};
-use rvscsi::ddi::kstat::{HbaStat, KstatName, Published, QUEUE_STATS, QueueStat, Stat};
+use rvscsi::ddi::kstat::{HBA_STATS, HbaStat, KstatName, Published, QUEUE_STATS, QueueStat, Stat};
 use rvscsi::ffi::{self, dev_info_t};
 use rvscsi_emu::ddi::devinfo::{DevInfo, NodeKind, NodeState};
 use rvscsi_emu::ddi::fm::{self as efm, Payload, ServiceState};
@@ -98,38 +98,24 @@ impl Drop for Rig {
 fn published_counters_read_back_through_ks_update_in_kstat_p_form() {
     let r = Rig::new();
     let q: Published<QUEUE_STATS> = r.in_state(NodeState::Attaching, || {
-        Published::create(
-            r.d(),
-            &KstatName::queue(2),
-            &[
-                QueueStat::Submitted,
-                QueueStat::Completed,
-                QueueStat::Busy,
-                QueueStat::Errors,
-                QueueStat::Interrupts,
-                QueueStat::Kicks,
-                QueueStat::InflightMax,
-                QueueStat::ReadBytes,
-                QueueStat::WriteBytes,
-            ],
-        )
+        Published::create::<QueueStat>(r.d(), &KstatName::queue(2))
     });
     assert!(q.is_published());
-    q.counters().add(QueueStat::Submitted, 5);
-    q.counters().add(QueueStat::Completed, 4);
-    q.counters().raise_to(QueueStat::InflightMax, 3);
+    q.counters().add(QueueStat::Commands, 5);
+    q.counters().add(QueueStat::Completions, 4);
+    q.counters().raise_to(QueueStat::BatchMax, 3);
     let s = eks::read(&r.m, "rvscsi", 3, "queue2").expect("an installed kstat");
     assert_eq!(s.class, "controller");
-    assert_eq!(s.u64("submitted"), Some(5));
-    assert_eq!(s.u64("completed"), Some(4));
-    assert_eq!(s.u64("inflight_max"), Some(3));
-    assert_eq!(s.u64("busy"), Some(0));
+    assert_eq!(s.u64("commands"), Some(5));
+    assert_eq!(s.u64("completions"), Some(4));
+    assert_eq!(s.u64("batch_max"), Some(3));
+    assert_eq!(s.u64("ring_full"), Some(0));
     assert_eq!(s.stats.len(), QueueStat::ALL.len());
     // Later bumps show on the next read: the update copies on each read.
-    q.counters().bump(QueueStat::Completed);
+    q.counters().bump(QueueStat::Completions);
     let p = eks::kstat_p(&r.m, "rvscsi", Some(3));
-    assert!(p.contains("rvscsi:3:queue2:completed\t5\n"), "{p}");
-    assert!(p.contains("rvscsi:3:queue2:submitted\t5\n"), "{p}");
+    assert!(p.contains("rvscsi:3:queue2:completions\t5\n"), "{p}");
+    assert!(p.contains("rvscsi:3:queue2:commands\t5\n"), "{p}");
     assert!(p.contains("rvscsi:3:queue2:class\tcontroller\n"), "{p}");
     assert!(p.contains("rvscsi:3:queue2:snaptime\t"), "{p}");
     drop(q);
@@ -279,14 +265,10 @@ fn kstat_create_refuses_interrupt_context_and_long_names() {
 fn a_failed_kstat_create_leaves_counting_without_publishing() {
     let r = Rig::new();
     eks::fail_next_creates(&r.m, 1);
-    let hba = Published::create(
-        r.d(),
-        &KstatName::hba(),
-        &[HbaStat::Resets, HbaStat::Timeouts],
-    );
+    let hba: Published<HBA_STATS> = Published::create::<HbaStat>(r.d(), &KstatName::hba());
     assert!(!hba.is_published());
-    hba.counters().bump(HbaStat::Resets);
-    assert_eq!(hba.counters().get(HbaStat::Resets), 1);
+    hba.counters().bump(HbaStat::DeviceResets);
+    assert_eq!(hba.counters().get(HbaStat::DeviceResets), 1);
     assert!(r.m.log().iter().any(|l| l.text.contains("not published")));
     assert_eq!(
         eks::read(&r.m, "rvscsi", 3, "hba").unwrap_err(),

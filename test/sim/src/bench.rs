@@ -389,10 +389,18 @@ pub struct Row {
     pub vectors: usize,
     /// Driver configuration.
     pub variant: Variant,
-    /// Device register accesses per command.
+    /// Device register accesses per command (counted by the emulation at
+    /// the device: each is a VM exit; doorbells and interrupt-status reads
+    /// are among them).
     pub exits_per_cmd: f64,
-    /// Interrupts delivered per command.
+    /// Interrupts per command: the driver's own count, read from its HBA
+    /// kstat (`rvscsi:<instance>:hba:interrupts`) as kstat(8) reads it.
     pub interrupts_per_cmd: f64,
+    /// Doorbells per command: the sum over the request queues' kstats
+    /// (`rvscsi:<instance>:queue<N>:doorbells`).
+    pub doorbells_per_cmd: f64,
+    /// TRAN_BUSY answers per command (`rvscsi:<instance>:hba:tran_busy`).
+    pub busy_per_cmd: f64,
     /// ISR status reads per command.
     pub isr_reads_per_cmd: f64,
     /// `kmem_alloc` calls per command.
@@ -438,6 +446,8 @@ impl Row {
             "vectors": self.vectors,
             "exits_per_cmd": self.exits_per_cmd,
             "interrupts_per_cmd": self.interrupts_per_cmd,
+            "doorbells_per_cmd": self.doorbells_per_cmd,
+            "busy_per_cmd": self.busy_per_cmd,
             "isr_reads_per_cmd": self.isr_reads_per_cmd,
             "allocs_per_cmd": self.allocs_per_cmd,
             "kcalls_per_cmd": self.kernel_calls_per_cmd,
@@ -474,7 +484,7 @@ fn row_key(
 /// Table header.
 pub fn table_header() -> String {
     format!(
-        "{:<11} {:<7} {:<13} {:<7} {:>4} {:>6} {:>7} {:<17} {:>9} {:>8} {:>7} {:>9} {:>10} {:>10} {:>20} {:>10} {:>9}",
+        "{:<11} {:<7} {:<13} {:<7} {:>4} {:>6} {:>7} {:<17} {:>9} {:>8} {:>9} {:>8} {:>7} {:>9} {:>10} {:>10} {:>20} {:>10} {:>9}",
         "device",
         "backend",
         "mix",
@@ -485,6 +495,8 @@ pub fn table_header() -> String {
         "driver",
         "exits/cmd",
         "intr/cmd",
+        "bells/cmd",
+        "busy/cmd",
         "isr/cmd",
         "alloc/cmd",
         "kcalls/cmd",
@@ -498,7 +510,7 @@ pub fn table_header() -> String {
 /// One table line.
 pub fn table_line(r: &Row) -> String {
     format!(
-        "{:<11} {:<7} {:<13} {:<7} {:>4} {:>6} {:>7} {:<17} {:>9.3} {:>8.3} {:>7.3} {:>9.3} {:>10.1} {:>10.1} {:>20} {:>10} {:>9.0}",
+        "{:<11} {:<7} {:<13} {:<7} {:>4} {:>6} {:>7} {:<17} {:>9.3} {:>8.3} {:>9.3} {:>8.3} {:>7.3} {:>9.3} {:>10.1} {:>10.1} {:>20} {:>10} {:>9.0}",
         r.device.name(),
         backend_name(r.backend),
         r.mix.name(),
@@ -509,6 +521,8 @@ pub fn table_line(r: &Row) -> String {
         r.variant.name(),
         r.exits_per_cmd,
         r.interrupts_per_cmd,
+        r.doorbells_per_cmd,
+        r.busy_per_cmd,
         r.isr_reads_per_cmd,
         r.allocs_per_cmd,
         r.kernel_calls_per_cmd,
@@ -694,6 +708,8 @@ impl Stream {
 struct Sample {
     exits: u64,
     interrupts: u64,
+    doorbells: u64,
+    busy: u64,
     isr_reads: u64,
     allocs: u64,
     wall_ns: u128,
@@ -755,7 +771,7 @@ fn run_once(
         }
     }
     let m = &rig.bed().machine;
-    let before = counters(m);
+    let before = counters(rig.bed())?;
     meter::valgrind::zero_stats();
     let _ = meter::take();
     meter::arm(true);
@@ -805,7 +821,7 @@ fn run_once(
         print_kcall_sites(mix, lifecycle, (qd, queues), commands);
     }
     waited?;
-    let after = counters(m);
+    let after = counters(rig.bed())?;
     // Restart's packets (and any a refused start left in its slot).
     for slot in &stream.slots {
         if let Some(p) = locked(slot).take() {
@@ -822,23 +838,58 @@ fn run_once(
         ));
     }
     Ok(Sample {
-        exits: after.0 - before.0,
-        interrupts: after.1 - before.1,
-        isr_reads: after.2 - before.2,
-        allocs: after.3 - before.3,
+        exits: after.exits - before.exits,
+        interrupts: after.interrupts - before.interrupts,
+        doorbells: after.doorbells - before.doorbells,
+        busy: after.busy - before.busy,
+        isr_reads: after.isr_reads - before.isr_reads,
+        allocs: after.allocs - before.allocs,
         wall_ns,
         meter: reading,
     })
 }
 
-fn counters(m: &rvscsi_emu::Machine) -> (u64, u64, u64, u64) {
+/// The counters a run is measured by, read before and after it (outside
+/// the measured window): what the emulation counts at the device (register
+/// accesses, interrupt-status reads) and in the kernel (allocations), and
+/// what the driver counts in its kstats, read through the emulated kstat
+/// framework as `kstat -p rvscsi:<instance>` reads them (so the table's
+/// interrupts, doorbells and TRAN_BUSY are the numbers kstat(8) shows).
+struct Counts {
+    exits: u64,
+    interrupts: u64,
+    doorbells: u64,
+    busy: u64,
+    isr_reads: u64,
+    allocs: u64,
+}
+
+fn counters(bed: &rvscsi_emu::Bed) -> Result<Counts, String> {
+    use rvscsi_emu::ddi::kstat;
+    let m = &bed.machine;
+    let instance = rvscsi_emu::ddi::devinfo::ddi_get_instance(bed.hba);
+    let read = |name: &str| {
+        kstat::read(m, "rvscsi", instance, name)
+            .map_err(|e| format!("kstat rvscsi:{instance}:{name}: {e:?}"))
+    };
+    let stat = |s: &kstat::Snapshot, name: &str| {
+        s.u64(name)
+            .ok_or_else(|| format!("kstat {}:{}: no {name}", s.instance, s.name))
+    };
+    let hba = read("hba")?;
+    let mut doorbells = 0;
+    for q in 0..stat(&hba, "queues")? {
+        doorbells += stat(&read(&format!("queue{q}"))?, "doorbells")?;
+    }
     let s = &m.stats;
-    (
-        s.reg_reads.load(Ordering::Relaxed) + s.reg_writes.load(Ordering::Relaxed),
-        s.interrupts.load(Ordering::Relaxed),
-        s.isr_reads.load(Ordering::Relaxed),
-        rvscsi_emu::ddi::kmem::alloc_calls(),
-    )
+    Ok(Counts {
+        exits: s.reg_reads.load(Ordering::Relaxed) + s.reg_writes.load(Ordering::Relaxed),
+        interrupts: stat(&hba, "interrupts")?,
+        doorbells,
+        busy: stat(&hba, "tran_busy")?,
+        isr_reads: s.isr_reads.load(Ordering::Relaxed),
+        allocs: rvscsi_emu::ddi::kmem::alloc_calls(),
+    })
 }
 
 /// What one row is measured on.
@@ -905,6 +956,8 @@ fn measure(
         variant: s.variant,
         exits_per_cmd: med.exits as f64 / n,
         interrupts_per_cmd: med.interrupts as f64 / n,
+        doorbells_per_cmd: med.doorbells as f64 / n,
+        busy_per_cmd: med.busy as f64 / n,
         isr_reads_per_cmd: med.isr_reads as f64 / n,
         allocs_per_cmd: med.allocs as f64 / n,
         kernel_calls_per_cmd: med.meter.kernel_calls as f64 / n,

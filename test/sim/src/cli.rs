@@ -1,5 +1,6 @@
 //! The `rvscsi-sim` command line: options naming the machine (disk images,
-//! transport, interrupts, queues), and the `format` and `dd` commands.
+//! transport, interrupts, queues), and the `format`, `dd` and `kstat`
+//! commands.
 
 use crate::sd::{Disk, Sd, SdDriver};
 use rvscsi_emu::{Bed, BedConfig, Disk as MachineDisk, DriverBinding, MachineConfig, VirtioPci};
@@ -30,6 +31,10 @@ pub struct SimOptions {
     /// `--stats`: after the command, print the driver's kstats (`kstat -p
     /// rvscsi` form) and the ereports it posted (`fmdump -eV` form).
     pub stats: bool,
+    /// `--kstat` (or the `kstat` command): after the command, print the
+    /// instance's kstats (`kstat -p rvscsi:<instance>`) and the ereports
+    /// (`fmdump -e`: time and class).
+    pub kstat: bool,
 }
 
 impl Default for SimOptions {
@@ -43,6 +48,7 @@ impl Default for SimOptions {
             qemu: None,
             module: None,
             stats: false,
+            kstat: false,
         }
     }
 }
@@ -86,7 +92,8 @@ impl HbaDevice {
 /// Usage text.
 pub const USAGE: &str = "\
 usage: rvscsi-sim [options] format DISK...
-       rvscsi-sim [options] dd DISK... -- if=FILE of=FILE [bs=N] [count=N] [skip=N] [seek=N]
+       rvscsi-sim [options] dd [--kstat] DISK... -- if=FILE of=FILE [bs=N] [count=N] [skip=N] [seek=N]
+       rvscsi-sim [options] kstat DISK...
        rvscsi-sim bench [bench options]   (rvscsi-sim bench --help)
 
 Attaches the rvscsi driver to QEMU's device model (virtio-scsi, or VMware
@@ -112,6 +119,12 @@ options:
                                 linked into rvscsi-sim
   --stats                       after the command, print the driver's kstats
                                 (kstat -p rvscsi) and ereports (fmdump -eV) to stdout
+  --kstat                       after the command, print the instance's kstats
+                                (kstat -p rvscsi:INSTANCE) and ereports (fmdump -e)
+
+kstat prints, after discovery, the kstats of the instance (kstat -p form) and
+the ereports the driver posted (fmdump -e form); dd --kstat does so after the
+copy (the statistics go to stdout, dd's summary to stderr).
 ";
 
 /// Parses options and disk arguments; returns the options and the rest.
@@ -157,6 +170,7 @@ pub fn parse_options(args: &[String]) -> Result<(SimOptions, Vec<String>), Strin
             "--qemu" => o.qemu = Some(value("--qemu")?),
             "--module" => o.module = Some(value("--module")?),
             "--stats" => o.stats = true,
+            "--kstat" => o.kstat = true,
             _ => rest.extend(args[i..].iter().cloned()),
         }
         if !rest.is_empty() {
@@ -525,10 +539,16 @@ pub fn run(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         let _ = write!(err, "{USAGE}");
         return 2;
     };
-    let (disk_args, ops): (Vec<String>, Vec<String>) = match rest.iter().position(|a| a == "--") {
+    let (mut disk_args, ops): (Vec<String>, Vec<String>) = match rest.iter().position(|a| a == "--")
+    {
         Some(i) => (rest[1..i].to_vec(), rest[i + 1..].to_vec()),
         None => (rest[1..].to_vec(), Vec::new()),
     };
+    // `dd --kstat DISK...`: the flag right after the command word.
+    if disk_args.first().map(String::as_str) == Some("--kstat") {
+        disk_args.remove(0);
+        o.kstat = true;
+    }
     for (i, d) in disk_args.iter().enumerate() {
         match parse_disk(d, i) {
             Ok(x) => o.disks.push(x),
@@ -540,6 +560,10 @@ pub fn run(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     }
     let dd_args = match cmd.as_str() {
         "format" => None,
+        "kstat" => {
+            o.kstat = true;
+            None
+        }
         "dd" => match parse_dd(&ops) {
             Ok(a) => Some(a),
             Err(e) => {
@@ -579,6 +603,7 @@ pub fn run(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     };
     let mut code = 0;
     match dd_args {
+        None if cmd == "kstat" => {}
         None => {
             let _ = write!(out, "{}", format_listing(&sd.disks()));
         }
@@ -594,6 +619,9 @@ pub fn run(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> i32 {
                 }
             }
         }
+    }
+    if o.kstat {
+        let _ = write!(out, "{}", kstat_report(&bed));
     }
     if o.stats {
         let _ = write!(out, "{}", stats_report(&bed));
@@ -632,6 +660,34 @@ pub fn stats_report(bed: &Bed) -> String {
     ));
     s.push_str("# fmdump -eV\n");
     s.push_str(&rvscsi_emu::ddi::fm::fmdump_e(&bed.machine));
+    s
+}
+
+/// The HBA instance's kstats as `kstat -p rvscsi:<instance>` prints them
+/// (each read through its `ks_update`), then the ereports the run posted
+/// as `fmdump -e` prints them: a TIME and CLASS header and a line per
+/// ereport (TIME is the emulated kernel's `gethrtime`, in seconds: the bed
+/// has no wall clock).
+pub fn kstat_report(bed: &Bed) -> String {
+    let instance = rvscsi_emu::ddi::devinfo::ddi_get_instance(bed.hba);
+    let mut s = rvscsi_emu::ddi::kstat::kstat_p(&bed.machine, "rvscsi", Some(instance));
+    s.push_str(&fmdump_e(&bed.machine));
+    s
+}
+
+/// `fmdump -e` of the ereports posted on `m`: the header, then time and
+/// class of each, oldest first.
+pub fn fmdump_e(m: &rvscsi_emu::Machine) -> String {
+    let mut s = String::from("TIME                 CLASS\n");
+    for e in rvscsi_emu::ddi::fm::ereports(m) {
+        let _ = writeln!(
+            s,
+            "{:>10}.{:09} {}",
+            e.time / 1_000_000_000,
+            e.time % 1_000_000_000,
+            e.class
+        );
+    }
     s
 }
 

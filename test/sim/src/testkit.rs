@@ -686,3 +686,49 @@ impl Rig {
         );
     }
 }
+
+/// What an administrator would look at: the driver's kstats (read as
+/// `kstat(8)` reads them, through `ks_update`) and its ereports.
+impl Rig {
+    /// The HBA's instance number (`ddi_get_instance(9F)`).
+    pub fn instance(&self) -> i32 {
+        rvscsi_emu::ddi::devinfo::ddi_get_instance(self.bed().hba)
+    }
+
+    /// The driver's kstat `rvscsi:<instance>:<name>`; panics if it is not
+    /// installed.
+    pub fn kstat(&self, name: &str) -> rvscsi_emu::ddi::kstat::Snapshot {
+        rvscsi_emu::ddi::kstat::read(&self.bed().machine, "rvscsi", self.instance(), name)
+            .unwrap_or_else(|e| panic!("kstat rvscsi:{}:{name}: {e:?}", self.instance()))
+    }
+
+    /// Statistic `stat` of `rvscsi:<instance>:hba`.
+    pub fn hba_stat(&self, stat: &str) -> u64 {
+        self.kstat("hba")
+            .u64(stat)
+            .unwrap_or_else(|| panic!("no statistic hba:{stat}"))
+    }
+
+    /// Statistic `stat` of `rvscsi:<instance>:queue<q>`.
+    pub fn queue_stat(&self, q: usize, stat: &str) -> u64 {
+        self.kstat(&format!("queue{q}"))
+            .u64(stat)
+            .unwrap_or_else(|| panic!("no statistic queue{q}:{stat}"))
+    }
+
+    /// The classes of the ereports posted so far, in order.
+    pub fn ereport_classes(&self) -> Vec<String> {
+        rvscsi_emu::ddi::fm::ereports(&self.bed().machine)
+            .into_iter()
+            .map(|e| e.class)
+            .collect()
+    }
+
+    /// How many ereports of `class` were posted so far.
+    pub fn ereports_of(&self, class: &str) -> usize {
+        self.ereport_classes()
+            .iter()
+            .filter(|c| *c == class)
+            .count()
+    }
+}

@@ -144,8 +144,17 @@ fn suppression_and_batching_cut_device_accesses_and_the_io_path_allocates_nothin
             r.interrupts_per_cmd > 0.0 && r.interrupts_per_cmd <= 1.0,
             "{r:?}"
         );
+        // The driver's doorbells (its queue kstats) are register writes
+        // the device saw; MSI-X with nothing else per command: all of them.
+        assert!(r.doorbells_per_cmd > 0.0, "{r:?}");
+        assert!(
+            (r.doorbells_per_cmd - r.exits_per_cmd).abs() < 1e-9,
+            "every exit is a doorbell the kstats counted: {r:?}"
+        );
+        assert_eq!(r.busy_per_cmd, 0.0, "QD32 fits the ring: {r:?}");
     }
     assert!(table.lines().count() == 9 && table.contains("notify-every-cmd"));
+    assert!(table.contains("bells/cmd") && table.contains("busy/cmd"));
 }
 
 #[test]
@@ -164,6 +173,8 @@ fn json_rows_carry_the_documented_fields_on_every_queue_count() {
             "vectors",
             "exits_per_cmd",
             "interrupts_per_cmd",
+            "doorbells_per_cmd",
+            "busy_per_cmd",
             "allocs_per_cmd",
             "kcalls_per_cmd",
             "probes_per_cmd",
@@ -206,6 +217,14 @@ fn pvscsi_rows_and_their_in_tree_like_comparison_ring_a_doorbell_per_command_at_
     assert!(
         (theirs.exits_per_cmd - 1.0).abs() < 0.01,
         "a doorbell for every command: {theirs:?}"
+    );
+    assert!(
+        (theirs.doorbells_per_cmd - 1.0).abs() < 0.01,
+        "and the kstats say so: {theirs:?}"
+    );
+    assert!(
+        ours.doorbells_per_cmd <= ours.exits_per_cmd + 1e-9,
+        "{ours:?}"
     );
     assert_eq!(theirs.isr_reads_per_cmd, 0.0, "MSI: no INTR_STATUS read");
     one_doorbell_per_pass(ours, 400);

@@ -393,3 +393,68 @@ fn with_a_module_that_cannot_load_the_error_names_why() {
     assert_eq!(code, 1);
     assert!(err.contains("not an ELF64 object"), "{err}");
 }
+
+/// The value of `module:instance:name:statistic` in `kstat -p` output.
+fn kstat_value(out: &str, key: &str) -> Option<u64> {
+    out.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('\t'))
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn kstat_prints_the_instance_kstats_and_dd_kstat_prints_them_after_the_copy() {
+    let dir = TempDir::new("cli-kstat");
+    let a = Image::patterned(&dir.path("a.img"), 5, 8192);
+    let disk = a.path.to_str().unwrap();
+    for device in ["virtio-scsi", "pvscsi"] {
+        let (code, out, err) = sim(&["--device", device, "kstat", disk]);
+        assert_eq!(code, 0, "{device}: {err}");
+        // kstat -p: module:instance:name:statistic<TAB>value, the HBA's and
+        // each queue's, with the class kstat(8) adds; then fmdump -e.
+        assert!(out.contains("rvscsi:0:hba:class\tcontroller\n"), "{out}");
+        let started = kstat_value(&out, "rvscsi:0:hba:commands_started").expect("started");
+        assert!(started > 0, "discovery sent commands: {out}");
+        assert_eq!(
+            kstat_value(&out, "rvscsi:0:hba:commands_completed"),
+            Some(started),
+            "{out}"
+        );
+        assert_eq!(kstat_value(&out, "rvscsi:0:queue0:commands"), Some(started));
+        assert!(kstat_value(&out, "rvscsi:0:hba:intr_type").is_some_and(|t| t > 0));
+        assert!(
+            out.ends_with("TIME                 CLASS\n"),
+            "{device}: no ereport on a healthy device: {out}"
+        );
+        assert!(!out.contains("c0t0d0"), "kstat lists no disks: {out}");
+        // dd --kstat: the same after a 1 MiB copy, which adds its commands.
+        let (code, out2, err) = sim(&[
+            "--device",
+            device,
+            "dd",
+            "--kstat",
+            disk,
+            "--",
+            "if=/dev/rdsk/c0t0d0",
+            &format!("of={}", dir.path("copy.bin").display()),
+            "bs=64k",
+            "count=16",
+        ]);
+        assert_eq!(code, 0, "{device}: {err}");
+        assert!(
+            err.starts_with("16+0 records in\n16+0 records out\n"),
+            "{err}"
+        );
+        let after = kstat_value(&out2, "rvscsi:0:hba:commands_started").expect("started");
+        assert!(
+            after >= started + 16,
+            "{device}: {started} then {after}: {out2}"
+        );
+        assert!(out2.ends_with("TIME                 CLASS\n"), "{out2}");
+    }
+    // --stats still prints both, the ereports in fmdump -eV form.
+    let (code, out, err) = sim(&["--stats", "format", disk]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("c0t0d0 "), "{out}");
+    assert!(out.contains("# kstat -p rvscsi\nrvscsi:0:"), "{out}");
+    assert!(out.contains("# fmdump -eV\nTIME"), "{out}");
+}

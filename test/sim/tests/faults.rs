@@ -72,7 +72,42 @@ fn clean_load(rig: Rig) {
         m.check(0, blocks as u32, &on_disk)
             .expect("the image holds what the model says");
     }
+    // kstat(8): every command started came back, none went wrong, nothing
+    // for fmdump -e.
+    no_trouble(&rig, "clean load");
     rig.finish_clean();
+}
+
+/// The HBA kstat shows commands all completed and no recovery, bad
+/// completion or fault; no ereport was posted.
+fn no_trouble(rig: &Rig, what: &str) {
+    let hba = rig.kstat("hba");
+    assert!(hba.u64("commands_started").unwrap_or(0) > 0, "{what}");
+    assert_eq!(
+        hba.u64("commands_started"),
+        hba.u64("commands_completed"),
+        "{what}"
+    );
+    for stat in [
+        "timeouts",
+        "aborts_done",
+        "aborts_failed",
+        "device_resets",
+        "no_response",
+        "cmpl_unknown",
+        "cmpl_duplicate",
+        "cmpl_impossible",
+        "ring_runaway",
+        "handle_faults",
+        "tran_badpkt",
+    ] {
+        assert_eq!(hba.u64(stat), Some(0), "{what}: hba:{stat}");
+    }
+    assert!(
+        rig.ereport_classes().is_empty(),
+        "{what}: {:?}",
+        rig.ereport_classes()
+    );
 }
 
 /// blkdebug rules (QEMU's error injection) failing reads at sectors
@@ -188,6 +223,8 @@ fn media_errors_under_load(base: RigConfig) {
         );
     }
     assert!(r.good > 600, "most commands are unaffected: {}", r.good);
+    // Media errors are the target's answers, not the HBA's trouble.
+    no_trouble(&rig, "media errors");
     rig.finish_clean();
 }
 
@@ -259,6 +296,33 @@ fn a_completion_that_never_comes_goes_through_the_whole_recovery_ladder() {
     pkt.destroy();
     r.assert_clean("lost completion");
     assert_eq!(m.faults.stats().withheld, 1);
+    // What kstat(8) shows of it: one timeout, and each step of the ladder
+    // once: ABORT TASK, LUN reset, target reset (each "done", the command
+    // still there), then the device reset, which brought the device back.
+    for (stat, want) in [
+        ("timeouts", 1),
+        ("aborts_done", 1),
+        ("aborts_failed", 0),
+        ("lun_resets_done", 1),
+        ("lun_resets_failed", 0),
+        ("target_resets_done", 1),
+        ("target_resets_failed", 0),
+        ("device_resets", 1),
+        ("device_resets_failed", 0),
+        ("no_response", 1),
+    ] {
+        assert_eq!(rig.hba_stat(stat), want, "hba:{stat}");
+    }
+    // And fmdump -e: the device stopped answering, the service degraded
+    // while it was reset, then restored.
+    assert_eq!(
+        rig.ereport_classes(),
+        [
+            "ereport.io.device.no_response",
+            "ereport.io.service.degraded",
+            "ereport.io.service.restored",
+        ]
+    );
     let probes = &m.probes;
     assert!(probes.count("rvscsi-cmd-timeout") >= 1);
     let resets: Vec<u64> = probes

@@ -9,7 +9,7 @@ use rvscsi::ffi;
 use rvscsi::scsa::PktStatistics;
 use rvscsi_emu::faults::{Fault, Match};
 use rvscsi_sim::load::{self, Completion, LoadConfig};
-use rvscsi_sim::testkit::{Driver, Rig, RigConfig, read_block};
+use rvscsi_sim::testkit::{Driver, Image, Rig, RigConfig, read_block, wait_for};
 use std::time::Duration;
 
 fn rig(images: Vec<(u64, u8, u16)>) -> Rig {
@@ -65,6 +65,19 @@ fn duplicated_and_made_up_completions_are_dropped_and_every_command_completes_on
     assert!(
         logged(&rig, "unknown command id"),
         "the driver says what it dropped"
+    );
+    // kstat(8) counts each: an id past the ring's 256 descriptors is
+    // impossible; a duplicate names a descriptor with no chain out (the
+    // split ring cannot tell it from one never used: unknown).
+    assert_eq!(rig.hba_stat("cmpl_impossible"), st.bogus_ids, "{st:?}");
+    assert_eq!(rig.hba_stat("cmpl_unknown"), st.duplicated, "{st:?}");
+    assert_eq!(rig.hba_stat("cmpl_duplicate"), 0);
+    assert_eq!(rig.hba_stat("ring_runaway"), 0);
+    // Dropped and counted, not a fault of the device as a whole.
+    assert!(
+        rig.ereport_classes().is_empty(),
+        "{:?}",
+        rig.ereport_classes()
     );
     rig.finish_clean();
 }
@@ -193,6 +206,28 @@ fn task_management_refused_at_every_step_ends_in_a_device_reset() {
         logged(&rig, "failed: response 11"),
         "the refusals are logged"
     );
+    // kstat(8): each refused step once, then the device reset that worked;
+    // fmdump -e: the device stopped answering, degraded, restored.
+    for (stat, want) in [
+        ("timeouts", 1),
+        ("aborts_failed", 1),
+        ("lun_resets_failed", 1),
+        ("target_resets_failed", 1),
+        ("aborts_done", 0),
+        ("device_resets", 1),
+        ("device_resets_failed", 0),
+        ("no_response", 1),
+    ] {
+        assert_eq!(rig.hba_stat(stat), want, "hba:{stat}");
+    }
+    assert_eq!(
+        rig.ereport_classes(),
+        [
+            "ereport.io.device.no_response",
+            "ereport.io.service.degraded",
+            "ereport.io.service.restored",
+        ]
+    );
     // The device works again.
     let after = load::run(
         &luns,
@@ -315,4 +350,121 @@ fn impossible_device_configurations_fail_attach_cleanly_or_are_bounded() {
             "{must_refuse}: {outcomes:#?}"
         );
     }
+}
+
+#[test]
+fn device_needs_reset_at_run_time_is_reported_and_the_device_is_reset() {
+    let rig = rig(vec![(8192, 0, 0)]);
+    let luns = rig.load_luns();
+    let m = rig.bed().machine.clone();
+    // The device fails while running: its status reads
+    // DEVICE_NEEDS_RESET. The driver looks at the status on a
+    // configuration interrupt; under MSI-X, vector 0 serves configuration
+    // changes and events, so a hot-plug event brings it there.
+    m.faults.arm(Fault::NeedsReset);
+    let img = Image::blank(&rig.dir.path("plug.img"), 2048);
+    rig.hot_plug("hd9", &img.path, 9, 0);
+    assert!(
+        wait_for(Duration::from_secs(20), || rig.hba_stat("device_resets")
+            == 1
+            && rig.ereports_of("ereport.io.service.restored") == 1),
+        "reset and back: {:?} {:?}",
+        rig.ereport_classes(),
+        rig.log()
+    );
+    assert_eq!(rig.hba_stat("device_needs_reset"), 1);
+    assert_eq!(rig.hba_stat("device_resets_failed"), 0);
+    assert_eq!(
+        rig.ereport_classes(),
+        [
+            "ereport.io.device.inval_state",
+            "ereport.io.service.degraded",
+            "ereport.io.service.restored",
+        ]
+    );
+    let e = &rvscsi_emu::ddi::fm::ereports(&m)[0];
+    assert_eq!(
+        e.member("detail"),
+        Some(&rvscsi_emu::ddi::fm::Payload::Str(
+            "device-needs-reset".into()
+        ))
+    );
+    // I/O goes on after the reset.
+    let after = load::run(
+        &luns,
+        &LoadConfig {
+            commands: 40,
+            seed: 45,
+            ..LoadConfig::default()
+        },
+        &|c: &Completion| {
+            if c.good() || c.result.sense_key().is_some_and(|k| k.0 == 6) {
+                Ok(())
+            } else {
+                Err("after the reset".into())
+            }
+        },
+        &mut |_| {},
+    );
+    after.assert_clean("after DEVICE_NEEDS_RESET");
+    rig.finish_clean();
+}
+
+#[test]
+fn a_runaway_used_index_resets_the_device_and_is_reported() {
+    let rig = rig(vec![(8192, 0, 0)]);
+    let luns = rig.load_luns();
+    let m = rig.bed().machine.clone();
+    // With the completion of the read at 555, the used index the driver
+    // sees jumps 1000 entries ahead: more than the ring (256), which no
+    // device writes legitimately. Nothing is consumed; the device is reset.
+    m.faults.arm(Fault::UsedIdxRunaway(Match::Lba(555), 1000));
+    let pkt = read_block(&luns[0].dev, 555);
+    assert_eq!(pkt.start_async(), ffi::TRAN_ACCEPT);
+    assert!(pkt.wait(Duration::from_secs(30)), "the read ends");
+    let r = pkt.result();
+    assert_eq!(pkt.comp_calls(), 1, "once");
+    assert!(
+        r.reason == ffi::CMD_RESET && r.statistics.contains(PktStatistics::BUS_RESET),
+        "ended by the reset: {r:?}"
+    );
+    pkt.destroy();
+    assert_eq!(m.faults.stats().runaways, 1);
+    assert!(
+        wait_for(Duration::from_secs(10), || rig
+            .ereports_of("ereport.io.service.restored")
+            == 1),
+        "{:?} {:?}",
+        rig.ereport_classes(),
+        rig.log()
+    );
+    assert!(logged(&rig, "more than a ring ahead"), "{:?}", rig.log());
+    assert_eq!(rig.hba_stat("ring_runaway"), 1);
+    assert_eq!(rig.hba_stat("device_resets"), 1);
+    assert_eq!(
+        rig.ereport_classes(),
+        [
+            "ereport.io.device.intern_uncorr",
+            "ereport.io.service.degraded",
+            "ereport.io.service.restored",
+        ]
+    );
+    let after = load::run(
+        &luns,
+        &LoadConfig {
+            commands: 40,
+            seed: 46,
+            ..LoadConfig::default()
+        },
+        &|c: &Completion| {
+            if c.good() || c.result.sense_key().is_some_and(|k| k.0 == 6) {
+                Ok(())
+            } else {
+                Err("after the reset".into())
+            }
+        },
+        &mut |_| {},
+    );
+    after.assert_clean("after the runaway index");
+    rig.finish_clean();
 }

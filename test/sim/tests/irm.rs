@@ -357,6 +357,10 @@ fn remove_then_add(base: RigConfig) {
     let hba = rig.bed().hba;
     assert_eq!(emu_intr::irm_pool(&m), Some((16, 8)));
     assert_eq!(emu_intr::irm_grant(&m, hba), Some((13, 13)));
+    // kstat(8) shows what the driver holds, MSI-X (4), and its queues.
+    assert_eq!(rig.hba_stat("intr_type"), ffi::DDI_INTR_TYPE_MSIX as u64);
+    assert_eq!(rig.hba_stat("intr_vectors"), 13);
+    assert_eq!(rig.hba_stat("queues"), 12);
     let disk = rig.disk0();
     let stop = Arc::new(AtomicBool::new(false));
     // The I/O threads stop when the test does, passing or not.
@@ -393,6 +397,7 @@ fn remove_then_add(base: RigConfig) {
         8,
         "the driver released the excess"
     );
+    assert_eq!(rig.hba_stat("intr_vectors"), 8, "the kstat follows");
     let log = rig.log();
     assert!(
         log.iter()
@@ -419,6 +424,7 @@ fn remove_then_add(base: RigConfig) {
     emu_intr::irm_remove_device(&m, other);
     assert_eq!(emu_intr::irm_grant(&m, hba), Some((13, 13)));
     assert_eq!(emu_intr::allocated(&m, hba), 13);
+    assert_eq!(rig.hba_stat("intr_vectors"), 13, "and back");
     assert!(
         rig.log()
             .iter()

@@ -466,6 +466,10 @@ fn tran_busy_only_when_the_ring_is_full_then_success_after_completions() {
     let (at, p) = busy.expect("TRAN_BUSY once the ring is full");
     // Indirect descriptors: one ring slot per command; 256 slots.
     assert!((250..=258).contains(&at), "busy after {at} commands");
+    // kstat(8) shows it: one TRAN_BUSY, for a full ring.
+    assert_eq!(rig.hba_stat("tran_busy"), 1);
+    assert_eq!(rig.queue_stat(0, "ring_full"), 1);
+    assert_eq!(rig.hba_stat("tran_badpkt"), 0);
     // A started-but-unfinished packet cannot be started again (the last
     // one accepted waits behind the throttle for minutes).
     let last = accepted.last().expect("accepted packets");
@@ -476,6 +480,7 @@ fn tran_busy_only_when_the_ring_is_full_then_success_after_completions() {
         "a packet started twice"
     );
     assert!(last.in_flight(), "and it is still in flight");
+    assert_eq!(rig.hba_stat("tran_badpkt"), 1, "counted");
     throttle(&rig, 0);
     for a in &accepted {
         assert!(a.wait(WAIT), "every accepted command completes");

@@ -79,34 +79,46 @@ fn duplicate_and_bogus_context_completions_are_dropped_counted_and_the_real_one_
         p.destroy();
     }
     let cases = [
-        ("duplicate", Fault::Duplicate(Match::Lba(100)), 100u32),
+        (
+            "duplicate",
+            Fault::Duplicate(Match::Lba(100)),
+            100u32,
+            "cmpl_duplicate",
+        ),
         (
             "context 0",
             Fault::BogusContext(Match::Lba(101), BogusContext::Zero),
             101,
+            "cmpl_impossible",
         ),
         (
             "beyond the ring",
             Fault::BogusContext(Match::Lba(102), BogusContext::OutOfRange),
             102,
+            "cmpl_impossible",
         ),
         (
             "above 32 bits",
             Fault::BogusContext(Match::Lba(103), BogusContext::Above32Bits),
             103,
+            "cmpl_impossible",
         ),
         (
             "never issued",
             Fault::BogusContext(Match::Lba(104), BogusContext::NeverIssued),
             104,
+            "cmpl_unknown",
         ),
         (
             "already completed",
             Fault::BogusContext(Match::Lba(105), BogusContext::Stale),
             105,
+            "cmpl_duplicate",
         ),
     ];
-    for (what, fault, lba) in cases {
+    let kinds = ["cmpl_duplicate", "cmpl_unknown", "cmpl_impossible"];
+    for (what, fault, lba, kind) in cases {
+        let counted: Vec<u64> = kinds.iter().map(|k| rig.hba_stat(k)).collect();
         let dropped = log_count(&rig, "unknown command id");
         let before = m.faults.stats();
         m.faults.arm(fault);
@@ -131,7 +143,17 @@ fn duplicate_and_bogus_context_completions_are_dropped_counted_and_the_real_one_
             "{what}: the driver dropped it and said so: {:?}",
             rig.log()
         );
+        // kstat(8) counts it once, as what it was.
+        for (k, before) in kinds.iter().zip(&counted) {
+            let want = before + u64::from(*k == kind);
+            assert_eq!(rig.hba_stat(k), want, "{what}: hba:{k}");
+        }
     }
+    assert!(
+        rig.ereport_classes().is_empty(),
+        "dropped completions are no device fault: {:?}",
+        rig.ereport_classes()
+    );
     // The data of a read with a duplicate is the disk's.
     m.faults.arm(Fault::Duplicate(Match::Any));
     let disk_block = rig.images[0].expected(7, 1);
@@ -328,6 +350,24 @@ fn a_completion_lost_for_good_goes_down_the_ladder_to_an_adapter_reset() {
         "then ADAPTER_RESET: {st:?}"
     );
     assert_eq!(m.faults.withheld(), 0, "forgotten with the old rings");
+    // kstat(8) and fmdump -e: one timeout, the ladder short of a reset
+    // got nothing back (no_response), one adapter reset that worked.
+    for (stat, want) in [
+        ("timeouts", 1),
+        ("no_response", 1),
+        ("device_resets", 1),
+        ("device_resets_failed", 0),
+    ] {
+        assert_eq!(rig.hba_stat(stat), want, "hba:{stat}");
+    }
+    assert_eq!(
+        rig.ereport_classes(),
+        [
+            "ereport.io.device.no_response",
+            "ereport.io.service.degraded",
+            "ereport.io.service.restored",
+        ]
+    );
     // The rings were set up again.
     clear_unit_attention(&dev);
     for lba in [10, 11] {
@@ -389,6 +429,26 @@ fn a_runaway_completion_index_resets_the_adapter_and_ends_what_was_in_flight_onc
                 .any(|l| l.contains("more than a ring ahead")),
             "{extra}: {:?}",
             rig.log()
+        );
+        // kstat(8): one runaway, one adapter reset; fmdump -e: the ring
+        // protocol broken, the service degraded, then restored.
+        assert_eq!(rig.hba_stat("ring_runaway"), 1, "{extra}");
+        assert_eq!(rig.hba_stat("device_resets"), 1, "{extra}");
+        assert!(
+            wait_for(Duration::from_secs(10), || rig
+                .ereports_of("ereport.io.service.restored")
+                == 1),
+            "{extra}: {:?}",
+            rig.ereport_classes()
+        );
+        assert_eq!(
+            rig.ereport_classes(),
+            [
+                "ereport.io.device.intern_uncorr",
+                "ereport.io.service.degraded",
+                "ereport.io.service.restored",
+            ],
+            "{extra}"
         );
         // I/O works on the new rings.
         clear_unit_attention(&dev);

@@ -111,6 +111,26 @@ fn a_held_command_past_pkt_time_is_aborted_and_completes_cmd_timeout() {
         "{:?}",
         probes.firings("rvscsi-cmd-abort")
     );
+    // kstat(8): one timeout, one ABORT TASK that worked, nothing more;
+    // no fault to report (the device answered).
+    assert!(
+        wait_for(Duration::from_secs(10), || rig.hba_stat("aborts_done") == 1),
+        "aborts_done"
+    );
+    for (stat, want) in [
+        ("timeouts", 1),
+        ("aborts_failed", 0),
+        ("lun_resets_done", 0),
+        ("device_resets", 0),
+        ("no_response", 0),
+    ] {
+        assert_eq!(rig.hba_stat(stat), want, "hba:{stat}");
+    }
+    assert!(
+        rig.ereport_classes().is_empty(),
+        "{:?}",
+        rig.ereport_classes()
+    );
     let done = probes.firings("rvscsi-cmd-done");
     let mine: Vec<_> = done.iter().filter(|f| f.args[0] == pkt).collect();
     assert!(

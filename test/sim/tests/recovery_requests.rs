@@ -557,3 +557,35 @@ fn the_emulated_panic_is_per_machine_and_a_delay_in_it_is_a_violation() {
         "{report:?}"
     );
 }
+
+#[test]
+fn a_reset_the_device_never_finishes_fails_the_controller_and_says_so() {
+    // tran_reset(RESET_ALL) from thread context, on a device whose reset
+    // never completes: the driver gives up waiting, the controller is lost
+    // (kstat device_resets_failed; fmdump -e: inval_state/reset-failed and
+    // service.lost), and new commands fail at once instead of hanging.
+    let rig = recorder_rig(1, "msix");
+    let dev = ready_device(&rig);
+    let m = rig.bed().machine.clone();
+    m.faults.arm(Fault::ResetStuck);
+    assert_eq!(dev.reset(ffi::RESET_ALL), 0, "the reset did not work");
+    assert_eq!(hba(&rig).state(), HbaState::Failed);
+    assert_eq!(rig.hba_stat("device_resets"), 1);
+    assert_eq!(rig.hba_stat("device_resets_failed"), 1);
+    let reports = rvscsi_emu::ddi::fm::ereports(&m);
+    let classes: Vec<&str> = reports.iter().map(|e| e.class.as_str()).collect();
+    assert_eq!(
+        classes,
+        ["ereport.io.device.inval_state", "ereport.io.service.lost"]
+    );
+    assert_eq!(
+        reports[0].member("detail"),
+        Some(&rvscsi_emu::ddi::fm::Payload::Str("reset-failed".into()))
+    );
+    let p = read_block(&dev, 5);
+    assert_eq!(p.start_async(), ffi::TRAN_FATAL_ERROR);
+    p.destroy();
+    // The device finishes resets again: detach stops it and frees all.
+    m.faults.disarm_all();
+    rig.finish_clean();
+}

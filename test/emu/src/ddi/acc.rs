@@ -37,6 +37,9 @@ pub struct AccHandle {
     kind: AccKind,
     base: usize,
     len: usize,
+    /// Mapped with `DDI_FLAGERR_ACC` (version 1) by an ACCCHK-capable
+    /// driver: the nexus ties access faults to it.
+    flagerr: bool,
 }
 
 static HANDLES: Mutex<Option<HashSet<usize>>> = Mutex::new(None);
@@ -61,6 +64,32 @@ fn get<'a>(h: ddi_acc_handle_t, func: &str) -> Option<&'a AccHandle> {
     }
     // SAFETY: registered handles are live boxes.
     Some(unsafe { &*h.cast::<AccHandle>() })
+}
+
+/// Whether live access handle `h` reports faults to `ddi_fm_acc_err_get`:
+/// mapped with `DDI_FLAGERR_ACC` in a version-1 attribute by a driver
+/// granted the access check (impl_acc_err_init, uts/i86pc/os/ddi_impl.c;
+/// otherwise the access is DDI_DEFAULT_ACC and the nexus ties no fault to
+/// the handle).
+pub fn flags_errors(h: ddi_acc_handle_t) -> bool {
+    is_live(h) && {
+        // SAFETY: live handles are boxes made by register().
+        unsafe { &*h.cast::<AccHandle>() }.flagerr
+    }
+}
+
+/// Every live register mapping of machine `m` (not configuration space).
+pub fn register_handles(m: &Machine) -> Vec<ddi_acc_handle_t> {
+    lock(&HANDLES)
+        .get_or_insert_with(HashSet::new)
+        .iter()
+        .map(|&h| h as ddi_acc_handle_t)
+        .filter(|&h| {
+            // SAFETY: registered handles are live boxes.
+            let a = unsafe { &*h.cast::<AccHandle>() };
+            std::ptr::eq(Arc::as_ptr(&a.machine), m) && !matches!(a.kind, AccKind::Config)
+        })
+        .collect()
 }
 
 /// Whether `h` is a live access handle (no violation when it is not).
@@ -212,12 +241,26 @@ pub unsafe extern "C" fn ddi_regs_map_setup(
     } else {
         AccKind::Mem(b.addr + offset as u64)
     };
+    // impl_acc_err_init (uts/i86pc/os/ddi_impl.c): below version 1, or
+    // without the access check granted, the access is DDI_DEFAULT_ACC; an
+    // ACCCHK-capable driver mapping with DDI_DEFAULT_ACC is a driver
+    // defect (ddi.fmcap).
+    let accchk = super::fm::capabilities(dip) & ffi::DDI_FM_ACCCHK_CAPABLE != 0;
+    let v1 = attr.devacc_attr_version == ffi::DDI_DEVICE_ATTR_V1;
+    if v1 && accchk && attr.devacc_attr_access == ffi::DDI_DEFAULT_ACC {
+        violation(
+            "ddi_regs_map_setup: DDI_DEFAULT_ACC by a driver granted DDI_FM_ACCCHK_CAPABLE \
+             (illumos posts the driver defect ereport.io.ddi.fmcap)",
+        );
+    }
+    let flagerr = v1 && accchk && attr.devacc_attr_access == ffi::DDI_FLAGERR_ACC;
     let base = NEXT_VA.fetch_add(FAKE_VA_STRIDE, Ordering::Relaxed) as usize;
     let h = register(AccHandle {
         machine: n.machine.clone(),
         kind,
         base,
         len: len as usize,
+        flagerr,
     });
     // SAFETY: checked non-null.
     unsafe {
@@ -259,6 +302,8 @@ pub unsafe extern "C" fn pci_config_setup(
         kind: AccKind::Config,
         base: 0,
         len: 256,
+        // pci_config_setup(9F) takes no attribute: DDI_DEFAULT_ACC.
+        flagerr: false,
     });
     // SAFETY: checked non-null.
     unsafe { *handlep = h };

@@ -285,6 +285,33 @@ pub struct DmaHandle {
 
 static HANDLES: Mutex<Option<HashSet<usize>>> = Mutex::new(None);
 
+/// Whether live DMA handle `h` was allocated with `DDI_DMA_FLAGERR`: only
+/// then does the nexus tie a DMA fault to it (ddifm.c: the driver "must set
+/// the dma_attr_flags ... to DDI_DMA_FLAGERR"), and `ddi_fm_dma_err_get`
+/// report it.
+pub fn flags_errors(h: ddi_dma_handle_t) -> bool {
+    is_live(h) && {
+        // SAFETY: live handles are boxes made by ddi_dma_alloc_handle.
+        let d = unsafe { &*h.cast::<DmaHandle>() };
+        d.attr.dma_attr_flags & ffi::DDI_DMA_FLAGERR != 0
+    }
+}
+
+/// Every live DMA handle of machine `m` (to inject faults on, as the
+/// nexus would find them).
+pub fn handles(m: &Machine) -> Vec<ddi_dma_handle_t> {
+    lock(&HANDLES)
+        .get_or_insert_with(HashSet::new)
+        .iter()
+        .map(|&h| h as ddi_dma_handle_t)
+        .filter(|&h| {
+            // SAFETY: registered handles are live boxes.
+            let d = unsafe { &*h.cast::<DmaHandle>() };
+            std::ptr::eq(Arc::as_ptr(&d.machine), m)
+        })
+        .collect()
+}
+
 /// Whether `h` is a live DMA handle (no violation when it is not).
 pub fn is_live(h: ddi_dma_handle_t) -> bool {
     !h.is_null()

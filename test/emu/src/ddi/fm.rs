@@ -302,8 +302,8 @@ pub unsafe extern "C" fn ddi_fm_init(
     // The FM handle's counters (ddifm.c ddifm_kstat_template).
     for (i, name) in [
         c"erpt_dropped",
-        c"fm_cache_miss",
         c"fm_cache_full",
+        c"fm_cache_grew",
         c"acc_err",
         c"dma_err",
     ]
@@ -550,7 +550,16 @@ pub fn inject_dma_fault(h: ddi_dma_handle_t, status: c_int, ena: u64) {
         .insert(h as usize, (status, ena));
 }
 
-fn err_get(func: &str, h: usize, live: bool, de: *mut ddi_fm_error_t, version: c_int, acc: bool) {
+#[allow(clippy::too_many_arguments)]
+fn err_get(
+    func: &str,
+    h: usize,
+    live: bool,
+    flagged: bool,
+    de: *mut ddi_fm_error_t,
+    version: c_int,
+    acc: bool,
+) {
     if h == 0 {
         violation(format!(
             "{func}(NULL handle) (illumos returns without a word)"
@@ -571,10 +580,13 @@ fn err_get(func: &str, h: usize, live: bool, de: *mut ddi_fm_error_t, version: c
         violation(format!("{func}: NULL ddi_fm_error_t"));
         return;
     }
+    // A fault is tied to a handle only if it flags errors (DDI_FLAGERR_ACC,
+    // DDI_DMA_FLAGERR): otherwise the nexus cannot tell whose it was.
     let (status, ena) = lock(&FAULTS)
         .get_or_insert_with(HashMap::new)
         .get(&h)
         .copied()
+        .filter(|_| flagged)
         .unwrap_or((ffi::DDI_FM_OK, 0));
     // SAFETY: checked non-null: the caller's structure.
     let de = unsafe { &mut *de };
@@ -600,6 +612,7 @@ pub extern "C" fn ddi_fm_acc_err_get(h: ddi_acc_handle_t, de: *mut ddi_fm_error_
         "ddi_fm_acc_err_get",
         h as usize,
         super::acc::is_live(h),
+        super::acc::flags_errors(h),
         de,
         version,
         true,
@@ -614,6 +627,7 @@ pub extern "C" fn ddi_fm_dma_err_get(h: ddi_dma_handle_t, de: *mut ddi_fm_error_
         "ddi_fm_dma_err_get",
         h as usize,
         super::dma::is_live(h),
+        super::dma::flags_errors(h),
         de,
         version,
         false,
