@@ -709,6 +709,13 @@ impl Rig {
             .unwrap_or_else(|| panic!("no statistic hba:{stat}"))
     }
 
+    /// Asserts each `(statistic, value)` of `rvscsi:<instance>:hba`.
+    pub fn assert_hba_stats(&self, want: &[(&str, u64)]) {
+        for &(stat, value) in want {
+            assert_eq!(self.hba_stat(stat), value, "hba:{stat}");
+        }
+    }
+
     /// Statistic `stat` of `rvscsi:<instance>:queue<q>`.
     pub fn queue_stat(&self, q: usize, stat: &str) -> u64 {
         self.kstat(&format!("queue{q}"))

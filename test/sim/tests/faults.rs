@@ -299,7 +299,7 @@ fn a_completion_that_never_comes_goes_through_the_whole_recovery_ladder() {
     // What kstat(8) shows of it: one timeout, and each step of the ladder
     // once: ABORT TASK, LUN reset, target reset (each "done", the command
     // still there), then the device reset, which brought the device back.
-    for (stat, want) in [
+    rig.assert_hba_stats(&[
         ("timeouts", 1),
         ("aborts_done", 1),
         ("aborts_failed", 0),
@@ -310,9 +310,7 @@ fn a_completion_that_never_comes_goes_through_the_whole_recovery_ladder() {
         ("device_resets", 1),
         ("device_resets_failed", 0),
         ("no_response", 1),
-    ] {
-        assert_eq!(rig.hba_stat(stat), want, "hba:{stat}");
-    }
+    ]);
     // And fmdump -e: the device stopped answering, the service degraded
     // while it was reset, then restored.
     assert_eq!(

@@ -208,7 +208,7 @@ fn task_management_refused_at_every_step_ends_in_a_device_reset() {
     );
     // kstat(8): each refused step once, then the device reset that worked;
     // fmdump -e: the device stopped answering, degraded, restored.
-    for (stat, want) in [
+    rig.assert_hba_stats(&[
         ("timeouts", 1),
         ("aborts_failed", 1),
         ("lun_resets_failed", 1),
@@ -217,9 +217,7 @@ fn task_management_refused_at_every_step_ends_in_a_device_reset() {
         ("device_resets", 1),
         ("device_resets_failed", 0),
         ("no_response", 1),
-    ] {
-        assert_eq!(rig.hba_stat(stat), want, "hba:{stat}");
-    }
+    ]);
     assert_eq!(
         rig.ereport_classes(),
         [
