@@ -69,6 +69,50 @@ pub trait SharedMem {
     }
 }
 
+/// Memory shared through an `Rc` (a ring's "driver" side and a test or
+/// fuzz harness playing the device, on one thread) is the memory itself.
+impl<M: SharedMem + ?Sized> SharedMem for alloc::rc::Rc<M> {
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+    fn device_addr(&self) -> u64 {
+        (**self).device_addr()
+    }
+    fn dma_health(&self, fma: &crate::ddi::fm::Fma) -> crate::ddi::fm::HandleHealth {
+        (**self).dma_health(fma)
+    }
+    fn read_bytes(&self, off: usize, dst: &mut [u8]) {
+        (**self).read_bytes(off, dst)
+    }
+    fn write_bytes(&self, off: usize, src: &[u8]) {
+        (**self).write_bytes(off, src)
+    }
+    fn sync_for_device(&self, off: usize, len: usize) {
+        (**self).sync_for_device(off, len)
+    }
+    fn sync_for_cpu(&self, off: usize, len: usize) {
+        (**self).sync_for_cpu(off, len)
+    }
+    fn read_u16(&self, off: usize) -> u16 {
+        (**self).read_u16(off)
+    }
+    fn read_u32(&self, off: usize) -> u32 {
+        (**self).read_u32(off)
+    }
+    fn read_u64(&self, off: usize) -> u64 {
+        (**self).read_u64(off)
+    }
+    fn write_u16(&self, off: usize, v: u16) {
+        (**self).write_u16(off, v)
+    }
+    fn write_u32(&self, off: usize, v: u32) {
+        (**self).write_u32(off, v)
+    }
+    fn write_u64(&self, off: usize, v: u64) {
+        (**self).write_u64(off, v)
+    }
+}
+
 /// Whether `[off, off+len)` lies within a buffer of `size` bytes.
 #[inline]
 pub fn in_bounds(off: usize, len: usize, size: usize) -> bool {

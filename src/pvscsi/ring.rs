@@ -776,24 +776,7 @@ mod tests {
 
     /// HostMem shared between the "driver" (Rings) and the test playing
     /// the device.
-    #[derive(Clone)]
-    struct Shared(Rc<HostMem>);
-    impl SharedMem for Shared {
-        fn len(&self) -> usize {
-            self.0.len()
-        }
-        fn device_addr(&self) -> u64 {
-            self.0.device_addr()
-        }
-        fn read_bytes(&self, off: usize, dst: &mut [u8]) {
-            self.0.read_bytes(off, dst)
-        }
-        fn write_bytes(&self, off: usize, src: &[u8]) {
-            self.0.write_bytes(off, src)
-        }
-        fn sync_for_device(&self, _: usize, _: usize) {}
-        fn sync_for_cpu(&self, _: usize, _: usize) {}
-    }
+    type Shared = Rc<HostMem>;
 
     struct Dev {
         state: Shared,
@@ -820,7 +803,7 @@ mod tests {
     }
 
     fn rings(g: Geometry) -> (Rings<Shared, u32>, Dev) {
-        let mk = |pages: u32, base: u64| Shared(Rc::new(HostMem::new(pages as usize * 4096, base)));
+        let mk = |pages: u32, base: u64| Rc::new(HostMem::new(pages as usize * 4096, base));
         let state = mk(1, 0x10_0000);
         let req = mk(g.req_pages.get(), 0x20_0000);
         let cmp = mk(g.cmp_pages.get(), 0x40_0000);

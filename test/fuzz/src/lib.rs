@@ -291,30 +291,10 @@ pub fn config(data: &[u8]) {
 
 /// Host memory one side (the "driver's" rings) and the other (the input
 /// playing the device) both reach.
-#[derive(Clone)]
-struct Shared(std::rc::Rc<HostMem>);
+type Shared = std::rc::Rc<HostMem>;
 
-impl Shared {
-    fn new(len: usize, base: u64) -> Self {
-        Shared(std::rc::Rc::new(HostMem::new(len, base)))
-    }
-}
-
-impl SharedMem for Shared {
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-    fn device_addr(&self) -> u64 {
-        self.0.device_addr()
-    }
-    fn read_bytes(&self, off: usize, dst: &mut [u8]) {
-        self.0.read_bytes(off, dst)
-    }
-    fn write_bytes(&self, off: usize, src: &[u8]) {
-        self.0.write_bytes(off, src)
-    }
-    fn sync_for_device(&self, _: usize, _: usize) {}
-    fn sync_for_cpu(&self, _: usize, _: usize) {}
+fn shared(len: usize, base: u64) -> Shared {
+    std::rc::Rc::new(HostMem::new(len, base))
 }
 
 /// Commands [`pvscsi_rings`] saw complete (so that a test can tell the
@@ -339,13 +319,13 @@ pub fn pvscsi_rings(data: &[u8]) {
         msg_pages: MsgRingPages::new(1),
     };
     let page = PAGE_SIZE as u64;
-    let state = Shared::new(PAGE_SIZE, page);
-    let cmp = Shared::new(pages as usize * PAGE_SIZE, 0x100 * page);
-    let msg = Shared::new(PAGE_SIZE, 0x200 * page);
+    let state = shared(PAGE_SIZE, page);
+    let cmp = shared(pages as usize * PAGE_SIZE, 0x100 * page);
+    let msg = shared(PAGE_SIZE, 0x200 * page);
     let Ok(mut r) = Rings::<Shared, u32>::new(
         geometry,
         state.clone(),
-        Shared::new(pages as usize * PAGE_SIZE, 0x10 * page),
+        shared(pages as usize * PAGE_SIZE, 0x10 * page),
         cmp.clone(),
         Some(msg.clone()),
     ) else {
