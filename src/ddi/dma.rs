@@ -71,7 +71,10 @@ impl DmaBuffer {
         // With the DMA check granted, DDI_DMA_FLAGERR, so that faults on
         // this handle are reported by ddi_fm_dma_err_get(9F) (ddifm.c:
         // "driver must set the dma_attr_flags ... to DDI_DMA_FLAGERR").
-        // SAFETY: a valid node; any context.
+        // SAFETY: `dip` is a node the driver is attached to (a `Dip` is
+        // valid from attach(9E) to detach(9E), and DMA memory and register
+        // maps exist only in between); ddi_fm_capable(9F) only reads the
+        // node's FM capabilities and may be called from any context.
         if unsafe { ffi::ddi_fm_capable(dip.as_ptr()) } & ffi::DDI_FM_DMACHK_CAPABLE != 0 {
             attr.dma_attr_flags |= ffi::DDI_DMA_FLAGERR;
         }

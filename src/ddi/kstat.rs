@@ -393,8 +393,13 @@ impl<const N: usize> Published<N> {
     /// (for an owner that must outlive its kstat).
     pub fn unpublish(&mut self) {
         if let Some(ksp) = self.ksp.take() {
-            // SAFETY: as in Drop: our installed kstat, deleted once (the
-            // pointer is taken out); no update runs after kstat_delete.
+            // SAFETY: `ksp` came from kstat_create and was installed by
+            // `create` (only then is it stored), and is taken out of
+            // `self.ksp` here, so it is deleted exactly once and Drop will
+            // not delete it again. kstat_delete(9F) waits out any ks_update
+            // in progress and none starts after it returns, so the
+            // counters `ks_private` points at (which `self` keeps) are not
+            // read once this returns.
             unsafe { ffi::kstat_delete(ksp.as_ptr()) };
         }
     }

@@ -36,7 +36,10 @@ impl RegMap {
         // defect (ddi.fmcap) for an ACCCHK-capable driver mapping with
         // DDI_DEFAULT_ACC. Faults the nexus sees on a flagged handle are
         // then reported by ddi_fm_acc_err_get(9F) (`Fma::check_regs`).
-        // SAFETY: a valid node; any context.
+        // SAFETY: `dip` is a node the driver is attached to (a `Dip` is
+        // valid from attach(9E) to detach(9E), and DMA memory and register
+        // maps exist only in between); ddi_fm_capable(9F) only reads the
+        // node's FM capabilities and may be called from any context.
         let caps = unsafe { ffi::ddi_fm_capable(dip.as_ptr()) };
         let attr = ffi::ddi_device_acc_attr_t {
             devacc_attr_version: ffi::DDI_DEVICE_ATTR_V1,

@@ -73,7 +73,11 @@ fn get<'a>(h: ddi_acc_handle_t, func: &str) -> Option<&'a AccHandle> {
 /// the handle).
 pub fn flags_errors(h: ddi_acc_handle_t) -> bool {
     is_live(h) && {
-        // SAFETY: live handles are boxes made by register().
+        // SAFETY: `h` is in HANDLES, so it is a box made by register() and
+        // not yet freed; the caller (the FM emulation, on behalf of the
+        // driver's ddi_fm_acc_err_get) uses a handle the driver still
+        // holds, and the DDI forbids freeing a handle while it is in use,
+        // so the box outlives this read. Only a shared reference is made.
         unsafe { &*h.cast::<AccHandle>() }.flagerr
     }
 }
@@ -85,7 +89,10 @@ pub fn register_handles(m: &Machine) -> Vec<ddi_acc_handle_t> {
         .iter()
         .map(|&h| h as ddi_acc_handle_t)
         .filter(|&h| {
-            // SAFETY: registered handles are live boxes.
+            // SAFETY: HANDLES is locked while we iterate it, and
+            // unregister() takes a handle out of HANDLES (under this lock)
+            // before it frees the box: every handle here is a live box
+            // made by register(). Only a shared reference is made.
             let a = unsafe { &*h.cast::<AccHandle>() };
             std::ptr::eq(Arc::as_ptr(&a.machine), m) && !matches!(a.kind, AccKind::Config)
         })

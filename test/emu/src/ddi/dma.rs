@@ -291,7 +291,12 @@ static HANDLES: Mutex<Option<HashSet<usize>>> = Mutex::new(None);
 /// report it.
 pub fn flags_errors(h: ddi_dma_handle_t) -> bool {
     is_live(h) && {
-        // SAFETY: live handles are boxes made by ddi_dma_alloc_handle.
+        // SAFETY: `h` is in HANDLES, so it is a box made by
+        // ddi_dma_alloc_handle and not yet freed; the caller (the FM
+        // emulation, on behalf of the driver's ddi_fm_dma_err_get) uses a
+        // handle the driver still holds, and the DDI forbids freeing a
+        // handle while it is in use, so the box outlives this read. Only a
+        // shared reference is made.
         let d = unsafe { &*h.cast::<DmaHandle>() };
         d.attr.dma_attr_flags & ffi::DDI_DMA_FLAGERR != 0
     }
@@ -305,7 +310,10 @@ pub fn handles(m: &Machine) -> Vec<ddi_dma_handle_t> {
         .iter()
         .map(|&h| h as ddi_dma_handle_t)
         .filter(|&h| {
-            // SAFETY: registered handles are live boxes.
+            // SAFETY: HANDLES is locked while we iterate it, and
+            // ddi_dma_free_handle takes a handle out of HANDLES (under this
+            // lock) before it frees the box: every handle here is a live box
+            // made by ddi_dma_alloc_handle. Only a shared reference is made.
             let d = unsafe { &*h.cast::<DmaHandle>() };
             std::ptr::eq(Arc::as_ptr(&d.machine), m)
         })
