@@ -706,12 +706,8 @@ impl Stream {
 }
 
 struct Sample {
-    exits: u64,
-    interrupts: u64,
-    doorbells: u64,
-    busy: u64,
-    isr_reads: u64,
-    allocs: u64,
+    /// What the counters moved by during the run.
+    counts: Counts,
     wall_ns: u128,
     meter: meter::Reading,
 }
@@ -838,12 +834,7 @@ fn run_once(
         ));
     }
     Ok(Sample {
-        exits: after.exits - before.exits,
-        interrupts: after.interrupts - before.interrupts,
-        doorbells: after.doorbells - before.doorbells,
-        busy: after.busy - before.busy,
-        isr_reads: after.isr_reads - before.isr_reads,
-        allocs: after.allocs - before.allocs,
+        counts: after.since(&before),
         wall_ns,
         meter: reading,
     })
@@ -862,6 +853,20 @@ struct Counts {
     busy: u64,
     isr_reads: u64,
     allocs: u64,
+}
+
+impl Counts {
+    /// How far each counter moved from `before`.
+    fn since(&self, before: &Counts) -> Counts {
+        Counts {
+            exits: self.exits - before.exits,
+            interrupts: self.interrupts - before.interrupts,
+            doorbells: self.doorbells - before.doorbells,
+            busy: self.busy - before.busy,
+            isr_reads: self.isr_reads - before.isr_reads,
+            allocs: self.allocs - before.allocs,
+        }
+    }
 }
 
 fn counters(bed: &rvscsi_emu::Bed) -> Result<Counts, String> {
@@ -954,12 +959,12 @@ fn measure(
         queues: s.queues,
         vectors: s.vectors,
         variant: s.variant,
-        exits_per_cmd: med.exits as f64 / n,
-        interrupts_per_cmd: med.interrupts as f64 / n,
-        doorbells_per_cmd: med.doorbells as f64 / n,
-        busy_per_cmd: med.busy as f64 / n,
-        isr_reads_per_cmd: med.isr_reads as f64 / n,
-        allocs_per_cmd: med.allocs as f64 / n,
+        exits_per_cmd: med.counts.exits as f64 / n,
+        interrupts_per_cmd: med.counts.interrupts as f64 / n,
+        doorbells_per_cmd: med.counts.doorbells as f64 / n,
+        busy_per_cmd: med.counts.busy as f64 / n,
+        isr_reads_per_cmd: med.counts.isr_reads as f64 / n,
+        allocs_per_cmd: med.counts.allocs as f64 / n,
         kernel_calls_per_cmd: med.meter.kernel_calls as f64 / n,
         probes_per_cmd: med.meter.probe_calls as f64 / n,
         entries_per_cmd: med.meter.driver_entries as f64 / n,
