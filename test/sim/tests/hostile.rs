@@ -227,23 +227,7 @@ fn task_management_refused_at_every_step_ends_in_a_device_reset() {
         ]
     );
     // The device works again.
-    let after = load::run(
-        &luns,
-        &LoadConfig {
-            commands: 60,
-            seed: 44,
-            ..LoadConfig::default()
-        },
-        &|c: &Completion| {
-            if c.good() || c.result.sense_key().is_some_and(|k| k.0 == 6) {
-                Ok(())
-            } else {
-                Err("after the reset".into())
-            }
-        },
-        &mut |_| {},
-    );
-    after.assert_clean("after the refused ladder");
+    io_goes_on_after_a_reset(&luns, 60, 44, "after the refused ladder");
     rig.finish_clean();
 }
 
@@ -388,23 +372,7 @@ fn device_needs_reset_at_run_time_is_reported_and_the_device_is_reset() {
         ))
     );
     // I/O goes on after the reset.
-    let after = load::run(
-        &luns,
-        &LoadConfig {
-            commands: 40,
-            seed: 45,
-            ..LoadConfig::default()
-        },
-        &|c: &Completion| {
-            if c.good() || c.result.sense_key().is_some_and(|k| k.0 == 6) {
-                Ok(())
-            } else {
-                Err("after the reset".into())
-            }
-        },
-        &mut |_| {},
-    );
-    after.assert_clean("after DEVICE_NEEDS_RESET");
+    io_goes_on_after_a_reset(&luns, 40, 45, "after DEVICE_NEEDS_RESET");
     rig.finish_clean();
 }
 
@@ -447,11 +415,23 @@ fn a_runaway_used_index_resets_the_device_and_is_reported() {
             "ereport.io.service.restored",
         ]
     );
+    io_goes_on_after_a_reset(&luns, 40, 46, "after the runaway index");
+    rig.finish_clean();
+}
+
+/// `commands` good commands on `luns` after a device reset (a unit
+/// attention, sense key 6, is the reset's to report and also fine).
+fn io_goes_on_after_a_reset(
+    luns: &[std::sync::Arc<load::Lun>],
+    commands: usize,
+    seed: u64,
+    what: &str,
+) {
     let after = load::run(
-        &luns,
+        luns,
         &LoadConfig {
-            commands: 40,
-            seed: 46,
+            commands,
+            seed,
             ..LoadConfig::default()
         },
         &|c: &Completion| {
@@ -463,6 +443,5 @@ fn a_runaway_used_index_resets_the_device_and_is_reported() {
         },
         &mut |_| {},
     );
-    after.assert_clean("after the runaway index");
-    rig.finish_clean();
+    after.assert_clean(what);
 }
