@@ -18,7 +18,7 @@ use crate::probes;
 use crate::scsa::flags::DataDir;
 use crate::scsa::pkt::Pkt;
 use crate::scsa::{Outcome, PktFlags, PktState, PktStatistics};
-use core::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicI64, AtomicU16, AtomicU64, Ordering};
 
 /// Deadlines without a kernel call per command: the clock (`lbolt`) as the
 /// watchdog last read it, and the clock rate read once. sd gives every
@@ -210,6 +210,68 @@ impl PassKicks {
     }
 }
 
+/// Per CPU (seqid modulo [`REAP_HINTS`]): 1 + the request queue whose
+/// completions that CPU is delivering, 0 when none. A command a target
+/// driver starts from its completion callback goes to that queue, so its
+/// doorbell joins the one the pass rings at its end, whichever CPU the
+/// queue's vector happens to interrupt (illumos does not tie a vector to
+/// the CPU whose queue it serves). Only a hint: a collision sends a
+/// command to another valid queue.
+///
+/// A pass marks its slot and, at its end, clears it only if the mark is
+/// still its own. It does not restore what it found: passes on one slot
+/// need not end in the reverse order they began (a kernel thread reaping
+/// may be preempted and migrate, CPUs share slots), and a restored mark
+/// of a pass that already ended would steer that CPU's commands to one
+/// queue until the next pass there, for good on an idle queue. Clearing
+/// means a slot holds only marks of passes still running; an outer pass
+/// that an inner one cleared goes on without its hint.
+pub(crate) struct ReapHints([AtomicU16; REAP_HINTS]);
+
+impl ReapHints {
+    pub(crate) const fn new() -> Self {
+        ReapHints([const { AtomicU16::new(0) }; REAP_HINTS])
+    }
+
+    /// The queue a pass on CPU `cpu` is reaping, if it is one of the
+    /// `nqueues`.
+    fn queue_for(&self, cpu: u32, nqueues: u32) -> Option<u16> {
+        match u32::from(self.slot(cpu).load(Ordering::Relaxed)) {
+            h @ 1.. if h <= nqueues => Some((h - 1) as u16),
+            _ => None,
+        }
+    }
+
+    /// A pass on CPU `cpu` reaps queue `qi` until the mark is dropped.
+    fn mark(&self, cpu: u32, qi: usize) -> HintMark<'_> {
+        let slot = self.slot(cpu);
+        let mine = (qi as u16).wrapping_add(1);
+        slot.store(mine, Ordering::Relaxed);
+        HintMark { slot, mine }
+    }
+
+    fn slot(&self, cpu: u32) -> &AtomicU16 {
+        &self.0[cpu as usize % REAP_HINTS]
+    }
+}
+
+/// A running pass's mark in [`ReapHints`]; dropping it clears the slot
+/// unless a later pass marked it since.
+struct HintMark<'a> {
+    slot: &'a AtomicU16,
+    mine: u16,
+}
+
+impl Drop for HintMark<'_> {
+    fn drop(&mut self) {
+        // Fails when another pass marked the slot since: that pass clears
+        // it when it ends.
+        let _ = self
+            .slot
+            .compare_exchange(self.mine, 0, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
 /// Who reaps a ring, and so what it may do with what it finds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reaper {
@@ -391,11 +453,7 @@ impl<F: Family> Hba<F> {
             return 0;
         }
         let cpu = crate::ddi::cpu::current_seqid();
-        let hint = self.reaping[cpu as usize % REAP_HINTS].load(Ordering::Relaxed);
-        match u32::from(hint) {
-            h @ 1.. if h <= n => (h - 1) as u16,
-            _ => (cpu % n) as u16,
-        }
+        self.reaping.queue_for(cpu, n).unwrap_or((cpu % n) as u16)
     }
 
     /// Puts a prepared command in its ring and notifies the device if it
@@ -661,10 +719,8 @@ impl<F: Family> Hba<F> {
                 // The hint steers commands started from these completions
                 // to this queue (`queue_for_this_cpu`); with one queue
                 // there is nothing to steer, and no CPU lookup to pay.
-                let hint = (self.queues.len() > 1).then(|| {
-                    let h = &self.reaping[crate::ddi::cpu::current_seqid() as usize % REAP_HINTS];
-                    (h, h.swap(qi as u16 + 1, Ordering::Relaxed))
-                });
+                let hint = (self.queues.len() > 1)
+                    .then(|| self.reaping.mark(crate::ddi::cpu::current_seqid(), qi));
                 while let Some(c) = own.pop() {
                     self.finish(c, None);
                 }
@@ -672,9 +728,7 @@ impl<F: Family> Hba<F> {
                     self.finish(c, None);
                     self.complete_parked_upto(qi, parked);
                 }
-                if let Some((h, outer)) = hint {
-                    h.store(outer, Ordering::Relaxed);
-                }
+                drop(hint);
             }
             // What was deferred to this pass is taken before its own
             // queue's decision, so that one doorbell covers both; a command
@@ -982,6 +1036,56 @@ mod tests {
             1,
             "never 0, which means none"
         );
+    }
+
+    #[test]
+    fn a_pass_steers_its_cpus_commands_to_its_queue_while_it_runs() {
+        let h = ReapHints::new();
+        assert_eq!(h.queue_for(5, 4), None, "no pass runs");
+        let pass = h.mark(5, 3);
+        assert_eq!(h.queue_for(5, 4), Some(3));
+        assert_eq!(
+            h.queue_for(5 + REAP_HINTS as u32, 4),
+            Some(3),
+            "a shared slot"
+        );
+        assert_eq!(h.queue_for(6, 4), None, "another CPU's");
+        assert_eq!(h.queue_for(5, 3), None, "a queue the HBA no longer has");
+        drop(pass);
+        assert_eq!(h.queue_for(5, 4), None, "the pass ended");
+        let first = h.mark(0, 0);
+        assert_eq!(h.queue_for(0, 4), Some(0), "queue 0 is a hint too");
+        drop(first);
+    }
+
+    #[test]
+    fn passes_that_end_out_of_order_leave_no_hint_behind() {
+        let h = ReapHints::new();
+        // The outer pass ends first (it migrated), the inner one after:
+        // restoring what each found would leave the outer's mark for good.
+        let outer = h.mark(2, 4);
+        let inner = h.mark(2, 1);
+        drop(outer);
+        assert_eq!(
+            h.queue_for(2, 8),
+            Some(1),
+            "the running pass keeps its mark"
+        );
+        drop(inner);
+        assert_eq!(h.queue_for(2, 8), None);
+        // Nested the usual way round: the inner pass clears the slot.
+        let outer = h.mark(2, 4);
+        drop(h.mark(2, 1));
+        assert_eq!(h.queue_for(2, 8), None, "the outer pass goes on unhinted");
+        drop(outer);
+        assert_eq!(h.queue_for(2, 8), None);
+        // The same queue twice: the first to end clears it.
+        let a = h.mark(2, 4);
+        let b = h.mark(2, 4);
+        drop(a);
+        assert_eq!(h.queue_for(2, 8), None);
+        drop(b);
+        assert_eq!(h.queue_for(2, 8), None);
     }
 
     #[test]

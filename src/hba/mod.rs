@@ -50,7 +50,7 @@ use cmd::{Cmd, CmdList};
 use core::ffi::c_void;
 use core::mem::ManuallyDrop;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU16, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering};
 pub use family::{Family, FamilyId};
 use family::{StopError, StopWait};
 use work::Work;
@@ -297,14 +297,9 @@ pub struct Hba<F: Family> {
     /// once the device is known to be stopped (else it is kept, see
     /// `Drop`).
     pub(crate) queues: ManuallyDrop<Vec<RequestQueue<F>>>,
-    /// Per CPU (seqid modulo [`REAP_HINTS`]): 1 + the request queue whose
-    /// completions that CPU is delivering, 0 when none. A command a target
-    /// driver starts from its completion callback goes to that queue, so
-    /// its doorbell joins the one the pass rings at its end, whichever CPU
-    /// the queue's vector happens to interrupt (illumos does not tie a
-    /// vector to the CPU whose queue it serves). Only a hint: a collision
-    /// sends a command to another valid queue.
-    pub(crate) reaping: [AtomicU16; REAP_HINTS],
+    /// Which queue each CPU's completion pass is reaping, to steer the
+    /// commands its callbacks start there.
+    pub(crate) reaping: io::ReapHints,
     /// Doorbells deferred to the end of the completion passes running.
     pub(crate) pass_kicks: io::PassKicks,
     pub(crate) next_tag: AtomicU64,
@@ -381,7 +376,7 @@ impl<F: Family> Hba<F> {
             limits: a.limits,
             caps: a.caps,
             queues: ManuallyDrop::new(queues),
-            reaping: [const { AtomicU16::new(0) }; REAP_HINTS],
+            reaping: io::ReapHints::new(),
             pass_kicks: io::PassKicks::new(),
             next_tag: AtomicU64::new(1),
             clock: io::DeadlineClock::start(),
