@@ -2,6 +2,12 @@
 //! each call into no-ops that DTrace can enable; here each firing is
 //! recorded against the current machine so that tests can assert that the
 //! probes fire where rvscsi(4D) says, with the arguments it documents.
+//!
+//! Each site is `#[inline(never)]`: in the kernel it is a call into
+//! another object that krtld patches, never code the compiler can pull
+//! into the driver's function, and inlined here its bookkeeping (the
+//! meter's frame, the firing's arguments) would be counted as the driver's
+//! instructions (`bench::own_instructions`).
 
 use crate::machine::{self, lock};
 use std::sync::Mutex;
@@ -76,6 +82,7 @@ fn fire(name: &'static str, args: &[usize]) {
 
 /// `sdt:rvscsi::rvscsi-cmd-start`
 #[unsafe(no_mangle)]
+#[inline(never)]
 pub extern "C" fn __dtrace_probe_rvscsi__cmd__start(
     pkt: usize,
     target: usize,
@@ -88,6 +95,7 @@ pub extern "C" fn __dtrace_probe_rvscsi__cmd__start(
 
 /// `sdt:rvscsi::rvscsi-cmd-done`
 #[unsafe(no_mangle)]
+#[inline(never)]
 pub extern "C" fn __dtrace_probe_rvscsi__cmd__done(
     pkt: usize,
     reason: usize,
@@ -101,6 +109,7 @@ pub extern "C" fn __dtrace_probe_rvscsi__cmd__done(
 
 /// `sdt:rvscsi::rvscsi-cmd-timeout`
 #[unsafe(no_mangle)]
+#[inline(never)]
 pub extern "C" fn __dtrace_probe_rvscsi__cmd__timeout(
     pkt: usize,
     target: usize,
@@ -113,6 +122,7 @@ pub extern "C" fn __dtrace_probe_rvscsi__cmd__timeout(
 
 /// `sdt:rvscsi::rvscsi-cmd-abort`
 #[unsafe(no_mangle)]
+#[inline(never)]
 pub extern "C" fn __dtrace_probe_rvscsi__cmd__abort(
     pkt: usize,
     target: usize,
@@ -125,6 +135,7 @@ pub extern "C" fn __dtrace_probe_rvscsi__cmd__abort(
 
 /// `sdt:rvscsi::rvscsi-reset`
 #[unsafe(no_mangle)]
+#[inline(never)]
 pub extern "C" fn __dtrace_probe_rvscsi__reset(
     level: usize,
     target: usize,
