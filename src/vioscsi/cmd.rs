@@ -47,7 +47,9 @@ impl CmdLayout {
             resp_len,
             table_off,
             table_entries,
-            total: table_off + DESC_SIZE * table_entries,
+            // At least the small header buffer, which the request is
+            // copied from whole (`write_request`).
+            total: (table_off + DESC_SIZE * table_entries).max(HEADERS_SMALL),
         }
     }
 }
@@ -108,7 +110,7 @@ fn headers(layout: &CmdLayout, req: &Request<'_>, out: &mut [u8]) -> usize {
     out[proto::REQ_TASK_ATTR] = task_attr(req.task_attr);
     let cdb_room = layout.req_len.min(end).saturating_sub(proto::REQ_CDB);
     let n = req.cdb.len().min(cdb_room);
-    out[proto::REQ_CDB..proto::REQ_CDB + n].copy_from_slice(&req.cdb[..n]);
+    copy_cdb(&mut out[proto::REQ_CDB..proto::REQ_CDB + n], &req.cdb[..n]);
     // Response header: a response code no device sends, so a command the
     // device "completes" without writing its response is not mistaken
     // for a success.
@@ -116,6 +118,28 @@ fn headers(layout: &CmdLayout, req: &Request<'_>, out: &mut [u8]) -> usize {
         *b = 0xff;
     }
     end
+}
+
+/// Copies a CDB of `src.len()` (= `dst.len()`) bytes. The lengths the
+/// SCSI command groups define from 10 bytes up (SPC-4 §4.2.5.1: 10, 12
+/// and 16) are copied as two overlapping 8-byte words, a few moves,
+/// rather than a call to memcpy for a handful of bytes (the compiler
+/// turns fixed-size copies of these lengths back into that call); any
+/// other length is copied as it is.
+fn copy_cdb(dst: &mut [u8], src: &[u8]) {
+    let n = src.len();
+    if (8..=16).contains(&n) && dst.len() == n {
+        let word = |b: &[u8]| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(b);
+            w
+        };
+        let (head, tail) = (word(&src[..8]), word(&src[n - 8..]));
+        dst[n - 8..].copy_from_slice(&tail);
+        dst[..8].copy_from_slice(&head);
+    } else {
+        dst.copy_from_slice(src);
+    }
 }
 
 /// Writes the request header (and the indirect table) of `req` into the
@@ -135,14 +159,19 @@ fn write_request<M: SharedMem>(dma: &M, layout: &CmdLayout, indirect: bool, req:
     // largest only when the device asks for it.
     let hdr_len = if layout.resp_off + proto::RESP_HEADER_LEN <= HEADERS_SMALL {
         let mut hdr = [0u8; HEADERS_SMALL];
-        let n = headers(layout, req, &mut hdr);
-        dma.write_bytes(0, &hdr[..n]);
-        n
+        headers(layout, req, &mut hdr);
+        // The whole buffer (the command's memory is at least that long,
+        // `CmdLayout::new`): a copy of a constant size, which the compiler
+        // makes a few stores, where the headers' own length (68 bytes for
+        // QEMU's CDB size) would be a call to memcpy. Past the response
+        // header lie the sense area the device overwrites and the table
+        // written below; the zeroes are synced with the rest, so that no
+        // dirty cache line of them can land on what the device writes
+        // there later.
+        dma.write_bytes(0, &hdr);
+        HEADERS_SMALL
     } else {
-        let mut hdr = [0u8; HEADERS_MAX];
-        let n = headers(layout, req, &mut hdr);
-        dma.write_bytes(0, &hdr[..n]);
-        n
+        write_large_headers(dma, layout, req)
     };
     // What the device reads (and the response header it must
     // overwrite) is synced in one call once everything is written:
@@ -185,9 +214,22 @@ fn write_request<M: SharedMem>(dma: &M, layout: &CmdLayout, indirect: bool, req:
                 put(k.dmac_laddress, k.dmac_size as u32, true);
             }
         }
-        synced = layout.table_off + total * DESC_SIZE;
+        synced = synced.max(layout.table_off + total * DESC_SIZE);
     }
     dma.sync_for_device(0, synced);
+}
+
+/// The headers of `req` for a device whose CDBs do not fit the small
+/// buffer, written into `dma`; their length. Out of line: merged into
+/// `write_request`, its copy of a variable length would take the small
+/// one's place too.
+#[cold]
+#[inline(never)]
+fn write_large_headers<M: SharedMem>(dma: &M, layout: &CmdLayout, req: &Request<'_>) -> usize {
+    let mut hdr = [0u8; HEADERS_MAX];
+    let n = headers(layout, req, &mut hdr);
+    dma.write_bytes(0, &hdr[..n]);
+    n
 }
 
 /// Reads the response header the device wrote and maps it to the SCSA
@@ -322,7 +364,52 @@ mod tests {
         r.dir = DataDir::None;
         write_request(&m, &l, false, &r);
         assert_eq!(desc(&m, &l, 0), (0, 0, 0, 0), "no table written");
-        assert_eq!(m.take_syncs(), [(true, 0, 68)]);
+        assert_eq!(
+            m.take_syncs(),
+            [(true, 0, HEADERS_SMALL)],
+            "the headers and the zeroes copied with them"
+        );
+    }
+
+    #[test]
+    fn the_small_header_buffer_is_copied_whole_into_memory_that_holds_it() {
+        use crate::shmem::shared::SharedHostMem;
+        // 6-byte CDBs, no sense, no table: 44 bytes of layout, yet the
+        // command's memory holds the whole buffer the headers come from.
+        let l = CmdLayout::new(6, 0, 0, false);
+        assert_eq!(
+            (l.resp_off + proto::RESP_HEADER_LEN, l.total),
+            (44, HEADERS_SMALL)
+        );
+        assert_eq!(
+            CmdLayout::new(32, 96, 0, false).total,
+            176,
+            "when larger, itself"
+        );
+        let m = SharedHostMem::new(l.total, 0);
+        m.write_bytes(0, &[0xee; HEADERS_SMALL]);
+        write_request(&m, &l, false, &request(&[0x12, 0, 0, 0, 0x24, 0]));
+        let mut b = [0u8; HEADERS_SMALL];
+        m.read_bytes(0, &mut b);
+        assert_eq!(&b[19..25], &[0x12, 0, 0, 0, 0x24, 0], "the CDB");
+        assert_eq!(b[43], 0xff, "the response code");
+        assert!(b[25..43].iter().all(|&x| x == 0), "padding and response");
+        assert!(
+            b[44..].iter().all(|&x| x == 0),
+            "the stale bytes past it too"
+        );
+        assert_eq!(m.take_syncs(), [(true, 0, HEADERS_SMALL)], "and synced");
+    }
+
+    #[test]
+    fn a_cdb_of_any_length_is_copied_exactly() {
+        let src: [u8; 40] = core::array::from_fn(|i| 0x80 | i as u8);
+        for n in 0..=40 {
+            let mut dst = [0u8; 40];
+            copy_cdb(&mut dst[..n], &src[..n]);
+            assert_eq!(&dst[..n], &src[..n], "length {n}");
+            assert!(dst[n..].iter().all(|&b| b == 0), "nothing past {n}");
+        }
     }
 
     #[test]
