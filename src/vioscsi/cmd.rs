@@ -110,7 +110,7 @@ fn headers(layout: &CmdLayout, req: &Request<'_>, out: &mut [u8]) -> usize {
     out[proto::REQ_TASK_ATTR] = task_attr(req.task_attr);
     let cdb_room = layout.req_len.min(end).saturating_sub(proto::REQ_CDB);
     let n = req.cdb.len().min(cdb_room);
-    copy_cdb(&mut out[proto::REQ_CDB..proto::REQ_CDB + n], &req.cdb[..n]);
+    copy_cdb(&mut out[proto::REQ_CDB..], &req.cdb[..n]);
     // Response header: a response code no device sends, so a command the
     // device "completes" without writing its response is not mistaken
     // for a success.
@@ -120,15 +120,19 @@ fn headers(layout: &CmdLayout, req: &Request<'_>, out: &mut [u8]) -> usize {
     end
 }
 
-/// Copies a CDB of `src.len()` (= `dst.len()`) bytes. The lengths the
-/// SCSI command groups define from 10 bytes up (SPC-4 §4.2.5.1: 10, 12
-/// and 16) are copied as two overlapping 8-byte words, a few moves,
-/// rather than a call to memcpy for a handful of bytes (the compiler
-/// turns fixed-size copies of these lengths back into that call); any
-/// other length is copied as it is.
+/// Copies the CDB `src` to the start of `dst` (which holds it: the
+/// caller cut `src` to the room). The lengths the SCSI command groups
+/// define from 10 bytes up (SPC-4 §4.2.5.1: 10, 12 and 16) are copied as
+/// two overlapping 8-byte words, a few moves, rather than a call to
+/// memcpy for a handful of bytes (the compiler turns fixed-size copies of
+/// these lengths back into that call); any other length is copied as it
+/// is.
 fn copy_cdb(dst: &mut [u8], src: &[u8]) {
     let n = src.len();
-    if (8..=16).contains(&n) && dst.len() == n {
+    let Some(dst) = dst.get_mut(..n) else {
+        return;
+    };
+    if (8..=16).contains(&n) {
         let word = |b: &[u8]| {
             let mut w = [0u8; 8];
             w.copy_from_slice(b);
@@ -406,10 +410,13 @@ mod tests {
         let src: [u8; 40] = core::array::from_fn(|i| 0x80 | i as u8);
         for n in 0..=40 {
             let mut dst = [0u8; 40];
-            copy_cdb(&mut dst[..n], &src[..n]);
+            copy_cdb(&mut dst, &src[..n]);
             assert_eq!(&dst[..n], &src[..n], "length {n}");
             assert!(dst[n..].iter().all(|&b| b == 0), "nothing past {n}");
         }
+        let mut short = [0u8; 12];
+        copy_cdb(&mut short, &src[..16]);
+        assert_eq!(short, [0; 12], "a CDB the room cannot take is not copied");
     }
 
     #[test]
