@@ -124,3 +124,84 @@ fn commands_started_on_four_queues_during_a_completion_pass_ring_each_doorbell_o
     let report = rig.finish();
     assert!(report.is_clean(), "{report:?}");
 }
+
+/// Commands of request queue `q` placed on its ring so far
+/// (`rvscsi:<instance>:queue<q>:commands`).
+fn queue_commands(rig: &Rig, q: usize) -> u64 {
+    rig.kstat(&format!("queue{q}"))
+        .u64("commands")
+        .expect("queue commands")
+}
+
+#[test]
+fn a_command_started_from_a_completion_routine_joins_the_queue_being_reaped() {
+    let rig = rig();
+    let lun = rig.load_luns().first().expect("a LUN").clone();
+    // Started on CPU 5, the trigger goes to queue 1 (5 mod 4), whose
+    // vector (2) the test bed runs on CPU 2, whose own queue is 2: the
+    // command its completion routine starts there goes to queue 1, the
+    // queue that pass is reaping, not to CPU 2's.
+    const TRIGGER_CPU: usize = 5;
+    const REAPED: usize = 1;
+    const INTR_CPU: usize = 1 + REAPED;
+    let follow_up = Arc::new(read_packet(&lun, 64));
+    let trigger = read_packet(&lun, 0);
+    let started = Arc::new(Mutex::new(None));
+    {
+        let (follow_up, started) = (follow_up.clone(), started.clone());
+        trigger.set_callback(Some(Arc::new(move |_p: &Packet| {
+            let cpu = rvscsi_emu::ddi::cpu::current();
+            *started.lock().unwrap() = Some((cpu, follow_up.start_async()));
+        })));
+    }
+    let before: Vec<u64> = (0..QUEUES).map(|q| queue_commands(&rig, q)).collect();
+    rvscsi_emu::ddi::cpu::run_on(TRIGGER_CPU);
+    assert_eq!(trigger.start_async(), ffi::TRAN_ACCEPT);
+    assert!(
+        trigger.wait(Duration::from_secs(30)),
+        "the trigger completed"
+    );
+    assert!(
+        follow_up.wait(Duration::from_secs(30)),
+        "the follow-up completed"
+    );
+    let (cpu, rc) = started.lock().unwrap().take().expect("the routine ran");
+    assert_eq!(
+        (cpu, rc),
+        (INTR_CPU, ffi::TRAN_ACCEPT),
+        "started on the interrupt's CPU"
+    );
+    let placed: Vec<u64> = (0..QUEUES)
+        .map(|q| queue_commands(&rig, q) - before[q])
+        .collect();
+    let mut want = vec![0; QUEUES];
+    want[REAPED] = 2;
+    assert_eq!(placed, want, "the trigger and its follow-up, on one queue");
+    // Once the pass is over (its handler returned: the test bed runs it
+    // beside this thread, where CPU 2 would run one at a time), a command
+    // started on CPU 2 goes to CPU 2's own queue again: no hint is left.
+    rig.per_vector_quiet();
+    let later = read_packet(&lun, 128);
+    rvscsi_emu::ddi::cpu::run_on(INTR_CPU);
+    let before = queue_commands(&rig, INTR_CPU);
+    assert_eq!(later.start_async(), ffi::TRAN_ACCEPT);
+    assert!(
+        later.wait(Duration::from_secs(30)),
+        "the later command completed"
+    );
+    assert_eq!(
+        queue_commands(&rig, INTR_CPU) - before,
+        1,
+        "CPU 2's own queue"
+    );
+    trigger.set_callback(None);
+    for p in [trigger, later] {
+        p.destroy();
+    }
+    Arc::into_inner(follow_up)
+        .expect("the routine let go")
+        .destroy();
+    drop(lun);
+    let report = rig.finish();
+    assert!(report.is_clean(), "{report:?}");
+}
