@@ -6,7 +6,10 @@
 //! - QEMU never writes `dataLen` (always 0), and ESXi returns 0 for some
 //!   commands too (Linux commit 142c779d05d1). So `dataLen` 0 on success
 //!   means "no residual known": resid 0. Only 0 < dataLen < length is a
-//!   residual.
+//!   residual. With any other SCSI status (CHECK CONDITION, BUSY,
+//!   RESERVATION CONFLICT) dataLen 0 means nothing is known to have
+//!   moved: the whole length is the residual, as a uscsi(4I) caller's
+//!   `uscsi_resid` then says, and the packet does not claim a transfer.
 //! - QEMU reports any short (or long) transfer as `BTSTAT_DATARUN` with
 //!   dataLen 0 (Q `pvscsi_command_complete`), including REPORT LUNS and
 //!   VPD pages that are merely shorter than the allocation length. For
@@ -140,10 +143,12 @@ pub fn map_completion(c: &Completion, f: &CmdFacts) -> Mapped {
                 // More moved than the buffer holds: untrustworthy.
                 o.state = PktState::empty();
             } else {
-                let resid = if data_len == 0 {
+                let resid = if data_len > 0 {
+                    (xfer - data_len) as usize
+                } else if s == ffi::STATUS_GOOD {
                     0
                 } else {
-                    (xfer - data_len) as usize
+                    f.xfer
                 };
                 good_or_status(&mut o, s, f.xfer, resid);
                 got_status = true;
@@ -268,6 +273,27 @@ mod tests {
         assert_eq!(m.outcome.resid, 0, "QEMU never writes dataLen");
         assert_eq!(m.outcome.state, STATE_COMPLETED | PktState::XFERRED_DATA);
         assert_eq!(m.sense_len, 0);
+    }
+
+    #[test]
+    fn a_failed_status_without_datalen_claims_no_transfer() {
+        for status in [2u16, 8, 0x18] {
+            let m = map_completion(&cmp(0, status, 0, 18), &facts(READ10, 4096));
+            assert_eq!(
+                (
+                    m.outcome.reason,
+                    u16::from(m.outcome.status),
+                    m.outcome.resid
+                ),
+                (ffi::CMD_CMPLT, status, 4096),
+                "status {status:#x}: nothing known to have moved"
+            );
+            assert_eq!(m.outcome.state, STATE_COMPLETED, "no XFERRED_DATA");
+        }
+        // A dataLen the device did write still counts.
+        let m = map_completion(&cmp(0, 2, 1024, 18), &facts(READ10, 4096));
+        assert_eq!(m.outcome.resid, 3072);
+        assert!(m.outcome.state.contains(PktState::XFERRED_DATA));
     }
 
     #[test]
