@@ -179,7 +179,7 @@ fn write_request<M: SharedMem>(dma: &M, layout: &CmdLayout, indirect: bool, req:
     };
     // What the device reads (and the response header it must
     // overwrite) is synced in one call once everything is written:
-    // just the headers, or up to the end of the indirect table
+    // the header buffer copied, or up to the end of the indirect table
     // (the response's sense bytes in between, which the driver has
     // not written and reads only after a sync for the CPU, go along).
     let mut synced = hdr_len;

@@ -288,11 +288,16 @@ impl Completion {
             && self.result.resid == 0
     }
 
+    /// The bytes the command was to move.
+    pub fn length(&self) -> isize {
+        self.blocks as isize * 512
+    }
+
     /// What no device, however broken, may make of a completion: a
     /// residual outside the transfer, or more sense than the status area
     /// holds (scsi_pkt(9S), scsi_arq_status(9S), scsi_extended_sense).
     pub fn within_bounds(&self) -> Result<(), String> {
-        let len = self.blocks as isize * 512;
+        let len = self.length();
         if self.result.resid < 0 || self.result.resid > len {
             return Err(format!("resid {} outside 0..={len}", self.result.resid));
         }

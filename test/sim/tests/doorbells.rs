@@ -125,14 +125,6 @@ fn commands_started_on_four_queues_during_a_completion_pass_ring_each_doorbell_o
     assert!(report.is_clean(), "{report:?}");
 }
 
-/// Commands of request queue `q` placed on its ring so far
-/// (`rvscsi:<instance>:queue<q>:commands`).
-fn queue_commands(rig: &Rig, q: usize) -> u64 {
-    rig.kstat(&format!("queue{q}"))
-        .u64("commands")
-        .expect("queue commands")
-}
-
 #[test]
 fn a_command_started_from_a_completion_routine_joins_the_queue_being_reaped() {
     let rig = rig();
@@ -154,7 +146,7 @@ fn a_command_started_from_a_completion_routine_joins_the_queue_being_reaped() {
             *started.lock().unwrap() = Some((cpu, follow_up.start_async()));
         })));
     }
-    let before: Vec<u64> = (0..QUEUES).map(|q| queue_commands(&rig, q)).collect();
+    let before: Vec<u64> = (0..QUEUES).map(|q| rig.queue_stat(q, "commands")).collect();
     rvscsi_emu::ddi::cpu::run_on(TRIGGER_CPU);
     assert_eq!(trigger.start_async(), ffi::TRAN_ACCEPT);
     assert!(
@@ -172,7 +164,7 @@ fn a_command_started_from_a_completion_routine_joins_the_queue_being_reaped() {
         "started on the interrupt's CPU"
     );
     let placed: Vec<u64> = (0..QUEUES)
-        .map(|q| queue_commands(&rig, q) - before[q])
+        .map(|q| rig.queue_stat(q, "commands") - before[q])
         .collect();
     let mut want = vec![0; QUEUES];
     want[REAPED] = 2;
@@ -183,14 +175,14 @@ fn a_command_started_from_a_completion_routine_joins_the_queue_being_reaped() {
     rig.per_vector_quiet();
     let later = read_packet(&lun, 128);
     rvscsi_emu::ddi::cpu::run_on(INTR_CPU);
-    let before = queue_commands(&rig, INTR_CPU);
+    let before = rig.queue_stat(INTR_CPU, "commands");
     assert_eq!(later.start_async(), ffi::TRAN_ACCEPT);
     assert!(
         later.wait(Duration::from_secs(30)),
         "the later command completed"
     );
     assert_eq!(
-        queue_commands(&rig, INTR_CPU) - before,
+        rig.queue_stat(INTR_CPU, "commands") - before,
         1,
         "CPU 2's own queue"
     );

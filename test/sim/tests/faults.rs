@@ -212,11 +212,14 @@ fn media_errors_under_load(base: RigConfig, resid: ResidOfFailed) {
                 }
                 // Not knowing what moved before the error, the packet
                 // must not claim all of it did (a uscsi caller reads it).
-                let length = c.blocks as isize * 512;
                 if resid == ResidOfFailed::Unknown
-                    && (r.state.contains(PktState::XFERRED_DATA) || r.resid != length)
+                    && (r.state.contains(PktState::XFERRED_DATA) || r.resid != c.length())
                 {
-                    return Err(format!("a failed command claims its whole transfer: {r:?}"));
+                    return Err(format!(
+                        "a failed command claims a transfer (resid {} of {}): {r:?}",
+                        r.resid,
+                        c.length()
+                    ));
                 }
                 match r.sense_key() {
                     Some(k) if k == want => Ok(()),
