@@ -116,12 +116,16 @@ impl DeviceRing<VioCmd> for ReqRing {
             Ok(u) => Ok(u.token),
             // An id at or past the ring's size names no descriptor at
             // all: the device cannot have been given it. One in range
-            // names no chain outstanding (never made available, or
-            // completed already: the ring keeps no history to tell).
+            // names no chain outstanding: a descriptor that never headed
+            // one, or a chain returned already (the ring remembers the
+            // last return at each head).
             Err(UsedError::UnknownId { id }) if id >= u32::from(self.ring.size()) => {
                 Err(BadCompletion::Impossible { id: u64::from(id) })
             }
             Err(UsedError::UnknownId { id }) => Err(BadCompletion::Unknown { id: u64::from(id) }),
+            Err(UsedError::AlreadyReturned { id }) => {
+                Err(BadCompletion::Duplicate { id: u64::from(id) })
+            }
             Err(UsedError::IndexRunaway {
                 device_idx,
                 expected,

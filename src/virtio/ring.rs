@@ -134,9 +134,16 @@ pub enum AddError {
 /// What was wrong with a used element the device returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UsedError {
-    /// The `id` names no chain we made available (out of range, never
-    /// used, or completed already): the element is dropped.
+    /// The `id` names no chain we made available (out of range, or a
+    /// descriptor that never headed a chain): the element is dropped.
     UnknownId {
+        /// The id the device wrote.
+        id: u32,
+    },
+    /// The `id` names a chain the device already returned, and no chain
+    /// was made available at that head since (a duplicate or stale used
+    /// element): the element is dropped.
+    AlreadyReturned {
         /// The id the device wrote.
         id: u32,
     },
@@ -176,12 +183,29 @@ struct Head<T> {
     writable: u64,
 }
 
+/// What a descriptor index means as the `id` of a used element. The ring
+/// keeps this one step of history so that a repeated used element can be
+/// told from one naming a descriptor that never headed a chain (both are
+/// dropped; the HBA counts them apart, issue 15).
+#[derive(Debug)]
+enum HeadSlot<T> {
+    /// No chain was ever made available with this head (since the queue
+    /// was set up or last reset).
+    Never,
+    /// A chain headed here is with the device.
+    Outstanding(Head<T>),
+    /// The device returned the chain headed here; none has been made
+    /// available at this head since. (The descriptor itself may be in
+    /// use again inside another chain: it still heads none.)
+    Returned,
+}
+
 /// A split virtqueue over memory `M`, whose chains carry tokens `T`.
 pub struct SplitQueue<M, T> {
     mem: M,
     layout: Layout,
     shadow: Vec<Desc>,
-    heads: Vec<Option<Head<T>>>,
+    heads: Vec<HeadSlot<T>>,
     free_head: u16,
     num_free: u16,
     /// Next free slot of the available ring (free-running).
@@ -231,7 +255,7 @@ impl<M: SharedMem, T> SplitQueue<M, T> {
             });
         }
         let mut heads = Vec::with_capacity(n);
-        heads.resize_with(n, || None);
+        heads.resize_with(n, || HeadSlot::Never);
         Some(Self {
             mem,
             layout,
@@ -268,7 +292,10 @@ impl<M: SharedMem, T> SplitQueue<M, T> {
 
     /// Chains made available and not yet returned.
     pub fn outstanding(&self) -> usize {
-        self.heads.iter().filter(|h| h.is_some()).count()
+        self.heads
+            .iter()
+            .filter(|h| matches!(h, HeadSlot::Outstanding(_)))
+            .count()
     }
 
     /// The memory the queue lives in.
@@ -310,7 +337,7 @@ impl<M: SharedMem, T> SplitQueue<M, T> {
     }
 
     fn put_avail(&mut self, head: u16, token: T, ndesc: u16, writable: u64) {
-        self.heads[usize::from(head)] = Some(Head {
+        self.heads[usize::from(head)] = HeadSlot::Outstanding(Head {
             token,
             ndesc,
             writable,
@@ -516,12 +543,16 @@ impl<M: SharedMem, T> SplitQueue<M, T> {
         let len = self.mem.read_u32(off + 4);
         self.last_used = self.last_used.wrapping_add(1);
         self.consumed += 1;
-        let head = match usize::try_from(id).ok().filter(|&i| i < self.heads.len()) {
-            Some(i) => self.heads[i].take(),
-            None => None,
-        };
-        let Some(head) = head else {
+        let Some(slot) = usize::try_from(id).ok().and_then(|i| self.heads.get_mut(i)) else {
             return Some(Err(UsedError::UnknownId { id }));
+        };
+        let head = match core::mem::replace(slot, HeadSlot::Returned) {
+            HeadSlot::Outstanding(head) => head,
+            HeadSlot::Returned => return Some(Err(UsedError::AlreadyReturned { id })),
+            HeadSlot::Never => {
+                *slot = HeadSlot::Never;
+                return Some(Err(UsedError::UnknownId { id }));
+            }
         };
         self.free_chain(id as u16, head.ndesc);
         let clamped = u64::from(len) > head.writable;
@@ -616,16 +647,16 @@ impl<M: SharedMem, T> SplitQueue<M, T> {
 
     /// The token of outstanding chain `head`.
     pub fn token_mut(&mut self, head: u16) -> Option<&mut T> {
-        self.heads
-            .get_mut(usize::from(head))?
-            .as_mut()
-            .map(|h| &mut h.token)
+        match self.heads.get_mut(usize::from(head))? {
+            HeadSlot::Outstanding(h) => Some(&mut h.token),
+            HeadSlot::Never | HeadSlot::Returned => None,
+        }
     }
 
     /// Visits every outstanding chain's token (for timeout scans).
     pub fn for_each_outstanding(&mut self, mut f: impl FnMut(u16, &mut T)) {
         for (i, h) in self.heads.iter_mut().enumerate() {
-            if let Some(h) = h {
+            if let HeadSlot::Outstanding(h) = h {
                 f(i as u16, &mut h.token);
             }
         }
@@ -636,7 +667,9 @@ impl<M: SharedMem, T> SplitQueue<M, T> {
     /// `f` receives each token.
     pub fn reclaim_all(&mut self, mut f: impl FnMut(T)) {
         for h in self.heads.iter_mut() {
-            if let Some(h) = h.take() {
+            // A reset device remembers nothing: nothing it returns from
+            // now on can be a repeat.
+            if let HeadSlot::Outstanding(h) = core::mem::replace(h, HeadSlot::Never) {
                 f(h.token);
             }
         }
@@ -930,6 +963,9 @@ mod tests {
         // An id out of range, then one that was never made available.
         dev.complete(q.mem(), 1000, 0);
         assert_eq!(q.pop_used(), Some(Err(UsedError::UnknownId { id: 1000 })));
+        dev.complete(q.mem(), 5, 0);
+        assert_eq!(q.pop_used(), Some(Err(UsedError::UnknownId { id: 5 })));
+        assert_eq!(q.outstanding(), 1, "a bogus id completes nothing");
         // Claiming more than the chain offered: clamped.
         dev.complete(q.mem(), u32::from(h), 1 << 30);
         assert_eq!(
@@ -944,11 +980,11 @@ mod tests {
         dev.complete(q.mem(), u32::from(h), 1);
         assert_eq!(
             q.pop_used(),
-            Some(Err(UsedError::UnknownId { id: u32::from(h) }))
+            Some(Err(UsedError::AlreadyReturned { id: u32::from(h) }))
         );
         assert_eq!(q.num_free(), 8);
         // The used index jumping past what is outstanding.
-        q.add_indirect(0x9000, 3, 100, 43).unwrap();
+        assert_eq!(q.add_indirect(0x9000, 3, 100, 43), Ok(h), "LIFO reuse");
         q.publish();
         q.mem().write_u16(
             Layout::new(8).unwrap().used_idx(),
@@ -959,6 +995,42 @@ mod tests {
             Some(Err(UsedError::IndexRunaway { .. }))
         ));
         assert_eq!(q.outstanding(), 1, "a runaway index consumes nothing");
+    }
+
+    #[test]
+    fn a_head_made_available_again_completes_and_a_reset_forgets_returns() {
+        let mut q = queue(8, false);
+        let mut dev = FakeDevice::new(8, false);
+        let h = q.add_indirect(0x9000, 1, 0, 1).unwrap();
+        q.publish();
+        dev.take_avail(q.mem());
+        dev.complete(q.mem(), u32::from(h), 0);
+        assert!(matches!(q.pop_used(), Some(Ok(Used { token: 1, .. }))));
+        // Reused at the same head: the next return of `h` is the new
+        // chain's, not a duplicate.
+        assert_eq!(q.add_indirect(0x9000, 1, 0, 2), Ok(h));
+        q.publish();
+        dev.take_avail(q.mem());
+        dev.complete(q.mem(), u32::from(h), 0);
+        assert!(matches!(q.pop_used(), Some(Ok(Used { token: 2, .. }))));
+        assert_eq!(q.token_mut(h), None, "returned: no token");
+        // After a reset the device remembers nothing: `h` names nothing
+        // it can repeat.
+        let other = q.add_indirect(0x9000, 1, 0, 3).unwrap();
+        q.reclaim_all(|_| {});
+        let mut dev = FakeDevice::new(8, false);
+        dev.complete(q.mem(), u32::from(h), 0);
+        assert_eq!(
+            q.pop_used(),
+            Some(Err(UsedError::UnknownId { id: u32::from(h) }))
+        );
+        dev.complete(q.mem(), u32::from(other), 0);
+        assert_eq!(
+            q.pop_used(),
+            Some(Err(UsedError::UnknownId {
+                id: u32::from(other)
+            }))
+        );
     }
 
     #[test]
