@@ -165,6 +165,12 @@ pub enum Fault {
         /// What it reads as.
         value: u32,
     },
+    /// pvscsi: after adapter command `n` (`PVSCSICommands`: 1
+    /// ADAPTER_RESET, 3 SETUP_RINGS, ...) COMMAND_STATUS reads
+    /// 0xFFFFFFFF (failed), as long as the fault is armed: a device that
+    /// has stopped carrying out its commands (or is gone) fails its reset.
+    /// QEMU still runs the command; only the driver's view is failed.
+    CommandFails(u32),
 }
 
 /// What the layer did.
@@ -208,6 +214,8 @@ pub struct FaultStats {
     pub device_resets: u64,
     /// pvscsi: ABORT_CMD commands (always counted).
     pub abort_cmds: u64,
+    /// pvscsi: COMMAND_STATUS reads failed ([`Fault::CommandFails`]).
+    pub commands_failed: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -473,8 +481,7 @@ impl Faults {
     /// A register read by the driver; returns what the driver sees.
     pub fn on_reg_read(&self, reg: Reg, size: usize, value: u64) -> u64 {
         if self.pv.active() {
-            // Nothing of pvscsi's registers is rewritten (yet).
-            return value;
+            return self.pv.on_reg_read(reg, value);
         }
         let mut s = lock(&self.state);
         let layout = s.layout;

@@ -376,6 +376,56 @@ fn a_completion_lost_for_good_goes_down_the_ladder_to_an_adapter_reset() {
 }
 
 #[test]
+fn an_adapter_reset_that_fails_loses_the_controller_and_says_so() {
+    // tran_reset(RESET_ALL) with a command in flight, on a device that
+    // fails the reset itself (ADAPTER_RESET's status reads failed) or
+    // refuses the rings after it (SETUP_RINGS): the command in flight ends
+    // CMD_RESET once, the controller is lost (kstat device_resets_failed;
+    // fmdump -e: inval_state/reset-failed, then service.lost) and new
+    // commands fail at once instead of hanging.
+    const ADAPTER_RESET: u32 = 1;
+    const SETUP_RINGS: u32 = 3;
+    for command in [ADAPTER_RESET, SETUP_RINGS] {
+        let rig = recorder_rig(vec![(8192, 0, 0)]);
+        let dev = rig.recorder.devices().remove(0);
+        clear_unit_attention(&dev);
+        let m = rig.bed().machine.clone();
+        m.faults.arm(Fault::Withhold(Match::Lba(77)));
+        let in_flight = read_block(&dev, 77);
+        assert_eq!(in_flight.start_async(), ffi::TRAN_ACCEPT);
+        assert!(wait_for(Duration::from_secs(10), || m.faults.withheld() == 1));
+        m.faults.arm(Fault::CommandFails(command));
+        assert_eq!(dev.reset(ffi::RESET_ALL), 0, "command {command}: failed");
+        assert!(in_flight.wait(Duration::from_secs(30)), "command {command}");
+        std::thread::sleep(Duration::from_millis(20));
+        let r = in_flight.result();
+        assert_eq!(r.reason, ffi::CMD_RESET, "command {command}: {r:?}");
+        assert_eq!(in_flight.comp_calls(), 1, "command {command}: once");
+        in_flight.destroy();
+        assert!(m.faults.stats().commands_failed >= 1, "command {command}");
+        rig.assert_hba_stats(&[("device_resets", 1), ("device_resets_failed", 1)]);
+        let reports = rvscsi_emu::ddi::fm::ereports(&m);
+        let classes: Vec<&str> = reports.iter().map(|e| e.class.as_str()).collect();
+        assert_eq!(
+            classes,
+            ["ereport.io.device.inval_state", "ereport.io.service.lost"],
+            "command {command}"
+        );
+        assert_eq!(
+            reports[0].member("detail"),
+            Some(&rvscsi_emu::ddi::fm::Payload::Str("reset-failed".into()))
+        );
+        let p = read_block(&dev, 5);
+        assert_eq!(p.start_async(), ffi::TRAN_FATAL_ERROR, "command {command}");
+        p.destroy();
+        // The device carries out its commands again: detach resets it and
+        // frees everything.
+        m.faults.disarm_all();
+        rig.finish_clean();
+    }
+}
+
+#[test]
 fn a_runaway_completion_index_resets_the_adapter_and_ends_what_was_in_flight_once() {
     // 5: more than the four outstanding (the driver counts), and 5000:
     // more than the whole ring.

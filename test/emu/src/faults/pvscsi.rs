@@ -58,6 +58,10 @@
 //! - [`Fault::RingLog2`]: a log2 field of the rings-state page reads
 //!   wrong while armed (a device that misread SETUP_RINGS, or QEMU's own
 //!   wrong log2 for page counts that are not a power of two).
+//! - [`Fault::CommandFails`]: COMMAND_STATUS (BAR 0 + 0x8) reads
+//!   0xFFFFFFFF after the armed adapter command, while armed (a device
+//!   that fails ADAPTER_RESET, or refuses SETUP_RINGS after one). This is
+//!   the one register the layer rewrites.
 
 use super::{Fault, FaultStats, Reg};
 use crate::machine::lock;
@@ -69,6 +73,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 // BAR 0 offsets (`pvscsi.h` `PVSCSIRegOffset`; src/pvscsi/regs.rs).
 const REG_COMMAND: u64 = 0x0000;
 const REG_COMMAND_DATA: u64 = 0x0004;
+const REG_COMMAND_STATUS: u64 = 0x0008;
 const REG_KICK_NON_RW_IO: u64 = 0x3014;
 const REG_KICK_RW_IO: u64 = 0x4018;
 
@@ -272,6 +277,9 @@ struct State {
     bar0: Option<u64>,
     /// The adapter command being collected and its payload so far.
     cmd: Option<u32>,
+    /// The last command number written to COMMAND (whose status
+    /// COMMAND_STATUS reads).
+    last_cmd: Option<u32>,
     data: Vec<u32>,
     rings: Option<RingsInfo>,
     /// The request index up to which descriptors were read.
@@ -415,6 +423,7 @@ impl PvFaults {
                     c.fetch_add(1, Ordering::AcqRel);
                 }
                 s.cmd = Some(value);
+                s.last_cmd = Some(value);
                 s.data.clear();
                 if value == CMD_ADAPTER_RESET {
                     // QEMU completes what it had with BUSRESET into the
@@ -464,6 +473,27 @@ impl PvFaults {
             }
             _ => {}
         }
+    }
+
+    /// A register read by the driver; returns what it sees: a failed
+    /// COMMAND_STATUS while [`Fault::CommandFails`] names the last
+    /// command written.
+    pub fn on_reg_read(&self, reg: Reg, value: u64) -> u64 {
+        let Reg::Mem(a) = reg else { return value };
+        if !self.armed.load(Ordering::Acquire) {
+            return value;
+        }
+        let mut s = lock(&self.state);
+        let (Some(bar0), Some(cmd)) = (s.bar0, s.last_cmd) else {
+            return value;
+        };
+        if a.checked_sub(bar0) != Some(REG_COMMAND_STATUS)
+            || !s.faults.contains(&Fault::CommandFails(cmd))
+        {
+            return value;
+        }
+        s.stats.commands_failed += 1;
+        u64::from(u32::MAX)
     }
 
     /// Guest memory the driver is about to see: rewrites its view of the
