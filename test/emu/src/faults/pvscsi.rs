@@ -125,7 +125,8 @@ pub enum BogusContext {
     /// up (the highest one not seen at a doorbell).
     NeverIssued,
     /// A context issued and already completed, not in flight now (a stale
-    /// completion re-posted). Waits for a completion while none exists.
+    /// completion re-posted): of those, the one completed longest ago.
+    /// Waits for a completion while none exists.
     Stale,
     /// This value.
     Value(u64),
@@ -288,6 +289,11 @@ struct State {
     cdbs: BTreeMap<u64, Vec<u8>>,
     /// Contexts published and not completed (as far as the layer saw).
     in_flight: BTreeSet<u64>,
+    /// When each context last completed (the layer's own count of
+    /// completions taken from the device): a stale context is picked
+    /// among those completed longest ago.
+    completed_at: BTreeMap<u64, u64>,
+    completions: u64,
     cmp: Option<View<CMP_DESC>>,
     msg: Option<View<MSG_DESC>>,
     faults: VecDeque<Fault>,
@@ -599,6 +605,7 @@ fn forget_rings(s: &mut State) {
     s.req_seen = 0;
     s.cdbs.clear();
     s.in_flight.clear();
+    s.completed_at.clear();
 }
 
 /// SETUP_RINGS' payload is complete: the rings as QEMU will take them
@@ -714,20 +721,31 @@ fn bogus_context(s: &State, r: &RingsInfo, kind: BogusContext, real: u64) -> Opt
         BogusContext::NeverIssued => (1..=entries).rev().find(|c| !s.cdbs.contains_key(c)),
         BogusContext::Stale => {
             // Not one the driver still waits for: in the device, or
-            // completed by it and withheld.
+            // completed by it and withheld. And the one completed longest
+            // ago: the driver reuses its most recently freed contexts
+            // first (src/pvscsi/ring.rs keeps a LIFO free list), and one
+            // it has just reused and written into the request ring, but
+            // not yet published, looks stale here while the driver
+            // already has it outstanding: naming it would be a completion
+            // for a request the device cannot have seen, which the driver
+            // rightly takes for an impossible one and resets the device.
             let withheld: Vec<u64> = s.cmp.as_ref().map_or(Vec::new(), |v| {
                 v.withheld
                     .iter()
                     .map(|e| u64::from_le_bytes(e[0..8].try_into().unwrap_or_default()))
                     .collect()
             });
-            s.cdbs.keys().copied().find(|c| {
-                *c != real
-                    && *c != 0
-                    && *c <= entries
-                    && !s.in_flight.contains(c)
-                    && !withheld.contains(c)
-            })
+            s.cdbs
+                .keys()
+                .copied()
+                .filter(|c| {
+                    *c != real
+                        && *c != 0
+                        && *c <= entries
+                        && !s.in_flight.contains(c)
+                        && !withheld.contains(c)
+                })
+                .min_by_key(|c| s.completed_at.get(c).copied().unwrap_or(0))
         }
         BogusContext::Value(v) => Some(v),
     }
@@ -763,6 +781,9 @@ fn advance_cmp(s: &mut State, qt: &dyn Bus, r: &RingsInfo) {
         v.device = v.device.wrapping_add(1);
         let context = u64::from_le_bytes(e[0..8].try_into().unwrap_or_default());
         s.in_flight.remove(&context);
+        s.completions += 1;
+        let at = s.completions;
+        s.completed_at.insert(context, at);
         let cdb = s.cdbs.get(&context).cloned().unwrap_or_default();
         let mut withhold = false;
         let mut duplicate = false;
