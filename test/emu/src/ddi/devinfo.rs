@@ -114,6 +114,10 @@ impl DevInfo {
         {
             // SAFETY: registered, so made by Box::into_raw in create().
             drop(unsafe { Box::from_raw(dip.cast::<DevInfo>()) });
+            // Its FM state (the service state lives in the node on
+            // illumos) goes with it: a node made later at the same
+            // address starts up.
+            super::fm::forget_node(dip);
         }
     }
 

@@ -105,6 +105,13 @@ pub fn capabilities(dip: *mut dev_info_t) -> c_int {
     with_node(dip, |n| n.handle.as_ref().map_or(0, |h| h.cap))
 }
 
+/// Drops what FM kept of node `dip` (the node is being freed).
+pub fn forget_node(dip: *mut dev_info_t) {
+    if let Some(nodes) = lock(&NODES).as_mut() {
+        nodes.remove(&(dip as usize));
+    }
+}
+
 /// The service state of node `dip`.
 pub fn service_state(dip: *mut dev_info_t) -> ServiceState {
     with_node(dip, |n| n.service)
@@ -543,6 +550,16 @@ pub fn inject_acc_fault(h: ddi_acc_handle_t, status: c_int, ena: u64) {
         .insert(h as usize, (status, ena));
 }
 
+/// The fault status handle `h` (access or DMA) holds now: `None` once
+/// `ddi_fm_*_err_clear` (or an injection of DDI_FM_OK) cleared it.
+pub fn recorded_fault(h: usize) -> Option<(c_int, u64)> {
+    lock(&FAULTS)
+        .get_or_insert_with(HashMap::new)
+        .get(&h)
+        .copied()
+        .filter(|(status, _)| *status != ffi::DDI_FM_OK)
+}
+
 /// As [`inject_acc_fault`], for a DMA handle.
 pub fn inject_dma_fault(h: ddi_dma_handle_t, status: c_int, ena: u64) {
     lock(&FAULTS)
@@ -631,5 +648,52 @@ pub extern "C" fn ddi_fm_dma_err_get(h: ddi_dma_handle_t, de: *mut ddi_fm_error_
         de,
         version,
         false,
+    );
+}
+
+fn err_clear(func: &str, h: usize, live: bool, version: c_int) {
+    if h == 0 {
+        violation(format!(
+            "{func}(NULL handle) (illumos returns without a word)"
+        ));
+        return;
+    }
+    if version != ffi::DDI_FME_VER0 && version != ffi::DDI_FME_VER1 {
+        violation(format!(
+            "{func}: version {version} (illumos panics: invalid driver version)"
+        ));
+        return;
+    }
+    if !live {
+        violation(format!("{func}: invalid handle {h:#x}"));
+        return;
+    }
+    // ddifm.c: the handle's status back to DDI_FM_OK, its ENA to 0, its
+    // flag to DDI_FM_ERR_UNEXPECTED, whatever it was.
+    lock(&FAULTS).get_or_insert_with(HashMap::new).remove(&h);
+}
+
+/// `ddi_fm_acc_err_clear(9F)`: any context (ddifm.c: "user, kernel, and
+/// interrupt contexts").
+#[unsafe(no_mangle)]
+pub extern "C" fn ddi_fm_acc_err_clear(h: ddi_acc_handle_t, version: c_int) {
+    let _kernel = crate::meter::kernel();
+    err_clear(
+        "ddi_fm_acc_err_clear",
+        h as usize,
+        super::acc::is_live(h),
+        version,
+    );
+}
+
+/// `ddi_fm_dma_err_clear(9F)`: any context.
+#[unsafe(no_mangle)]
+pub extern "C" fn ddi_fm_dma_err_clear(h: ddi_dma_handle_t, version: c_int) {
+    let _kernel = crate::meter::kernel();
+    err_clear(
+        "ddi_fm_dma_err_clear",
+        h as usize,
+        super::dma::is_live(h),
+        version,
     );
 }
