@@ -21,9 +21,10 @@ pub trait SharedMem {
     }
     /// The device-visible (bus) address of byte 0.
     fn device_addr(&self) -> u64;
-    /// What the I/O framework knows of faults on the memory's DMA handle
-    /// (`ddi_fm_dma_err_get(9F)`); memory without one (tests) is healthy.
-    fn dma_health(&self, _fma: &crate::ddi::fm::Fma) -> crate::ddi::fm::HandleHealth {
+    /// Takes the fault the I/O framework recorded on the memory's DMA
+    /// handle (`ddi_fm_dma_err_get(9F)`, cleared if there was one:
+    /// `Fma::take_dma_fault`); memory without one (tests) is healthy.
+    fn take_dma_fault(&self, _fma: &crate::ddi::fm::Fma) -> crate::ddi::fm::HandleHealth {
         crate::ddi::fm::HandleHealth::Ok
     }
     /// Copies `dst.len()` bytes at `off` into `dst`.
@@ -78,8 +79,8 @@ impl<M: SharedMem + ?Sized> SharedMem for alloc::rc::Rc<M> {
     fn device_addr(&self) -> u64 {
         (**self).device_addr()
     }
-    fn dma_health(&self, fma: &crate::ddi::fm::Fma) -> crate::ddi::fm::HandleHealth {
-        (**self).dma_health(fma)
+    fn take_dma_fault(&self, fma: &crate::ddi::fm::Fma) -> crate::ddi::fm::HandleHealth {
+        (**self).take_dma_fault(fma)
     }
     fn read_bytes(&self, off: usize, dst: &mut [u8]) {
         (**self).read_bytes(off, dst)

@@ -21,6 +21,26 @@ pub enum DmaMode {
     Streaming,
 }
 
+/// Whether the driver takes the faults the I/O framework records on a
+/// buffer's DMA handle.
+///
+/// A handle is allocated with `DDI_DMA_FLAGERR` only if the driver looks
+/// at it (`Fma::take_dma_fault`): the nexus then marks a DMA error on it
+/// and lets the driver recover, where without the flag it has no handle to
+/// tie the error to and takes it for fatal (uts/common/os/ndifm.c: only
+/// FLAGERR handles are cached for the lookup; uts/common/io/pciex/
+/// pcie_fault.c: an error no handle is found for panics). A flagged handle
+/// nobody looks at would let a DMA error pass silently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultCheck {
+    /// Looked at once a second (rings, event and TMF buffers): flagged.
+    Taken,
+    /// Not looked at (per-command memory, which lives as long as the
+    /// packet cache keeps it; one-shot pages): not flagged, the nexus's
+    /// policy applies.
+    NexusPolicy,
+}
+
 /// Attributes for driver-owned DMA memory: one contiguous segment anywhere
 /// in the 64-bit space (virtio descriptors carry 64-bit addresses; legacy
 /// virtqueues are located by a 32-bit page number, see `addr_hi`).
@@ -57,25 +77,32 @@ unsafe impl Send for DmaBuffer {}
 unsafe impl Sync for DmaBuffer {}
 
 impl DmaBuffer {
-    /// Allocates `len` zeroed bytes aligned to `align`, below `addr_hi`.
+    /// Allocates `len` zeroed bytes aligned to `align`, below `addr_hi`;
+    /// `faults` says whether the driver takes its handle's faults.
     pub fn alloc(
         dip: Dip,
         len: usize,
         align: u64,
         addr_hi: u64,
         mode: DmaMode,
+        faults: FaultCheck,
         sleep: Sleep,
     ) -> Result<Self, DdiError> {
         // Word accessors rely on 8-byte alignment of the whole buffer.
         let mut attr = single_segment_attr(align.max(8), addr_hi);
-        // With the DMA check granted, DDI_DMA_FLAGERR, so that faults on
-        // this handle are reported by ddi_fm_dma_err_get(9F) (ddifm.c:
-        // "driver must set the dma_attr_flags ... to DDI_DMA_FLAGERR").
-        // SAFETY: `dip` is a node the driver is attached to (a `Dip` is
-        // valid from attach(9E) to detach(9E), and DMA memory and register
-        // maps exist only in between); ddi_fm_capable(9F) only reads the
-        // node's FM capabilities and may be called from any context.
-        if unsafe { ffi::ddi_fm_capable(dip.as_ptr()) } & ffi::DDI_FM_DMACHK_CAPABLE != 0 {
+        // With the DMA check granted, DDI_DMA_FLAGERR on a handle the
+        // driver looks at, so that faults on it are reported by
+        // ddi_fm_dma_err_get(9F) (ddifm.c: "driver must set the
+        // dma_attr_flags ... to DDI_DMA_FLAGERR").
+        let granted = {
+            // SAFETY: `dip` is a node the driver is attached to (a `Dip`
+            // is valid from attach(9E) to detach(9E), and DMA memory and
+            // register maps exist only in between); ddi_fm_capable(9F)
+            // only reads the node's FM capabilities and may be called from
+            // any context.
+            unsafe { ffi::ddi_fm_capable(dip.as_ptr()) }
+        };
+        if faults == FaultCheck::Taken && granted & ffi::DDI_FM_DMACHK_CAPABLE != 0 {
             attr.dma_attr_flags |= ffi::DDI_DMA_FLAGERR;
         }
         let acc_attr = ffi::ddi_device_acc_attr_t {
@@ -197,7 +224,7 @@ impl Word for u64 {}
 
 impl DmaBuffer {
     /// The DMA handle, for `ddi_fm_dma_err_get(9F)`
-    /// ([`super::fm::Fma::check_dma`]).
+    /// ([`super::fm::Fma::take_dma_fault`]).
     pub fn dma_handle(&self) -> ffi::ddi_dma_handle_t {
         self.handle
     }
@@ -225,8 +252,8 @@ impl DmaBuffer {
 }
 
 impl SharedMem for DmaBuffer {
-    fn dma_health(&self, fma: &super::fm::Fma) -> super::fm::HandleHealth {
-        fma.check_dma(self)
+    fn take_dma_fault(&self, fma: &super::fm::Fma) -> super::fm::HandleHealth {
+        fma.take_dma_fault(self)
     }
 
     fn len(&self) -> usize {

@@ -1,7 +1,9 @@
 //! Fault management (FMA): `ddi_fm_init(9F)`, ereports
 //! (`ddi_fm_ereport_post(9F)`, through the C shim), the service impact
 //! (`ddi_fm_service_impact(9F)`) and the access/DMA handle checks
-//! (`ddi_fm_acc_err_get(9F)`, `ddi_fm_dma_err_get(9F)`) (issue 15).
+//! (`ddi_fm_acc_err_get(9F)`, `ddi_fm_dma_err_get(9F)`, each fault found
+//! cleared with `ddi_fm_acc_err_clear(9F)`/`ddi_fm_dma_err_clear`)
+//! (issue 15).
 //!
 //! What the DDI does (uts/common/os/ddifm.c):
 //! - `ddi_fm_init` works only while the node attaches (`DEVI_IS_ATTACHING`;
@@ -180,6 +182,12 @@ impl HandleHealth {
         self != HandleHealth::Ok
     }
 
+    /// `self` if it is a fault, else `next` (to fold the faults taken from
+    /// several handles, every one of which must be taken).
+    pub fn first_of(self, next: HandleHealth) -> HandleHealth {
+        if self.is_faulted() { self } else { next }
+    }
+
     /// The error's ENA (0 for Ok).
     pub fn ena(self) -> u64 {
         match self {
@@ -305,29 +313,54 @@ impl Fma {
         unsafe { ffi::ddi_fm_service_impact(self.dip.as_ptr(), impact.code()) }
     }
 
-    /// `ddi_fm_acc_err_get` of the registers' handle (Ok if the access
-    /// check was not granted). Any context.
-    pub fn check_regs(&self, regs: &RegMap) -> HandleHealth {
+    /// Takes the fault the I/O framework recorded on the registers'
+    /// handle: `ddi_fm_acc_err_get`, and if it shows one,
+    /// `ddi_fm_acc_err_clear(9F)`, so that the handle reports only faults
+    /// that come after (the caller deals with this one: the Writing Device
+    /// Drivers guide's recovery is clear, reset the device to a known
+    /// state, retry). Ok if the access check was not granted. Any context
+    /// (ddifm.c: both "may be called from user, kernel, and interrupt
+    /// contexts").
+    pub fn take_regs_fault(&self, regs: &RegMap) -> HandleHealth {
         if !self.caps.contains(FmCaps::ACCCHK) {
             return HandleHealth::Ok;
         }
         let mut de = blank_error();
-        // SAFETY: the live handle of a mapping we own; de is our local,
-        // at the version we pass.
+        // SAFETY: `regs` is a mapping we own, so its handle is live until
+        // the RegMap drops; `de` is our local, initialised at the version
+        // we pass, which the DDI fills in.
         unsafe { ffi::ddi_fm_acc_err_get(regs.acc_handle(), &mut de, ffi::DDI_FME_VERSION) };
-        HandleHealth::from_status(de.fme_status, de.fme_ena)
+        let health = HandleHealth::from_status(de.fme_status, de.fme_ena);
+        if health.is_faulted() {
+            // SAFETY: the same live handle, at a version ddifm.c accepts
+            // (it panics on any other); clearing only writes the handle's
+            // own error status.
+            unsafe { ffi::ddi_fm_acc_err_clear(regs.acc_handle(), ffi::DDI_FME_VERSION) };
+        }
+        health
     }
 
-    /// `ddi_fm_dma_err_get` of a DMA buffer's handle (Ok if the DMA check
-    /// was not granted). Any context.
-    pub fn check_dma(&self, buf: &DmaBuffer) -> HandleHealth {
+    /// Takes the fault recorded on a DMA buffer's handle
+    /// (`ddi_fm_dma_err_get`, then `ddi_fm_dma_err_clear(9F)` if faulted),
+    /// as [`Self::take_regs_fault`]. The memory's contents are then
+    /// indeterminate (the guide): the caller resets the device, which
+    /// rewrites every ring from scratch. Ok if the DMA check was not
+    /// granted. Any context.
+    pub fn take_dma_fault(&self, buf: &DmaBuffer) -> HandleHealth {
         if !self.caps.contains(FmCaps::DMACHK) {
             return HandleHealth::Ok;
         }
         let mut de = blank_error();
-        // SAFETY: the live handle of a buffer we own; de is our local.
+        // SAFETY: `buf` is memory we own, bound to its live handle until
+        // it drops; `de` is our local at the version we pass.
         unsafe { ffi::ddi_fm_dma_err_get(buf.dma_handle(), &mut de, ffi::DDI_FME_VERSION) };
-        HandleHealth::from_status(de.fme_status, de.fme_ena)
+        let health = HandleHealth::from_status(de.fme_status, de.fme_ena);
+        if health.is_faulted() {
+            // SAFETY: the same live handle, at an accepted version;
+            // clearing only writes the handle's own error status.
+            unsafe { ffi::ddi_fm_dma_err_clear(buf.dma_handle(), ffi::DDI_FME_VERSION) };
+        }
+        health
     }
 }
 
@@ -427,6 +460,20 @@ mod tests {
         assert_eq!(HandleHealth::from_status(99, 9), HandleHealth::Unknown(9));
         assert!(!HandleHealth::Ok.is_faulted());
         assert!(HandleHealth::Fatal(1).is_faulted());
+    }
+
+    #[test]
+    fn the_first_fault_of_several_handles_is_kept() {
+        use HandleHealth::*;
+        assert_eq!(Ok.first_of(Ok), Ok);
+        assert_eq!(Ok.first_of(Unknown(3)), Unknown(3));
+        assert_eq!(NonFatal(1).first_of(Fatal(2)), NonFatal(1));
+        assert_eq!(
+            [Ok, Fatal(5), NonFatal(6)]
+                .into_iter()
+                .fold(Ok, HandleHealth::first_of),
+            Fatal(5)
+        );
     }
 
     #[test]

@@ -35,7 +35,7 @@ impl RegMap {
         // devacc_attr_access below DDI_DEVICE_ATTR_V1, and posts a driver
         // defect (ddi.fmcap) for an ACCCHK-capable driver mapping with
         // DDI_DEFAULT_ACC. Faults the nexus sees on a flagged handle are
-        // then reported by ddi_fm_acc_err_get(9F) (`Fma::check_regs`).
+        // then reported by ddi_fm_acc_err_get(9F) (`Fma::take_regs_fault`).
         // SAFETY: `dip` is a node the driver is attached to (a `Dip` is
         // valid from attach(9E) to detach(9E), and DMA memory and register
         // maps exist only in between); ddi_fm_capable(9F) only reads the
@@ -86,7 +86,7 @@ impl RegMap {
     }
 
     /// The access handle, for `ddi_fm_acc_err_get(9F)`
-    /// ([`super::fm::Fma::check_regs`]).
+    /// ([`super::fm::Fma::take_regs_fault`]).
     pub fn acc_handle(&self) -> ffi::ddi_acc_handle_t {
         self.acc
     }

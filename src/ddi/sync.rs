@@ -59,6 +59,18 @@ impl<T> KMutex<T> {
         }
     }
 
+    /// `mutex_tryenter(9F)`: the lock if it is free now, never waiting
+    /// for it (`None` if another thread holds it).
+    pub fn try_lock(&self) -> Option<KMutexGuard<'_, T>> {
+        // SAFETY: the mutex was initialized in new() and lives until drop;
+        // mutex_tryenter only takes it if it can at once.
+        let taken = unsafe { ffi::mutex_tryenter(self.raw.get()) } != 0;
+        taken.then_some(KMutexGuard {
+            lock: self,
+            _not_send: PhantomData,
+        })
+    }
+
     /// `mutex_owned(9F)`: whether the calling thread holds the lock.
     pub fn held(&self) -> bool {
         // SAFETY: initialized mutex.

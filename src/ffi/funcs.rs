@@ -18,6 +18,7 @@ unsafe extern "C" {
     pub fn mutex_init(mp: *mut kmutex_t, name: *mut c_char, typ: c_int, arg: *mut c_void);
     pub fn mutex_destroy(mp: *mut kmutex_t);
     pub fn mutex_enter(mp: *mut kmutex_t);
+    pub fn mutex_tryenter(mp: *mut kmutex_t) -> c_int;
     pub fn mutex_exit(mp: *mut kmutex_t);
     pub fn mutex_owned(mp: *const kmutex_t) -> c_int;
     pub fn cv_init(cvp: *mut kcondvar_t, name: *mut c_char, typ: c_int, arg: *mut c_void);
@@ -279,6 +280,8 @@ unsafe extern "C" {
     pub fn ddi_fm_service_impact(dip: *mut dev_info_t, svc_impact: c_int);
     pub fn ddi_fm_acc_err_get(handle: ddi_acc_handle_t, de: *mut ddi_fm_error_t, version: c_int);
     pub fn ddi_fm_dma_err_get(handle: ddi_dma_handle_t, de: *mut ddi_fm_error_t, version: c_int);
+    pub fn ddi_fm_acc_err_clear(handle: ddi_acc_handle_t, version: c_int);
+    pub fn ddi_fm_dma_err_clear(handle: ddi_dma_handle_t, version: c_int);
     /// `uint64_t fm_ena_generate(uint64_t timestamp, uchar_t format)`
     /// (sys/fm/protocol.h; uts/common/os/fm.c).
     pub fn fm_ena_generate(timestamp: u64, format: uchar_t) -> u64;

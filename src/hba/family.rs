@@ -149,9 +149,10 @@ pub enum BadCompletion {
 pub trait DeviceRing<X>: Send {
     /// At most this many completions can be waiting (bounds a pass).
     fn capacity(&self) -> usize;
-    /// The worst fault the I/O framework reports on the DMA handles of
-    /// the ring's memory (thread context: the watchdog tick).
-    fn check_dma(&self, _fma: &Fma) -> HandleHealth {
+    /// Takes the faults the I/O framework recorded on the DMA handles of
+    /// the ring's memory (each cleared), the first one found or Ok
+    /// (thread context: the watchdog tick).
+    fn take_dma_fault(&self, _fma: &Fma) -> HandleHealth {
         HandleHealth::Ok
     }
     /// The next completion the device returned, if any.
@@ -322,10 +323,17 @@ pub trait Family: Sized + Send + Sync + 'static {
     /// The facts the HBA kstat shows: negotiated features, interrupt type
     /// and vectors (thread context: attach, the IRM callback).
     fn kstat_facts(&self) -> KstatFacts;
-    /// The first fault the I/O framework reports on the family's register
-    /// access handles (`ddi_fm_acc_err_get(9F)`), Ok if none (thread
-    /// context: the watchdog tick).
-    fn check_access(&self, fma: &Fma) -> HandleHealth;
+    /// Takes the faults the I/O framework recorded on the family's
+    /// register access handles (`Fma::take_regs_fault`: each cleared), the
+    /// first one found or Ok (thread context: the watchdog tick).
+    fn take_access_fault(&self, fma: &Fma) -> HandleHealth;
+    /// Takes the faults recorded on the DMA handles of the family's own
+    /// rings and buffers outside the request queues (each cleared), the
+    /// first one found or Ok (thread context: the watchdog tick; never
+    /// waits for a lock held across device I/O).
+    fn take_private_dma_fault(&self, _fma: &Fma) -> HandleHealth {
+        HandleHealth::Ok
+    }
     /// Whether the device interrupts (false: completions are polled).
     fn interrupts(&self) -> bool;
     /// Whether a command started from a completion pass may have its

@@ -15,15 +15,20 @@
 //!   `device.intern_uncorr` (detail `ring-protocol-violation`), DEGRADED;
 //! - a fault the I/O framework reports on a register access handle or a
 //!   ring's DMA handle (`ddi_fm_acc_err_get(9F)`, `ddi_fm_dma_err_get`),
-//!   looked at once a second by the watchdog: `device.intern_uncorr` (detail
-//!   `access-handle-fault` or `dma-handle-fault`, with the handle error's
-//!   ENA, which ties it to the nexus's own ereport), LOST: the work task
-//!   resets the device (so it stops DMA), ends every command in flight
-//!   `CMD_RESET` and leaves the HBA FAILED, so new commands get
-//!   TRAN_FATAL_ERROR: the affected commands fail, none hangs. The
-//!   handle's status stays faulted (the DDI keeps it until
-//!   `ddi_fm_acc_err_clear(9F)`, which the driver does not call), so the
-//!   controller is not brought back: detach and attach it again;
+//!   looked at once a second by the watchdog and cleared when found
+//!   (`ddi_fm_acc_err_clear(9F)`, `ddi_fm_dma_err_clear`):
+//!   `device.intern_uncorr` (detail `access-handle-fault` or
+//!   `dma-handle-fault`, with the handle error's ENA, which ties it to the
+//!   nexus's own ereport). The Writing Device Drivers guide's recovery:
+//!   the fault may be transient, so clear it, reset the device to a known
+//!   state and retry; what was read through the handle, or is in memory
+//!   bound to it, is indeterminate. So DEGRADED, and the work task resets
+//!   the device: every command in flight ends `CMD_RESET` (the target
+//!   drivers retry them), and the reset rewrites every ring. A fault found
+//!   again within [`HANDLE_FAULT_WINDOW_SECS`] of that recovery persists:
+//!   LOST, the device is reset (it stops DMA) and the HBA left FAILED, so
+//!   new commands get TRAN_FATAL_ERROR (detach and attach it again). Either
+//!   way the affected commands fail, none hangs;
 //! - a device that came back from a reset after one of those: RESTORED.
 //!
 //! Each ereport carries one fresh ENA (`fm_ena_generate(0, FM_ENA_FMT1)`,
@@ -37,10 +42,16 @@
 
 use super::family::{DeviceRing, StopWait};
 use super::{Family, Hba, HbaState};
-use crate::ddi::fm::{DeviceFault, FmCaps, ServiceImpact};
+use crate::ddi::fm::{DeviceFault, FmCaps, HandleHealth, ServiceImpact};
 use crate::ddi::kstat::HbaStat;
 use crate::dev_warn;
 use core::sync::atomic::Ordering;
+
+/// How long after a recovery from a handle fault another one is taken for
+/// the same fault persisting: the controller is then taken out of service
+/// rather than reset again and again (each reset fails every command in
+/// flight).
+pub const HANDLE_FAULT_WINDOW_SECS: i64 = 60;
 
 impl<F: Family> Hba<F> {
     /// Posts the ereport of `fault` with `members`, then the service
@@ -114,8 +125,11 @@ impl<F: Family> Hba<F> {
 
     /// The watchdog's look at the handles' fault status (thread context,
     /// at most once a second, while running): the register access handles, then
-    /// each request ring's DMA handles. A fault is counted and reported
-    /// once, and the work task takes the controller out of service.
+    /// each request ring's DMA handles, every fault found taken (cleared).
+    /// A fault is counted and reported, and the work task recovers from
+    /// it, or takes the controller out of service if it came back within
+    /// [`HANDLE_FAULT_WINDOW_SECS`] of the last recovery. Nothing while a
+    /// recovery is pending: its own reset is looked at after it.
     pub(crate) fn check_handles(&self) {
         if !self.fma.caps().intersects(FmCaps::ACCCHK | FmCaps::DMACHK) {
             return;
@@ -127,18 +141,22 @@ impl<F: Family> Hba<F> {
             return;
         }
         self.handles_checked.store(now, Ordering::Relaxed);
-        let mut found = None;
-        let acc = self.dev.check_access(&self.fma);
-        if acc.is_faulted() {
-            found = Some((DeviceFault::AccessHandle, acc));
-        } else {
-            for q in self.queues.iter() {
-                let h = q.ring.lock().ring.check_dma(&self.fma);
-                if h.is_faulted() {
-                    found = Some((DeviceFault::DmaHandle, h));
-                    break;
-                }
-            }
+        if self.handle_fault.load(Ordering::Acquire) {
+            return;
+        }
+        let acc = self.dev.take_access_fault(&self.fma);
+        let mut found = acc.is_faulted().then_some((DeviceFault::AccessHandle, acc));
+        // Every ring's fault is taken, even after one was found.
+        let rings = self
+            .queues
+            .iter()
+            .map(|q| q.ring.lock().ring.take_dma_fault(&self.fma));
+        let dma = rings.fold(
+            self.dev.take_private_dma_fault(&self.fma),
+            HandleHealth::first_of,
+        );
+        if found.is_none() && dma.is_faulted() {
+            found = Some((DeviceFault::DmaHandle, dma));
         }
         let Some((fault, h)) = found else {
             return;
@@ -147,29 +165,58 @@ impl<F: Family> Hba<F> {
             return;
         }
         self.count(HbaStat::HandleFaults);
-        dev_warn!(
-            self.dip,
-            "the I/O framework reports a fault on the device's {} handle ({h:?}): taking the controller out of service",
-            if fault == DeviceFault::AccessHandle {
-                "register"
-            } else {
-                "DMA"
-            }
-        );
+        let recovered = self.handle_recovered_at.load(Ordering::Relaxed);
+        let persists = recovered != i64::MIN
+            && now.wrapping_sub(recovered) < HANDLE_FAULT_WINDOW_SECS * self.clock.hz();
+        let handle = if fault == DeviceFault::AccessHandle {
+            "register"
+        } else {
+            "DMA"
+        };
+        if persists {
+            dev_warn!(
+                self.dip,
+                "the I/O framework reports a fault on the device's {handle} handle ({h:?}) again within {HANDLE_FAULT_WINDOW_SECS} s of recovering from one: taking the controller out of service"
+            );
+        } else {
+            dev_warn!(
+                self.dip,
+                "the I/O framework reports a fault on the device's {handle} handle ({h:?}): resetting the device"
+            );
+        }
         // The handle error's ENA: the nexus's ereport and ours are one
         // error (ddifm.c: the ENA "should be set if this error is a result
         // of an error status returned from ddi_dma_err_check() or
         // ddi_acc_err_check()").
         self.fma
             .report(fault, h.ena(), &[(c"fm-status", h.status() as i64 as u64)]);
-        self.schedule(|w| w.out_of_service = true);
+        if persists {
+            self.schedule(|w| w.out_of_service = true);
+        } else {
+            self.impaired.store(true, Ordering::Relaxed);
+            self.fma.service_impact(ServiceImpact::Degraded);
+            self.schedule(|w| w.handle_recovery = true);
+        }
     }
 
-    /// The work task's part of a handle fault: the device is reset (it
-    /// stops DMA), every command in flight ends `CMD_RESET`, and the HBA
-    /// stays FAILED (new commands: TRAN_FATAL_ERROR); the service is
-    /// LOST. Nothing if the HBA is not running (stopping, or already
-    /// failed).
+    /// The work task's recovery from a handle fault (already cleared): the
+    /// device reset, every command in flight ended `CMD_RESET`, the device
+    /// brought back (RESTORED; LOST if it does not come back). Nothing
+    /// more if the HBA is not running: a reset under way resets the device
+    /// anyway, a failed or stopping one needs none. The time is kept for
+    /// the next fault's [`HANDLE_FAULT_WINDOW_SECS`].
+    pub(crate) fn recover_from_handle_fault(&self) {
+        self.reset_device("a fault on its handles");
+        self.handle_recovered_at
+            .store(self.clock.now(), Ordering::Relaxed);
+        self.handle_fault.store(false, Ordering::Release);
+    }
+
+    /// The work task's part of a handle fault that persists: the device
+    /// is reset (it stops DMA), every command in flight ends `CMD_RESET`,
+    /// and the HBA stays FAILED (new commands: TRAN_FATAL_ERROR); the
+    /// service is LOST. Nothing if the HBA is not running (stopping, or
+    /// already failed).
     pub(crate) fn take_out_of_service(&self) {
         let Some(stopped) = self.stop_and_reclaim("a fault on its handles", StopWait::Spinning)
         else {

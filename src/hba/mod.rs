@@ -328,9 +328,13 @@ pub struct Hba<F: Family> {
     /// A fault reported the service lost or degraded since the device
     /// last came back (its return is reported RESTORED).
     impaired: AtomicBool,
-    /// A handle fault was found: the controller is being taken out of
-    /// service (reported once).
+    /// A handle fault was found and its recovery (or the controller's
+    /// taking out of service) is pending: the handles are not looked at
+    /// until it is done.
     handle_fault: AtomicBool,
+    /// The deadline clock's time the last recovery from a handle fault
+    /// ended (`i64::MIN`: never).
+    handle_recovered_at: AtomicI64,
     /// The deadline clock's time of the last look at the handles (once a
     /// second, also when polled mode ticks a hundred times as often).
     handles_checked: AtomicI64,
@@ -393,6 +397,7 @@ impl<F: Family> Hba<F> {
             fma,
             impaired: AtomicBool::new(false),
             handle_fault: AtomicBool::new(false),
+            handle_recovered_at: AtomicI64::new(i64::MIN),
             handles_checked: AtomicI64::new(i64::MIN),
         });
         if let Err(e) = F::start(hba.get()) {

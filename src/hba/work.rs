@@ -34,8 +34,11 @@ pub struct Work {
     pub scan: [u64; 4],
     /// Reset the device.
     pub reset: bool,
-    /// The I/O framework reported a fault on the device's handles: take
-    /// the controller out of service (`Hba::take_out_of_service`).
+    /// The I/O framework reported a fault on the device's handles: reset
+    /// the device (`Hba::recover_from_handle_fault`).
+    pub handle_recovery: bool,
+    /// ... again, soon after a recovery: take the controller out of
+    /// service (`Hba::take_out_of_service`).
     pub out_of_service: bool,
     /// Request queues to reap (bit per queue, `io::queue_bit`): their
     /// completion pass ran out of passes with completions waiting (see
@@ -77,6 +80,7 @@ impl Work {
         discovery
             || self.reset
             || self.out_of_service
+            || self.handle_recovery
             || self.reap_queues != 0
             || !self.task_requests.is_empty()
             || self.expired.iter().any(Option::is_some)
@@ -146,12 +150,17 @@ impl<F: Family> Hba<F> {
                     w.task_requests.take(),
                     core::mem::take(&mut w.reap_queues),
                     core::mem::take(&mut w.out_of_service),
+                    core::mem::take(&mut w.handle_recovery),
                 )
             };
-            let ((reset, discover, scan, expired), task_requests, reap_queues, out) = work;
+            let ((reset, discover, scan, expired), task_requests, reap_queues, out, recover) = work;
             if out {
                 // Before anything else: nothing more goes to the device.
                 self.take_out_of_service();
+            }
+            if recover {
+                // Before anything else: the device's state is unknown.
+                self.recover_from_handle_fault();
             }
             if reap_queues != 0 {
                 self.reap_handed_off(reap_queues);

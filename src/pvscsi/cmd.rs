@@ -9,7 +9,7 @@ use super::wire::{
     self, Completion, EncodeError, MAX_SG_ENTRIES, PAGE_SIZE, REQ_DESC_SIZE, ReqDesc,
     SG_ELEMENT_SIZE, SenseBuffer, SgArea,
 };
-use crate::ddi::dma::{DmaBuffer, DmaMode};
+use crate::ddi::dma::{DmaBuffer, DmaMode, FaultCheck};
 use crate::ddi::{DdiError, Dip, Sleep};
 use crate::hba::cmd::CmdFields;
 use crate::hba::family::{CmdFacts, Presence, Request, TaskAttr};
@@ -68,6 +68,7 @@ impl PvCmd<DmaBuffer> {
             PAGE_SIZE as u64,
             u64::MAX,
             DmaMode::Streaming,
+            FaultCheck::NexusPolicy,
             sleep,
         )?;
         Ok(PvCmd::over(mem))

@@ -19,7 +19,7 @@ use super::ring::{Geometry, RingSetupError, Rings};
 use super::status::MAX_SENSE_OFFER;
 use super::wire::{CONFIG_PAGE_CONTROLLER_SIZE, MAX_SG_ENTRIES, PAGE_SIZE};
 use super::{PCI_DEVICE_PVSCSI, PCI_VENDOR_VMWARE};
-use crate::ddi::dma::{DmaBuffer, DmaMode};
+use crate::ddi::dma::{DmaBuffer, DmaMode, FaultCheck};
 use crate::ddi::intr::{Interrupts, IrmChange};
 use crate::ddi::kstat::HbaStat;
 use crate::ddi::pci::PciConfig;
@@ -113,6 +113,8 @@ fn config_page_targets(dip: Dip, regs: &Regs<RegMap>) -> Result<Option<u32>, Att
         PAGE_SIZE as u64,
         u64::MAX,
         DmaMode::Consistent,
+        // One command's answer, freed at once.
+        FaultCheck::NexusPolicy,
         Sleep::Yes,
     )?;
     let mut bytes = [0u8; CONFIG_PAGE_CONTROLLER_SIZE];
@@ -138,6 +140,7 @@ fn ring_memory(dip: Dip, pages: u32) -> Result<DmaBuffer, AttachError> {
         PAGE_SIZE as u64,
         u64::MAX,
         DmaMode::Consistent,
+        FaultCheck::Taken,
         Sleep::Yes,
     )?)
 }
@@ -425,8 +428,8 @@ impl Family for Pvscsi {
     /// PVSCSI negotiates no feature bits; `features` shows what the
     /// driver found the device to take: bit 0 the message ring
     /// (SETUP_MSG_RING), bit 1 the request-call threshold.
-    fn check_access(&self, fma: &crate::ddi::fm::Fma) -> crate::ddi::fm::HandleHealth {
-        fma.check_regs(self.regs.map())
+    fn take_access_fault(&self, fma: &crate::ddi::fm::Fma) -> crate::ddi::fm::HandleHealth {
+        fma.take_regs_fault(self.regs.map())
     }
 
     fn kstat_facts(&self) -> KstatFacts {

@@ -69,14 +69,14 @@ impl<M: SharedMem + Send> DeviceRing<PvCmd<M>> for PvRing<M> {
         self.rings.geometry().cmp_entries() as usize
     }
 
-    fn check_dma(&self, fma: &Fma) -> HandleHealth {
+    fn take_dma_fault(&self, fma: &Fma) -> HandleHealth {
+        // Every ring's fault is taken (cleared), not just the first.
         self.rings
             .memories()
             .into_iter()
             .flatten()
-            .map(|m| m.dma_health(fma))
-            .find(|h| h.is_faulted())
-            .unwrap_or(HandleHealth::Ok)
+            .map(|m| m.take_dma_fault(fma))
+            .fold(HandleHealth::Ok, HandleHealth::first_of)
     }
 
     fn pop(&mut self) -> Option<Result<OwnedCmd<PvCmd<M>>, BadCompletion>> {

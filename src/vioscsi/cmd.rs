@@ -5,7 +5,7 @@
 
 use super::config::MAX_CDB_SIZE;
 use super::proto::{self, Response};
-use crate::ddi::dma::{DmaBuffer, DmaMode};
+use crate::ddi::dma::{DmaBuffer, DmaMode, FaultCheck};
 use crate::ddi::{DdiError, Dip, Sleep};
 use crate::hba::cmd::CmdFields;
 use crate::hba::family::{CmdFacts, Request, TaskAttr};
@@ -65,7 +65,15 @@ pub struct VioCmd {
 impl VioCmd {
     /// A command's virtio-scsi part with its DMA memory allocated.
     pub fn new(dip: Dip, layout: &CmdLayout, sleep: Sleep) -> Result<VioCmd, DdiError> {
-        let dma = DmaBuffer::alloc(dip, layout.total, 64, u64::MAX, DmaMode::Streaming, sleep)?;
+        let dma = DmaBuffer::alloc(
+            dip,
+            layout.total,
+            64,
+            u64::MAX,
+            DmaMode::Streaming,
+            FaultCheck::NexusPolicy,
+            sleep,
+        )?;
         Ok(VioCmd {
             dma,
             response: Response::default(),

@@ -10,7 +10,7 @@ use super::ring::ReqRing;
 use super::tmf::ControlQueue;
 use super::vectors::MsixLayout;
 use crate::ddi::dev::StrProp;
-use crate::ddi::dma::{DmaBuffer, DmaMode};
+use crate::ddi::dma::{DmaBuffer, DmaMode, FaultCheck};
 use crate::ddi::intr::{Interrupts, IntrKind, IrmChange};
 use crate::ddi::kstat::HbaStat;
 use crate::ddi::pci::PciConfig;
@@ -156,6 +156,7 @@ fn ring_memory(dip: Dip, size: u16, legacy: bool) -> Result<DmaBuffer, AttachErr
         4096,
         addr_hi,
         DmaMode::Consistent,
+        FaultCheck::Taken,
         Sleep::Yes,
     )?)
 }
@@ -602,8 +603,21 @@ impl Family for VioScsi {
         );
     }
 
-    fn check_access(&self, fma: &crate::ddi::fm::Fma) -> crate::ddi::fm::HandleHealth {
-        self.transport.check_access(fma)
+    fn take_access_fault(&self, fma: &crate::ddi::fm::Fma) -> crate::ddi::fm::HandleHealth {
+        self.transport.take_access_fault(fma)
+    }
+
+    /// The event queue (its lock is held briefly, by `service_events`)
+    /// and the control queue, unless a TMF holds its lock (across the
+    /// poll for its answer, up to 5 s): not waited for, the next look
+    /// takes it.
+    fn take_private_dma_fault(&self, fma: &crate::ddi::fm::Fma) -> crate::ddi::fm::HandleHealth {
+        let events = self.evt.lock().take_dma_fault(fma);
+        let control = self
+            .ctl
+            .try_lock()
+            .map_or(crate::ddi::fm::HandleHealth::Ok, |c| c.take_dma_fault(fma));
+        events.first_of(control)
     }
 
     fn kstat_facts(&self) -> KstatFacts {

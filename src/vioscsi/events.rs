@@ -4,7 +4,8 @@
 
 use super::device::VioScsi;
 use super::proto::{self, EVENT_QUEUE, Event};
-use crate::ddi::dma::{DmaBuffer, DmaMode};
+use crate::ddi::dma::{DmaBuffer, DmaMode, FaultCheck};
+use crate::ddi::fm::{Fma, HandleHealth};
 use crate::ddi::kstat::HbaStat;
 use crate::ddi::{Dip, Sleep};
 use crate::hba::{AttachError, Hba};
@@ -44,6 +45,7 @@ impl EventQueue {
             64,
             u64::MAX,
             DmaMode::Consistent,
+            FaultCheck::Taken,
             Sleep::Yes,
         )?;
         Ok(Self {
@@ -62,6 +64,13 @@ impl EventQueue {
         };
         // Cannot fail: at most `count` <= queue size buffers are ever posted.
         let _ = self.ring.add_chain([seg], i);
+    }
+
+    /// Takes the faults recorded on the ring's and the buffers' DMA
+    /// handles (`Fma::take_dma_fault`), the first one or Ok.
+    pub fn take_dma_fault(&self, fma: &Fma) -> HandleHealth {
+        let ring = self.ring.memory().take_dma_fault(fma);
+        ring.first_of(self.bufs.take_dma_fault(fma))
     }
 
     /// Posts every buffer (after a (re)initialization); the caller

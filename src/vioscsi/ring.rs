@@ -107,8 +107,8 @@ impl DeviceRing<VioCmd> for ReqRing {
         usize::from(self.ring.size())
     }
 
-    fn check_dma(&self, fma: &Fma) -> HandleHealth {
-        self.ring.memory().dma_health(fma)
+    fn take_dma_fault(&self, fma: &Fma) -> HandleHealth {
+        self.ring.memory().take_dma_fault(fma)
     }
 
     fn pop(&mut self) -> Option<Result<OwnedCmd<VioCmd>, BadCompletion>> {

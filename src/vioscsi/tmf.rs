@@ -3,7 +3,8 @@
 
 use super::device::VioScsi;
 use super::proto::{self, CONTROL_QUEUE, Tmf};
-use crate::ddi::dma::{DmaBuffer, DmaMode};
+use crate::ddi::dma::{DmaBuffer, DmaMode, FaultCheck};
+use crate::ddi::fm::{Fma, HandleHealth};
 use crate::ddi::{Dip, Sleep, time};
 use crate::dev_warn;
 use crate::ffi;
@@ -33,12 +34,29 @@ impl ControlQueue {
     pub fn new(dip: Dip, mem: DmaBuffer, size: u16, event_idx: bool) -> Result<Self, AttachError> {
         let ring = SplitQueue::new(mem, size, event_idx)
             .ok_or(AttachError::Device("control queue memory"))?;
-        let buf = DmaBuffer::alloc(dip, 64, 64, u64::MAX, DmaMode::Streaming, Sleep::Yes)?;
+        let buf = DmaBuffer::alloc(
+            dip,
+            64,
+            64,
+            u64::MAX,
+            DmaMode::Streaming,
+            FaultCheck::Taken,
+            Sleep::Yes,
+        )?;
         Ok(Self {
             ring,
             buf,
             usable: true,
         })
+    }
+}
+
+impl ControlQueue {
+    /// Takes the faults recorded on the ring's and the request buffer's
+    /// DMA handles (`Fma::take_dma_fault`), the first one or Ok.
+    pub fn take_dma_fault(&self, fma: &Fma) -> HandleHealth {
+        let ring = self.ring.memory().take_dma_fault(fma);
+        ring.first_of(self.buf.take_dma_fault(fma))
     }
 }
 

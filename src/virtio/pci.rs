@@ -195,9 +195,10 @@ fn map_region(
 }
 
 impl Transport {
-    /// The first fault the I/O framework reports on the transport's
-    /// register mappings (`ddi_fm_acc_err_get(9F)`), Ok if none.
-    pub fn check_access(&self, fma: &crate::ddi::fm::Fma) -> crate::ddi::fm::HandleHealth {
+    /// Takes the faults the I/O framework recorded on the transport's
+    /// register mappings (`Fma::take_regs_fault`: every one cleared), the
+    /// first one found or Ok.
+    pub fn take_access_fault(&self, fma: &crate::ddi::fm::Fma) -> crate::ddi::fm::HandleHealth {
         let maps: [Option<&RegMap>; 4] = match self {
             Transport::Legacy(l) => [Some(&l.regs), None, None, None],
             Transport::Modern(m) => [
@@ -209,9 +210,11 @@ impl Transport {
         };
         maps.into_iter()
             .flatten()
-            .map(|r| fma.check_regs(r))
-            .find(|h| h.is_faulted())
-            .unwrap_or(crate::ddi::fm::HandleHealth::Ok)
+            .map(|r| fma.take_regs_fault(r))
+            .fold(
+                crate::ddi::fm::HandleHealth::Ok,
+                crate::ddi::fm::HandleHealth::first_of,
+            )
     }
 
     /// Sets up the transport of the device at `dip`; `device_config_len` is

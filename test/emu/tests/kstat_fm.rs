@@ -8,7 +8,7 @@
 
 use rvscsi::ddi::Dip;
 use rvscsi::ddi::Sleep;
-use rvscsi::ddi::dma::{DmaBuffer, DmaMode};
+use rvscsi::ddi::dma::{DmaBuffer, DmaMode, FaultCheck};
 use rvscsi::ddi::fm::{DeviceFault, FmCaps, Fma, HandleHealth, ServiceImpact};
 use rvscsi::ddi::kstat::{HBA_STATS, HbaStat, KstatName, Published, QUEUE_STATS, QueueStat, Stat};
 use rvscsi::ffi::{self, dev_info_t};
@@ -424,20 +424,38 @@ fn ffi_fm_fini(dip: *mut dev_info_t) {
 fn handle_checks_report_injected_faults_and_refuse_bad_versions() {
     let r = Rig::new();
     let fma = r.in_state(NodeState::Attaching, || Fma::init(r.d(), FmCaps::WANTED));
-    let buf = DmaBuffer::alloc(r.d(), 4096, 4096, u64::MAX, DmaMode::Consistent, Sleep::Yes)
-        .expect("DMA memory");
-    assert_eq!(fma.check_dma(&buf), HandleHealth::Ok);
+    let buf = DmaBuffer::alloc(
+        r.d(),
+        4096,
+        4096,
+        u64::MAX,
+        DmaMode::Consistent,
+        FaultCheck::Taken,
+        Sleep::Yes,
+    )
+    .expect("DMA memory");
+    assert_eq!(fma.take_dma_fault(&buf), HandleHealth::Ok);
     let h = buf.dma_handle();
     efm::inject_dma_fault(h, ffi::DDI_FM_FATAL, 0x1234);
-    assert_eq!(fma.check_dma(&buf), HandleHealth::Fatal(0x1234));
-    efm::inject_dma_fault(h, ffi::DDI_FM_OK, 0);
+    assert_eq!(fma.take_dma_fault(&buf), HandleHealth::Fatal(0x1234));
+    // Taken: ddi_fm_dma_err_clear(9F) put the handle back to DDI_FM_OK.
+    assert_eq!(fma.take_dma_fault(&buf), HandleHealth::Ok, "cleared");
     let mut de: ffi::ddi_fm_error_t = unsafe_zeroed();
     // SAFETY: a live handle; version 7 on purpose.
     unsafe { ffi::ddi_fm_dma_err_get(h, &mut de, 7) };
     assert_eq!(r.fired("version 7 (illumos panics"), 1);
+    // SAFETY: as above, clearing.
+    unsafe { ffi::ddi_fm_dma_err_clear(h, 7) };
+    assert_eq!(
+        r.fired("ddi_fm_dma_err_clear: version 7 (illumos panics"),
+        1
+    );
     // SAFETY: NULL on purpose.
     unsafe { ffi::ddi_fm_acc_err_get(std::ptr::null_mut(), &mut de, ffi::DDI_FME_VERSION) };
     assert_eq!(r.fired("ddi_fm_acc_err_get(NULL handle)"), 1);
+    // SAFETY: NULL on purpose.
+    unsafe { ffi::ddi_fm_acc_err_clear(std::ptr::null_mut(), ffi::DDI_FME_VERSION) };
+    assert_eq!(r.fired("ddi_fm_acc_err_clear(NULL handle)"), 1);
     drop(buf);
     r.in_state(NodeState::Detaching, || drop(fma));
 }
@@ -463,6 +481,8 @@ fn the_module_loader_resolves_every_kstat_and_fm_import() {
         "ddi_fm_ereport_post",
         "ddi_fm_acc_err_get",
         "ddi_fm_dma_err_get",
+        "ddi_fm_acc_err_clear",
+        "ddi_fm_dma_err_clear",
         "fm_ena_generate",
     ] {
         let s = rvscsi_emu::ddi::symbols::lookup(name)
