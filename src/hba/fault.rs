@@ -53,6 +53,15 @@ use core::sync::atomic::Ordering;
 /// flight).
 pub const HANDLE_FAULT_WINDOW_SECS: i64 = 60;
 
+/// Whether a handle fault found at `now` is the last one persisting: it
+/// came less than [`HANDLE_FAULT_WINDOW_SECS`] after the recovery that
+/// ended at `recovered_at` (`i64::MIN`: there was none), on a clock of
+/// `hz` ticks a second.
+fn handle_fault_persists(recovered_at: i64, now: i64, hz: i64) -> bool {
+    recovered_at != i64::MIN
+        && now.wrapping_sub(recovered_at) < HANDLE_FAULT_WINDOW_SECS.saturating_mul(hz)
+}
+
 impl<F: Family> Hba<F> {
     /// Posts the ereport of `fault` with `members`, then the service
     /// impact; DEGRADED is remembered so that the device's return is
@@ -165,9 +174,11 @@ impl<F: Family> Hba<F> {
             return;
         }
         self.count(HbaStat::HandleFaults);
-        let recovered = self.handle_recovered_at.load(Ordering::Relaxed);
-        let persists = recovered != i64::MIN
-            && now.wrapping_sub(recovered) < HANDLE_FAULT_WINDOW_SECS * self.clock.hz();
+        let persists = handle_fault_persists(
+            self.handle_recovered_at.load(Ordering::Relaxed),
+            now,
+            self.clock.hz(),
+        );
         let handle = if fault == DeviceFault::AccessHandle {
             "register"
         } else {
@@ -233,5 +244,25 @@ impl<F: Family> Hba<F> {
         for qi in 0..self.queues.len() {
             self.complete_parked(qi);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handle_fault_persists_only_within_the_window_after_a_recovery() {
+        let hz = 100;
+        let at = 1_000_000;
+        assert!(!handle_fault_persists(i64::MIN, at, hz), "no recovery yet");
+        assert!(!handle_fault_persists(i64::MIN, i64::MIN + 5, hz));
+        assert!(handle_fault_persists(at, at, hz));
+        assert!(handle_fault_persists(at, at + 3 * hz, hz));
+        assert!(handle_fault_persists(at, at + 60 * hz - 1, hz));
+        assert!(!handle_fault_persists(at, at + 60 * hz, hz), "a minute on");
+        assert!(!handle_fault_persists(at, at + 3600 * hz, hz));
+        // Across the clock's wrap.
+        assert!(handle_fault_persists(i64::MAX - 10, i64::MIN + 10, hz));
     }
 }

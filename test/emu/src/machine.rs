@@ -110,6 +110,10 @@ pub struct MachineConfig {
     /// The `/etc/system` tunable `apix_system_max_vectors` (apix only):
     /// caps the IRM pool's size (`apix_irm_init`).
     pub apix_system_max_vectors: Option<u32>,
+    /// The FM capabilities the HBA's parent nexus supports
+    /// (`DDI_FM_*_CAPABLE`; `None`: [`crate::ddi::fm::NEXUS_CAPS`], what
+    /// npe grants): `ddi_fm_init` grants the driver only these.
+    pub nexus_fm_caps: Option<i32>,
 }
 
 impl MachineConfig {
@@ -126,6 +130,7 @@ impl MachineConfig {
             family: HbaFamily::VirtioScsi,
             psm: crate::ddi::intr::Psm::default(),
             apix_system_max_vectors: None,
+            nexus_fm_caps: None,
         }
     }
 

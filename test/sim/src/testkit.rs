@@ -280,6 +280,8 @@ pub struct RigConfig {
     pub null_latency_ns: Option<u64>,
     /// The `apix_system_max_vectors` tunable: the IRM pool's size.
     pub apix_system_max_vectors: Option<u32>,
+    /// The FM capabilities the parent nexus supports (default: npe's).
+    pub nexus_fm_caps: Option<i32>,
 }
 
 impl Default for RigConfig {
@@ -303,6 +305,7 @@ impl Default for RigConfig {
             blank_images: false,
             psm: rvscsi_emu::ddi::intr::Psm::default(),
             apix_system_max_vectors: None,
+            nexus_fm_caps: None,
             family: rvscsi_emu::HbaFamily::VirtioScsi,
             null_latency_ns: None,
         }
@@ -397,6 +400,7 @@ impl Rig {
         mc.backend = cfg.backend;
         mc.psm = cfg.psm;
         mc.apix_system_max_vectors = cfg.apix_system_max_vectors;
+        mc.nexus_fm_caps = cfg.nexus_fm_caps;
         if cfg.qemu == Qemu::V72 {
             let root = qemu72_root().map_err(failed)?;
             mc.qemu.binary = root.join("usr/bin/qemu-system-x86_64");

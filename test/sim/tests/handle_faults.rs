@@ -131,6 +131,25 @@ fn a_handle_fault_is_recovered_from_once_and_a_second_takes_the_controller_out(
         "{what}"
     );
     assert_eq!(reports[0].ena, first_ena, "{what}: the handle error's ENA");
+    let said = format!(
+        "a fault on the device's {} handle",
+        match which {
+            Handle::Access => "register",
+            Handle::Dma => "DMA",
+        }
+    );
+    let said_count = |tail: &str| {
+        rig.log()
+            .iter()
+            .filter(|l| l.contains(&said) && l.contains(tail))
+            .count()
+    };
+    assert_eq!(
+        said_count("resetting the device"),
+        1,
+        "{what}: {:?}",
+        rig.log()
+    );
     assert_eq!(reports[0].member("detail"), Some(&detail), "{what}");
     assert_eq!(
         efm::service_state(rig.bed().hba),
@@ -154,9 +173,11 @@ fn a_handle_fault_is_recovered_from_once_and_a_second_takes_the_controller_out(
     p.destroy();
     rig.assert_hba_stats(&[("handle_faults", 1), ("device_resets", 1)]);
 
-    // The same fault again within a minute of that recovery: it persists.
-    // The command in flight ends CMD_RESET, and the controller is taken
-    // out of service.
+    // The same fault again within a minute of that recovery (a few
+    // seconds on, more than the watchdog's once-a-second look): it
+    // persists. The command in flight ends CMD_RESET, and the controller
+    // is taken out of service.
+    std::thread::sleep(Duration::from_secs(3));
     let second_ena = 0x5a5a_0000_0002;
     fault_ends(&rig, which, second_ena, held_read(&rig, &dev, 43), &what);
     let p = read_block(&dev, 8);
@@ -175,6 +196,12 @@ fn a_handle_fault_is_recovered_from_once_and_a_second_takes_the_controller_out(
         "{what}"
     );
     assert_eq!(reports[3].ena, second_ena, "{what}");
+    assert_eq!(
+        said_count("again within 60 s of recovering from one"),
+        1,
+        "{what}: {:?}",
+        rig.log()
+    );
     assert_eq!(reports[3].member("detail"), Some(&detail), "{what}");
     assert_eq!(
         efm::service_state(rig.bed().hba),
@@ -226,4 +253,67 @@ fn a_register_handle_fault_is_found_and_recovered_from_when_polled() {
         },
         Handle::Access,
     );
+}
+
+#[test]
+fn without_the_nexus_handle_checks_no_handle_is_flagged_and_no_fault_is_taken() {
+    // ddi_fm_init grants only what the parent supports: a handle is
+    // flagged (and then looked at) only with its check granted; a fault
+    // on an unflagged handle is the nexus's, never the driver's.
+    for (caps, acc_flagged, dma_flagged) in [
+        (ffi::DDI_FM_EREPORT_CAPABLE, false, false),
+        (
+            ffi::DDI_FM_EREPORT_CAPABLE | ffi::DDI_FM_ACCCHK_CAPABLE,
+            true,
+            false,
+        ),
+        (
+            ffi::DDI_FM_EREPORT_CAPABLE | ffi::DDI_FM_DMACHK_CAPABLE,
+            false,
+            true,
+        ),
+    ] {
+        let rig = Rig::start(RigConfig {
+            driver: Driver::Recorder,
+            nexus_fm_caps: Some(caps),
+            ..RigConfig::default()
+        });
+        let dev = rig.recorder.devices().remove(0);
+        clear_unit_attention(&dev);
+        let m = rig.bed().machine.clone();
+        let regs = acc::register_handles(&m);
+        assert!(!regs.is_empty());
+        for h in &regs {
+            assert_eq!(acc::flags_errors(*h), acc_flagged, "caps {caps:#x}");
+        }
+        let rings = dma::handles(&m)
+            .into_iter()
+            .filter(|&h| dma::flags_errors(h))
+            .count();
+        assert_eq!(rings > 0, dma_flagged, "caps {caps:#x}: {rings} flagged");
+        // Faults on what is not flagged are not the driver's to take.
+        match (acc_flagged, dma_flagged) {
+            (false, false) => {
+                inject(&m, Handle::Access, ffi::DDI_FM_FATAL, 1);
+                inject(&m, Handle::Dma, ffi::DDI_FM_FATAL, 1);
+            }
+            (true, false) => inject(&m, Handle::Dma, ffi::DDI_FM_FATAL, 1),
+            _ => inject(&m, Handle::Access, ffi::DDI_FM_FATAL, 1),
+        }
+        std::thread::sleep(Duration::from_millis(2500));
+        let p = read_block(&dev, 9);
+        assert_eq!(p.start_async(), ffi::TRAN_ACCEPT, "caps {caps:#x}");
+        assert!(p.wait(Duration::from_secs(10)), "caps {caps:#x}");
+        assert_eq!(p.result().reason, ffi::CMD_CMPLT, "caps {caps:#x}");
+        p.destroy();
+        assert_eq!(rig.hba_stat("handle_faults"), 0, "caps {caps:#x}");
+        assert!(
+            rig.ereport_classes().is_empty(),
+            "caps {caps:#x}: {:?}",
+            rig.ereport_classes()
+        );
+        inject(&m, Handle::Access, ffi::DDI_FM_OK, 0);
+        inject(&m, Handle::Dma, ffi::DDI_FM_OK, 0);
+        rig.finish_clean();
+    }
 }

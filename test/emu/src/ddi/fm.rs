@@ -97,7 +97,9 @@ fn parent_caps(m: &Machine) -> c_int {
     lock(&PARENT_CAPS)
         .iter()
         .find(|(w, _)| std::ptr::eq(w.as_ptr(), m))
-        .map_or(NEXUS_CAPS, |(_, c)| *c)
+        .map(|(_, c)| *c)
+        .or(m.config().nexus_fm_caps)
+        .unwrap_or(NEXUS_CAPS)
 }
 
 /// The FM capabilities of node `dip` (what `ddi_fm_capable` returns).
