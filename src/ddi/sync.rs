@@ -65,10 +65,16 @@ impl<T> KMutex<T> {
         // SAFETY: the mutex was initialized in new() and lives until drop;
         // mutex_tryenter only takes it if it can at once.
         let taken = unsafe { ffi::mutex_tryenter(self.raw.get()) } != 0;
-        taken.then_some(KMutexGuard {
-            lock: self,
-            _not_send: PhantomData,
-        })
+        // A guard exists only for a lock taken: dropping one releases it
+        // (`then_some` would build, and drop, a guard when not taken).
+        if taken {
+            Some(KMutexGuard {
+                lock: self,
+                _not_send: PhantomData,
+            })
+        } else {
+            None
+        }
     }
 
     /// `mutex_owned(9F)`: whether the calling thread holds the lock.

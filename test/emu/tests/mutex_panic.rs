@@ -58,6 +58,33 @@ fn child_scenario() {
             mutex_enter(mp);
             mutex_enter(mp);
         }
+        "try-lock-contended" => {
+            // KMutex::try_lock (mutex_tryenter(9F)) while another thread
+            // holds the lock: no guard, so nothing is released; then, free,
+            // a guard that releases it.
+            let m = std::sync::Arc::new(rvscsi::ddi::sync::KMutex::new(5u32, 0));
+            let (held_tx, held_rx) = std::sync::mpsc::channel();
+            let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+            let holder = {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    let g = m.lock();
+                    held_tx.send(()).expect("tell");
+                    go_rx.recv().expect("wait");
+                    drop(g);
+                })
+            };
+            held_rx.recv().expect("held");
+            assert!(m.try_lock().is_none(), "held elsewhere: no guard");
+            assert!(!m.held(), "and not ours");
+            go_tx.send(()).expect("release");
+            holder.join().expect("the holder");
+            let g = m.try_lock().expect("free: a guard");
+            assert_eq!(*g, 5);
+            assert!(m.held());
+            drop(g);
+            assert!(!m.held(), "the guard released it");
+        }
         "owner-exits" => {
             mutex_enter(mp);
             mutex_exit(mp);
@@ -96,6 +123,16 @@ fn mutex_exit_of_an_unheld_mutex_panics() {
 #[test]
 fn recursive_mutex_enter_panics() {
     assert_panics("recursive-enter", "recursive mutex_enter");
+}
+
+#[test]
+fn try_lock_of_a_held_mutex_takes_and_releases_nothing() {
+    let (ok, stderr) = run_child("try-lock-contended");
+    assert!(ok, "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("child: scenario try-lock-contended finished"),
+        "{stderr}"
+    );
 }
 
 #[test]
