@@ -90,9 +90,12 @@ pub enum DeviceFault {
     ResetFailed,
     /// The device set DEVICE_NEEDS_RESET (virtio 1.2 §2.1.1).
     NeedsReset,
-    /// The device broke the ring protocol (a used id or length it cannot
-    /// have written legitimately).
+    /// The device broke the ring protocol: a completion index more than a
+    /// ring ahead.
     RingProtocol,
+    /// A completion naming no command outstanding: a duplicate, an id
+    /// never issued, or one the device cannot have been given.
+    BadCompletion,
     /// The I/O framework reported a fault on a register access handle
     /// (`ddi_fm_acc_err_get(9F)`).
     AccessHandle,
@@ -106,9 +109,10 @@ impl DeviceFault {
         match self {
             DeviceFault::NoResponse => EreportClass::NoResponse,
             DeviceFault::ResetFailed | DeviceFault::NeedsReset => EreportClass::InvalState,
-            DeviceFault::RingProtocol | DeviceFault::AccessHandle | DeviceFault::DmaHandle => {
-                EreportClass::InternalUncorrectable
-            }
+            DeviceFault::RingProtocol
+            | DeviceFault::BadCompletion
+            | DeviceFault::AccessHandle
+            | DeviceFault::DmaHandle => EreportClass::InternalUncorrectable,
         }
     }
 
@@ -119,6 +123,7 @@ impl DeviceFault {
             DeviceFault::ResetFailed => c"reset-failed",
             DeviceFault::NeedsReset => c"device-needs-reset",
             DeviceFault::RingProtocol => c"ring-protocol-violation",
+            DeviceFault::BadCompletion => c"bad-completion",
             DeviceFault::AccessHandle => c"access-handle-fault",
             DeviceFault::DmaHandle => c"dma-handle-fault",
         }
@@ -418,6 +423,7 @@ mod tests {
             DeviceFault::ResetFailed,
             DeviceFault::NeedsReset,
             DeviceFault::RingProtocol,
+            DeviceFault::BadCompletion,
             DeviceFault::AccessHandle,
             DeviceFault::DmaHandle,
         ];
@@ -428,6 +434,11 @@ mod tests {
             DeviceFault::RingProtocol.class(),
             EreportClass::InternalUncorrectable
         );
+        assert_eq!(
+            DeviceFault::BadCompletion.class(),
+            EreportClass::InternalUncorrectable
+        );
+        assert_eq!(DeviceFault::BadCompletion.detail(), c"bad-completion");
         for (i, a) in all.iter().enumerate() {
             for b in &all[i + 1..] {
                 assert_ne!(a.detail(), b.detail());

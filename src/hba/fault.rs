@@ -13,6 +13,13 @@
 //!   `device-needs-reset`), DEGRADED;
 //! - a completion index more than a ring ahead (both families):
 //!   `device.intern_uncorr` (detail `ring-protocol-violation`), DEGRADED;
+//! - a completion naming no command outstanding (a duplicate, an id never
+//!   issued, one out of every range; both families): dropped and counted
+//!   (`cmpl_duplicate`, `cmpl_unknown`, `cmpl_impossible`), and
+//!   `device.intern_uncorr` (detail `bad-completion`, payload `queue`,
+//!   `id`) at most once a second, so that a device returning garbage does
+//!   not flood fmd; no service impact: the command it may have meant is
+//!   still outstanding and completes, or times out, by itself;
 //! - a fault the I/O framework reports on a register access handle or a
 //!   ring's DMA handle (`ddi_fm_acc_err_get(9F)`, `ddi_fm_dma_err_get`),
 //!   looked at once a second by the watchdog and cleared when found
@@ -52,6 +59,12 @@ use core::sync::atomic::Ordering;
 /// rather than reset again and again (each reset fails every command in
 /// flight).
 pub const HANDLE_FAULT_WINDOW_SECS: i64 = 60;
+
+/// Whether a bad completion at `now` is reported, the last report having
+/// been at `last` (`i64::MIN`: none): a second (`hz` ticks) or more after.
+fn report_again(last: i64, now: i64, hz: i64) -> bool {
+    last == i64::MIN || now.wrapping_sub(last) >= hz
+}
 
 /// Whether a handle fault found at `now` is the last one persisting: it
 /// came less than [`HANDLE_FAULT_WINDOW_SECS`] after the recovery that
@@ -96,6 +109,32 @@ impl<F: Family> Hba<F> {
                 (c"queue", qi as u64),
                 (c"device-index", u64::from(device_idx)),
             ],
+        );
+    }
+
+    /// A completion of request queue `qi` naming `id`, which no command
+    /// outstanding has (counted by the caller): reported, at most once a
+    /// second. Any context (the completion pass): `ddi_get_lbolt64(9F)`
+    /// (any context; the deadline clock moves only once a watchdog tick,
+    /// too coarse for a rate), an atomic and a post with DDI_NOSLEEP.
+    pub(crate) fn bad_completion(&self, qi: usize, id: u64) {
+        let now = crate::ddi::time::lbolt();
+        let last = self.bad_completion_reported.load(Ordering::Relaxed);
+        if !report_again(last, now, self.clock.hz()) {
+            return;
+        }
+        // One pass of several racing ones reports.
+        if self
+            .bad_completion_reported
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        self.fma.report(
+            DeviceFault::BadCompletion,
+            crate::ddi::fm::Fma::new_ena(),
+            &[(c"queue", qi as u64), (c"id", id)],
         );
     }
 
@@ -250,6 +289,20 @@ impl<F: Family> Hba<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bad_completion_is_reported_once_a_second_at_most() {
+        let hz = 100;
+        assert!(report_again(i64::MIN, 5, hz), "the first is reported");
+        assert!(report_again(i64::MIN, i64::MIN + 1, hz));
+        assert!(!report_again(1000, 1000, hz));
+        assert!(!report_again(1000, 1000 + hz - 1, hz));
+        assert!(report_again(1000, 1000 + hz, hz), "a second on");
+        assert!(
+            report_again(i64::MAX - 10, i64::MIN + hz, hz),
+            "across the wrap"
+        );
+    }
 
     #[test]
     fn a_handle_fault_persists_only_within_the_window_after_a_recovery() {

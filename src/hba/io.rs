@@ -688,6 +688,7 @@ impl<F: Family> Hba<F> {
                                 self.dip,
                                 "device returned unknown command id {id} ({what}): dropped"
                             );
+                            self.bad_completion(qi, id);
                         }
                     }
                 }

@@ -335,6 +335,9 @@ pub struct Hba<F: Family> {
     /// The deadline clock's time the last recovery from a handle fault
     /// ended (`i64::MIN`: never).
     handle_recovered_at: AtomicI64,
+    /// The deadline clock's time a bad completion was last reported
+    /// (`i64::MIN`: never): at most one ereport a second.
+    bad_completion_reported: AtomicI64,
     /// The deadline clock's time of the last look at the handles (once a
     /// second, also when polled mode ticks a hundred times as often).
     handles_checked: AtomicI64,
@@ -398,6 +401,7 @@ impl<F: Family> Hba<F> {
             impaired: AtomicBool::new(false),
             handle_fault: AtomicBool::new(false),
             handle_recovered_at: AtomicI64::new(i64::MIN),
+            bad_completion_reported: AtomicI64::new(i64::MIN),
             handles_checked: AtomicI64::new(i64::MIN),
         });
         if let Err(e) = F::start(hba.get()) {

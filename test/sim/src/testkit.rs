@@ -742,4 +742,40 @@ impl Rig {
             .filter(|c| *c == class)
             .count()
     }
+
+    /// The ereports of a run whose only device faults were `dropped`
+    /// completions naming no command outstanding: each
+    /// `device.intern_uncorr` with detail `bad-completion` and a `queue`
+    /// and `id`; at least one, no more than were dropped, and a second or
+    /// more apart (the driver's rate); no service impact.
+    pub fn assert_bad_completion_reports(&self, dropped: u64) {
+        use rvscsi_emu::ddi::fm::Payload;
+        let reports = rvscsi_emu::ddi::fm::ereports(&self.bed().machine);
+        assert!(
+            !reports.is_empty() && reports.len() as u64 <= dropped,
+            "{dropped} dropped: {:?}",
+            self.ereport_classes()
+        );
+        for e in &reports {
+            assert_eq!(e.class, "ereport.io.device.intern_uncorr", "{e:?}");
+            assert_eq!(
+                e.member("detail"),
+                Some(&Payload::Str("bad-completion".into())),
+                "{e:?}"
+            );
+            assert!(
+                matches!(e.member("queue"), Some(Payload::Int(_)))
+                    && matches!(e.member("id"), Some(Payload::Int(_))),
+                "{e:?}"
+            );
+        }
+        // The deadline clock the driver rates by ticks 100 times a second.
+        for w in reports.windows(2) {
+            assert!(
+                w[1].time - w[0].time >= 990_000_000,
+                "reported {} ns apart",
+                w[1].time - w[0].time
+            );
+        }
+    }
 }

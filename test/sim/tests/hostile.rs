@@ -78,12 +78,9 @@ fn duplicated_and_made_up_completions_are_dropped_and_every_command_completes_on
     assert_eq!(rig.hba_stat("cmpl_duplicate"), st.duplicated, "{st:?}");
     assert_eq!(rig.hba_stat("cmpl_unknown"), 3, "{st:?}");
     assert_eq!(rig.hba_stat("ring_runaway"), 0);
-    // Dropped and counted, not a fault of the device as a whole.
-    assert!(
-        rig.ereport_classes().is_empty(),
-        "{:?}",
-        rig.ereport_classes()
-    );
+    // Dropped and counted, and reported at most once a second; not a
+    // fault that impairs the service.
+    rig.assert_bad_completion_reports(st.duplicated + st.bogus_ids);
     rig.finish_clean();
 }
 

@@ -116,6 +116,7 @@ fn duplicate_and_bogus_context_completions_are_dropped_counted_and_the_real_one_
             "cmpl_duplicate",
         ),
     ];
+    assert_eq!(cases.len(), 6, "the bad completions reported below");
     let kinds = ["cmpl_duplicate", "cmpl_unknown", "cmpl_impossible"];
     for (what, fault, lba, kind) in cases {
         let counted: Vec<u64> = kinds.iter().map(|k| rig.hba_stat(k)).collect();
@@ -149,11 +150,8 @@ fn duplicate_and_bogus_context_completions_are_dropped_counted_and_the_real_one_
             assert_eq!(rig.hba_stat(k), want, "{what}: hba:{k}");
         }
     }
-    assert!(
-        rig.ereport_classes().is_empty(),
-        "dropped completions are no device fault: {:?}",
-        rig.ereport_classes()
-    );
+    // Reported at most once a second; no service impact.
+    rig.assert_bad_completion_reports(6);
     // The data of a read with a duplicate is the disk's.
     m.faults.arm(Fault::Duplicate(Match::Any));
     let disk_block = rig.images[0].expected(7, 1);
