@@ -425,13 +425,14 @@ impl Family for Pvscsi {
         Self::activate(hba)
     }
 
-    /// PVSCSI negotiates no feature bits; `features` shows what the
-    /// driver found the device to take: bit 0 the message ring
-    /// (SETUP_MSG_RING), bit 1 the request-call threshold.
+    /// BAR 0, the one register mapping.
     fn take_access_fault(&self, fma: &crate::ddi::fm::Fma) -> crate::ddi::fm::HandleHealth {
         fma.take_regs_fault(self.regs.map())
     }
 
+    /// PVSCSI negotiates no feature bits; `features` shows what the
+    /// driver found the device to take: bit 0 the message ring
+    /// (SETUP_MSG_RING), bit 1 the request-call threshold.
     fn kstat_facts(&self) -> KstatFacts {
         KstatFacts {
             features: u64::from(self.has_msg_ring()) | u64::from(self.threshold.coalescing()) << 1,
