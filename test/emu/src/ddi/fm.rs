@@ -569,6 +569,29 @@ pub fn inject_dma_fault(h: ddi_dma_handle_t, status: c_int, ena: u64) {
         .insert(h as usize, (status, ena));
 }
 
+/// The checks ddifm.c makes of a handle call's arguments (a NULL handle
+/// returns at once, another version panics), and the emulation's own (a
+/// handle that is not live): false, with the violation, if one fails.
+fn handle_call_ok(func: &str, h: usize, live: bool, version: c_int) -> bool {
+    if h == 0 {
+        violation(format!(
+            "{func}(NULL handle) (illumos returns without a word)"
+        ));
+        return false;
+    }
+    if version != ffi::DDI_FME_VER0 && version != ffi::DDI_FME_VER1 {
+        violation(format!(
+            "{func}: version {version} (illumos panics: invalid driver version)"
+        ));
+        return false;
+    }
+    if !live {
+        violation(format!("{func}: invalid handle {h:#x}"));
+        return false;
+    }
+    true
+}
+
 #[allow(clippy::too_many_arguments)]
 fn err_get(
     func: &str,
@@ -579,20 +602,7 @@ fn err_get(
     version: c_int,
     acc: bool,
 ) {
-    if h == 0 {
-        violation(format!(
-            "{func}(NULL handle) (illumos returns without a word)"
-        ));
-        return;
-    }
-    if version != ffi::DDI_FME_VER0 && version != ffi::DDI_FME_VER1 {
-        violation(format!(
-            "{func}: version {version} (illumos panics: invalid driver version)"
-        ));
-        return;
-    }
-    if !live {
-        violation(format!("{func}: invalid handle {h:#x}"));
+    if !handle_call_ok(func, h, live, version) {
         return;
     }
     if de.is_null() {
@@ -654,20 +664,7 @@ pub extern "C" fn ddi_fm_dma_err_get(h: ddi_dma_handle_t, de: *mut ddi_fm_error_
 }
 
 fn err_clear(func: &str, h: usize, live: bool, version: c_int) {
-    if h == 0 {
-        violation(format!(
-            "{func}(NULL handle) (illumos returns without a word)"
-        ));
-        return;
-    }
-    if version != ffi::DDI_FME_VER0 && version != ffi::DDI_FME_VER1 {
-        violation(format!(
-            "{func}: version {version} (illumos panics: invalid driver version)"
-        ));
-        return;
-    }
-    if !live {
-        violation(format!("{func}: invalid handle {h:#x}"));
+    if !handle_call_ok(func, h, live, version) {
         return;
     }
     // ddifm.c: the handle's status back to DDI_FM_OK, its ENA to 0, its
