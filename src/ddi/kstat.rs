@@ -128,7 +128,8 @@ stat_set! {
         /// Completions the device cannot have written legitimately (an id
         /// out of any range, a request it cannot have seen yet).
         CmplImpossible = c"cmpl_impossible",
-        /// Completion indexes more than a ring ahead (the device is reset).
+        /// Completion indexes further ahead than the device can have
+        /// completed (the device is reset).
         RingRunaway = c"ring_runaway",
         /// Access or DMA handle faults found (ddi_fm_*_err_get(9F)).
         HandleFaults = c"handle_faults",

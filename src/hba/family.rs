@@ -134,8 +134,10 @@ pub enum BadCompletion {
         /// What it named.
         id: u64,
     },
-    /// The device's producer index is more than a ring ahead of the
-    /// driver's consumer: the ring state is lost, the device is reset.
+    /// The device's producer index is further ahead of the driver's
+    /// consumer than the device can have completed (virtio: more than a
+    /// ring; pvscsi: more than the commands outstanding, or the ring):
+    /// the ring state is lost, the device is reset.
     Runaway {
         /// The device's index.
         device_idx: u32,

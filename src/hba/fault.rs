@@ -11,7 +11,9 @@
 //!   fails from now on;
 //! - virtio's DEVICE_NEEDS_RESET: `device.inval_state` (detail
 //!   `device-needs-reset`), DEGRADED;
-//! - a completion index more than a ring ahead (both families):
+//! - a completion index further ahead than the device can have completed
+//!   (virtio: more than a ring; pvscsi: more than the commands
+//!   outstanding, or than the ring holds):
 //!   `device.intern_uncorr` (detail `ring-protocol-violation`), DEGRADED;
 //! - a completion naming no command outstanding (a duplicate, an id never
 //!   issued, one out of every range; both families): dropped and counted
@@ -93,14 +95,14 @@ impl<F: Family> Hba<F> {
         self.fma.service_impact(impact);
     }
 
-    /// A completion index of request queue `qi` more than a ring ahead of
-    /// the driver's: counted, logged, reported; the caller resets the
-    /// device.
+    /// A completion index of request queue `qi` further ahead of the
+    /// driver's than the device can have completed: counted, logged,
+    /// reported; the caller resets the device.
     pub(crate) fn ring_runaway(&self, qi: usize, device_idx: u32, expected: u32) {
         self.count(HbaStat::RingRunaway);
         dev_warn!(
             self.dip,
-            "device used index {device_idx} is more than a ring ahead of {expected}"
+            "device completion index {device_idx} is ahead of {expected} by more than the device can have completed"
         );
         self.report(
             DeviceFault::RingProtocol,

@@ -472,7 +472,7 @@ fn a_runaway_completion_index_resets_the_adapter_and_ends_what_was_in_flight_onc
         assert!(
             rig.log()
                 .iter()
-                .any(|l| l.contains("more than a ring ahead")),
+                .any(|l| l.contains("more than the device can have completed")),
             "{extra}: {:?}",
             rig.log()
         );
