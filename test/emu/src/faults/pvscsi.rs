@@ -728,7 +728,9 @@ fn bogus_context(s: &State, r: &RingsInfo, kind: BogusContext, real: u64) -> Opt
             // not yet published, looks stale here while the driver
             // already has it outstanding: naming it would be a completion
             // for a request the device cannot have seen, which the driver
-            // rightly takes for an impossible one and resets the device.
+            // rightly drops as impossible, or, when more completions then
+            // wait than requests are published, takes for a runaway
+            // index and resets the device (the rare CMD_RESET seen).
             let withheld: Vec<u64> = s.cmp.as_ref().map_or(Vec::new(), |v| {
                 v.withheld
                     .iter()
