@@ -133,6 +133,14 @@ stat_set! {
         RingRunaway = c"ring_runaway",
         /// Access or DMA handle faults found (ddi_fm_*_err_get(9F)).
         HandleFaults = c"handle_faults",
+        /// Request queues the watchdog found with completions that had
+        /// waited a whole tick unconsumed, and reaped: an interrupt that
+        /// never came.
+        WatchdogReaps = c"watchdog_reaps",
+        /// Completion passes that ran out with completions still waiting
+        /// (a device completing as fast as they are reaped): the queue
+        /// went to the work task.
+        RearmHandoffs = c"rearm_handoffs",
         /// The negotiated feature bits (virtio) or 0 (PVSCSI).
         Features = c"features",
         /// The interrupt type in use: DDI_INTR_TYPE_FIXED (1), MSI (2),

@@ -571,10 +571,13 @@ impl<F: Family> Hba<F> {
             if !waiting {
                 continue;
             }
-            if self.stats.watchdog_reaps.fetch_add(1, Ordering::Relaxed) == 0 {
+            // The watchdog alone counts these: the first is logged.
+            let first = self.kstat_value(HbaStat::WatchdogReaps) == 0;
+            self.count(HbaStat::WatchdogReaps);
+            if first {
                 dev_warn!(
                     self.dip,
-                    "request queue {n} had completions and no interrupt for them: reaped by the watchdog (counted from now on, not logged)"
+                    "request queue {n} had completions and no interrupt for them: reaped by the watchdog (counted in kstat watchdog_reaps from now on, not logged)"
                 );
             }
             self.reap(n);
@@ -773,7 +776,7 @@ impl<F: Family> Hba<F> {
         }
         // Out of passes with completions waiting that the device may never
         // interrupt for: someone else must come back for this queue.
-        Stats::bump(&self.stats.rearm_handoffs);
+        self.count(HbaStat::RearmHandoffs);
         self.schedule(|w| w.reap_queues |= queue_bit(qi));
     }
 

@@ -206,18 +206,12 @@ pub struct Callbacks {
 /// ([`Hba::kstat`], [`Hba::queue_kstat`]).
 #[derive(Default)]
 pub struct Stats {
-    /// Completion passes that ran out with completions still waiting (the
-    /// device may never interrupt for them): the queue went to the work
-    /// task.
-    pub rearm_handoffs: AtomicU64,
-    /// Request queues the work task reaped for a hand-off.
+    /// Request queues the work task reaped for a hand-off (the hand-offs
+    /// themselves are kstat `rearm_handoffs`).
     pub handoff_reaps: AtomicU64,
     /// Every request queue the work task has reaped for a hand-off (bit
     /// per queue): only queues that handed themselves on.
     pub handoff_reaped_queues: AtomicU64,
-    /// Request queues the watchdog found with completions that had waited
-    /// a whole tick unconsumed, and reaped (an interrupt that never came).
-    pub watchdog_reaps: AtomicU64,
     /// IRM callbacks handled (the MSI-X grant changed).
     pub irm_changes: AtomicU64,
 }
@@ -450,6 +444,11 @@ impl<F: Family> Hba<F> {
     /// Adds one to HBA statistic `s` (a relaxed atomic add, any context).
     pub(crate) fn count(&self, s: HbaStat) {
         self.kstat.counters().bump(s);
+    }
+
+    /// The value of statistic `s` now.
+    pub(crate) fn kstat_value(&self, s: HbaStat) -> u64 {
+        self.kstat.counters().get(s)
     }
 
     /// Adds one to statistic `s` of request queue `qi` (a relaxed atomic

@@ -122,7 +122,7 @@ fn completions_landing_in_every_rearm_window_never_leave_a_queue_silent() {
         "no command needed its timeout to come back"
     );
     assert!(landed > 0, "the race was exercised");
-    let handed_off = driver_stats(&rig).rearm_handoffs.load(Ordering::Relaxed);
+    let handed_off = rig.hba_stat("rearm_handoffs");
     assert!(
         handed_off > 0,
         "completion passes ran out with completions waiting, and said so"
@@ -137,7 +137,7 @@ fn completions_landing_in_every_rearm_window_never_leave_a_queue_silent() {
     // completions that waited from one to the next.
     two_watchdog_ticks(&hold);
     assert_eq!(
-        stats.watchdog_reaps.load(Ordering::Relaxed),
+        rig.hba_stat("watchdog_reaps"),
         0,
         "the hand-off kept the queue served, not the watchdog's safety net"
     );
@@ -176,7 +176,7 @@ fn the_watchdog_reaps_a_request_queue_whose_interrupt_never_comes() {
     assert_eq!(r.completed, 12);
     let m = &rig.bed().machine;
     assert_eq!(m.probes.count("rvscsi-cmd-timeout"), 0);
-    let reaps = driver_stats(&rig).watchdog_reaps.load(Ordering::Relaxed);
+    let reaps = rig.hba_stat("watchdog_reaps");
     assert!(reaps >= 1, "the watchdog's reaps are counted ({reaps})");
     assert!(
         reaps <= ticks,
@@ -209,7 +209,7 @@ fn without_event_idx_completions_racing_the_rearm_are_served_too() {
     assert!(dev.stats.landed_in_rearm_window.load(Ordering::Relaxed) > 0);
     assert_eq!(rig.bed().machine.probes.count("rvscsi-cmd-timeout"), 0);
     two_watchdog_ticks(&hold);
-    assert_eq!(driver_stats(&rig).watchdog_reaps.load(Ordering::Relaxed), 0);
+    assert_eq!(rig.hba_stat("watchdog_reaps"), 0);
     drop(hold);
     dev.set_completions(Completions::Inline);
     assert!(dev.errors().is_empty(), "device errors: {:?}", dev.errors());
@@ -232,7 +232,7 @@ fn a_hand_off_reaps_only_the_queue_that_ran_out_of_passes() {
     r.assert_clean("one of two queues racing its re-arm");
     assert_eq!(r.completed, 300);
     let stats = driver_stats(&rig);
-    let handed_off = stats.rearm_handoffs.load(Ordering::Relaxed);
+    let handed_off = rig.hba_stat("rearm_handoffs");
     assert!(handed_off > 0, "queue 1 ran out of passes ({handed_off})");
     assert_eq!(
         stats.handoff_reaped_queues.load(Ordering::Relaxed),
@@ -245,7 +245,7 @@ fn a_hand_off_reaps_only_the_queue_that_ran_out_of_passes() {
         "one reap per hand-off at most ({reaped} reaps, {handed_off} hand-offs)"
     );
     two_watchdog_ticks(&hold);
-    assert_eq!(stats.watchdog_reaps.load(Ordering::Relaxed), 0);
+    assert_eq!(rig.hba_stat("watchdog_reaps"), 0);
     drop(hold);
     dev.set_completions(Completions::Inline);
     assert!(dev.errors().is_empty(), "device errors: {:?}", dev.errors());

@@ -80,6 +80,7 @@ fn exercise(rig: Rig, family: &str) {
         "cmpl_impossible",
         "ring_runaway",
         "tran_badpkt",
+        "watchdog_reaps",
     ] {
         assert_eq!(hba.u64(stat), Some(0), "{family}: {stat}");
     }
