@@ -94,15 +94,18 @@ impl DmaBuffer {
         // driver looks at, so that faults on it are reported by
         // ddi_fm_dma_err_get(9F) (ddifm.c: "driver must set the
         // dma_attr_flags ... to DDI_DMA_FLAGERR").
-        let granted = {
+        // Asked only for such memory: per-command memory is allocated in
+        // the packet constructor, which needs no kernel call for it.
+        let granted = faults == FaultCheck::Taken && {
             // SAFETY: `dip` is a node the driver is attached to (a `Dip`
             // is valid from attach(9E) to detach(9E), and DMA memory and
             // register maps exist only in between); ddi_fm_capable(9F)
             // only reads the node's FM capabilities and may be called from
             // any context.
-            unsafe { ffi::ddi_fm_capable(dip.as_ptr()) }
+            let caps = unsafe { ffi::ddi_fm_capable(dip.as_ptr()) };
+            caps & ffi::DDI_FM_DMACHK_CAPABLE != 0
         };
-        if faults == FaultCheck::Taken && granted & ffi::DDI_FM_DMACHK_CAPABLE != 0 {
+        if granted {
             attr.dma_attr_flags |= ffi::DDI_DMA_FLAGERR;
         }
         let acc_attr = ffi::ddi_device_acc_attr_t {
