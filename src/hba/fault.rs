@@ -78,16 +78,26 @@ fn handle_fault_persists(recovered_at: i64, now: i64, hz: i64) -> bool {
 }
 
 impl<F: Family> Hba<F> {
-    /// Posts the ereport of `fault` with `members`, then the service
-    /// impact; DEGRADED is remembered so that the device's return is
-    /// reported RESTORED.
+    /// Posts the ereport of `fault` with a fresh ENA and `members`, then
+    /// the service impact.
     fn report(
         &self,
         fault: DeviceFault,
         impact: ServiceImpact,
         members: &[(&'static core::ffi::CStr, u64)],
     ) {
-        let ena = crate::ddi::fm::Fma::new_ena();
+        self.report_as(fault, crate::ddi::fm::Fma::new_ena(), impact, members);
+    }
+
+    /// [`Self::report`] with the error's ENA `ena`; DEGRADED and LOST are
+    /// remembered so that the device's return is reported RESTORED.
+    fn report_as(
+        &self,
+        fault: DeviceFault,
+        ena: u64,
+        impact: ServiceImpact,
+        members: &[(&'static core::ffi::CStr, u64)],
+    ) {
         self.fma.report(fault, ena, members);
         if matches!(impact, ServiceImpact::Degraded | ServiceImpact::Lost) {
             self.impaired.store(true, Ordering::Relaxed);
@@ -225,28 +235,25 @@ impl<F: Family> Hba<F> {
         } else {
             "DMA"
         };
+        // The handle error's ENA: the nexus's ereport and ours are one
+        // error (ddifm.c: the ENA "should be set if this error is a result
+        // of an error status returned from ddi_dma_err_check() or
+        // ddi_acc_err_check()").
+        let members = [(c"fm-status", h.status() as i64 as u64)];
         if persists {
             dev_warn!(
                 self.dip,
                 "the I/O framework reports a fault on the device's {handle} handle ({h:?}) again within {HANDLE_FAULT_WINDOW_SECS} s of recovering from one: taking the controller out of service"
             );
+            // LOST once the device is stopped (take_out_of_service).
+            self.fma.report(fault, h.ena(), &members);
+            self.schedule(|w| w.out_of_service = true);
         } else {
             dev_warn!(
                 self.dip,
                 "the I/O framework reports a fault on the device's {handle} handle ({h:?}): resetting the device"
             );
-        }
-        // The handle error's ENA: the nexus's ereport and ours are one
-        // error (ddifm.c: the ENA "should be set if this error is a result
-        // of an error status returned from ddi_dma_err_check() or
-        // ddi_acc_err_check()").
-        self.fma
-            .report(fault, h.ena(), &[(c"fm-status", h.status() as i64 as u64)]);
-        if persists {
-            self.schedule(|w| w.out_of_service = true);
-        } else {
-            self.impaired.store(true, Ordering::Relaxed);
-            self.fma.service_impact(ServiceImpact::Degraded);
+            self.report_as(fault, h.ena(), ServiceImpact::Degraded, &members);
             self.schedule(|w| w.handle_recovery = true);
         }
     }
