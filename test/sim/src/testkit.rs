@@ -560,6 +560,33 @@ pub fn clear_unit_attention(dev: &Arc<rvscsi_emu::Device>) {
     panic!("LUN {}/{} never became ready", dev.target, dev.lun);
 }
 
+/// A read of the block at `lba` that machine `m`'s device holds: its
+/// completion withheld ([`rvscsi_emu::faults::Fault::Withhold`]), started,
+/// and returned once the device has it (the test releases it, or a reset
+/// or abort ends it).
+pub fn held_read(
+    m: &rvscsi_emu::Machine,
+    dev: &Arc<rvscsi_emu::Device>,
+    lba: u32,
+) -> rvscsi_emu::Packet {
+    use rvscsi_emu::faults::{Fault, Match};
+    let before = m.faults.withheld();
+    m.faults.arm(Fault::Withhold(Match::Lba(u64::from(lba))));
+    let held = read_block(dev, lba);
+    assert_eq!(
+        held.start_async(),
+        rvscsi::ffi::TRAN_ACCEPT,
+        "the read of LBA {lba}"
+    );
+    assert!(
+        wait_for(std::time::Duration::from_secs(10), || {
+            m.faults.withheld() == before + 1
+        }),
+        "the device holds the read of LBA {lba}"
+    );
+    held
+}
+
 /// A READ(10) packet of the one block at `lba` (SBC-3 §5.11), not started.
 pub fn read_block(dev: &Arc<rvscsi_emu::Device>, lba: u32) -> rvscsi_emu::Packet {
     let mut p = dev

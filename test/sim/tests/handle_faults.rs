@@ -14,8 +14,9 @@
 use rvscsi::ffi;
 use rvscsi_emu::ddi::fm::{self as efm, Payload};
 use rvscsi_emu::ddi::{acc, dma};
-use rvscsi_emu::faults::{Fault, Match};
-use rvscsi_sim::testkit::{Driver, Rig, RigConfig, clear_unit_attention, read_block, wait_for};
+use rvscsi_sim::testkit::{
+    Driver, Rig, RigConfig, clear_unit_attention, held_read, read_block, wait_for,
+};
 use std::time::Duration;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -59,20 +60,6 @@ fn inject(m: &rvscsi_emu::Machine, which: Handle, status: i32, ena: u64) {
     }
 }
 
-/// Starts a read the device holds (its completion withheld) and returns
-/// it once the device has it.
-fn held_read(rig: &Rig, dev: &std::sync::Arc<rvscsi_emu::Device>, lba: u32) -> rvscsi_emu::Packet {
-    let m = rig.bed().machine.clone();
-    m.faults.arm(Fault::Withhold(Match::Lba(u64::from(lba))));
-    let held = read_block(dev, lba);
-    assert_eq!(held.start_async(), ffi::TRAN_ACCEPT);
-    assert!(
-        wait_for(Duration::from_secs(10), || m.faults.withheld() == 1),
-        "held"
-    );
-    held
-}
-
 /// Injects a fault on every handle of `which`, waits for the command
 /// `held` (in flight) to end, and checks it ended CMD_RESET, once.
 fn fault_ends(rig: &Rig, which: Handle, ena: u64, held: rvscsi_emu::Packet, what: &str) {
@@ -113,7 +100,13 @@ fn a_handle_fault_is_recovered_from_once_and_a_second_takes_the_controller_out(
     // A first fault, with a command in flight: it ends CMD_RESET, the
     // device is reset, and I/O goes on.
     let first_ena = 0x5a5a_0000_0001;
-    fault_ends(&rig, which, first_ena, held_read(&rig, &dev, 42), &what);
+    fault_ends(
+        &rig,
+        which,
+        first_ena,
+        held_read(&rig.bed().machine, &dev, 42),
+        &what,
+    );
     assert!(
         wait_for(Duration::from_secs(10), || efm::ereports(&m).len() == 3),
         "{what}: {:?}",
@@ -179,7 +172,13 @@ fn a_handle_fault_is_recovered_from_once_and_a_second_takes_the_controller_out(
     // is taken out of service.
     std::thread::sleep(Duration::from_secs(3));
     let second_ena = 0x5a5a_0000_0002;
-    fault_ends(&rig, which, second_ena, held_read(&rig, &dev, 43), &what);
+    fault_ends(
+        &rig,
+        which,
+        second_ena,
+        held_read(&rig.bed().machine, &dev, 43),
+        &what,
+    );
     let p = read_block(&dev, 8);
     assert_eq!(
         p.start_async(),

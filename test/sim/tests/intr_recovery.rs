@@ -18,8 +18,8 @@ use rvscsi::ffi;
 use rvscsi::scsa::PktStatistics;
 use rvscsi_emu::faults::{Fault, Match};
 use rvscsi_sim::testkit::{
-    Binding, Driver, Qemu, Rig, RigConfig, clear_unit_attention, read_block, reset_firings,
-    test_unit_ready, wait_for,
+    Binding, Driver, Qemu, Rig, RigConfig, clear_unit_attention, held_read, read_block,
+    reset_firings, test_unit_ready, wait_for,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -195,13 +195,7 @@ fn reset_all_from_sds_interrupt_resets_the_device_on_the_task_queue() {
     let m = rig.bed().machine.clone();
     // A command outstanding through the reset: the device completes it,
     // the driver never sees it, so only the reset ends it.
-    m.faults.arm(Fault::Withhold(Match::Lba(50)));
-    let held = read_block(&disk.dev, 50);
-    assert_eq!(held.start_async(), ffi::TRAN_ACCEPT);
-    assert!(
-        wait_for(Duration::from_secs(10), || m.faults.withheld() == 1),
-        "the completion is withheld"
-    );
+    let held = held_read(&m, &disk.dev, 50);
     m.faults.arm(Fault::Response(
         Match::Lba(100),
         vec![(RESP_RESPONSE, vec![VIRTIO_SCSI_S_TRANSPORT_FAILURE])],

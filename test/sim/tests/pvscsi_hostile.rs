@@ -12,7 +12,7 @@ use rvscsi_emu::faults::pvscsi::{BogusContext, CmpEdit, MsgEdit};
 use rvscsi_emu::faults::{Fault, Match};
 use rvscsi_sim::load::{self, Completion, LoadConfig};
 use rvscsi_sim::testkit::{
-    Driver, Image, Rig, RigConfig, clear_unit_attention, read_block, wait_for,
+    Driver, Image, Rig, RigConfig, clear_unit_attention, held_read, read_block, wait_for,
 };
 use std::time::Duration;
 
@@ -64,10 +64,7 @@ fn duplicate_and_bogus_context_completions_are_dropped_counted_and_the_real_one_
     // completion withheld; pkt_time 0: no timeout): a duplicate or bogus
     // completion then does not claim more completions than there are
     // commands, which the driver takes for a runaway index (see below).
-    m.faults.arm(Fault::Withhold(Match::Lba(50)));
-    let background = read_block(&dev, 50);
-    assert_eq!(background.start_async(), ffi::TRAN_ACCEPT);
-    assert!(wait_for(Duration::from_secs(10), || m.faults.withheld() == 1));
+    let background = held_read(&m, &dev, 50);
     // Some I/O, several at once, so that completed (stale) contexts exist.
     let first: Vec<_> = (0..4).map(|lba| read_block(&dev, lba)).collect();
     for p in &first {
@@ -215,10 +212,7 @@ fn bogus_under_load(mode: &str) {
     let m = rig.bed().machine.clone();
     // A command the driver keeps outstanding throughout (see the test
     // above), outside the load's LBAs.
-    m.faults.arm(Fault::Withhold(Match::Lba(7000)));
-    let background = read_block(&luns[1].dev, 7000);
-    assert_eq!(background.start_async(), ffi::TRAN_ACCEPT);
-    assert!(wait_for(Duration::from_secs(10), || m.faults.withheld() == 1));
+    let background = held_read(&m, &luns[1].dev, 7000);
     let mut armed = 0;
     let kinds = [
         BogusContext::Zero,
@@ -388,10 +382,7 @@ fn an_adapter_reset_that_fails_loses_the_controller_and_says_so() {
         let dev = rig.recorder.devices().remove(0);
         clear_unit_attention(&dev);
         let m = rig.bed().machine.clone();
-        m.faults.arm(Fault::Withhold(Match::Lba(77)));
-        let in_flight = read_block(&dev, 77);
-        assert_eq!(in_flight.start_async(), ffi::TRAN_ACCEPT);
-        assert!(wait_for(Duration::from_secs(10), || m.faults.withheld() == 1));
+        let in_flight = held_read(&m, &dev, 77);
         m.faults.arm(Fault::CommandFails(command));
         assert_eq!(dev.reset(ffi::RESET_ALL), 0, "command {command}: failed");
         assert!(in_flight.wait(Duration::from_secs(30)), "command {command}");
